@@ -1,0 +1,3 @@
+from cmbagent_batch.cli import main
+
+raise SystemExit(main())

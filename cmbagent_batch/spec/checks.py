@@ -1,0 +1,287 @@
+"""The semantic pass: what a schema cannot say about a job spec.
+
+Works on raw (possibly partly invalid) data after matrix expansion, so that one run reports every
+problem. Each check returns ``Finding``s whose path points into the file as written; the loader
+locates them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from cmbagent_batch.spec.matrix import Values, describe_values
+
+TASK_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+GLOB_CHARS = re.compile(r"[*?\[]")
+KIND_REQUIRES = {"shell": "run", "python": "call", "agent": "instructions"}
+KIND_FIELDS = {
+    "shell": ("run",),
+    "python": ("call", "args"),
+    "agent": ("agent", "instructions", "model", "max_turns", "code_execution"),
+}
+SLURM_TIME = re.compile(
+    r"(?:(?P<d>\d+)-(?P<dh>\d{1,2})(?::(?P<dm>\d{1,2})(?::(?P<ds>\d{1,2}))?)?"
+    r"|(?P<a>\d+)(?::(?P<b>\d{1,2})(?::(?P<c>\d{1,2}))?)?)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    path: tuple[Any, ...]
+    message: str
+    key: bool = False  # locate at the key rather than the value
+
+
+@dataclass(slots=True)
+class Expanded:
+    """One task after matrix expansion, still raw, with where it came from."""
+
+    index: int  # position in $.tasks
+    data: dict[str, Any]
+    values: Values  # matrix values, {} for a plain entry
+
+    @property
+    def origin(self) -> str:
+        where = f"$.tasks[{self.index}]"
+        return f"{where} ({describe_values(self.values)})" if self.values else where
+
+    def note(self) -> str:
+        """Suffix naming the matrix values, for messages about one expansion of an entry."""
+        return f" (with {describe_values(self.values)})" if self.values else ""
+
+
+def parse_slurm_time(value: str | int) -> int | None:
+    """Seconds of a Slurm time limit, or None if malformed. ``UNLIMITED`` is 0; an int is minutes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value * 60 if value > 0 else None
+    if not isinstance(value, str):
+        return None
+    if value.upper() in ("UNLIMITED", "INFINITE"):
+        return 0
+    m = SLURM_TIME.fullmatch(value.strip())
+    if not m:
+        return None
+    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
+    if "d" in g:  # days-hours[:minutes[:seconds]]
+        if g["dh"] > 23 or g.get("dm", 0) > 59 or g.get("ds", 0) > 59:
+            return None
+        return ((g["d"] * 24 + g["dh"]) * 60 + g.get("dm", 0)) * 60 + g.get("ds", 0)
+    if "c" in g:  # hours:minutes:seconds
+        if g["b"] > 59 or g["c"] > 59:
+            return None
+        return (g["a"] * 60 + g["b"]) * 60 + g["c"]
+    if "b" in g:  # minutes:seconds
+        return None if g["b"] > 59 else g["a"] * 60 + g["b"]
+    return g["a"] * 60 or None  # minutes
+
+
+def path_problem(path: str) -> str | None:
+    """Why a declared input/output path may not be used, or None."""
+    if path.startswith(("/", "~")):
+        return f"absolute path {path!r} escapes the task's work directory; use a relative path"
+    if ".." in path.replace("\\", "/").split("/"):
+        return f"path {path!r} uses '..' and escapes the task's work directory"
+    return None
+
+
+def hint(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_tasks(tasks: list[Expanded]) -> tuple[list[Finding], dict[int, tuple[str, ...]]]:
+    """Ids, kinds, dependencies, paths and cycles of the expanded tasks.
+
+    Returns the findings and, per position in ``tasks``, its resolved ``depends_on`` (globs expanded).
+    """
+    findings: list[Finding] = []
+    by_id: dict[str, int] = {}
+    for pos, t in enumerate(tasks):
+        findings.extend(_check_one(t))
+        tid = t.data.get("id")
+        if not isinstance(tid, str) or not TASK_ID.fullmatch(tid):
+            continue
+        if tid in by_id:
+            first = tasks[by_id[tid]]
+            findings.append(
+                Finding((("tasks", t.index, "id")), f"duplicate task id {tid!r}{t.note()}: also made by {first.origin}")
+            )
+            continue
+        by_id[tid] = pos
+    ids_sorted = sorted(by_id)
+    deps: dict[int, tuple[str, ...]] = {}
+    for pos, t in enumerate(tasks):
+        tid = t.data.get("id")
+        if by_id.get(tid) != pos:  # type: ignore[arg-type]
+            continue
+        resolved: set[str] = set()
+        for j, dep in enumerate(t.data.get("depends_on") or []):
+            if not isinstance(dep, str):
+                continue
+            where = ("tasks", t.index, "depends_on", j)
+            if GLOB_CHARS.search(dep):
+                matched = [i for i in fnmatch.filter(ids_sorted, dep) if i != tid]
+                if not matched:
+                    findings.append(Finding(where, f"{dep!r}{t.note()} matches no task"))
+                resolved.update(matched)
+            elif dep == tid:
+                findings.append(Finding(where, f"task {tid!r} depends on itself"))
+            elif dep not in by_id:
+                findings.append(Finding(where, f"unknown task {dep!r}{t.note()}{hint(dep, by_id)}"))
+            else:
+                resolved.add(dep)
+        deps[pos] = tuple(sorted(resolved))
+    findings.extend(_check_outputs(tasks, by_id))
+    findings.extend(_check_cycle(tasks, by_id, deps))
+    return findings, deps
+
+
+def _check_one(t: Expanded) -> list[Finding]:
+    out: list[Finding] = []
+    data, note = t.data, t.note()
+    tid = data.get("id")
+    if isinstance(tid, str) and not TASK_ID.fullmatch(tid):
+        if "{" in tid:
+            out.append(Finding(("tasks", t.index, "id"), f"id {tid!r} has a placeholder that is not a matrix parameter"))
+        else:
+            out.append(Finding(("tasks", t.index, "id"), f"task id {tid!r}{note} may only use letters, digits, '_', '.', '-'"))
+    kind = data.get("kind")
+    if kind in KIND_REQUIRES and KIND_REQUIRES[kind] not in data:
+        out.append(Finding(("tasks", t.index), f"a {kind} task needs {KIND_REQUIRES[kind]!r}"))
+    if kind in KIND_FIELDS:
+        for other, fields in KIND_FIELDS.items():
+            if other == kind:
+                continue
+            for name in fields:
+                if name in data:
+                    out.append(Finding(("tasks", t.index, name), f"{name!r} is for {other} tasks; this is a {kind} task", key=True))
+    for field in ("inputs", "outputs"):
+        for j, p in enumerate(data.get(field) or []):
+            if isinstance(p, str):
+                why = path_problem(p)
+                if why:
+                    out.append(Finding(("tasks", t.index, field, j), why + note))
+    return out
+
+
+def _check_outputs(tasks: list[Expanded], by_id: dict[str, int]) -> list[Finding]:
+    out: list[Finding] = []
+    owner: dict[str, str] = {}
+    for tid, pos in sorted(by_id.items(), key=lambda kv: kv[1]):
+        t = tasks[pos]
+        for j, p in enumerate(t.data.get("outputs") or []):
+            if not isinstance(p, str) or path_problem(p):
+                continue
+            norm = posixpath.normpath(p)
+            if norm in owner and owner[norm] != tid:
+                out.append(
+                    Finding(("tasks", t.index, "outputs", j), f"output {p!r}{t.note()} is also declared by task {owner[norm]!r}")
+                )
+            else:
+                owner[norm] = tid
+    return out
+
+
+def find_cycle(deps: dict[str, tuple[str, ...]]) -> list[str] | None:
+    """One dependency cycle as [a, b, ..., a] where each id depends on the next, or None.
+
+    Kahn's algorithm removes everything not on or behind a cycle; the walk from the smallest
+    remaining id along its smallest remaining dependency then must loop. Iterative, deterministic.
+    """
+    waiting = {tid: len(ds) for tid, ds in deps.items()}
+    dependents: dict[str, list[str]] = {}
+    for tid, ds in deps.items():
+        for d in ds:
+            dependents.setdefault(d, []).append(tid)
+    ready = [tid for tid, n in waiting.items() if n == 0]
+    while ready:
+        for child in dependents.get(ready.pop(), ()):
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                ready.append(child)
+    left = {tid for tid, n in waiting.items() if n > 0}
+    if not left:
+        return None
+    seen: dict[str, int] = {}
+    walk: list[str] = []
+    node = min(left)
+    while node not in seen:
+        seen[node] = len(walk)
+        walk.append(node)
+        node = min(d for d in deps[node] if d in left)
+    cycle = walk[seen[node]:]
+    start = cycle.index(min(cycle))
+    cycle = cycle[start:] + cycle[:start]
+    return cycle + [cycle[0]]
+
+
+def _check_cycle(tasks: list[Expanded], by_id: dict[str, int], deps: dict[int, tuple[str, ...]]) -> list[Finding]:
+    cycle = find_cycle({tid: deps.get(pos, ()) for tid, pos in by_id.items()})
+    if cycle is None:
+        return []
+    t = tasks[by_id[cycle[0]]]
+    j = next(
+        (j for j, d in enumerate(t.data.get("depends_on") or [])
+         if isinstance(d, str) and (d == cycle[1] or fnmatch.fnmatchcase(cycle[1], d))),
+        None,
+    )
+    where: tuple[Any, ...] = ("tasks", t.index, "depends_on", j) if j is not None else ("tasks", t.index)
+    return [Finding(where, f"dependency cycle: {' -> '.join(cycle)} ('->' reads 'depends on')")]
+
+
+def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
+    """Every model used is defined and priced; agent tasks and LLM analysis have a model."""
+    out: list[Finding] = []
+    llm = data.get("llm") if isinstance(data.get("llm"), dict) else {}
+    models = llm.get("models") if isinstance(llm.get("models"), dict) else {}
+    for name, entry in models.items():
+        if isinstance(entry, dict) and "price" not in entry:
+            out.append(
+                Finding(
+                    ("llm", "models", name),
+                    f"model {name!r} has no price: add price: {{prompt_per_1m: ..., completion_per_1m: ...}} "
+                    "(write 0 for a free model; costs are never assumed to be $0)",
+                    key=True,
+                )
+            )
+    default = llm.get("default_model")
+    if isinstance(default, str) and default not in models:
+        out.append(Finding(("llm", "default_model"), f"model {default!r} is not defined in llm.models{hint(default, models)}"))
+    analysis = data.get("analysis") if isinstance(data.get("analysis"), dict) else {}
+    amodel = analysis.get("model")
+    if isinstance(amodel, str) and amodel not in models:
+        out.append(Finding(("analysis", "model"), f"model {amodel!r} is not defined in llm.models{hint(amodel, models)}"))
+    sources = analysis.get("sources")
+    if isinstance(sources, list) and "llm" in sources and amodel is None and not isinstance(default, str):
+        out.append(Finding(("analysis", "sources"), "'llm' analysis needs a model: set analysis.model or llm.default_model"))
+    reported: set[tuple[int, str]] = set()  # one finding per entry, not per matrix expansion
+    for t in tasks:
+        model = t.data.get("model")
+        if t.data.get("kind") != "agent" or (t.index, str(model)) in reported:
+            continue
+        reported.add((t.index, str(model)))
+        if model is None and not isinstance(default, str):
+            out.append(Finding(("tasks", t.index), "an agent task needs a model: set model here or llm.default_model"))
+        elif isinstance(model, str) and model not in models:
+            out.append(Finding(("tasks", t.index, "model"), f"model {model!r}{t.note()} is not defined in llm.models{hint(model, models)}"))
+    return out
+
+
+def check_slurm(data: dict[str, Any]) -> list[Finding]:
+    slurm = data.get("slurm")
+    if not isinstance(slurm, dict) or "time" not in slurm:
+        return []
+    value = slurm["time"]
+    if isinstance(value, (str, int)) and not isinstance(value, bool) and parse_slurm_time(value) is None:
+        return [
+            Finding(
+                ("slurm", "time"),
+                f"malformed Slurm time {value!r}: use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS",
+            )
+        ]
+    return []

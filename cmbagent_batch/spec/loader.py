@@ -1,0 +1,207 @@
+"""``load_spec``: a YAML file in, a validated ``JobSpec`` out, or every problem at once."""
+
+from __future__ import annotations
+
+import hashlib
+from types import MappingProxyType
+from typing import Any
+
+from cmbagent_batch.errors import Problem, SpecError
+from cmbagent_batch.spec import checks, matrix, schema
+from cmbagent_batch.spec.model import (
+    AnalysisSpec,
+    ExecutionSpec,
+    JobInfo,
+    JobSpec,
+    LlmSpec,
+    ModelSpec,
+    Price,
+    Resources,
+    SlurmSpec,
+    TaskSpec,
+    freeze,
+)
+from cmbagent_batch.spec.yamlio import Document, YamlProblems, json_path, parse_yaml, read_bytes
+
+# A matrix entry broken the same way in every expansion is reported this many times, then summed up.
+MAX_REPEATS = 3
+CONFIG_SECTIONS = ("job", "execution", "analysis", "slurm", "llm")
+
+
+def load_spec(path: str) -> JobSpec:
+    """Load, validate and expand the job spec at ``path``; raise ``SpecError`` listing every problem."""
+    try:
+        raw = read_bytes(path)
+    except YamlProblems as exc:
+        raise SpecError(exc.problems) from None
+    return load_spec_bytes(raw, path)
+
+
+def load_spec_bytes(raw: bytes, path: str) -> JobSpec:
+    try:
+        doc = parse_yaml(raw, path)
+    except YamlProblems as exc:
+        raise SpecError(exc.problems) from None
+    data = doc.data
+    if not isinstance(data, dict):
+        raise SpecError(
+            [Problem(path, 1, 1, "$", f"a job spec is a mapping (version, job, tasks, ...), got {schema.describe(data)}")]
+        )
+    problems = [] if schema.is_valid(data) else schema.problems(doc)
+    expanded, findings = _expand_tasks(data)
+    task_findings, deps = checks.check_tasks(expanded)
+    findings += task_findings + checks.check_models(data, expanded) + checks.check_slurm(data)
+    problems += _locate(doc, findings)
+    if problems:
+        raise SpecError(_dedupe(problems))
+    return _build(doc, hashlib.sha256(raw).hexdigest(), expanded, deps)
+
+
+def _expand_tasks(data: dict[str, Any]) -> tuple[list[checks.Expanded], list[checks.Finding]]:
+    tasks = data.get("tasks")
+    expanded: list[checks.Expanded] = []
+    findings: list[checks.Finding] = []
+    if not isinstance(tasks, list):
+        return expanded, findings
+    total = 0
+    for i, entry in enumerate(tasks):
+        if not isinstance(entry, dict) or ("matrix" in entry and not _matrix_ok(entry["matrix"])):
+            continue  # the schema problems already say what is wrong with it
+        items, problems = matrix.expand(entry)
+        findings.extend(checks.Finding(("tasks", i, "matrix") + p.path, p.message) for p in problems)
+        total += len(items)
+        if total > matrix.MAX_TASKS:
+            findings.append(checks.Finding(("tasks", i), f"the job expands to over {matrix.MAX_TASKS:,} tasks"))
+            break
+        expanded.extend(checks.Expanded(i, body, values) for body, values in items)
+    return expanded, findings
+
+
+def _matrix_ok(m: Any) -> bool:
+    """True when a matrix has the shape expansion needs (the schema reports anything else)."""
+    if not isinstance(m, dict):
+        return False
+    for key, values in m.items():
+        if key in ("include", "exclude"):
+            if not isinstance(values, list) or not all(isinstance(e, dict) for e in values):
+                return False
+        elif not isinstance(values, list) or not values:
+            return False
+        elif not all(isinstance(v, (str, int, float, bool)) for v in values):
+            return False
+    return True
+
+
+def _locate(doc: Document, findings: list[checks.Finding]) -> list[Problem]:
+    out = []
+    for f in findings:
+        line, column = doc.locate(f.path, key=f.key)
+        out.append(Problem(doc.file, line, column, json_path(f.path), f.message))
+    return out
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    """Drop exact repeats; keep at most MAX_REPEATS problems per place and say how many more."""
+    seen: set[Problem] = set()
+    per_place: dict[tuple[Any, ...], int] = {}
+    out: list[Problem] = []
+    for p in problems:
+        if p in seen:
+            continue
+        seen.add(p)
+        place = (p.line, p.column, p.path)
+        per_place[place] = per_place.get(place, 0) + 1
+        if per_place[place] <= MAX_REPEATS:
+            out.append(p)
+    for (line, column, path), count in per_place.items():
+        if count > MAX_REPEATS:
+            out.append(Problem(problems[0].file, line, column, path, f"... and {count - MAX_REPEATS:,} more problems like these here"))
+    return out
+
+
+def _build(doc: Document, sha256: str, expanded: list[checks.Expanded], deps: dict[int, tuple[str, ...]]) -> JobSpec:
+    data: dict[str, Any] = doc.data
+    job = data["job"]
+    llm = data.get("llm", {})
+    default_model = llm.get("default_model")
+    models = {name: _model(name, entry) for name, entry in llm.get("models", {}).items()}
+    analysis = data.get("analysis", {})
+    slurm = dict(data.get("slurm", {}))
+    if "extra_directives" in slurm:
+        slurm["extra_directives"] = tuple(slurm["extra_directives"])
+    if isinstance(slurm.get("time"), int):
+        slurm["time"] = str(slurm["time"])
+    lines = doc.item_lines("tasks")
+    tasks = tuple(_task(t, deps[pos], default_model, lines[t.index]) for pos, t in enumerate(expanded))
+    return JobSpec(
+        path=doc.file,
+        sha256=sha256,
+        version=data["version"],
+        job=JobInfo(name=job["name"], run_dir=job.get("run_dir", f"runs/{job['name']}"), budget_usd=job.get("budget_usd")),
+        execution=ExecutionSpec(**data.get("execution", {})),
+        llm=LlmSpec(default_model=default_model, models=MappingProxyType(models)),
+        analysis=AnalysisSpec(
+            sources=tuple(analysis.get("sources", ("explicit", "files"))),
+            model=analysis.get("model", default_model),
+            fallback=analysis.get("fallback", "error"),
+            cache_dir=analysis.get("cache_dir"),
+        ),
+        slurm=SlurmSpec(**slurm),
+        tasks=tasks,
+        declared=MappingProxyType(_declared(doc)),
+    )
+
+
+def _declared(doc: Document) -> dict[str, int]:
+    """Line of every configuration key written in the file, by dotted name (for ``config``)."""
+    out: dict[str, int] = {}
+    for section in CONFIG_SECTIONS:
+        values = doc.data.get(section)
+        if not isinstance(values, dict):
+            continue
+        for key in values:
+            if section == "llm" and key == "models":
+                continue
+            out[f"{section}.{key}"] = doc.locate((section, key), key=True)[0]
+    return out
+
+
+def _model(name: str, entry: dict[str, Any]) -> ModelSpec:
+    fields = {k: v for k, v in entry.items() if k != "price"}
+    return ModelSpec(name=name, price=Price(**entry["price"]), **fields)
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _task(t: checks.Expanded, depends_on: tuple[str, ...], default_model: str | None, line: int) -> TaskSpec:
+    d = t.data
+    kind = d["kind"]
+    return TaskSpec(
+        id=d["id"],
+        kind=kind,
+        description=d.get("description", ""),
+        depends_on=depends_on,
+        inputs=tuple(d.get("inputs", ())),
+        outputs=tuple(d.get("outputs", ())),
+        env=MappingProxyType({k: _env_value(v) for k, v in d.get("env", {}).items()}),
+        timeout=d.get("timeout"),
+        retries=d.get("retries"),
+        resources=Resources(**d.get("resources", {})),
+        budget_usd=d.get("budget_usd"),
+        estimate=d.get("estimate"),
+        run=d.get("run"),
+        call=d.get("call"),
+        args=freeze(d.get("args")),
+        agent=d.get("agent", "assistant") if kind == "agent" else None,
+        instructions=d.get("instructions"),
+        model=d.get("model", default_model) if kind == "agent" else None,
+        max_turns=d.get("max_turns", 10),
+        code_execution=d.get("code_execution", False),
+        matrix=MappingProxyType(t.values),
+        origin=t.origin,
+        line=line,
+    )

@@ -1,0 +1,166 @@
+"""The validated job spec as frozen objects: nothing after ``load_spec`` sees raw dicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _empty() -> Mapping[str, Any]:
+    return EMPTY
+
+
+def freeze(value: Any) -> Any:
+    """Deep-freeze JSON-like data: dicts become read-only mappings, lists become tuples."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Inverse of ``freeze``: plain dicts and lists, e.g. to pass as call arguments or dump as JSON."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per one million tokens."""
+
+    prompt_per_1m: float
+    completion_per_1m: float
+    cached_prompt_per_1m: float | None = None  # None: cached prompt tokens cost the prompt price
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One entry of ``llm.models``: how to reach a model and what it costs."""
+
+    name: str  # the key in llm.models, used by tasks and analysis
+    model: str  # the model name sent to the endpoint
+    base_url: str | None = None  # None: the OpenAI default endpoint
+    api_key_env: str | None = None  # name of the environment variable holding the key
+    timeout: float = 120.0
+    max_retries: int = 3
+    price: Price | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    name: str
+    run_dir: str  # relative paths are relative to the spec file's directory
+    budget_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionSpec:
+    backend: str = "auto"  # auto | local | mpi
+    mode: str = "auto"  # auto | sequential | parallel
+    max_workers: int | None = None  # None: chosen from CPUs and memory
+    use_process_pool: bool = False
+    task_timeout: float | None = None  # seconds; None: no limit
+    retries: int = 0
+    keep_going: bool = False
+    max_memory_mb: int | None = None  # per worker
+    memory_safety_fraction: float = 0.8
+    tasks_per_rank: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisSpec:
+    sources: tuple[str, ...] = ("explicit", "files")  # subset of explicit, files, llm
+    model: str | None = None  # a key of llm.models; None: llm.default_model
+    fallback: str = "error"  # error | explicit | sequential
+    cache_dir: str | None = None  # None: .cmbagent-batch/cache beside the spec file
+
+
+@dataclass(frozen=True, slots=True)
+class LlmSpec:
+    default_model: str | None = None
+    models: Mapping[str, ModelSpec] = field(default_factory=_empty)
+
+
+@dataclass(frozen=True, slots=True)
+class SlurmSpec:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int | None = None
+    ntasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    time: str | None = None
+    mem: str | None = None
+    constraint: str | None = None
+    signal_grace: int = 120
+    requeue: int = 0
+    mpi: str = "pmi2"
+    extra_directives: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    cpus: int = 1
+    memory_mb: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One task, after matrix expansion."""
+
+    id: str
+    kind: str  # shell | python | agent
+    description: str = ""
+    depends_on: tuple[str, ...] = ()  # explicit dependencies (globs already expanded)
+    inputs: tuple[str, ...] = ()  # paths or globs, relative to the task's work directory
+    outputs: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=_empty)
+    timeout: float | None = None
+    retries: int | None = None  # None: execution.retries
+    resources: Resources = field(default_factory=Resources)
+    budget_usd: float | None = None
+    estimate: float | None = None  # expected seconds, weights the critical path
+    # shell
+    run: str | None = None
+    # python
+    call: str | None = None  # "module:function"
+    args: Any = None  # frozen JSON-like value
+    # agent
+    agent: str | None = None
+    instructions: str | None = None
+    model: str | None = None  # a key of llm.models
+    max_turns: int = 10
+    code_execution: bool = False
+    # where the task came from
+    matrix: Mapping[str, Any] = field(default_factory=_empty)  # this instance's matrix values
+    origin: str = ""  # "$.tasks[3]" plus the matrix values, for messages
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A validated job spec."""
+
+    path: str  # the spec file as given
+    sha256: str  # of the file's bytes
+    version: int
+    job: JobInfo
+    execution: ExecutionSpec
+    llm: LlmSpec
+    analysis: AnalysisSpec
+    slurm: SlurmSpec
+    tasks: tuple[TaskSpec, ...]
+    declared: Mapping[str, int] = field(default_factory=_empty)  # "execution.max_workers" -> line, for keys written in the file
+
+    def task(self, task_id: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.id == task_id:
+                return t
+        raise KeyError(task_id)
