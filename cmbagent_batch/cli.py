@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="print a JSON Schema shipped with cmbagent-batch",
                        description="Print a JSON Schema (for editors: yaml-language-server, VS Code).")
-    p.add_argument("name", nargs="?", default="job", choices=("job", "plan", "run", "ledger-entry"))
+    p.add_argument("name", nargs="?", default="job", choices=("job", "plan"))
     p.set_defaults(func=cmd_schema)
     return parser
 
@@ -159,7 +159,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from cmbagent_batch.plan_cmd import run_plan
 
-    return run_plan(args, load_config(args))
+    return run_plan(args, _flags(args))
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

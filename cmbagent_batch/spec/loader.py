@@ -144,7 +144,6 @@ def _build(doc: Document, sha256: str, expanded: list[checks.Expanded], deps: di
             sources=tuple(analysis.get("sources", ("explicit", "files"))),
             model=analysis.get("model", default_model),
             fallback=analysis.get("fallback", "error"),
-            cache_dir=analysis.get("cache_dir"),
         ),
         slurm=SlurmSpec(**slurm),
         tasks=tasks,

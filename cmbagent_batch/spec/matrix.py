@@ -2,7 +2,8 @@
 
 Combinations are the cross product of the parameters in the order written, minus every combination
 matching an ``exclude`` entry, plus the ``include`` entries. ``{PARAM}`` is replaced by the value in
-every string of the entry (id, run, paths, env values, args...), and nowhere else: other braces, such
+every string of the entry (id, run, paths, env values, args...); in ``args`` a string that is
+exactly ``"{PARAM}"`` becomes the value itself, keeping its type. Nothing else changes: other braces, such
 as ``${HOME}`` or awk's ``{print $1}``, are left alone.
 """
 
@@ -76,8 +77,12 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def substituter(names: list[str]) -> Callable[[Any, Values], Any]:
-    """A function replacing ``{NAME}`` placeholders in every string of a JSON-like value."""
+def substituter(names: list[str], *, keep_type: bool = False) -> Callable[[Any, Values], Any]:
+    """A function replacing ``{NAME}`` placeholders in every string of a JSON-like value.
+
+    With ``keep_type`` (used for python ``args``), a string that is exactly one placeholder becomes
+    the value itself.
+    """
     if not names:
         return lambda value, values: value
     pattern = re.compile(r"\{(" + "|".join(re.escape(n) for n in names) + r")\}")
@@ -86,6 +91,9 @@ def substituter(names: list[str]) -> Callable[[Any, Values], Any]:
         if isinstance(value, str):
             if "{" not in value:
                 return value
+            whole = pattern.fullmatch(value) if keep_type else None
+            if whole:  # "{lmax}" alone keeps the value's type: 500 stays a number
+                return values[whole.group(1)]
             return pattern.sub(lambda m: format_value(values[m.group(1)]), value)
         if isinstance(value, list):
             return [sub(v, values) for v in value]
@@ -106,5 +114,12 @@ def expand(entry: dict[str, Any]) -> tuple[list[tuple[dict[str, Any], Values]], 
         return [], problems
     names = sorted({n for c in combos for n in c}, key=lambda n: (-len(n), n))
     sub = substituter(names)
-    body = {k: v for k, v in entry.items() if k != "matrix"}
-    return [(sub(body, values), values) for values in combos], []
+    sub_args = substituter(names, keep_type=True)
+    body = {k: v for k, v in entry.items() if k not in ("matrix", "args")}
+    out = []
+    for values in combos:
+        task = sub(body, values)
+        if "args" in entry:
+            task["args"] = sub_args(entry["args"], values)
+        out.append((task, values))
+    return out, []

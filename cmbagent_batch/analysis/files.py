@@ -1,0 +1,49 @@
+"""File-inferred edges: a task whose ``inputs`` match another task's ``outputs`` depends on it.
+
+Paths and globs are compared as written (normalised), both ways: an input glob matches output
+paths, and an output glob matches input paths. Literal paths are looked up in a dict, so a job of
+10^5 tasks with literal paths costs one pass; only globs are matched against every other side.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+import re
+from typing import Sequence
+
+from cmbagent_batch.dag import Edge
+from cmbagent_batch.spec.model import TaskSpec
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def file_edges(tasks: Sequence[TaskSpec]) -> list[Edge]:
+    """One edge per (producer, consumer) pair, the reason naming the first matching file."""
+    literal_out: dict[str, str] = {}  # output path -> producer id
+    glob_out: list[tuple[str, str]] = []  # (output glob, producer id)
+    for task in tasks:
+        for path in task.outputs:
+            norm = posixpath.normpath(path)
+            if _GLOB.search(norm):
+                glob_out.append((norm, task.id))
+            else:
+                literal_out.setdefault(norm, task.id)
+    literal_paths = sorted(literal_out)
+    found: dict[tuple[str, str], str] = {}
+    for task in tasks:
+        for path in task.inputs:
+            norm = posixpath.normpath(path)
+            if _GLOB.search(norm):
+                matches = [(p, literal_out[p]) for p in fnmatch.filter(literal_paths, norm)]
+                matches += [(g, pid) for g, pid in glob_out if g == norm]
+            else:
+                matches = [(norm, literal_out[norm])] if norm in literal_out else []
+                matches += [(norm, pid) for g, pid in glob_out if fnmatch.fnmatchcase(norm, g)]
+            for produced, producer in matches:
+                if producer != task.id:
+                    found.setdefault((producer, task.id), produced)
+    return [
+        Edge(src, dst, "file", "files", f"{dst!r} reads {path!r}, which {src!r} writes")
+        for (src, dst), path in sorted(found.items())
+    ]

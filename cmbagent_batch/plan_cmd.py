@@ -1,0 +1,104 @@
+"""``cmbagent-batch plan``: load, analyse, build the DAG, print; cached by the spec file's bytes.
+
+An unchanged spec file (same bytes, same overriding variables and flags, same cmbagent-batch) is not
+parsed again: its plan comes from the cache, so a 10^5-task plan reprints in about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from typing import Any
+
+from cmbagent_batch import __version__
+from cmbagent_batch.analysis.cache import Cache, digest
+from cmbagent_batch.analysis.deps import ANALYSIS_VERSION, analyse
+from cmbagent_batch.analysis.llm_reply import PROMPT_VERSION
+from cmbagent_batch.config import ENV_VARS, SWITCHES, effective_config
+from cmbagent_batch.errors import CycleError, SpecError, UsageError
+from cmbagent_batch.plan import build_dag, make_plan
+from cmbagent_batch.spec.loader import load_spec_bytes
+from cmbagent_batch.spec.yamlio import YamlProblems, read_bytes
+
+
+def warn(message: str) -> None:
+    print(f"cmbagent-batch: warning: {message}", file=sys.stderr)
+
+
+def cache_dir(spec_path: str, flag: str | None) -> str:
+    """--cache-dir, else $CMBAGENT_CACHE_DIR, else .cmbagent-batch/cache beside the spec file."""
+    chosen = flag or os.environ.get("CMBAGENT_CACHE_DIR")
+    if chosen is not None and not chosen.strip():
+        raise UsageError("environment variable CMBAGENT_CACHE_DIR is set but empty")
+    return chosen or os.path.join(os.path.dirname(os.path.abspath(spec_path)), ".cmbagent-batch", "cache")
+
+
+def plan_key(raw: bytes, spec_path: str, flags: dict[str, tuple[Any, str]]) -> str:
+    """What a plan depends on besides the LLM's answers (which have their own cache)."""
+    env = {v: os.environ[v] for v in sorted(list(ENV_VARS) + list(SWITCHES)) if v in os.environ}
+    env.pop("CMBAGENT_CACHE_DIR", None)
+    return digest(
+        {
+            "spec_sha256": hashlib.sha256(raw).hexdigest(),
+            "path": os.path.abspath(spec_path),
+            "env": env,
+            "flags": {k: v for k, (v, _) in sorted(flags.items()) if v is not None and k != "analysis.cache_dir"},
+            "version": __version__,
+            "analysis": ANALYSIS_VERSION,
+            "prompt": PROMPT_VERSION,
+        }
+    )
+
+
+def compute_plan(raw: bytes, path: str, flags: dict[str, tuple[Any, str]], cache: Cache, refresh: bool) -> dict[str, Any]:
+    spec = load_spec_bytes(raw, path)
+    config = effective_config(spec, os.environ, flags)
+    analysis = analyse(config.spec, cache, refresh=refresh, warn=warn)
+    try:
+        dag = build_dag(config.spec, analysis)
+    except CycleError as exc:
+        raise UsageError(_cycle_message(exc.cycle, analysis.edges)) from None
+    return make_plan(config.spec, analysis, dag)
+
+
+def _cycle_message(cycle: list[str], edges: list[Any]) -> str:
+    by_pair = {(e.src, e.dst): e for e in edges}
+    steps = []
+    for a, b in zip(cycle, cycle[1:]):
+        e = by_pair.get((a, b)) or by_pair.get((b, a))
+        steps.append(f"  {a} -> {b}: {e.reason} [{e.source}]" if e else f"  {a} -> {b}")
+    return "the dependency edges make a cycle (-> reads 'runs before'):\n" + "\n".join(steps)
+
+
+def run_plan(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int:
+    from cmbagent_batch import render
+
+    try:
+        raw = read_bytes(args.spec)
+    except YamlProblems as exc:
+        raise SpecError(exc.problems) from None
+    cache = Cache(cache_dir(args.spec, args.cache_dir), warn)
+    key = plan_key(raw, args.spec, flags)
+    plan = None if args.refresh_analysis else cache.get("plan", key)
+    if plan is not None:
+        plan["from_cache"] = True
+        a = plan["analysis"]
+        if a.get("model"):
+            a.update(cache="hit", requests=0, calls=[], cost_usd=0.0, prompt_tokens=0, completion_tokens=0,
+                     cache_reason="unchanged spec file; plan and analysis reused")
+    else:
+        plan = compute_plan(raw, args.spec, flags, cache, args.refresh_analysis)
+        if not plan["analysis"].get("fallback_used"):
+            cache.put("plan", key, plan)
+        plan["from_cache"] = False
+    out = {
+        "json": lambda p: json.dumps(p, indent=1) + "\n",
+        "text": render.text,
+        "dot": render.dot,
+        "mermaid": render.mermaid,
+    }[args.format](plan)
+    sys.stdout.write(out)
+    return 0
