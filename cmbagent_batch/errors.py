@@ -47,9 +47,8 @@ class SpecError(BatchError):
     """A job spec is invalid; carries every problem found, in file order."""
 
     def __init__(self, problems: list[Problem]) -> None:
-        self.problems = sorted(
-            problems, key=lambda p: (p.file, p.line or 0, p.column or 0, p.path, p.message)
-        )
+        # Stable sort by place only: problems at one place keep the order they were given in.
+        self.problems = sorted(problems, key=lambda p: (p.file, p.line or 0, p.column or 0))
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

@@ -58,7 +58,7 @@ class Expanded:
 def parse_slurm_time(value: str | int) -> int | None:
     """Seconds of a Slurm time limit, or None if malformed. ``UNLIMITED`` is 0; an int is minutes."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return value * 60 if value > 0 else None
+        return value * 60 if value >= 0 else None  # 0: no limit, as in Slurm
     if not isinstance(value, str):
         return None
     if value.upper() in ("UNLIMITED", "INFINITE"):
@@ -77,15 +77,15 @@ def parse_slurm_time(value: str | int) -> int | None:
         return (g["a"] * 60 + g["b"]) * 60 + g["c"]
     if "b" in g:  # minutes:seconds
         return None if g["b"] > 59 else g["a"] * 60 + g["b"]
-    return g["a"] * 60 or None  # minutes
+    return g["a"] * 60  # minutes; 0 means no limit
 
 
-def path_problem(path: str) -> str | None:
-    """Why a declared input/output path may not be used, or None."""
+def path_problem(path: str, note: str = "") -> str | None:
+    """Why a declared input/output path may not be used, or None (``note`` follows the path)."""
     if path.startswith(("/", "~")):
-        return f"absolute path {path!r} escapes the task's work directory; use a relative path"
+        return f"absolute path {path!r}{note} escapes the task's work directory; use a relative path"
     if ".." in path.replace("\\", "/").split("/"):
-        return f"path {path!r} uses '..' and escapes the task's work directory"
+        return f"path {path!r}{note} uses '..' and escapes the task's work directory"
     return None
 
 
@@ -127,7 +127,8 @@ def check_tasks(tasks: list[Expanded]) -> tuple[list[Finding], dict[int, tuple[s
             if GLOB_CHARS.search(dep):
                 matched = [i for i in fnmatch.filter(ids_sorted, dep) if i != tid]
                 if not matched:
-                    findings.append(Finding(where, f"{dep!r}{t.note()} matches no task"))
+                    itself = f" other than {tid!r} itself" if fnmatch.fnmatchcase(str(tid), dep) else ""
+                    findings.append(Finding(where, f"{dep!r}{t.note()} matches no task{itself}"))
                 resolved.update(matched)
             elif dep == tid:
                 findings.append(Finding(where, f"task {tid!r} depends on itself"))
@@ -143,16 +144,18 @@ def check_tasks(tasks: list[Expanded]) -> tuple[list[Finding], dict[int, tuple[s
 
 def _check_one(t: Expanded) -> list[Finding]:
     out: list[Finding] = []
-    data, note = t.data, t.note()
+    data = t.data
     tid = data.get("id")
-    if isinstance(tid, str) and not TASK_ID.fullmatch(tid):
+    # The schema checks plain ids; placeholders are checked once they are filled in.
+    if isinstance(tid, str) and (t.values or "{" in tid) and not TASK_ID.fullmatch(tid):
         if "{" in tid:
             out.append(Finding(("tasks", t.index, "id"), f"id {tid!r} has a placeholder that is not a matrix parameter"))
         else:
-            out.append(Finding(("tasks", t.index, "id"), f"task id {tid!r}{note} may only use letters, digits, '_', '.', '-'"))
+            out.append(Finding(("tasks", t.index, "id"), f"task id {tid!r}{t.note()} may only use letters, digits, '_', '.', '-'"))
     kind = data.get("kind")
     if kind in KIND_REQUIRES and KIND_REQUIRES[kind] not in data:
-        out.append(Finding(("tasks", t.index), f"a {kind} task needs {KIND_REQUIRES[kind]!r}"))
+        article = "an" if kind == "agent" else "a"
+        out.append(Finding(("tasks", t.index), f"{article} {kind} task needs {KIND_REQUIRES[kind]!r}"))
     if kind in KIND_FIELDS:
         for other, fields in KIND_FIELDS.items():
             if other == kind:
@@ -163,9 +166,9 @@ def _check_one(t: Expanded) -> list[Finding]:
     for field in ("inputs", "outputs"):
         for j, p in enumerate(data.get(field) or []):
             if isinstance(p, str):
-                why = path_problem(p)
+                why = path_problem(p, t.note())
                 if why:
-                    out.append(Finding(("tasks", t.index, field, j), why + note))
+                    out.append(Finding(("tasks", t.index, field, j), why))
     return out
 
 
@@ -268,7 +271,7 @@ def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
         if model is None and not isinstance(default, str):
             out.append(Finding(("tasks", t.index), "an agent task needs a model: set model here or llm.default_model"))
         elif isinstance(model, str) and model not in models:
-            out.append(Finding(("tasks", t.index, "model"), f"model {model!r}{t.note()} is not defined in llm.models{hint(model, models)}"))
+            out.append(Finding(("tasks", t.index, "model"), f"model {model!r} is not defined in llm.models{hint(model, models)}"))
     return out
 
 

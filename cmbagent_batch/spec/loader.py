@@ -9,6 +9,7 @@ from typing import Any
 from cmbagent_batch.errors import Problem, SpecError
 from cmbagent_batch.spec import checks, matrix, schema
 from cmbagent_batch.spec.model import (
+    EMPTY,
     AnalysisSpec,
     ExecutionSpec,
     JobInfo,
@@ -26,6 +27,7 @@ from cmbagent_batch.spec.yamlio import Document, YamlProblems, json_path, parse_
 # A matrix entry broken the same way in every expansion is reported this many times, then summed up.
 MAX_REPEATS = 3
 CONFIG_SECTIONS = ("job", "execution", "analysis", "slurm", "llm")
+DEFAULT_RESOURCES = Resources()
 
 
 def load_spec(path: str) -> JobSpec:
@@ -79,15 +81,18 @@ def _expand_tasks(data: dict[str, Any]) -> tuple[list[checks.Expanded], list[che
 
 def _matrix_ok(m: Any) -> bool:
     """True when a matrix has the shape expansion needs (the schema reports anything else)."""
-    if not isinstance(m, dict):
+    if not isinstance(m, dict) or not m:
         return False
+    scalar = (str, int, float, bool)
     for key, values in m.items():
         if key in ("include", "exclude"):
-            if not isinstance(values, list) or not all(isinstance(e, dict) for e in values):
+            if not isinstance(values, list) or not all(
+                isinstance(e, dict) and e and all(isinstance(v, scalar) for v in e.values()) for e in values
+            ):
                 return False
         elif not isinstance(values, list) or not values:
             return False
-        elif not all(isinstance(v, (str, int, float, bool)) for v in values):
+        elif not all(isinstance(v, scalar) for v in values):
             return False
     return True
 
@@ -101,21 +106,21 @@ def _locate(doc: Document, findings: list[checks.Finding]) -> list[Problem]:
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:
-    """Drop exact repeats; keep at most MAX_REPEATS problems per place and say how many more."""
-    seen: set[Problem] = set()
-    per_place: dict[tuple[Any, ...], int] = {}
+    """Sorted, without exact repeats; at most MAX_REPEATS per place, then one line counting the rest."""
+    ordered = sorted(set(problems), key=lambda p: (p.line or 0, p.column or 0, p.path, p.message))
     out: list[Problem] = []
-    for p in problems:
-        if p in seen:
-            continue
-        seen.add(p)
-        place = (p.line, p.column, p.path)
-        per_place[place] = per_place.get(place, 0) + 1
-        if per_place[place] <= MAX_REPEATS:
-            out.append(p)
-    for (line, column, path), count in per_place.items():
-        if count > MAX_REPEATS:
-            out.append(Problem(problems[0].file, line, column, path, f"... and {count - MAX_REPEATS:,} more problems like these here"))
+    i = 0
+    while i < len(ordered):
+        place = (ordered[i].line, ordered[i].column, ordered[i].path)
+        j = i
+        while j < len(ordered) and (ordered[j].line, ordered[j].column, ordered[j].path) == place:
+            j += 1
+        out.extend(ordered[i:min(j, i + MAX_REPEATS)])
+        if j - i > MAX_REPEATS:
+            first = ordered[i]
+            out.append(Problem(first.file, first.line, first.column, first.path,
+                               f"... and {j - i - MAX_REPEATS:,} more problems like these here"))
+        i = j
     return out
 
 
@@ -186,21 +191,21 @@ def _task(t: checks.Expanded, depends_on: tuple[str, ...], default_model: str | 
         depends_on=depends_on,
         inputs=tuple(d.get("inputs", ())),
         outputs=tuple(d.get("outputs", ())),
-        env=MappingProxyType({k: _env_value(v) for k, v in d.get("env", {}).items()}),
+        env=MappingProxyType({k: _env_value(v) for k, v in d["env"].items()}) if "env" in d else EMPTY,
         timeout=d.get("timeout"),
         retries=d.get("retries"),
-        resources=Resources(**d.get("resources", {})),
+        resources=Resources(**d["resources"]) if "resources" in d else DEFAULT_RESOURCES,
         budget_usd=d.get("budget_usd"),
         estimate=d.get("estimate"),
         run=d.get("run"),
         call=d.get("call"),
-        args=freeze(d.get("args")),
+        args=freeze(d["args"]) if "args" in d else None,
         agent=d.get("agent", "assistant") if kind == "agent" else None,
         instructions=d.get("instructions"),
         model=d.get("model", default_model) if kind == "agent" else None,
         max_turns=d.get("max_turns", 10),
         code_execution=d.get("code_execution", False),
-        matrix=MappingProxyType(t.values),
-        origin=t.origin,
+        matrix=MappingProxyType(t.values) if t.values else EMPTY,
+        entry=t.index,
         line=line,
     )

@@ -45,7 +45,7 @@ def combinations(matrix: dict[str, Any]) -> tuple[list[Values], list[MatrixProbl
     for key in ("exclude", "include"):
         for i, entry in enumerate(matrix.get(key) or []):
             for name in entry:
-                if name not in params and key == "exclude":
+                if name not in params and params:
                     problems.append(MatrixProblem((key, i, name), f"{name!r} is not a matrix parameter"))
             missing = [n for n in names if n not in entry]
             if key == "include" and missing:
@@ -77,31 +77,54 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def substituter(names: list[str], *, keep_type: bool = False) -> Callable[[Any, Values], Any]:
-    """A function replacing ``{NAME}`` placeholders in every string of a JSON-like value.
+Fill = Callable[[dict[str, str], Values], Any]
 
-    With ``keep_type`` (used for python ``args``), a string that is exactly one placeholder becomes
-    the value itself.
+
+def template(value: Any, names: list[str], *, keep_type: bool = False) -> Fill | None:
+    """Compile a JSON-like value into a function of (texts, values) filling its ``{NAME}`` placeholders.
+
+    Returns None when the value holds no placeholder (it can be shared as it is). ``texts`` maps each
+    name to its formatted value; with ``keep_type`` (python ``args``), a string that is exactly one
+    placeholder becomes the value itself. Compiling once per entry keeps a 10^5-task matrix fast.
     """
     if not names:
-        return lambda value, values: value
-    pattern = re.compile(r"\{(" + "|".join(re.escape(n) for n in names) + r")\}")
+        return None
+    # "${NAME}" is the shell's: only a "{NAME}" not preceded by "$" is a placeholder.
+    pattern = re.compile(r"(?<!\$)\{(" + "|".join(re.escape(n) for n in names) + r")\}")
+    return _compile(value, pattern, keep_type)
 
-    def sub(value: Any, values: Values) -> Any:
-        if isinstance(value, str):
-            if "{" not in value:
-                return value
-            whole = pattern.fullmatch(value) if keep_type else None
-            if whole:  # "{lmax}" alone keeps the value's type: 500 stays a number
-                return values[whole.group(1)]
-            return pattern.sub(lambda m: format_value(values[m.group(1)]), value)
-        if isinstance(value, list):
-            return [sub(v, values) for v in value]
-        if isinstance(value, dict):
-            return {k: sub(v, values) for k, v in value.items()}
-        return value
 
-    return sub
+def _compile(value: Any, pattern: re.Pattern[str], keep_type: bool) -> Fill | None:
+    if isinstance(value, str):
+        parts = pattern.split(value) if "{" in value else [value]
+        if len(parts) == 1:
+            return None
+        if keep_type and len(parts) == 3 and parts[0] == parts[2] == "":
+            name = parts[1]
+            return lambda texts, values: values[name]
+        literals, keys = parts[0::2], parts[1::2]
+        rest = list(zip(keys, literals[1:]))
+        head = literals[0]
+
+        def fill(texts: dict[str, str], values: Values) -> str:
+            out = [head]
+            for key, literal in rest:
+                out.append(texts[key])
+                out.append(literal)
+            return "".join(out)
+
+        return fill
+    if isinstance(value, list):
+        items = [(_compile(v, pattern, keep_type), v) for v in value]
+        if all(f is None for f, _ in items):
+            return None
+        return lambda texts, values: [f(texts, values) if f else v for f, v in items]
+    if isinstance(value, dict):
+        fields = [(k, _compile(v, pattern, keep_type), v) for k, v in value.items()]
+        if all(f is None for _, f, _ in fields):
+            return None
+        return lambda texts, values: {k: f(texts, values) if f else v for k, f, v in fields}
+    return None
 
 
 def expand(entry: dict[str, Any]) -> tuple[list[tuple[dict[str, Any], Values]], list[MatrixProblem]]:
@@ -113,13 +136,14 @@ def expand(entry: dict[str, Any]) -> tuple[list[tuple[dict[str, Any], Values]], 
     if problems:
         return [], problems
     names = sorted({n for c in combos for n in c}, key=lambda n: (-len(n), n))
-    sub = substituter(names)
-    sub_args = substituter(names, keep_type=True)
     body = {k: v for k, v in entry.items() if k not in ("matrix", "args")}
+    fill_body = template(body, names)
+    fill_args = template(entry.get("args"), names, keep_type=True)
     out = []
     for values in combos:
-        task = sub(body, values)
+        texts = {k: format_value(v) for k, v in values.items()}
+        task = fill_body(texts, values) if fill_body else dict(body)
         if "args" in entry:
-            task["args"] = sub_args(entry["args"], values)
+            task["args"] = fill_args(texts, values) if fill_args else entry["args"]
         out.append((task, values))
     return out, []

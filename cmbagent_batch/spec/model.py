@@ -22,6 +22,12 @@ def freeze(value: Any) -> Any:
     return value
 
 
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def thaw(value: Any) -> Any:
     """Inverse of ``freeze``: plain dicts and lists, e.g. to pass as call arguments or dump as JSON."""
     if isinstance(value, Mapping):
@@ -140,8 +146,16 @@ class TaskSpec:
     code_execution: bool = False
     # where the task came from
     matrix: Mapping[str, Any] = field(default_factory=_empty)  # this instance's matrix values
-    origin: str = ""  # "$.tasks[3]" plus the matrix values, for messages
-    line: int = 0
+    entry: int = 0  # position of the entry in $.tasks that made this task
+    line: int = 0  # line of that entry in the spec file
+
+    @property
+    def origin(self) -> str:
+        """Where the task came from, for messages: ``$.tasks[3]`` plus its matrix values."""
+        where = f"$.tasks[{self.entry}]"
+        if not self.matrix:
+            return where
+        return where + " (" + ", ".join(f"{k}={_text(v)}" for k, v in self.matrix.items()) + ")"
 
 
 @dataclass(frozen=True, slots=True)

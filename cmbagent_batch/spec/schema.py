@@ -8,6 +8,7 @@ error and words each one for a person. The slow path runs only when the fast one
 from __future__ import annotations
 
 import difflib
+import re
 import json
 from functools import lru_cache
 from importlib import resources
@@ -67,7 +68,8 @@ def _explain(error: Any, doc: Document) -> list[Problem]:
         return _explain(jsonschema.exceptions.best_match(error.context), doc)
     if kind == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
-        extras = sorted(k for k in error.instance if k not in allowed)
+        patterns = [re.compile(p) for p in error.schema.get("patternProperties", {})]
+        extras = sorted(k for k in error.instance if k not in allowed and not any(p.search(k) for p in patterns))
         return [_problem(doc, path + (k,), unknown_key(k, allowed), key=True) for k in extras]
     if "propertyNames" in error.schema_path and isinstance(error.instance, str):
         # jsonschema reports a bad key name at its mapping's path, with the name as the instance.
@@ -78,7 +80,7 @@ def _explain(error: Any, doc: Document) -> list[Problem]:
 
 
 def _pattern_hint(schema: dict[str, Any]) -> str:
-    return str(schema.get("description") or f"must match {schema.get('pattern')}")
+    return str(schema.get("x-hint") or f"must match {schema.get('pattern')}")
 
 
 def _problem(doc: Document, path: tuple[Any, ...], message: str, *, key: bool = False) -> Problem:

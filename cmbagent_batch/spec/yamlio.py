@@ -261,7 +261,7 @@ def parse_yaml(raw: bytes, file: str) -> Document:
         root = composer.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        message = _yaml_error_text(exc)
+        message = _yaml_error_text(exc, text)
         if mark is None:  # pragma: no cover - libyaml always marks its errors
             raise fail(message) from None
         raise fail(message, mark.line + 1, mark.column + 1) from None
@@ -279,12 +279,22 @@ def parse_yaml(raw: bytes, file: str) -> Document:
     return Document(file, data, root)
 
 
-def _yaml_error_text(exc: yaml.MarkedYAMLError) -> str:
-    parts = [p for p in (exc.context, exc.problem) if p]
-    text = ": ".join(parts) if parts else "invalid YAML"
-    if "expected a single document" in text:
+def _yaml_error_text(exc: yaml.MarkedYAMLError, text: str) -> str:
+    problem = exc.problem or ""
+    mark = exc.problem_mark
+    if mark is not None and "cannot start any token" in problem:
+        lines = text.splitlines()
+        line = lines[mark.line] if mark.line < len(lines) else ""
+        if line[mark.column:mark.column + 1] == "\t":
+            return "invalid YAML: a tab character cannot indent YAML; indent with spaces"
+    context = exc.context or ""
+    if "expected a single document" in context + problem:
         return "expected one YAML document, found several (remove the extra '---')"
-    return "invalid YAML: " + text
+    cm = exc.context_mark
+    if context and cm is not None and (mark is None or (cm.line, cm.column) != (mark.line, mark.column)):
+        context = f"{context} started at line {cm.line + 1}, column {cm.column + 1}"
+    parts = [p for p in (context, problem) if p]
+    return "invalid YAML: " + (": ".join(parts) if parts else "cannot parse")
 
 
 def _check_expansion(root: Node, file: str) -> None:
@@ -336,28 +346,41 @@ def _children(node: Node) -> list[Node]:
 
 def _scalar(node: ScalarNode, file: str, path: list[Any], problems: list[Problem]) -> Any:
     tag, value = node.tag, node.value
+
+    def bad(message: str) -> Any:
+        mark = node.start_mark
+        problems.append(Problem(file, mark.line + 1, mark.column + 1, json_path(path), message))
+        return value
+
     if tag == STR:
         return value
     if tag == INT:
-        if value[:2] in ("0o", "0x"):
-            return int(value, 0)
-        return int(value, 10)
+        if not _INT.match(value):
+            return bad(f"invalid !!int value {value!r}")
+        return int(value, 0) if value[:2] in ("0o", "0x") else int(value, 10)
     if tag == FLOAT:
+        if not _FLOAT.match(value) and not _INT.match(value):
+            return bad(f"invalid !!float value {value!r}")
         lowered = value.lower()
-        if lowered.endswith(".inf"):
-            return -math.inf if value.startswith("-") else math.inf
-        if lowered == ".nan":
-            return math.nan
+        if lowered.endswith("nan"):
+            return bad("not-a-number (.nan) is not allowed in a job spec")
+        if lowered.endswith("inf"):
+            return bad("infinity (.inf) is not allowed in a job spec; leave the key out for no limit")
         return float(value)
     if tag == BOOL:
+        if not _BOOL.match(value):
+            return bad(f"invalid !!bool value {value!r} (use true or false)")
         return value in ("true", "True", "TRUE")
     if tag == NULL:
+        if not (value == "" or _NULL.match(value)):
+            return bad(f"invalid !!null value {value!r}")
         return None
-    mark = node.start_mark
-    problems.append(
-        Problem(file, mark.line + 1, mark.column + 1, json_path(path), f"unsupported YAML tag {tag!r}")
-    )
-    return value
+    return bad(f"unsupported YAML tag {short_tag(tag)!r}")
+
+
+def short_tag(tag: str) -> str:
+    """``tag:yaml.org,2002:python/object`` -> ``!!python/object``."""
+    return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
 
 
 def _construct(root: Node, file: str) -> tuple[Any, list[Problem]]:
@@ -390,7 +413,7 @@ def _construct(root: Node, file: str) -> tuple[Any, list[Problem]]:
     def _bad_tag(node: Node, path: list[Any]) -> None:
         mark = node.start_mark
         problems.append(
-            Problem(file, mark.line + 1, mark.column + 1, json_path(path), f"unsupported YAML tag {node.tag!r}")
+            Problem(file, mark.line + 1, mark.column + 1, json_path(path), f"unsupported YAML tag {short_tag(node.tag)!r}")
         )
 
     pending: list[tuple[Node, Any, list[Any]]] = []
