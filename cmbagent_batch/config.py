@@ -28,24 +28,21 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected one of {', '.join(TRUE + FALSE)}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError("expected a whole number") from None
-    if value < 1:
-        raise ValueError("expected a number of at least 1")
-    return value
+def _whole(minimum: int) -> Parse:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if value < minimum:
+            raise ValueError(f"expected a number of at least {minimum}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError("expected a whole number") from None
-    if value < 0:
-        raise ValueError("expected a number of at least 0")
-    return value
+_positive_int = _whole(1)
+_count = _whole(0)
 
 
 def _seconds(text: str) -> float:

@@ -484,3 +484,27 @@ def test_scripted_server_accepts_a_callable_script() -> None:
             reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert reply.choices[0].message.content == "echo hi"
     assert srv.remaining is None
+
+
+def test_missing_openai_package_is_a_clear_analysis_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from cmbagent_batch.analysis.llm import LlmAnalysisError, infer_edges
+    from cmbagent_batch.spec.model import ModelSpec, Price, TaskSpec
+
+    real_import = builtins.__import__
+
+    def no_openai(name: str, *args: object, **kwargs: object) -> object:
+        if name == "openai":
+            raise ImportError("No module named 'openai'")
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setattr(builtins, "__import__", no_openai)
+    model = ModelSpec(name="m", model="gpt-4o-mini", base_url="http://127.0.0.1:9/v1", price=Price(0, 0))
+    with pytest.raises(LlmAnalysisError) as info:
+        infer_edges([TaskSpec(id="a", kind="shell"), TaskSpec(id="b", kind="shell")], [], model)
+    assert str(info.value) == (
+        "LLM dependency analysis needs the 'openai' package, which is not installed: "
+        "pip install 'cmbagent-batch[agents]'"
+    )

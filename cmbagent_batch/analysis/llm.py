@@ -109,7 +109,13 @@ def infer_edges(tasks: Sequence[TaskSpec], known: Sequence[tuple[str, str]], mod
         raise LlmAnalysisError(f"LLM analysis with model '{model.name}' needs an API key in ${key_env}, "
                                "which is not set")
 
-    import openai  # only when analysis really runs: `validate` and `plan` must work without it
+    try:
+        import openai  # only when analysis really runs: `validate` and `plan` must work without it
+    except ImportError:
+        raise LlmAnalysisError(
+            "LLM dependency analysis needs the 'openai' package, which is not installed: "
+            "pip install 'cmbagent-batch[agents]'", []
+        ) from None
 
     with openai.OpenAI(base_url=model.base_url, api_key=key, timeout=model.timeout, max_retries=0) as client:
         endpoint = _Endpoint(openai, client, model, key, key_env, sleep, reply_schema(id_set))

@@ -1,0 +1,247 @@
+"""What bench_validate.py and bench_plan.py share: the generated job specs, and how a command is timed.
+
+Generators return YAML text; the sizes come from the caller (``--quick`` shrinks them ~10x).
+
+* ``matrix_spec(a, b)``: one matrix entry of ``a * b`` shell tasks ``sim-{a}-{b}``, each writing
+  ``out_{a}_{b}.txt``, plus one ``combine`` task reading ``out_*.txt`` (so ``a * b`` file edges).
+* ``literal_spec(n)``: ``n`` tasks written out one by one (id, kind, run, outputs, and depends_on the
+  previous task; the first one has a description instead): a chain of ``n``.
+
+Timing: each measured command runs under a tiny wrapper interpreter that times the command itself
+(``time.perf_counter`` around ``subprocess.run``) and reports the command's own peak RSS (its
+``RUSAGE_CHILDREN`` maxrss, the command being the wrapper's only child) and CPU time, so neither the
+wrapper's start-up nor the benchmark process's memory counts. The targets are on wall time; the CPU
+column is there because on a busy machine wall time also counts the wait for a free core. The command's stdout goes to /dev/null (or a
+file, when asked) so terminal speed does not count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Sequence
+
+# ---------------------------------------------------------------------------------------------------
+# Spec generators
+
+
+def matrix_spec(n_a: int, n_b: int) -> str:
+    """A spec whose single matrix entry expands to ``n_a * n_b`` tasks, plus one task reading them all."""
+    a = ", ".join(str(i) for i in range(n_a))
+    b = ", ".join(str(i) for i in range(n_b))
+    return f"""\
+version: 1
+job:
+  name: bench-matrix
+tasks:
+  - id: sim-{{a}}-{{b}}
+    kind: shell
+    description: One simulation per (a, b).
+    run: python sim.py --a {{a}} --b {{b}} > out_{{a}}_{{b}}.txt
+    outputs: ["out_{{a}}_{{b}}.txt"]
+    matrix:
+      a: [{a}]
+      b: [{b}]
+
+  - id: combine
+    kind: shell
+    description: Concatenate every simulation's output.
+    run: cat out_*.txt > all.txt
+    inputs: ["out_*.txt"]
+    outputs: [all.txt]
+"""
+
+
+def literal_spec(n: int) -> str:
+    """A spec listing ``n`` tasks literally, ~5 fields each, each depending on the previous one."""
+    parts = ["version: 1\njob:\n  name: bench-literal\ntasks:\n"]
+    for i in range(n):
+        tid = f"t{i:06d}"
+        link = f"    depends_on: [t{i - 1:06d}]\n" if i else "    description: The first task of the chain.\n"
+        parts.append(
+            f"  - id: {tid}\n"
+            f"    kind: shell\n"
+            f"    run: echo {i} > out_{tid}.txt\n"
+            f"    outputs: [out_{tid}.txt]\n"
+            f"{link}"
+        )
+    return "".join(parts)
+
+
+def write(directory: str, name: str, text: str) -> str:
+    path = os.path.join(directory, name)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring commands
+
+_WRAPPER = r"""
+import json, resource, subprocess, sys, time
+out, cmd = sys.argv[1], sys.argv[2:]
+t0 = time.perf_counter()
+rc = subprocess.run(cmd).returncode
+wall = time.perf_counter() - t0
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(out, "w") as fh:
+    json.dump({"rc": rc, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "maxrss": ru.ru_maxrss}, fh)
+"""
+# ru_maxrss is in KiB on Linux, in bytes on macOS.
+_RSS_UNIT = 1 if sys.platform == "darwin" else 1024
+
+
+class CommandFailed(Exception):
+    """A measured command exited with an unexpected code: the benchmark itself is broken."""
+
+
+@dataclass(frozen=True)
+class Run:
+    wall: float  # seconds
+    cpu: float  # user + system seconds
+    peak_rss: int  # bytes
+
+
+@dataclass
+class Sample:
+    walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)  # user + system seconds of the command
+    peak_rss: int = 0  # bytes, the highest over the runs
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(self.walls)
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(self.cpus)
+
+    def add(self, run: Run) -> None:
+        self.walls.append(run.wall)
+        self.cpus.append(run.cpu)
+        self.peak_rss = max(self.peak_rss, run.peak_rss)
+
+    def runs(self) -> str:
+        return f"median of {len(self.walls)}" if len(self.walls) > 1 else "1 run"
+
+
+def bench_env() -> dict[str, str]:
+    """This process's environment without CMBAGENT_* settings, so the spec alone decides the config."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CMBAGENT_")}
+
+
+def run_once(cmd: Sequence[str], *, cwd: str, env: dict[str, str], expect: int = 0,
+             stdout_path: str | None = None) -> Run:
+    """Run ``cmd`` once under the wrapper; return the wall time, CPU time and peak RSS of ``cmd`` alone."""
+    fd, report = tempfile.mkstemp(prefix="bench-", suffix=".json", dir=cwd)
+    os.close(fd)
+    try:
+        with open(stdout_path or os.devnull, "wb") as out:
+            proc = subprocess.run([sys.executable, "-I", "-S", "-c", _WRAPPER, report, *cmd], cwd=cwd,
+                                  env=env, stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        with open(report, encoding="utf-8") as fh:
+            result = json.load(fh) if proc.returncode == 0 else None
+    except (OSError, ValueError):
+        result = None
+    finally:
+        os.unlink(report)
+    if result is None or result["rc"] != expect:
+        rc = "?" if result is None else result["rc"]
+        tail = proc.stderr.decode(errors="replace")[-2000:]
+        raise CommandFailed(f"{' '.join(cmd)}\n  exited {rc}, expected {expect}; stderr ends with:\n{tail}")
+    return Run(result["wall"], result["cpu"], result["maxrss"] * _RSS_UNIT)
+
+
+def measure(cmd: Sequence[str], *, repeat: int, cwd: str, env: dict[str, str], warmup: bool = False,
+            expect: int = 0) -> Sample:
+    """Median wall time over ``repeat`` runs of ``cmd`` and the highest peak RSS seen."""
+    if warmup:  # compiles .pyc files and fills the page cache; not counted
+        run_once(cmd, cwd=cwd, env=env, expect=expect)
+    sample = Sample()
+    for _ in range(repeat):
+        sample.add(run_once(cmd, cwd=cwd, env=env, expect=expect))
+    return sample
+
+
+def cli() -> list[str]:
+    """How to run cmbagent-batch with this interpreter."""
+    return [sys.executable, "-m", "cmbagent_batch"]
+
+
+def console_script() -> str | None:
+    """The ``cmbagent-batch`` script installed next to this interpreter, if there is one."""
+    path = os.path.join(os.path.dirname(sys.executable), "cmbagent-batch")
+    return path if os.access(path, os.X_OK) else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report table
+
+
+@dataclass
+class Row:
+    figure: str
+    measured: str
+    baseline: str = "-"
+    ratio: str = "-"
+    target: str = "-"
+    verdict: str = "-"  # PASS, FAIL, ERROR or "-" (for context only)
+    cpu: str = ""  # CPU seconds of measured / of baseline: less sensitive than wall time to a busy machine
+
+
+def secs(seconds: float) -> str:
+    return f"{seconds:.3f} s" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.0f} MiB"
+
+
+def cpu_cell(measured: Sample, baseline: Sample | None = None) -> str:
+    """CPU seconds of both and their ratio; wall time on a loaded machine includes waiting for a core."""
+    if baseline is None:
+        return f"{measured.cpu:.3f} s"
+    return f"{measured.cpu:.3f} / {baseline.cpu:.3f} s = {measured.cpu / max(baseline.cpu, 1e-9):.2f}x"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def print_table(title: str, rows: list[Row], notes: list[str]) -> None:
+    header = Row("figure", "measured", "baseline", "ratio", "target", "result", "cpu: measured / baseline")
+    cells = [[r.figure, r.measured, r.baseline, r.ratio, r.target, r.verdict, r.cpu] for r in [header, *rows]]
+    widths = [max(len(c[i]) for c in cells) for i in range(7)]
+    print(f"\n{title}")
+    for n, c in enumerate(cells):
+        print("  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    for note in notes:
+        print(f"  * {note}")
+
+
+def load_note() -> str:
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return f"{os.cpu_count()} cores"
+    return f"{os.cpu_count()} cores, load average {one:.2f} (1 min) {five:.2f} (5 min) at the end of the run"
+
+
+class TempDir:
+    """``tempfile.mkdtemp`` removed on exit, even after an error or Ctrl-C."""
+
+    def __enter__(self) -> str:
+        self.path = tempfile.mkdtemp(prefix="cmbagent-bench-")
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,22 @@
+"""The benchmark scripts run (speed is measured by running them, never asserted here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.mark.parametrize("script", ["bench_validate.py", "bench_plan.py"])
+def test_bench_script_runs_quick(script: str, tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", "--repeat", "1", "--runs", "1"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ERROR" not in r.stdout
+    assert "figure" in r.stdout
