@@ -56,7 +56,7 @@ def _number(parse: Callable[[str], Any], minimum: float, what: str) -> Callable[
             value = parse(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum:
+        if value < minimum or value != value or value in (float("inf"), float("-inf")):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -65,7 +65,7 @@ def _number(parse: Callable[[str], Any], minimum: float, what: str) -> Callable[
 
 _positive_int = _number(int, 1, "a whole number of at least 1")
 _count = _number(int, 0, "a whole number of at least 0")
-_positive_float = _number(float, 1e-9, "a number above 0")
+_positive_float = _number(float, 1e-9, "a finite number above 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _flags(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
-    return {key: (getattr(args, attr), flag) for attr, (key, flag) in FLAG_SETTINGS.items() if hasattr(args, attr)}
+    out = {key: (getattr(args, attr), flag) for attr, (key, flag) in FLAG_SETTINGS.items() if hasattr(args, attr)}
+    if getattr(args, "keep_going", None) is not None:
+        out["execution.keep_going"] = (args.keep_going, "--keep-going" if args.keep_going else "--fail-fast")
+    return out
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

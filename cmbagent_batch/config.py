@@ -7,6 +7,7 @@ A malformed environment value is an error naming the variable, never ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -50,8 +51,8 @@ def _seconds(text: str) -> float:
         value = float(text.strip())
     except ValueError:
         raise ValueError("expected a number of seconds") from None
-    if not value > 0:
-        raise ValueError("expected a number of seconds above 0")
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError("expected a finite number of seconds above 0")
     return value
 
 
@@ -144,7 +145,7 @@ def _switches(env: Mapping[str, str], settings: dict[str, Setting]) -> None:
                 f"CMBAGENT_ENABLE_PARALLEL={env['CMBAGENT_ENABLE_PARALLEL']!r} contradicts "
                 f"CMBAGENT_EXECUTION_MODE={explicit!r}; unset one of them"
             )
-        if explicit is None:
+        if explicit is None or explicit.strip() == "auto":
             settings["execution.mode"] = Setting(mode, "env CMBAGENT_ENABLE_PARALLEL")
     sources = list(settings["analysis.sources"].value)
     for var, source in (("CMBAGENT_AUTO_DETECT_DEPS", "files"), ("CMBAGENT_USE_LLM_DEPS", "llm")):

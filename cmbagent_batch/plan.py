@@ -8,16 +8,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from cmbagent_batch.analysis.deps import Analysis
+from cmbagent_batch.analysis.deps import Analysis, cycle_error
 from cmbagent_batch.dag import Dag
+from cmbagent_batch.errors import CycleError
 from cmbagent_batch.spec.model import JobSpec
 
 PLAN_FORMAT = 1
 
 
 def build_dag(spec: JobSpec, analysis: Analysis) -> Dag:
+    """The job's DAG; a cycle is a UsageError spelling it out with each edge's reason."""
     weights = {t.id: t.estimate for t in spec.tasks if t.estimate is not None}
-    return Dag((t.id for t in spec.tasks), analysis.edges, weights or None)
+    try:
+        return Dag((t.id for t in spec.tasks), analysis.edges, weights or None)
+    except CycleError as exc:
+        raise cycle_error(exc, analysis.edges) from None
 
 
 def make_plan(spec: JobSpec, analysis: Analysis, dag: Dag) -> dict[str, Any]:

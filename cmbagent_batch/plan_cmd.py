@@ -18,7 +18,7 @@ from cmbagent_batch.analysis.cache import Cache, digest
 from cmbagent_batch.analysis.deps import ANALYSIS_VERSION, analyse
 from cmbagent_batch.analysis.llm_reply import PROMPT_VERSION
 from cmbagent_batch.config import ENV_VARS, SWITCHES, effective_config
-from cmbagent_batch.errors import CycleError, SpecError, UsageError
+from cmbagent_batch.errors import SpecError, UsageError
 from cmbagent_batch.plan import build_dag, make_plan
 from cmbagent_batch.spec.loader import load_spec_bytes
 from cmbagent_batch.spec.yamlio import YamlProblems, read_bytes
@@ -32,7 +32,7 @@ def cache_dir(spec_path: str, flag: str | None) -> str:
     """--cache-dir, else $CMBAGENT_CACHE_DIR, else .cmbagent-batch/cache beside the spec file."""
     chosen = flag or os.environ.get("CMBAGENT_CACHE_DIR")
     if chosen is not None and not chosen.strip():
-        raise UsageError("environment variable CMBAGENT_CACHE_DIR is set but empty")
+        raise UsageError(f"environment variable CMBAGENT_CACHE_DIR={chosen!r}: expected a non-empty value")
     return chosen or os.path.join(os.path.dirname(os.path.abspath(spec_path)), ".cmbagent-batch", "cache")
 
 
@@ -57,20 +57,8 @@ def compute_plan(raw: bytes, path: str, flags: dict[str, tuple[Any, str]], cache
     spec = load_spec_bytes(raw, path)
     config = effective_config(spec, os.environ, flags)
     analysis = analyse(config.spec, cache, refresh=refresh, warn=warn)
-    try:
-        dag = build_dag(config.spec, analysis)
-    except CycleError as exc:
-        raise UsageError(_cycle_message(exc.cycle, analysis.edges)) from None
+    dag = build_dag(config.spec, analysis)
     return make_plan(config.spec, analysis, dag)
-
-
-def _cycle_message(cycle: list[str], edges: list[Any]) -> str:
-    by_pair = {(e.src, e.dst): e for e in edges}
-    steps = []
-    for a, b in zip(cycle, cycle[1:]):
-        e = by_pair.get((a, b)) or by_pair.get((b, a))
-        steps.append(f"  {a} -> {b}: {e.reason} [{e.source}]" if e else f"  {a} -> {b}")
-    return "the dependency edges make a cycle (-> reads 'runs before'):\n" + "\n".join(steps)
 
 
 def _json(plan: dict[str, Any]) -> str:
@@ -93,6 +81,8 @@ def run_plan(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int
     if plan is not None:
         plan["from_cache"] = True
         a = plan["analysis"]
+        for stale in ("changed", "reused_edges", "notes"):  # they described the invocation that analysed
+            a.pop(stale, None)
         if a.get("model"):
             a.update(cache="hit", requests=0, calls=[], cost_usd=0.0, prompt_tokens=0, completion_tokens=0,
                      cache_reason="unchanged spec file; plan and analysis reused")

@@ -25,7 +25,8 @@ def text(plan: dict[str, Any]) -> str:
         f"Critical path: {_num(cp['length'])} ({' -> '.join(cp['tasks'][:8])}"
         + (f" -> ... {len(cp['tasks']) - 8} more" if len(cp["tasks"]) > 8 else "")
         + ")",
-        f"Parallelism: at most {plan['parallelism']['max_width']:,} tasks at once, "
+        f"Parallelism: at most {plan['parallelism']['max_width']:,} "
+        f"task{'s' if plan['parallelism']['max_width'] != 1 else ''} at once, "
         f"{plan['parallelism']['average']:.2f} on average (total work / critical path)",
         _analysis_line(a),
     ]

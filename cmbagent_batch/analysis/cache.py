@@ -70,13 +70,22 @@ class Cache:
             self.warn(f"cache record {path} does not parse; recomputing")
             return None
 
-    def put(self, kind: str, key: str, payload: Any) -> str:
+    def put(self, kind: str, key: str, payload: Any) -> str | None:
+        """Store a record; a cache that cannot be written is reported and skipped (the result stands)."""
         path = self.path(kind, key)
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            self.warn(f"cannot write the cache in {self.root}: {exc.strerror or exc}; results are not cached")
+            return None
         body = canonical(payload)
         record = _HEAD % (FORMAT, hashlib.sha256(body).hexdigest().encode()) + body + b"}"
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+        except OSError as exc:
+            self.warn(f"cannot write the cache in {self.root}: {exc.strerror or exc}; results are not cached")
+            return None
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(record)

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 from cmbagent_batch.analysis.cache import Cache, digest
 from cmbagent_batch.analysis.files import file_edges
-from cmbagent_batch.dag import Dag, Edge
-from cmbagent_batch.errors import AnalysisError, CycleError
+from cmbagent_batch.dag import EDGE_SOURCES, Dag, Edge
+from cmbagent_batch.errors import AnalysisError, CycleError, UsageError
 from cmbagent_batch.pricing import call_cost
 from cmbagent_batch.spec.model import JobSpec, TaskSpec
 
@@ -38,6 +38,20 @@ def explicit_edges(tasks: tuple[TaskSpec, ...]) -> list[Edge]:
     ]
 
 
+def cycle_error(exc: CycleError, edges: list[Edge]) -> UsageError:
+    """A cycle in the edges, spelled out with the reason of each edge on it."""
+    by_pair: dict[tuple[str, str], Edge] = {}
+    for e in edges:  # the most authoritative edge of a pair, as the Dag keeps it
+        old = by_pair.get((e.src, e.dst))
+        if old is None or EDGE_SOURCES.index(e.source) < EDGE_SOURCES.index(old.source):
+            by_pair[(e.src, e.dst)] = e
+    steps = []
+    for a, b in zip(exc.cycle, exc.cycle[1:]):
+        e = by_pair.get((a, b))
+        steps.append(f"  {a} -> {b}: {e.reason} [{e.source}]" if e else f"  {a} -> {b}")
+    return UsageError("the dependency edges make a cycle (-> reads 'runs before'):\n" + "\n".join(steps))
+
+
 def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable[[str], None]) -> Analysis:
     sources = spec.analysis.sources
     edges: list[Edge] = []
@@ -54,6 +68,10 @@ def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable
     }
     if "llm" not in sources:
         return Analysis(edges, info)
+    try:  # a cycle among the other sources' edges is reported before any request is paid for
+        Dag((t.id for t in spec.tasks), edges)
+    except CycleError as exc:
+        raise cycle_error(exc, edges) from None
     model_key = spec.analysis.model or spec.llm.default_model
     assert model_key is not None  # the loader and config refuse llm analysis without a model
     info["model"] = model_key
@@ -90,7 +108,7 @@ def _llm_edges(spec: JobSpec, known: list[Edge], cache: Cache | None, refresh: b
             info.update(cache="hit", cache_reason="same tasks, known edges, model and prompt as a cached analysis")
             return [Edge(**e) for e in record["edges"]]
     previous = None if (refresh or cache is None) else cache.get("llm-last", lineage_key)
-    reused, ask_about = _reusable(previous, hashes, fields, known, info)
+    reused, ask_about = _reusable(previous, hashes, fields, known, known_pairs, info)
     if previous is None and not refresh:
         info["cache_reason"] = "no earlier analysis of this spec with this model and prompt version"
     new_edges: list[Edge] = []
@@ -128,6 +146,7 @@ def _reusable(
     hashes: dict[str, str],
     fields: dict[str, dict[str, str]],
     known: list[Edge],
+    known_pairs: list[tuple[str, str]],
     info: dict[str, Any],
 ) -> tuple[list[Edge], set[str] | None]:
     """LLM edges still valid from the last analysis, and the tasks to ask about (None: all)."""
@@ -145,6 +164,16 @@ def _reusable(
             diff = sorted(k for k in set(old_fields) | set(fields[tid]) if old_fields.get(k) != fields[tid].get(k))
             why.append(f"{tid} ({', '.join(diff)} changed)")
     why += [f"{tid} (removed)" for tid in removed]
+    # A pair the model was told is known but no longer is: ask about its tasks again.
+    now_known = set(known_pairs)
+    for a, b in sorted({(a, b) for a, b in previous["known"]} - now_known):
+        if a not in hashes or b not in hashes:
+            continue  # the pair went with a removed task
+        for tid in (a, b):
+            if tid in hashes and tid not in changed:
+                changed.append(tid)
+                why.append(f"{tid} (known dependencies changed)")
+    changed.sort()
     stale = set(changed) | set(removed)
     reused = [Edge(**e) for e in previous["edges"] if e["src"] not in stale and e["dst"] not in stale]
     try:
@@ -154,9 +183,12 @@ def _reusable(
         return [], None
     info["changed"] = why
     info["reused_edges"] = len(reused)
-    info["cache_reason"] = f"{len(why)} task(s) changed since the last analysis: " + "; ".join(why[:20]) + (
-        f"; and {len(why) - 20} more" if len(why) > 20 else ""
-    )
+    if why:
+        info["cache_reason"] = f"{len(why)} task(s) changed since the last analysis: " + "; ".join(why[:20]) + (
+            f"; and {len(why) - 20} more" if len(why) > 20 else ""
+        )
+    else:
+        info["cache_reason"] = "rebuilt from the last analysis of this spec; no task changed"
     info["cache"] = "partial"
     return reused, set(changed)
 

@@ -143,7 +143,7 @@ def _build(doc: Document, sha256: str, expanded: list[checks.Expanded], deps: di
         sha256=sha256,
         version=data["version"],
         job=JobInfo(name=job["name"], run_dir=job.get("run_dir", f"runs/{job['name']}"), budget_usd=job.get("budget_usd")),
-        execution=ExecutionSpec(**data.get("execution", {})),
+        execution=ExecutionSpec(**{k: tuple(v) if k == "keep" else v for k, v in data.get("execution", {}).items()}),
         llm=LlmSpec(default_model=default_model, models=MappingProxyType(models)),
         analysis=AnalysisSpec(
             sources=tuple(analysis.get("sources", ("explicit", "files"))),

@@ -78,6 +78,9 @@ class ExecutionSpec:
     max_memory_mb: int | None = None  # per worker
     memory_safety_fraction: float = 0.8
     tasks_per_rank: int = 1
+    retry_backoff: float = 1.0
+    kill_grace: float = 5.0
+    keep: tuple[str, ...] = ("data", "codebase", "logs", "outputs", "chats", "cost")  # removed after success: the rest
 
 
 @dataclass(frozen=True, slots=True)
