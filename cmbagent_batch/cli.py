@@ -98,9 +98,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("run", help="run the job's tasks on this machine (resumes an earlier run)",
+                       description="Run the job: dependency-driven, resumable. Exit 0 when every task "
+                                   "succeeded, 1 when some failed, 2 for a bad spec or flag, "
+                                   "130/143/138 when interrupted by SIGINT/SIGTERM/SIGUSR1.")
+    p.add_argument("spec", metavar="SPEC", help="job spec YAML file")
+    p.add_argument("--fresh", action="store_true", help="start over: the old run directory is kept aside")
+    p.add_argument("--only", nargs="+", metavar="TASK", default=None,
+                   help="run only these tasks (globs allowed) and the dependencies they still need")
+    p.add_argument("--dry-run", action="store_true", help="say what would run and why; run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="show the state of every task of a run",
+                       description="Show each task's state, attempts, duration and, for failures, the last "
+                                   "lines of its stderr.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    p.add_argument("--explain", action="store_true",
+                   help="say whether each task will run next time, and why (compares with the spec file now)")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("schema", help="print a JSON Schema shipped with cmbagent-batch",
                        description="Print a JSON Schema (for editors: yaml-language-server, VS Code).")
-    p.add_argument("name", nargs="?", default="job", choices=("job", "plan"))
+    p.add_argument("name", nargs="?", default="job", choices=("job", "plan", "run"))
     p.set_defaults(func=cmd_schema)
     return parser
 
@@ -163,6 +185,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from cmbagent_batch.plan_cmd import run_plan
 
     return run_plan(args, _flags(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cmbagent_batch.run_cmd import cmd_run as run
+
+    return run(args, _flags(args))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cmbagent_batch.run_cmd import cmd_status as status
+
+    return status(args)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

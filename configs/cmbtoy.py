@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 
-def power_spectrum(params: str, lmax: int, out: str, **_: Any) -> dict[str, float]:
-    """Write a toy TT spectrum D_l (a damped acoustic oscillation) for l = 2..lmax; return a summary."""
+def power_spectrum(params: str, lmax: int, out: str, ctx: Any = None) -> dict[str, float]:
+    """Write a toy TT spectrum D_l (a damped acoustic oscillation) for l = 2..lmax; return a summary.
+
+    Paths are relative to the task's work directory (``ctx.work_dir``), which python tasks get as
+    ``ctx`` whether they run in threads or in processes.
+    """
+    if ctx is not None:
+        params, out = os.path.join(ctx.work_dir, params), os.path.join(ctx.work_dir, out)
     with open(params, encoding="utf-8") as fh:
         p = json.load(fh)
     amplitude = p["As"] * 1e9 * 2500.0

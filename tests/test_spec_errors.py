@@ -303,9 +303,10 @@ CASES = [
         "F:8:18: $.tasks[0].depends_on[0]: dependency cycle: a -> c -> b -> a ('->' reads 'depends on')",
     ),
     case(
-        "same-output-twice",
-        BASE + "    outputs: [x.txt]\n  - id: b\n    kind: shell\n    run: echo b\n    outputs: [./x.txt]\n",
-        "F:12:15: $.tasks[1].outputs[0]: output './x.txt' is also declared by task 'a'",
+        "same-output-twice-read-by-a-third-task",
+        BASE + "    outputs: [x.txt]\n  - id: b\n    kind: shell\n    run: echo b\n    outputs: [./x.txt]\n"
+        "  - id: c\n    kind: shell\n    run: cat x.txt\n    inputs: [x.txt]\n",
+        "F:16:14: $.tasks[2].inputs[0]: input 'x.txt' is ambiguous: 'x.txt' is written by 'a', 'b'",
     ),
     case(
         "paths-escaping-the-work-directory",
@@ -701,3 +702,15 @@ def test_top_level_x_blocks_hold_anchors_for_merge_keys(tmp_path: Path) -> None:
     )
     loaded = load_spec(str(spec))
     assert [(t.id, t.kind, t.timeout) for t in loaded.tasks] == [("a", "shell", 60), ("b", "shell", 5)]
+
+
+def test_tasks_may_write_the_same_relative_path_when_nobody_reads_it_ambiguously(tmp_path: Path) -> None:
+    # Each task publishes under outputs/TASK/, so a sweep whose tasks all write out.txt is fine.
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "version: 1\njob: {name: demo}\ntasks:\n"
+        "  - id: sim-{i}\n    kind: shell\n    run: echo {i} > out.txt\n    outputs: [out.txt]\n"
+        "    matrix: {i: [1, 2, 3]}\n",
+        encoding="utf-8",
+    )
+    assert [t.id for t in load_spec(str(spec)).tasks] == ["sim-1", "sim-2", "sim-3"]

@@ -52,7 +52,9 @@ def cycle_error(exc: CycleError, edges: list[Edge]) -> UsageError:
     return UsageError("the dependency edges make a cycle (-> reads 'runs before'):\n" + "\n".join(steps))
 
 
-def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable[[str], None]) -> Analysis:
+def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable[[str], None],
+            offline: bool = False) -> Analysis:
+    """The job's edges. ``offline``: use cached LLM answers only (AnalysisError when there are none)."""
     sources = spec.analysis.sources
     edges: list[Edge] = []
     if "explicit" in sources:
@@ -76,8 +78,10 @@ def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable
     assert model_key is not None  # the loader and config refuse llm analysis without a model
     info["model"] = model_key
     try:
-        llm_edges = _llm_edges(spec, edges, cache, refresh, info)
+        llm_edges = _llm_edges(spec, edges, cache, refresh, info, offline)
     except AnalysisError as exc:
+        if offline:
+            raise
         return _fallback(spec, edges, info, exc, warn)
     return Analysis(edges + llm_edges, info)
 
@@ -89,7 +93,8 @@ def _context(spec: JobSpec) -> dict[str, Any]:
     return {"model": model.model, "base_url": model.base_url, "prompt": PROMPT_VERSION, "analysis": ANALYSIS_VERSION}
 
 
-def _llm_edges(spec: JobSpec, known: list[Edge], cache: Cache | None, refresh: bool, info: dict[str, Any]) -> list[Edge]:
+def _llm_edges(spec: JobSpec, known: list[Edge], cache: Cache | None, refresh: bool, info: dict[str, Any],
+               offline: bool = False) -> list[Edge]:
     from cmbagent_batch.analysis.llm_reply import task_facts
 
     context = _context(spec)
@@ -113,6 +118,8 @@ def _llm_edges(spec: JobSpec, known: list[Edge], cache: Cache | None, refresh: b
         info["cache_reason"] = "no earlier analysis of this spec with this model and prompt version"
     new_edges: list[Edge] = []
     calls: list[Any] = []
+    if (ask_about is None or ask_about) and offline:
+        raise AnalysisError("the LLM dependency analysis of this spec is not cached; run 'cmbagent-batch plan SPEC' first")
     if ask_about is None or ask_about:
         from cmbagent_batch.analysis.llm import LlmAnalysisError, infer_edges
 

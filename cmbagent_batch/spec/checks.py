@@ -173,20 +173,37 @@ def _check_one(t: Expanded) -> list[Finding]:
 
 
 def _check_outputs(tasks: list[Expanded], by_id: dict[str, int]) -> list[Finding]:
+    """An input that two tasks write is ambiguous (which one should it be linked from?).
+
+    Tasks writing the same relative path is fine otherwise: each task publishes its outputs under
+    ``outputs/TASK/``, so a sweep whose tasks all write ``out.txt`` collides nowhere.
+    """
+    owners: dict[str, list[str]] = {}
+    for tid, pos in sorted(by_id.items(), key=lambda kv: kv[1]):
+        for p in tasks[pos].data.get("outputs") or []:
+            if isinstance(p, str) and not path_problem(p) and not GLOB_CHARS.search(p):
+                ids = owners.setdefault(posixpath.normpath(p), [])
+                if tid not in ids:
+                    ids.append(tid)
+    shared = {path: ids for path, ids in owners.items() if len(ids) > 1}
+    if not shared:
+        return []
+    shared_paths = sorted(shared)
     out: list[Finding] = []
-    owner: dict[str, str] = {}
     for tid, pos in sorted(by_id.items(), key=lambda kv: kv[1]):
         t = tasks[pos]
-        for j, p in enumerate(t.data.get("outputs") or []):
+        for j, p in enumerate(t.data.get("inputs") or []):
             if not isinstance(p, str) or path_problem(p):
                 continue
             norm = posixpath.normpath(p)
-            if norm in owner and owner[norm] != tid:
-                out.append(
-                    Finding(("tasks", t.index, "outputs", j), f"output {p!r}{t.note()} is also declared by task {owner[norm]!r}")
-                )
-            else:
-                owner[norm] = tid
+            hits = fnmatch.filter(shared_paths, norm) if GLOB_CHARS.search(norm) else [norm] if norm in shared else []
+            for path in hits:
+                writers = [w for w in shared[path] if w != tid]
+                if len(writers) > 1:
+                    names = ", ".join(repr(w) for w in writers[:5]) + (f" and {len(writers) - 5} more" if len(writers) > 5 else "")
+                    out.append(Finding(("tasks", t.index, "inputs", j),
+                                       f"input {p!r}{t.note()} is ambiguous: {path!r} is written by {names}"))
+                    break
     return out
 
 

@@ -1,0 +1,277 @@
+"""``cmbagent-batch run``: a job from spec to run directory, resumable.
+
+Builds the DAG (with the same cached analysis as ``plan``), replays the run directory's journals,
+skips tasks that succeeded with the same fingerprint, schedules the rest on local pools, and writes
+``run.json``. Signals stop launching, end running attempts and leave a state the next run resumes from.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from cmbagent_batch import __version__
+from cmbagent_batch.analysis.cache import Cache, digest
+from cmbagent_batch.analysis.deps import analyse
+from cmbagent_batch.analysis.files import input_sources
+from cmbagent_batch.attempt import run_attempt
+from cmbagent_batch.config import Config
+from cmbagent_batch.dag import Dag
+from cmbagent_batch.fingerprint import Fingerprint, fingerprints
+from cmbagent_batch.journal import Journal, TaskHistory, replay
+from cmbagent_batch.plan import build_dag
+from cmbagent_batch.pools import LocalPools
+from cmbagent_batch.rundir import journal_path, journal_paths, work_dir, write_json_atomic
+from cmbagent_batch.scheduler import Launch, Limits, Options, Scheduler, TaskRun, default_workers
+from cmbagent_batch.spec.model import JobSpec, TaskSpec, thaw
+from cmbagent_batch.states import FAILED_STATES, TaskState
+from cmbagent_batch.tasks.base import Payload, TaskContext
+
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 138}
+
+
+def resolve_run_dir(spec: JobSpec) -> str:
+    base = os.path.dirname(os.path.abspath(spec.path))
+    return os.path.normpath(os.path.join(base, os.path.expandvars(os.path.expanduser(spec.job.run_dir))))
+
+
+@dataclass
+class Prepared:
+    """Everything the run needs, computed before anything is launched (also used by ``status``)."""
+
+    spec: JobSpec
+    dag: Dag
+    run_dir: str
+    fps: dict[str, Fingerprint]
+    history: dict[str, TaskHistory]
+    sources: dict[str, list[tuple[str, list[tuple[str, str]]]]]
+    analysis: dict[str, Any]
+
+
+def prepare(config: Config, cache: Cache, warn: Callable[[str], None], *, refresh: bool = False,
+            run_dir: str | None = None, offline: bool = False) -> Prepared:
+    spec = config.spec
+    analysis = analyse(spec, cache, refresh=refresh, warn=warn, offline=offline)
+    dag = build_dag(spec, analysis)
+    run_dir = run_dir or resolve_run_dir(spec)
+    tasks = {t.id: t for t in spec.tasks}
+    sources = input_sources(spec.tasks)
+    external = {tid: [p for p, matches in entries if not matches] for tid, entries in sources.items()}
+    base = os.path.dirname(os.path.abspath(spec.path))
+    fps = fingerprints(dag.topological_order(), tasks, {t: dag.dependencies(t) for t in dag.nodes}, external, base)
+    history = replay(journal_paths(run_dir), warn)
+    return Prepared(spec, dag, run_dir, fps, history, sources, analysis.info)
+
+
+def why_rerun(p: Prepared, tid: str) -> str | None:
+    """None when the task is up to date; else why it runs (for the run and ``status --explain``)."""
+    h = p.history.get(tid)
+    if h is None:
+        return "never ran"
+    if h.state not in (TaskState.SUCCEEDED.value, TaskState.SKIPPED.value):
+        return f"last run ended {h.state}" + (f": {h.record['reason']}" if h.record.get("reason") else "")
+    fp = p.fps[tid]
+    old = h.record
+    if old.get("fp") == fp.value:
+        if not os.path.isdir(os.path.join(p.run_dir, "outputs", tid)) and p.spec.task(tid).outputs:
+            return "its published outputs are missing"
+        return None
+    if old.get("spec_fp") != fp.spec:
+        return "its spec changed"
+    if old.get("deps_fp") != fp.deps:
+        changed = [d for d in p.dag.dependencies(tid) if why_rerun(p, d) is not None]
+        return "upstream changed: " + ", ".join(changed) if changed else "its dependencies changed"
+    return "its input files changed"
+
+
+def _links(p: Prepared, tid: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """Input files to link into the task's work directory, (source, relative destination), and what
+    is missing. An input no task writes comes from the spec file's directory."""
+    import fnmatch
+    import glob
+
+    links: set[tuple[str, str]] = set()
+    missing = []
+    base = os.path.dirname(os.path.abspath(p.spec.path))
+    for pattern, matches in p.sources.get(tid, ()):
+        norm = os.path.normpath(pattern)
+        found = 0
+        if not matches:
+            for path in sorted(glob.glob(os.path.join(base, norm))):
+                links.add((path, os.path.relpath(path, base)))
+                found += 1
+            if not found:
+                missing.append(f"input {pattern!r} not found: no task writes it and {base} has no such file")
+            continue
+        for producer, _ in matches:
+            root = os.path.join(p.run_dir, "outputs", producer)
+            for dirpath, _dirs, files in os.walk(root):
+                for name in files:
+                    rel = os.path.relpath(os.path.join(dirpath, name), root)
+                    if rel == norm or fnmatch.fnmatchcase(rel, norm):
+                        links.add((os.path.join(root, rel), rel))
+                        found += 1
+        if not found:
+            missing.append(f"input {pattern!r} not found in the published outputs of "
+                           + ", ".join(repr(m[0]) for m in matches))
+    return sorted(links), missing
+
+
+def _payload(task: TaskSpec, timeout: float | None, base: str) -> Payload:
+    return Payload(id=task.id, kind=task.kind, run=task.run, call=task.call, args=thaw(task.args),
+                   env=dict(task.env), outputs=task.outputs, timeout=task.timeout or timeout,
+                   python_path=(base,))
+
+
+def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Scheduler], None],
+            selected: set[str] | None = None) -> tuple[int, Scheduler]:
+    """Run what is not up to date (of ``selected``, when given); return the exit code and the scheduler."""
+    spec, ex = p.spec, p.spec.execution
+    workers = ex.max_workers or default_workers(ex.max_memory_mb)
+    if ex.mode == "sequential":
+        workers = 1
+    host = socket.gethostname()
+    base = os.path.dirname(os.path.abspath(spec.path))
+    journal = Journal(journal_path(p.run_dir, 0))
+    run_id = uuid.uuid4().hex[:12]
+    runs: dict[str, TaskRun] = {}
+    weights = p.dag.bottom_levels()
+    tasks = {t.id: t for t in spec.tasks}
+    for tid in p.dag.nodes:
+        t = tasks[tid]
+        h = p.history.get(tid)
+        before = h.attempts if h else 0
+        r = TaskRun(id=tid, kind=t.kind, priority=weights[tid], retries=ex.retries if t.retries is None else t.retries,
+                    cpus=t.resources.cpus, memory_mb=float(t.resources.memory_mb or 0), deps=p.dag.dependencies(tid),
+                    dependents=p.dag.dependents(tid), attempts=before, extra={"attempts_before": before})
+        if why_rerun(p, tid) is None:
+            r.state = TaskState.SKIPPED
+            r.reason = "succeeded in an earlier run; unchanged"
+        elif selected is not None and tid not in selected:
+            r.state = TaskState.SKIPPED
+            r.reason = "not selected by --only"
+        runs[tid] = r
+
+    def record(r: TaskRun, extra: dict[str, Any]) -> None:
+        rec: dict[str, Any] = {"t": time.time(), "run": run_id, "task": r.id, "state": r.state.value, **extra}
+        if r.state is TaskState.SUCCEEDED and r.outcome is not None:
+            o = r.outcome
+            rec.update(p.fps[r.id].to_dict(), wall_s=round(o.wall_s, 6), cpu_s=round(o.cpu_s, 6),
+                       peak_rss_mb=round(o.peak_rss_mb, 3), work_bytes=o.work_bytes, output_bytes=o.output_bytes)
+        elif r.outcome is not None and not r.outcome.ok and r.state is not TaskState.RUNNING:
+            rec.update(error=r.outcome.error, exit_code=r.outcome.exit_code, timed_out=r.outcome.timed_out)
+            if r.outcome.traceback:
+                rec["traceback"] = r.outcome.traceback
+        journal.append(rec)
+
+    def make_launch(r: TaskRun) -> Launch:
+        t = tasks[r.id]
+        ctx = TaskContext(task_id=r.id, run_dir=p.run_dir, work_dir=work_dir(p.run_dir, 0, r.id), rank=0,
+                          attempt=r.attempts, host=host, matrix=thaw(t.matrix))
+        chdir = ex.use_process_pool and t.kind == "python"
+        links, missing = _links(p, r.id)
+        args = (_payload(t, ex.task_timeout, base), ctx, links, base_env, chdir, ex.keep, ex.kill_grace, missing)
+        return Launch(run_attempt, args, ctx)
+
+    base_env = dict(os.environ)
+    pools = LocalPools(workers, ex.use_process_pool)
+    limits = Limits(max_workers=workers, cpus=max(workers, os.cpu_count() or 1),
+                    memory_mb=None, memory_safety_fraction=ex.memory_safety_fraction,
+                    memory_in_use=_memory_in_use)
+    options = Options(keep_going=ex.keep_going, retries=ex.retries, retry_backoff=ex.retry_backoff,
+                      kill_grace=ex.kill_grace)
+    sched = Scheduler(runs, pools, limits, options, make_launch, record, tick=progress)
+    started = time.time()
+    manifest = _manifest(p, run_id, started, None, runs, workers)
+    write_json_atomic(os.path.join(p.run_dir, "run.json"), manifest)
+    previous = _install_signals(sched)
+    try:
+        sched.run()
+    finally:
+        _restore_signals(previous)
+        pools.shutdown(wait=sched.abandoned == 0)
+        journal.close()
+    code = _exit_code(sched)
+    write_json_atomic(os.path.join(p.run_dir, "run.json"), _manifest(p, run_id, started, time.time(), runs, workers,
+                                                                       exit_code=code, stop=sched.stop_reason))
+    return code, sched
+
+
+def _memory_in_use() -> float:
+    import psutil
+
+    return float(psutil.virtual_memory().percent) / 100.0
+
+
+def _exit_code(sched: Scheduler) -> int:
+    if sched.stop_reason in EXIT_CODES:
+        return EXIT_CODES[sched.stop_reason]
+    bad = sum(sched.counts[s] for s in FAILED_STATES | {TaskState.CANCELLED, TaskState.INTERRUPTED})
+    return 1 if bad else 0
+
+
+def _install_signals(sched: Scheduler) -> dict[int, Any]:
+    previous = {}
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        signum = getattr(signal, name)
+        previous[signum] = signal.signal(signum, lambda s, f, n=name: sched.request_stop(n))
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, runs: dict[str, TaskRun],
+              workers: int, exit_code: int | None = None, stop: str | None = None) -> dict[str, Any]:
+    def iso(t: float | None) -> str | None:
+        return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+    tasks = {}
+    for tid, r in sorted(runs.items()):
+        h = p.history.get(tid)
+        last = h.record if (h and r.state is TaskState.SKIPPED) else {}
+        o = r.outcome
+        tasks[tid] = {
+            "state": r.state.value,
+            "attempts": r.attempts,
+            "rank": 0,
+            "host": last.get("host", socket.gethostname()),
+            "wall_s": round(o.wall_s, 6) if o else last.get("wall_s"),
+            "cpu_s": round(o.cpu_s, 6) if o else last.get("cpu_s"),
+            "peak_rss_mb": round(o.peak_rss_mb, 3) if o else last.get("peak_rss_mb"),
+            "work_dir": work_dir(p.run_dir, 0, tid),
+            "work_bytes": o.work_bytes if o else last.get("work_bytes"),
+            "output_bytes": o.output_bytes if o else last.get("output_bytes"),
+            "reason": r.reason or None,
+            "fingerprint": p.fps[tid].value,
+        }
+    counts: dict[str, int] = {}
+    for t in tasks.values():
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    return {
+        "format": 1,
+        "run_id": run_id,
+        "cmbagent_batch": __version__,
+        "job": p.spec.job.name,
+        "spec": {"path": os.path.abspath(p.spec.path), "sha256": p.spec.sha256},
+        "dag_sha256": digest([[e.src, e.dst] for e in p.dag.edges] + [list(p.dag.nodes)]),
+        "backend": "local",
+        "ranks": 1,
+        "workers": workers,
+        "started": iso(started),
+        "ended": iso(ended),
+        "status": "running" if ended is None else ("interrupted" if stop in EXIT_CODES else "finished"),
+        "stop_reason": stop,
+        "exit_code": exit_code,
+        "counts": dict(sorted(counts.items())),
+        "analysis": p.analysis,
+        "tasks": tasks,
+    }
+

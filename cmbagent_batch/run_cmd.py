@@ -1,0 +1,163 @@
+"""``cmbagent-batch run`` and ``status``: command-line glue around ``run.py``."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import sys
+from typing import Any
+
+from cmbagent_batch.analysis.cache import Cache
+from cmbagent_batch.config import effective_config
+from cmbagent_batch.errors import UsageError
+from cmbagent_batch.journal import replay
+from cmbagent_batch.plan_cmd import cache_dir, warn
+from cmbagent_batch.rundir import RunLock, journal_paths, read_json, set_aside
+from cmbagent_batch.spec.loader import load_spec
+
+
+def _mpi_ranks() -> int:
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def _check_backend(backend: str) -> None:
+    ranks = _mpi_ranks()
+    if backend == "mpi" or (backend == "auto" and ranks > 1):
+        raise UsageError(
+            "the MPI backend is not available in this version of cmbagent-batch"
+            + (f" (started with {ranks} ranks)" if ranks > 1 else "")
+            + "; run with --backend local"
+        )
+
+
+def _select(prepared: Any, only: list[str]) -> set[str]:
+    """--only: the named tasks (globs allowed) and the dependencies they need that are not done."""
+    from cmbagent_batch.run import why_rerun
+
+    ids = prepared.dag.nodes
+    chosen: set[str] = set()
+    for pattern in only:
+        matched = fnmatch.filter(ids, pattern)
+        if not matched:
+            raise UsageError(f"--only {pattern!r} matches no task")
+        chosen.update(matched)
+    for tid in sorted(chosen):
+        for anc in prepared.dag.ancestors(tid):
+            if why_rerun(prepared, anc) is not None:
+                chosen.add(anc)
+    return chosen
+
+
+def cmd_run(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int:
+    from cmbagent_batch.progress import Progress
+    from cmbagent_batch.run import execute, prepare, resolve_run_dir, why_rerun
+    from cmbagent_batch.states import TaskState
+
+    config = effective_config(load_spec(args.spec), os.environ, flags)
+    _check_backend(config.spec.execution.backend)
+    run_dir = resolve_run_dir(config.spec)
+    if args.fresh and not args.dry_run:
+        old = set_aside(run_dir)
+        if old:
+            print(f"cmbagent-batch: the previous run directory is kept at {old}", file=sys.stderr)
+    cache = Cache(cache_dir(args.spec, args.cache_dir), warn)
+    prepared = prepare(config, cache, warn, run_dir=run_dir)
+    selected = _select(prepared, args.only) if args.only else None
+    if args.dry_run:
+        for tid in prepared.dag.topological_order():
+            why = why_rerun(prepared, tid)
+            if selected is not None and tid not in selected:
+                continue
+            print(f"{tid}: {'skip (up to date)' if why is None else 'run (' + why + ')'}")
+        return 0
+    os.makedirs(run_dir, exist_ok=True)
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        total = len(prepared.dag.nodes)
+        progress = (lambda sched: None) if args.quiet else Progress(total)
+        code, sched = execute(prepared, warn, progress, selected)
+    finally:
+        lock.release()
+    counts = {s.value: n for s, n in sched.counts.items() if n}
+    if not args.quiet:
+        print(f"cmbagent-batch: {', '.join(f'{n} {s}' for s, n in counts.items())}; run directory {run_dir}",
+              file=sys.stderr)
+        for r in sorted(sched.runs.values(), key=lambda r: r.id):
+            if r.state is TaskState.FAILED:
+                print(f"  failed: {r.id} (attempt {r.attempts}): {r.reason}", file=sys.stderr)
+    if sched.abandoned:
+        # Python functions running in threads cannot be killed; do not wait for them at exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    run_dir = args.run_dir
+    manifest_path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(manifest_path):
+        raise UsageError(f"{run_dir} is not a run directory (no run.json)")
+    manifest = read_json(manifest_path)
+    history = replay(journal_paths(run_dir), warn)
+    rows = []
+    explain: dict[str, str | None] = {}
+    if args.explain:
+        explain = _explanations(manifest, os.path.abspath(run_dir))
+    for tid, t in sorted(manifest["tasks"].items()):
+        h = history.get(tid)
+        state = h.state if h else t["state"]
+        row = {"id": tid, "state": state, "attempts": h.attempts if h else t["attempts"], "rank": t.get("rank"),
+               "wall_s": (h.record.get("wall_s") if h else None) or t.get("wall_s"), "work_dir": t["work_dir"]}
+        if state in ("failed", "interrupted", "cancelled", "upstream_failed"):
+            row["reason"] = (h.record.get("reason") or h.record.get("error")) if h else t.get("reason")
+            row["stderr_tail"] = _tail(os.path.join(t["work_dir"], "logs", "stderr.log"))
+        if args.explain:
+            row["next_run"] = "skip (up to date)" if explain.get(tid) is None else f"run ({explain[tid]})"
+        rows.append(row)
+    if args.format == "json":
+        print(json.dumps({"run_dir": run_dir, "job": manifest["job"], "status": manifest["status"],
+                          "exit_code": manifest.get("exit_code"), "tasks": rows}, indent=1))
+        return 0
+    print(f"Job {manifest['job']} in {run_dir}: {manifest['status']}"
+          + (f", exit code {manifest['exit_code']}" if manifest.get("exit_code") is not None else ""))
+    width = max((len(r["id"]) for r in rows), default=4)
+    for r in rows:
+        wall = f"{r['wall_s']:.2f}s" if isinstance(r.get("wall_s"), (int, float)) else "-"
+        line = f"  {r['id']:<{width}}  {r['state']:<15} attempts {r['attempts']}  {wall:>9}"
+        if "next_run" in r:
+            line += f"  next: {r['next_run']}"
+        print(line)
+        if r.get("reason"):
+            print(f"      {r['reason']}")
+        for tail in r.get("stderr_tail") or []:
+            print(f"      | {tail}")
+    return 0
+
+
+def _explanations(manifest: dict[str, Any], run_dir: str) -> dict[str, str | None]:
+    """Why each task would run next time, against the spec file as it is now."""
+    from cmbagent_batch.run import prepare, why_rerun
+
+    spec_path = manifest["spec"]["path"]
+    config = effective_config(load_spec(spec_path), os.environ, {})
+    cache = Cache(cache_dir(spec_path, None), warn)
+    prepared = prepare(config, cache, warn, run_dir=run_dir, offline=True)
+    return {tid: why_rerun(prepared, tid) for tid in prepared.dag.nodes}
+
+
+def _tail(path: str, lines: int = 5) -> list[str]:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [ln for ln in text.splitlines() if ln.strip()][-lines:]

@@ -1,0 +1,1 @@
+"""Task runners: one attempt of a shell, python or agent task in its work directory."""

@@ -1,0 +1,70 @@
+"""What a runner receives and returns: plain, picklable data (it may cross a process boundary)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+WORK_SUBDIRS = ("data", "codebase", "logs", "outputs", "temp", "chats", "cost")
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Where and as what one attempt runs. Given to python callables that accept ``ctx``."""
+
+    task_id: str
+    run_dir: str  # absolute
+    work_dir: str  # absolute: RUN_DIR/ranks/rank-NNNN/tasks/TASK
+    rank: int
+    attempt: int  # 1-based
+    host: str
+    matrix: dict[str, Any] = field(default_factory=dict)
+
+    def sub(self, name: str) -> str:
+        """A subdirectory of the work directory: data, codebase, logs, outputs, temp, chats, cost."""
+        return os.path.join(self.work_dir, name)
+
+    @property
+    def outputs_dir(self) -> str:
+        return self.sub("outputs")
+
+    @property
+    def logs_dir(self) -> str:
+        return self.sub("logs")
+
+    @property
+    def temp_dir(self) -> str:
+        return self.sub("temp")
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One task, as plain data a worker process can unpickle (no mapping proxies)."""
+
+    id: str
+    kind: str
+    run: str | None = None
+    call: str | None = None
+    args: Any = None
+    env: dict[str, str] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()
+    timeout: float | None = None
+    python_path: tuple[str, ...] = ()  # prepended to sys.path for python tasks (the spec's directory)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one attempt."""
+
+    ok: bool
+    error: str | None = None  # one line: why it failed
+    traceback: str | None = None  # python tasks: the worker's traceback
+    exit_code: int | None = None  # shell: exit status; negative: killed by that signal
+    timed_out: bool = False
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    result_file: str | None = None  # python: where the JSON of the return value went
+    work_bytes: int = 0  # size of the work directory after the attempt (and retention)
+    output_bytes: int = 0  # size of the published outputs

@@ -1,0 +1,249 @@
+"""Run one attempt of a python task: import ``module:function``, call it, write its return value as JSON.
+
+Two modes, chosen by the scheduler through ``chdir``:
+
+* process mode (``chdir=True``, one task per worker process at a time): the call runs with the work
+  directory as cwd and the CMBAGENT_* variables (and the task's ``env``) in ``os.environ``; both are
+  restored afterwards. CPU time and peak RSS are the worker process's. ``payload.timeout`` is enforced
+  with SIGALRM (the worker runs the call in its main thread): the call is interrupted the next time the
+  interpreter runs Python code, so a long C call (one numpy operation) finishes first.
+* thread mode (``chdir=False``): cwd and ``os.environ`` are shared by every thread of the scheduler
+  process, so they are left alone; a callable finds its directory in ``ctx.work_dir`` (declare a
+  ``ctx`` parameter). CPU time is this thread's; peak RSS is not measurable (0.0). A thread cannot be
+  stopped: ``payload.timeout`` is not enforced here.
+
+``run_python`` never raises: every failure, including a failed import, is an ``Outcome``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import re
+import resource
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterator, Mapping
+
+from cmbagent_batch.tasks.base import Outcome, Payload, TaskContext
+from cmbagent_batch.tasks.shell import task_environment
+
+_CALL = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+_path_lock = threading.Lock()
+
+
+class _Failed(Exception):
+    """An attempt failed: ``error`` is the one-line reason, ``trace`` the worker traceback (if any)."""
+
+    def __init__(self, error: str, trace: str | None = None, timed_out: bool = False) -> None:
+        super().__init__(error)
+        self.error = error
+        self.trace = trace
+        self.timed_out = timed_out
+
+
+class _Timeout(BaseException):
+    """Raised into the call by SIGALRM; a BaseException so ``except Exception`` in user code lets it through."""
+
+
+def run_python(payload: Payload, ctx: TaskContext, chdir: bool) -> Outcome:
+    """Call ``payload.call`` with ``payload.args`` (and ``ctx=`` if it takes ``ctx``); see the module doc.
+
+    The return value goes to ``outputs/return.json`` (``Outcome.result_file``), written atomically.
+    """
+    started = time.perf_counter()
+    cpu_before = _cpu(chdir)
+    result_file = error = trace = None
+    timed_out = False
+    try:
+        result_file = _attempt(payload, ctx, chdir)
+    except _Failed as failed:
+        error, trace, timed_out = failed.error, failed.trace, failed.timed_out
+    except BaseException as exc:  # a fault of this runner: still an Outcome, never an exception
+        error, trace = f"python runner failed: {_one_line(exc)}", _format(exc)
+    return Outcome(ok=error is None, error=error, traceback=trace, timed_out=timed_out, wall_s=time.perf_counter() - started,
+                   cpu_s=_cpu(chdir) - cpu_before, peak_rss_mb=_peak_rss_mb() if chdir else 0.0,
+                   result_file=result_file)
+
+
+def _attempt(payload: Payload, ctx: TaskContext, chdir: bool) -> str:
+    function = _load(payload.call, payload.python_path)
+    args, kwargs = _arguments(function, payload.args, ctx)
+    timeout = payload.timeout if chdir else None
+    with _inside(ctx, payload) if chdir else contextlib.nullcontext():
+        try:
+            with _alarm(timeout):
+                value = function(*args, **kwargs)
+        except _Timeout as exc:
+            raise _Failed(f"timed out after {timeout:g} s (python call interrupted)", _format(exc), True) from None
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the task failed, not the worker
+            raise _Failed(_one_line(exc), _format(exc)) from None
+    return _write_return(value, ctx)
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float | None) -> Iterator[None]:
+    """Raise ``_Timeout`` in the call after ``seconds`` (only the main thread can receive signals)."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise _Timeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _load(call: str | None, python_path: tuple[str, ...]) -> Callable[..., Any]:
+    if not call or not _CALL.fullmatch(call):
+        raise _Failed(f"bad call {call!r}: expected 'module:function'")
+    module_name, name = call.split(":")
+    with _path_lock:  # prepend once per process, keeping the given order
+        for entry in reversed(python_path):
+            entry = os.path.abspath(entry)
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _Failed(f"cannot import {call!r}: {exc}", _format(exc)) from None
+    except BaseException as exc:  # the module raised while being imported (SyntaxError, ...)
+        raise _Failed(f"cannot import {call!r}: {_one_line(exc)}", _format(exc)) from None
+    try:
+        function = getattr(module, name)
+    except AttributeError:
+        raise _Failed(f"cannot import {call!r}: module {module_name!r} has no attribute {name!r}") from None
+    if not callable(function):
+        raise _Failed(f"cannot import {call!r}: {module_name}.{name} is not callable (it is of type {type(function).__name__!r})")
+    return function  # type: ignore[no-any-return]
+
+
+def _arguments(function: Callable[..., Any], args: Any, ctx: TaskContext) -> tuple[list[Any], dict[str, Any]]:
+    args = _thaw(args)
+    positional: list[Any] = []
+    keywords: dict[str, Any] = {}
+    if isinstance(args, dict):
+        keywords = args
+    elif isinstance(args, list):
+        positional = args
+    elif args is not None:
+        raise _Failed(f"args must be a mapping, a list or null, not {type(args).__name__!r}")
+    if _takes_ctx(function):
+        if "ctx" in keywords:
+            raise _Failed("args has a key 'ctx', which is reserved for the task context")
+        keywords["ctx"] = ctx
+    return positional, keywords
+
+
+def _takes_ctx(function: Callable[..., Any]) -> bool:
+    try:
+        parameter = inspect.signature(function).parameters.get("ctx")
+    except (TypeError, ValueError):  # some builtins have no signature
+        return False
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
+@contextlib.contextmanager
+def _inside(ctx: TaskContext, payload: Payload) -> Iterator[None]:
+    """Process mode: cwd = work dir and the task's environment, restored on the way out."""
+    overlay = task_environment(ctx, payload, {})
+    saved = {name: os.environ.get(name) for name in overlay}
+    previous = os.getcwd()
+    try:
+        os.chdir(ctx.work_dir)
+    except OSError as exc:
+        raise _Failed(f"cannot enter the work directory {ctx.work_dir}: {exc.strerror or exc}") from None
+    os.environ.update(overlay)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        os.chdir(previous)
+
+
+class _NotJson(TypeError):
+    """Raised by json.dumps' ``default`` hook; carries the object it could not encode."""
+
+
+def _refuse(obj: Any) -> Any:
+    raise _NotJson(obj)
+
+
+def _write_return(value: Any, ctx: TaskContext) -> str:
+    head = f"return value of type {type(value).__name__!r} is not JSON-serialisable"
+    try:
+        text = json.dumps(value, allow_nan=False, default=_refuse)
+    except _NotJson as exc:
+        culprit = exc.args[0]
+        raise _Failed(head if culprit is value else f"{head}: it contains a value of type {type(culprit).__name__!r}") from None
+    except (TypeError, ValueError, RecursionError) as exc:  # NaN, circular reference, non-string keys
+        raise _Failed(f"{head}: {exc}") from None
+    path = os.path.join(ctx.outputs_dir, "return.json")
+    tmp = os.path.join(ctx.outputs_dir, f".return.json.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        os.makedirs(ctx.outputs_dir, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _Failed(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _one_line(exc: BaseException) -> str:
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+    lines = str(exc).strip().splitlines()
+    return f"{name}: {lines[0]}" if lines else name
+
+
+def _format(exc: BaseException) -> str:
+    """The traceback as text (it must survive pickling), without this module's own frame on top."""
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code.co_filename == __file__ and tb.tb_next is not None:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _thaw(value: Any) -> Any:
+    """Plain dicts and lists from read-only mappings and tuples (frozen spec values)."""
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _cpu(process: bool) -> float:
+    if not process:
+        return time.thread_time()
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    """The worker process's peak RSS so far (the kernel keeps no per-call figure), or its children's."""
+    unit = 1024 * 1024 if sys.platform == "darwin" else 1024
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return peak / unit

@@ -1,0 +1,234 @@
+"""Run one attempt of a shell task: ``bash -c`` in its own process group, killed as a whole on timeout.
+
+Every running group is in a registry so ``terminate_all`` can stop them (Ctrl-C, SIGTERM, walltime,
+fail-fast). Stopping a group means SIGTERM (and SIGCONT, so stopped processes see it), then SIGKILL
+after a grace period to whatever in the group is still alive. Processes a script leaves running in the
+background when it exits are stopped the same way: nothing a task started outlives it, except what
+leaves the group on purpose (``setsid``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Mapping
+
+from cmbagent_batch.tasks.base import Outcome, Payload, TaskContext
+
+_POLL_S = 0.05
+_HAVE_PROC = os.path.isdir("/proc/self")
+
+
+class _Group:
+    """One running process group; its id is the pid of its leader, bash (``start_new_session``)."""
+
+    __slots__ = ("pgid", "reason", "closed")
+
+    def __init__(self, pgid: int) -> None:
+        self.pgid = pgid
+        self.reason: str | None = None  # "timeout" or "terminated" once someone decided to stop it
+        self.closed = False  # leader reaped and group empty: the id may be reused, never signal it
+
+
+_lock = threading.Lock()
+_running: dict[int, _Group] = {}
+_terminations = 0  # bumped by terminate_all; a task registered just after a snapshot it missed stops itself
+
+
+def task_environment(ctx: TaskContext, payload: Payload, base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` plus the CMBAGENT_* variables of this attempt plus the task's own ``env`` (which wins)."""
+    env = dict(base)
+    env.update(
+        CMBAGENT_TASK_ID=ctx.task_id,
+        CMBAGENT_TASK_DIR=ctx.work_dir,
+        CMBAGENT_RUN_DIR=ctx.run_dir,
+        CMBAGENT_RANK=str(ctx.rank),
+        CMBAGENT_ATTEMPT=str(ctx.attempt),
+        CMBAGENT_HOST=ctx.host,
+    )
+    for name, value in ctx.matrix.items():
+        env[f"CMBAGENT_MATRIX_{name.upper()}"] = _env_text(value)
+    env.update({k: str(v) for k, v in payload.env.items()})
+    return env
+
+
+def run_shell(payload: Payload, ctx: TaskContext, base_env: Mapping[str, str], kill_grace: float = 5.0) -> Outcome:
+    """Run ``payload.run`` with bash in the work directory; never raises for the script's failures.
+
+    stdout and stderr are appended to ``logs/stdout.log`` and ``logs/stderr.log`` after a line
+    ``# attempt N``. CPU time and peak RSS come from ``wait4``: they cover bash and the descendants it
+    waited for; peak RSS is that of the largest single process.
+    """
+    if not payload.run:
+        return Outcome(ok=False, error="shell task has no 'run' command")
+    env = task_environment(ctx, payload, base_env)
+    search = env.get("PATH", os.defpath)
+    bash = shutil.which("bash", path=search)
+    if bash is None:
+        return Outcome(ok=False, error=f"bash not found on PATH ({search})")
+    with contextlib.ExitStack() as stack:
+        try:
+            os.makedirs(ctx.logs_dir, exist_ok=True)
+            out = stack.enter_context(open(os.path.join(ctx.logs_dir, "stdout.log"), "ab", buffering=0))
+            err = stack.enter_context(open(os.path.join(ctx.logs_dir, "stderr.log"), "ab", buffering=0))
+            for log in (out, err):
+                log.write(f"# attempt {ctx.attempt}\n".encode())
+        except OSError as exc:
+            return Outcome(ok=False, error=f"cannot write the logs in {ctx.logs_dir}: {exc.strerror or exc}")
+        with _lock:
+            seen = _terminations
+        started = time.perf_counter()
+        try:
+            proc = subprocess.Popen([bash, "-c", payload.run], cwd=ctx.work_dir, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err, start_new_session=True)
+        except OSError as exc:
+            return Outcome(ok=False, error=f"cannot start bash in {ctx.work_dir}: {exc.strerror or exc}")
+    return _supervise(proc, payload.timeout, kill_grace, seen, started)
+
+
+def terminate_all(grace: float) -> int:
+    """Stop every running shell task's process group (TERM, then KILL after ``grace`` s); return how many.
+
+    Blocks until the groups are gone or KILLed. Their attempts end with error ``terminated by the runner``.
+    """
+    global _terminations
+    with _lock:
+        _terminations += 1
+        groups = [g for g in _running.values() if not g.closed]
+        for g in groups:
+            g.reason = g.reason or "terminated"
+    _stop(groups, grace)
+    return len(groups)
+
+
+# -- supervision -----------------------------------------------------------------------------------
+
+
+def _supervise(proc: subprocess.Popen[bytes], timeout: float | None, grace: float, seen: int, started: float) -> Outcome:
+    group = _Group(proc.pid)
+    with _lock:
+        _running[group.pgid] = group
+        if _terminations != seen:  # terminate_all ran between our Popen and this registration
+            group.reason = "terminated"
+            threading.Thread(target=_stop, args=([group], grace), daemon=True).start()
+    timer = None
+    if timeout is not None:
+        timer = threading.Timer(timeout, _expire, (group, grace))
+        timer.daemon = True
+        timer.start()
+    try:
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except ChildProcessError:  # someone else reaped it (SIGCHLD ignored, os.wait elsewhere)
+            proc.returncode = -1
+            return Outcome(ok=False, error=f"lost track of bash (pid {proc.pid}): it was reaped elsewhere")
+        finally:
+            if timer is not None:
+                timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - started
+        if _alive({group.pgid}):  # left in the background by the script
+            _stop([group], grace)
+    finally:
+        with _lock:
+            group.closed = True
+            del _running[group.pgid]
+    code = proc.returncode
+    rss_unit = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    if group.reason == "timeout":
+        error: str | None = f"timed out after {timeout:g} s (process group killed)"
+    elif group.reason == "terminated":
+        error = "terminated by the runner"
+    elif code > 0:
+        error = f"exit code {code}"
+    elif code < 0:
+        error = f"killed by signal {-code} ({_signal_name(-code)})"
+    else:
+        error = None
+    return Outcome(ok=error is None, error=error, exit_code=code, timed_out=group.reason == "timeout", wall_s=wall,
+                   cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_mb=usage.ru_maxrss / rss_unit)
+
+
+def _expire(group: _Group, grace: float) -> None:
+    with _lock:
+        if group.reason is not None or group.closed:
+            return  # already being stopped, or already over
+        group.reason = "timeout"
+    _stop([group], grace)
+
+
+def _stop(groups: list[_Group], grace: float) -> None:
+    """TERM the groups, wait up to ``grace`` s for them to empty, KILL whatever is still alive."""
+    for g in groups:
+        _signal(g, signal.SIGTERM)
+        _signal(g, signal.SIGCONT)
+    deadline = time.monotonic() + grace
+    left = groups
+    while True:
+        live = _alive({g.pgid for g in left if not g.closed})
+        left = [g for g in left if g.pgid in live]
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(_POLL_S)
+    for g in left:
+        _signal(g, signal.SIGKILL)
+
+
+def _signal(group: _Group, sig: int) -> None:
+    with _lock:
+        if group.closed:
+            return
+        try:
+            os.killpg(group.pgid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pgids: set[int]) -> set[int]:
+    """The groups among ``pgids`` with a process that is not a zombie (zombies wait for their parent)."""
+    live = set()
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, 0)
+            live.add(pgid)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            live.add(pgid)
+    if not live or not _HAVE_PROC:
+        return live
+    running: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()  # state, ppid, pgrp, ... (the name may hold spaces)
+        if fields[0] not in (b"Z", b"X"):
+            running.add(int(fields[2]))
+    return live & running
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    return json.dumps(value, sort_keys=True, default=str)

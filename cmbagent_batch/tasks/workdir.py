@@ -1,0 +1,289 @@
+"""A task's work directory: create it, link its inputs in, publish its outputs, trim it.
+
+Publishing is crash-safe: outputs are collected in ``RUN_DIR/outputs/.staging-TASK-<random>`` (hard links
+where possible) and renamed into place as a whole; an earlier run's outputs are moved to
+``RUN_DIR/superseded/``, never deleted. A symlink ``RUN_DIR/outputs/.publishing-TASK`` names the staging
+directory while a publish is in progress, so the next publish of the task finds a crash's leftovers
+without listing ``RUN_DIR/outputs`` (which holds one entry per task). One publish per task at a time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import errno
+import functools
+import glob
+import os
+import re
+import secrets
+import shutil
+import sys
+from typing import Callable, Collection, Sequence
+
+from cmbagent_batch.tasks.base import WORK_SUBDIRS, TaskContext
+
+
+class OutputError(Exception):
+    """Declared outputs were not written; ``missing`` lists them as declared, in declaration order."""
+
+    def __init__(self, missing: Sequence[str]) -> None:
+        self.missing = list(missing)
+        if len(self.missing) == 1:
+            message = f"declared output {self.missing[0]!r} was not written"
+        else:
+            message = "declared outputs " + ", ".join(repr(m) for m in self.missing) + " were not written"
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type, tuple[list[str]]]:  # survives a process boundary
+        return (OutputError, (self.missing,))
+
+
+def prepare(ctx: TaskContext) -> None:
+    """Create the work directory and its subdirectories (``WORK_SUBDIRS``); harmless if they exist.
+
+    A fresh directory costs one ``mkdir`` per directory. In a directory left by an earlier run, files
+    that are hard links of the published outputs (``publish`` links rather than copies) are first replaced
+    by private copies, so a rerun that rewrites a file in place cannot change the published copy.
+    """
+    work = ctx.work_dir
+    try:
+        os.mkdir(work)
+    except FileExistsError:
+        _unshare(work, os.path.join(ctx.run_dir, "outputs", _checked_id(ctx.task_id)))
+    except FileNotFoundError:
+        os.makedirs(work, exist_ok=True)
+    for name in WORK_SUBDIRS:
+        try:
+            os.mkdir(os.path.join(work, name))
+        except FileExistsError:
+            pass
+
+
+def stage_inputs(ctx: TaskContext, links: Sequence[tuple[str, str]]) -> None:
+    """Make each ``(absolute source, relative destination)`` a symlink at ``work_dir/destination``.
+
+    A symlink left there by an earlier attempt is replaced; anything else in the way is an error, and so
+    is a destination that leaves the work directory (absolute, ``..``, or through a symlinked directory).
+    """
+    root = os.path.realpath(ctx.work_dir)
+    for source, destination in links:
+        rel = _relative(destination, "input destination")
+        if not os.path.isabs(source):
+            raise ValueError(f"input source {source!r} for {destination!r} is not an absolute path")
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"input source {source!r} for {destination!r} does not exist")
+        target = os.path.join(ctx.work_dir, rel)
+        parent = os.path.realpath(os.path.dirname(target))  # resolved before anything is created
+        if parent != root and not parent.startswith(root + os.sep):
+            raise ValueError(f"input destination {destination!r} escapes the task's work directory through a symlink")
+        os.makedirs(parent, exist_ok=True)
+        try:
+            os.symlink(source, target)
+        except FileExistsError:
+            if not os.path.islink(target):
+                raise FileExistsError(
+                    f"cannot stage input {destination!r}: {target} already exists and is not a symlink"
+                ) from None
+            os.unlink(target)
+            os.symlink(source, target)
+
+
+def publish(ctx: TaskContext, outputs: Sequence[str]) -> list[str]:
+    """Check the declared outputs exist and install them as ``RUN_DIR/outputs/TASK``; return their paths.
+
+    ``outputs`` are paths or globs relative to the work directory (files or directories). Raises
+    ``OutputError`` naming every declared output that is missing (a glob must match something); then
+    nothing is changed. The returned paths are the matches, relative and sorted.
+    """
+    task = _checked_id(ctx.task_id)
+    found = _collect(ctx.work_dir, outputs)
+    root = os.path.join(ctx.run_dir, "outputs")
+    os.makedirs(root, exist_ok=True)
+    marker = os.path.join(root, f".publishing-{task}")
+    _remove_leftover(root, marker, task)
+    name = f".staging-{task}-{secrets.token_hex(8)}"
+    os.symlink(name, marker)
+    staging = os.path.join(root, name)
+    try:
+        os.mkdir(staging)
+        for rel in found:
+            _copy_in(os.path.join(ctx.work_dir, rel), os.path.join(staging, rel))
+        _install(staging, os.path.join(root, task), os.path.join(ctx.run_dir, "superseded"), task)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        os.unlink(marker)
+    return found
+
+
+def cleanup(ctx: TaskContext, keep: Collection[str]) -> None:
+    """Remove the work subdirectories not in ``keep`` (retention, e.g. drop ``temp`` after success)."""
+    unknown = sorted(set(keep) - set(WORK_SUBDIRS))
+    if unknown:
+        raise ValueError(f"cannot keep {unknown[0]!r}: not a work subdirectory (one of {', '.join(WORK_SUBDIRS)})")
+    for name in WORK_SUBDIRS:
+        if name in keep:
+            continue
+        path = ctx.sub(name)
+        if os.path.islink(path):
+            os.unlink(path)
+        else:
+            try:
+                shutil.rmtree(path)
+            except FileNotFoundError:
+                pass
+
+
+# -- paths -----------------------------------------------------------------------------------------
+
+_TASK_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _checked_id(task_id: str) -> str:
+    if not _TASK_ID.fullmatch(task_id):
+        raise ValueError(f"task id {task_id!r} cannot name a directory (letters, digits, '_', '.', '-' only)")
+    return task_id
+
+
+def _relative(path: str, what: str) -> str:
+    """``path`` normalised, if it stays inside the work directory; else ValueError."""
+    if os.path.isabs(path):
+        raise ValueError(f"{what} {path!r} is absolute and escapes the task's work directory")
+    norm = os.path.normpath(path)
+    if norm == ".." or norm.startswith(".." + os.sep):
+        raise ValueError(f"{what} {path!r} uses '..' and escapes the task's work directory")
+    if norm == ".":
+        raise ValueError(f"{what} {path!r} names the work directory itself")
+    return norm
+
+
+def _collect(work_dir: str, outputs: Sequence[str]) -> list[str]:
+    """The existing paths the declared outputs name, minus those inside another one; OutputError if any is missing."""
+    found: set[str] = set()
+    missing: list[str] = []
+    for declared in outputs:
+        rel = _relative(declared, "declared output")
+        if glob.has_magic(rel):
+            hits = [os.path.normpath(h) for h in glob.glob(rel, root_dir=work_dir, recursive=True)]
+        else:
+            hits = [rel]
+        hits = [h for h in hits if os.path.exists(os.path.join(work_dir, h))]  # a dangling symlink was not written
+        if not hits:
+            missing.append(declared)
+        found.update(hits)
+    if missing:
+        raise OutputError(missing)
+    kept: list[str] = []
+    for rel in sorted(found):
+        parts = rel.split(os.sep)
+        if not any(os.sep.join(parts[:i]) in found for i in range(1, len(parts))):
+            kept.append(rel)
+    return kept
+
+
+# -- copying and installing ------------------------------------------------------------------------
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    if os.path.islink(src):  # publish what it points to (os.link would link the symlink itself on Linux)
+        src = os.path.realpath(src)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _copy_in(src: str, dst: str) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.isdir(src):
+        shutil.copytree(src, dst, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def _unshare(work_dir: str, published: str) -> None:
+    """Give ``work_dir`` its own copy of every file it shares (same inode) with ``published``."""
+    root = os.path.realpath(work_dir)
+    for directory, _dirs, files in os.walk(published):  # nothing published: one failed scandir
+        rel = os.path.relpath(directory, published)
+        for name in files:
+            mine = os.path.normpath(os.path.join(work_dir, rel, name))
+            try:
+                ours, theirs = os.lstat(mine), os.lstat(os.path.join(directory, name))
+            except FileNotFoundError:
+                continue
+            if (ours.st_ino, ours.st_dev) != (theirs.st_ino, theirs.st_dev):
+                continue
+            parent = os.path.realpath(os.path.dirname(mine))
+            if parent != root and not parent.startswith(root + os.sep):
+                continue  # reached through a staged symlink: not this task's file to replace
+            tmp = os.path.join(os.path.dirname(mine), f".unshare-{secrets.token_hex(6)}")
+            shutil.copy2(mine, tmp)
+            os.replace(tmp, mine)
+
+
+def _remove_leftover(root: str, marker: str, task: str) -> None:
+    """Delete the staging directory of a publish that crashed (it holds only copies of work-dir files)."""
+    try:
+        name = os.readlink(marker)
+    except FileNotFoundError:
+        return
+    if re.fullmatch(rf"\.staging-{re.escape(task)}-[0-9a-f]{{16}}", name):
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    os.unlink(marker)
+
+
+def _install(staging: str, final: str, superseded: str, task: str) -> None:
+    """Put ``staging`` at ``final``; an existing ``final`` goes to ``superseded/TASK-<UTC time>-<random>``."""
+    if not os.path.lexists(final):
+        os.rename(staging, final)
+        return
+    os.makedirs(superseded, exist_ok=True)
+    aside = os.path.join(superseded, _aside_name(task))
+    # Atomic swap where the file system supports it: outputs/TASK always holds a complete set.
+    # A crash right after this rename leaves a copy of the new set in superseded/ and the old in place.
+    os.rename(staging, aside)
+    if _exchange(aside, final):
+        return
+    # Fallback: two renames. A crash between them leaves both sets in superseded/ and no outputs/TASK.
+    os.rename(final, os.path.join(superseded, _aside_name(task)))
+    os.rename(aside, final)
+
+
+def _aside_name(task: str) -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{task}-{stamp}-{secrets.token_hex(4)}"
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_NO_SWAP = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)  # this kernel or file system cannot swap
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28 or another libc
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_SWAP:
+        return False
+    raise OSError(err, os.strerror(err), b)
