@@ -8,6 +8,7 @@ it returns an ``Outcome`` that says what went wrong.
 from __future__ import annotations
 
 import dataclasses
+import os
 import traceback
 from typing import Collection, Mapping, Sequence
 
@@ -17,13 +18,45 @@ from cmbagent_batch.tasks.shell import run_shell
 from cmbagent_batch.tasks.workdir import OutputError, cleanup, prepare, publish, stage_inputs
 
 
+def _make_work_dir(ctx: TaskContext) -> None:
+    """The work directory alone (subdirectories come on demand, see TaskContext.sub); an existing one
+    from an earlier run goes through ``prepare``, which unshares files linked to published outputs."""
+    try:
+        os.mkdir(ctx.work_dir)
+    except FileExistsError:
+        prepare(ctx)
+    except FileNotFoundError:
+        os.makedirs(ctx.work_dir, exist_ok=True)
+
+
+def tree_size(path: str) -> int:
+    """Bytes in the files under ``path`` (links not followed; hard links counted once per name)."""
+    total = 0
+    stack = [path]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
 def run_attempt(payload: Payload, ctx: TaskContext, links: Sequence[tuple[str, str]],
                 base_env: Mapping[str, str], chdir: bool, keep: Collection[str], kill_grace: float = 5.0,
                 missing: Sequence[str] = ()) -> Outcome:
     if missing:
         return Outcome(ok=False, error="; ".join(missing))
     try:
-        prepare(ctx)
+        if payload.kind == "python":
+            _make_work_dir(ctx)
+        else:
+            prepare(ctx)  # a shell script expects data/, temp/, ... to exist
         stage_inputs(ctx, links)
     except (OSError, ValueError) as exc:
         return Outcome(ok=False, error=f"cannot prepare the work directory {ctx.work_dir}: {exc}")
@@ -36,14 +69,13 @@ def run_attempt(payload: Payload, ctx: TaskContext, links: Sequence[tuple[str, s
             outcome = Outcome(ok=False, error="agent tasks are not supported by this version of cmbagent-batch yet")
         if not outcome.ok:
             return outcome
-        outputs = list(payload.outputs)
-        if payload.kind == "python":
-            outputs.append("outputs/return.json")  # the return value joins the merged outputs
-        try:
-            publish(ctx, outputs)
-        except OutputError as exc:
-            return dataclasses.replace(outcome, ok=False, error=str(exc))
+        published = os.path.join(ctx.run_dir, "outputs", ctx.task_id)
+        if payload.outputs or os.path.lexists(published):  # an earlier run's outputs get superseded
+            try:
+                publish(ctx, payload.outputs)
+            except OutputError as exc:
+                return dataclasses.replace(outcome, ok=False, error=str(exc))
         cleanup(ctx, keep)
-        return outcome
+        return dataclasses.replace(outcome, work_bytes=tree_size(ctx.work_dir), output_bytes=tree_size(published))
     except Exception as exc:  # noqa: BLE001 - a bug or an OS error on the worker: report it with its place
         return Outcome(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())

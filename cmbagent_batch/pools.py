@@ -17,9 +17,9 @@ class LocalPools:
         self.processes: ProcessPoolExecutor | None = None
 
     def _new_process_pool(self) -> ProcessPoolExecutor:
-        # fork is fast and keeps imported modules; the scheduler holds no locks a child could inherit
-        # mid-use except the journal's, which children never touch.
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("fork"))
+        # forkserver, not fork: the runner has threads (scheduler, journal, pools), and a child forked
+        # while one of them holds a lock would hang on it.
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("forkserver"))
 
     def executor_for(self, kind: str) -> Executor:
         if kind == "python" and self.use_process_pool:

@@ -175,14 +175,19 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
                           attempt=r.attempts, host=host, matrix=thaw(t.matrix))
         chdir = ex.use_process_pool and t.kind == "python"
         links, missing = _links(p, r.id)
-        args = (_payload(t, ex.task_timeout, base), ctx, links, base_env, chdir, ex.keep, ex.kill_grace, missing)
+        env = base_env if t.kind == "shell" else {}  # python workers inherit the environment
+        args = (_payload(t, ex.task_timeout, base), ctx, links, env, chdir, ex.keep, ex.kill_grace, missing)
         return Launch(run_attempt, args, ctx)
 
     base_env = dict(os.environ)
     pools = LocalPools(workers, ex.use_process_pool)
+    import psutil
+
+    total_mb = psutil.virtual_memory().total / 2**20
     limits = Limits(max_workers=workers, cpus=max(workers, os.cpu_count() or 1),
-                    memory_mb=None, memory_safety_fraction=ex.memory_safety_fraction,
-                    memory_in_use=_memory_in_use)
+                    memory_mb=total_mb * ex.memory_safety_fraction, memory_safety_fraction=ex.memory_safety_fraction,
+                    memory_in_use=_memory_in_use,
+                    prefetch_kinds=frozenset({"python"}) if ex.use_process_pool else frozenset())
     options = Options(keep_going=ex.keep_going, retries=ex.retries, retry_backoff=ex.retry_backoff,
                       kill_grace=ex.kill_grace)
     sched = Scheduler(runs, pools, limits, options, make_launch, record, tick=progress)

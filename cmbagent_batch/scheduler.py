@@ -43,6 +43,9 @@ class Limits:
     memory_mb: float | None  # memory that task reservations may add up to (None: no reservation limit)
     memory_safety_fraction: float = 0.8
     memory_in_use: Callable[[], float] | None = None  # fraction of memory in use now (psutil)
+    # Kinds whose attempts may be queued ahead in their executor (up to 2x max_workers in flight), so a
+    # process pool never idles between tiny tasks waiting for this thread's next submission.
+    prefetch_kinds: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -175,9 +178,10 @@ class Scheduler:
 
     def _fits(self, r: TaskRun) -> bool:
         lim = self.limits
-        if len(self._running) >= lim.max_workers:
+        depth = 2 if r.kind in lim.prefetch_kinds else 1
+        if len(self._running) >= lim.max_workers * depth:
             return False
-        if self._running and self._cpus_used + r.cpus > lim.cpus:
+        if self._running and self._cpus_used + r.cpus > lim.cpus * depth:
             return False
         if lim.memory_mb is not None and self._running and self._mem_used + r.memory_mb > lim.memory_mb:
             return False
@@ -195,7 +199,8 @@ class Scheduler:
 
     def _launch_ready(self) -> None:
         deferred = []
-        while self._ready and len(self._running) < self.limits.max_workers:
+        cap = self.limits.max_workers * (2 if self.limits.prefetch_kinds else 1)
+        while self._ready and len(self._running) < cap:
             item = heapq.heappop(self._ready)
             r = self.runs[item[1]]
             if not self._fits(r):

@@ -491,10 +491,11 @@ def helpers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     directory = tmp_path_factory.mktemp("helpers")
     (directory / "runner_helpers.py").write_text(HELPERS)
     (directory / "broken_helpers.py").write_text("raise RuntimeError('no config file')\n")
+    (directory / "slow_helpers.py").write_text("import time\ntime.sleep(1000)\n\ndef fn():\n    pass\n")
     yield str(directory)
     while str(directory) in sys.path:
         sys.path.remove(str(directory))
-    for name in ("runner_helpers", "broken_helpers"):
+    for name in ("runner_helpers", "broken_helpers", "slow_helpers"):
         sys.modules.pop(name, None)
 
 
@@ -559,7 +560,8 @@ def test_none_is_written_as_null(call: Any) -> None:
 
 @pytest.mark.parametrize(("target", "error"), [
     ("runner_helpers:a_set", "return value of type 'set' is not JSON-serialisable"),
-    ("runner_helpers:nested", "return value of type 'dict' is not JSON-serialisable: it contains a value of type 'set'"),
+    ("runner_helpers:nested",
+     "return value of type 'dict' is not JSON-serialisable: it contains a value of type 'set'"),
     ("runner_helpers:not_finite", "return value of type 'list' is not JSON-serialisable: Out of range float values"),
 ])
 def test_a_return_value_that_is_not_json_fails_the_attempt(call: Any, target: str, error: str) -> None:
@@ -582,7 +584,8 @@ def test_an_exception_comes_back_as_one_line_and_the_worker_traceback(call: Any)
 
 @pytest.mark.parametrize(("target", "args", "error"), [
     ("no_such_module_x:fn", None, "cannot import 'no_such_module_x:fn': No module named 'no_such_module_x'"),
-    ("runner_helpers:nope", None, "cannot import 'runner_helpers:nope': module 'runner_helpers' has no attribute 'nope'"),
+    ("runner_helpers:nope", None,
+     "cannot import 'runner_helpers:nope': module 'runner_helpers' has no attribute 'nope'"),
     ("runner_helpers:VALUE", None,
      "cannot import 'runner_helpers:VALUE': runner_helpers.VALUE is not callable (it is of type 'int')"),
     ("broken_helpers:fn", None, "cannot import 'broken_helpers:fn': RuntimeError: no config file"),
@@ -650,3 +653,5 @@ def test_process_mode_interrupts_a_call_that_runs_too_long(process_pool: Executo
     assert out.traceback is not None and "time.sleep(1000)" in out.traceback  # where it was stopped
     out = process_pool.submit(run_python, payload("runner_helpers:nothing"), ctx, True).result(timeout=120)
     assert out.ok and not out.timed_out  # the worker goes on, its alarm cleared
+    out = process_pool.submit(run_python, payload("slow_helpers:fn"), ctx, True).result(timeout=120)
+    assert (out.timed_out, out.error) == (True, "timed out after 1 s (python call interrupted)")  # import counts

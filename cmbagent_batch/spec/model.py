@@ -30,7 +30,9 @@ def _text(value: Any) -> str:
 
 def thaw(value: Any) -> Any:
     """Inverse of ``freeze``: plain dicts and lists, e.g. to pass as call arguments or dump as JSON."""
-    if isinstance(value, Mapping):
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, (MappingProxyType, dict)):
         return {k: thaw(v) for k, v in value.items()}
     if isinstance(value, tuple):
         return [thaw(v) for v in value]

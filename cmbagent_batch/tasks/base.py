@@ -22,16 +22,21 @@ class TaskContext:
     matrix: dict[str, Any] = field(default_factory=dict)
 
     def sub(self, name: str) -> str:
-        """A subdirectory of the work directory: data, codebase, logs, outputs, temp, chats, cost."""
-        return os.path.join(self.work_dir, name)
+        """A subdirectory of the work directory: data, codebase, logs, outputs, temp, chats, cost.
+
+        Created when asked for: python tasks get only their work directory up front (thousands of
+        tiny tasks would otherwise spend their time in mkdir)."""
+        path = os.path.join(self.work_dir, name)
+        os.makedirs(path, exist_ok=True)
+        return path
 
     @property
     def outputs_dir(self) -> str:
-        return self.sub("outputs")
+        return os.path.join(self.work_dir, "outputs")
 
     @property
     def logs_dir(self) -> str:
-        return self.sub("logs")
+        return os.path.join(self.work_dir, "logs")
 
     @property
     def temp_dir(self) -> str:

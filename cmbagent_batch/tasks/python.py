@@ -67,23 +67,26 @@ def run_python(payload: Payload, ctx: TaskContext, chdir: bool) -> Outcome:
         error, trace, timed_out = failed.error, failed.trace, failed.timed_out
     except BaseException as exc:  # a fault of this runner: still an Outcome, never an exception
         error, trace = f"python runner failed: {_one_line(exc)}", _format(exc)
-    return Outcome(ok=error is None, error=error, traceback=trace, timed_out=timed_out, wall_s=time.perf_counter() - started,
-                   cpu_s=_cpu(chdir) - cpu_before, peak_rss_mb=_peak_rss_mb() if chdir else 0.0,
-                   result_file=result_file)
+    return Outcome(ok=error is None, error=error, traceback=trace, timed_out=timed_out,
+                   wall_s=time.perf_counter() - started, cpu_s=_cpu(chdir) - cpu_before,
+                   peak_rss_mb=_peak_rss_mb() if chdir else 0.0, result_file=result_file)
 
 
 def _attempt(payload: Payload, ctx: TaskContext, chdir: bool) -> str:
-    function = _load(payload.call, payload.python_path)
-    args, kwargs = _arguments(function, payload.args, ctx)
     timeout = payload.timeout if chdir else None
     with _inside(ctx, payload) if chdir else contextlib.nullcontext():
         try:
-            with _alarm(timeout):
-                value = function(*args, **kwargs)
+            with _alarm(timeout):  # the import counts: a module may compute a lot when imported
+                function = _load(payload.call, payload.python_path)
+                args, kwargs = _arguments(function, payload.args, ctx)
+                try:
+                    value = function(*args, **kwargs)
+                except _Timeout:
+                    raise
+                except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the task failed, not the worker
+                    raise _Failed(_one_line(exc), _format(exc)) from None
         except _Timeout as exc:
             raise _Failed(f"timed out after {timeout:g} s (python call interrupted)", _format(exc), True) from None
-        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the task failed, not the worker
-            raise _Failed(_one_line(exc), _format(exc)) from None
     return _write_return(value, ctx)
 
 
@@ -117,6 +120,8 @@ def _load(call: str | None, python_path: tuple[str, ...]) -> Callable[..., Any]:
                 sys.path.insert(0, entry)
     try:
         module = importlib.import_module(module_name)
+    except _Timeout:
+        raise
     except ImportError as exc:
         raise _Failed(f"cannot import {call!r}: {exc}", _format(exc)) from None
     except BaseException as exc:  # the module raised while being imported (SyntaxError, ...)
@@ -126,7 +131,8 @@ def _load(call: str | None, python_path: tuple[str, ...]) -> Callable[..., Any]:
     except AttributeError:
         raise _Failed(f"cannot import {call!r}: module {module_name!r} has no attribute {name!r}") from None
     if not callable(function):
-        raise _Failed(f"cannot import {call!r}: {module_name}.{name} is not callable (it is of type {type(function).__name__!r})")
+        kind = type(function).__name__
+        raise _Failed(f"cannot import {call!r}: {module_name}.{name} is not callable (it is of type {kind!r})")
     return function  # type: ignore[no-any-return]
 
 
@@ -166,15 +172,44 @@ def _inside(ctx: TaskContext, payload: Payload) -> Iterator[None]:
     except OSError as exc:
         raise _Failed(f"cannot enter the work directory {ctx.work_dir}: {exc.strerror or exc}") from None
     os.environ.update(overlay)
+    out, err = _LazyLog(ctx, "stdout.log"), _LazyLog(ctx, "stderr.log")
     try:
-        yield
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # type: ignore[type-var]
+            yield
     finally:
+        out.close()
+        err.close()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
         os.chdir(previous)
+
+
+class _LazyLog:
+    """What a python task prints, appended to logs/NAME; the file is created on the first write only
+    (most tasks print nothing, and 10^4 tiny tasks should not cost 2 * 10^4 files)."""
+
+    def __init__(self, ctx: TaskContext, name: str) -> None:
+        self._path = os.path.join(ctx.logs_dir, name)
+        self._attempt = ctx.attempt
+        self._fh: Any = None
+
+    def write(self, text: str) -> int:
+        if self._fh is None:
+            os.makedirs(os.path.dirname(self._path), exist_ok=True)
+            self._fh = open(self._path, "a", encoding="utf-8")
+            self._fh.write(f"# attempt {self._attempt}\n")
+        return int(self._fh.write(text))
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
 
 
 class _NotJson(TypeError):
@@ -191,29 +226,27 @@ def _write_return(value: Any, ctx: TaskContext) -> str:
         text = json.dumps(value, allow_nan=False, default=_refuse)
     except _NotJson as exc:
         culprit = exc.args[0]
-        raise _Failed(head if culprit is value else f"{head}: it contains a value of type {type(culprit).__name__!r}") from None
+        inside = "" if culprit is value else f": it contains a value of type {type(culprit).__name__!r}"
+        raise _Failed(head + inside) from None
     except (TypeError, ValueError, RecursionError) as exc:  # NaN, circular reference, non-string keys
         raise _Failed(f"{head}: {exc}") from None
+    # Written in place: the work directory is this attempt's own, and only a successful attempt's files
+    # are published (atomically), so a torn file here is never read as a result.
     path = os.path.join(ctx.outputs_dir, "return.json")
-    tmp = os.path.join(ctx.outputs_dir, f".return.json.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         os.makedirs(ctx.outputs_dir, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with open(path, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise _Failed(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 
 def _one_line(exc: BaseException) -> str:
     kind = type(exc)
-    name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+    name = kind.__qualname__
+    if kind.__module__ not in ("builtins", "__main__"):
+        name = f"{kind.__module__}.{name}"
     lines = str(exc).strip().splitlines()
     return f"{name}: {lines[0]}" if lines else name
 
@@ -245,5 +278,5 @@ def _cpu(process: bool) -> float:
 def _peak_rss_mb() -> float:
     """The worker process's peak RSS so far (the kernel keeps no per-call figure), or its children's."""
     unit = 1024 * 1024 if sys.platform == "darwin" else 1024
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return peak / unit

@@ -111,7 +111,8 @@ def terminate_all(grace: float) -> int:
 # -- supervision -----------------------------------------------------------------------------------
 
 
-def _supervise(proc: subprocess.Popen[bytes], timeout: float | None, grace: float, seen: int, started: float) -> Outcome:
+def _supervise(proc: subprocess.Popen[bytes], timeout: float | None, grace: float, seen: int,
+               started: float) -> Outcome:
     group = _Group(proc.pid)
     with _lock:
         _running[group.pgid] = group

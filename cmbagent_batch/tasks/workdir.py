@@ -9,7 +9,6 @@ without listing ``RUN_DIR/outputs`` (which holds one entry per task). One publis
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import errno
 import functools
@@ -267,6 +266,8 @@ _NO_SWAP = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)  # this kernel or file
 def _renameat2() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes  # only here: most commands never publish
+
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):  # glibc < 2.28 or another libc
@@ -283,6 +284,8 @@ def _exchange(a: str, b: str) -> bool:
         return False
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
+    import ctypes
+
     err = ctypes.get_errno()
     if err in _NO_SWAP:
         return False
