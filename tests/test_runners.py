@@ -553,9 +553,10 @@ def test_ctx_is_passed_to_a_function_that_asks_for_it(call: Any, tmp_path: Path)
     assert out.error == "args has a key 'ctx', which is reserved for the task context"
 
 
-def test_none_is_written_as_null(call: Any) -> None:
-    out, _ = call("runner_helpers:nothing")
-    assert returned(out) is None and Path(out.result_file).read_text() == "null\n"
+def test_none_writes_no_return_file(call: Any) -> None:
+    out, ctx = call("runner_helpers:nothing")
+    assert out.ok and out.result_file is None
+    assert not Path(ctx.work_dir, "outputs", "return.json").exists()
 
 
 @pytest.mark.parametrize(("target", "error"), [

@@ -18,6 +18,7 @@ Two modes, chosen by the scheduler through ``chdir``:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import json
@@ -72,7 +73,7 @@ def run_python(payload: Payload, ctx: TaskContext, chdir: bool) -> Outcome:
                    peak_rss_mb=_peak_rss_mb() if chdir else 0.0, result_file=result_file)
 
 
-def _attempt(payload: Payload, ctx: TaskContext, chdir: bool) -> str:
+def _attempt(payload: Payload, ctx: TaskContext, chdir: bool) -> str | None:
     timeout = payload.timeout if chdir else None
     with _inside(ctx, payload) if chdir else contextlib.nullcontext():
         try:
@@ -87,6 +88,8 @@ def _attempt(payload: Payload, ctx: TaskContext, chdir: bool) -> str:
                     raise _Failed(_one_line(exc), _format(exc)) from None
         except _Timeout as exc:
             raise _Failed(f"timed out after {timeout:g} s (python call interrupted)", _format(exc), True) from None
+    if value is None:  # nothing returned: no file (10^4 tiny tasks should not cost 10^4 files)
+        return None
     return _write_return(value, ctx)
 
 
@@ -155,7 +158,7 @@ def _arguments(function: Callable[..., Any], args: Any, ctx: TaskContext) -> tup
 
 def _takes_ctx(function: Callable[..., Any]) -> bool:
     try:
-        parameter = inspect.signature(function).parameters.get("ctx")
+        parameter = _ctx_parameter(function)
     except (TypeError, ValueError):  # some builtins have no signature
         return False
     return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
@@ -271,8 +274,14 @@ def _thaw(value: Any) -> Any:
 def _cpu(process: bool) -> float:
     if not process:
         return time.thread_time()
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    t = os.times()  # one syscall for the process and its waited-for children
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@functools.lru_cache(maxsize=256)
+def _ctx_parameter(function: Any) -> Any:
+    """The function's ``ctx`` parameter, if any (cached: inspect.signature is slow per call)."""
+    return inspect.signature(function).parameters.get("ctx")
 
 
 def _peak_rss_mb() -> float:

@@ -65,6 +65,8 @@ def stage_inputs(ctx: TaskContext, links: Sequence[tuple[str, str]]) -> None:
     A symlink left there by an earlier attempt is replaced; anything else in the way is an error, and so
     is a destination that leaves the work directory (absolute, ``..``, or through a symlinked directory).
     """
+    if not links:
+        return
     root = os.path.realpath(ctx.work_dir)
     for source, destination in links:
         rel = _relative(destination, "input destination")
@@ -125,7 +127,7 @@ def cleanup(ctx: TaskContext, keep: Collection[str]) -> None:
     for name in WORK_SUBDIRS:
         if name in keep:
             continue
-        path = ctx.sub(name)
+        path = os.path.join(ctx.work_dir, name)  # not ctx.sub, which would create it
         if os.path.islink(path):
             os.unlink(path)
         else:
