@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -24,6 +23,7 @@ class Journal:
         self._lock = threading.Lock()
         self._dirty = threading.Event()
         self._closed = False
+        self._wake = threading.Event()
         self._interval = interval
         self._syncer = threading.Thread(target=self._sync_loop, name="journal-fsync", daemon=True)
         self._syncer.start()
@@ -46,10 +46,11 @@ class Journal:
                 return
             self._dirty.clear()
             os.fsync(self._fd)
-            time.sleep(self._interval)
+            self._wake.wait(self._interval)  # close() sets it, so the run ends without waiting
 
     def close(self) -> None:
         self._closed = True
+        self._wake.set()
         self._dirty.set()  # wake the syncer so it ends
         self._syncer.join()
         os.fsync(self._fd)

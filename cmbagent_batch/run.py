@@ -19,7 +19,7 @@ from cmbagent_batch import __version__
 from cmbagent_batch.analysis.cache import Cache, digest
 from cmbagent_batch.analysis.deps import analyse
 from cmbagent_batch.analysis.files import input_sources
-from cmbagent_batch.attempt import run_attempt
+from cmbagent_batch.attempt import run_attempt, tree_size
 from cmbagent_batch.config import Config
 from cmbagent_batch.dag import Dag
 from cmbagent_batch.fingerprint import Fingerprint, fingerprints
@@ -162,7 +162,7 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
         if r.state is TaskState.SUCCEEDED and r.outcome is not None:
             o = r.outcome
             rec.update(p.fps[r.id].to_dict(), wall_s=round(o.wall_s, 6), cpu_s=round(o.cpu_s, 6),
-                       peak_rss_mb=round(o.peak_rss_mb, 3), work_bytes=o.work_bytes, output_bytes=o.output_bytes)
+                       peak_rss_mb=round(o.peak_rss_mb, 3))
         elif r.outcome is not None and not r.outcome.ok and r.state is not TaskState.RUNNING:
             rec.update(error=r.outcome.error, exit_code=r.outcome.exit_code, timed_out=r.outcome.timed_out)
             if r.outcome.traceback:
@@ -238,6 +238,11 @@ def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, run
     def iso(t: float | None) -> str | None:
         return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
+    # Sizes are measured here, once, at the end, rather than on the workers' critical path.
+    sizes = {} if ended is None else {
+        tid: (tree_size(work_dir(p.run_dir, 0, tid)), tree_size(os.path.join(p.run_dir, "outputs", tid)))
+        for tid in runs
+    }
     tasks = {}
     for tid, r in sorted(runs.items()):
         h = p.history.get(tid)
@@ -252,8 +257,8 @@ def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, run
             "cpu_s": round(o.cpu_s, 6) if o else last.get("cpu_s"),
             "peak_rss_mb": round(o.peak_rss_mb, 3) if o else last.get("peak_rss_mb"),
             "work_dir": work_dir(p.run_dir, 0, tid),
-            "work_bytes": o.work_bytes if o else last.get("work_bytes"),
-            "output_bytes": o.output_bytes if o else last.get("output_bytes"),
+            "work_bytes": sizes[tid][0] if tid in sizes else None,
+            "output_bytes": sizes[tid][1] if tid in sizes else None,
             "reason": r.reason or None,
             "fingerprint": p.fps[tid].value,
         }

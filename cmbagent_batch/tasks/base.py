@@ -71,5 +71,3 @@ class Outcome:
     cpu_s: float = 0.0
     peak_rss_mb: float = 0.0
     result_file: str | None = None  # python: where the JSON of the return value went
-    work_bytes: int = 0  # size of the work directory after the attempt (and retention)
-    output_bytes: int = 0  # size of the published outputs

@@ -38,8 +38,8 @@ class OutputError(Exception):
         return (OutputError, (self.missing,))
 
 
-def prepare(ctx: TaskContext) -> None:
-    """Create the work directory and its subdirectories (``WORK_SUBDIRS``); harmless if they exist.
+def prepare(ctx: TaskContext, subdirs: Sequence[str] = WORK_SUBDIRS) -> None:
+    """Create the work directory and ``subdirs`` (the others come on demand: ``TaskContext.sub``).
 
     A fresh directory costs one ``mkdir`` per directory. In a directory left by an earlier run, files
     that are hard links of the published outputs (``publish`` links rather than copies) are first replaced
@@ -52,7 +52,7 @@ def prepare(ctx: TaskContext) -> None:
         _unshare(work, os.path.join(ctx.run_dir, "outputs", _checked_id(ctx.task_id)))
     except FileNotFoundError:
         os.makedirs(work, exist_ok=True)
-    for name in WORK_SUBDIRS:
+    for name in subdirs:
         try:
             os.mkdir(os.path.join(work, name))
         except FileExistsError:
@@ -100,22 +100,23 @@ def publish(ctx: TaskContext, outputs: Sequence[str]) -> list[str]:
     task = _checked_id(ctx.task_id)
     found = _collect(ctx.work_dir, outputs)
     root = os.path.join(ctx.run_dir, "outputs")
-    os.makedirs(root, exist_ok=True)
-    marker = os.path.join(root, f".publishing-{task}")
-    _remove_leftover(root, marker, task)
-    name = f".staging-{task}-{secrets.token_hex(8)}"
-    os.symlink(name, marker)
-    staging = os.path.join(root, name)
+    # One publish per task at a time (the run directory's lock), so the staging name can be fixed: a
+    # leftover of a publish that crashed is found by name and holds only copies of work-dir files.
+    staging = os.path.join(root, f".staging-{task}")
+    if os.path.lexists(staging):
+        shutil.rmtree(staging, ignore_errors=True)
     try:
         os.mkdir(staging)
+    except FileNotFoundError:
+        os.makedirs(root, exist_ok=True)
+        os.mkdir(staging)
+    try:
         for rel in found:
             _copy_in(os.path.join(ctx.work_dir, rel), os.path.join(staging, rel))
         _install(staging, os.path.join(root, task), os.path.join(ctx.run_dir, "superseded"), task)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        os.unlink(marker)
     return found
 
 
@@ -224,17 +225,6 @@ def _unshare(work_dir: str, published: str) -> None:
             tmp = os.path.join(os.path.dirname(mine), f".unshare-{secrets.token_hex(6)}")
             shutil.copy2(mine, tmp)
             os.replace(tmp, mine)
-
-
-def _remove_leftover(root: str, marker: str, task: str) -> None:
-    """Delete the staging directory of a publish that crashed (it holds only copies of work-dir files)."""
-    try:
-        name = os.readlink(marker)
-    except FileNotFoundError:
-        return
-    if re.fullmatch(rf"\.staging-{re.escape(task)}-[0-9a-f]{{16}}", name):
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    os.unlink(marker)
 
 
 def _install(staging: str, final: str, superseded: str, task: str) -> None:
