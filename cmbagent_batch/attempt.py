@@ -20,7 +20,7 @@ from cmbagent_batch.tasks.workdir import OutputError, cleanup, prepare, publish,
 
 # Subdirectories made before a task starts; the rest are made when used (python: ctx.sub(name), shell:
 # mkdir -p). On a network or journaled file system each mkdir costs ~0.2 ms, which dominates tiny tasks.
-SUBDIRS_UP_FRONT = {"shell": ("logs",), "python": ()}
+SUBDIRS_UP_FRONT = {"shell": ("logs", "temp"), "python": ()}
 
 
 def tree_size(path: str) -> int:
@@ -61,9 +61,12 @@ def run_attempt(payload: Payload, ctx: TaskContext, links: Sequence[tuple[str, s
         if not outcome.ok:
             return outcome
         published = os.path.join(ctx.run_dir, "outputs", ctx.task_id)
-        if payload.outputs or os.path.lexists(published):  # an earlier run's outputs get superseded
+        outputs = list(payload.outputs)
+        if outcome.result_file:  # the return value is published with the declared outputs
+            outputs.append(os.path.relpath(outcome.result_file, ctx.work_dir))
+        if outputs or os.path.lexists(published):  # an earlier run's outputs get superseded
             try:
-                publish(ctx, payload.outputs)
+                publish(ctx, outputs)
             except OutputError as exc:
                 return dataclasses.replace(outcome, ok=False, error=str(exc))
         cleanup(ctx, keep)

@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _flags(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
     out = {key: (getattr(args, attr), flag) for attr, (key, flag) in FLAG_SETTINGS.items() if hasattr(args, attr)}
+    for key in ("job.run_dir", "analysis.cache_dir"):  # a path on the command line is relative to the cwd
+        value, flag = out.get(key, (None, ""))
+        if value is not None:
+            out[key] = (os.path.abspath(value), flag)
     if getattr(args, "keep_going", None) is not None:
         out["execution.keep_going"] = (args.keep_going, "--keep-going" if args.keep_going else "--fail-fast")
     return out

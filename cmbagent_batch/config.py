@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -71,6 +72,11 @@ def _text(text: str) -> str:
     return text
 
 
+def _path(text: str) -> str:
+    """A directory named in the environment: relative to the current directory, like a flag's."""
+    return os.path.abspath(_text(text))
+
+
 # Variable -> (setting, parser). CMBAGENT_ENABLE_PARALLEL, CMBAGENT_AUTO_DETECT_DEPS and
 # CMBAGENT_USE_LLM_DEPS are switches over execution.mode and analysis.sources (see _switches).
 ENV_VARS: dict[str, tuple[str, Parse]] = {
@@ -83,8 +89,8 @@ ENV_VARS: dict[str, tuple[str, Parse]] = {
     "CMBAGENT_KEEP_GOING": ("execution.keep_going", _bool),
     "CMBAGENT_MAX_MEMORY_MB": ("execution.max_memory_mb", _positive_int),
     "CMBAGENT_TASKS_PER_RANK": ("execution.tasks_per_rank", _positive_int),
-    "CMBAGENT_RUN_DIR": ("job.run_dir", _text),
-    "CMBAGENT_CACHE_DIR": ("analysis.cache_dir", _text),
+    "CMBAGENT_RUN_DIR": ("job.run_dir", _path),
+    "CMBAGENT_CACHE_DIR": ("analysis.cache_dir", _path),
 }
 SWITCHES = ("CMBAGENT_ENABLE_PARALLEL", "CMBAGENT_AUTO_DETECT_DEPS", "CMBAGENT_USE_LLM_DEPS")
 

@@ -187,7 +187,7 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     limits = Limits(max_workers=workers, cpus=max(workers, os.cpu_count() or 1),
                     memory_mb=total_mb * ex.memory_safety_fraction, memory_safety_fraction=ex.memory_safety_fraction,
                     memory_in_use=_memory_in_use,
-                    prefetch_kinds=frozenset({"python"}) if ex.use_process_pool else frozenset())
+                    prefetch_kinds=frozenset({"python"}) if ex.use_process_pool and workers > 1 else frozenset())
     options = Options(keep_going=ex.keep_going, retries=ex.retries, retry_backoff=ex.retry_backoff,
                       kill_grace=ex.kill_grace)
     sched = Scheduler(runs, pools, limits, options, make_launch, record, tick=progress)

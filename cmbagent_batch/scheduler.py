@@ -99,11 +99,15 @@ class Scheduler:
         self._record = record  # journal a state change (the caller adds what it knows)
         self._tick = tick
         self._clock = clock
-        self._events: queue.Queue[tuple[str, Future[Outcome] | None]] = queue.Queue()
+        # SimpleQueue: put() is safe from a signal handler (request_stop), Queue's lock is not re-entrant.
+        self._events: queue.SimpleQueue[tuple[str, Future[Outcome] | None]] = queue.SimpleQueue()
         self._ready: list[tuple[float, str]] = []
         self._timers: list[tuple[float, str]] = []
         self._running: dict[str, Future[Outcome]] = {}
         self._executors: dict[str, Executor] = {}  # which executor runs each running attempt
+        self._others_running = 0  # running attempts that may not be prefetched
+        self._suspects_running = 0  # attempts rerun alone after a worker process died
+        self._broken: dict[int, int] = {}  # broken executor -> attempts it held when it broke
         self._cpus_used = 0
         self._mem_used = 0.0
         self._mem_checked = (-1.0, 0.0)
@@ -176,9 +180,16 @@ class Scheduler:
 
     # --- launching ---------------------------------------------------------------------------------
 
+    def _prefetchable(self, r: TaskRun) -> bool:
+        return r.kind in self.limits.prefetch_kinds and r.cpus == 1 and not r.memory_mb
+
     def _fits(self, r: TaskRun) -> bool:
         lim = self.limits
-        depth = 2 if r.kind in lim.prefetch_kinds else 1
+        if r.extra.get("suspect") or self._suspects_running:
+            return not self._running  # after a pool breakage: one attempt at a time, to find the culprit
+        # Queueing ahead (2x max_workers in flight) only among small tasks of a prefetch kind: a mix
+        # with other kinds, or tasks that reserve resources, would break max_workers and cpu limits.
+        depth = 2 if self._prefetchable(r) and self._others_running == 0 else 1
         if len(self._running) >= lim.max_workers * depth:
             return False
         if self._running and self._cpus_used + r.cpus > lim.cpus * depth:
@@ -226,6 +237,10 @@ class Scheduler:
             future = executor.submit(launch.fn, *launch.args)
         self._running[r.id] = future
         self._executors[r.id] = executor
+        if not self._prefetchable(r):
+            self._others_running += 1
+        if r.extra.get("suspect"):
+            self._suspects_running += 1
         self._cpus_used += r.cpus
         self._mem_used += r.memory_mb
         self._set(r, TaskState.RUNNING, attempt=r.attempts, work_dir=launch.ctx.work_dir, rank=launch.ctx.rank,
@@ -257,7 +272,10 @@ class Scheduler:
             return future.result()
         except BrokenProcessPool:
             self.pools.replace_broken(executor)  # a no-op when another casualty already replaced it
-            return Outcome(ok=False, error="the worker process running it died (killed, or out of memory)")
+            if self.stop_reason:
+                return Outcome(ok=False, error="terminated by the runner", worker_died=True)
+            return Outcome(ok=False, error="the worker process running it died (killed, or out of memory)",
+                           worker_died=True)
         except CancelledError:
             return Outcome(ok=False, error="cancelled before it started")
         except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable argument
@@ -268,7 +286,20 @@ class Scheduler:
         executor = self._executors.pop(r.id)
         self._cpus_used -= r.cpus
         self._mem_used -= r.memory_mb
+        if not self._prefetchable(r):
+            self._others_running -= 1
+        was_suspect = bool(r.extra.pop("suspect", False))
+        if was_suspect:
+            self._suspects_running -= 1
         outcome = self._outcome(future, executor)
+        if outcome.worker_died and not self.stop_reason and not was_suspect and self._shared_breakage(executor):
+            # The pool broke with several attempts in it: which one killed it is unknown, so none is
+            # charged; each runs again alone, and the one that kills its worker then fails.
+            r.extra["suspect"] = True
+            r.extra["free_attempts"] = r.extra.get("free_attempts", 0) + 1
+            self._set(r, TaskState.PENDING, attempt=r.attempts, reason=outcome.error)
+            heapq.heappush(self._ready, (-r.priority, r.id))
+            return
         r.outcome = outcome
         r.wall_s = outcome.wall_s or (self._clock() - r.started)
         if outcome.ok:
@@ -295,8 +326,16 @@ class Scheduler:
         if not self.options.keep_going:
             self.request_stop("fail-fast")
 
+    def _shared_breakage(self, executor: Executor) -> bool:
+        """Whether the pool that broke held other attempts too (counted once, at its first casualty)."""
+        key = id(executor)
+        if key not in self._broken:
+            self._broken[key] = 1 + sum(1 for ex in self._executors.values() if ex is executor)
+        return self._broken[key] > 1
+
     def _run_attempts(self, r: TaskRun) -> int:
-        return r.attempts - r.extra.get("attempts_before", 0)
+        """Attempts charged in this run (not those lost to a worker another task killed)."""
+        return r.attempts - r.extra.get("attempts_before", 0) - r.extra.get("free_attempts", 0)
 
     def _attempts_left(self, r: TaskRun) -> bool:
         return self._run_attempts(r) <= r.retries

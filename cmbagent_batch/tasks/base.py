@@ -71,3 +71,4 @@ class Outcome:
     cpu_s: float = 0.0
     peak_rss_mb: float = 0.0
     result_file: str | None = None  # python: where the JSON of the return value went
+    worker_died: bool = False  # the process-pool worker running it died (set by the scheduler)

@@ -56,7 +56,7 @@ class _Timeout(BaseException):
 def run_python(payload: Payload, ctx: TaskContext, chdir: bool) -> Outcome:
     """Call ``payload.call`` with ``payload.args`` (and ``ctx=`` if it takes ``ctx``); see the module doc.
 
-    The return value goes to ``outputs/return.json`` (``Outcome.result_file``), written atomically.
+    The return value goes to ``outputs/return.json`` (``Outcome.result_file``); nothing is written for None.
     """
     started = time.perf_counter()
     cpu_before = _cpu(chdir)

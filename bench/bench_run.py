@@ -1,0 +1,525 @@
+"""Time ``cmbagent-batch run``: many small shell tasks, many no-op python tasks, and a random layered DAG.
+
+Run as ``python bench/bench_run.py [--quick] [--runs N] [--no-snakemake]`` with the interpreter of a venv
+where cmbagent-batch is installed. Every figure is set beside a baseline measured in the same invocation:
+
+1. 2,000 independent shell tasks (``run: echo i > out.txt``, ``outputs: [out.txt]``), as
+   ``cmbagent-batch run SPEC --workers 2 --quiet --run-dir FRESH --cache-dir FRESH``, whole-command wall,
+   against ``seq 2000 | xargs -P2 -I{} sh -c 'mkdir -p d/{} && echo {} > d/{}/out.txt'`` (``sh`` is
+   whatever /bin/sh is; the same with ``bash -c`` is printed for context, since our tasks run under bash);
+   target at most 1.5x. And against Snakemake 9 (``snakemake --cores 2 --quiet all`` on a Snakefile whose
+   rule writes ``d/{i}/out.txt`` for the same 2,000 i's, in a fresh directory), installed once into
+   ``~/.cache/cmbagent-batch-bench/snakemake-venv``; target: Snakemake at least 5x slower than us.
+   When the install fails the row says why and is skipped.
+2. 20,000 no-op python tasks (``call: noop:run``, a module beside the spec) with
+   ``execution: {use_process_pool: true, max_workers: 2}``. Tasks/s raw (20,000 / wall) and corrected
+   for start-up (20,000 / (wall - wall of the same command on a 1-task spec)); the corrected one is held
+   to the target: at least 50% of a raw ``ProcessPoolExecutor(2)`` submitting 20,000 calls of the same
+   function and waiting for them (timed inside its own subprocess, pool start and shutdown included;
+   the platform's default start method, printed beside it).
+3. A layered DAG of 30 levels x 100 shell tasks ``sleep 0.NNN`` (each task has two parents drawn from
+   the previous level; durations Pareto(alpha=1) rounded to whole ms and clipped to [1, 50] ms; seed 1)
+   with ``--workers 16``. Makespan is the span of the run's journal: first ``running`` record to last
+   ``succeeded`` record. Its lower bound is max(critical path, total work / 16) over the wall times the
+   run recorded (``run.json`` ``tasks.*.wall_s``: bash start-up included, as it is in the makespan);
+   target at most 1.05x. Beside it, a level-barrier scheduler: a ``ThreadPoolExecutor(16)`` in this
+   process running the same ``bash -c 'sleep ...'`` commands level by level, waiting for each level to
+   end before starting the next; its makespan over ours is printed for context.
+
+Each measured run of ours gets a fresh run directory and a fresh analysis cache directory: the cost of
+a first run. Runs of ours and of the baseline alternate, so a change in the machine's load hits both
+alike; figures are medians over ``--runs`` runs (default 3; 1 for the 20,000 python tasks and for
+Snakemake). ``--quick`` divides the sizes by ~10 (200 shell tasks, 2,000 python tasks, a 10 x 30 DAG),
+runs everything once and skips Snakemake: a smoke run, whose absolute figures are not the targets'.
+
+Exit status 0 whatever the figures (benchmarks report, they do not gate); 1 only when a measured
+command did not run as expected (the benchmark itself, or the product, is broken, not slow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import specgen  # noqa: E402
+from specgen import CommandFailed, Row, Sample, cpu_cell, secs, verdict  # noqa: E402
+
+XARGS_RATIO_TARGET = 1.5  # ours / xargs, at most
+SNAKEMAKE_RATIO_TARGET = 5.0  # snakemake / ours, at least
+PYTHON_FRACTION_TARGET = 0.5  # ours / raw ProcessPoolExecutor, tasks/s, at least
+MAKESPAN_RATIO_TARGET = 1.05  # makespan / lower bound, at most
+
+DAG_SEED = 1
+DAG_WORKERS = 16
+
+SNAKEMAKE_VENV = os.path.join(os.path.expanduser("~"), ".cache", "cmbagent-batch-bench", "snakemake-venv")
+SNAKEMAKE_REQUIREMENT = "snakemake>=9,<10"
+
+NOOP_MODULE = "def run():\n    return None\n"
+
+POOL_BASELINE = """
+import json, multiprocessing, sys, time
+from concurrent.futures import ProcessPoolExecutor, wait
+n, here = int(sys.argv[1]), sys.argv[2]
+sys.path.insert(0, here)
+import noop
+t0 = time.perf_counter()
+with ProcessPoolExecutor(2) as pool:
+    futures = [pool.submit(noop.run) for _ in range(n)]
+    wait(futures)
+    for f in futures:
+        f.result()
+print(json.dumps({"wall": time.perf_counter() - t0, "start_method": multiprocessing.get_start_method()}))
+"""
+
+# ---------------------------------------------------------------------------------------------------
+# Specs
+
+
+def shell_spec(n: int) -> str:
+    parts = ["version: 1\njob:\n  name: bench-shell\ntasks:\n"]
+    for i in range(n):
+        parts.append(f"  - id: t{i:06d}\n    kind: shell\n    run: echo {i} > out.txt\n    outputs: [out.txt]\n")
+    return "".join(parts)
+
+
+def python_spec(n: int) -> str:
+    parts = ["version: 1\njob:\n  name: bench-python\nexecution:\n  use_process_pool: true\n  max_workers: 2\n"
+             "tasks:\n"]
+    for i in range(n):
+        parts.append(f"  - id: p{i:06d}\n    kind: python\n    call: noop:run\n")
+    return "".join(parts)
+
+
+SNAKEFILE = """\
+N = {n}
+
+rule all:
+    input: expand("d/{{i}}/out.txt", i=range(1, N + 1))
+
+rule write:
+    output: "d/{{i}}/out.txt"
+    shell: "echo {{wildcards.i}} > {{output}}"
+"""
+
+
+@dataclass(frozen=True)
+class DagTask:
+    id: str
+    level: int
+    ms: int  # sleep duration
+    parents: tuple[str, ...]
+
+    @property
+    def command(self) -> str:
+        return f"sleep {self.ms / 1000:.3f}"
+
+
+def layered_dag(levels: int, width: int, seed: int) -> list[DagTask]:
+    """``levels`` x ``width`` tasks; each below the first has two distinct parents in the level above."""
+    rng = random.Random(seed)
+    tasks: list[DagTask] = []
+    for lv in range(levels):
+        for j in range(width):
+            ms = min(50, max(1, round(rng.paretovariate(1.0))))  # heavy tail: P(> x ms) = 1/x
+            parents = tuple(f"L{lv - 1:02d}-{k:03d}" for k in sorted(rng.sample(range(width), 2))) if lv else ()
+            tasks.append(DagTask(f"L{lv:02d}-{j:03d}", lv, ms, parents))
+    return tasks
+
+
+def dag_spec(tasks: list[DagTask]) -> str:
+    parts = ["version: 1\njob:\n  name: bench-dag\ntasks:\n"]
+    for t in tasks:
+        deps = f"    depends_on: [{', '.join(t.parents)}]\n" if t.parents else ""
+        parts.append(f"  - id: {t.id}\n    kind: shell\n    run: {t.command}\n{deps}")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running ours
+
+
+class Fresh:
+    """Numbered fresh directories under ``root`` (a run directory, a cache directory, a baseline's cwd)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.n = 0
+
+    def __call__(self, name: str) -> str:
+        self.n += 1
+        path = os.path.join(self.root, f"{name}-{self.n}")
+        os.makedirs(path)
+        return path
+
+
+def run_cmd(spec: str, run_dir: str, cache_dir: str, workers: int | None) -> list[str]:
+    flags = ["--workers", str(workers)] if workers else []
+    return [*specgen.cli(), "run", spec, *flags, "--quiet", "--run-dir", run_dir, "--cache-dir", cache_dir]
+
+
+def run_ours(spec: str, fresh: Fresh, env: dict[str, str], n_tasks: int, workers: int | None = None,
+             keep: bool = False) -> tuple[specgen.Run, str]:
+    """One run of ``cmbagent-batch run`` in fresh directories; checks every task succeeded."""
+    run_dir = os.path.join(fresh("run"), "rd")  # run --fresh is not needed: it does not exist yet
+    cache_dir = fresh("cache")
+    cmd = run_cmd(spec, run_dir, cache_dir, workers)
+    run = specgen.run_once(cmd, cwd=os.path.dirname(spec), env=env)
+    manifest = read_manifest(os.path.join(run_dir, "run.json"), cmd)
+    counts = manifest.get("counts")
+    if counts != {"succeeded": n_tasks}:
+        raise CommandFailed(f"{' '.join(cmd)}\n  run.json counts {counts}, expected {{'succeeded': {n_tasks}}}")
+    if not keep:
+        shutil.rmtree(os.path.dirname(run_dir), ignore_errors=True)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return run, run_dir
+
+
+def read_manifest(path: str, cmd: list[str]) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise CommandFailed(f"{' '.join(cmd)}\n  exited 0 but {path} is unreadable: {exc}") from None
+    if not isinstance(data, dict):
+        raise CommandFailed(f"{' '.join(cmd)}\n  {path} is not a JSON object")
+    return data
+
+
+def count_outputs(directory: str) -> int:
+    d = os.path.join(directory, "d")
+    return sum(1 for name in os.listdir(d) if os.path.isfile(os.path.join(d, name, "out.txt"))) \
+        if os.path.isdir(d) else 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Snakemake, in its own venv
+
+
+def _snakemake_version(exe: str) -> str | None:
+    if not os.access(exe, os.X_OK):
+        return None
+    try:
+        proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def snakemake() -> tuple[str | None, str]:
+    """``(path to snakemake 9, version)``, installing it once; ``(None, why not)`` when that fails."""
+    exe = os.path.join(SNAKEMAKE_VENV, "bin", "snakemake")
+    version = _snakemake_version(exe)
+    if version and version.startswith("9."):
+        return exe, version
+    print(f"bench_run: installing {SNAKEMAKE_REQUIREMENT} into {SNAKEMAKE_VENV} (once) ...", file=sys.stderr)
+    steps = [[sys.executable, "-m", "venv", "--clear", SNAKEMAKE_VENV],
+             [os.path.join(SNAKEMAKE_VENV, "bin", "python"), "-m", "pip", "install", "-q", SNAKEMAKE_REQUIREMENT]]
+    for cmd in steps:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return None, f"{' '.join(cmd)}: {exc}"
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            return None, f"{' '.join(cmd)} exited {proc.returncode}: {tail}"
+    version = _snakemake_version(exe)
+    if not version or not version.startswith("9."):
+        return None, f"{exe} --version says {version!r} after the install, not 9.x"
+    return exe, version
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figure 1: 2,000 shell tasks
+
+
+def shell_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str], n: int, runs: int,
+                  skip_snakemake: str | None) -> None:
+    fresh = Fresh(root)
+    spec_dir = fresh("shell-spec")
+    spec = specgen.write(spec_dir, "shell.yaml", shell_spec(n))
+    warm = specgen.write(spec_dir, "warm.yaml", shell_spec(1))
+    run_ours(warm, fresh, env, 1, workers=2)  # compiles .pyc files, fills the page cache; not counted
+
+    def xargs(shell: str) -> list[str]:
+        return ["sh", "-c", f"seq {n} | xargs -P2 -I{{}} {shell} -c 'mkdir -p d/{{}} && echo {{}} > d/{{}}/out.txt'"]
+
+    ours, x_sh, x_bash = Sample(), Sample(), Sample()
+    for _ in range(runs):
+        ours.add(run_ours(spec, fresh, env, n, workers=2)[0])
+        for sample, shell in ((x_sh, "sh"), (x_bash, "bash")):
+            cwd = fresh(f"xargs-{shell}")
+            sample.add(specgen.run_once(xargs(shell), cwd=cwd, env=env))
+            if count_outputs(cwd) != n:
+                raise CommandFailed(f"{' '.join(xargs(shell))}\n  wrote {count_outputs(cwd)} of {n} outputs")
+            shutil.rmtree(cwd, ignore_errors=True)
+    sh_is = os.path.realpath(shutil.which("sh") or "/bin/sh")
+    rows.append(Row(f"xargs -P2, sh -c per item (baseline, {x_sh.runs()})", secs(x_sh.wall), cpu=cpu_cell(x_sh)))
+    rows.append(Row(f"xargs -P2, bash -c per item (context, {x_bash.runs()})", secs(x_bash.wall),
+                    cpu=cpu_cell(x_bash)))
+    rows.append(Row(f"run {n:,} shell tasks, --workers 2 ({ours.runs()})", secs(ours.wall), secs(x_sh.wall),
+                    f"{ours.wall / x_sh.wall:.2f}x", f"<= {XARGS_RATIO_TARGET}x xargs (sh)",
+                    verdict(ours.wall <= XARGS_RATIO_TARGET * x_sh.wall), cpu_cell(ours, x_sh)))
+    rows.append(Row("  same, against xargs with bash -c", secs(ours.wall), secs(x_bash.wall),
+                    f"{ours.wall / x_bash.wall:.2f}x", cpu=cpu_cell(ours, x_bash)))
+    rows.append(Row("  per task", f"{ours.wall / n * 1000:.2f} ms", f"{x_sh.wall / n * 1000:.2f} ms"))
+    rows.append(Row("  peak RSS", specgen.mib(ours.peak_rss)))
+    notes.append(f"sh is {sh_is}; the 1.5x target is held against the sh figure (the issue's command); "
+                 "our tasks run under bash, so the bash row is the like-for-like context")
+    notes.append("ours: whole command (start-up, spec, DAG, journal, run.json) with a fresh --run-dir and "
+                 "--cache-dir per run; runs of ours and of both xargs alternate")
+
+    if skip_snakemake:
+        rows.append(Row("snakemake 9 --cores 2", skip_snakemake))
+        return
+    exe, version = snakemake()
+    if exe is None:
+        rows.append(Row("snakemake 9 --cores 2", "skipped: install failed"))
+        notes.append(f"snakemake not measured: {version}")
+        return
+    cwd = fresh("snakemake")
+    specgen.write(cwd, "Snakefile", SNAKEFILE.format(n=n))
+    cmd = [exe, "--cores", "2", "--quiet", "all", "--snakefile", "Snakefile"]
+    snake = Sample()
+    snake.add(specgen.run_once(cmd, cwd=cwd, env=env))
+    if count_outputs(cwd) != n:
+        raise CommandFailed(f"{' '.join(cmd)}\n  wrote {count_outputs(cwd)} of {n} outputs")
+    rows.append(Row(f"snakemake {version} --cores 2, same {n:,} jobs ({snake.runs()})", secs(snake.wall),
+                    secs(ours.wall), f"{snake.wall / ours.wall:.2f}x",
+                    f">= {SNAKEMAKE_RATIO_TARGET:g}x ours", verdict(snake.wall >= SNAKEMAKE_RATIO_TARGET * ours.wall),
+                    cpu_cell(snake, ours)))
+    notes.append(f"snakemake: {' '.join(cmd[1:])} in a fresh directory, from {SNAKEMAKE_VENV}; "
+                 "its ratio is snakemake / ours (how many times slower Snakemake is)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figure 2: no-op python tasks in a process pool
+
+
+def python_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str], n: int, runs: int,
+                   startup_runs: int) -> None:
+    fresh = Fresh(root)
+    spec_dir = fresh("python-spec")
+    specgen.write(spec_dir, "noop.py", NOOP_MODULE)
+    spec = specgen.write(spec_dir, "python.yaml", python_spec(n))
+    one = specgen.write(spec_dir, "python1.yaml", python_spec(1))
+    run_ours(one, fresh, env, 1)  # warm-up, not counted
+
+    pool_out = os.path.join(spec_dir, "pool.json")
+    pool_cmd = [sys.executable, "-c", POOL_BASELINE, str(n), spec_dir]
+    pool_walls: list[float] = []
+    start_method = "?"
+    pool = Sample()
+    startup, ours = Sample(), Sample()
+    for _ in range(runs):
+        pool.add(specgen.run_once(pool_cmd, cwd=spec_dir, env=env, stdout_path=pool_out))
+        with open(pool_out, encoding="utf-8") as fh:
+            report = json.load(fh)
+        pool_walls.append(float(report["wall"]))
+        start_method = report["start_method"]
+        ours.add(run_ours(spec, fresh, env, n)[0])
+    for _ in range(startup_runs):
+        startup.add(run_ours(one, fresh, env, 1)[0])
+    pool_rate = n / statistics.median(pool_walls)
+    raw = n / ours.wall
+    work = ours.wall - startup.wall
+    corrected = n / work if work > 0 else float("inf")
+    rows.append(Row(f"ProcessPoolExecutor(2) ({start_method}), {n:,} no-op submits (baseline, {pool.runs()})",
+                    f"{pool_rate:,.0f} tasks/s", cpu=cpu_cell(pool)))
+    rows.append(Row(f"run 1 python task: start-up ({startup.runs()})", secs(startup.wall), cpu=cpu_cell(startup)))
+    rows.append(Row(f"run {n:,} python tasks, process pool of 2 ({ours.runs()})", secs(ours.wall),
+                    cpu=cpu_cell(ours, pool)))
+    rows.append(Row("  raw: tasks / wall", f"{raw:,.0f} tasks/s", f"{pool_rate:,.0f} tasks/s",
+                    f"{raw / pool_rate:.1%}"))
+    rows.append(Row("  start-up corrected: tasks / (wall - 1-task wall)", f"{corrected:,.0f} tasks/s",
+                    f"{pool_rate:,.0f} tasks/s", f"{corrected / pool_rate:.1%}",
+                    f">= {PYTHON_FRACTION_TARGET:.0%}", verdict(corrected >= PYTHON_FRACTION_TARGET * pool_rate)))
+    rows.append(Row("  per task (corrected)", f"{work / n * 1e6:,.0f} us", f"{1e6 / pool_rate:,.0f} us",
+                    f"{(work / n) * pool_rate:.1f}x"))
+    notes.append("the PASS uses the start-up-corrected rate; the baseline is timed inside its subprocess "
+                 "(pool start, submits, waits, shutdown), ours is the whole command")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figure 3: layered DAG, makespan against its lower bound and a level-barrier scheduler
+
+
+def journal_span(run_dir: str) -> tuple[float, float]:
+    """(first ``running`` time, last ``succeeded`` time) over the run's journals."""
+    first, last = float("inf"), float("-inf")
+    directory = os.path.join(run_dir, "journal")
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), encoding="utf-8") as fh:
+            for line in fh:
+                rec = json.loads(line)
+                if rec.get("state") == "running":
+                    first = min(first, rec["t"])
+                elif rec.get("state") == "succeeded":
+                    last = max(last, rec["t"])
+    return first, last
+
+
+def lower_bound(tasks: list[DagTask], walls: dict[str, float], workers: int) -> tuple[float, float]:
+    """(critical path, total work / workers) with ``walls`` as task weights; tasks are in level order."""
+    finish: dict[str, float] = {}
+    for t in tasks:
+        finish[t.id] = max((finish[p] for p in t.parents), default=0.0) + walls[t.id]
+    return max(finish.values()), sum(walls[t.id] for t in tasks) / workers
+
+
+def _cpu_so_far() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def level_barrier(tasks: list[DagTask], workers: int, cwd: str) -> tuple[float, float]:
+    """(makespan, CPU seconds) of running ``tasks`` level by level on a thread pool, each level waiting
+    for the one before; the CPU is this process's and its children's over the run."""
+    bash = shutil.which("bash") or "bash"
+    levels: dict[int, list[DagTask]] = {}
+    for t in tasks:
+        levels.setdefault(t.level, []).append(t)
+
+    def one(t: DagTask) -> int:
+        return subprocess.run([bash, "-c", t.command], cwd=cwd, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+
+    with ThreadPoolExecutor(workers) as pool:
+        cpu0 = _cpu_so_far()
+        t0 = time.perf_counter()
+        for lv in sorted(levels):
+            codes = list(pool.map(one, levels[lv]))
+            if any(codes):
+                raise CommandFailed(f"level-barrier baseline: a 'bash -c sleep' of level {lv} exited {max(codes)}")
+        return time.perf_counter() - t0, _cpu_so_far() - cpu0
+
+
+def dag_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str], levels: int, width: int,
+                runs: int) -> None:
+    fresh = Fresh(root)
+    spec_dir = fresh("dag-spec")
+    tasks = layered_dag(levels, width, DAG_SEED)
+    n = len(tasks)
+    spec = specgen.write(spec_dir, "dag.yaml", dag_spec(tasks))
+    run_ours(specgen.write(spec_dir, "warm.yaml", shell_spec(1)), fresh, env, 1)  # warm-up, not counted
+
+    makespans: list[float] = []
+    bounds: list[float] = []
+    cps: list[float] = []
+    works: list[float] = []
+    ratios: list[float] = []
+    commands: list[float] = []
+    barriers: list[float] = []
+    ours_cpu: list[float] = []
+    barrier_cpu: list[float] = []
+    for _ in range(runs):
+        run, run_dir = run_ours(spec, fresh, env, n, workers=DAG_WORKERS, keep=True)
+        manifest = read_manifest(os.path.join(run_dir, "run.json"), ["run", spec])
+        walls = {tid: float(t["wall_s"]) for tid, t in manifest["tasks"].items()}
+        first, last = journal_span(run_dir)
+        shutil.rmtree(os.path.dirname(run_dir), ignore_errors=True)
+        cp, work = lower_bound(tasks, walls, DAG_WORKERS)
+        makespan = last - first
+        makespans.append(makespan)
+        cps.append(cp)
+        works.append(work)
+        bounds.append(max(cp, work))
+        ratios.append(makespan / max(cp, work))
+        commands.append(run.wall)
+        ours_cpu.append(run.cpu)
+        barrier, cpu = level_barrier(tasks, DAG_WORKERS, fresh("barrier"))
+        barriers.append(barrier)
+        barrier_cpu.append(cpu)
+
+    med = statistics.median
+    nominal = {t.id: t.ms / 1000 for t in tasks}
+    n_cp, n_work = lower_bound(tasks, nominal, DAG_WORKERS)
+    label = f"median of {runs}" if runs > 1 else "1 run"
+    cpu = f"{med(ours_cpu):.3f} / {med(barrier_cpu):.3f} s = {med(ours_cpu) / max(med(barrier_cpu), 1e-9):.2f}x"
+    rows.append(Row(f"level barrier, ThreadPoolExecutor({DAG_WORKERS}) (baseline, {label})", secs(med(barriers)),
+                    cpu=f"{med(barrier_cpu):.3f} s"))
+    rows.append(Row(f"run DAG {levels}x{width}={n:,}, --workers {DAG_WORKERS}: makespan ({label})",
+                    secs(med(makespans)), f"LB {secs(med(bounds))}", f"{med(ratios):.3f}x",
+                    f"<= {MAKESPAN_RATIO_TARGET}x LB", verdict(med(ratios) <= MAKESPAN_RATIO_TARGET)))
+    rows.append(Row("  LB parts: critical path | work / 16 (recorded walls)",
+                    f"{secs(med(cps))} | {secs(med(works))}"))
+    rows.append(Row("  level barrier / ours", secs(med(barriers)), secs(med(makespans)),
+                    f"{med(barriers) / med(makespans):.2f}x", "(context: ~1.9x in the issue)"))
+    rows.append(Row("  whole command wall", secs(med(commands)), cpu=cpu))
+    rows.append(Row("  sleep-only LB: critical path | work / 16", f"{secs(n_cp)} | {secs(n_work)}",
+                    ratio=f"ours {med(makespans) / max(n_cp, n_work):.2f}x"))
+    if runs > 1:
+        rows.append(Row("  per run: makespan / LB", ", ".join(f"{r:.3f}x" for r in ratios)))
+    notes.append(f"DAG: shell tasks 'sleep 0.NNN' (bash -c), durations Pareto(1) clipped to [1, 50] ms, "
+                 f"seed {DAG_SEED}, sum {sum(t.ms for t in tasks) / 1000:.1f} s; makespan = first 'running' "
+                 "to last 'succeeded' journal record; LB from run.json wall_s (process start included)")
+    notes.append("level barrier: the same bash -c commands from this benchmark process, timed from the "
+                 "first submit to the last level's end (no spec, journal or work directories); cpu column: "
+                 "our whole command / the barrier's process and children")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="sizes / ~10, one run each, no snakemake: a smoke run")
+    parser.add_argument("--runs", type=int, metavar="N",
+                        help="runs of the shell and DAG figures (default 3, quick 1); python and snakemake run once")
+    parser.add_argument("--no-snakemake", action="store_true", help="skip the Snakemake row (and its install)")
+    args = parser.parse_args()
+    quick = args.quick
+    runs = max(1, args.runs or (1 if quick else 3))
+    env = specgen.bench_env()
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    sections: list[tuple[str, list[Row], list[str]]] = []
+    failed: list[str] = []
+    n_shell, n_python = (200, 2_000) if quick else (2_000, 20_000)
+    skip_snakemake = "skipped in --quick" if quick else ("skipped (--no-snakemake)" if args.no_snakemake else None)
+    levels, width = (10, 30) if quick else (30, 100)
+    with specgen.TempDir() as tmp:
+        steps = [
+            (f"1. {n_shell:,} shell tasks, 2 workers", lambda r, nt: shell_figures(
+                r, nt, tmp, env, n_shell, runs, skip_snakemake)),
+            (f"2. {n_python:,} no-op python tasks, process pool of 2", lambda r, nt: python_figures(
+                r, nt, tmp, env, n_python, 1, 1 if quick else 5)),
+            (f"3. layered DAG {levels}x{width}, {DAG_WORKERS} workers", lambda r, nt: dag_figures(
+                r, nt, tmp, env, levels, width, runs)),
+        ]
+        for title, step in steps:
+            rows: list[Row] = []
+            notes: list[str] = []
+            try:
+                step(rows, notes)
+            except CommandFailed as exc:
+                rows.append(Row("command failed", "-", verdict="ERROR"))
+                failed.append(str(exc))
+            sections.append((title, rows, notes))
+    last_notes = sections[-1][2]
+    last_notes.append(f"{specgen.load_note()}; {load_at_start:.2f} (1 min) at the start. 2 cores shared with "
+                      "other work: wall times include waiting for a core, compare the cpu column too")
+    if quick:
+        last_notes.append("--quick: sizes / ~10, one run each; only the ratios mean anything")
+    print(f"cmbagent-batch run ({sys.executable})")
+    for title, rows, notes in sections:
+        specgen.print_table(title, rows, notes)
+    for message in failed:
+        print(f"\nERROR: {message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

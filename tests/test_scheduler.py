@@ -1,0 +1,514 @@
+"""The scheduler as pure logic: fake pools, fake attempts, a fake clock; no processes, no files.
+
+Two kinds of fake executor, both in ``FakePools``:
+
+* tasks not in ``hold`` run synchronously inside ``submit`` (the future is done when it is returned);
+* tasks in ``hold`` get a future that the test completes by hand, from the scheduler's ``tick`` callback,
+  which runs on the scheduler thread after every loop iteration, so everything stays single-threaded and
+  deterministic.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Iterable
+
+import pytest
+
+from cmbagent_batch.scheduler import Launch, Limits, Options, Scheduler, TaskRun
+from cmbagent_batch.states import TaskState
+from cmbagent_batch.tasks.base import Outcome, TaskContext
+
+OK = Outcome(ok=True)
+DIED = "the worker process running it died (killed, or out of memory)"
+
+
+def fail(error: str = "exit code 1") -> Outcome:
+    return Outcome(ok=False, error=error, exit_code=1)
+
+
+class FakeClock:
+    """Monotonic time that moves ``step`` seconds each time it is read (backoffs pass at once)."""
+
+    def __init__(self, step: float = 1.0) -> None:
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+class FakeExecutor(Executor):
+    def __init__(self, pools: "FakePools", name: str) -> None:
+        self.pools = pools
+        self.name = name
+        self.broken_on_submit = 0  # the next N submits raise BrokenProcessPool
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> "Future[Any]":
+        if self.broken_on_submit:
+            self.broken_on_submit -= 1
+            raise BrokenProcessPool("a process in the pool was terminated abruptly")
+        tid = args[0]
+        pools = self.pools
+        pools.submitted.append(tid)
+        pools.executor_of[tid] = self
+        pools.live[tid] = pools.cpus_of(tid)
+        pools.peak_live = max(pools.peak_live, len(pools.live))
+        pools.peak_cpus = max(pools.peak_cpus, sum(pools.live.values()))
+        future: Future[Any] = Future()
+        future.add_done_callback(lambda f: pools.live.pop(tid, None))
+        if tid in pools.hold:
+            future.set_running_or_notify_cancel()
+            pools.held.append((tid, future))
+            return future
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the scheduler like a real executor does
+            future.set_exception(exc)
+        return future
+
+
+class FakePools:
+    """The Pools protocol over fake executors; records what the scheduler asked of it."""
+
+    def __init__(self, hold: Iterable[str] = (), on_terminate: Callable[["FakePools"], None] | None = None) -> None:
+        self.hold = set(hold)
+        self.held: list[tuple[str, Future[Any]]] = []
+        self.executor = FakeExecutor(self, "pool-1")
+        self.replaced: list[str] = []
+        self.terminated: list[float] = []
+        self.on_terminate = on_terminate
+        self.submitted: list[str] = []
+        self.executor_of: dict[str, FakeExecutor] = {}
+        self.live: dict[str, int] = {}  # submitted and not done: task -> cpus
+        self.peak_live = 0
+        self.peak_cpus = 0
+        self.cpus_of: Callable[[str], int] = lambda tid: 1
+
+    def executor_for(self, kind: str) -> Executor:
+        return self.executor
+
+    def replace_broken(self, executor: Executor) -> None:
+        assert isinstance(executor, FakeExecutor)
+        self.replaced.append(executor.name)
+        if executor is self.executor:
+            self.executor = FakeExecutor(self, f"pool-{len(self.replaced) + 1}")
+
+    def terminate_running(self, grace: float) -> None:
+        self.terminated.append(grace)
+        if self.on_terminate is not None:
+            self.on_terminate(self)
+
+    def release(self, tid: str, result: Outcome | BaseException = OK) -> None:
+        for i, (held_tid, future) in enumerate(self.held):
+            if held_tid == tid:
+                del self.held[i]
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+                return
+        raise AssertionError(f"{tid} is not held")
+
+    def terminate_held(self) -> None:
+        """What LocalPools does to running shell tasks: each attempt ends 'terminated by the runner'."""
+        while self.held:
+            self.release(self.held[0][0], fail("terminated by the runner"))
+
+
+class Job:
+    """Tasks, scripted attempt results, a recording ``record`` callback and a scheduler over them."""
+
+    def __init__(self, tasks: dict[str, dict[str, Any]], *, workers: int = 4, cpus: int = 64,
+                 memory_mb: float | None = None, keep_going: bool = False, retry_backoff: float = 0.0,
+                 kill_grace: float = 0.0, pools: FakePools | None = None, clock: FakeClock | None = None,
+                 memory_in_use: Callable[[], float] | None = None, limits: dict[str, Any] | None = None,
+                 tick: Callable[["Job", Scheduler], None] | None = None) -> None:
+        dependents: dict[str, list[str]] = {tid: [] for tid in tasks}
+        for tid, t in tasks.items():
+            for d in t.get("deps", ()):
+                dependents[d].append(tid)
+        self.runs = {
+            tid: TaskRun(id=tid, kind=t.get("kind", "shell"), priority=t.get("priority", 1.0),
+                         retries=t.get("retries", 0), cpus=t.get("cpus", 1), memory_mb=t.get("memory_mb", 0.0),
+                         deps=tuple(t.get("deps", ())), dependents=tuple(sorted(dependents[tid])),
+                         attempts=t.get("attempts_before", 0),
+                         extra={"attempts_before": t.get("attempts_before", 0)})
+            for tid, t in tasks.items()
+        }
+        # results[tid]: one entry per attempt (the last one repeats); OK by default
+        self.results: dict[str, list[Outcome | BaseException]] = {tid: list(t.get("results", [OK]))
+                                                                  for tid, t in tasks.items()}
+        self.records: list[tuple[str, TaskState, dict[str, Any]]] = []
+        self.running: set[str] = set()  # what the scheduler has launched and not yet seen end
+        self.peak_running = 0
+        self.peak_cpus = 0
+        self.peak_memory = 0.0
+        self.pools = pools or FakePools()
+        self.pools.cpus_of = lambda tid: self.runs[tid].cpus
+        self.ticks = 0
+        self._tick = tick
+        self.sched = Scheduler(
+            self.runs, self.pools,
+            Limits(max_workers=workers, cpus=cpus, memory_mb=memory_mb, memory_in_use=memory_in_use,
+                   **(limits or {})),
+            Options(keep_going=keep_going, retry_backoff=retry_backoff, kill_grace=kill_grace),
+            self.prepare, self.record, tick=self.tick, clock=clock or FakeClock(),
+        )
+
+    def prepare(self, r: TaskRun) -> Launch:
+        ctx = TaskContext(task_id=r.id, run_dir="/run", work_dir=f"/run/ranks/rank-0000/tasks/{r.id}", rank=0,
+                          attempt=r.attempts, host="node-a")
+        return Launch(self.attempt, (r.id, r.attempts), ctx)
+
+    def attempt(self, tid: str, attempt: int) -> Outcome:
+        script = self.results[tid]
+        result = script.pop(0) if len(script) > 1 else script[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def record(self, r: TaskRun, extra: dict[str, Any]) -> None:
+        self.records.append((r.id, r.state, dict(extra)))
+        if r.state is TaskState.RUNNING:
+            self.running.add(r.id)
+        else:
+            self.running.discard(r.id)
+        self.peak_running = max(self.peak_running, len(self.running))
+        self.peak_cpus = max(self.peak_cpus, sum(self.runs[t].cpus for t in self.running))
+        self.peak_memory = max(self.peak_memory, sum(self.runs[t].memory_mb for t in self.running))
+
+    def tick(self, sched: Scheduler) -> None:
+        self.ticks += 1
+        assert self.ticks < 40, "the scheduler did not finish"
+        if self._tick is not None:
+            self._tick(self, sched)
+
+    def run(self) -> "Job":
+        self.sched.run()
+        return self
+
+    # --- what happened ---
+
+    def launches(self) -> list[str]:
+        return [tid for tid, state, _ in self.records if state is TaskState.RUNNING]
+
+    def of(self, tid: str) -> list[tuple[TaskState, dict[str, Any]]]:
+        return [(state, extra) for t, state, extra in self.records if t == tid]
+
+    def states(self) -> dict[str, TaskState]:
+        return {tid: r.state for tid, r in self.runs.items()}
+
+    def index(self, tid: str, state: TaskState) -> int:
+        return [(t, s) for t, s, _ in self.records].index((tid, state))
+
+    def check_counts(self) -> None:
+        expected = Counter(r.state for r in self.runs.values())
+        assert {s: n for s, n in self.sched.counts.items() if n} == dict(expected)
+
+
+# --- order -----------------------------------------------------------------------------------------
+
+
+def test_ready_tasks_start_by_longest_remaining_path_then_by_id() -> None:
+    job = Job({
+        "x": {"priority": 1},
+        "y": {"priority": 5},
+        "z": {"priority": 4, "deps": ["y"]},
+        "b": {"priority": 3},
+        "a": {"priority": 3},
+    }, workers=1).run()
+    # z becomes ready after y and still beats the tasks that were ready from the start
+    assert job.launches() == ["y", "z", "a", "b", "x"]
+    assert set(job.states().values()) == {TaskState.SUCCEEDED}
+    job.check_counts()
+
+
+def test_two_schedulers_of_the_same_job_launch_in_the_same_order() -> None:
+    tasks = {f"t{i:02d}": {"priority": float(i % 3)} for i in range(12)}
+    tasks["t05"]["deps"] = ["t01", "t02"]
+    first = Job(tasks, workers=2).run().launches()
+    second = Job(tasks, workers=2).run().launches()
+    assert first == second
+    # t05 (priority 2) waits for t01 (priority 1), then goes ahead of the other priority-1 tasks
+    assert first == ["t02", "t08", "t11", "t01", "t05", "t04", "t07", "t10", "t00", "t03", "t06", "t09"]
+
+
+def test_a_task_waits_for_every_dependency() -> None:
+    def tick(job: Job, sched: Scheduler) -> None:
+        if job.pools.held and job.runs["a"].state is TaskState.SUCCEEDED:
+            job.pools.release("b")
+
+    job = Job({"a": {"priority": 3}, "b": {"priority": 2}, "c": {"deps": ["a", "b"]}},
+              pools=FakePools(hold={"b"}), tick=tick).run()
+    assert job.index("a", TaskState.SUCCEEDED) < job.index("b", TaskState.SUCCEEDED)
+    # c was not launched in the iteration after a succeeded while b still ran
+    assert job.index("b", TaskState.SUCCEEDED) < job.index("c", TaskState.RUNNING)
+    assert job.states()["c"] is TaskState.SUCCEEDED
+
+
+def test_no_barrier_between_levels() -> None:
+    """A long level-0 task does not hold back a level-1 task whose own dependency is done."""
+    seen: dict[str, TaskState] = {}
+
+    def tick(job: Job, sched: Scheduler) -> None:
+        if not any(tid == "long" for tid, _ in job.pools.held):
+            return
+        if job.runs["after-short"].state is TaskState.SUCCEEDED or job.ticks > 6:  # > 6: a barrier; end it
+            seen["long when after-short finished"] = job.runs["long"].state
+            job.pools.release("long")
+
+    job = Job({
+        "long": {"priority": 3},
+        "after-long": {"priority": 2, "deps": ["long"]},
+        "short": {"priority": 2},
+        "after-short": {"priority": 1, "deps": ["short"]},
+    }, workers=2, pools=FakePools(hold={"long"}), tick=tick).run()
+    assert seen == {"long when after-short finished": TaskState.RUNNING}
+    done = [tid for tid, state, _ in job.records if state is TaskState.SUCCEEDED]
+    assert done == ["short", "after-short", "long", "after-long"]
+
+
+# --- limits ----------------------------------------------------------------------------------------
+
+
+def release_oldest(job: Job, sched: Scheduler) -> None:
+    if job.pools.held:
+        job.pools.release(job.pools.held[0][0])
+
+
+# The limit tests use the synchronous executor: an attempt counts as running from its launch until the
+# scheduler has handled its end, which is exactly what the limits constrain.
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_never_more_than_max_workers_at_once(workers: int) -> None:
+    job = Job({f"t{i}": {} for i in range(7)}, workers=workers).run()
+    assert job.peak_running == workers
+    assert len(job.launches()) == 7 and set(job.states().values()) == {TaskState.SUCCEEDED}
+
+
+def test_max_workers_with_attempts_that_end_later() -> None:
+    tasks = {f"t{i}": {} for i in range(4)}
+    job = Job(tasks, workers=2, pools=FakePools(hold=tasks), tick=release_oldest).run()
+    assert job.pools.peak_live == 2
+    assert set(job.states().values()) == {TaskState.SUCCEEDED}
+
+
+def test_cpu_reservations_never_add_up_past_the_limit() -> None:
+    cpus = {"a": 3, "b": 2, "c": 2, "d": 1, "e": 1, "f": 3, "g": 4}
+    tasks = {tid: {"cpus": n, "priority": 10 - i} for i, (tid, n) in enumerate(cpus.items())}
+    job = Job(tasks, workers=10, cpus=4).run()
+    assert job.peak_cpus == 4
+    assert set(job.states().values()) == {TaskState.SUCCEEDED}
+    # a smaller task that fits goes ahead of a bigger one that does not: a (3) then d (1), not b (2)
+    assert job.launches()[:2] == ["a", "d"]
+
+
+def test_prefetched_attempts_keep_cpu_reservations_within_the_limit() -> None:
+    tasks = {f"p{i}": {"kind": "python", "cpus": 2} for i in range(4)}
+    job = Job(tasks, workers=2, cpus=2, limits={"prefetch_kinds": frozenset({"python"})}).run()
+    assert job.peak_cpus == 2
+    assert set(job.states().values()) == {TaskState.SUCCEEDED}
+
+
+def test_prefetch_never_starts_a_task_beside_one_of_another_kind_past_max_workers() -> None:
+    job = Job({"a-shell": {"kind": "shell", "priority": 2}, "b-python": {"kind": "python"}}, workers=1,
+              limits={"prefetch_kinds": frozenset({"python"})}).run()
+    assert job.peak_running == 1
+    assert job.launches() == ["a-shell", "b-python"]
+
+
+def test_a_task_bigger_than_the_cpu_limit_runs_alone() -> None:
+    job = Job({"big": {"cpus": 16, "priority": 2}, "small": {"cpus": 1}}, workers=4, cpus=4).run()
+    assert job.peak_running == 1
+    assert job.launches() == ["big", "small"]
+
+
+def test_memory_reservations_never_add_up_past_the_limit() -> None:
+    job = Job({f"t{i}": {"memory_mb": 600.0} for i in range(5)}, workers=5, memory_mb=1300.0).run()
+    assert job.peak_running == 2 and job.peak_memory == 1200.0
+    assert set(job.states().values()) == {TaskState.SUCCEEDED}
+
+
+def test_memory_in_use_above_the_safety_fraction_holds_launches_until_it_drops() -> None:
+    memory = {"fraction": 0.95, "probes": 0}
+
+    def in_use() -> float:
+        memory["probes"] += 1
+        return memory["fraction"]
+
+    def tick(job: Job, sched: Scheduler) -> None:
+        if job.pools.submitted == ["a"] and memory["fraction"] > 0.8 and memory["probes"] >= 2:
+            memory["fraction"] = 0.5  # held for two checks; now memory is freed
+        elif memory["fraction"] < 0.8:
+            release_oldest(job, sched)
+
+    job = Job({"a": {"priority": 2}, "b": {}, "c": {}}, workers=3, memory_in_use=in_use,
+              pools=FakePools(hold={"a", "b", "c"}), tick=tick).run()
+    assert memory["probes"] >= 2
+    assert job.launches() == ["a", "b", "c"]
+    assert job.pools.peak_live >= 2  # once memory dropped, b and c ran beside a
+    assert set(job.states().values()) == {TaskState.SUCCEEDED}
+
+
+# --- retries and failures --------------------------------------------------------------------------
+
+
+def test_retries_with_doubling_backoff_then_success() -> None:
+    job = Job({"t": {"retries": 2, "results": [fail(), fail("exit code 2"), OK]}}, retry_backoff=1.0).run()
+    assert [(s, e.get("attempt")) for s, e in job.of("t")] == [
+        (TaskState.RUNNING, 1), (TaskState.RETRYING, 1),
+        (TaskState.RUNNING, 2), (TaskState.RETRYING, 2),
+        (TaskState.RUNNING, 3), (TaskState.SUCCEEDED, 3),
+    ]
+    retrying = [e for s, e in job.of("t") if s is TaskState.RETRYING]
+    assert [e["reason"] for e in retrying] == ["exit code 1", "exit code 2"]
+    # 1 s doubling, with jitter of up to half: [0.5, 1] then [1, 2]
+    assert 0.5 <= retrying[0]["retry_in_s"] <= 1.0
+    assert 1.0 <= retrying[1]["retry_in_s"] <= 2.0
+    assert job.runs["t"].attempts == 3
+    job.check_counts()
+
+
+def test_retries_count_from_this_run_when_resuming() -> None:
+    job = Job({"t": {"retries": 1, "attempts_before": 2, "results": [fail()]}}, retry_backoff=1.0).run()
+    assert [(s, e.get("attempt")) for s, e in job.of("t")] == [
+        (TaskState.RUNNING, 3), (TaskState.RETRYING, 3), (TaskState.RUNNING, 4), (TaskState.FAILED, 4),
+    ]
+    first_delay = job.of("t")[1][1]["retry_in_s"]
+    assert 0.5 <= first_delay <= 1.0  # the backoff starts again too
+
+
+def test_exhausted_retries_fail_the_task_and_block_its_descendants_naming_the_root() -> None:
+    job = Job({
+        "root": {"retries": 1, "results": [fail("exit code 3")], "priority": 4},
+        "child": {"deps": ["root"], "priority": 3},
+        "other": {"priority": 1},
+        "join": {"deps": ["child", "other"], "priority": 2},
+        "grandchild": {"deps": ["join"]},
+    }, keep_going=True).run()
+    assert job.states() == {
+        "root": TaskState.FAILED, "child": TaskState.UPSTREAM_FAILED, "other": TaskState.SUCCEEDED,
+        "join": TaskState.UPSTREAM_FAILED, "grandchild": TaskState.UPSTREAM_FAILED,
+    }
+    assert job.of("root")[-1] == (TaskState.FAILED, {"attempt": 2, "reason": "exit code 3"})
+    for tid in ("child", "join", "grandchild"):
+        assert job.of(tid) == [(TaskState.UPSTREAM_FAILED, {"reason": "upstream task 'root' failed", "root": "root"})]
+        assert job.runs[tid].reason == "upstream task 'root' failed"
+    job.check_counts()
+
+
+def test_an_exception_from_the_future_fails_the_attempt_with_its_type_and_message() -> None:
+    job = Job({"t": {"results": [TypeError("cannot pickle '_thread.lock' object")]}}).run()
+    assert job.runs["t"].state is TaskState.FAILED
+    assert job.runs["t"].reason == "TypeError: cannot pickle '_thread.lock' object"
+    assert job.runs["t"].outcome is not None and "TypeError" in (job.runs["t"].outcome.traceback or "")
+
+
+def fail_fast_job(keep_going: bool) -> Job:
+    def tick(job: Job, sched: Scheduler) -> None:
+        if keep_going and job.runs["bad"].state is TaskState.FAILED and job.pools.held:
+            job.pools.release("slow")
+
+    return Job({
+        "bad": {"priority": 4, "results": [fail("exit code 3")]},
+        "after-bad": {"priority": 3, "deps": ["bad"]},
+        "slow": {"priority": 3},
+        "later": {"priority": 1},
+    }, workers=2, keep_going=keep_going, tick=tick,
+        pools=FakePools(hold={"slow"}, on_terminate=FakePools.terminate_held)).run()
+
+
+def test_keep_going_finishes_the_independent_branches() -> None:
+    job = fail_fast_job(keep_going=True)
+    assert job.states() == {"bad": TaskState.FAILED, "after-bad": TaskState.UPSTREAM_FAILED,
+                            "slow": TaskState.SUCCEEDED, "later": TaskState.SUCCEEDED}
+    assert job.pools.terminated == []
+    assert job.sched.stop_reason is None
+
+
+def test_fail_fast_stops_launching_and_cancels_what_runs() -> None:
+    job = fail_fast_job(keep_going=False)
+    assert job.states() == {"bad": TaskState.FAILED, "after-bad": TaskState.UPSTREAM_FAILED,
+                            "slow": TaskState.CANCELLED, "later": TaskState.CANCELLED}
+    assert job.sched.stop_reason == "fail-fast"
+    assert job.pools.terminated == [0.0]
+    assert job.runs["slow"].reason == "terminated by the runner (fail-fast)"
+    assert job.runs["later"].reason == "not run: the job stopped (fail-fast)"
+    assert job.of("later") == [(TaskState.CANCELLED, {"reason": "not run: the job stopped (fail-fast)"})]
+    assert "later" not in job.pools.submitted
+    job.check_counts()
+
+
+# --- stopping --------------------------------------------------------------------------------------
+
+
+def test_request_stop_terminates_what_runs_and_leaves_the_rest_pending() -> None:
+    def tick(job: Job, sched: Scheduler) -> None:
+        if job.runs["flaky"].state is TaskState.RETRYING and sched.stop_reason is None:
+            sched.request_stop("SIGTERM")
+
+    job = Job({
+        "running": {"priority": 3},
+        "after": {"priority": 2, "deps": ["running"]},
+        "flaky": {"priority": 3, "retries": 2, "results": [fail()]},
+        "waiting": {"priority": 1},
+    }, workers=2, retry_backoff=1000.0, kill_grace=2.5, tick=tick,
+        pools=FakePools(hold={"running"}, on_terminate=FakePools.terminate_held)).run()
+    assert job.pools.terminated == [2.5]
+    assert job.states() == {"running": TaskState.INTERRUPTED, "after": TaskState.PENDING,
+                            "flaky": TaskState.INTERRUPTED, "waiting": TaskState.PENDING}
+    assert job.runs["running"].reason == "terminated by the runner (SIGTERM)"
+    assert job.runs["flaky"].reason == "exit code 1"  # the failure that put it in backoff
+    assert job.of("after") == [] and job.of("waiting") == []
+    assert job.sched.stop_reason == "SIGTERM" and job.sched.abandoned == 0
+    job.check_counts()
+
+
+def test_attempts_that_outlive_the_stop_are_abandoned() -> None:
+    """Python functions in threads cannot be killed: the run ends without them after the grace."""
+
+    def tick(job: Job, sched: Scheduler) -> None:
+        if job.pools.held and sched.stop_reason is None:
+            sched.request_stop("SIGINT")
+
+    job = Job({"stuck": {}}, pools=FakePools(hold={"stuck"}), kill_grace=1.0, clock=FakeClock(step=3.0),
+              tick=tick).run()
+    assert job.states() == {"stuck": TaskState.INTERRUPTED}
+    assert job.runs["stuck"].reason == "still running when the job stopped (SIGINT); abandoned"
+    assert job.sched.abandoned == 1
+    assert job.pools.terminated == [1.0]
+
+
+# --- broken process pools --------------------------------------------------------------------------
+
+
+def test_a_broken_pool_is_replaced_once_and_the_task_retried() -> None:
+    job = Job({"t": {"kind": "python", "retries": 1,
+                     "results": [BrokenProcessPool("a process in the pool was terminated abruptly"), OK]}}).run()
+    assert job.pools.replaced == ["pool-1"]
+    assert job.runs["t"].state is TaskState.SUCCEEDED and job.runs["t"].attempts == 2
+    assert (TaskState.RETRYING, {"attempt": 1, "reason": DIED, "retry_in_s": 0.0}) in job.of("t")
+    assert job.pools.executor_of["t"].name == "pool-2"  # the retry ran on the new pool
+
+
+def test_a_task_whose_worker_always_dies_fails_with_that_reason_and_the_job_goes_on() -> None:
+    job = Job({"dies": {"kind": "python", "priority": 2, "results": [BrokenProcessPool("terminated abruptly")]},
+               "fine": {"kind": "python"}}, workers=1, keep_going=True).run()
+    assert job.states() == {"dies": TaskState.FAILED, "fine": TaskState.SUCCEEDED}
+    assert job.runs["dies"].reason == DIED
+    assert job.pools.replaced == ["pool-1"]
+    assert job.pools.executor_of["fine"].name == "pool-2"
+
+
+def test_a_pool_broken_at_submit_is_replaced_and_the_task_submitted_again() -> None:
+    pools = FakePools()
+    pools.executor.broken_on_submit = 1
+    job = Job({"t": {"kind": "python"}}, pools=pools).run()
+    assert pools.replaced == ["pool-1"]
+    assert job.runs["t"].state is TaskState.SUCCEEDED and job.runs["t"].attempts == 1
+    assert pools.executor_of["t"].name == "pool-2"
