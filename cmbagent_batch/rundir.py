@@ -15,10 +15,10 @@ import fcntl
 import json
 import os
 import socket
-import tempfile
 import time
 from typing import Any
 
+from cmbagent_batch.atomic import write_atomic
 from cmbagent_batch.errors import UsageError
 
 
@@ -44,23 +44,9 @@ def journal_paths(run_dir: str) -> list[str]:
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            # indent goes through json's pure-Python encoder: readable for small files, slow for 10^4 tasks
-            small = not isinstance(data, dict) or len(data.get("tasks", ())) <= 1000
-            fh.write(json.dumps(data, indent=1 if small else None))
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # indent goes through json's pure-Python encoder: readable for small files, slow for 10^4 tasks
+    small = not isinstance(data, dict) or len(data.get("tasks", ())) <= 1000
+    write_atomic(path, (json.dumps(data, indent=1 if small else None) + "\n").encode("utf-8"))
 
 
 def read_json(path: str) -> Any:

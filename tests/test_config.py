@@ -264,8 +264,8 @@ FLAG_CASES = [
     (["--retries", "4"], "execution.retries", 4, "--retries", "CMBAGENT_RETRIES", "0"),
     (["--keep-going"], "execution.keep_going", True, "--keep-going", "CMBAGENT_KEEP_GOING", "0"),
     (["--fail-fast"], "execution.keep_going", False, "--fail-fast", "CMBAGENT_KEEP_GOING", "1"),
-    (["--run-dir", "/work/here"], "job.run_dir", "/work/here", "--run-dir", "CMBAGENT_RUN_DIR", "/scratch/runs"),
-    (["--cache-dir", "/work/c"], "analysis.cache_dir", "/work/c", "--cache-dir", "CMBAGENT_CACHE_DIR", "/scratch/cache"),
+    (["--run-dir", "/data/here"], "job.run_dir", "/data/here", "--run-dir", "CMBAGENT_RUN_DIR", "/scratch/runs"),
+    (["--cache-dir", "/data/c"], "analysis.cache_dir", "/data/c", "--cache-dir", "CMBAGENT_CACHE_DIR", "/scratch/cache"),
 ]
 
 

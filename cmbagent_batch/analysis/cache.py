@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Callable
+
+from cmbagent_batch.atomic import write_atomic
 
 FORMAT = 1
 # A record is {"format":1,"sha256":"<64 hex>","payload":<canonical JSON>}: the checksum is verified on
@@ -82,20 +83,8 @@ class Cache:
         body = canonical(payload)
         record = _HEAD % (FORMAT, hashlib.sha256(body).hexdigest().encode()) + body + b"}"
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+            write_atomic(path, record)
         except OSError as exc:
             self.warn(f"cannot write the cache in {self.root}: {exc.strerror or exc}; results are not cached")
             return None
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(record)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
         return path
