@@ -27,7 +27,9 @@ where cmbagent-batch is installed. Every figure is set beside a baseline measure
    end before starting the next; its makespan over ours is printed for context.
 
 Each measured run of ours gets a fresh run directory and a fresh analysis cache directory: the cost of
-a first run. Runs of ours and of the baseline alternate, so a change in the machine's load hits both
+a first run. Nothing is deleted before the end of the benchmark: right after 10^4 directories are
+deleted, creating new ones on ext4 is several times slower for a while (it scans the recently freed
+inodes), which would charge one run for the clean-up of the one before. Runs of ours and of the baseline alternate, so a change in the machine's load hits both
 alike; figures are medians over ``--runs`` runs (default 3; 1 for the 20,000 python tasks and for
 Snakemake). ``--quick`` divides the sizes by ~10 (200 shell tasks, 2,000 python tasks, a 10 x 30 DAG),
 runs everything once and skips Snakemake: a smoke run, whose absolute figures are not the targets'.
@@ -153,15 +155,17 @@ def dag_spec(tasks: list[DagTask]) -> str:
 
 
 class Fresh:
-    """Numbered fresh directories under ``root`` (a run directory, a cache directory, a baseline's cwd)."""
+    """Numbered fresh directories under ``root`` (a run directory, a cache directory, a baseline's cwd);
+    numbers are unique in the whole benchmark, since nothing is deleted before its end."""
+
+    n = 0
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self.n = 0
 
     def __call__(self, name: str) -> str:
-        self.n += 1
-        path = os.path.join(self.root, f"{name}-{self.n}")
+        Fresh.n += 1
+        path = os.path.join(self.root, f"{name}-{Fresh.n}")
         os.makedirs(path)
         return path
 
@@ -171,8 +175,8 @@ def run_cmd(spec: str, run_dir: str, cache_dir: str, workers: int | None) -> lis
     return [*specgen.cli(), "run", spec, *flags, "--quiet", "--run-dir", run_dir, "--cache-dir", cache_dir]
 
 
-def run_ours(spec: str, fresh: Fresh, env: dict[str, str], n_tasks: int, workers: int | None = None,
-             keep: bool = False) -> tuple[specgen.Run, str]:
+def run_ours(spec: str, fresh: Fresh, env: dict[str, str], n_tasks: int,
+             workers: int | None = None) -> tuple[specgen.Run, str]:
     """One run of ``cmbagent-batch run`` in fresh directories; checks every task succeeded."""
     run_dir = os.path.join(fresh("run"), "rd")  # run --fresh is not needed: it does not exist yet
     cache_dir = fresh("cache")
@@ -182,9 +186,6 @@ def run_ours(spec: str, fresh: Fresh, env: dict[str, str], n_tasks: int, workers
     counts = manifest.get("counts")
     if counts != {"succeeded": n_tasks}:
         raise CommandFailed(f"{' '.join(cmd)}\n  run.json counts {counts}, expected {{'succeeded': {n_tasks}}}")
-    if not keep:
-        shutil.rmtree(os.path.dirname(run_dir), ignore_errors=True)
-        shutil.rmtree(cache_dir, ignore_errors=True)
     return run, run_dir
 
 
@@ -265,7 +266,6 @@ def shell_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, s
             sample.add(specgen.run_once(xargs(shell), cwd=cwd, env=env))
             if count_outputs(cwd) != n:
                 raise CommandFailed(f"{' '.join(xargs(shell))}\n  wrote {count_outputs(cwd)} of {n} outputs")
-            shutil.rmtree(cwd, ignore_errors=True)
     sh_is = os.path.realpath(shutil.which("sh") or "/bin/sh")
     rows.append(Row(f"xargs -P2, sh -c per item (baseline, {x_sh.runs()})", secs(x_sh.wall), cpu=cpu_cell(x_sh)))
     rows.append(Row(f"xargs -P2, bash -c per item (context, {x_bash.runs()})", secs(x_bash.wall),
@@ -426,11 +426,10 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str
     ours_cpu: list[float] = []
     barrier_cpu: list[float] = []
     for _ in range(runs):
-        run, run_dir = run_ours(spec, fresh, env, n, workers=DAG_WORKERS, keep=True)
+        run, run_dir = run_ours(spec, fresh, env, n, workers=DAG_WORKERS)
         manifest = read_manifest(os.path.join(run_dir, "run.json"), ["run", spec])
         walls = {tid: float(t["wall_s"]) for tid, t in manifest["tasks"].items()}
         first, last = journal_span(run_dir)
-        shutil.rmtree(os.path.dirname(run_dir), ignore_errors=True)
         cp, work = lower_bound(tasks, walls, DAG_WORKERS)
         makespan = last - first
         makespans.append(makespan)

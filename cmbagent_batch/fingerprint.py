@@ -8,6 +8,7 @@ modification time of declared inputs that come from outside the job).
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ class Fingerprint:
     deps: str
     inputs: str
 
-    @property
+    @functools.cached_property
     def value(self) -> str:
         return digest([self.spec, self.deps, self.inputs])
 

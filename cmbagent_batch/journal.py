@@ -1,9 +1,11 @@
 """The state journal: one JSON line per task state change, appended durably.
 
-Each record goes to the file in one ``write`` on an ``O_APPEND`` descriptor, so a killed process leaves
-whole lines (at worst one torn last line, which readers skip and report). ``fsync`` is group-committed:
-a background thread syncs at most once per ``interval`` (1 s) when something was written, so 10^4 state
-changes per second cost a few fsyncs, not 10^4. ``sync()`` forces one (at exit, before reporting).
+Records are buffered by ``append`` and written by ``flush``, which the scheduler calls once per loop
+iteration, before it waits: one ``write`` for every change of that iteration, on an ``O_APPEND``
+descriptor, so a killed process leaves whole lines (at worst one torn last line, which readers skip
+and report) and loses at most the changes of the iteration it was in. ``fsync`` is group-committed:
+a background thread syncs at most once per ``interval`` (1 s) when something was written, so 10^4
+state changes per second cost a few fsyncs, not 10^4. ``sync()`` forces one (at exit, before reporting).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
 
 class Journal:
     def __init__(self, path: str, interval: float = 1.0) -> None:
@@ -21,6 +25,7 @@ class Journal:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._lock = threading.Lock()
+        self._pending: list[str] = []
         self._dirty = threading.Event()
         self._closed = False
         self._wake = threading.Event()
@@ -29,12 +34,24 @@ class Journal:
         self._syncer.start()
 
     def append(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+        """Queue one record; it reaches the file at the next ``flush``."""
+        line = _encode(record)
         with self._lock:
-            os.write(self._fd, line)
+            self._pending.append(line)
+
+    def flush(self) -> None:
+        """Write the queued records (one ``write``); the syncer fsyncs them within ``interval``."""
+        with self._lock:
+            if not self._pending:
+                return
+            data = ("\n".join(self._pending) + "\n").encode("utf-8")
+            self._pending.clear()
+            while data:  # a regular file takes it all at once, short of a full disk or a signal
+                data = data[os.write(self._fd, data):]
         self._dirty.set()
 
     def sync(self) -> None:
+        self.flush()
         self._dirty.clear()
         os.fsync(self._fd)
 
@@ -49,6 +66,7 @@ class Journal:
             self._wake.wait(self._interval)  # close() sets it, so the run ends without waiting
 
     def close(self) -> None:
+        self.flush()
         self._closed = True
         self._wake.set()
         self._dirty.set()  # wake the syncer so it ends

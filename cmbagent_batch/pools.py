@@ -1,19 +1,125 @@
 """Local executors: a thread pool for shell (and, by default, python) tasks, a process pool for python
-callables when ``use_process_pool`` is set. The scheduler sees only ``concurrent.futures.Executor``s."""
+callables when ``use_process_pool`` is set. The scheduler sees only ``concurrent.futures.Executor``s.
+
+The thread pool has ``workers`` slots and more threads than that: an attempt prepares its work directory,
+then waits at the gate for a slot, runs, gives the slot back and publishes its outputs. So the next
+attempt is ready to start the moment a task ends, and directory work never holds a slot.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Callable
 
+from cmbagent_batch.tasks.base import Stopped
 from cmbagent_batch.tasks.shell import terminate_all
+
+
+class Slots:
+    """At most ``n`` attempts of a thread pool execute at once, and they start in the order they were
+    handed over (the scheduler's priority order), not in the order their threads reach the gate: a slot
+    is kept for an attempt handed over earlier that is still preparing. None starts once stopping."""
+
+    def __init__(self, n: int) -> None:
+        self._lock = threading.Lock()
+        self._free = n
+        self._line: list[_Gate] = []  # handed over, not holding a slot yet, in hand-over order
+        self.stopping = False
+
+    def gate(self, on_start: Callable[[], None]) -> "_Gate":
+        g = _Gate(self, on_start)
+        with self._lock:
+            self._line.append(g)
+        return g
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopping = True
+            for g in self._line:
+                g._granted.set()  # wakes it to find the run stopping
+
+    def _grant(self) -> None:
+        """Give free slots to the first attempts in line that wait for one (the lock is held)."""
+        i = 0
+        while i < len(self._line) and i < self._free:
+            g = self._line[i]
+            if g._waiting:
+                del self._line[i]
+                self._free -= 1
+                g._granted.set()
+            else:
+                i += 1
+
+    def _enter(self, g: "_Gate") -> None:
+        with self._lock:
+            if self.stopping:
+                g._granted.set()  # the check below raises Stopped
+            elif g in self._line:
+                g._waiting = True
+                self._grant()
+        g._granted.wait()
+        with self._lock:
+            if self.stopping:
+                if g in self._line:
+                    self._line.remove(g)
+                else:
+                    self._free += 1
+                self._grant()
+                raise Stopped("terminated by the runner before it started")
+
+    def _release(self) -> None:
+        with self._lock:
+            self._free += 1
+            self._grant()
+
+    def _withdraw(self, g: "_Gate") -> None:
+        with self._lock:
+            if g in self._line:
+                self._line.remove(g)
+                self._grant()
+
+
+class _Gate:
+    """The ``Gate`` of one attempt (see ``cmbagent_batch.tasks.base.Gate``)."""
+
+    def __init__(self, slots: Slots, on_start: Callable[[], None]) -> None:
+        self._slots = slots
+        self._on_start = on_start
+        self._waiting = False
+        self._granted = threading.Event()
+        self._kept = False
+
+    def enter(self) -> None:
+        self._slots._enter(self)
+        self._on_start()
+
+    def leave(self, ok: bool) -> None:
+        if ok:
+            self._slots._release()
+        else:
+            self._kept = True  # read by settle() on the scheduler thread, after this attempt's future is done
+
+    def withdraw(self) -> None:
+        self._slots._withdraw(self)
+
+    def settle(self) -> None:
+        self._slots._withdraw(self)  # an attempt that never ran (cancelled) leaves the line
+        if self._kept:
+            self._kept = False
+            self._slots._release()
 
 
 class LocalPools:
     def __init__(self, workers: int, use_process_pool: bool) -> None:
         self.workers = workers
         self.use_process_pool = use_process_pool
-        self.threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="task")
+        self.slots = Slots(workers)
+        # Attempts handed over ahead of a free slot. Preparing one (directories, log files) takes about as
+        # long as a tiny task runs, so with few workers more than one apiece wait ready.
+        self.prefetch = max(workers, 4)
+        self.threads = ThreadPoolExecutor(max_workers=workers + self.prefetch, thread_name_prefix="task")
         self.processes: ProcessPoolExecutor | None = None
 
     def _new_process_pool(self) -> ProcessPoolExecutor:
@@ -21,12 +127,27 @@ class LocalPools:
         # while one of them holds a lock would hang on it.
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("forkserver"))
 
+    def _in_processes(self, kind: str) -> bool:
+        return kind == "python" and self.use_process_pool
+
     def executor_for(self, kind: str) -> Executor:
-        if kind == "python" and self.use_process_pool:
+        if self._in_processes(kind):
             if self.processes is None:
                 self.processes = self._new_process_pool()
             return self.processes
         return self.threads
+
+    def gate(self, kind: str, on_start: Callable[[], None]) -> _Gate | None:
+        # A process pool runs one attempt per worker process: what is handed over waits in its queue.
+        return None if self._in_processes(kind) else self.slots.gate(on_start)
+
+    def batches(self, kind: str) -> bool:
+        return self._in_processes(kind)  # a round trip to a worker process costs ~0.1 ms; to a thread, little
+
+    def prefetch_kinds(self) -> frozenset[str]:
+        """Kinds whose attempts may be handed over ahead of a free worker (see ``Limits``)."""
+        kinds = {"shell", "agent"} | ({"python"} if self.workers > 1 or not self.use_process_pool else set())
+        return frozenset(kinds)
 
     def replace_broken(self, executor: Executor) -> None:
         """A worker process died: the pool is unusable, so start a new one (once per breakage)."""
@@ -35,6 +156,7 @@ class LocalPools:
             self.processes = self._new_process_pool()
 
     def terminate_running(self, grace: float) -> None:
+        self.slots.stop()
         terminate_all(grace)
         if self.processes is not None:
             for proc in list(getattr(self.processes, "_processes", {}).values()):

@@ -15,11 +15,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from cmbagent_batch import __version__
+from cmbagent_batch import __version__, gcpause
 from cmbagent_batch.analysis.cache import Cache, digest
 from cmbagent_batch.analysis.deps import analyse
 from cmbagent_batch.analysis.files import input_sources
-from cmbagent_batch.attempt import run_attempt, tree_size
+from cmbagent_batch.attempt import run_attempt
 from cmbagent_batch.config import Config
 from cmbagent_batch.dag import Dag
 from cmbagent_batch.fingerprint import Fingerprint, fingerprints
@@ -55,6 +55,12 @@ class Prepared:
 
 def prepare(config: Config, cache: Cache, warn: Callable[[str], None], *, refresh: bool = False,
             run_dir: str | None = None, offline: bool = False) -> Prepared:
+    with gcpause.paused():
+        return _prepare(config, cache, warn, refresh, run_dir, offline)
+
+
+def _prepare(config: Config, cache: Cache, warn: Callable[[str], None], refresh: bool, run_dir: str | None,
+             offline: bool) -> Prepared:
     spec = config.spec
     analysis = analyse(spec, cache, refresh=refresh, warn=warn, offline=offline)
     dag = build_dag(spec, analysis)
@@ -95,10 +101,13 @@ def _links(p: Prepared, tid: str) -> tuple[list[tuple[str, str]], list[str]]:
     import fnmatch
     import glob
 
+    entries = p.sources.get(tid)
+    if not entries:
+        return [], []
     links: set[tuple[str, str]] = set()
     missing = []
     base = os.path.dirname(os.path.abspath(p.spec.path))
-    for pattern, matches in p.sources.get(tid, ()):
+    for pattern, matches in entries:
         norm = os.path.normpath(pattern)
         found = 0
         if not matches:
@@ -162,21 +171,26 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
         if r.state is TaskState.SUCCEEDED and r.outcome is not None:
             o = r.outcome
             rec.update(p.fps[r.id].to_dict(), wall_s=round(o.wall_s, 6), cpu_s=round(o.cpu_s, 6),
-                       peak_rss_mb=round(o.peak_rss_mb, 3))
+                       peak_rss_mb=round(o.peak_rss_mb, 3), work_bytes=o.work_bytes, output_bytes=o.output_bytes)
         elif r.outcome is not None and not r.outcome.ok and r.state is not TaskState.RUNNING:
-            rec.update(error=r.outcome.error, exit_code=r.outcome.exit_code, timed_out=r.outcome.timed_out)
+            rec.update(error=r.outcome.error, exit_code=r.outcome.exit_code, timed_out=r.outcome.timed_out,
+                       work_bytes=r.outcome.work_bytes)
             if r.outcome.traceback:
                 rec["traceback"] = r.outcome.traceback
         journal.append(rec)
 
-    def make_launch(r: TaskRun) -> Launch:
+    tasks_dir = work_dir(p.run_dir, 0, "")
+    payloads: dict[str, Payload] = {}
+
+    def make_launch(r: TaskRun, gate: Any) -> Launch:
         t = tasks[r.id]
-        ctx = TaskContext(task_id=r.id, run_dir=p.run_dir, work_dir=work_dir(p.run_dir, 0, r.id), rank=0,
-                          attempt=r.attempts, host=host, matrix=thaw(t.matrix))
+        ctx = TaskContext(task_id=r.id, run_dir=p.run_dir, work_dir=tasks_dir + r.id, rank=0,
+                          attempt=r.attempts, host=host, matrix=thaw(t.matrix) if t.matrix else {})
         chdir = ex.use_process_pool and t.kind == "python"
         links, missing = _links(p, r.id)
         env = base_env if t.kind == "shell" else {}  # python workers inherit the environment
-        args = (_payload(t, ex.task_timeout, base), ctx, links, env, chdir, ex.keep, ex.kill_grace, missing)
+        payload = payloads.get(r.id) or payloads.setdefault(r.id, _payload(t, ex.task_timeout, base))
+        args = (payload, ctx, links, env, chdir, ex.keep, ex.kill_grace, missing, gate)
         return Launch(run_attempt, args, ctx)
 
     base_env = dict(os.environ)
@@ -187,13 +201,15 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     limits = Limits(max_workers=workers, cpus=max(workers, os.cpu_count() or 1),
                     memory_mb=total_mb * ex.memory_safety_fraction, memory_safety_fraction=ex.memory_safety_fraction,
                     memory_in_use=_memory_in_use,
-                    prefetch_kinds=frozenset({"python"}) if ex.use_process_pool and workers > 1 else frozenset())
+                    prefetch_kinds=frozenset() if ex.mode == "sequential" else pools.prefetch_kinds(),
+                    prefetch=pools.prefetch)
     options = Options(keep_going=ex.keep_going, retries=ex.retries, retry_backoff=ex.retry_backoff,
                       kill_grace=ex.kill_grace)
-    sched = Scheduler(runs, pools, limits, options, make_launch, record, tick=progress)
+    sched = Scheduler(runs, pools, limits, options, make_launch, record, tick=progress, commit=journal.flush)
     started = time.time()
     manifest = _manifest(p, run_id, started, None, runs, workers)
     write_json_atomic(os.path.join(p.run_dir, "run.json"), manifest)
+    gcpause.freeze_survivors()
     previous = _install_signals(sched)
     try:
         sched.run()
@@ -238,11 +254,8 @@ def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, run
     def iso(t: float | None) -> str | None:
         return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
-    # Sizes are measured here, once, at the end, rather than on the workers' critical path.
-    sizes = {} if ended is None else {
-        tid: (tree_size(work_dir(p.run_dir, 0, tid)), tree_size(os.path.join(p.run_dir, "outputs", tid)))
-        for tid in runs
-    }
+    host = socket.gethostname()
+    tasks_dir = work_dir(p.run_dir, 0, "")
     tasks = {}
     for tid, r in sorted(runs.items()):
         h = p.history.get(tid)
@@ -252,13 +265,14 @@ def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, run
             "state": r.state.value,
             "attempts": r.attempts,
             "rank": 0,
-            "host": last.get("host", socket.gethostname()),
+            "host": last.get("host", host),
             "wall_s": round(o.wall_s, 6) if o else last.get("wall_s"),
             "cpu_s": round(o.cpu_s, 6) if o else last.get("cpu_s"),
             "peak_rss_mb": round(o.peak_rss_mb, 3) if o else last.get("peak_rss_mb"),
-            "work_dir": work_dir(p.run_dir, 0, tid),
-            "work_bytes": sizes[tid][0] if tid in sizes else None,
-            "output_bytes": sizes[tid][1] if tid in sizes else None,
+            "work_dir": tasks_dir + tid,
+            # measured by the worker when the attempt ended (after retention)
+            "work_bytes": o.work_bytes if o else last.get("work_bytes"),
+            "output_bytes": o.output_bytes if o else last.get("output_bytes"),
             "reason": r.reason or None,
             "fingerprint": p.fps[tid].value,
         }

@@ -4,10 +4,18 @@ A task is launched as soon as all its dependencies are done and a worker and its
 there is no barrier between levels. Among ready tasks the one with the longest remaining critical path
 (bottom level) goes first, ties by id. Attempts run on ``concurrent.futures`` executors; their completion
 callbacks only put the future on a queue, which this thread drains.
+
+Two things keep workers busy when tasks are tiny or many. Attempts may be handed over ahead of a free
+worker (``Limits.prefetch_kinds``): a thread pool then holds them behind a gate (a slot semaphore) and
+each reports, through the same queue, when it really starts, which is when it is journaled ``running``.
+And where a round trip to a worker costs more than a task (a process pool), ready attempts of tasks whose
+observed duration is short go over in batches of about ``BATCH_SECONDS`` of work; those count as
+running from the hand-over.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import os
 import queue
@@ -18,10 +26,11 @@ import traceback
 from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from collections import Counter
 from typing import Any, Callable, Protocol
 
 from cmbagent_batch.states import DONE_STATES, FINAL_STATES, TaskState
-from cmbagent_batch.tasks.base import Outcome, Payload, TaskContext
+from cmbagent_batch.tasks.base import Gate, Outcome, TaskContext
 
 Clock = Callable[[], float]
 
@@ -30,6 +39,13 @@ class Pools(Protocol):
     """Where attempts run; the scheduler does not know if these are threads, processes or MPI ranks."""
 
     def executor_for(self, kind: str) -> Executor: ...
+
+    def gate(self, kind: str, on_start: Callable[[], None]) -> Gate | None:
+        """Where an attempt of ``kind`` waits for a free slot; it calls ``on_start`` when it gets one.
+        None: the attempt counts as started when it is submitted."""
+
+    def batches(self, kind: str) -> bool:
+        """Whether tiny attempts of ``kind`` are worth handing to a worker several at a time."""
 
     def replace_broken(self, executor: Executor) -> None: ...
 
@@ -43,9 +59,11 @@ class Limits:
     memory_mb: float | None  # memory that task reservations may add up to (None: no reservation limit)
     memory_safety_fraction: float = 0.8
     memory_in_use: Callable[[], float] | None = None  # fraction of memory in use now (psutil)
-    # Kinds whose attempts may be queued ahead in their executor (up to 2x max_workers in flight), so a
-    # process pool never idles between tiny tasks waiting for this thread's next submission.
+    # Kinds whose attempts may be handed over ahead of a free worker (up to ``prefetch`` more submissions
+    # than max_workers), so a worker never idles waiting for this thread's next submission. Safe where
+    # the pool itself bounds what executes: a gate (thread pool slots) or one attempt per worker process.
     prefetch_kinds: frozenset[str] = frozenset()
+    prefetch: int = 0
 
 
 @dataclass
@@ -87,27 +105,57 @@ class Launch:
     ctx: TaskContext
 
 
+def run_batch(calls: list[tuple[Callable[..., Outcome], tuple[Any, ...]]]) -> list[Outcome]:
+    """Several attempts of tiny tasks, one after the other, in one submission (one round trip)."""
+    return [fn(*args) for fn, args in calls]
+
+
+# A batch holds at most BATCH_MAX attempts and, by their observed durations, about BATCH_SECONDS of work:
+# enough to make the round trip to a worker process negligible, little enough to balance the workers.
+BATCH_MAX = 64
+BATCH_SECONDS = 0.02
+
+
+@dataclass
+class _Unit:
+    """One submission to an executor: one attempt, or a batch run one after the other by one worker."""
+
+    members: list[str]
+    kind: str
+    executor: Executor
+    cpus: int
+    memory_mb: float
+    batch: bool
+
+
 class Scheduler:
     def __init__(self, runs: dict[str, TaskRun], pools: Pools, limits: Limits, options: Options,
-                 prepare: Callable[[TaskRun], Launch], record: Callable[[TaskRun, dict[str, Any]], None],
-                 tick: Callable[["Scheduler"], None] = lambda s: None, clock: Clock = time.monotonic) -> None:
+                 prepare: Callable[[TaskRun, Gate | None], Launch],
+                 record: Callable[[TaskRun, dict[str, Any]], None],
+                 tick: Callable[["Scheduler"], None] = lambda s: None, clock: Clock = time.monotonic,
+                 commit: Callable[[], None] = lambda: None) -> None:
         self.runs = runs
         self.pools = pools
         self.limits = limits
         self.options = options
         self._prepare = prepare
         self._record = record  # journal a state change (the caller adds what it knows)
+        self._commit = commit  # make the recorded changes durable-ish (written out) before waiting
         self._tick = tick
         self._clock = clock
         # SimpleQueue: put() is safe from a signal handler (request_stop), Queue's lock is not re-entrant.
-        self._events: queue.SimpleQueue[tuple[str, Future[Outcome] | None]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._ready: list[tuple[float, str]] = []
         self._timers: list[tuple[float, str]] = []
-        self._running: dict[str, Future[Outcome]] = {}
-        self._executors: dict[str, Executor] = {}  # which executor runs each running attempt
-        self._others_running = 0  # running attempts that may not be prefetched
+        self._units: dict[Future[Any], _Unit] = {}  # submitted and not yet handled
+        self._running: dict[str, Future[Any]] = {}  # task -> the submission holding its attempt
+        self._starting: dict[str, TaskContext] = {}  # submitted behind a gate, not started yet
+        self._gates: dict[str, Gate] = {}  # gate of each running attempt that has one
+        self._unsettled: list[Gate] = []  # gates of failed attempts, whose slots wait for a possible stop
+        self._unit_kinds: Counter[str] = Counter()
         self._suspects_running = 0  # attempts rerun alone after a worker process died
         self._broken: dict[int, int] = {}  # broken executor -> attempts it held when it broke
+        self._avg_wall: dict[str, float] = {}  # kind -> moving average of attempt wall seconds
         self._cpus_used = 0
         self._mem_used = 0.0
         self._mem_checked = (-1.0, 0.0)
@@ -122,7 +170,7 @@ class Scheduler:
         """Stop launching and end running attempts (callable from a signal handler)."""
         if self.stop_reason is None:
             self.stop_reason = reason
-        self._events.put(("", None))  # wake the loop
+        self._events.put(("wake", None))
 
     def run(self) -> None:
         for r in self.runs.values():
@@ -133,10 +181,11 @@ class Scheduler:
             if r.waiting == 0:
                 heapq.heappush(self._ready, (-r.priority, r.id))
         stopped_at: float | None = None
-        while self._unfinished() and not (self.stop_reason and not self._running):
+        while self._unfinished() and not (self.stop_reason and not self._units):
             if self.stop_reason and stopped_at is None:
                 stopped_at = self._clock()
                 self.pools.terminate_running(self.options.kill_grace)
+            self._settle()
             if stopped_at is not None and self._clock() - stopped_at > self.options.kill_grace + 5:
                 self._abandon_running()
                 break
@@ -145,7 +194,9 @@ class Scheduler:
             self._wait_and_handle()
             self._fire_timers()
             self._tick(self)
+        self._settle()
         self._finish_unlaunched()
+        self._commit()
         self._tick(self)
 
     # --- state changes -----------------------------------------------------------------------------
@@ -155,6 +206,11 @@ class Scheduler:
         self.counts[state] += 1
         r.state = state
         self._record(r, extra)
+
+    def _settle(self) -> None:
+        """Free the slots that failed attempts kept: after a stop was requested and acted on, if any."""
+        while self._unsettled:
+            self._unsettled.pop().settle()
 
     def _unfinished(self) -> bool:
         return any(self.counts[s] for s in TaskState if s not in FINAL_STATES)
@@ -168,7 +224,7 @@ class Scheduler:
             self._set(r, final, attempt=r.attempts, reason=r.reason)
         self.abandoned = len(self._running)
         self._running.clear()
-        self._executors.clear()
+        self._units.clear()
 
     def _finish_unlaunched(self) -> None:
         """After a stop: waiting tasks become cancelled (fail-fast) or stay pending (interrupted)."""
@@ -186,32 +242,43 @@ class Scheduler:
     def _fits(self, r: TaskRun) -> bool:
         lim = self.limits
         if r.extra.get("suspect") or self._suspects_running:
-            return not self._running  # after a pool breakage: one attempt at a time, to find the culprit
-        # Queueing ahead (2x max_workers in flight) only among small tasks of a prefetch kind: a mix
-        # with other kinds, or tasks that reserve resources, would break max_workers and cpu limits.
-        depth = 2 if self._prefetchable(r) and self._others_running == 0 else 1
-        if len(self._running) >= lim.max_workers * depth:
+            return not self._units  # after a pool breakage: one attempt at a time, to find the culprit
+        # Handing over ahead (past max_workers) only among small tasks of one prefetch kind: a mix with
+        # other kinds, or tasks that reserve resources, would break max_workers and cpu limits.
+        units = len(self._units)
+        ahead = lim.prefetch if self._prefetchable(r) and self._unit_kinds[r.kind] == units else 0
+        if units >= lim.max_workers + ahead:
             return False
-        if self._running and self._cpus_used + r.cpus > lim.cpus * depth:
+        if units and self._cpus_used + r.cpus > lim.cpus + ahead:
             return False
-        if lim.memory_mb is not None and self._running and self._mem_used + r.memory_mb > lim.memory_mb:
+        if lim.memory_mb is not None and units and self._mem_used + r.memory_mb > lim.memory_mb:
             return False
         return True
 
     def _memory_ok(self) -> bool:
         """False while memory in use is past the safety fraction (checked at most 5 times a second)."""
         probe = self.limits.memory_in_use
-        if probe is None or not self._running:
+        if probe is None or not self._units:
             return True
         now = self._clock()
         if now - self._mem_checked[0] > 0.2:
             self._mem_checked = (now, probe())
         return self._mem_checked[1] < self.limits.memory_safety_fraction
 
+    def _batch_size(self, r: TaskRun) -> int:
+        """How many ready attempts of ``r``'s kind to hand over together: 1 until their durations are
+        known, then about BATCH_SECONDS of work, never so many that a worker would be left without."""
+        avg = self._avg_wall.get(r.kind)
+        if avg is None or r.extra.get("suspect") or not self._prefetchable(r) or not self.pools.batches(r.kind):
+            return 1
+        by_time = int(BATCH_SECONDS / max(avg, 1e-6))
+        by_share = len(self._ready) // (self.limits.max_workers + self.limits.prefetch) + 1
+        return max(1, min(BATCH_MAX, by_time, by_share))
+
     def _launch_ready(self) -> None:
         deferred = []
-        cap = self.limits.max_workers * (2 if self.limits.prefetch_kinds else 1)
-        while self._ready and len(self._running) < cap:
+        cap = self.limits.max_workers + (self.limits.prefetch if self.limits.prefetch_kinds else 0)
+        while self._ready and len(self._units) < cap:
             item = heapq.heappop(self._ready)
             r = self.runs[item[1]]
             if not self._fits(r):
@@ -220,37 +287,64 @@ class Scheduler:
             if not self._memory_ok():
                 deferred.append(item)
                 break
-            self._launch(r)
+            members = [r]
+            size = self._batch_size(r)
+            while len(members) < size and self._ready:
+                nxt = self.runs[self._ready[0][1]]
+                if nxt.kind != r.kind or not self._prefetchable(nxt) or nxt.extra.get("suspect"):
+                    break
+                heapq.heappop(self._ready)
+                members.append(nxt)
+            self._submit(members)
         for item in deferred:
             heapq.heappush(self._ready, item)
 
-    def _launch(self, r: TaskRun) -> None:
-        r.attempts += 1
-        r.started = self._clock()
-        launch = self._prepare(r)
-        executor = self.pools.executor_for(r.kind)
+    def _submit(self, members: list[TaskRun]) -> None:
+        first = members[0]
+        launches = []
+        for r in members:
+            r.attempts += 1
+            r.started = self._clock()
+            gate = None
+            if len(members) == 1:
+                gate = self.pools.gate(r.kind, functools.partial(self._events.put, ("start", (r.id, r.attempts))))
+            launches.append((r, self._prepare(r, gate), gate))
+        if len(members) == 1:
+            fn, args = launches[0][1].fn, launches[0][1].args
+        else:
+            fn, args = run_batch, ([(launch.fn, launch.args) for _, launch, _ in launches],)
+        executor = self.pools.executor_for(first.kind)
         try:
-            future = executor.submit(launch.fn, *launch.args)
+            future = executor.submit(fn, *args)
         except BrokenProcessPool:
             self.pools.replace_broken(executor)
-            executor = self.pools.executor_for(r.kind)
-            future = executor.submit(launch.fn, *launch.args)
-        self._running[r.id] = future
-        self._executors[r.id] = executor
-        if not self._prefetchable(r):
-            self._others_running += 1
-        if r.extra.get("suspect"):
-            self._suspects_running += 1
-        self._cpus_used += r.cpus
-        self._mem_used += r.memory_mb
-        self._set(r, TaskState.RUNNING, attempt=r.attempts, work_dir=launch.ctx.work_dir, rank=launch.ctx.rank,
-                  host=launch.ctx.host)
-        tid = r.id
-        future.add_done_callback(lambda f: self._events.put((tid, f)))
+            executor = self.pools.executor_for(first.kind)
+            future = executor.submit(fn, *args)
+        batch = len(members) > 1
+        unit = _Unit([r.id for r in members], first.kind, executor, cpus=1 if batch else first.cpus,
+                     memory_mb=0.0 if batch else first.memory_mb, batch=batch)
+        self._units[future] = unit
+        self._unit_kinds[unit.kind] += 1
+        self._cpus_used += unit.cpus
+        self._mem_used += unit.memory_mb
+        for r, launch, gate in launches:
+            self._running[r.id] = future
+            if r.extra.get("suspect"):
+                self._suspects_running += 1
+            if gate is None:
+                self._started(r, launch.ctx)
+            else:
+                self._starting[r.id] = launch.ctx
+                self._gates[r.id] = gate
+        future.add_done_callback(lambda f: self._events.put(("done", f)))
+
+    def _started(self, r: TaskRun, ctx: TaskContext) -> None:
+        self._set(r, TaskState.RUNNING, attempt=r.attempts, work_dir=ctx.work_dir, rank=ctx.rank, host=ctx.host)
 
     # --- completions -------------------------------------------------------------------------------
 
     def _wait_and_handle(self) -> None:
+        self._commit()
         timeout = 0.5
         if self._timers:
             timeout = max(0.0, min(timeout, self._timers[0][0] - self._clock()))
@@ -259,40 +353,65 @@ class Scheduler:
         except queue.Empty:
             return
         while True:
-            tid, future = item
-            if future is not None and self._running.get(tid) is future:
-                self._done(self.runs[tid], future)
+            what, value = item
+            if what == "done":
+                self._finish(value)
+            elif what == "start":
+                tid, attempt = value
+                r = self.runs[tid]
+                ctx = self._starting.pop(tid, None)
+                if ctx is not None and r.attempts == attempt:
+                    self._started(r, ctx)
             try:
                 item = self._events.get_nowait()
             except queue.Empty:
                 return
 
-    def _outcome(self, future: Future[Outcome], executor: Executor) -> Outcome:
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            self.pools.replace_broken(executor)  # a no-op when another casualty already replaced it
-            if self.stop_reason:
-                return Outcome(ok=False, error="terminated by the runner", worker_died=True)
-            return Outcome(ok=False, error="the worker process running it died (killed, or out of memory)",
-                           worker_died=True)
-        except CancelledError:
-            return Outcome(ok=False, error="cancelled before it started")
-        except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable argument
-            return Outcome(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    def _finish(self, future: Future[Any]) -> None:
+        unit = self._units.get(future)
+        if unit is None:
+            return  # abandoned
+        outcomes = self._outcomes(future, unit)
+        del self._units[future]
+        self._unit_kinds[unit.kind] -= 1
+        self._cpus_used -= unit.cpus
+        self._mem_used -= unit.memory_mb
+        for tid, outcome in zip(unit.members, outcomes):
+            self._done(self.runs[tid], outcome, unit.executor)
 
-    def _done(self, r: TaskRun, future: Future[Outcome]) -> None:
+    def _outcomes(self, future: Future[Any], unit: _Unit) -> list[Outcome]:
+        """One outcome per member of the unit (every one fails alike when the submission failed)."""
+        try:
+            result = future.result()
+            return list(result) if unit.batch else [result]
+        except BrokenProcessPool:
+            key = id(unit.executor)
+            if key not in self._broken:  # attempts the pool held when it broke (counted at its first casualty)
+                self._broken[key] = sum(len(u.members) for u in self._units.values() if u.executor is unit.executor)
+            self.pools.replace_broken(unit.executor)  # a no-op when another casualty already replaced it
+            error = ("terminated by the runner" if self.stop_reason
+                     else "the worker process running it died (killed, or out of memory)")
+            outcome = Outcome(ok=False, error=error, worker_died=True)
+        except CancelledError:
+            outcome = Outcome(ok=False, error="cancelled before it started")
+        except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable argument
+            outcome = Outcome(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        return [outcome] * len(unit.members)
+
+    def _done(self, r: TaskRun, outcome: Outcome, executor: Executor) -> None:
         del self._running[r.id]
-        executor = self._executors.pop(r.id)
-        self._cpus_used -= r.cpus
-        self._mem_used -= r.memory_mb
-        if not self._prefetchable(r):
-            self._others_running -= 1
+        never_started = self._starting.pop(r.id, None) is not None
+        gate = self._gates.pop(r.id, None)
+        if gate is not None and not outcome.ok:
+            self._unsettled.append(gate)
         was_suspect = bool(r.extra.pop("suspect", False))
         if was_suspect:
             self._suspects_running -= 1
-        outcome = self._outcome(future, executor)
-        if outcome.worker_died and not self.stop_reason and not was_suspect and self._shared_breakage(executor):
+        if never_started and self.stop_reason:  # handed over, then held back by the stop: it did not run
+            r.attempts -= 1
+            return
+        if (outcome.worker_died and not self.stop_reason and not was_suspect
+                and self._broken.get(id(executor), 0) > 1):
             # The pool broke with several attempts in it: which one killed it is unknown, so none is
             # charged; each runs again alone, and the one that kills its worker then fails.
             r.extra["suspect"] = True
@@ -303,6 +422,8 @@ class Scheduler:
         r.outcome = outcome
         r.wall_s = outcome.wall_s or (self._clock() - r.started)
         if outcome.ok:
+            avg = self._avg_wall.get(r.kind)
+            self._avg_wall[r.kind] = r.wall_s if avg is None else 0.8 * avg + 0.2 * r.wall_s
             self._set(r, TaskState.SUCCEEDED, attempt=r.attempts)
             for child in r.dependents:
                 c = self.runs[child]
@@ -326,13 +447,6 @@ class Scheduler:
         if not self.options.keep_going:
             self.request_stop("fail-fast")
 
-    def _shared_breakage(self, executor: Executor) -> bool:
-        """Whether the pool that broke held other attempts too (counted once, at its first casualty)."""
-        key = id(executor)
-        if key not in self._broken:
-            self._broken[key] = 1 + sum(1 for ex in self._executors.values() if ex is executor)
-        return self._broken[key] > 1
-
     def _run_attempts(self, r: TaskRun) -> int:
         """Attempts charged in this run (not those lost to a worker another task killed)."""
         return r.attempts - r.extra.get("attempts_before", 0) - r.extra.get("free_attempts", 0)
@@ -344,7 +458,7 @@ class Scheduler:
         stack = list(root.dependents)
         while stack:
             c = self.runs[stack.pop()]
-            if c.state in FINAL_STATES or c.state is TaskState.RUNNING:
+            if c.state in FINAL_STATES or c.state is TaskState.RUNNING or c.id in self._running:
                 continue
             c.reason = f"upstream task {root.id!r} failed"
             self._set(c, TaskState.UPSTREAM_FAILED, reason=c.reason, root=root.id)

@@ -399,7 +399,8 @@ def test_terminate_all_from_another_thread(tmp_path: Path) -> None:
         t.start()
     for ctx in ctxs:
         wait_for(Path(ctx.work_dir, "pid"))
-    assert terminate_all(2.0) == 2
+    # bash runs before its thread registers the group; one registered after this call stops itself
+    assert terminate_all(2.0) in (1, 2)
     for t in threads:
         t.join(30)
         assert not t.is_alive()
@@ -616,10 +617,17 @@ def test_cwd_and_environment(call: Any, tmp_path: Path, process_pool: Executor, 
         "CMBAGENT_TASK_ID": "t1", "CMBAGENT_TASK_DIR": ctx.work_dir, "CMBAGENT_RUN_DIR": ctx.run_dir,
         "CMBAGENT_RANK": "0", "CMBAGENT_ATTEMPT": "1", "CMBAGENT_HOST": "mine", "CMBAGENT_MATRIX_ELL": "2000",
         "HELPER_VAR": "set"}}
-    # the same worker afterwards: cwd and environment are back (chdir=False: look without changing them)
+    # the same worker afterwards: cwd is back (chdir=False: look without changing anything)
     payload = Payload(id="t1", kind="python", call="runner_helpers:where", python_path=(helpers,))
     after = returned(process_pool.submit(run_python, payload, ctx, False).result(timeout=120))
-    assert after == {"cwd": os.getcwd(), "env": {}}
+    assert after["cwd"] == os.getcwd()
+    # the next task in that worker sees its own variables and none of the previous task's
+    other = make_ctx(tmp_path, task="t2")
+    payload = Payload(id="t2", kind="python", call="runner_helpers:where", python_path=(helpers,))
+    after = returned(process_pool.submit(run_python, payload, other, True).result(timeout=120))
+    assert after["env"] == {"CMBAGENT_TASK_ID": "t2", "CMBAGENT_TASK_DIR": other.work_dir,
+                            "CMBAGENT_RUN_DIR": other.run_dir, "CMBAGENT_RANK": "0", "CMBAGENT_ATTEMPT": "1",
+                            "CMBAGENT_HOST": "node-a"}
 
 
 def test_cpu_and_memory(call: Any) -> None:

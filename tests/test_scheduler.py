@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import pytest
 
-from cmbagent_batch.scheduler import Launch, Limits, Options, Scheduler, TaskRun
+from cmbagent_batch.scheduler import Launch, Limits, Options, Scheduler, TaskRun, run_batch
 from cmbagent_batch.states import TaskState
 from cmbagent_batch.tasks.base import Outcome, TaskContext
 
@@ -51,15 +51,18 @@ class FakeExecutor(Executor):
         if self.broken_on_submit:
             self.broken_on_submit -= 1
             raise BrokenProcessPool("a process in the pool was terminated abruptly")
-        tid = args[0]
+        tids = [a[1][0] for a in args[0]] if fn is run_batch else [args[0]]
+        tid = tids[0]
         pools = self.pools
-        pools.submitted.append(tid)
-        pools.executor_of[tid] = self
-        pools.live[tid] = pools.cpus_of(tid)
+        pools.batches_seen.append(tids)
+        for t in tids:
+            pools.submitted.append(t)
+            pools.executor_of[t] = self
+            pools.live[t] = pools.cpus_of(t)
         pools.peak_live = max(pools.peak_live, len(pools.live))
         pools.peak_cpus = max(pools.peak_cpus, sum(pools.live.values()))
         future: Future[Any] = Future()
-        future.add_done_callback(lambda f: pools.live.pop(tid, None))
+        future.add_done_callback(lambda f: [pools.live.pop(t, None) for t in tids])
         if tid in pools.hold:
             future.set_running_or_notify_cancel()
             pools.held.append((tid, future))
@@ -87,9 +90,17 @@ class FakePools:
         self.peak_live = 0
         self.peak_cpus = 0
         self.cpus_of: Callable[[str], int] = lambda tid: 1
+        self.batch_kinds: set[str] = set()  # kinds whose tiny attempts go over in batches
+        self.batches_seen: list[list[str]] = []  # the tasks of each submission
 
     def executor_for(self, kind: str) -> Executor:
         return self.executor
+
+    def gate(self, kind: str, on_start: Callable[[], None]) -> None:
+        return None  # attempts start when submitted
+
+    def batches(self, kind: str) -> bool:
+        return kind in self.batch_kinds
 
     def replace_broken(self, executor: Executor) -> None:
         assert isinstance(executor, FakeExecutor)
@@ -159,7 +170,7 @@ class Job:
             self.prepare, self.record, tick=self.tick, clock=clock or FakeClock(),
         )
 
-    def prepare(self, r: TaskRun) -> Launch:
+    def prepare(self, r: TaskRun, gate: Any) -> Launch:
         ctx = TaskContext(task_id=r.id, run_dir="/run", work_dir=f"/run/ranks/rank-0000/tasks/{r.id}", rank=0,
                           attempt=r.attempts, host="node-a")
         return Launch(self.attempt, (r.id, r.attempts), ctx)
@@ -310,14 +321,14 @@ def test_cpu_reservations_never_add_up_past_the_limit() -> None:
 
 def test_prefetched_attempts_keep_cpu_reservations_within_the_limit() -> None:
     tasks = {f"p{i}": {"kind": "python", "cpus": 2} for i in range(4)}
-    job = Job(tasks, workers=2, cpus=2, limits={"prefetch_kinds": frozenset({"python"})}).run()
+    job = Job(tasks, workers=2, cpus=2, limits={"prefetch_kinds": frozenset({"python"}), "prefetch": 2}).run()
     assert job.peak_cpus == 2
     assert set(job.states().values()) == {TaskState.SUCCEEDED}
 
 
 def test_prefetch_never_starts_a_task_beside_one_of_another_kind_past_max_workers() -> None:
     job = Job({"a-shell": {"kind": "shell", "priority": 2}, "b-python": {"kind": "python"}}, workers=1,
-              limits={"prefetch_kinds": frozenset({"python"})}).run()
+              limits={"prefetch_kinds": frozenset({"python"}), "prefetch": 2}).run()
     assert job.peak_running == 1
     assert job.launches() == ["a-shell", "b-python"]
 
@@ -512,3 +523,50 @@ def test_a_pool_broken_at_submit_is_replaced_and_the_task_submitted_again() -> N
     assert pools.replaced == ["pool-1"]
     assert job.runs["t"].state is TaskState.SUCCEEDED and job.runs["t"].attempts == 1
     assert pools.executor_of["t"].name == "pool-2"
+
+
+# --- batches of tiny tasks -------------------------------------------------------------------------
+
+TINY = Outcome(ok=True, wall_s=0.0001)
+
+
+def batch_job(tasks: dict[str, dict[str, Any]], **kwargs: Any) -> Job:
+    pools = FakePools()
+    pools.batch_kinds = {"python"}
+    return Job(tasks, workers=2, pools=pools,
+               limits={"prefetch_kinds": frozenset({"python"}), "prefetch": 2}, **kwargs)
+
+
+def test_tiny_tasks_go_over_in_batches_once_their_duration_is_known() -> None:
+    job = batch_job({f"p{i:03d}": {"kind": "python", "results": [TINY]} for i in range(200)}).run()
+    sizes = [len(b) for b in job.pools.batches_seen]
+    assert sizes[:4] == [1, 1, 1, 1]  # durations unknown: one attempt per submission
+    assert max(sizes) > 1 and sum(sizes) == 200
+    assert max(sizes) <= 200 // 4 + 1  # never so many that a worker is left without
+    assert all([state for state, _ in job.of(tid)] == [TaskState.RUNNING, TaskState.SUCCEEDED] for tid in job.runs)
+    assert job.launches() == sorted(job.runs)  # still in priority order (here: by id)
+    job.check_counts()
+
+
+def test_tasks_that_take_long_or_reserve_resources_are_not_batched() -> None:
+    slow = Outcome(ok=True, wall_s=1.0)
+    tasks = {f"s{i:02d}": {"kind": "python", "results": [slow]} for i in range(20)}
+    tasks.update({f"r{i:02d}": {"kind": "python", "results": [TINY], "memory_mb": 10.0} for i in range(20)})
+    job = batch_job(tasks).run()
+    assert [len(b) for b in job.pools.batches_seen] == [1] * 40
+    assert set(job.states().values()) == {TaskState.SUCCEEDED}
+
+
+def test_a_worker_dying_in_a_batch_reruns_every_member_alone_and_charges_only_the_culprit() -> None:
+    tasks: dict[str, dict[str, Any]] = {f"p{i:03d}": {"kind": "python", "results": [TINY]} for i in range(40)}
+    tasks["p030"]["results"] = [BrokenProcessPool("a process in the pool was terminated abruptly")]
+    job = batch_job(tasks, keep_going=True).run()
+    culprit_batch = next(b for b in job.pools.batches_seen if "p030" in b)
+    assert len(culprit_batch) > 1
+    assert job.runs["p030"].state is TaskState.FAILED and job.runs["p030"].reason == DIED
+    assert {tid for tid, r in job.runs.items() if r.state is TaskState.SUCCEEDED} == set(tasks) - {"p030"}
+    for tid in culprit_batch:
+        if tid != "p030":  # ran twice (the second time alone), charged once
+            assert job.runs[tid].attempts == 2 and job.sched._run_attempts(job.runs[tid]) == 1
+            assert [len(b) for b in job.pools.batches_seen if tid in b] == [len(culprit_batch), 1]
+    job.check_counts()

@@ -32,8 +32,11 @@ def _checked_body(raw: bytes) -> bytes | None:
     return body if head == expected else None
 
 
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
 def canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _canonical(value).encode("utf-8")
 
 
 def digest(value: Any) -> str:

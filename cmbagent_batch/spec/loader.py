@@ -6,6 +6,7 @@ import hashlib
 from types import MappingProxyType
 from typing import Any
 
+from cmbagent_batch import gcpause
 from cmbagent_batch.errors import Problem, SpecError
 from cmbagent_batch.spec import checks, matrix, schema
 from cmbagent_batch.spec.model import (
@@ -40,6 +41,11 @@ def load_spec(path: str) -> JobSpec:
 
 
 def load_spec_bytes(raw: bytes, path: str) -> JobSpec:
+    with gcpause.paused():
+        return _load(raw, path)
+
+
+def _load(raw: bytes, path: str) -> JobSpec:
     try:
         doc = parse_yaml(raw, path)
     except YamlProblems as exc:

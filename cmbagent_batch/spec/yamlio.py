@@ -15,7 +15,6 @@ The composed node tree stays available so that any later problem can be located 
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass

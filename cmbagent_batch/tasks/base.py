@@ -4,9 +4,30 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 WORK_SUBDIRS = ("data", "codebase", "logs", "outputs", "temp", "chats", "cost")
+
+
+class Stopped(Exception):
+    """The run is stopping: an attempt that has not started yet does not start."""
+
+
+class Gate(Protocol):
+    """Where an attempt waits for a free slot of its pool before it starts (threads only)."""
+
+    def enter(self) -> None:
+        """Wait for a slot; raise ``Stopped`` if the run is stopping."""
+
+    def leave(self, ok: bool) -> None:
+        """The attempt ended: a success gives its slot back at once. A failure keeps it until ``settle``,
+        so no other attempt starts before the scheduler has seen the failure (fail-fast stops them)."""
+
+    def withdraw(self) -> None:
+        """The attempt ends without having entered (no slot is kept for it any longer)."""
+
+    def settle(self) -> None:
+        """Give back a slot kept by a failure (called by the scheduler once it has handled the end)."""
 
 
 @dataclass(frozen=True)
@@ -72,3 +93,5 @@ class Outcome:
     peak_rss_mb: float = 0.0
     result_file: str | None = None  # python: where the JSON of the return value went
     worker_died: bool = False  # the process-pool worker running it died (set by the scheduler)
+    work_bytes: int | None = None  # bytes left in the work directory when the attempt ended
+    output_bytes: int | None = None  # bytes published under RUN_DIR/outputs/TASK

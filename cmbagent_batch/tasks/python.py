@@ -3,10 +3,11 @@
 Two modes, chosen by the scheduler through ``chdir``:
 
 * process mode (``chdir=True``, one task per worker process at a time): the call runs with the work
-  directory as cwd and the CMBAGENT_* variables (and the task's ``env``) in ``os.environ``; both are
-  restored afterwards. CPU time and peak RSS are the worker process's. ``payload.timeout`` is enforced
-  with SIGALRM (the worker runs the call in its main thread): the call is interrupted the next time the
-  interpreter runs Python code, so a long C call (one numpy operation) finishes first.
+  directory as cwd and the CMBAGENT_* variables (and the task's ``env``) in ``os.environ``; the cwd is
+  restored afterwards, the variables when the worker's next task does not set them. CPU time and peak
+  RSS are the worker process's. ``payload.timeout`` is enforced with SIGALRM (the worker runs the call
+  in its main thread): the call is interrupted the next time the interpreter runs Python code, so a
+  long C call (one numpy operation) finishes first.
 * thread mode (``chdir=False``): cwd and ``os.environ`` are shared by every thread of the scheduler
   process, so they are left alone; a callable finds its directory in ``ctx.work_dir`` (declare a
   ``ctx`` parameter). CPU time is this thread's; peak RSS is not measurable (0.0). A thread cannot be
@@ -118,7 +119,8 @@ def _load(call: str | None, python_path: tuple[str, ...]) -> Callable[..., Any]:
     module_name, name = call.split(":")
     with _path_lock:  # prepend once per process, keeping the given order
         for entry in reversed(python_path):
-            entry = os.path.abspath(entry)
+            if not os.path.isabs(entry):
+                entry = os.path.abspath(entry)
             if entry not in sys.path:
                 sys.path.insert(0, entry)
     try:
@@ -164,17 +166,38 @@ def _takes_ctx(function: Callable[..., Any]) -> bool:
     return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
 
+# Process mode: the worker's own values of the variables tasks have set, restored when a later task
+# does not set them. A variable the next task sets anyway is not restored in between (10^4 tiny tasks
+# in a row change only CMBAGENT_TASK_ID and CMBAGENT_TASK_DIR).
+_original_env: dict[str, str | None] = {}
+_home: str | None = None
+
+
+def _apply_environment(overlay: dict[str, str]) -> None:
+    environ = os.environ
+    for name in [n for n in _original_env if n not in overlay]:
+        value = _original_env.pop(name)
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    for name, value in overlay.items():
+        if name not in _original_env:
+            _original_env[name] = environ.get(name)
+        if environ.get(name) != value:
+            environ[name] = value
+
+
 @contextlib.contextmanager
 def _inside(ctx: TaskContext, payload: Payload) -> Iterator[None]:
-    """Process mode: cwd = work dir and the task's environment, restored on the way out."""
-    overlay = task_environment(ctx, payload, {})
-    saved = {name: os.environ.get(name) for name in overlay}
-    previous = os.getcwd()
+    """Process mode: cwd = work dir and the task's environment (the cwd is restored on the way out)."""
+    global _home
+    previous = _home = _home or os.getcwd()  # a worker's cwd between tasks never changes
     try:
         os.chdir(ctx.work_dir)
     except OSError as exc:
         raise _Failed(f"cannot enter the work directory {ctx.work_dir}: {exc.strerror or exc}") from None
-    os.environ.update(overlay)
+    _apply_environment(task_environment(ctx, payload, {}))
     out, err = _LazyLog(ctx, "stdout.log"), _LazyLog(ctx, "stderr.log")
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # type: ignore[type-var]
@@ -182,11 +205,6 @@ def _inside(ctx: TaskContext, payload: Payload) -> Iterator[None]:
     finally:
         out.close()
         err.close()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         os.chdir(previous)
 
 

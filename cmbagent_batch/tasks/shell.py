@@ -10,6 +10,7 @@ leaves the group on purpose (``setsid``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from cmbagent_batch.tasks.base import Outcome, Payload, TaskContext
 
@@ -59,38 +60,83 @@ def task_environment(ctx: TaskContext, payload: Payload, base: Mapping[str, str]
     return env
 
 
-def run_shell(payload: Payload, ctx: TaskContext, base_env: Mapping[str, str], kill_grace: float = 5.0) -> Outcome:
+def terminations() -> int:
+    """How many times ``terminate_all`` ran: an attempt that saw a lower count must not start."""
+    with _lock:
+        return _terminations
+
+
+@functools.lru_cache(maxsize=8)
+def _bash(search: str) -> str | None:
+    return shutil.which("bash", path=search)
+
+
+def run_shell(payload: Payload, ctx: TaskContext, base_env: Mapping[str, str], kill_grace: float = 5.0,
+              seen: int | None = None) -> Outcome:
     """Run ``payload.run`` with bash in the work directory; never raises for the script's failures.
+
+    ``seen``: what ``terminations()`` said when the attempt began (default: now); if the runner
+    terminated tasks since, bash is not started.
 
     stdout and stderr are appended to ``logs/stdout.log`` and ``logs/stderr.log`` after a line
     ``# attempt N``. CPU time and peak RSS come from ``wait4``: they cover bash and the descendants it
     waited for; peak RSS is that of the largest single process.
     """
-    if not payload.run:
-        return Outcome(ok=False, error="shell task has no 'run' command")
-    env = task_environment(ctx, payload, base_env)
-    search = env.get("PATH", os.defpath)
-    bash = shutil.which("bash", path=search)
-    if bash is None:
-        return Outcome(ok=False, error=f"bash not found on PATH ({search})")
-    with contextlib.ExitStack() as stack:
-        try:
-            os.makedirs(ctx.logs_dir, exist_ok=True)
-            out = stack.enter_context(open(os.path.join(ctx.logs_dir, "stdout.log"), "ab", buffering=0))
-            err = stack.enter_context(open(os.path.join(ctx.logs_dir, "stderr.log"), "ab", buffering=0))
-            for log in (out, err):
-                log.write(f"# attempt {ctx.attempt}\n".encode())
-        except OSError as exc:
-            return Outcome(ok=False, error=f"cannot write the logs in {ctx.logs_dir}: {exc.strerror or exc}")
+    ready = ShellLaunch.prepare(payload, ctx, base_env)
+    if isinstance(ready, Outcome):
+        return ready
+    return ready.run(kill_grace, seen)
+
+
+class ShellLaunch:
+    """A shell attempt ready to start: environment, bash and open log files. ``prepare`` does the file
+    work, so that it can happen before the attempt waits for its slot; ``run`` starts bash."""
+
+    def __init__(self, payload: Payload, ctx: TaskContext, bash: str, env: dict[str, str], out: Any, err: Any) -> None:
+        self.payload, self.ctx, self.bash, self.env, self.out, self.err = payload, ctx, bash, env, out, err
+
+    @classmethod
+    def prepare(cls, payload: Payload, ctx: TaskContext, base_env: Mapping[str, str]) -> "ShellLaunch | Outcome":
+        if not payload.run:
+            return Outcome(ok=False, error="shell task has no 'run' command")
+        env = task_environment(ctx, payload, base_env)
+        search = env.get("PATH", os.defpath)
+        bash = _bash(search)
+        if bash is None:
+            return Outcome(ok=False, error=f"bash not found on PATH ({search})")
+        with contextlib.ExitStack() as stack:
+            try:
+                os.makedirs(ctx.logs_dir, exist_ok=True)
+                out = stack.enter_context(open(os.path.join(ctx.logs_dir, "stdout.log"), "ab", buffering=0))
+                err = stack.enter_context(open(os.path.join(ctx.logs_dir, "stderr.log"), "ab", buffering=0))
+                for log in (out, err):
+                    log.write(f"# attempt {ctx.attempt}\n".encode())
+            except OSError as exc:
+                return Outcome(ok=False, error=f"cannot write the logs in {ctx.logs_dir}: {exc.strerror or exc}")
+            stack.pop_all()
+        return cls(payload, ctx, bash, env, out, err)
+
+    def close(self) -> None:
+        self.out.close()
+        self.err.close()
+
+    def run(self, kill_grace: float = 5.0, seen: int | None = None) -> Outcome:
+        """Start bash and wait for it (the log files are closed once it started, or could not)."""
         with _lock:
-            seen = _terminations
+            if seen is None:
+                seen = _terminations
+            elif seen != _terminations:
+                self.close()
+                return Outcome(ok=False, error="terminated by the runner before it started")
         started = time.perf_counter()
         try:
-            proc = subprocess.Popen([bash, "-c", payload.run], cwd=ctx.work_dir, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, start_new_session=True)
+            proc = subprocess.Popen([self.bash, "-c", self.payload.run], cwd=self.ctx.work_dir, env=self.env,
+                                    stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err,
+                                    start_new_session=True)
         except OSError as exc:
-            return Outcome(ok=False, error=f"cannot start bash in {ctx.work_dir}: {exc.strerror or exc}")
-    return _supervise(proc, payload.timeout, kill_grace, seen, started)
+            self.close()
+            return Outcome(ok=False, error=f"cannot start bash in {self.ctx.work_dir}: {exc.strerror or exc}")
+        return _supervise(proc, self.payload.timeout, kill_grace, seen, started, self.close)
 
 
 def terminate_all(grace: float) -> int:
@@ -112,13 +158,14 @@ def terminate_all(grace: float) -> int:
 
 
 def _supervise(proc: subprocess.Popen[bytes], timeout: float | None, grace: float, seen: int,
-               started: float) -> Outcome:
+               started: float, registered: Callable[[], None]) -> Outcome:
     group = _Group(proc.pid)
     with _lock:
         _running[group.pgid] = group
         if _terminations != seen:  # terminate_all ran between our Popen and this registration
             group.reason = "terminated"
             threading.Thread(target=_stop, args=([group], grace), daemon=True).start()
+    registered()
     timer = None
     if timeout is not None:
         timer = threading.Timer(timeout, _expire, (group, grace))

@@ -90,52 +90,78 @@ def stage_inputs(ctx: TaskContext, links: Sequence[tuple[str, str]]) -> None:
             os.symlink(source, target)
 
 
-def publish(ctx: TaskContext, outputs: Sequence[str]) -> list[str]:
+def publish(ctx: TaskContext, outputs: Sequence[str], paths: Sequence[str] | None = None) -> list[str]:
     """Check the declared outputs exist and install them as ``RUN_DIR/outputs/TASK``; return their paths.
 
     ``outputs`` are paths or globs relative to the work directory (files or directories). Raises
     ``OutputError`` naming every declared output that is missing (a glob must match something); then
-    nothing is changed. The returned paths are the matches, relative and sorted.
+    nothing is changed. The returned paths are the matches, relative and sorted (``paths``: what
+    ``existing_outputs`` returned for them just before, so as not to look twice).
     """
     task = _checked_id(ctx.task_id)
-    found = _collect(ctx.work_dir, outputs)
+    paths = list(paths) if paths is not None else existing_outputs(ctx.work_dir, outputs)
     root = os.path.join(ctx.run_dir, "outputs")
     # One publish per task at a time (the run directory's lock), so the staging name can be fixed: a
     # leftover of a publish that crashed is found by name and holds only copies of work-dir files.
     staging = os.path.join(root, f".staging-{task}")
-    if os.path.lexists(staging):
-        shutil.rmtree(staging, ignore_errors=True)
     try:
+        os.mkdir(staging)
+    except FileExistsError:
+        shutil.rmtree(staging, ignore_errors=True)
         os.mkdir(staging)
     except FileNotFoundError:
         os.makedirs(root, exist_ok=True)
         os.mkdir(staging)
     try:
-        for rel in found:
-            _copy_in(os.path.join(ctx.work_dir, rel), os.path.join(staging, rel))
+        for rel in paths:
+            _copy_in(os.path.join(ctx.work_dir, rel), os.path.join(staging, rel), os.sep in rel)
         _install(staging, os.path.join(root, task), os.path.join(ctx.run_dir, "superseded"), task)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return found
+    return paths
 
 
-def cleanup(ctx: TaskContext, keep: Collection[str]) -> None:
-    """Remove the work subdirectories not in ``keep`` (retention, e.g. drop ``temp`` after success)."""
+def cleanup(ctx: TaskContext, keep: Collection[str]) -> int:
+    """Remove the work subdirectories not in ``keep`` (retention, e.g. drop ``temp`` after success);
+    return the bytes left in the work directory."""
     unknown = sorted(set(keep) - set(WORK_SUBDIRS))
     if unknown:
         raise ValueError(f"cannot keep {unknown[0]!r}: not a work subdirectory (one of {', '.join(WORK_SUBDIRS)})")
-    for name in WORK_SUBDIRS:
-        if name in keep:
+    left = 0
+    with os.scandir(ctx.work_dir) as entries:  # one listing, rather than a probe per subdirectory
+        for entry in entries:
+            if entry.name in WORK_SUBDIRS and entry.name not in keep:
+                if not entry.is_dir(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    continue
+                try:
+                    os.rmdir(entry.path)  # most often empty: one call, where rmtree makes eight
+                except OSError:
+                    shutil.rmtree(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                left += tree_size(entry.path)
+            elif entry.is_file(follow_symlinks=False):
+                left += entry.stat(follow_symlinks=False).st_size
+    return left
+
+
+def tree_size(path: str) -> int:
+    """Bytes in the files under ``path`` (links not followed; hard links counted once per name)."""
+    total = 0
+    stack = [path]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except OSError:
             continue
-        path = os.path.join(ctx.work_dir, name)  # not ctx.sub, which would create it
-        if os.path.islink(path):
-            os.unlink(path)
-        else:
-            try:
-                shutil.rmtree(path)
-            except FileNotFoundError:
-                pass
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 # -- paths -----------------------------------------------------------------------------------------
@@ -161,7 +187,7 @@ def _relative(path: str, what: str) -> str:
     return norm
 
 
-def _collect(work_dir: str, outputs: Sequence[str]) -> list[str]:
+def existing_outputs(work_dir: str, outputs: Sequence[str]) -> list[str]:
     """The existing paths the declared outputs name, minus those inside another one; OutputError if any is missing."""
     found: set[str] = set()
     missing: list[str] = []
@@ -198,8 +224,9 @@ def _link_or_copy(src: str, dst: str) -> str:
     return dst
 
 
-def _copy_in(src: str, dst: str) -> None:
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
+def _copy_in(src: str, dst: str, nested: bool = True) -> None:
+    if nested:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
     if os.path.isdir(src):
         shutil.copytree(src, dst, copy_function=_link_or_copy)
     else:
@@ -229,9 +256,12 @@ def _unshare(work_dir: str, published: str) -> None:
 
 def _install(staging: str, final: str, superseded: str, task: str) -> None:
     """Put ``staging`` at ``final``; an existing ``final`` goes to ``superseded/TASK-<UTC time>-<random>``."""
-    if not os.path.lexists(final):
-        os.rename(staging, final)
+    try:
+        os.rename(staging, final)  # the first publish of the task (an empty directory there is replaced)
         return
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
     os.makedirs(superseded, exist_ok=True)
     aside = os.path.join(superseded, _aside_name(task))
     # Atomic swap where the file system supports it: outputs/TASK always holds a complete set.

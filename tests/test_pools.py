@@ -1,0 +1,108 @@
+"""The slots that bound what a thread pool executes, and the journal's write batching: real threads."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cmbagent_batch.journal import Journal, read_records
+from cmbagent_batch.pools import Slots
+from cmbagent_batch.tasks.base import Stopped
+
+
+def enter_in_thread(gate: object, log: list[str], name: str) -> threading.Thread:
+    def run() -> None:
+        try:
+            gate.enter()  # type: ignore[attr-defined]
+            log.append(name)
+        except Stopped:
+            log.append(f"{name} stopped")
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def settle(seconds: float = 0.2) -> None:
+    time.sleep(seconds)  # long enough for a woken thread to run, here
+
+
+def test_slots_go_in_hand_over_order_not_arrival_order() -> None:
+    slots = Slots(1)
+    started: list[str] = []
+    first = slots.gate(lambda: started.append("on_start a"))
+    second, third = slots.gate(lambda: None), slots.gate(lambda: None)
+    first.enter()
+    log: list[str] = []
+    late = enter_in_thread(third, log, "c")  # reaches the gate before b, was handed over after it
+    settle()
+    early = enter_in_thread(second, log, "b")
+    settle()
+    assert log == [] and started == ["on_start a"]
+    first.leave(True)
+    early.join(5)
+    settle()
+    assert log == ["b"]
+    second.leave(True)
+    late.join(5)
+    assert log == ["b", "c"]
+
+
+def test_a_slot_is_kept_for_an_attempt_still_preparing_until_it_withdraws() -> None:
+    slots = Slots(1)
+    preparing, ready = slots.gate(lambda: None), slots.gate(lambda: None)
+    log: list[str] = []
+    waiter = enter_in_thread(ready, log, "ready")
+    settle()
+    assert log == []  # the one handed over first has not arrived, and there is one slot
+    preparing.withdraw()  # it ended before it started (a missing input, say)
+    waiter.join(5)
+    assert log == ["ready"]
+
+
+def test_a_failure_keeps_its_slot_until_the_scheduler_settles_it() -> None:
+    slots = Slots(1)
+    failing, next_one = slots.gate(lambda: None), slots.gate(lambda: None)
+    failing.enter()
+    log: list[str] = []
+    waiter = enter_in_thread(next_one, log, "next")
+    failing.leave(False)
+    settle()
+    assert log == []  # nothing starts before the failure is seen (fail-fast would stop it)
+    slots.stop()
+    failing.settle()
+    waiter.join(5)
+    assert log == ["next stopped"]
+
+
+def test_stop_wakes_every_waiting_attempt_and_none_starts() -> None:
+    slots = Slots(1)
+    holder = slots.gate(lambda: None)
+    holder.enter()
+    log: list[str] = []
+    threads = [enter_in_thread(slots.gate(lambda: None), log, f"w{i}") for i in range(3)]
+    settle()
+    slots.stop()
+    for t in threads:
+        t.join(5)
+    assert sorted(log) == ["w0 stopped", "w1 stopped", "w2 stopped"]
+    with pytest.raises(Stopped):
+        slots.gate(lambda: None).enter()
+
+
+def test_journal_records_reach_the_file_at_flush_and_close(tmp_path: Path) -> None:
+    path = tmp_path / "journal" / "rank-0000.jsonl"
+    journal = Journal(str(path))
+    journal.append({"task": "a", "state": "running"})
+    journal.append({"task": "a", "state": "succeeded", "note": "ünïcode"})
+    assert path.read_bytes() == b""  # queued, not written
+    journal.flush()
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [
+        {"task": "a", "state": "running"}, {"task": "a", "state": "succeeded", "note": "ünïcode"}]
+    journal.append({"task": "b", "state": "failed"})
+    journal.close()
+    assert [r["task"] for r in read_records(str(path))] == ["a", "a", "b"]
