@@ -256,11 +256,21 @@ def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, run
 
     host = socket.gethostname()
     tasks_dir = work_dir(p.run_dir, 0, "")
+    # A task with nothing measured yet (most of them, before the run) is a copy of this template.
+    blank = {"state": None, "attempts": 0, "rank": 0, "host": host, "wall_s": None, "cpu_s": None,
+             "peak_rss_mb": None, "work_dir": None, "work_bytes": None, "output_bytes": None, "reason": None,
+             "fingerprint": None}
     tasks = {}
     for tid, r in sorted(runs.items()):
         h = p.history.get(tid)
         last = h.record if (h and r.state is TaskState.SKIPPED) else {}
         o = r.outcome
+        if o is None and not last:
+            entry = blank.copy()
+            entry.update(state=r.state.value, attempts=r.attempts, work_dir=tasks_dir + tid, reason=r.reason or None,
+                         fingerprint=p.fps[tid].value)
+            tasks[tid] = entry
+            continue
         tasks[tid] = {
             "state": r.state.value,
             "attempts": r.attempts,
