@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Callable
+from typing import Any, Callable
 
 from cmbagent_batch.tasks.base import Stopped
 from cmbagent_batch.tasks.shell import terminate_all
@@ -20,7 +20,11 @@ from cmbagent_batch.tasks.shell import terminate_all
 class Slots:
     """At most ``n`` attempts of a thread pool execute at once, and they start in the order they were
     handed over (the scheduler's priority order), not in the order their threads reach the gate: a slot
-    is kept for an attempt handed over earlier that is still preparing. None starts once stopping."""
+    is kept for an attempt handed over earlier that is still preparing. None starts once stopping.
+
+    The thread that frees a slot starts the next attempt itself (its ``start``, e.g. spawning bash) before
+    waking that attempt's thread: the process starts without waiting for a thread to wake and get the GIL.
+    """
 
     def __init__(self, n: int) -> None:
         self._lock = threading.Lock()
@@ -40,45 +44,56 @@ class Slots:
             for g in self._line:
                 g._granted.set()  # wakes it to find the run stopping
 
-    def _grant(self) -> None:
+    def _grant(self) -> list["_Gate"]:
         """Give free slots to the first attempts in line that wait for one (the lock is held)."""
+        granted: list[_Gate] = []
         i = 0
-        while i < len(self._line) and i < self._free:
+        while not self.stopping and i < len(self._line) and i < self._free:
             g = self._line[i]
             if g._waiting:
                 del self._line[i]
                 self._free -= 1
-                g._granted.set()
+                granted.append(g)
             else:
                 i += 1
+        return granted
+
+    @staticmethod
+    def _begin_all(granted: list["_Gate"]) -> None:
+        """Start the granted attempts here (the lock is not held), then wake their threads."""
+        for g in granted:
+            g._begin()
+            g._granted.set()
 
     def _enter(self, g: "_Gate") -> None:
+        granted: list[_Gate] = []
         with self._lock:
             if self.stopping:
                 g._granted.set()  # the check below raises Stopped
             elif g in self._line:
                 g._waiting = True
-                self._grant()
+                granted = self._grant()
+        self._begin_all(granted)
         g._granted.wait()
-        with self._lock:
-            if self.stopping:
+        if not g._begun:  # woken by stop()
+            with self._lock:
                 if g in self._line:
                     self._line.remove(g)
-                else:
-                    self._free += 1
-                self._grant()
-                raise Stopped("terminated by the runner before it started")
+            raise Stopped("terminated by the runner before it started")
 
     def _release(self) -> None:
         with self._lock:
             self._free += 1
-            self._grant()
+            granted = self._grant()
+        self._begin_all(granted)
 
     def _withdraw(self, g: "_Gate") -> None:
         with self._lock:
-            if g in self._line:
-                self._line.remove(g)
-                self._grant()
+            if g not in self._line:
+                return
+            self._line.remove(g)
+            granted = self._grant()
+        self._begin_all(granted)
 
 
 class _Gate:
@@ -87,13 +102,30 @@ class _Gate:
     def __init__(self, slots: Slots, on_start: Callable[[], None]) -> None:
         self._slots = slots
         self._on_start = on_start
+        self._start: Callable[[], Any] | None = None
         self._waiting = False
         self._granted = threading.Event()
+        self._begun = False
+        self._result: Any = None
+        self._error: BaseException | None = None
         self._kept = False
 
-    def enter(self) -> None:
+    def enter(self, start: Callable[[], Any] | None = None) -> Any:
+        self._start = start
         self._slots._enter(self)
-        self._on_start()
+        if self._error is not None:
+            self._kept = True  # it holds a slot; the scheduler frees it once it has seen the failure
+            raise self._error
+        return self._result
+
+    def _begin(self) -> None:
+        self._begun = True
+        try:
+            self._on_start()
+            if self._start is not None:
+                self._result = self._start()
+        except BaseException as exc:  # noqa: BLE001 - handed to the attempt's own thread
+            self._error = exc
 
     def leave(self, ok: bool) -> None:
         if ok:

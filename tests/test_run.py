@@ -238,7 +238,7 @@ def test_quickstart_work_dirs_layout_and_linked_inputs(quickstart: tuple[Path, A
     run_dir = tmp / "runs" / "quickstart"
     tasks_dir = run_dir / "ranks" / "rank-0000" / "tasks"
     assert sorted(p.name for p in tasks_dir.iterdir()) == QUICKSTART_TASKS
-    # README: subdirectories are made when used; shell tasks start with logs/ (and temp/, removed on success)
+    # README: subdirectories are made when used; shell tasks start with logs/ only
     for tid in QUICKSTART_TASKS:
         made = subdirectories(tasks_dir / tid)
         assert "temp" not in made and set(made) <= set(WORK_SUBDIRS_KEPT), tid
@@ -357,8 +357,8 @@ def test_temp_is_removed_after_success_and_kept_after_a_failure(tmp_path: Path) 
     assert (tasks / "bad" / "temp" / "scratch").read_text() == "s\n"  # left whole, to see what went wrong
 
 
-def test_shell_tasks_start_with_logs_and_temp(tmp_path: Path) -> None:
-    retention_spec(tmp_path, "test -d logs && test -d temp && echo s > temp/scratch")
+def test_shell_tasks_start_with_logs_and_make_the_rest_when_they_need_them(tmp_path: Path) -> None:
+    retention_spec(tmp_path, "test -d logs && test ! -e temp && mkdir temp && echo s > temp/scratch")
     res = cli(tmp_path, "run", "job.yaml", "--quiet")
     assert res.returncode == 1, res.stderr
     rows = status_rows(tmp_path, tmp_path / "runs" / "keep")

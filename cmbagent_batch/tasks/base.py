@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 WORK_SUBDIRS = ("data", "codebase", "logs", "outputs", "temp", "chats", "cost")
 
@@ -16,8 +16,10 @@ class Stopped(Exception):
 class Gate(Protocol):
     """Where an attempt waits for a free slot of its pool before it starts (threads only)."""
 
-    def enter(self) -> None:
-        """Wait for a slot; raise ``Stopped`` if the run is stopping."""
+    def enter(self, start: Callable[[], Any] | None = None) -> Any:
+        """Wait for a slot; raise ``Stopped`` if the run is stopping. ``start`` is called once the slot is
+        this attempt's, perhaps on the thread that freed it (so it must not need this thread); its result
+        is returned."""
 
     def leave(self, ok: bool) -> None:
         """The attempt ended: a success gives its slot back at once. A failure keeps it until ``settle``,

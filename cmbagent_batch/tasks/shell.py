@@ -82,21 +82,28 @@ def run_shell(payload: Payload, ctx: TaskContext, base_env: Mapping[str, str], k
     ``# attempt N``. CPU time and peak RSS come from ``wait4``: they cover bash and the descendants it
     waited for; peak RSS is that of the largest single process.
     """
-    ready = ShellLaunch.prepare(payload, ctx, base_env)
+    ready = ShellLaunch.prepare(payload, ctx, base_env, seen)
     if isinstance(ready, Outcome):
         return ready
-    return ready.run(kill_grace, seen)
+    return ready.wait(ready.spawn(), kill_grace)
+
+
+Spawned = tuple[subprocess.Popen[bytes], float]  # the process and when it was started (perf_counter)
 
 
 class ShellLaunch:
     """A shell attempt ready to start: environment, bash and open log files. ``prepare`` does the file
-    work, so that it can happen before the attempt waits for its slot; ``run`` starts bash."""
+    work, so that it can happen before the attempt waits for its slot; ``spawn`` starts bash (on any
+    thread); ``wait`` supervises it to the end (on the attempt's own thread)."""
 
-    def __init__(self, payload: Payload, ctx: TaskContext, bash: str, env: dict[str, str], out: Any, err: Any) -> None:
+    def __init__(self, payload: Payload, ctx: TaskContext, bash: str, env: dict[str, str], out: Any, err: Any,
+                 seen: int) -> None:
         self.payload, self.ctx, self.bash, self.env, self.out, self.err = payload, ctx, bash, env, out, err
+        self.seen = seen
 
     @classmethod
-    def prepare(cls, payload: Payload, ctx: TaskContext, base_env: Mapping[str, str]) -> "ShellLaunch | Outcome":
+    def prepare(cls, payload: Payload, ctx: TaskContext, base_env: Mapping[str, str],
+                seen: int | None = None) -> "ShellLaunch | Outcome":
         if not payload.run:
             return Outcome(ok=False, error="shell task has no 'run' command")
         env = task_environment(ctx, payload, base_env)
@@ -106,26 +113,27 @@ class ShellLaunch:
             return Outcome(ok=False, error=f"bash not found on PATH ({search})")
         with contextlib.ExitStack() as stack:
             try:
-                os.makedirs(ctx.logs_dir, exist_ok=True)
-                out = stack.enter_context(open(os.path.join(ctx.logs_dir, "stdout.log"), "ab", buffering=0))
+                try:
+                    out = stack.enter_context(open(os.path.join(ctx.logs_dir, "stdout.log"), "ab", buffering=0))
+                except FileNotFoundError:  # logs/ is made with the work directory, unless called alone
+                    os.makedirs(ctx.logs_dir, exist_ok=True)
+                    out = stack.enter_context(open(os.path.join(ctx.logs_dir, "stdout.log"), "ab", buffering=0))
                 err = stack.enter_context(open(os.path.join(ctx.logs_dir, "stderr.log"), "ab", buffering=0))
                 for log in (out, err):
                     log.write(f"# attempt {ctx.attempt}\n".encode())
             except OSError as exc:
                 return Outcome(ok=False, error=f"cannot write the logs in {ctx.logs_dir}: {exc.strerror or exc}")
             stack.pop_all()
-        return cls(payload, ctx, bash, env, out, err)
+        return cls(payload, ctx, bash, env, out, err, terminations() if seen is None else seen)
 
     def close(self) -> None:
         self.out.close()
         self.err.close()
 
-    def run(self, kill_grace: float = 5.0, seen: int | None = None) -> Outcome:
-        """Start bash and wait for it (the log files are closed once it started, or could not)."""
+    def spawn(self) -> Spawned | Outcome:
+        """Start bash (unless the runner terminated tasks since the attempt began)."""
         with _lock:
-            if seen is None:
-                seen = _terminations
-            elif seen != _terminations:
+            if self.seen != _terminations:
                 self.close()
                 return Outcome(ok=False, error="terminated by the runner before it started")
         started = time.perf_counter()
@@ -136,7 +144,14 @@ class ShellLaunch:
         except OSError as exc:
             self.close()
             return Outcome(ok=False, error=f"cannot start bash in {self.ctx.work_dir}: {exc.strerror or exc}")
-        return _supervise(proc, self.payload.timeout, kill_grace, seen, started, self.close)
+        return proc, started
+
+    def wait(self, spawned: Spawned | Outcome, kill_grace: float = 5.0) -> Outcome:
+        """Supervise what ``spawn`` started to its end (the log files are closed once it is registered)."""
+        if isinstance(spawned, Outcome):
+            return spawned
+        proc, started = spawned
+        return _supervise(proc, self.payload.timeout, kill_grace, self.seen, started, self.close)
 
 
 def terminate_all(grace: float) -> int:
