@@ -1,11 +1,14 @@
 """The state journal: one JSON line per task state change, appended durably.
 
-Records are buffered by ``append`` and written by ``flush``, which the scheduler calls once per loop
-iteration, before it waits: one ``write`` for every change of that iteration, on an ``O_APPEND``
+``append`` queues a record; ``flush`` (the scheduler calls it once per loop iteration, before it waits)
+hands what is queued to a writer thread, which writes it with one ``write`` on an ``O_APPEND``
 descriptor, so a killed process leaves whole lines (at worst one torn last line, which readers skip
-and report) and loses at most the changes of the iteration it was in. ``fsync`` is group-committed:
-a background thread syncs at most once per ``interval`` (1 s) when something was written, so 10^4
-state changes per second cost a few fsyncs, not 10^4. ``sync()`` forces one (at exit, before reporting).
+and report). The scheduler never waits for the disk: a write can take 0.1 ms while an fsync runs, and
+it would hold back the next task's launch. The writer gathers for 5 ms after it is woken, so a burst
+of changes costs one write and one wake-up. A runner killed with SIGKILL loses what was not written yet,
+at most a few milliseconds of changes (those tasks run again). ``fsync`` is group-committed: at most
+once per ``interval`` (1 s) when something was written, so 10^4 state changes per second cost a few
+fsyncs, not 10^4. ``close`` writes and syncs everything (at exit, before reporting).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_GATHER_S = 0.005  # records reach the file at most this long after a flush, plus the write itself
 
 
 class Journal:
@@ -25,54 +30,69 @@ class Journal:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._lock = threading.Lock()
-        self._pending: list[str] = []
-        self._dirty = threading.Event()
+        self._queued: list[str] = []  # appended, not handed to the writer yet (scheduler thread only)
+        self._handed: list[str] = []  # handed to the writer, not written yet
+        self._work = threading.Event()
         self._closed = False
-        self._wake = threading.Event()
         self._interval = interval
-        self._syncer = threading.Thread(target=self._sync_loop, name="journal-fsync", daemon=True)
-        self._syncer.start()
+        self._error: OSError | None = None
+        self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
+        self._writer.start()
 
     def append(self, record: dict[str, Any]) -> None:
-        """Queue one record; it reaches the file at the next ``flush``."""
-        line = _encode(record)
-        with self._lock:
-            self._pending.append(line)
+        """Queue one record; it goes to the writer at the next ``flush``."""
+        self._queued.append(_encode(record))
 
     def flush(self) -> None:
-        """Write the queued records (one ``write``); the syncer fsyncs them within ``interval``."""
+        """Hand the queued records to the writer thread (it writes them at once, in one ``write``)."""
+        if not self._queued:
+            return
         with self._lock:
-            if not self._pending:
-                return
-            data = ("\n".join(self._pending) + "\n").encode("utf-8")
-            self._pending.clear()
-            while data:  # a regular file takes it all at once, short of a full disk or a signal
-                data = data[os.write(self._fd, data):]
-        self._dirty.set()
+            self._handed.extend(self._queued)
+        self._queued.clear()
+        self._work.set()
 
-    def sync(self) -> None:
-        self.flush()
-        self._dirty.clear()
-        os.fsync(self._fd)
+    def _write_pending(self) -> bool:
+        with self._lock:
+            lines, self._handed = self._handed, []
+        if not lines:
+            return False
+        data = ("\n".join(lines) + "\n").encode("utf-8")
+        while data:  # a regular file takes it all at once, short of a full disk or a signal
+            data = data[os.write(self._fd, data):]
+        return True
 
-    def _sync_loop(self) -> None:
-        # fsync runs without the write lock: appends go on while the disk catches up.
+    def _write_loop(self) -> None:
+        unsynced = False
+        last_sync = 0.0
         while True:
-            self._dirty.wait()
-            if self._closed:
+            timeout = None if not unsynced else max(0.0, last_sync + self._interval - time.monotonic())
+            self._work.wait(timeout)
+            if not self._closed:
+                time.sleep(_GATHER_S)  # what else comes meanwhile goes in the same write (one wake-up)
+            self._work.clear()
+            try:
+                if self._write_pending():
+                    unsynced = True
+                if unsynced and (self._closed or time.monotonic() - last_sync >= self._interval):
+                    os.fsync(self._fd)
+                    unsynced, last_sync = False, time.monotonic()
+            except OSError as exc:  # a full disk: reported by close(), the run goes on
+                self._error = self._error or exc
+            if self._closed and not self._handed:
                 return
-            self._dirty.clear()
-            os.fsync(self._fd)
-            self._wake.wait(self._interval)  # close() sets it, so the run ends without waiting
 
     def close(self) -> None:
+        """Write and fsync everything, stop the writer, close the file (raises the writer's OSError)."""
         self.flush()
         self._closed = True
-        self._wake.set()
-        self._dirty.set()  # wake the syncer so it ends
-        self._syncer.join()
+        self._work.set()
+        self._writer.join()
+        self._write_pending()  # anything handed over while the writer was ending
         os.fsync(self._fd)
         os.close(self._fd)
+        if self._error is not None:
+            raise self._error
 
 
 def read_records(path: str, warn: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:

@@ -7,7 +7,8 @@ callbacks only put the future on a queue, which this thread drains.
 
 Two things keep workers busy when tasks are tiny or many. Attempts may be handed over ahead of a free
 worker (``Limits.prefetch_kinds``): a thread pool then holds them behind a gate (a slot semaphore) and
-each reports, through the same queue, when it really starts, which is when it is journaled ``running``.
+each reports when it really starts (on a deque this thread drains whenever it wakes, before any end),
+which is when it is journaled ``running``.
 And where a round trip to a worker costs more than a task (a process pool), ready attempts of tasks whose
 observed duration is short go over in batches of about ``BATCH_SECONDS`` of work; those count as
 running from the hand-over.
@@ -26,6 +27,7 @@ import traceback
 from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+import collections
 from collections import Counter
 from typing import Any, Callable, Protocol
 
@@ -145,6 +147,7 @@ class Scheduler:
         self._clock = clock
         # SimpleQueue: put() is safe from a signal handler (request_stop), Queue's lock is not re-entrant.
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._starts: collections.deque[tuple[str, int]] = collections.deque()  # appended by pool threads
         self._ready: list[tuple[float, str]] = []
         self._timers: list[tuple[float, str]] = []
         self._units: dict[Future[Any], _Unit] = {}  # submitted and not yet handled
@@ -307,7 +310,7 @@ class Scheduler:
             r.started = self._clock()
             gate = None
             if len(members) == 1:
-                gate = self.pools.gate(r.kind, functools.partial(self._events.put, ("start", (r.id, r.attempts))))
+                gate = self.pools.gate(r.kind, functools.partial(self._starts.append, (r.id, r.attempts)))
             launches.append((r, self._prepare(r, gate), gate))
         if len(members) == 1:
             fn, args = launches[0][1].fn, launches[0][1].args
@@ -345,27 +348,34 @@ class Scheduler:
 
     def _wait_and_handle(self) -> None:
         self._commit()
-        timeout = 0.5
+        timeout = 0.05 if self._starting else 0.5  # attempts at a gate: journal their start soon after
         if self._timers:
             timeout = max(0.0, min(timeout, self._timers[0][0] - self._clock()))
         try:
             item = self._events.get(timeout=timeout)
         except queue.Empty:
+            self._drain_starts()
             return
         while True:
+            self._drain_starts()  # before any end: a task is journaled running before it is done
             what, value = item
             if what == "done":
                 self._finish(value)
-            elif what == "start":
-                tid, attempt = value
-                r = self.runs[tid]
-                ctx = self._starting.pop(tid, None)
-                if ctx is not None and r.attempts == attempt:
-                    self._started(r, ctx)
             try:
                 item = self._events.get_nowait()
             except queue.Empty:
+                self._drain_starts()
                 return
+
+    def _drain_starts(self) -> None:
+        """Attempts that got their slot since the last look (they do not wake this thread: each would
+        cost a thread switch per task, and nothing waits on them)."""
+        while self._starts:
+            tid, attempt = self._starts.popleft()
+            r = self.runs[tid]
+            ctx = self._starting.pop(tid, None)
+            if ctx is not None and r.attempts == attempt:
+                self._started(r, ctx)
 
     def _finish(self, future: Future[Any]) -> None:
         unit = self._units.get(future)

@@ -99,8 +99,12 @@ def test_journal_records_reach_the_file_at_flush_and_close(tmp_path: Path) -> No
     journal = Journal(str(path))
     journal.append({"task": "a", "state": "running"})
     journal.append({"task": "a", "state": "succeeded", "note": "ünïcode"})
-    assert path.read_bytes() == b""  # queued, not written
-    journal.flush()
+    time.sleep(0.1)
+    assert path.read_bytes() == b""  # queued, not handed to the writer
+    journal.flush()  # the writer thread writes them at once
+    deadline = time.monotonic() + 10
+    while path.read_bytes().count(b"\n") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [
         {"task": "a", "state": "running"}, {"task": "a", "state": "succeeded", "note": "ünïcode"}]
     journal.append({"task": "b", "state": "failed"})

@@ -738,8 +738,12 @@ def test_a_second_run_on_a_run_dir_in_use_is_refused(tmp_path: Path, runners: li
     first = Runner(tmp_path, "job.yaml", "--quiet")
     runners.append(first)
     wait_until("the task holds", lambda: pidfile.exists() and pidfile.read_text().strip(), first)
-    live = json.loads(cli(tmp_path, "status", str(run_dir), "--format", "json").stdout)
-    assert (live["status"], live["exit_code"], [t["state"] for t in live["tasks"]]) == ("running", None, ["running"])
+    def live() -> tuple[Any, ...]:
+        shown = json.loads(cli(tmp_path, "status", str(run_dir), "--format", "json").stdout)
+        return shown["status"], shown["exit_code"], [t["state"] for t in shown["tasks"]]
+
+    # a start is journaled within ~0.1 s (the scheduler picks it up, the journal writer writes it)
+    wait_until("status shows it running", lambda: live() == ("running", None, ["running"]), first)
     expected = LOCKED.format(run_dir=re.escape(str(run_dir)), pid=first.proc.pid, host=re.escape(socket.gethostname()))
     for args in (["job.yaml"], ["job.yaml", "--fresh"]):
         second = cli(tmp_path, "run", *args)
