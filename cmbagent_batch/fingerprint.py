@@ -61,8 +61,10 @@ def fingerprints(order: list[str], tasks: dict[str, TaskSpec], deps: dict[str, t
                  external: dict[str, list[str]], base_dir: str) -> dict[str, Fingerprint]:
     """Fingerprints of all tasks; ``order`` must be topological (dependencies first)."""
     out: dict[str, Fingerprint] = {}
+    no_deps = digest([])
     for tid in order:
-        dep_part = digest([[d, out[d].value] for d in deps.get(tid, ())])
+        ds = deps.get(tid, ())
+        dep_part = digest([[d, out[d].value] for d in ds]) if ds else no_deps
         ext = external.get(tid)
         out[tid] = Fingerprint(
             spec=spec_digest(tasks[tid]),

@@ -256,10 +256,11 @@ def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, run
 
     host = socket.gethostname()
     tasks_dir = work_dir(p.run_dir, 0, "")
-    # A task with nothing measured yet (most of them, before the run) is a copy of this template.
-    blank = {"state": None, "attempts": 0, "rank": 0, "host": host, "wall_s": None, "cpu_s": None,
-             "peak_rss_mb": None, "work_dir": None, "work_bytes": None, "output_bytes": None, "reason": None,
-             "fingerprint": None}
+    # A task with nothing measured yet: in the manifest written as the run starts (10^4 tasks, on the
+    # way to the first launch), only what the schema requires; at the end, every field.
+    blank = {"rank": 0} if ended is None else {
+        "rank": 0, "host": host, "wall_s": None, "cpu_s": None, "peak_rss_mb": None, "work_bytes": None,
+        "output_bytes": None, "reason": None}
     tasks = {}
     for tid, r in sorted(runs.items()):
         h = p.history.get(tid)
@@ -267,8 +268,9 @@ def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, run
         o = r.outcome
         if o is None and not last:
             entry = blank.copy()
-            entry.update(state=r.state.value, attempts=r.attempts, work_dir=tasks_dir + tid, reason=r.reason or None,
-                         fingerprint=p.fps[tid].value)
+            entry.update(state=r.state.value, attempts=r.attempts, work_dir=tasks_dir + tid)
+            if r.reason or ended is not None:
+                entry.update(reason=r.reason or None, fingerprint=p.fps[tid].value)
             tasks[tid] = entry
             continue
         tasks[tid] = {
