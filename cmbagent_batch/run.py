@@ -22,7 +22,7 @@ from cmbagent_batch.analysis.files import input_sources
 from cmbagent_batch.attempt import run_attempt
 from cmbagent_batch.config import Config
 from cmbagent_batch.dag import Dag
-from cmbagent_batch.fingerprint import Fingerprint, fingerprints
+from cmbagent_batch.fingerprint import Fingerprints, fingerprints
 from cmbagent_batch.journal import Journal, TaskHistory, replay
 from cmbagent_batch.plan import build_dag
 from cmbagent_batch.pools import LocalPools
@@ -47,7 +47,7 @@ class Prepared:
     spec: JobSpec
     dag: Dag
     run_dir: str
-    fps: dict[str, Fingerprint]
+    fps: Fingerprints
     history: dict[str, TaskHistory]
     sources: dict[str, list[tuple[str, list[tuple[str, str]]]]]
     analysis: dict[str, Any]
@@ -69,7 +69,7 @@ def _prepare(config: Config, cache: Cache, warn: Callable[[str], None], refresh:
     sources = input_sources(spec.tasks)
     external = {tid: [p for p, matches in entries if not matches] for tid, entries in sources.items()}
     base = os.path.dirname(os.path.abspath(spec.path))
-    fps = fingerprints(dag.topological_order(), tasks, {t: dag.dependencies(t) for t in dag.nodes}, external, base)
+    fps = fingerprints(tasks, {t: dag.dependencies(t) for t in dag.nodes}, external, base)
     history = replay(journal_paths(run_dir), warn)
     return Prepared(spec, dag, run_dir, fps, history, sources, analysis.info)
 
