@@ -1,6 +1,7 @@
 """Time ``cmbagent-batch run``: many small shell tasks, many no-op python tasks, and a random layered DAG.
 
-Run as ``python bench/bench_run.py [--quick] [--runs N] [--no-snakemake]`` with the interpreter of a venv
+Run as ``python bench/bench_run.py [--quick] [--runs N] [--no-snakemake] [--only shell|python|dag]`` with
+the interpreter of a venv
 where cmbagent-batch is installed. Every figure is set beside a baseline measured in the same invocation:
 
 1. 2,000 independent shell tasks (``run: echo i > out.txt``, ``outputs: [out.txt]``), as
@@ -490,6 +491,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, metavar="N",
                         help="runs of the shell and DAG figures (default 3, quick 1); python and snakemake run once")
     parser.add_argument("--no-snakemake", action="store_true", help="skip the Snakemake row (and its install)")
+    parser.add_argument("--only", choices=("shell", "python", "dag"), action="append",
+                        help="run only this figure (repeatable); default: all three")
     args = parser.parse_args()
     quick = args.quick
     runs = max(1, args.runs or (1 if quick else 3))
@@ -509,7 +512,10 @@ def main() -> int:
             (f"3. layered DAG {levels}x{width}, {DAG_WORKERS} workers", lambda r, nt: dag_figures(
                 r, nt, tmp, env, levels, width, runs)),
         ]
-        for title, step in steps:
+        chosen = set(args.only or ("shell", "python", "dag"))
+        for name, (title, step) in zip(("shell", "python", "dag"), steps):
+            if name not in chosen:
+                continue
             rows: list[Row] = []
             notes: list[str] = []
             try:
