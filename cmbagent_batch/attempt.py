@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import traceback
-from typing import Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 from cmbagent_batch.tasks.base import WORK_SUBDIRS, Gate, Outcome, Payload, Stopped, TaskContext
 from cmbagent_batch.tasks.python import run_python
@@ -35,22 +35,36 @@ SUBDIRS_UP_FRONT = {"shell": ("logs",), "python": ()}
 
 def run_attempt(payload: Payload, ctx: TaskContext, links: Sequence[tuple[str, str]],
                 base_env: Mapping[str, str], chdir: bool, keep: Collection[str], kill_grace: float = 5.0,
-                missing: Sequence[str] = (), gate: Gate | None = None) -> Outcome:
+                missing: Sequence[str] = (), gate: Gate | None = None, made: bool = False) -> Outcome:
     try:
-        return _attempt(payload, ctx, links, base_env, chdir, keep, kill_grace, missing, gate)
+        return _attempt(payload, ctx, links, base_env, chdir, keep, kill_grace, missing, gate, made)
     finally:
         if gate is not None:
             gate.withdraw()  # if it never entered: attempts handed over after it need not wait for it
 
 
+def run_attempts(calls: list[tuple[Callable[..., Outcome], tuple[Any, ...]]]) -> list[Outcome]:
+    """A batch of ``run_attempt`` calls (tiny tasks, one worker process): their work directories are made
+    in one burst first. Two workers making directories in the same ``tasks/`` directory at the same time
+    slow each other down (the directory's lock); bursts rarely meet, steady streams always do."""
+    made: set[str] = set()
+    for _fn, args in calls:
+        try:
+            os.mkdir(args[1].work_dir)
+            made.add(args[1].work_dir)
+        except OSError:
+            pass  # exists (a rerun) or cannot be made: the attempt itself finds out and says so
+    return [fn(*args, made=args[1].work_dir in made) for fn, args in calls]
+
+
 def _attempt(payload: Payload, ctx: TaskContext, links: Sequence[tuple[str, str]], base_env: Mapping[str, str],
              chdir: bool, keep: Collection[str], kill_grace: float, missing: Sequence[str],
-             gate: Gate | None) -> Outcome:
+             gate: Gate | None, made: bool) -> Outcome:
     if missing:
         return Outcome(ok=False, error="; ".join(missing))
     seen = terminations()  # a stop while this attempt waits at the gate keeps it from starting
     try:
-        prepare(ctx, SUBDIRS_UP_FRONT.get(payload.kind, WORK_SUBDIRS))
+        prepare(ctx, SUBDIRS_UP_FRONT.get(payload.kind, WORK_SUBDIRS), made)
         stage_inputs(ctx, links)
     except (OSError, ValueError) as exc:
         return Outcome(ok=False, error=f"cannot prepare the work directory {ctx.work_dir}: {exc}")

@@ -19,7 +19,7 @@ from cmbagent_batch import __version__, gcpause
 from cmbagent_batch.analysis.cache import Cache, digest
 from cmbagent_batch.analysis.deps import analyse
 from cmbagent_batch.analysis.files import input_sources
-from cmbagent_batch.attempt import run_attempt
+from cmbagent_batch.attempt import run_attempt, run_attempts
 from cmbagent_batch.config import Config
 from cmbagent_batch.dag import Dag
 from cmbagent_batch.fingerprint import Fingerprints, fingerprints
@@ -205,7 +205,8 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
                     prefetch=pools.prefetch)
     options = Options(keep_going=ex.keep_going, retries=ex.retries, retry_backoff=ex.retry_backoff,
                       kill_grace=ex.kill_grace)
-    sched = Scheduler(runs, pools, limits, options, make_launch, record, tick=progress, commit=journal.flush)
+    sched = Scheduler(runs, pools, limits, options, make_launch, record, tick=progress, commit=journal.flush,
+                      batch=run_attempts)
     started = time.time()
     manifest = _manifest(p, run_id, started, None, runs, workers)
     write_json_atomic(os.path.join(p.run_dir, "run.json"), manifest)

@@ -135,7 +135,9 @@ class Scheduler:
                  prepare: Callable[[TaskRun, Gate | None], Launch],
                  record: Callable[[TaskRun, dict[str, Any]], None],
                  tick: Callable[["Scheduler"], None] = lambda s: None, clock: Clock = time.monotonic,
-                 commit: Callable[[], None] = lambda: None) -> None:
+                 commit: Callable[[], None] = lambda: None,
+                 batch: Callable[[list[tuple[Callable[..., Outcome], tuple[Any, ...]]]], list[Outcome]] | None = None,
+                 ) -> None:
         self.runs = runs
         self.pools = pools
         self.limits = limits
@@ -143,6 +145,7 @@ class Scheduler:
         self._prepare = prepare
         self._record = record  # journal a state change (the caller adds what it knows)
         self._commit = commit  # make the recorded changes durable-ish (written out) before waiting
+        self._batch = batch or run_batch  # what runs a batch on a worker (a top-level, picklable function)
         self._tick = tick
         self._clock = clock
         # SimpleQueue: put() is safe from a signal handler (request_stop), Queue's lock is not re-entrant.
@@ -315,7 +318,7 @@ class Scheduler:
         if len(members) == 1:
             fn, args = launches[0][1].fn, launches[0][1].args
         else:
-            fn, args = run_batch, ([(launch.fn, launch.args) for _, launch, _ in launches],)
+            fn, args = self._batch, ([(launch.fn, launch.args) for _, launch, _ in launches],)
         executor = self.pools.executor_for(first.kind)
         try:
             future = executor.submit(fn, *args)

@@ -38,16 +38,18 @@ class OutputError(Exception):
         return (OutputError, (self.missing,))
 
 
-def prepare(ctx: TaskContext, subdirs: Sequence[str] = WORK_SUBDIRS) -> None:
+def prepare(ctx: TaskContext, subdirs: Sequence[str] = WORK_SUBDIRS, made: bool = False) -> None:
     """Create the work directory and ``subdirs`` (the others come on demand: ``TaskContext.sub``).
 
     A fresh directory costs one ``mkdir`` per directory. In a directory left by an earlier run, files
     that are hard links of the published outputs (``publish`` links rather than copies) are first replaced
     by private copies, so a rerun that rewrites a file in place cannot change the published copy.
+    ``made``: the caller has just created the (empty) work directory.
     """
     work = ctx.work_dir
     try:
-        os.mkdir(work)
+        if not made:
+            os.mkdir(work)
     except FileExistsError:
         _unshare(work, os.path.join(ctx.run_dir, "outputs", _checked_id(ctx.task_id)))
     except FileNotFoundError:
