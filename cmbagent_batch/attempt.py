@@ -26,7 +26,6 @@ from cmbagent_batch.tasks.workdir import (
     tree_size,
 )
 
-
 # Subdirectories made before a task starts; the rest are made when used (python: ctx.sub(name), shell:
 # mkdir -p). On a journaled or network file system each mkdir (and the rmdir of an unused temp/ after
 # success) costs 0.02 to 0.2 ms, as much as the runner's own work for a tiny task.
@@ -68,50 +67,68 @@ def _attempt(payload: Payload, ctx: TaskContext, links: Sequence[tuple[str, str]
         stage_inputs(ctx, links)
     except (OSError, ValueError) as exc:
         return Outcome(ok=False, error=f"cannot prepare the work directory {ctx.work_dir}: {exc}")
-    outputs = list(payload.outputs)
     ready = ShellLaunch.prepare(payload, ctx, base_env, seen) if payload.kind == "shell" else None
     if isinstance(ready, Outcome):
         return ready
     try:
-        try:
-            spawn = ready.spawn if ready is not None else None
-            if gate is not None:
-                spawned = gate.enter(spawn)  # the thread that frees the slot may start bash for us
-            else:
-                spawned = spawn() if spawn is not None else None
-        except BaseException:
-            if ready is not None:
-                ready.close()
-            raise
-        ok = False
-        found: list[str] = []
-        try:
-            if ready is not None:
-                outcome = ready.wait(spawned, kill_grace)
-            elif payload.kind == "python":
-                outcome = run_python(payload, ctx, chdir)
-            else:
-                outcome = Outcome(ok=False, error="agent tasks are not supported by this version of cmbagent-batch yet")
-            if outcome.ok:
-                if outcome.result_file:  # the return value is published with the declared outputs
-                    outputs.append(os.path.relpath(outcome.result_file, ctx.work_dir))
-                # a missing output fails the attempt before its slot is free
-                found = existing_outputs(ctx.work_dir, outputs)
-            ok = outcome.ok
-        except OutputError as exc:
-            outcome = dataclasses.replace(outcome, ok=False, error=str(exc))
-        finally:
-            if gate is not None:
-                gate.leave(ok)
-        if outcome.ok:
-            published = os.path.join(ctx.run_dir, "outputs", ctx.task_id)
-            output_bytes = 0
-            if outputs or os.path.lexists(published):  # an earlier run's outputs get superseded
-                publish(ctx, outputs, found)
-                output_bytes = tree_size(published)
-            return dataclasses.replace(outcome, work_bytes=cleanup(ctx, keep), output_bytes=output_bytes)
-        return dataclasses.replace(outcome, work_bytes=tree_size(ctx.work_dir))
+        spawned = _start(ready, gate)
+        outcome, outputs, found = _run(payload, ctx, chdir, kill_grace, ready, spawned, gate)
+        return _wrap_up(ctx, keep, outcome, outputs, found)
     except (Stopped, OutputError) as exc:  # OutputError: an output removed between the check and publish
         return Outcome(ok=False, error=str(exc))
     except Exception as exc:  # noqa: BLE001 - a bug or an OS error on the worker: report it with its place
         return Outcome(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+
+
+def _start(ready: ShellLaunch | None, gate: Gate | None) -> Any:
+    """Wait for a slot, if there is a gate, and start bash for a shell task (the thread that frees the
+    slot may do it for us). The log files are closed if bash does not start."""
+    spawn = ready.spawn if ready is not None else None
+    try:
+        if gate is not None:
+            return gate.enter(spawn)
+        return spawn() if spawn is not None else None
+    except BaseException:
+        if ready is not None:
+            ready.close()
+        raise
+
+
+def _run(payload: Payload, ctx: TaskContext, chdir: bool, kill_grace: float, ready: ShellLaunch | None,
+         spawned: Any, gate: Gate | None) -> tuple[Outcome, list[str], list[str]]:
+    """Run the task to its end and check its declared outputs, then give the slot back; return the
+    outcome, the outputs to publish (the return value's file included) and the paths they matched."""
+    outputs = list(payload.outputs)
+    ok = False
+    try:
+        if ready is not None:
+            outcome = ready.wait(spawned, kill_grace)
+        elif payload.kind == "python":
+            outcome = run_python(payload, ctx, chdir)
+        else:
+            outcome = Outcome(ok=False, error="agent tasks are not supported by this version of cmbagent-batch yet")
+        if not outcome.ok:
+            return outcome, outputs, []
+        if outcome.result_file:  # the return value is published with the declared outputs
+            outputs.append(os.path.relpath(outcome.result_file, ctx.work_dir))
+        found = existing_outputs(ctx.work_dir, outputs)  # a missing output fails it before its slot is free
+        ok = True
+        return outcome, outputs, found
+    except OutputError as exc:
+        return dataclasses.replace(outcome, ok=False, error=str(exc)), outputs, []
+    finally:
+        if gate is not None:
+            gate.leave(ok)
+
+
+def _wrap_up(ctx: TaskContext, keep: Collection[str], outcome: Outcome, outputs: list[str],
+             found: list[str]) -> Outcome:
+    """Publish a success's outputs and apply retention; measure what is left in either case."""
+    if not outcome.ok:
+        return dataclasses.replace(outcome, work_bytes=tree_size(ctx.work_dir))
+    published = os.path.join(ctx.run_dir, "outputs", ctx.task_id)
+    output_bytes = 0
+    if outputs or os.path.lexists(published):  # an earlier run's outputs get superseded
+        publish(ctx, outputs, found)
+        output_bytes = tree_size(published)
+    return dataclasses.replace(outcome, work_bytes=cleanup(ctx, keep), output_bytes=output_bytes)

@@ -24,11 +24,10 @@ import random
 import socket
 import time
 import traceback
+from collections import Counter, deque
 from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-import collections
-from collections import Counter
 from typing import Any, Callable, Protocol
 
 from cmbagent_batch.states import DONE_STATES, FINAL_STATES, TaskState
@@ -150,7 +149,7 @@ class Scheduler:
         self._clock = clock
         # SimpleQueue: put() is safe from a signal handler (request_stop), Queue's lock is not re-entrant.
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._starts: collections.deque[tuple[str, int]] = collections.deque()  # appended by pool threads
+        self._starts: deque[tuple[str, int]] = deque()  # appended by pool threads
         self._ready: list[tuple[float, str]] = []
         self._timers: list[tuple[float, str]] = []
         self._units: dict[Future[Any], _Unit] = {}  # submitted and not yet handled

@@ -23,6 +23,8 @@ import jsonschema
 import psutil
 import pytest
 
+from tests.processes import live_in_group
+
 ROOT = Path(__file__).resolve().parents[1]
 DIED = "the worker process running it died (killed, or out of memory)"
 WORK_SUBDIRS_KEPT = ["chats", "codebase", "cost", "data", "logs", "outputs"]  # all but temp
@@ -117,17 +119,6 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def group_members(pgid: int) -> list[int]:
-    found = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(proc.pid)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return found
 
 
 def kill_processes_in(directory: Path) -> list[int]:
@@ -612,7 +603,7 @@ def test_a_signal_stops_the_run_and_a_rerun_completes_it_without_running_a_succe
     first.proc.send_signal(sig)
     assert first.wait() == code, first.stderr()
     started = [int(p) for p in pids.read_text().split()]
-    assert [(p, group_members(p)) for p in started if group_members(p)] == []  # no process of the job left
+    assert [(p, live_in_group(p)) for p in started if live_in_group(p)] == []  # no process of the job left
     manifest = json.loads((run_dir / "run.json").read_text())
     assert (manifest["status"], manifest["stop_reason"], manifest["exit_code"]) == ("interrupted", sig.name, code)
     records = journal(run_dir)

@@ -25,6 +25,7 @@ from cmbagent_batch.tasks.base import WORK_SUBDIRS, Outcome, Payload, TaskContex
 from cmbagent_batch.tasks.python import run_python
 from cmbagent_batch.tasks.shell import run_shell, terminate_all
 from cmbagent_batch.tasks.workdir import OutputError, cleanup, prepare, publish, stage_inputs
+from tests.processes import live_in_group
 
 BASE_ENV = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C"}
 
@@ -41,18 +42,6 @@ def shell(ctx: TaskContext, script: str, timeout: float | None = None, env: dict
           base_env: dict[str, str] | None = None, grace: float = 1.0) -> Outcome:
     payload = Payload(id=ctx.task_id, kind="shell", run=textwrap.dedent(script), env=env or {}, timeout=timeout)
     return run_shell(payload, ctx, BASE_ENV if base_env is None else base_env, kill_grace=grace)
-
-
-def live_in_group(pgid: int) -> list[int]:
-    """Processes of the group that are not zombies (a zombie waits for its parent to reap it)."""
-    found = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(proc.pid)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return found
 
 
 def is_gone(pid: int) -> bool:
