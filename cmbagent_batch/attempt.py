@@ -13,6 +13,7 @@ import os
 import traceback
 from typing import Any, Callable, Collection, Mapping, Sequence
 
+from cmbagent_batch.tasks import agent
 from cmbagent_batch.tasks.base import WORK_SUBDIRS, Gate, Outcome, Payload, Stopped, TaskContext
 from cmbagent_batch.tasks.python import run_python
 from cmbagent_batch.tasks.shell import ShellLaunch, terminations
@@ -67,7 +68,11 @@ def _attempt(payload: Payload, ctx: TaskContext, links: Sequence[tuple[str, str]
         stage_inputs(ctx, links)
     except (OSError, ValueError) as exc:
         return Outcome(ok=False, error=f"cannot prepare the work directory {ctx.work_dir}: {exc}")
-    ready = ShellLaunch.prepare(payload, ctx, base_env, seen) if payload.kind == "shell" else None
+    ready: ShellLaunch | Outcome | None = None
+    if payload.kind == "shell":
+        ready = ShellLaunch.prepare(payload, ctx, base_env, seen)
+    elif payload.kind == "agent":
+        ready = agent.prepare(payload, ctx, base_env, seen)
     if isinstance(ready, Outcome):
         return ready
     try:
@@ -103,10 +108,10 @@ def _run(payload: Payload, ctx: TaskContext, chdir: bool, kill_grace: float, rea
     try:
         if ready is not None:
             outcome = ready.wait(spawned, kill_grace)
-        elif payload.kind == "python":
-            outcome = run_python(payload, ctx, chdir)
+            if payload.kind == "agent":
+                outcome = agent.finish(outcome, ctx)
         else:
-            outcome = Outcome(ok=False, error="agent tasks are not supported by this version of cmbagent-batch yet")
+            outcome = run_python(payload, ctx, chdir)
         if not outcome.ok:
             return outcome, outputs, []
         if outcome.result_file:  # the return value is published with the declared outputs

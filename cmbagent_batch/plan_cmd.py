@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from cmbagent_batch import __version__
 from cmbagent_batch.analysis.cache import Cache, digest
@@ -20,6 +20,7 @@ from cmbagent_batch.analysis.llm_reply import PROMPT_VERSION
 from cmbagent_batch.config import ENV_VARS, SWITCHES, effective_config
 from cmbagent_batch.errors import SpecError, UsageError
 from cmbagent_batch.plan import build_dag, make_plan
+from cmbagent_batch.rundir import resolve_run_dir
 from cmbagent_batch.spec.loader import load_spec_bytes
 from cmbagent_batch.spec.yamlio import YamlProblems, read_bytes
 
@@ -56,9 +57,30 @@ def plan_key(raw: bytes, spec_path: str, flags: dict[str, tuple[Any, str]]) -> s
 def compute_plan(raw: bytes, path: str, flags: dict[str, tuple[Any, str]], cache: Cache, refresh: bool) -> dict[str, Any]:
     spec = load_spec_bytes(raw, path)
     config = effective_config(spec, os.environ, flags)
-    analysis = analyse(config.spec, cache, refresh=refresh, warn=warn)
+    analysis = analyse(config.spec, cache, refresh=refresh, warn=warn, record_calls=_ledger(config.spec))
     dag = build_dag(config.spec, analysis)
     return make_plan(config.spec, analysis, dag)
+
+
+def _ledger(spec: Any) -> Callable[[Sequence[Any]], None]:
+    """Analysis calls go to the job's ledger (RUN_DIR/ledger.jsonl), merged at once: they cost money even
+    when no run follows."""
+
+    def record(calls: Sequence[Any]) -> None:
+        if not calls:
+            return
+        import socket
+        import uuid
+
+        from cmbagent_batch.costs import analysis_recorder
+        from cmbagent_batch.ledger.merge import merge
+
+        run_dir = resolve_run_dir(spec)
+        analysis_recorder(run_dir, spec, "plan-" + uuid.uuid4().hex[:8], socket.gethostname())(calls)
+        for problem in merge(run_dir).problems:
+            warn(f"ledger: {problem}")
+
+    return record
 
 
 def _json(plan: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ skips tasks that succeeded with the same fingerprint, schedules the rest on loca
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -21,23 +22,19 @@ from cmbagent_batch.analysis.deps import analyse
 from cmbagent_batch.analysis.files import input_sources
 from cmbagent_batch.attempt import run_attempt, run_attempts
 from cmbagent_batch.config import Config
+from cmbagent_batch.costs import analysis_recorder
 from cmbagent_batch.dag import Dag
 from cmbagent_batch.fingerprint import Fingerprints, fingerprints
 from cmbagent_batch.journal import Journal, TaskHistory, replay
 from cmbagent_batch.plan import build_dag
 from cmbagent_batch.pools import LocalPools
-from cmbagent_batch.rundir import journal_path, journal_paths, work_dir, write_json_atomic
+from cmbagent_batch.rundir import journal_path, journal_paths, resolve_run_dir, work_dir, write_json_atomic
 from cmbagent_batch.scheduler import Launch, Limits, Options, Scheduler, TaskRun, default_workers
 from cmbagent_batch.spec.model import JobSpec, TaskSpec, thaw
 from cmbagent_batch.states import FAILED_STATES, TaskState
 from cmbagent_batch.tasks.base import Payload, TaskContext
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 138}
-
-
-def resolve_run_dir(spec: JobSpec) -> str:
-    base = os.path.dirname(os.path.abspath(spec.path))
-    return os.path.normpath(os.path.join(base, os.path.expandvars(os.path.expanduser(spec.job.run_dir))))
 
 
 @dataclass
@@ -51,6 +48,7 @@ class Prepared:
     history: dict[str, TaskHistory]
     sources: dict[str, list[tuple[str, list[tuple[str, str]]]]]
     analysis: dict[str, Any]
+    run_id: str  # of the run about to start; analysis calls made while preparing it are ledgered under it
 
 
 def prepare(config: Config, cache: Cache, warn: Callable[[str], None], *, refresh: bool = False,
@@ -62,16 +60,18 @@ def prepare(config: Config, cache: Cache, warn: Callable[[str], None], *, refres
 def _prepare(config: Config, cache: Cache, warn: Callable[[str], None], refresh: bool, run_dir: str | None,
              offline: bool) -> Prepared:
     spec = config.spec
-    analysis = analyse(spec, cache, refresh=refresh, warn=warn, offline=offline)
-    dag = build_dag(spec, analysis)
     run_dir = run_dir or resolve_run_dir(spec)
+    run_id = uuid.uuid4().hex[:12]
+    record = None if offline else analysis_recorder(run_dir, spec, run_id, socket.gethostname())
+    analysis = analyse(spec, cache, refresh=refresh, warn=warn, offline=offline, record_calls=record)
+    dag = build_dag(spec, analysis)
     tasks = {t.id: t for t in spec.tasks}
     sources = input_sources(spec.tasks)
     external = {tid: [p for p, matches in entries if not matches] for tid, entries in sources.items()}
     base = os.path.dirname(os.path.abspath(spec.path))
     fps = fingerprints(tasks, {t: dag.dependencies(t) for t in dag.nodes}, external, base)
     history = replay(journal_paths(run_dir), warn)
-    return Prepared(spec, dag, run_dir, fps, history, sources, analysis.info)
+    return Prepared(spec, dag, run_dir, fps, history, sources, analysis.info, run_id)
 
 
 def why_rerun(p: Prepared, tid: str) -> str | None:
@@ -131,10 +131,24 @@ def _links(p: Prepared, tid: str) -> tuple[list[tuple[str, str]], list[str]]:
     return sorted(links), missing
 
 
-def _payload(task: TaskSpec, timeout: float | None, base: str) -> Payload:
+def _payload(spec: JobSpec, task: TaskSpec, base: str, run_id: str) -> Payload:
     return Payload(id=task.id, kind=task.kind, run=task.run, call=task.call, args=thaw(task.args),
-                   env=dict(task.env), outputs=task.outputs, timeout=task.timeout or timeout,
-                   python_path=(base,))
+                   env=dict(task.env), outputs=task.outputs, timeout=task.timeout or spec.execution.task_timeout,
+                   python_path=(base,), agent=_agent_request(spec, task, run_id) if task.kind == "agent" else None)
+
+
+def _agent_request(spec: JobSpec, task: TaskSpec, run_id: str) -> dict[str, Any]:
+    """What the agent process needs to know (tasks/agent.py adds the attempt's place); no secret."""
+    m = spec.llm.models[task.model or ""]
+    assert m.price is not None  # the loader prices every model
+    return {
+        "job": spec.job.name, "run_id": run_id, "agent": task.agent, "instructions": task.instructions,
+        "inputs": list(task.inputs), "max_turns": task.max_turns, "code_execution": task.code_execution,
+        "model": {"name": m.name, "model": m.model, "base_url": m.base_url, "api_key_env": m.api_key_env,
+                  "timeout": m.timeout, "max_retries": m.max_retries, "price": dataclasses.asdict(m.price),
+                  "price_table": m.price_table},
+        "budget": {"job_usd": spec.job.budget_usd, "task_usd": task.budget_usd},
+    }
 
 
 def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Scheduler], None],
@@ -147,7 +161,7 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     host = socket.gethostname()
     base = os.path.dirname(os.path.abspath(spec.path))
     journal = Journal(journal_path(p.run_dir, 0))
-    run_id = uuid.uuid4().hex[:12]
+    run_id = p.run_id
     runs: dict[str, TaskRun] = {}
     weights = p.dag.bottom_levels()
     tasks = {t.id: t for t in spec.tasks}
@@ -188,8 +202,8 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
                           attempt=r.attempts, host=host, matrix=thaw(t.matrix) if t.matrix else {})
         chdir = ex.use_process_pool and t.kind == "python"
         links, missing = _links(p, r.id)
-        env = base_env if t.kind == "shell" else {}  # python workers inherit the environment
-        payload = payloads.get(r.id) or payloads.setdefault(r.id, _payload(t, ex.task_timeout, base))
+        env = base_env if t.kind != "python" else {}  # python workers inherit the environment
+        payload = payloads.get(r.id) or payloads.setdefault(r.id, _payload(spec, t, base, run_id))
         args = (payload, ctx, links, env, chdir, ex.keep, ex.kill_grace, missing, gate)
         return Launch(run_attempt, args, ctx)
 
@@ -219,8 +233,10 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
         pools.shutdown(wait=sched.abandoned == 0)
         journal.close()
     code = _exit_code(sched)
+    ledger = merge_ledger(p.run_dir, warn)
     write_json_atomic(os.path.join(p.run_dir, "run.json"), _manifest(p, run_id, started, time.time(), runs, workers,
-                                                                       exit_code=code, stop=sched.stop_reason))
+                                                                       exit_code=code, stop=sched.stop_reason,
+                                                                       ledger=ledger))
     return code, sched
 
 
@@ -250,8 +266,19 @@ def _restore_signals(previous: dict[int, Any]) -> None:
         signal.signal(signum, handler)
 
 
+def merge_ledger(run_dir: str, warn: Callable[[str], None]) -> dict[str, Any] | None:
+    """Merge the ranks' ledger journals into RUN_DIR/ledger.jsonl; what run.json says of the ledger."""
+    from cmbagent_batch.ledger.merge import merge
+
+    result = merge(run_dir)
+    for problem in result.problems:
+        warn(f"ledger: {problem}")
+    return result.manifest() if result.entries else None
+
+
 def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, runs: dict[str, TaskRun],
-              workers: int, exit_code: int | None = None, stop: str | None = None) -> dict[str, Any]:
+              workers: int, exit_code: int | None = None, stop: str | None = None,
+              ledger: dict[str, Any] | None = None) -> dict[str, Any]:
     def iso(t: float | None) -> str | None:
         return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
@@ -309,6 +336,8 @@ def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, run
         "exit_code": exit_code,
         "counts": dict(sorted(counts.items())),
         "analysis": p.analysis,
+        "budget_usd": p.spec.job.budget_usd,
+        "ledger": ledger,
         "tasks": tasks,
     }
 

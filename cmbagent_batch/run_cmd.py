@@ -55,7 +55,8 @@ def _select(prepared: Any, only: list[str]) -> set[str]:
 
 def cmd_run(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int:
     from cmbagent_batch.progress import Progress
-    from cmbagent_batch.run import execute, prepare, resolve_run_dir, why_rerun
+    from cmbagent_batch.run import execute, prepare, why_rerun
+    from cmbagent_batch.rundir import resolve_run_dir
     from cmbagent_batch.states import TaskState
 
     config = effective_config(load_spec(args.spec), os.environ, flags)

@@ -20,6 +20,13 @@ from typing import Any
 
 from cmbagent_batch.atomic import write_atomic
 from cmbagent_batch.errors import UsageError
+from cmbagent_batch.spec.model import JobSpec
+
+
+def resolve_run_dir(spec: JobSpec) -> str:
+    """The spec's run directory, absolute (a relative one is relative to the spec file's directory)."""
+    base = os.path.dirname(os.path.abspath(spec.path))
+    return os.path.normpath(os.path.join(base, os.path.expandvars(os.path.expanduser(spec.job.run_dir))))
 
 
 def rank_dir(run_dir: str, rank: int) -> str:

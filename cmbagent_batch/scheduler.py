@@ -449,6 +449,12 @@ class Scheduler:
             self._set(r, final, attempt=r.attempts, reason=r.reason)
             return
         r.reason = outcome.error or "failed"
+        if outcome.budget_exceeded:  # no retry: the budget stays spent
+            self._set(r, TaskState.BUDGET_EXCEEDED, attempt=r.attempts, reason=r.reason)
+            self._block_dependents(r)
+            if not self.options.keep_going:
+                self.request_stop("fail-fast")
+            return
         if self._attempts_left(r):
             delay = self.options.retry_backoff * (2 ** (self._run_attempts(r) - 1)) * random.uniform(0.5, 1.0)
             heapq.heappush(self._timers, (self._clock() + delay, r.id))
@@ -472,7 +478,8 @@ class Scheduler:
             c = self.runs[stack.pop()]
             if c.state in FINAL_STATES or c.state is TaskState.RUNNING or c.id in self._running:
                 continue
-            c.reason = f"upstream task {root.id!r} failed"
+            c.reason = f"upstream task {root.id!r} " + (
+                "stopped: LLM budget spent" if root.state is TaskState.BUDGET_EXCEEDED else "failed")
             self._set(c, TaskState.UPSTREAM_FAILED, reason=c.reason, root=root.id)
             stack.extend(c.dependents)
 

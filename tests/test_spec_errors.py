@@ -39,7 +39,7 @@ llm:
 
 SLURM_TIME_HELP = "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 NO_PRICE = (
-    "model 'mini' has no price: add price: {prompt_per_1m: ..., completion_per_1m: ...} "
+    "model 'mini' (cmb-finetune-7b) is not in the shipped price table builtin-2025-08: add price: {prompt_per_1m: ..., completion_per_1m: ...} "
     "(write 0 for a free model; costs are never assumed to be $0)"
 )
 TOP_KEYS = "analysis, execution, job, llm, slurm, tasks, version"
@@ -186,7 +186,7 @@ CASES = [
     ),
     case(
         "misspelt-price-is-also-a-missing-price",
-        BASE + MODELS.replace("price:", "prices:"),
+        BASE + MODELS.replace("price:", "prices:").replace("gpt-4o-mini", "cmb-finetune-7b"),
         f"F:10:5: $.llm.models.mini: {NO_PRICE}",
         "F:12:7: $.llm.models.mini.prices: unknown key 'prices' (did you mean 'price'?)",
     ),
@@ -364,7 +364,7 @@ CASES = [
     ),
     case(
         "model-without-price",
-        BASE + "llm:\n  default_model: mini\n  models:\n    mini:\n      model: gpt-4o-mini\n",
+        BASE + "llm:\n  default_model: mini\n  models:\n    mini:\n      model: cmb-finetune-7b\n",
         f"F:11:5: $.llm.models.mini: {NO_PRICE}",
     ),
     # --- slurm -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from cmbagent_batch.analysis.cache import Cache, digest
 from cmbagent_batch.analysis.files import file_edges
@@ -53,8 +53,9 @@ def cycle_error(exc: CycleError, edges: list[Edge]) -> UsageError:
 
 
 def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable[[str], None],
-            offline: bool = False) -> Analysis:
-    """The job's edges. ``offline``: use cached LLM answers only (AnalysisError when there are none)."""
+            offline: bool = False, record_calls: Callable[[Sequence[Any]], None] | None = None) -> Analysis:
+    """The job's edges. ``offline``: use cached LLM answers only (AnalysisError when there are none).
+    ``record_calls`` gets the model calls made (``LlmCall``s, failed ones too) for the cost ledger."""
     sources = spec.analysis.sources
     edges: list[Edge] = []
     if "explicit" in sources:
@@ -78,7 +79,7 @@ def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable
     assert model_key is not None  # the loader and config refuse llm analysis without a model
     info["model"] = model_key
     try:
-        llm_edges = _llm_edges(spec, edges, cache, refresh, info, offline)
+        llm_edges = _llm_edges(spec, edges, cache, refresh, info, offline, record_calls)
     except AnalysisError as exc:
         if offline:
             raise
@@ -94,7 +95,7 @@ def _context(spec: JobSpec) -> dict[str, Any]:
 
 
 def _llm_edges(spec: JobSpec, known: list[Edge], cache: Cache | None, refresh: bool, info: dict[str, Any],
-               offline: bool = False) -> list[Edge]:
+               offline: bool = False, record_calls: Callable[[Sequence[Any]], None] | None = None) -> list[Edge]:
     from cmbagent_batch.analysis.llm_reply import task_facts
 
     context = _context(spec)
@@ -129,8 +130,12 @@ def _llm_edges(spec: JobSpec, known: list[Edge], cache: Cache | None, refresh: b
             result = infer_edges(spec.tasks, pairs, model, ask_about=ask_about)
         except LlmAnalysisError as exc:
             _record_calls(info, exc.calls, spec)
+            if record_calls is not None:
+                record_calls(exc.calls)
             raise
         new_edges, calls = list(result.edges), list(result.calls)
+        if record_calls is not None:
+            record_calls(calls)
         info["mode"] = result.mode
         if result.notes:
             info["notes"] = list(result.notes)

@@ -9,14 +9,11 @@ reply that stays unusable is an ``AnalysisError`` listing what was wrong.
 
 from __future__ import annotations
 
-import email.utils
-import math
 import os
 import random
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from cmbagent_batch.analysis.llm_reply import (
@@ -27,15 +24,20 @@ from cmbagent_batch.analysis.llm_reply import (
     reply_schema,
 )
 from cmbagent_batch.dag import Edge
+from cmbagent_batch.endpoint import (
+    DEFAULT_KEY_ENV,
+    backoff_delay,
+    redactor,
+    refusal,
+    retry_after,
+    retryable,
+    server_message,
+    utc_now,
+)
 from cmbagent_batch.errors import AnalysisError
 from cmbagent_batch.spec.model import ModelSpec, TaskSpec
 
 __all__ = ["PROMPT_VERSION", "LlmAnalysis", "LlmAnalysisError", "LlmCall", "backoff_delay", "infer_edges"]
-
-DEFAULT_KEY_ENV = "OPENAI_API_KEY"
-BACKOFF_BASE = 1.0  # seconds before the first retry; doubles each time
-BACKOFF_CAP = 30.0
-RETRY_AFTER_CAP = 60.0  # a server asking for longer is not waited for longer than this
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,6 @@ class LlmAnalysisError(AnalysisError):
     def __init__(self, message: str, calls: Sequence[LlmCall] = ()) -> None:
         super().__init__(message)
         self.calls = tuple(calls)
-
-
-def backoff_delay(failures: int, retry_after: float | None, jitter: float) -> float:
-    """Seconds to wait after the ``failures``-th failed attempt; ``jitter`` is uniform in [0, 1)."""
-    if retry_after is not None and math.isfinite(retry_after):
-        return min(max(retry_after, 0.0), RETRY_AFTER_CAP)
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** (failures - 1)) * (1.0 + 0.25 * jitter)
 
 
 def infer_edges(tasks: Sequence[TaskSpec], known: Sequence[tuple[str, str]], model: ModelSpec, *,
@@ -159,8 +154,7 @@ class _Endpoint:
         self.calls: list[LlmCall] = []
         self.notes: list[str] = []
 
-    def redact(self, text: str) -> str:
-        return text.replace(self.key, "***") if len(self.key) >= 4 else text
+        self.redact = redactor(key)
 
     def _format(self) -> dict[str, Any]:
         if self.mode == "json_object":
@@ -196,25 +190,25 @@ class _Endpoint:
         failures = 0
         last: tuple[str, str]  # what went wrong, details: for the message when retries run out
         while True:
-            started = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+            started = utc_now()
             t0 = time.perf_counter()
-            retry_after: float | None = None
+            wait_for: float | None = None
             fatal: str | None = None  # a status that no retry will change
             try:
                 response = self.client.chat.completions.create(
                     model=self.model.model, messages=messages, temperature=0, response_format=self._format())
             except openai.APIStatusError as exc:
-                status, text = exc.status_code, self._server_message(exc)
+                status, text = exc.status_code, server_message(exc, self.redact)
                 self._record(started, t0, error=f"{status}: {text}")
                 if status == 400 and self.mode == "json_schema" and not self.answered:
                     self.mode = "json_object"
                     self.notes.append(f"the endpoint rejected response_format json_schema (400: {text}); "
                                       "asked for json_object instead")
                     continue
-                if status not in (408, 409, 429) and status < 500:
-                    fatal = self._refusal(status, text)
+                if not retryable(status):
+                    fatal = refusal(self.url, self.model.model, self.key_env, status, text)
                 last = ("failed", f"; last error: {status} {text}")
-                retry_after = _retry_after(exc.response.headers)
+                wait_for = retry_after(exc.response.headers)
             except openai.APITimeoutError:
                 self._record(started, t0, error=f"timed out after {self.model.timeout:g} s")
                 last = (f"did not answer within {self.model.timeout:g} s", "")
@@ -236,45 +230,4 @@ class _Endpoint:
                 what, detail = last
                 raise LlmAnalysisError(f"LLM endpoint {self.url} {what} for model '{self.model.model}' "
                                        f"after {failures} attempts{detail}", self.calls)
-            self.sleep(backoff_delay(failures, retry_after, random.random()))
-
-    def _server_message(self, exc: Any) -> str:
-        body = exc.body
-        text = body.get("message") if isinstance(body, dict) else body
-        text = " ".join(str(text if text else exc.message).split())
-        return self.redact(text if len(text) <= 300 else text[:300] + "...")
-
-    def _refusal(self, status: int, text: str) -> str:
-        where = f"LLM endpoint {self.url}"
-        name = f"model '{self.model.model}'"
-        if status == 401:
-            return f"{where} rejected the API key (401) for {name}; check ${self.key_env}"
-        if status == 403:
-            return f"{where} refused access (403) for {name}: {text}"
-        if status == 404:
-            return f"{where} answered 404 for {name}: {text}; check the model name and base_url"
-        if status == 400:
-            return f"{where} rejected the request (400) for {name}: {text}"
-        return f"{where} answered {status} for {name}: {text}"
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds asked for by Retry-After (or OpenAI's retry-after-ms), if given and sensible."""
-    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) / divisor
-        except ValueError:
-            if name == "retry-after-ms":
-                continue
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                return None
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=timezone.utc)
-            seconds = (when - datetime.now(timezone.utc)).total_seconds()
-        return seconds if math.isfinite(seconds) else None
-    return None
+            self.sleep(backoff_delay(failures, wait_for, random.random()))

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from cmbagent_batch.pricing import builtin_table, lookup
 from cmbagent_batch.spec.matrix import Values, describe_values
 
 TASK_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -255,16 +256,19 @@ def _check_cycle(tasks: list[Expanded], by_id: dict[str, int], deps: dict[int, t
 
 
 def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
-    """Every model used is defined and priced; agent tasks and LLM analysis have a model."""
+    """Every model used is defined and priced (in the spec or the shipped table); agent tasks and LLM analysis have a model."""
     out: list[Finding] = []
     llm = data.get("llm") if isinstance(data.get("llm"), dict) else {}
     models = llm.get("models") if isinstance(llm.get("models"), dict) else {}
     for name, entry in models.items():
-        if isinstance(entry, dict) and "price" not in entry:
+        if not isinstance(entry, dict) or "price" in entry or not isinstance(entry.get("model"), str):
+            continue
+        if lookup(builtin_table(), entry["model"]) is None:
             out.append(
                 Finding(
                     ("llm", "models", name),
-                    f"model {name!r} has no price: add price: {{prompt_per_1m: ..., completion_per_1m: ...}} "
+                    f"model {name!r} ({entry['model']}) is not in the shipped price table "
+                    f"{builtin_table().id}: add price: {{prompt_per_1m: ..., completion_per_1m: ...}} "
                     "(write 0 for a free model; costs are never assumed to be $0)",
                     key=True,
                 )

@@ -8,6 +8,7 @@ from typing import Any
 
 from cmbagent_batch import gcpause
 from cmbagent_batch.errors import Problem, SpecError
+from cmbagent_batch.pricing import SPEC_TABLE, builtin_table, lookup
 from cmbagent_batch.spec import checks, matrix, schema
 from cmbagent_batch.spec.model import (
     EMPTY,
@@ -178,7 +179,12 @@ def _declared(doc: Document) -> dict[str, int]:
 
 def _model(name: str, entry: dict[str, Any]) -> ModelSpec:
     fields = {k: v for k, v in entry.items() if k != "price"}
-    return ModelSpec(name=name, price=Price(**entry["price"]), **fields)
+    if "price" in entry:
+        return ModelSpec(name=name, price=Price(**entry["price"]), price_table=SPEC_TABLE, **fields)
+    table = builtin_table()
+    found = lookup(table, entry["model"])
+    assert found is not None  # checks.check_models refuses unpriced models
+    return ModelSpec(name=name, price=found[1], price_table=table.id, **fields)
 
 
 def _env_value(value: Any) -> str:

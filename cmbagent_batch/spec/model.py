@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from cmbagent_batch.pricing import Price
+
+
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -40,15 +43,6 @@ def thaw(value: Any) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
-class Price:
-    """USD per one million tokens."""
-
-    prompt_per_1m: float
-    completion_per_1m: float
-    cached_prompt_per_1m: float | None = None  # None: cached prompt tokens cost the prompt price
-
-
-@dataclass(frozen=True, slots=True)
 class ModelSpec:
     """One entry of ``llm.models``: how to reach a model and what it costs."""
 
@@ -58,7 +52,8 @@ class ModelSpec:
     api_key_env: str | None = None  # name of the environment variable holding the key
     timeout: float = 120.0
     max_retries: int = 3
-    price: Price | None = None
+    price: Price | None = None  # set by the loader: the spec's price, else the shipped table's
+    price_table: str = "spec"  # where ``price`` comes from: "spec" or the shipped table's id
 
 
 @dataclass(frozen=True, slots=True)

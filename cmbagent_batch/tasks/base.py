@@ -79,6 +79,7 @@ class Payload:
     outputs: tuple[str, ...] = ()
     timeout: float | None = None
     python_path: tuple[str, ...] = ()  # prepended to sys.path for python tasks (the spec's directory)
+    agent: dict[str, Any] | None = None  # agent tasks: what the agent process needs (tasks/agent.py), no secret
 
 
 @dataclass(frozen=True)
@@ -97,3 +98,4 @@ class Outcome:
     worker_died: bool = False  # the process-pool worker running it died (set by the scheduler)
     work_bytes: int | None = None  # bytes left in the work directory when the attempt ended
     output_bytes: int | None = None  # bytes published under RUN_DIR/outputs/TASK
+    budget_exceeded: bool = False  # agent tasks: stopped, or not started, because an LLM budget was spent

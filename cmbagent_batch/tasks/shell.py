@@ -96,21 +96,24 @@ class ShellLaunch:
     work, so that it can happen before the attempt waits for its slot; ``spawn`` starts bash (on any
     thread); ``wait`` supervises it to the end (on the attempt's own thread)."""
 
-    def __init__(self, payload: Payload, ctx: TaskContext, bash: str, env: dict[str, str], out: Any, err: Any,
-                 seen: int) -> None:
-        self.payload, self.ctx, self.bash, self.env, self.out, self.err = payload, ctx, bash, env, out, err
+    def __init__(self, payload: Payload, ctx: TaskContext, argv: list[str], env: dict[str, str], out: Any,
+                 err: Any, seen: int) -> None:
+        self.payload, self.ctx, self.argv, self.env, self.out, self.err = payload, ctx, argv, env, out, err
         self.seen = seen
 
     @classmethod
     def prepare(cls, payload: Payload, ctx: TaskContext, base_env: Mapping[str, str],
-                seen: int | None = None) -> "ShellLaunch | Outcome":
-        if not payload.run:
-            return Outcome(ok=False, error="shell task has no 'run' command")
+                seen: int | None = None, argv: list[str] | None = None) -> "ShellLaunch | Outcome":
+        """``argv``: run this program instead of ``bash -c payload.run`` (agent tasks), supervised alike."""
         env = task_environment(ctx, payload, base_env)
-        search = env.get("PATH", os.defpath)
-        bash = _bash(search)
-        if bash is None:
-            return Outcome(ok=False, error=f"bash not found on PATH ({search})")
+        if argv is None:
+            if not payload.run:
+                return Outcome(ok=False, error="shell task has no 'run' command")
+            search = env.get("PATH", os.defpath)
+            bash = _bash(search)
+            if bash is None:
+                return Outcome(ok=False, error=f"bash not found on PATH ({search})")
+            argv = [bash, "-c", payload.run]
         with contextlib.ExitStack() as stack:
             try:
                 try:
@@ -124,7 +127,7 @@ class ShellLaunch:
             except OSError as exc:
                 return Outcome(ok=False, error=f"cannot write the logs in {ctx.logs_dir}: {exc.strerror or exc}")
             stack.pop_all()
-        return cls(payload, ctx, bash, env, out, err, terminations() if seen is None else seen)
+        return cls(payload, ctx, argv, env, out, err, terminations() if seen is None else seen)
 
     def close(self) -> None:
         self.out.close()
@@ -138,12 +141,13 @@ class ShellLaunch:
                 return Outcome(ok=False, error="terminated by the runner before it started")
         started = time.perf_counter()
         try:
-            proc = subprocess.Popen([self.bash, "-c", self.payload.run], cwd=self.ctx.work_dir, env=self.env,
+            proc = subprocess.Popen(self.argv, cwd=self.ctx.work_dir, env=self.env,
                                     stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err,
                                     start_new_session=True)
         except OSError as exc:
             self.close()
-            return Outcome(ok=False, error=f"cannot start bash in {self.ctx.work_dir}: {exc.strerror or exc}")
+            name = os.path.basename(self.argv[0])
+            return Outcome(ok=False, error=f"cannot start {name} in {self.ctx.work_dir}: {exc.strerror or exc}")
         return proc, started
 
     def wait(self, spawned: Spawned | Outcome, kill_grace: float = 5.0) -> Outcome:

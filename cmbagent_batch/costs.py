@@ -1,0 +1,116 @@
+"""From a model call to a ledger entry, appended to the rank's ledger journal as soon as the call ends.
+
+Used by agent processes (every HTTP attempt, as it happens) and by dependency analysis (its calls, once
+the analysis ends). Imports neither ag2 nor openai.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from cmbagent_batch.ledger.entry import ANALYSIS_AGENT, make_entry
+from cmbagent_batch.pricing import Price, call_cost
+
+
+@dataclass(frozen=True)
+class Priced:
+    """A model as the ledger needs it: its spec key, the name sent, the unit prices and their table."""
+
+    key: str
+    model: str
+    price: Price
+    price_table: str
+
+    @classmethod
+    def from_request(cls, model: dict[str, Any]) -> "Priced":
+        return cls(model["name"], model["model"], Price(**model["price"]), model["price_table"])
+
+
+@dataclass
+class CallRecorder:
+    """Numbers, prices and appends the calls of one process, for one task attempt or one analysis."""
+
+    run_dir: str
+    job: str
+    run_id: str
+    rank: int
+    host: str
+    source: str  # "agent" | "analysis"
+    task: str | None
+    attempt: int | None
+    agent: str
+    model: Priced
+    calls: int = 0
+    cost_usd: float = 0.0
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    _writer: Any = None
+
+    def record(self, *, started: str, latency_s: float, status: str, error: str | None = None,
+               reported_model: str | None = None, prompt_tokens: int = 0, cached_prompt_tokens: int = 0,
+               completion_tokens: int = 0, reasoning_tokens: int = 0) -> dict[str, Any]:
+        """Append one call to the ledger journal (durably) and return its entry."""
+        self.calls += 1
+        price = self.model.price
+        cost = call_cost(price, prompt_tokens, cached_prompt_tokens, completion_tokens)
+        entry = make_entry(
+            id=f"{self.run_id}/{self.rank}/{_process()}/{self._next_number()}", job=self.job,
+            run_id=self.run_id, source=self.source, task=self.task, attempt=self.attempt, call=self.calls,
+            rank=self.rank, host=self.host, pid=os.getpid(), agent=self.agent, model=self.model.key,
+            requested_model=self.model.model, reported_model=reported_model, prompt_tokens=prompt_tokens,
+            cached_prompt_tokens=cached_prompt_tokens, completion_tokens=completion_tokens,
+            reasoning_tokens=reasoning_tokens, cost_usd=cost, price_table=self.model.price_table, price=price,
+            status=status, error=error, latency_s=round(latency_s, 6), timestamp=started,
+        )
+        if self._writer is None:
+            from cmbagent_batch.ledger.journal import JournalWriter
+
+            self._writer = JournalWriter(self.run_dir, self.rank)
+        self._writer.append(entry)
+        self.cost_usd += cost
+        self.entries.append(entry)
+        return entry
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _next_number(self) -> int:
+        global _process_calls
+        _process_calls += 1
+        return _process_calls
+
+
+_process_calls = 0  # calls made by this process: the last part of an entry's id
+_token = ""
+
+
+def _process() -> str:
+    """This process in an entry's id: its pid, and a random part, since pids are reused within a run."""
+    global _token
+    if not _token:
+        _token = f"{os.getpid()}-{secrets.token_hex(3)}"
+    return _token
+
+
+def analysis_recorder(run_dir: str, spec: Any, run_id: str, host: str) -> Callable[[Sequence[Any]], None]:
+    """A ``record_calls`` for ``analyse``: the analysis calls (``LlmCall``s) into rank 0's ledger journal."""
+    m = spec.llm.models[spec.analysis.model or spec.llm.default_model or ""]
+    recorder = CallRecorder(run_dir=run_dir, job=spec.job.name, run_id=run_id, rank=0, host=host,
+                            source="analysis", task=None, attempt=None, agent=ANALYSIS_AGENT,
+                            model=Priced(m.name, m.model, m.price, m.price_table))
+
+    def record(calls: Sequence[Any]) -> None:
+        try:
+            for c in calls:
+                recorder.record(started=c.started_at, latency_s=c.latency_s, status=c.status, error=c.error,
+                                reported_model=c.reported_model, prompt_tokens=c.prompt_tokens,
+                                cached_prompt_tokens=c.cached_prompt_tokens, completion_tokens=c.completion_tokens,
+                                reasoning_tokens=c.reasoning_tokens)
+        finally:
+            recorder.close()
+
+    return record

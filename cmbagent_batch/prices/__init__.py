@@ -1,0 +1,1 @@
+"""The shipped price table (package data)."""

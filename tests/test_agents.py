@@ -1,0 +1,362 @@
+"""Agent tasks end to end: the CLI in a subprocess, an agent process per attempt (AG2 + the real openai
+client) talking real HTTP to a scripted OpenAI-compatible server on 127.0.0.1, and the cost ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.scripted_llm import Delay, HttpError, Reply, ScriptedLLM
+from tests.test_run import Runner, clean_env, runners, wait_until  # noqa: F401 - runners is a fixture
+
+pytest.importorskip("ag2", reason="agent tasks need the 'agents' extra (ag2)")
+
+KEY = "sk-test-SECRET-key-0123456789"
+PRICE = {"prompt_per_1m": 2.0, "cached_prompt_per_1m": 0.5, "completion_per_1m": 8.0}
+
+
+def usage(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
+
+def cost(prompt: int, completion: int, cached: int = 0) -> float:
+    return ((prompt - cached) * PRICE["prompt_per_1m"] + cached * PRICE["cached_prompt_per_1m"]
+            + completion * PRICE["completion_per_1m"]) / 1e6
+
+
+def tool_call(n: int, name: str, **arguments: Any) -> dict[str, Any]:
+    return {"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+def spec(tmp_path: Path, url: str, tasks: str, *, budget: str = "", timeout: float = 5, retries: int = 3,
+         extra: str = "") -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        f"version: 1\njob:\n  name: agents\n{budget}"
+        "execution:\n  max_workers: 2\n  keep_going: true\n"
+        "llm:\n  default_model: m\n  models:\n    m:\n"
+        f"      model: test-model\n      base_url: {url}\n      api_key_env: TEST_LLM_KEY\n"
+        f"      timeout: {timeout}\n      max_retries: {retries}\n"
+        f"      price: {json.dumps(PRICE)}\n{extra}"
+        f"tasks:\n{tasks}"
+    )
+    return path
+
+
+def run(tmp_path: Path, *args: str, key: str | None = KEY, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = clean_env(tmp_path)
+    env.pop("TEST_LLM_KEY", None)
+    if key is not None:
+        env["TEST_LLM_KEY"] = key
+    return subprocess.run([sys.executable, "-m", "cmbagent_batch", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ledger(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "ledger.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def journal_entries(run_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((run_dir / "ledger").glob("rank-*.jsonl")):
+        out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def states(run_dir: Path) -> dict[str, str]:
+    manifest = json.loads((run_dir / "run.json").read_text())
+    return {tid: t["state"] for tid, t in manifest["tasks"].items()}
+
+
+def who(body: Any) -> str:
+    """Which task a request comes from: the instructions are the first user message."""
+    for m in body["messages"]:
+        if m["role"] == "user":
+            return str(m["content"]).split(":")[0]
+    return "?"
+
+
+def tool_results(body: Any) -> list[str]:
+    return [str(m.get("content")) for m in body["messages"] if m["role"] == "tool"]
+
+
+TASKS = """\
+  - id: plan
+    kind: agent
+    agent: planner
+    instructions: "PLAN: write the plan"
+    outputs: [plan.md]
+  - id: compute
+    kind: agent
+    agent: engineer
+    instructions: "COMPUTE: compute the spectra"
+    inputs: [plan.md]
+    outputs: [spectra.txt]
+    code_execution: true
+    max_turns: 4
+  - id: check
+    kind: shell
+    run: test -s spectra.txt && cat spectra.txt > checked.txt
+    inputs: [spectra.txt]
+    outputs: [checked.txt]
+"""
+
+ESCAPES = ("../escape.txt", "/tmp/cmbagent-escape-test.txt", "{outside}/escape.txt")
+WRITE_CODE = (
+    "open('spectra.txt', 'w').write('C_ell\\n')\n"
+    "for target in {targets!r}:\n"
+    "    try:\n"
+    "        open(target, 'w').write('x')\n"
+    "        print('WROTE', target)\n"
+    "    except OSError as exc:\n"
+    "        print('DENIED', target, type(exc).__name__)\n"
+)
+
+
+def happy_script(body: Any) -> Reply:
+    task = who(body)
+    if task == "PLAN":
+        return Reply("1. compute spectra\n2. fit", usage=usage(1000, 200, cached=400), model="test-model-2026-01-01")
+    if task == "COMPUTE" and not tool_results(body):
+        outside = os.environ["AGENT_TEST_OUTSIDE"]
+        code = WRITE_CODE.format(targets=tuple(e.format(outside=outside) for e in ESCAPES))
+        return Reply(None, tool_calls=[tool_call(1, "run_python", code=code)], usage=usage(1500, 300))
+    return Reply("spectra computed", usage=usage(2500, 50, reasoning=10))
+
+
+@pytest.fixture(autouse=True)
+def outside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory outside the run directory that agent code must not write to."""
+    path = tmp_path / "outside"
+    path.mkdir()
+    monkeypatch.setenv("AGENT_TEST_OUTSIDE", str(path))
+    return path
+
+
+def test_agent_job_runs_and_its_ledger_reconciles_to_the_cent(tmp_path: Path) -> None:
+    with ScriptedLLM(happy_script) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, TASKS)))
+        assert srv.failures == []
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "agents"
+    assert states(run_dir) == {"plan": "succeeded", "compute": "succeeded", "check": "succeeded"}
+    # what each agent produced, published
+    assert (run_dir / "outputs" / "plan" / "plan.md").read_text() == "1. compute spectra\n2. fit"
+    assert (run_dir / "outputs" / "compute" / "spectra.txt").read_text() == "C_ell\n"
+    assert (run_dir / "outputs" / "check" / "checked.txt").read_text() == "C_ell\n"
+    work = run_dir / "ranks" / "rank-0000" / "tasks"
+    assert (work / "compute" / "outputs" / "answer.md").read_text() == "spectra computed"
+    transcript = (work / "compute" / "chats" / "transcript.jsonl").read_text()
+    assert "run_python" in transcript and "DENIED ../escape.txt PermissionError" in transcript
+    # the ledger: every call, priced by hand, totals to the cent
+    entries = ledger(run_dir)
+    assert [(e["task"], e["call"], e["status"]) for e in sorted(entries, key=lambda e: (e["task"], e["call"]))] == [
+        ("compute", 1, "ok"), ("compute", 2, "ok"), ("plan", 1, "ok")]
+    by_task = {(e["task"], e["call"]): e for e in entries}
+    plan = by_task[("plan", 1)]
+    assert (plan["prompt_tokens"], plan["cached_prompt_tokens"], plan["completion_tokens"]) == (1000, 400, 200)
+    assert plan["requested_model"] == "test-model" and plan["reported_model"] == "test-model-2026-01-01"
+    assert plan["agent"] == "planner" and plan["model"] == "m" and plan["price_table"] == "spec"
+    assert plan["cost_usd"] == pytest.approx(cost(1000, 200, cached=400))
+    assert by_task[("compute", 2)]["reasoning_tokens"] == 10
+    expected = cost(1000, 200, 400) + cost(1500, 300) + cost(2500, 50)
+    total = sum(e["cost_usd"] for e in entries)
+    assert round(total, 2) == round(expected, 2) and total == pytest.approx(expected, abs=1e-12)
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["ledger"]["entries"] == 3 and manifest["ledger"]["head"] == entries[-1]["hash"]
+    assert manifest["ledger"]["cost_usd"] == pytest.approx(expected)
+    assert list((run_dir / "ledger").glob("rank-*.jsonl")) == []  # merged, then removed
+    verify = run(tmp_path, "ledger", "verify", str(run_dir / "ledger.jsonl"))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    summary = json.loads(run(tmp_path, "ledger", "summarize", str(run_dir / "ledger.jsonl"), "--by", "task",
+                             "--format", "json").stdout)
+    assert summary["total"]["calls"] == 3 and summary["total"]["prompt_tokens"] == 5000
+    assert summary["total"]["cost_usd"] == pytest.approx(expected)
+
+
+def test_code_execution_writes_inside_codebase_and_nowhere_else(tmp_path: Path, outside: Path) -> None:
+    with ScriptedLLM(happy_script) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, TASKS)))
+        sent_back = [r for b in srv.completions for r in tool_results(b)]
+    assert result.returncode == 0, result.stderr
+    codebase = tmp_path / "runs" / "agents" / "ranks" / "rank-0000" / "tasks" / "compute" / "codebase"
+    assert (codebase / "spectra.txt").read_text() == "C_ell\n"
+    assert not (codebase.parent / "escape.txt").exists()
+    assert list(outside.iterdir()) == []
+    assert not Path("/tmp/cmbagent-escape-test.txt").exists()
+    assert len(sent_back) == 1 and sent_back[0].count("DENIED") == 3 and "WROTE" not in sent_back[0]
+
+
+def test_no_api_key_in_any_file(tmp_path: Path) -> None:
+    with ScriptedLLM(happy_script) as srv:
+        assert run(tmp_path, "run", str(spec(tmp_path, srv.base_url, TASKS))).returncode == 0
+        assert all(r.headers.get("authorization") == f"Bearer {KEY}" for r in srv.requests)
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+ONE_AGENT = """\
+  - id: solo
+    kind: agent
+    agent: researcher
+    instructions: "SOLO: summarise"
+    outputs: [summary.md]
+"""
+
+
+def test_429_and_500_are_retried_and_every_attempt_is_in_the_ledger(tmp_path: Path) -> None:
+    script = [HttpError(429, retry_after=0), HttpError(500, retry_after=0), Reply("done", usage=usage(100, 10))]
+    with ScriptedLLM(script) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, ONE_AGENT)))
+        assert len(srv.completions) == 3
+    assert result.returncode == 0, result.stderr
+    entries = ledger(tmp_path / "runs" / "agents")
+    assert [(e["call"], e["status"], e["cost_usd"]) for e in entries] == [
+        (1, "error", 0.0), (2, "error", 0.0), (3, "ok", pytest.approx(cost(100, 10)))]
+    assert entries[0]["error"].startswith("429: Rate limit reached")
+    assert entries[1]["error"].startswith("500: ")
+
+
+def test_401_fails_at_once_with_a_clear_message(tmp_path: Path) -> None:
+    with ScriptedLLM([HttpError(401)]) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, ONE_AGENT)))
+        assert len(srv.completions) == 1
+    assert result.returncode == 1
+    run_dir = tmp_path / "runs" / "agents"
+    manifest = json.loads((run_dir / "run.json").read_text())
+    reason = manifest["tasks"]["solo"]["reason"]
+    assert reason == (f"LLM endpoint {srv.base_url} rejected the API key (401) for model 'test-model'; "
+                      "check $TEST_LLM_KEY")
+    assert [e["status"] for e in ledger(run_dir)] == ["error"]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_key_is_named(tmp_path: Path) -> None:
+    with ScriptedLLM([]) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, ONE_AGENT)), key=None)
+        assert srv.completions == []
+    assert result.returncode == 1
+    reason = json.loads((tmp_path / "runs" / "agents" / "run.json").read_text())["tasks"]["solo"]["reason"]
+    assert reason == "agent task with model 'm' needs an API key in $TEST_LLM_KEY, which is not set"
+
+
+def test_timeouts_are_retried_then_reported(tmp_path: Path) -> None:
+    script = [Delay(3, Reply("late")), Delay(3, Reply("late"))]
+    with ScriptedLLM(script) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, ONE_AGENT, timeout=0.5, retries=1)))
+    assert result.returncode == 1
+    run_dir = tmp_path / "runs" / "agents"
+    entries = ledger(run_dir)
+    assert [(e["status"], e["error"]) for e in entries] == [("error", "timed out after 0.5 s")] * 2
+    reason = json.loads((run_dir / "run.json").read_text())["tasks"]["solo"]["reason"]
+    assert reason == f"LLM endpoint {srv.base_url} did not answer within 0.5 s, 2 attempts (model 'test-model')"
+
+
+TWO_AGENTS = """\
+  - id: first
+    kind: agent
+    instructions: "FIRST: go"
+  - id: second
+    kind: agent
+    instructions: "SECOND: go"
+    depends_on: [first]
+  - id: after
+    kind: shell
+    run: "true"
+    depends_on: [second]
+"""
+
+
+def test_a_spent_job_budget_starts_no_new_llm_work(tmp_path: Path) -> None:
+    # the first call costs $0.01, the budget is $0.005: the second agent task never starts
+    with ScriptedLLM([Reply("ok", usage=usage(5000, 0))]) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, TWO_AGENTS, budget="  budget_usd: 0.005\n")))
+        assert len(srv.completions) == 1
+    assert result.returncode == 1
+    run_dir = tmp_path / "runs" / "agents"
+    assert states(run_dir) == {"first": "succeeded", "second": "budget_exceeded", "after": "upstream_failed"}
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["tasks"]["second"]["reason"] == (
+        "not started: the job's LLM budget is spent: $0.0100 of job.budget_usd $0.0050")
+    assert manifest["tasks"]["after"]["reason"] == "upstream task 'second' stopped: LLM budget spent"
+    status = run(tmp_path, "status", str(run_dir))
+    assert "budget_exceeded" in status.stdout
+
+
+def test_a_running_agent_stops_at_its_next_call_when_its_task_budget_is_spent(tmp_path: Path) -> None:
+    tasks = ONE_AGENT.replace("    outputs: [summary.md]\n", "    code_execution: true\n    budget_usd: 0.001\n")
+    script = [Reply(None, tool_calls=[tool_call(1, "run_shell", command="echo hi")], usage=usage(1000, 0)),
+              Reply("never sent")]
+    with ScriptedLLM(script) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, tasks)))
+        assert len(srv.completions) == 1
+    assert result.returncode == 1
+    run_dir = tmp_path / "runs" / "agents"
+    assert states(run_dir) == {"solo": "budget_exceeded"}
+    reason = json.loads((run_dir / "run.json").read_text())["tasks"]["solo"]["reason"]
+    assert reason == "stopped before model call 2: the task's LLM budget is spent: $0.0020 of budget_usd $0.0010"
+    assert len(ledger(run_dir)) == 1
+
+
+def test_kill_9_mid_job_keeps_completed_calls_and_a_rerun_completes_the_chain(tmp_path: Path,
+                                                                               runners: list[Runner]) -> None:
+    answered: list[str] = []
+
+    def script(body: Any) -> Any:
+        task = who(body)
+        if task == "FIRST" and "FIRST" not in answered:
+            answered.append(task)
+            return Reply("first done", usage=usage(100, 10))
+        if task == "SECOND" and len(answered) == 1:
+            answered.append("hang")
+            return Delay(60, Reply("too late"))
+        return Reply("done", usage=usage(200, 20))
+
+    with ScriptedLLM(script) as srv:
+        path = spec(tmp_path, srv.base_url, TWO_AGENTS)
+        env_key = os.environ.get("TEST_LLM_KEY")
+        os.environ["TEST_LLM_KEY"] = KEY
+        try:
+            runner = Runner(tmp_path, str(path))
+        finally:
+            os.environ.pop("TEST_LLM_KEY") if env_key is None else os.environ.__setitem__("TEST_LLM_KEY", env_key)
+        runners.append(runner)
+        run_dir = tmp_path / "runs" / "agents"
+        wait_until("the second agent's call is in flight", lambda: answered == ["FIRST", "hang"], runner)
+        os.killpg(runner.proc.pid, signal.SIGKILL)
+        runner.proc.wait(10)
+        kept = journal_entries(run_dir)
+        assert [(e["task"], e["status"]) for e in kept] == [("first", "ok")]
+        result = run(tmp_path, "run", str(path))
+    assert result.returncode == 0, result.stderr
+    entries = ledger(run_dir)
+    assert [(e["task"], e["status"]) for e in entries] == [("first", "ok"), ("second", "ok")]
+    assert entries[0]["id"] == kept[0]["id"]  # the call made before the kill, kept once
+    assert run(tmp_path, "ledger", "verify", str(run_dir / "ledger.jsonl")).returncode == 0
+
+
+def test_reruns_append_to_the_same_chain(tmp_path: Path) -> None:
+    with ScriptedLLM(lambda body: Reply("ok", usage=usage(10, 1))) as srv:
+        path = spec(tmp_path, srv.base_url, ONE_AGENT)
+        assert run(tmp_path, "run", str(path)).returncode == 0
+        first = ledger(tmp_path / "runs" / "agents")
+        assert run(tmp_path, "run", str(path), "--only", "solo").returncode == 0  # up to date: no call
+        assert ledger(tmp_path / "runs" / "agents") == first
+        path.write_text(path.read_text().replace("SOLO: summarise", "SOLO: summarise again"))
+        assert run(tmp_path, "run", str(path)).returncode == 0
+    entries = ledger(tmp_path / "runs" / "agents")
+    assert entries[: len(first)] == first and len(entries) == len(first) + 1
+    assert entries[-1]["prev"] == first[-1]["hash"] and entries[-1]["run_id"] != first[-1]["run_id"]
+    time.sleep(0)
