@@ -98,12 +98,11 @@ def _process() -> str:
 
 def analysis_recorder(run_dir: str, spec: Any, run_id: str, host: str) -> Callable[[Sequence[Any]], None]:
     """A ``record_calls`` for ``analyse``: the analysis calls (``LlmCall``s) into rank 0's ledger journal."""
-    m = spec.llm.models[spec.analysis.model or spec.llm.default_model or ""]
-    recorder = CallRecorder(run_dir=run_dir, job=spec.job.name, run_id=run_id, rank=0, host=host,
-                            source="analysis", task=None, attempt=None, agent=ANALYSIS_AGENT,
-                            model=Priced(m.name, m.model, m.price, m.price_table))
-
     def record(calls: Sequence[Any]) -> None:
+        m = spec.llm.models[spec.analysis.model or spec.llm.default_model or ""]
+        recorder = CallRecorder(run_dir=run_dir, job=spec.job.name, run_id=run_id, rank=0, host=host,
+                                source="analysis", task=None, attempt=None, agent=ANALYSIS_AGENT,
+                                model=Priced(m.name, m.model, m.price, m.price_table))
         try:
             for c in calls:
                 recorder.record(started=c.started_at, latency_s=c.latency_s, status=c.status, error=c.error,

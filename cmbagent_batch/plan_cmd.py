@@ -90,13 +90,42 @@ def _json(plan: dict[str, Any]) -> str:
     return json.dumps(plan, separators=(",", ":")) + "\n"
 
 
+def run_estimate(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int:
+    """``plan --estimate``: what the job's LLM calls may cost; makes no call (an uncached analysis is
+    estimated, not run)."""
+    from cmbagent_batch.analysis.deps import explicit_edges
+    from cmbagent_batch.analysis.files import file_edges
+    from cmbagent_batch.analysis.llm_reply import build_messages
+    from cmbagent_batch.errors import AnalysisError
+    from cmbagent_batch.estimate import estimate, render
+
+    spec = effective_config(load_spec_bytes(_read(args.spec), args.spec), os.environ, flags).spec
+    prompt_chars = None
+    if "llm" in spec.analysis.sources:
+        cache = Cache(cache_dir(args.spec, args.cache_dir), warn)
+        try:
+            analyse(spec, cache, refresh=False, warn=warn, offline=True)
+        except AnalysisError:
+            known = {(e.src, e.dst) for e in explicit_edges(spec.tasks) + file_edges(spec.tasks)}
+            prompt_chars = sum(len(m["content"]) for m in build_messages(spec.tasks, known))
+    est = estimate(spec, prompt_chars)
+    sys.stdout.write(json.dumps(est, indent=1) + "\n" if args.format == "json" else render(est))
+    return 0
+
+
+def _read(path: str) -> bytes:
+    try:
+        return read_bytes(path)
+    except YamlProblems as exc:
+        raise SpecError(exc.problems) from None
+
+
 def run_plan(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int:
     from cmbagent_batch import render
 
-    try:
-        raw = read_bytes(args.spec)
-    except YamlProblems as exc:
-        raise SpecError(exc.problems) from None
+    if args.estimate:
+        return run_estimate(args, flags)
+    raw = _read(args.spec)
     cache = Cache(cache_dir(args.spec, args.cache_dir), warn)
     key = plan_key(raw, args.spec, flags)
     plan = None if args.refresh_analysis else cache.get("plan", key)

@@ -360,3 +360,37 @@ def test_reruns_append_to_the_same_chain(tmp_path: Path) -> None:
     assert entries[: len(first)] == first and len(entries) == len(first) + 1
     assert entries[-1]["prev"] == first[-1]["hash"] and entries[-1]["run_id"] != first[-1]["run_id"]
     time.sleep(0)
+
+
+def test_the_cmb_example_runs_end_to_end_against_an_endpoint(tmp_path: Path) -> None:
+    """configs/cmb-agents.yaml, pointed at the scripted endpoint: code agents write their declared files."""
+    import re
+
+    def scientist(body: Any) -> Reply:
+        system = next((str(m["content"]) for m in body["messages"] if m["role"] == "system"), "")
+        if "response_format" in body:  # the dependency analysis
+            return Reply({"edges": []}, usage=usage(800, 20))
+        wanted = re.search(r"Write these files in that directory: (.*)", system)
+        if wanted and not tool_results(body):
+            code = "".join(f"open({name.strip()!r}, 'w').write('result')\n" for name in wanted.group(1).split(","))
+            return Reply(None, tool_calls=[tool_call(1, "run_python", code=code)], usage=usage(900, 120))
+        return Reply("Final answer.", usage=usage(1200, 80))
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "configs" / "cmb-agents.yaml").read_text()
+    with ScriptedLLM(scientist) as srv:
+        text = re.sub(r"(\n      model: [^\n]+\n)", rf"\1      base_url: {srv.base_url}\n", text)
+        text = re.sub(r"\n      base_url: https://api.openai.com/v1", "", text).replace("OPENAI_API_KEY", "TEST_LLM_KEY")
+        path = tmp_path / "cmb-agents.yaml"
+        path.write_text(text)
+        result = run(tmp_path, "run", str(path))
+        assert srv.failures == []
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = tmp_path / "runs" / "cmb-agents"
+    assert set(states(run_dir).values()) == {"succeeded"}
+    assert (run_dir / "outputs" / "report" / "report.md").read_text() == "Final answer."
+    assert (run_dir / "outputs" / "camb-spectra" / "spectra.npz").read_text() == "result"
+    entries = ledger(run_dir)
+    assert {e["source"] for e in entries} == {"agent", "analysis"}
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["ledger"]["cost_usd"] == pytest.approx(sum(e["cost_usd"] for e in entries))
