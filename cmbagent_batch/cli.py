@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", metavar="SPEC", help="job spec YAML file")
     p.add_argument("--format", choices=("text", "json", "dot", "mermaid"), default="text", help="output format")
     p.add_argument("--refresh-analysis", action="store_true", help="ignore cached analysis and analyse again")
+    p.add_argument("--estimate", action="store_true",
+                   help="print what the job's LLM calls may cost (low and high, with the assumptions); "
+                        "makes no LLM call")
     _add_overrides(p)
     p.set_defaults(func=cmd_plan)
 
@@ -120,9 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="say whether each task will run next time, and why (compares with the spec file now)")
     p.set_defaults(func=cmd_status)
 
+    from cmbagent_batch.ledger_cmd import add_parser as add_ledger_parser
+
+    add_ledger_parser(sub)
+
     p = sub.add_parser("schema", help="print a JSON Schema shipped with cmbagent-batch",
                        description="Print a JSON Schema (for editors: yaml-language-server, VS Code).")
-    p.add_argument("name", nargs="?", default="job", choices=("job", "plan", "run"))
+    p.add_argument("name", nargs="?", default="job", choices=("job", "plan", "run", "ledger-entry"))
     p.set_defaults(func=cmd_schema)
     return parser
 

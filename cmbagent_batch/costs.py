@@ -113,3 +113,21 @@ def analysis_recorder(run_dir: str, spec: Any, run_id: str, host: str) -> Callab
             recorder.close()
 
     return record
+
+
+def job_budget_spent(run_dir: str, spec: Any) -> Callable[[], str | None]:
+    """A ``budget_spent`` for ``analyse``: why the job's budget forbids a call now, or None."""
+
+    def check() -> str | None:
+        cap = spec.job.budget_usd
+        if cap is None:
+            return None
+        from cmbagent_batch.ledger.meter import SpendMeter
+
+        meter = SpendMeter(run_dir)
+        meter.refresh()
+        if meter.total_usd >= cap:
+            return f"the job's LLM budget is spent: ${meter.total_usd:.4f} of job.budget_usd ${cap:.4f}"
+        return None
+
+    return check

@@ -57,7 +57,10 @@ def plan_key(raw: bytes, spec_path: str, flags: dict[str, tuple[Any, str]]) -> s
 def compute_plan(raw: bytes, path: str, flags: dict[str, tuple[Any, str]], cache: Cache, refresh: bool) -> dict[str, Any]:
     spec = load_spec_bytes(raw, path)
     config = effective_config(spec, os.environ, flags)
-    analysis = analyse(config.spec, cache, refresh=refresh, warn=warn, record_calls=_ledger(config.spec))
+    from cmbagent_batch.costs import job_budget_spent
+
+    analysis = analyse(config.spec, cache, refresh=refresh, warn=warn, record_calls=_ledger(config.spec),
+                       budget_spent=job_budget_spent(resolve_run_dir(config.spec), config.spec))
     dag = build_dag(config.spec, analysis)
     return make_plan(config.spec, analysis, dag)
 

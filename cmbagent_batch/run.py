@@ -22,7 +22,7 @@ from cmbagent_batch.analysis.deps import analyse
 from cmbagent_batch.analysis.files import input_sources
 from cmbagent_batch.attempt import run_attempt, run_attempts
 from cmbagent_batch.config import Config
-from cmbagent_batch.costs import analysis_recorder
+from cmbagent_batch.costs import analysis_recorder, job_budget_spent
 from cmbagent_batch.dag import Dag
 from cmbagent_batch.fingerprint import Fingerprints, fingerprints
 from cmbagent_batch.journal import Journal, TaskHistory, replay
@@ -63,7 +63,8 @@ def _prepare(config: Config, cache: Cache, warn: Callable[[str], None], refresh:
     run_dir = run_dir or resolve_run_dir(spec)
     run_id = uuid.uuid4().hex[:12]
     record = None if offline else analysis_recorder(run_dir, spec, run_id, socket.gethostname())
-    analysis = analyse(spec, cache, refresh=refresh, warn=warn, offline=offline, record_calls=record)
+    analysis = analyse(spec, cache, refresh=refresh, warn=warn, offline=offline, record_calls=record,
+                       budget_spent=job_budget_spent(run_dir, spec))
     dag = build_dag(spec, analysis)
     tasks = {t.id: t for t in spec.tasks}
     sources = input_sources(spec.tasks)

@@ -116,18 +116,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = h.state if h else t["state"]
         row = {"id": tid, "state": state, "attempts": h.attempts if h else t["attempts"], "rank": t.get("rank"),
                "wall_s": (h.record.get("wall_s") if h else None) or t.get("wall_s"), "work_dir": t["work_dir"]}
-        if state in ("failed", "interrupted", "cancelled", "upstream_failed"):
+        if state in ("failed", "interrupted", "cancelled", "upstream_failed", "budget_exceeded"):
             row["reason"] = (h.record.get("reason") or h.record.get("error")) if h else t.get("reason")
             row["stderr_tail"] = _tail(os.path.join(t["work_dir"], "logs", "stderr.log"))
         if args.explain:
             row["next_run"] = "skip (up to date)" if explain.get(tid) is None else f"run ({explain[tid]})"
         rows.append(row)
+    ledger, budget = manifest.get("ledger"), manifest.get("budget_usd")
     if args.format == "json":
         print(json.dumps({"run_dir": run_dir, "job": manifest["job"], "status": manifest["status"],
-                          "exit_code": manifest.get("exit_code"), "tasks": rows}, indent=1))
+                          "exit_code": manifest.get("exit_code"), "ledger": ledger, "budget_usd": budget,
+                          "tasks": rows}, indent=1))
         return 0
     print(f"Job {manifest['job']} in {run_dir}: {manifest['status']}"
           + (f", exit code {manifest['exit_code']}" if manifest.get("exit_code") is not None else ""))
+    if ledger or budget is not None:
+        cost = ledger["cost_usd"] if ledger else 0.0
+        line = f"LLM cost: ${cost:.4f} over {ledger['entries'] if ledger else 0} model calls"
+        if budget is not None:
+            line += f", {100 * cost / budget:.1f}% of job.budget_usd ${budget:.4f}" if budget else ", budget $0"
+        print(line + (f" (ledger: {os.path.join(run_dir, ledger['file'])})" if ledger else ""))
     width = max((len(r["id"]) for r in rows), default=4)
     for r in rows:
         wall = f"{r['wall_s']:.2f}s" if isinstance(r.get("wall_s"), (int, float)) else "-"

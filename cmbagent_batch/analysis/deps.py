@@ -53,9 +53,11 @@ def cycle_error(exc: CycleError, edges: list[Edge]) -> UsageError:
 
 
 def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable[[str], None],
-            offline: bool = False, record_calls: Callable[[Sequence[Any]], None] | None = None) -> Analysis:
+            offline: bool = False, record_calls: Callable[[Sequence[Any]], None] | None = None,
+            budget_spent: Callable[[], str | None] | None = None) -> Analysis:
     """The job's edges. ``offline``: use cached LLM answers only (AnalysisError when there are none).
-    ``record_calls`` gets the model calls made (``LlmCall``s, failed ones too) for the cost ledger."""
+    ``record_calls`` gets the model calls made (``LlmCall``s, failed ones too) for the cost ledger;
+    ``budget_spent`` says why no model call may start (the job's budget is spent), or None."""
     sources = spec.analysis.sources
     edges: list[Edge] = []
     if "explicit" in sources:
@@ -79,7 +81,7 @@ def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable
     assert model_key is not None  # the loader and config refuse llm analysis without a model
     info["model"] = model_key
     try:
-        llm_edges = _llm_edges(spec, edges, cache, refresh, info, offline, record_calls)
+        llm_edges = _llm_edges(spec, edges, cache, refresh, info, offline, record_calls, budget_spent)
     except AnalysisError as exc:
         if offline:
             raise
@@ -95,7 +97,8 @@ def _context(spec: JobSpec) -> dict[str, Any]:
 
 
 def _llm_edges(spec: JobSpec, known: list[Edge], cache: Cache | None, refresh: bool, info: dict[str, Any],
-               offline: bool = False, record_calls: Callable[[Sequence[Any]], None] | None = None) -> list[Edge]:
+               offline: bool = False, record_calls: Callable[[Sequence[Any]], None] | None = None,
+               budget_spent: Callable[[], str | None] | None = None) -> list[Edge]:
     from cmbagent_batch.analysis.llm_reply import task_facts
 
     context = _context(spec)
@@ -123,6 +126,9 @@ def _llm_edges(spec: JobSpec, known: list[Edge], cache: Cache | None, refresh: b
         raise AnalysisError("the LLM dependency analysis of this spec is not cached; run 'cmbagent-batch plan SPEC' first")
     if ask_about is None or ask_about:
         from cmbagent_batch.analysis.llm import LlmAnalysisError, infer_edges
+
+        if budget_spent is not None and (why := budget_spent()) is not None:
+            raise AnalysisError(f"LLM dependency analysis not started: {why}")
 
         model = spec.llm.models[spec.analysis.model or spec.llm.default_model or ""]
         pairs = known_pairs + [(e.src, e.dst) for e in reused]

@@ -17,8 +17,10 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -56,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with open(args[0], encoding="utf-8") as fh:
         request = json.load(fh)
+    _die_with_runner()
     logs = os.path.join(request["work_dir"], "logs")
     recorder = _recorder(request)
     status, code, message, trace = "ok", 0, None, None
@@ -78,6 +81,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if message:
         print(message, file=sys.stderr)
     return code
+
+
+def _die_with_runner() -> None:
+    """An agent whose runner died (kill -9, node failure) stops at once, with the code it runs: nobody
+    would record what it spends. The call in flight, if any, is lost with it."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="runner-watch", daemon=True).start()
 
 
 def _recorder(request: dict[str, Any]) -> CallRecorder:

@@ -1,0 +1,19 @@
+"""The cost ledger: one entry per model call, journaled per rank, merged into a hash-chained file.
+
+What a run uses, each from its module (this file imports nothing, so importing one module of the
+package, e.g. the report, imports no other)::
+
+    from cmbagent_batch.ledger.entry import make_entry      # the fields, checked
+    from cmbagent_batch.ledger.journal import JournalWriter, next_call_id   # durable appends per rank
+    from cmbagent_batch.ledger.meter import SpendMeter      # spent so far, for budgets
+    from cmbagent_batch.ledger.merge import merge           # journals -> RUN_DIR/ledger.jsonl
+
+    with JournalWriter(run_dir, rank) as journal:
+        journal.append(make_entry(id=next_call_id(run_id, rank), ...))
+    manifest["ledger"] = merge(run_dir).manifest()
+
+The offline commands (``cmbagent-batch ledger ...``, in ``ledger_cmd.py``) read the files with
+``reader.py``; ``verify.py``, ``summary.py``, ``export.py``, ``reprice.py`` and ``diff.py`` do one
+command's work each; ``chain.py`` is the hash chain, ``files.py`` the paths and fast file I/O. Nothing
+here imports an LLM client.
+"""

@@ -1,0 +1,124 @@
+"""Where the ledger lives in a run directory, and reading and writing its files at speed.
+
+    RUN_DIR/
+      ledger.jsonl               the merged, hash-chained ledger (``chain.py``)
+      ledger/rank-NNNN.jsonl     a rank's journal: entries appended as calls end (``journal.py``)
+      ledger/merge.lock          held by ``merge``
+
+Files are read in large chunks and split into lines here, so a 10^6-line ledger streams through in
+seconds without ever holding more than a chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import IO, Iterator
+
+from cmbagent_batch.errors import BatchError
+
+LEDGER_FILE = "ledger.jsonl"
+JOURNAL_DIR = "ledger"
+_CHUNK = 1 << 23  # bytes read at once
+
+
+class LedgerError(BatchError):
+    """A ledger file is missing, unreadable or not a ledger (exit 2)."""
+
+
+def ledger_path(run_dir: str) -> str:
+    return os.path.join(run_dir, LEDGER_FILE)
+
+
+def journal_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, JOURNAL_DIR)
+
+
+def journal_path(run_dir: str, rank: int) -> str:
+    return os.path.join(journal_dir(run_dir), f"rank-{rank:04d}.jsonl")
+
+
+def journal_paths(run_dir: str) -> list[str]:
+    """Every rank journal of the run, in rank order."""
+    directory = journal_dir(run_dir)
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.startswith("rank-") and n.endswith(".jsonl"))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(directory, n) for n in names]
+
+
+def resolve(path: str) -> str:
+    """The ledger file a command argument names: the file itself, or a run directory's ledger.jsonl."""
+    if os.path.isdir(path):
+        inside = ledger_path(path)
+        if not os.path.isfile(inside):
+            raise LedgerError(f"{path}: no {LEDGER_FILE} in this directory")
+        return inside
+    if not os.path.exists(path):
+        raise LedgerError(f"{path}: no such file")
+    return path
+
+
+def open_binary(path: str) -> IO[bytes]:
+    """``open(path, "rb")`` with the failure worded for the user."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise LedgerError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise LedgerError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+class Lines:
+    """The complete lines of a file, without their newlines, read a chunk at a time.
+
+    After iterating, ``tail`` holds what follows the last newline (empty for a well-ended file)
+    and ``count`` the number of complete lines.
+    """
+
+    def __init__(self, path: str, start: int = 0) -> None:
+        self.path = path
+        self.start = start
+        self.tail = b""
+        self.count = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        rest = b""
+        with open_binary(self.path) as fh:
+            if self.start:
+                fh.seek(self.start)
+            while chunk := fh.read(_CHUNK):
+                parts = (rest + chunk if rest else chunk).split(b"\n")
+                rest = parts.pop()
+                self.count += len(parts)
+                yield from parts
+        self.tail = rest
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[IO[bytes]]:
+    """A binary file that replaces ``path`` when the block ends well (fsynced, renamed), and is
+    removed when it does not: a reader sees the old file or the whole new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a file's creation or removal in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

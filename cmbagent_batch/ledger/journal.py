@@ -1,0 +1,134 @@
+"""A rank's ledger journal: entries appended by every process of the rank as their calls end.
+
+Several processes append to one journal at once (the runner and its agent subprocesses). Each entry
+is one line written with ONE ``os.write`` on an ``O_APPEND`` descriptor and then fsynced, so a process
+killed at any moment loses no call that had ended and never leaves half a line inside another.
+
+``merge`` removes a journal once its entries are in ``ledger.jsonl``. A writer holds a shared ``flock``
+on the journal while it writes, and the merger an exclusive one while it checks that the file has not
+grown since it read it and unlinks it; a writer whose file was unlinked meanwhile opens a new one. So
+no entry is written to a journal that has just been removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import threading
+from typing import Any, Iterator, Mapping
+
+import orjson
+
+from cmbagent_batch.ledger.entry import FIELDS, call_id
+from cmbagent_batch.ledger.files import journal_path
+
+_calls = itertools.count(1)
+
+
+def _restart_count() -> None:
+    global _calls
+    _calls = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_restart_count)
+
+
+def next_call_id(run_id: str, rank: int) -> str:
+    """A new call id for this process: ``<run_id>/<rank>/<pid>/<n>``, ``n`` counting from 1 per process."""
+    return call_id(run_id, rank, os.getpid(), next(_calls))
+
+
+def encode_entry(entry: Mapping[str, Any]) -> bytes:
+    """An entry as one journal line, newline included (fields in ``FIELDS`` order)."""
+    try:
+        ordered = {k: entry[k] for k in FIELDS}
+    except KeyError as exc:
+        raise ValueError(f"ledger entry lacks {exc.args[0]}") from None
+    return orjson.dumps(ordered, option=orjson.OPT_APPEND_NEWLINE)
+
+
+class JournalWriter:
+    """Appends entries to ``RUN_DIR/ledger/rank-NNNN.jsonl``; safe across threads and processes."""
+
+    def __init__(self, run_dir: str, rank: int) -> None:
+        self.path = journal_path(run_dir, rank)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._lock = threading.Lock()
+        self._fd: int | None = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def append(self, entry: Mapping[str, Any]) -> None:
+        """Write ``entry`` (from ``make_entry``) durably; OSError when the disk refuses it."""
+        line = encode_entry(entry)
+        with self._lock:
+            if self._fd is None:
+                raise ValueError(f"{self.path}: the journal writer is closed")
+            fd = self._locked()
+            try:
+                written = os.write(fd, line)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            if written != len(line):  # a full disk: readers skip the torn line and say so
+                raise OSError(f"{self.path}: wrote {written} of {len(line)} bytes of a ledger entry")
+            os.fsync(fd)
+
+    def _locked(self) -> int:
+        """The descriptor, share-locked, of a journal that is still in place (merge may have removed it)."""
+        assert self._fd is not None
+        while True:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+            if os.fstat(self._fd).st_nlink > 0:
+                return self._fd
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = self._open()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> JournalWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def parse_line(line: bytes) -> tuple[Any, str | None]:
+    """A journal line's entry and what was wrong with the line (None when nothing).
+
+    A writer killed in the middle of a write leaves a torn line, and the next writer's line follows it
+    on the same line: the entry at its end is recovered. An unreadable line gives ``(None, problem)``.
+    """
+    try:
+        return orjson.loads(line), None
+    except orjson.JSONDecodeError:
+        pass
+    start = line.rfind(b'{"id":')
+    if start > 0:
+        try:
+            return orjson.loads(line[start:]), "a torn entry before the one at its end was dropped"
+        except orjson.JSONDecodeError:
+            pass
+    return None, "not a complete entry (a writer was killed while writing it?)"
+
+
+def read_journal(data: bytes, name: str) -> Iterator[tuple[Any, str | None]]:
+    """``(entry, problem)`` for every line of a journal's bytes; problems are prefixed with ``name:LINE:``.
+
+    A torn last line (no newline) is reported, never trusted.
+    """
+    lines = data.split(b"\n")
+    tail = lines.pop()
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        entry, problem = parse_line(line)
+        yield entry, None if problem is None else f"{name}:{number}: {problem}"
+    if tail:
+        yield None, f"{name}:{len(lines) + 1}: incomplete last line ignored (a writer was killed while writing it?)"

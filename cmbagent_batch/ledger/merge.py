@@ -1,0 +1,169 @@
+"""Merging the rank journals into the hash-chained ``RUN_DIR/ledger.jsonl``.
+
+Each step leaves files a later ``merge`` can finish from, so a crash anywhere loses and duplicates
+nothing: new entries are appended with one write and fsynced before any journal is removed; an
+entry already in the ledger (same id, same content) is not appended again; a torn last line (a merge killed while
+writing) is cut off, its entries being still in the journals. Reruns and resumes of a run directory
+append to the same chain. An exclusive ``flock`` keeps two mergers from interleaving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import orjson
+
+from cmbagent_batch.ledger.chain import GENESIS, chain_lines, line_hash
+from cmbagent_batch.ledger.entry import FIELDS, entry_problem
+from cmbagent_batch.ledger.files import (
+    LEDGER_FILE, LedgerError, Lines, fsync_dir, journal_dir, journal_paths, ledger_path,
+)
+from cmbagent_batch.ledger.journal import read_journal
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    head: str  # hash of the ledger's last line (64 zeros when it is empty)
+    entries: int  # lines in ledger.jsonl
+    added: int  # lines this merge appended
+    cost_usd: float  # sum of every entry's cost in ledger.jsonl
+    problems: tuple[str, ...]  # lines skipped or repaired, each "FILE:LINE: what"
+
+    def manifest(self) -> dict[str, Any]:
+        """The ``ledger`` record of ``run.json``."""
+        return {"file": LEDGER_FILE, "entries": self.entries, "head": self.head, "cost_usd": self.cost_usd}
+
+
+@dataclass
+class _Chain:
+    """What merge needs to know of ``ledger.jsonl`` as it is."""
+
+    entries: int = 0
+    head: str = GENESIS
+    cost_usd: float = 0.0
+
+
+def merge(run_dir: str) -> MergeResult:
+    """Append the journals' new entries to ``RUN_DIR/ledger.jsonl``, then remove the journals."""
+    os.makedirs(journal_dir(run_dir), exist_ok=True)
+    with _exclusive(os.path.join(journal_dir(run_dir), "merge.lock")):
+        problems: list[str] = []
+        journals = [(path, _read(path)) for path in journal_paths(run_dir)]
+        new = _journal_entries(journals, problems)
+        path = ledger_path(run_dir)
+        existed = os.path.exists(path)
+        chain = _scan(path, new, problems) if existed else _Chain()
+        fresh = sorted(new.values(), key=lambda e: (e["timestamp"], e["id"]))
+        if fresh:
+            lines = list(chain_lines(fresh, chain.entries, chain.head))
+            _append(path, b"".join(lines))
+            if not existed:
+                fsync_dir(run_dir)
+            chain = _Chain(chain.entries + len(fresh), lines[-1][-67:-3].decode("ascii"),
+                           chain.cost_usd + sum(e["cost_usd"] for e in fresh))
+        for journal, data in journals:
+            _remove_if_unchanged(journal, len(data))
+        return MergeResult(chain.head, chain.entries, len(fresh), chain.cost_usd, tuple(problems))
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str) -> Iterator[None]:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _journal_entries(journals: list[tuple[str, bytes]], problems: list[str]) -> dict[bytes, dict[str, Any]]:
+    """Valid journal entries by content (an entry written twice counts once); what was skipped goes to
+    ``problems``. Two entries with one id and different content (a process id reused within the run)
+    are both kept."""
+    out: dict[bytes, dict[str, Any]] = {}
+    for path, data in journals:
+        name = os.path.relpath(path, os.path.dirname(os.path.dirname(path)))
+        for entry, problem in read_journal(data, name):
+            if problem:
+                problems.append(problem)
+            if entry is None:
+                continue
+            if (bad := entry_problem(entry)) is not None:
+                problems.append(f"{name}: entry {entry.get('id') if isinstance(entry, dict) else None!r} "
+                                f"skipped: {bad}")
+                continue
+            out.setdefault(_content(entry), entry)
+    return out
+
+
+def _content(entry: dict[str, Any]) -> bytes:
+    return orjson.dumps({k: entry[k] for k in FIELDS})
+
+
+def _scan(path: str, new: dict[bytes, dict[str, Any]], problems: list[str]) -> _Chain:
+    """Count, head and cost of the ledger; drop from ``new`` the entries it already holds."""
+    chain = _Chain()
+    ids = {e["id"] for e in new.values()}
+    lines = Lines(path)
+    last = b""
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = orjson.loads(line)
+            chain.cost_usd += entry["cost_usd"]
+            if entry["id"] in ids:
+                new.pop(_content(entry), None)
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            problems.append(f"{LEDGER_FILE}:{number}: not a ledger line (run: cmbagent-batch ledger verify)")
+        last = line
+    chain.entries = lines.count
+    if lines.tail:
+        _cut(path, os.path.getsize(path) - len(lines.tail))
+        problems.append(f"{LEDGER_FILE}:{lines.count + 1}: incomplete last line removed (a merge was killed "
+                        "while writing it; its entries are merged again from the journals)")
+    if last:
+        head = line_hash(last)
+        if head is None:
+            raise LedgerError(f"{path}:{lines.count}: the last line is not a chained ledger line, so the chain "
+                              "cannot go on (run: cmbagent-batch ledger verify)")
+        chain.head = head
+    return chain
+
+
+def _cut(path: str, size: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.truncate(size)
+        os.fsync(fh.fileno())
+
+
+def _append(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # a regular file takes it all at once, short of a full disk
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_if_unchanged(path: str, size: int) -> None:
+    """Unlink a merged journal unless a writer appended to it after it was read (it waits for next time)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_size == size and os.fstat(fd).st_nlink > 0:
+            os.unlink(path)
+    finally:
+        os.close(fd)

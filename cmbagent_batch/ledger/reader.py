@@ -1,0 +1,75 @@
+"""Reading ledger entries for the offline commands, one line at a time, with errors naming FILE:LINE.
+
+Any file of entries reads: the chained ``ledger.jsonl`` (its ``seq``, ``prev`` and ``hash`` come
+along), a rank journal, or a run directory (its ledger.jsonl). The first entry of each file is checked
+in full, so a file that is not a ledger is refused at its first line; later lines are checked only as
+far as the command uses them (``consume`` turns a KeyError, TypeError or ValueError into an
+error naming the line), which keeps 10^6 lines to seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Iterator
+
+import orjson
+
+from cmbagent_batch.ledger.entry import entry_problem
+from cmbagent_batch.ledger.files import LedgerError, Lines, resolve
+
+_NOT_JSON = "not a JSON object: a ledger holds one entry per line"
+
+
+class EntryReader:
+    """The entries of one ledger file; ``line`` is the number of the last one given."""
+
+    def __init__(self, path: str) -> None:
+        self.path = resolve(path)
+        self.line = 0
+        self.entry: Any = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        lines = Lines(self.path)
+        loads = orjson.loads
+        for raw in lines:
+            self.line += 1
+            try:
+                self.entry = loads(raw)
+            except orjson.JSONDecodeError:
+                raise self.error(_NOT_JSON) from None
+            if self.line == 1 or type(self.entry) is not dict:
+                self.check()
+            yield self.entry
+        if lines.tail:
+            self.line += 1
+            raise self.error("incomplete last line: the file ends in the middle of an entry")
+
+    def check(self) -> None:
+        """Refuse the current entry unless it is a whole ledger entry."""
+        problem = entry_problem(self.entry)
+        if problem is not None:
+            raise self.bad_entry(problem)
+
+    def bad_entry(self, problem: str | None = None) -> LedgerError:
+        """The error for the current entry, which a command could not use."""
+        problem = problem or entry_problem(self.entry) or "an entry this command cannot read"
+        return self.error(_NOT_JSON if problem == "not a JSON object" else f"not a ledger entry: {problem}")
+
+    def error(self, message: str) -> LedgerError:
+        return LedgerError(f"{self.path}:{self.line}: {message}")
+
+
+def consume(paths: Iterable[str], use: Callable[[Iterable[dict[str, Any]]], object]) -> None:
+    """Give ``use`` the entries of each file in turn; an entry it cannot use becomes a FILE:LINE error."""
+    for path in paths:
+        reader = EntryReader(path)
+        try:
+            use(reader)
+        except (KeyError, TypeError, ValueError):
+            raise reader.bad_entry() from None
+
+
+def run_json_beside(ledger: str) -> str:
+    """The run manifest that sits beside a ledger file (or inside a run directory)."""
+    directory = ledger if os.path.isdir(ledger) else os.path.dirname(os.path.abspath(ledger))
+    return os.path.join(directory, "run.json")

@@ -1,0 +1,89 @@
+"""``ledger summarize``: calls, tokens and cost per model, task, agent, rank, attempt or day.
+
+One pass over the entries, a few dict operations each; nothing but the groups is kept.
+"""
+
+from __future__ import annotations
+
+from operator import itemgetter
+from typing import Any, Callable, Iterable
+
+from cmbagent_batch.ledger.tables import csv_text, text_table
+
+# --by -> the key's field names in the output, and how an entry gives its key
+GROUPINGS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], Any]]] = {
+    "model": (("model",), itemgetter("requested_model")),
+    "task": (("task",), itemgetter("task")),
+    "agent": (("agent",), itemgetter("agent")),
+    "rank": (("rank",), itemgetter("rank")),
+    "attempt": (("task", "attempt"), itemgetter("task", "attempt")),
+    "day": (("day",), lambda e: e["timestamp"][:10]),
+}
+COUNTS = ("calls", "errors", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "reasoning_tokens")
+SHORT = ("calls", "errors", "prompt", "cached", "completion", "reasoning")  # table headers: tokens understood
+JSON_COUNTS = ("calls", "prompt_tokens", "completion_tokens")
+
+
+class Summary:
+    """Sums per group of entries; feed it with ``add_all`` (several files add up)."""
+
+    def __init__(self, by: str) -> None:
+        self.by = by
+        self.names, self._key = GROUPINGS[by]
+        self.groups: dict[Any, list[Any]] = {}  # key -> [*COUNTS, cost]
+        self.cost_usd = 0.0  # in entry order, like a sum by hand
+
+    def add_all(self, entries: Iterable[dict[str, Any]]) -> None:
+        key_of, groups = self._key, self.groups
+        total = self.cost_usd
+        for e in entries:
+            key = key_of(e)
+            acc = groups.get(key)
+            if acc is None:
+                acc = groups[key] = [0, 0, 0, 0, 0, 0, 0.0]
+            cost = e["cost_usd"]
+            acc[0] += 1
+            acc[1] += e["status"] == "error"
+            acc[2] += e["prompt_tokens"]
+            acc[3] += e["cached_prompt_tokens"]
+            acc[4] += e["completion_tokens"]
+            acc[5] += e["reasoning_tokens"]
+            acc[6] += cost
+            total += cost
+        self.cost_usd = total
+
+    def ordered(self) -> list[tuple[tuple[Any, ...], list[Any]]]:
+        """``(key values, sums)`` per group, most expensive first, then by key."""
+        keyed = [(k if isinstance(k, tuple) else (k,), v) for k, v in self.groups.items()]
+        return sorted(keyed, key=lambda kv: (-kv[1][-1], [_order(v) for v in kv[0]]))
+
+    def totals(self) -> list[Any]:
+        sums = [sum(acc[i] for acc in self.groups.values()) for i in range(len(COUNTS))]
+        return [*sums, self.cost_usd]
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"total": {...}, "groups": [{"key": {...}, ...}]}`` with calls, tokens and cost."""
+        picked = [COUNTS.index(c) for c in JSON_COUNTS]
+
+        def sums(acc: list[Any]) -> dict[str, Any]:
+            return {**{COUNTS[i]: acc[i] for i in picked}, "cost_usd": acc[-1]}
+
+        groups = [{"key": dict(zip(self.names, key)), **sums(acc)} for key, acc in self.ordered()]
+        return {"total": sums(self.totals()), "groups": groups}
+
+    def rows(self) -> list[list[Any]]:
+        """Rows for a table or CSV: the key, every count, cost; the total last."""
+        rows = [[*key, *acc] for key, acc in self.ordered()]
+        rows.append(["TOTAL", *[""] * (len(self.names) - 1), *self.totals()])
+        return rows
+
+    def table(self) -> str:
+        return text_table([*self.names, *SHORT, "cost_usd"], self.rows(), numeric_from=len(self.names))
+
+    def csv(self) -> str:
+        return csv_text([*self.names, *COUNTS, "cost_usd"], self.rows()[:-1])
+
+
+def _order(value: Any) -> tuple[bool, str, Any]:
+    """Sort key of a key value: None last, and ints and strings apart, so any mix sorts."""
+    return (value is None, type(value).__name__, value)

@@ -1,0 +1,81 @@
+"""``ledger verify``: is the chain whole, and does it end where the run said it ended?
+
+The chain alone shows an edited, deleted, moved or inserted line and a cut in the middle of a line.
+A cut at a line boundary leaves a shorter chain that is whole; only a head hash and entry count kept
+elsewhere (``run.json``'s ``ledger`` record, or given on the command line) show it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from cmbagent_batch.ledger.chain import GENESIS, HASH_MARK, line_problem
+from cmbagent_batch.ledger.files import Lines
+
+_END = len(HASH_MARK) + 64 + 2
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """Where the ledger ended when something else recorded it."""
+
+    entries: int
+    head: str
+    source: str  # e.g. "run.json" or "--head"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    entries: int  # lines that passed
+    head: str  # hash of the last line that passed
+    bad_line: int | None = None  # 1-based; None when every line passed
+    problem: str | None = None
+    at_anchor: str | None = None  # hash of line ``anchor.entries``, when the file has that many lines
+
+    @property
+    def intact(self) -> bool:
+        return self.bad_line is None
+
+
+def check_chain(path: str, anchor_line: int = 0) -> Verdict:
+    """Check every line of ``path``; stop at the first bad one. Remember the hash of ``anchor_line``."""
+    lines = Lines(path)
+    sha256 = hashlib.sha256
+    prev = GENESIS.encode("ascii")
+    seq = 0
+    at_anchor: bytes | None = None
+    for line in lines:
+        seq += 1
+        cut = len(line) - _END
+        # One prefix test, one hash: a line that fails either is worded by line_problem below.
+        if (cut < 0 or not line.startswith(b'{"seq":%d,"prev":"%s",' % (seq, prev))
+                or line[cut:cut + 9] != HASH_MARK or sha256(memoryview(line)[:cut]).hexdigest().encode() != line[cut + 9:-2]
+                or line[-2:] != b'"}'):
+            problem = line_problem(line, seq, prev.decode("ascii")) or "not a chained ledger line"
+            return Verdict(seq - 1, prev.decode("ascii"), seq, problem, _text(at_anchor))
+        prev = line[cut + 9:-2]
+        if seq == anchor_line:
+            at_anchor = prev
+    if lines.tail:
+        return Verdict(seq, prev.decode("ascii"), seq + 1,
+                       "incomplete last line (no newline at its end): the file was cut", _text(at_anchor))
+    return Verdict(seq, prev.decode("ascii"), at_anchor=_text(at_anchor))
+
+
+def _text(digest: bytes | None) -> str | None:
+    return None if digest is None else digest.decode("ascii")
+
+
+def anchor_problem(verdict: Verdict, anchor: Anchor) -> str | None:
+    """What the whole chain's end says against ``anchor``: a cut, or another chain; None when it agrees."""
+    if anchor.entries == 0:
+        return None if anchor.head == GENESIS else f"{anchor.source} records 0 entries but head {anchor.head}"
+    if verdict.entries < anchor.entries:
+        missing = anchor.entries - verdict.entries
+        return (f"{verdict.entries} entries where {anchor.source} records {anchor.entries} (head {anchor.head}): "
+                f"the last {missing} {'entry was' if missing == 1 else 'entries were'} cut")
+    if verdict.at_anchor != anchor.head:
+        return (f"line {anchor.entries} has hash {verdict.at_anchor} where {anchor.source} records head "
+                f"{anchor.head}: the ledger was rewritten")
+    return None
