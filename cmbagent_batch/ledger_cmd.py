@@ -229,7 +229,15 @@ def cmd_reprice(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from cmbagent_batch.ledger.diff import SHOWN, Picker, Side, changed_fields, compare, listing, model_table
+    from cmbagent_batch.ledger.diff import (
+        SHOWN,
+        Picker,
+        Side,
+        changed_fields,
+        compare,
+        listing,
+        model_table,
+    )
     from cmbagent_batch.ledger.reader import consume
 
     a, b = Side(), Side()

@@ -392,3 +392,30 @@ def test_the_cmb_example_runs_end_to_end_against_an_endpoint(tmp_path: Path) -> 
     assert {e["source"] for e in entries} == {"agent", "analysis"}
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["ledger"]["cost_usd"] == pytest.approx(sum(e["cost_usd"] for e in entries))
+
+
+def test_a_call_cut_by_the_task_timeout_is_in_the_ledger(tmp_path: Path) -> None:
+    tasks = ONE_AGENT + "    timeout: 2\n"
+    with ScriptedLLM([Delay(30, Reply("late"))]) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, tasks, timeout=60)))
+    assert result.returncode == 1
+    run_dir = tmp_path / "runs" / "agents"
+    [entry] = ledger(run_dir)
+    assert entry["status"] == "error" and entry["prompt_tokens"] == 0 and entry["cost_usd"] == 0.0
+    assert entry["error"].startswith("interrupted while waiting for the endpoint")
+    assert json.loads((run_dir / "run.json").read_text())["tasks"]["solo"]["reason"].startswith(
+        "timed out after 2 s (process group killed) (agent process; see ")
+
+
+def test_plan_puts_its_analysis_calls_in_the_ledger(tmp_path: Path) -> None:
+    tasks = ONE_AGENT + "  - {id: other, kind: shell, run: 'true'}\n"
+    extra = "analysis:\n  sources: [explicit, files, llm]\n  model: m\n"
+    with ScriptedLLM([HttpError(500, retry_after=0), Reply({"edges": []}, usage=usage(300, 5))]) as srv:
+        path = spec(tmp_path, srv.base_url, tasks)
+        path.write_text(path.read_text().replace("tasks:\n", extra + "tasks:\n"))
+        result = run(tmp_path, "plan", str(path))
+    assert result.returncode == 0, result.stderr
+    entries = ledger(tmp_path / "runs" / "agents")
+    assert [(e["source"], e["agent"], e["task"], e["status"]) for e in entries] == [
+        ("analysis", "dependency-analysis", None, "error"), ("analysis", "dependency-analysis", None, "ok")]
+    assert entries[1]["cost_usd"] == pytest.approx(cost(300, 5))

@@ -20,3 +20,12 @@ def test_bench_script_runs_quick(script: str, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ERROR" not in r.stdout
     assert "figure" in r.stdout
+
+
+@pytest.mark.parametrize("args", [["bench_ledger.py", "--entries", "2000", "--repeat", "1"],
+                                  ["bench_report.py", "--entries", "2000"]])
+def test_ledger_bench_scripts_run_small(args: list[str], tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, str(BENCH / args[0]), *args[1:]], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAIL" not in r.stdout

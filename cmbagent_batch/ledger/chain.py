@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import orjson
 
@@ -20,7 +21,7 @@ from cmbagent_batch.ledger.entry import FIELDS
 
 GENESIS = "0" * 64  # the "prev" of the first line
 HASH_MARK = b',"hash":"'
-_LINE_END = len(HASH_MARK) + 64 + 2  # ,"hash":"<64 hex>"}
+TAIL = len(HASH_MARK) + 64 + 2  # bytes of ,"hash":"<64 hex>"} at the end of a line
 _START = re.compile(rb'\{"seq":(\d+),"prev":"([0-9a-f]{64})",')
 
 
@@ -42,7 +43,7 @@ def chain_lines(entries: Iterable[Mapping[str, Any]], seq: int = 0, prev: str = 
 
 def line_hash(line: bytes) -> str | None:
     """The hash a line carries, when it ends like a chained line (its content is not checked)."""
-    end = len(line) - _LINE_END
+    end = len(line) - TAIL
     if end < 0 or line[end:end + len(HASH_MARK)] != HASH_MARK or not line.endswith(b'"}'):
         return None
     return line[end + len(HASH_MARK):-2].decode("ascii", "replace")
@@ -67,6 +68,6 @@ def line_problem(line: bytes, seq: int, prev: str) -> str | None:
     written = line_hash(line)
     if written is None:
         return "no hash at the end of the line"
-    if hashlib.sha256(line[:len(line) - _LINE_END]).hexdigest() != written:
+    if hashlib.sha256(line[:len(line) - TAIL]).hexdigest() != written:
         return "the hash does not match the line: the entry was edited"
     return None

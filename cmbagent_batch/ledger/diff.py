@@ -8,8 +8,9 @@ The order of the lines and the chain do not count: two ledgers with the same cal
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import orjson
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any
 
-if TYPE_CHECKING:  # spec's package imports the YAML loader: the ledger commands start without it
-    from cmbagent_batch.spec.model import Price
+from cmbagent_batch.pricing import Price
 
 FIELDS: tuple[str, ...] = (
     "id", "job", "run_id", "source", "task", "attempt", "call", "rank", "host", "pid", "agent",
@@ -77,7 +77,7 @@ def make_entry(**fields: Any) -> dict[str, Any]:
         if type(entry[key]) is int:
             entry[key] = float(entry[key])
     price = entry["price"]
-    if hasattr(price, "prompt_per_1m"):  # a Price
+    if isinstance(price, Price):
         entry["price"] = price_dict(price)
     elif isinstance(price, Mapping) and set(price) == set(PRICE_FIELDS):
         entry["price"] = {k: price[k] for k in PRICE_FIELDS}
@@ -108,8 +108,8 @@ def _value_problem(value: Any, types: tuple[type, ...], nullable: bool, minimum:
     if isinstance(value, bool) or not isinstance(value, types):
         kind = "a string" if types == _STR else "an integer" if types == _INT else "a number"
         return f"expected {kind}{' or null' if nullable else ''}, got {value!r}"
-    if minimum is not None:
-        if isinstance(value, float) and not math.isfinite(value):
+    if minimum is not None and isinstance(value, (int, float)):
+        if not math.isfinite(value):
             return f"expected a finite number, got {value!r}"
         if value < minimum:
             return f"must be at least {minimum:g}, got {value!r}"

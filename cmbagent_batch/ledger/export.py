@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import IO, Any, Iterable
+from collections.abc import Iterable
+from typing import IO, Any
 
 import orjson
 

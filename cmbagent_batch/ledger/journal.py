@@ -16,7 +16,8 @@ import fcntl
 import itertools
 import os
 import threading
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import orjson
 
@@ -92,7 +93,7 @@ class JournalWriter:
                 os.close(self._fd)
                 self._fd = None
 
-    def __enter__(self) -> JournalWriter:
+    def __enter__(self) -> JournalWriter:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:

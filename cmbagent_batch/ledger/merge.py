@@ -12,15 +12,22 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 
 from cmbagent_batch.ledger.chain import GENESIS, chain_lines, line_hash
 from cmbagent_batch.ledger.entry import FIELDS, entry_problem
 from cmbagent_batch.ledger.files import (
-    LEDGER_FILE, LedgerError, Lines, fsync_dir, journal_dir, journal_paths, ledger_path,
+    LEDGER_FILE,
+    LedgerError,
+    Lines,
+    fsync_dir,
+    journal_dir,
+    journal_paths,
+    ledger_path,
 )
 from cmbagent_batch.ledger.journal import read_journal
 
@@ -49,6 +56,8 @@ class _Chain:
 
 def merge(run_dir: str) -> MergeResult:
     """Append the journals' new entries to ``RUN_DIR/ledger.jsonl``, then remove the journals."""
+    if not os.path.isdir(journal_dir(run_dir)) and not os.path.exists(ledger_path(run_dir)):
+        return MergeResult(GENESIS, 0, 0, 0.0, ())  # no call was ever made here: leave no files behind
     os.makedirs(journal_dir(run_dir), exist_ok=True)
     with _exclusive(os.path.join(journal_dir(run_dir), "merge.lock")):
         problems: list[str] = []
@@ -63,7 +72,7 @@ def merge(run_dir: str) -> MergeResult:
             _append(path, b"".join(lines))
             if not existed:
                 fsync_dir(run_dir)
-            chain = _Chain(chain.entries + len(fresh), lines[-1][-67:-3].decode("ascii"),
+            chain = _Chain(chain.entries + len(fresh), line_hash(lines[-1].rstrip(b"\n")) or GENESIS,
                            chain.cost_usd + sum(e["cost_usd"] for e in fresh))
         for journal, data in journals:
             _remove_if_unchanged(journal, len(data))

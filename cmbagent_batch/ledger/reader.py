@@ -10,7 +10,8 @@ error naming the line), which keeps 10^6 lines to seconds.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import orjson
 

@@ -8,13 +8,13 @@ ledger.
 
 from __future__ import annotations
 
-from typing import IO, Any, Iterable
+from collections.abc import Iterable
+from typing import IO, Any
 
 from cmbagent_batch.ledger.chain import GENESIS, chain_line
 from cmbagent_batch.ledger.entry import price_dict
 from cmbagent_batch.ledger.tables import csv_text, text_table
-from cmbagent_batch.pricing import PriceTable, call_cost, lookup
-from cmbagent_batch.spec.model import Price
+from cmbagent_batch.pricing import Price, PriceTable, call_cost, lookup
 
 HEADERS = ("model", "priced_as", "calls", "old_cost_usd", "new_cost_usd", "change_usd")
 

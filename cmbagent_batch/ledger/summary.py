@@ -5,8 +5,9 @@ One pass over the entries, a few dict operations each; nothing but the groups is
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from operator import itemgetter
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from cmbagent_batch.ledger.tables import csv_text, text_table
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from cmbagent_batch.ledger.chain import GENESIS, HASH_MARK, line_problem
+from cmbagent_batch.ledger.chain import GENESIS, HASH_MARK, TAIL, line_problem
 from cmbagent_batch.ledger.files import Lines
 
-_END = len(HASH_MARK) + 64 + 2
+_MARK = len(HASH_MARK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,14 +47,15 @@ def check_chain(path: str, anchor_line: int = 0) -> Verdict:
     at_anchor: bytes | None = None
     for line in lines:
         seq += 1
-        cut = len(line) - _END
-        # One prefix test, one hash: a line that fails either is worded by line_problem below.
+        cut = len(line) - TAIL  # where ,"hash":" starts in a well-formed line
+        written = line[cut + _MARK:-2]
+        # One prefix test and one hash a line; line_problem words what failed, for the first bad line only.
         if (cut < 0 or not line.startswith(b'{"seq":%d,"prev":"%s",' % (seq, prev))
-                or line[cut:cut + 9] != HASH_MARK or sha256(memoryview(line)[:cut]).hexdigest().encode() != line[cut + 9:-2]
-                or line[-2:] != b'"}'):
+                or line[cut:cut + _MARK] != HASH_MARK or line[-2:] != b'"}'
+                or sha256(memoryview(line)[:cut]).hexdigest().encode() != written):
             problem = line_problem(line, seq, prev.decode("ascii")) or "not a chained ledger line"
             return Verdict(seq - 1, prev.decode("ascii"), seq, problem, _text(at_anchor))
-        prev = line[cut + 9:-2]
+        prev = written
         if seq == anchor_line:
             at_anchor = prev
     if lines.tail:

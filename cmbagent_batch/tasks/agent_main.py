@@ -1,7 +1,7 @@
 """The agent process: one attempt of an agent task, ``python -m cmbagent_batch.tasks.agent_main REQUEST``.
 
 An AG2 ``Agent`` on the task's model (any OpenAI-compatible endpoint) works on the task's instructions.
-Every HTTP attempt goes through ``_Ledger.on_llm_call``: the budgets are checked before it, it is retried
+Every HTTP attempt goes through the ledger middleware's ``on_llm_call``: the budgets are checked before it, it is retried
 there (429, 5xx, timeouts, connection errors; the openai client's own retries are off so that none goes
 unrecorded), and it is appended to the rank's ledger journal as soon as it ends. With code execution, the
 agent gets two tools that run code in ``codebase/``, confined there by ``cmbagent_batch.tasks.sandbox``.
@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(args[0], encoding="utf-8") as fh:
         request = json.load(fh)
     _die_with_runner()
+    signal.signal(signal.SIGTERM, _record_interrupted)
     logs = os.path.join(request["work_dir"], "logs")
     recorder = _recorder(request)
     status, code, message, trace = "ok", 0, None, None
@@ -81,6 +82,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if message:
         print(message, file=sys.stderr)
     return code
+
+
+_in_flight: list[Any] = []  # [recorder, started, t0] while a model call waits for its answer
+
+
+def _record_interrupted(signum: int, frame: Any) -> None:
+    """SIGTERM (a timeout or a stop): the call waiting for its answer goes to the ledger as an error with
+    unknown tokens (the endpoint may still charge it), then the process ends."""
+    if _in_flight:
+        recorder, started, t0 = _in_flight
+        _in_flight.clear()
+        recorder.record(started=started, latency_s=time.perf_counter() - t0, status="error",
+                        error="interrupted while waiting for the endpoint (task timed out or the run stopped); "
+                              "tokens unknown")
+        recorder.close()
+    os._exit(128 + signum)
 
 
 def _die_with_runner() -> None:
@@ -140,32 +157,29 @@ async def _converse(request: dict[str, Any], recorder: CallRecorder) -> str:
     config = OpenAIConfig(model=model["model"], api_key=key, base_url=model.get("base_url"),
                           timeout=model["timeout"], max_retries=0)
     tools = _code_tools(request) if request["code_execution"] else []
-    ledger = Middleware(_Ledger, request=request, recorder=recorder, openai=openai, key=key, key_env=key_env)
+    ledger = Middleware(_ledger_middleware(), request=request, recorder=recorder, openai=openai, key=key, key_env=key_env)
     agent = Agent(request["agent"], prompt=_prompt(request), config=config, tools=tools, middleware=[ledger])
     reply = await agent.ask(request["instructions"])
     await _write_transcript(request, reply)
     return reply.body or ""
 
 
-def _middleware_base() -> type:
+def _ledger_middleware() -> type:
+    """AG2 middleware (built per turn by ``Middleware``) whose ``on_llm_call`` wraps every model call:
+    budget check, retries and a ledger entry per HTTP attempt. Made here: ag2 is imported only now."""
     from ag2.middleware.base import BaseMiddleware
 
-    return BaseMiddleware
+    class LedgerMiddleware(BaseMiddleware):
+        def __init__(self, event: Any, context: Any, **options: Any) -> None:
+            super().__init__(event, context)
+            self.options = options
+
+        on_llm_call = _on_llm_call
+
+    return LedgerMiddleware
 
 
-class _Ledger:
-    """AG2 middleware (built per turn by ``Middleware``): budget check, retries and a ledger entry per
-    HTTP attempt. Created lazily as a subclass of AG2's ``BaseMiddleware`` (see ``__new__``)."""
-
-    _cls: type | None = None
-    turns: dict[int, int] = {}  # model calls answered, per recorder (the limit spans the whole attempt)
-
-    def __new__(cls, event: Any, context: Any, **options: Any) -> Any:
-        if _Ledger._cls is None:
-            _Ledger._cls = type("LedgerMiddleware", (_middleware_base(),), {"on_llm_call": _on_llm_call})
-        mw = _Ledger._cls(event, context)
-        mw.options = options
-        return mw
+_turns: dict[int, int] = {}  # model calls answered, per recorder (max_turns spans the whole attempt)
 
 
 async def _on_llm_call(self: Any, call_next: Any, events: Any, context: Any) -> Any:
@@ -174,7 +188,7 @@ async def _on_llm_call(self: Any, call_next: Any, events: Any, context: Any) -> 
     redact = redactor(o["key"])
     model = request["model"]
     url = model.get("base_url") or "https://api.openai.com/v1"
-    answered = _Ledger.turns.get(id(recorder), 0)
+    answered = _turns.get(id(recorder), 0)
     if answered >= request["max_turns"]:
         raise AgentFailure(f"the agent did not finish within max_turns={request['max_turns']} model turns")
     failures = 0
@@ -184,6 +198,7 @@ async def _on_llm_call(self: Any, call_next: Any, events: Any, context: Any) -> 
             raise BudgetSpent(f"stopped before model call {recorder.calls + 1}: {why}")
         started, t0 = utc_now(), time.perf_counter()
         wait_for: float | None = None
+        _in_flight[:] = [recorder, started, t0]
         try:
             response = await call_next(events, context)
         except openai.APIStatusError as exc:
@@ -210,8 +225,10 @@ async def _on_llm_call(self: Any, call_next: Any, events: Any, context: Any) -> 
                             cached_prompt_tokens=int(usage.cache_read_input_tokens or 0),
                             completion_tokens=int(usage.completion_tokens or 0),
                             reasoning_tokens=int(usage.thinking_tokens or 0))
-            _Ledger.turns[id(recorder)] = answered + 1
+            _turns[id(recorder)] = answered + 1
             return response
+        finally:
+            _in_flight.clear()
         failures += 1
         if failures > model["max_retries"]:
             raise AgentFailure(f"LLM endpoint {url} {last} (model '{model['model']}')")
