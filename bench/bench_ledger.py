@@ -25,13 +25,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import orjson  # noqa: E402
-import specgen  # noqa: E402
-from specgen import CommandFailed, Row, cpu_cell, measure, secs, verdict  # noqa: E402
+import orjson
+import specgen
+from specgen import CommandFailed, Row, cpu_cell, measure, secs, verdict
 
-from cmbagent_batch.ledger.chain import GENESIS, chain_line  # noqa: E402
-from cmbagent_batch.ledger.entry import price_dict, utc_timestamp  # noqa: E402
-from cmbagent_batch.pricing import builtin_table, call_cost  # noqa: E402
+from cmbagent_batch.ledger.chain import GENESIS, chain_line
+from cmbagent_batch.ledger.entry import price_dict, utc_timestamp
+from cmbagent_batch.pricing import builtin_table, call_cost
 
 SUMMARIZE_TARGET = 5.0  # seconds, for 10^6 entries
 VERIFY_TARGET = 10.0

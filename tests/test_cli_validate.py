@@ -182,7 +182,7 @@ def test_schema_job(tmp_path: Path) -> None:
     assert cli(tmp_path, "schema").stdout == r.stdout  # job is the default
 
 
-@pytest.mark.parametrize("name", ["job", "plan"])
+@pytest.mark.parametrize("name", ["job", "plan", "run", "ledger-entry"])
 def test_every_offered_schema_prints(tmp_path: Path, name: str) -> None:
     r = cli(tmp_path, "schema", name)
     assert (r.returncode, r.stderr) == (0, "")

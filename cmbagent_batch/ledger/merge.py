@@ -1,10 +1,10 @@
 """Merging the rank journals into the hash-chained ``RUN_DIR/ledger.jsonl``.
 
 Each step leaves files a later ``merge`` can finish from, so a crash anywhere loses and duplicates
-nothing: new entries are appended with one write and fsynced before any journal is removed; an
-entry already in the ledger (same id, same content) is not appended again; a torn last line (a merge killed while
-writing) is cut off, its entries being still in the journals. Reruns and resumes of a run directory
-append to the same chain. An exclusive ``flock`` keeps two mergers from interleaving.
+nothing: new entries are appended with one write and fsynced before any journal is removed; an entry
+already in the ledger (same id, same content) is not appended again; a torn last line (a merge killed
+while writing) is cut off, its entries being still in the journals. Reruns and resumes of a run
+directory append to the same chain. An exclusive ``flock`` keeps two mergers from interleaving.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from cmbagent_batch.ledger.journal import read_journal
 
 @dataclass(frozen=True, slots=True)
 class MergeResult:
+    """What the ledger holds after a merge, and what the merge did."""
+
     head: str  # hash of the ledger's last line (64 zeros when it is empty)
     entries: int  # lines in ledger.jsonl
     added: int  # lines this merge appended

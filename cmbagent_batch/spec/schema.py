@@ -17,7 +17,7 @@ from typing import Any, Callable
 from cmbagent_batch.errors import Problem
 from cmbagent_batch.spec.yamlio import Document, json_path
 
-SCHEMA_NAMES = ("job", "plan", "run")
+SCHEMA_NAMES = ("job", "plan", "run", "ledger-entry")
 
 
 def schema_text(name: str) -> str:
