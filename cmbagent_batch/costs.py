@@ -7,11 +7,12 @@ the analysis ends). Imports neither ag2 nor openai.
 from __future__ import annotations
 
 import os
-import secrets
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from cmbagent_batch.ledger.entry import ANALYSIS_AGENT, make_entry
+from cmbagent_batch.ledger.journal import JournalWriter, next_call_id
 from cmbagent_batch.pricing import Price, call_cost
 
 
@@ -51,12 +52,19 @@ class CallRecorder:
     def record(self, *, started: str, latency_s: float, status: str, error: str | None = None,
                reported_model: str | None = None, prompt_tokens: int = 0, cached_prompt_tokens: int = 0,
                completion_tokens: int = 0, reasoning_tokens: int = 0) -> dict[str, Any]:
-        """Append one call to the ledger journal (durably) and return its entry."""
+        """Append one call to the ledger journal (durably) and return its entry. Counts an endpoint reports
+        inconsistently (cached above prompt, reasoning above completion) are capped, with a warning."""
+        if cached_prompt_tokens > prompt_tokens or reasoning_tokens > completion_tokens:
+            print(f"warning: the endpoint reported {cached_prompt_tokens} cached of {prompt_tokens} prompt tokens "
+                  f"and {reasoning_tokens} reasoning of {completion_tokens} completion tokens; the ledger caps the "
+                  "parts at their totals", file=sys.stderr)
+            cached_prompt_tokens = min(cached_prompt_tokens, prompt_tokens)
+            reasoning_tokens = min(reasoning_tokens, completion_tokens)
         self.calls += 1
         price = self.model.price
         cost = call_cost(price, prompt_tokens, cached_prompt_tokens, completion_tokens)
         entry = make_entry(
-            id=f"{self.run_id}/{self.rank}/{_process()}/{self._next_number()}", job=self.job,
+            id=next_call_id(self.run_id, self.rank), job=self.job,
             run_id=self.run_id, source=self.source, task=self.task, attempt=self.attempt, call=self.calls,
             rank=self.rank, host=self.host, pid=os.getpid(), agent=self.agent, model=self.model.key,
             requested_model=self.model.model, reported_model=reported_model, prompt_tokens=prompt_tokens,
@@ -65,8 +73,6 @@ class CallRecorder:
             status=status, error=error, latency_s=round(latency_s, 6), timestamp=started,
         )
         if self._writer is None:
-            from cmbagent_batch.ledger.journal import JournalWriter
-
             self._writer = JournalWriter(self.run_dir, self.rank)
         self._writer.append(entry)
         self.cost_usd += cost
@@ -78,31 +84,18 @@ class CallRecorder:
             self._writer.close()
             self._writer = None
 
-    def _next_number(self) -> int:
-        global _process_calls
-        _process_calls += 1
-        return _process_calls
-
-
-_process_calls = 0  # calls made by this process: the last part of an entry's id
-_token = ""
-
-
-def _process() -> str:
-    """This process in an entry's id: its pid, and a random part, since pids are reused within a run."""
-    global _token
-    if not _token:
-        _token = f"{os.getpid()}-{secrets.token_hex(3)}"
-    return _token
-
 
 def analysis_recorder(run_dir: str, spec: Any, run_id: str, host: str) -> Callable[[Sequence[Any]], None]:
-    """A ``record_calls`` for ``analyse``: the analysis calls (``LlmCall``s) into rank 0's ledger journal."""
+    """A ``record_calls`` for ``analyse``: analysis calls (``LlmCall``s) into rank 0's ledger journal."""
+    made: list[CallRecorder] = []
+
     def record(calls: Sequence[Any]) -> None:
-        m = spec.llm.models[spec.analysis.model or spec.llm.default_model or ""]
-        recorder = CallRecorder(run_dir=run_dir, job=spec.job.name, run_id=run_id, rank=0, host=host,
-                                source="analysis", task=None, attempt=None, agent=ANALYSIS_AGENT,
-                                model=Priced(m.name, m.model, m.price, m.price_table))
+        if not made:
+            m = spec.llm.models[spec.analysis.model or spec.llm.default_model or ""]
+            made.append(CallRecorder(run_dir=run_dir, job=spec.job.name, run_id=run_id, rank=0, host=host,
+                                     source="analysis", task=None, attempt=None, agent=ANALYSIS_AGENT,
+                                     model=Priced(m.name, m.model, m.price, m.price_table)))
+        recorder = made[0]
         try:
             for c in calls:
                 recorder.record(started=c.started_at, latency_s=c.latency_s, status=c.status, error=c.error,
@@ -126,8 +119,19 @@ def job_budget_spent(run_dir: str, spec: Any) -> Callable[[], str | None]:
 
         meter = SpendMeter(run_dir)
         meter.refresh()
-        if meter.total_usd >= cap:
-            return f"the job's LLM budget is spent: ${meter.total_usd:.4f} of job.budget_usd ${cap:.4f}"
-        return None
+        return budget_spent_message("job", meter.total_usd, cap) if meter.total_usd >= cap else None
 
     return check
+
+
+def usd(value: float) -> str:
+    """Dollars for messages: 4 decimals, more for amounts below a cent (a $0.00001 cap is not "$0.0000")."""
+    if abs(value) >= 0.01 or round(value, 4) == value:
+        return f"${value:.4f}"
+    return f"${value:.8f}".rstrip("0")
+
+
+def budget_spent_message(scope: str, spent: float, cap: float) -> str:
+    """Why no more LLM calls start: ``scope`` is "job" or "task"."""
+    key = "job.budget_usd" if scope == "job" else "budget_usd"
+    return f"the {scope}'s LLM budget is spent: {usd(spent)} of {key} {usd(cap)}"

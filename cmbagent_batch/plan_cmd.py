@@ -55,35 +55,38 @@ def plan_key(raw: bytes, spec_path: str, flags: dict[str, tuple[Any, str]]) -> s
 
 
 def compute_plan(raw: bytes, path: str, flags: dict[str, tuple[Any, str]], cache: Cache, refresh: bool) -> dict[str, Any]:
-    spec = load_spec_bytes(raw, path)
-    config = effective_config(spec, os.environ, flags)
     from cmbagent_batch.costs import job_budget_spent
 
-    analysis = analyse(config.spec, cache, refresh=refresh, warn=warn, record_calls=_ledger(config.spec),
-                       budget_spent=job_budget_spent(resolve_run_dir(config.spec), config.spec))
-    dag = build_dag(config.spec, analysis)
-    return make_plan(config.spec, analysis, dag)
+    spec = effective_config(load_spec_bytes(raw, path), os.environ, flags).spec
+    run_dir = resolve_run_dir(spec)
+    calls: list[Any] = []
+    try:
+        analysis = analyse(spec, cache, refresh=refresh, warn=warn, record_calls=_ledger(spec, run_dir, calls),
+                           budget_spent=job_budget_spent(run_dir, spec))
+    finally:
+        if calls:  # analysis calls cost money even when no run follows: merged into the ledger now
+            from cmbagent_batch.ledger.merge import merge
+
+            for problem in merge(run_dir).problems:
+                warn(f"ledger: {problem}")
+    dag = build_dag(spec, analysis)
+    return make_plan(spec, analysis, dag)
 
 
-def _ledger(spec: Any) -> Callable[[Sequence[Any]], None]:
-    """Analysis calls go to the job's ledger (RUN_DIR/ledger.jsonl), merged at once: they cost money even
-    when no run follows."""
+def _ledger(spec: Any, run_dir: str, made: list[Any]) -> Callable[[Sequence[Any]], None]:
+    """A ``record_calls`` that journals analysis calls for RUN_DIR/ledger.jsonl (and keeps them in ``made``)."""
+    import socket
+    import uuid
 
-    def record(calls: Sequence[Any]) -> None:
-        if not calls:
-            return
-        import socket
-        import uuid
+    from cmbagent_batch.costs import analysis_recorder
 
-        from cmbagent_batch.costs import analysis_recorder
-        from cmbagent_batch.ledger.merge import merge
+    record = analysis_recorder(run_dir, spec, "plan-" + uuid.uuid4().hex[:8], socket.gethostname())
 
-        run_dir = resolve_run_dir(spec)
-        analysis_recorder(run_dir, spec, "plan-" + uuid.uuid4().hex[:8], socket.gethostname())(calls)
-        for problem in merge(run_dir).problems:
-            warn(f"ledger: {problem}")
+    def journal(calls: Sequence[Any]) -> None:
+        record(calls)
+        made.extend(calls)
 
-    return record
+    return journal
 
 
 def _json(plan: dict[str, Any]) -> str:

@@ -269,9 +269,15 @@ def _restore_signals(previous: dict[int, Any]) -> None:
 
 def merge_ledger(run_dir: str, warn: Callable[[str], None]) -> dict[str, Any] | None:
     """Merge the ranks' ledger journals into RUN_DIR/ledger.jsonl; what run.json says of the ledger."""
+    from cmbagent_batch.errors import BatchError
     from cmbagent_batch.ledger.merge import merge
 
-    result = merge(run_dir)
+    try:
+        result = merge(run_dir)
+    except (BatchError, OSError) as exc:  # the run's results stand; the journals stay for the next merge
+        warn(f"the cost ledger could not be merged: {exc}; the calls stay in {os.path.join(run_dir, 'ledger')}/ "
+             "and the next run merges them")
+        return None
     for problem in result.problems:
         warn(f"ledger: {problem}")
     return result.manifest() if result.entries else None

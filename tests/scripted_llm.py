@@ -14,6 +14,7 @@ takes the parsed request body and returns an item):
   ``usage`` and the reported ``model`` are given by the script (defaults below).
 - ``HttpError(status)``: an OpenAI-style error body, optional ``Retry-After`` header.
 - ``Delay(seconds, then)``: sleep before answering ``then``, to trigger client timeouts.
+- ``Raw(body)``: a 200 with that body as it is (not JSON, or JSON of the wrong shape).
 
 ``ScriptedLLM(..., json_schema=False)`` models an endpoint without structured outputs: every request whose
 ``response_format.type`` is ``"json_schema"`` gets a 400 (``JSON_SCHEMA_UNSUPPORTED``) and consumes no item.
@@ -85,7 +86,14 @@ class Delay:
     then: "Item" = field(default_factory=lambda: Reply("late"))
 
 
-Item = Union[Reply, HttpError, Delay]
+@dataclass(frozen=True)
+class Raw:
+    """A 200 answer whose body is ``body`` as given (e.g. not JSON, or JSON of the wrong shape)."""
+
+    body: str
+
+
+Item = Union[Reply, HttpError, Delay, Raw]
 Script = Union[Iterable[Item], Callable[[Any], Item]]
 
 
@@ -207,7 +215,7 @@ class ScriptedLLM:
             return self._fail(f"no reply scripted for request #{number}")
         except Exception as exc:  # a test's callable failed: report it, do not kill the server thread
             return self._fail(f"script callable raised {type(exc).__name__}: {exc}")
-        if not isinstance(item, (Reply, HttpError, Delay)):
+        if not isinstance(item, (Reply, HttpError, Delay, Raw)):
             return self._fail(f"script item #{number} is not a Reply, HttpError or Delay: {item!r}")
         return item
 
@@ -289,14 +297,17 @@ def _handler_class(owner: ScriptedLLM) -> type[BaseHTTPRequestHandler]:
             if isinstance(item, HttpError):
                 headers = {} if item.retry_after is None else {"Retry-After": str(item.retry_after)}
                 self._send(item.status, _error_body(item), headers)
+            elif isinstance(item, Raw):
+                self._send(200, item.body, raw=True)
             else:
                 self._send(200, _completion(item, body, number))
 
         def _headers(self) -> dict[str, str]:
             return {k.lower(): v for k, v in self.headers.items()}
 
-        def _send(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
-            data = json.dumps(payload).encode()
+        def _send(self, status: int, payload: Any, headers: Mapping[str, str] | None = None,
+                  raw: bool = False) -> None:
+            data = payload.encode() if raw else json.dumps(payload).encode()
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.scripted_llm import Delay, HttpError, Reply, ScriptedLLM
+from tests.scripted_llm import Delay, HttpError, Raw, Reply, ScriptedLLM
 from tests.test_run import Runner, clean_env, wait_until
 
 pytest.importorskip("ag2", reason="agent tasks need the 'agents' extra (ag2)")
@@ -309,6 +309,7 @@ def test_a_running_agent_stops_at_its_next_call_when_its_task_budget_is_spent(tm
     reason = json.loads((run_dir / "run.json").read_text())["tasks"]["solo"]["reason"]
     assert reason == "stopped before model call 2: the task's LLM budget is spent: $0.0020 of budget_usd $0.0010"
     assert len(ledger(run_dir)) == 1
+    assert "run_shell" in (run_dir / "ranks/rank-0000/tasks/solo/chats/transcript.jsonl").read_text()
 
 
 def test_kill_9_mid_job_keeps_completed_calls_and_a_rerun_completes_the_chain(tmp_path: Path,
@@ -358,6 +359,16 @@ def test_reruns_append_to_the_same_chain(tmp_path: Path) -> None:
     entries = ledger(tmp_path / "runs" / "agents")
     assert entries[: len(first)] == first and len(entries) == len(first) + 1
     assert entries[-1]["prev"] == first[-1]["hash"] and entries[-1]["run_id"] != first[-1]["run_id"]
+
+
+def test_a_rerun_publishes_the_new_answer_not_the_old_one(tmp_path: Path) -> None:
+    answers = iter(["FIRST ANSWER", "SECOND ANSWER"])
+    with ScriptedLLM(lambda body: Reply(next(answers), usage=usage(10, 1))) as srv:
+        path = spec(tmp_path, srv.base_url, ONE_AGENT)
+        assert run(tmp_path, "run", str(path)).returncode == 0
+        path.write_text(path.read_text().replace("SOLO: summarise", "SOLO: summarise again"))
+        assert run(tmp_path, "run", str(path)).returncode == 0
+    assert (tmp_path / "runs" / "agents" / "outputs" / "solo" / "summary.md").read_text() == "SECOND ANSWER"
 
 
 def test_the_cmb_example_runs_end_to_end_against_an_endpoint(tmp_path: Path) -> None:
@@ -416,6 +427,108 @@ def test_plan_puts_its_analysis_calls_in_the_ledger(tmp_path: Path) -> None:
         result = run(tmp_path, "plan", str(path))
     assert result.returncode == 0, result.stderr
     entries = ledger(tmp_path / "runs" / "agents")
-    assert [(e["source"], e["agent"], e["task"], e["status"]) for e in entries] == [
-        ("analysis", "dependency-analysis", None, "error"), ("analysis", "dependency-analysis", None, "ok")]
+    assert [(e["source"], e["agent"], e["task"], e["call"], e["status"]) for e in entries] == [
+        ("analysis", "dependency-analysis", None, 1, "error"), ("analysis", "dependency-analysis", None, 2, "ok")]
     assert entries[1]["cost_usd"] == pytest.approx(cost(300, 5))
+
+
+def test_agent_code_never_sees_the_api_key(tmp_path: Path) -> None:
+    tasks = ONE_AGENT.replace("    outputs: [summary.md]\n", "    code_execution: true\n")
+    script = [Reply(None, tool_calls=[tool_call(1, "run_shell", command="echo K=$TEST_LLM_KEY; env")],
+                    usage=usage(10, 1)), Reply("done", usage=usage(10, 1))]
+    with ScriptedLLM(script) as srv:
+        assert run(tmp_path, "run", str(spec(tmp_path, srv.base_url, tasks))).returncode == 0
+        [sent_back] = [r for b in srv.completions for r in tool_results(b)]
+    assert "K=\n" in sent_back and "TEST_LLM_KEY" not in sent_back and "HOME=" in sent_back
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_inconsistent_usage_is_capped_and_still_ledgered(tmp_path: Path) -> None:
+    odd = usage(100, 10)
+    odd["prompt_tokens_details"] = {"cached_tokens": 500}
+    odd["completion_tokens_details"] = {"reasoning_tokens": 50}
+    with ScriptedLLM([Reply("ok", usage=odd)]) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, ONE_AGENT)))
+    assert result.returncode == 0, result.stderr
+    [entry] = ledger(tmp_path / "runs" / "agents")
+    assert (entry["prompt_tokens"], entry["cached_prompt_tokens"], entry["reasoning_tokens"]) == (100, 100, 10)
+    log = (tmp_path / "runs/agents/ranks/rank-0000/tasks/solo/logs/stderr.log").read_text()
+    assert "the ledger caps the parts at their totals" in log
+
+
+def test_an_unreadable_answer_is_ledgered_and_fails_clearly(tmp_path: Path) -> None:
+    with ScriptedLLM([Raw("<html>bad gateway</html>")]) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, ONE_AGENT)))
+    assert result.returncode == 1
+    run_dir = tmp_path / "runs" / "agents"
+    [entry] = ledger(run_dir)
+    assert entry["status"] == "error" and entry["error"].startswith("unreadable answer: ")
+    reason = json.loads((run_dir / "run.json").read_text())["tasks"]["solo"]["reason"]
+    assert reason.startswith(f"LLM endpoint {srv.base_url} sent an answer that could not be read for model "
+                             "'test-model': ")
+    assert "Traceback" not in result.stderr
+
+
+def test_max_turns_stops_an_agent_that_never_finishes(tmp_path: Path) -> None:
+    tasks = ONE_AGENT.replace("    outputs: [summary.md]\n", "    code_execution: true\n    max_turns: 2\n")
+    forever = lambda body: Reply(None, tool_calls=[tool_call(len(body["messages"]), "run_shell", command="true")],
+                                 usage=usage(10, 1))  # noqa: E731
+    with ScriptedLLM(forever) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, tasks)))
+        assert len(srv.completions) == 2
+    assert result.returncode == 1
+    run_dir = tmp_path / "runs" / "agents"
+    assert json.loads((run_dir / "run.json").read_text())["tasks"]["solo"]["reason"] == (
+        "the agent did not finish within max_turns=2 model turns")
+    assert len(ledger(run_dir)) == 2
+    transcript = (run_dir / "ranks/rank-0000/tasks/solo/chats/transcript.jsonl").read_text()
+    assert transcript.count("run_shell") >= 2  # kept although the attempt failed
+
+
+def test_glob_outputs_made_by_code_are_published_and_background_code_does_not_outlive_its_tool(
+        tmp_path: Path) -> None:
+    import psutil
+
+    tasks = ONE_AGENT.replace("    outputs: [summary.md]\n", "    code_execution: true\n    outputs: ['plots/*.txt']\n")
+    command = "mkdir -p plots && echo a > plots/a.txt && echo b > plots/b.txt && (sleep 987654 &) && echo started"
+    script = [Reply(None, tool_calls=[tool_call(1, "run_shell", command=command)], usage=usage(10, 1)),
+              Reply("done", usage=usage(10, 1))]
+    with ScriptedLLM(script) as srv:
+        result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, tasks)))
+        [sent_back] = [r for b in srv.completions for r in tool_results(b)]
+    assert result.returncode == 0, result.stderr
+    assert sent_back == "exit code 0\nstarted\n"
+    published = tmp_path / "runs" / "agents" / "outputs" / "solo" / "plots"
+    assert sorted(p.name for p in published.iterdir()) == ["a.txt", "b.txt"]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "987654"]]
+
+
+def test_an_agent_without_code_execution_is_given_its_inputs(tmp_path: Path) -> None:
+    tasks = """\
+  - id: notes
+    kind: shell
+    run: echo "A_L = 1.18 +- 0.07" > notes.txt
+    outputs: [notes.txt]
+  - id: report
+    kind: agent
+    instructions: "REPORT: write it"
+    inputs: [notes.txt]
+    outputs: [report.md]
+"""
+    with ScriptedLLM([Reply("report", usage=usage(10, 1))]) as srv:
+        assert run(tmp_path, "run", str(spec(tmp_path, srv.base_url, tasks))).returncode == 0
+        [body] = srv.completions
+    system = next(m["content"] for m in body["messages"] if m["role"] == "system")
+    assert "Input file notes.txt:\n<<<\nA_L = 1.18 +- 0.07\n\n>>>" in system
+
+
+def test_without_landlock_code_execution_fails_before_any_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmbagent_batch.tasks import agent, sandbox
+
+    monkeypatch.setattr(sandbox, "landlock_status", lambda: (0, "landlock system calls are not implemented"))
+    assert agent._cannot_run({"code_execution": True}) == (
+        "code execution needs Linux Landlock (kernel 5.13 or newer with landlock enabled) to confine agent "
+        "code to codebase/; this kernel reports: landlock system calls are not implemented")
+    assert agent._cannot_run({"code_execution": False}) is None

@@ -363,6 +363,13 @@ CASES = [
         "F:9:18: $.llm.default_model: model 'maxi' is not defined in llm.models",
     ),
     case(
+        "agent-without-code-execution-declares-two-outputs",
+        BASE.replace("kind: shell", "kind: agent").replace("run: echo a", "instructions: go\n    outputs: [a.md, b.md]")
+        + MODELS.replace("  models:", "  default_model: mini\n  models:"),
+        "F:8:14: $.tasks[0].outputs: an agent task without code_execution writes one file, its final answer: "
+        "declare one output, or set code_execution: true so that its code can write more",
+    ),
+    case(
         "model-without-price",
         BASE + "llm:\n  default_model: mini\n  models:\n    mini:\n      model: cmb-finetune-7b\n",
         f"F:11:5: $.llm.models.mini: {NO_PRICE}",

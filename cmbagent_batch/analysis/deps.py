@@ -56,7 +56,7 @@ def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable
             offline: bool = False, record_calls: Callable[[Sequence[Any]], None] | None = None,
             budget_spent: Callable[[], str | None] | None = None) -> Analysis:
     """The job's edges. ``offline``: use cached LLM answers only (AnalysisError when there are none).
-    ``record_calls`` gets the model calls made (``LlmCall``s, failed ones too) for the cost ledger;
+    ``record_calls`` gets each model call (an ``LlmCall``, failed ones too) as it ends, for the cost ledger;
     ``budget_spent`` says why no model call may start (the job's budget is spent), or None."""
     sources = spec.analysis.sources
     edges: list[Edge] = []
@@ -133,15 +133,12 @@ def _llm_edges(spec: JobSpec, known: list[Edge], cache: Cache | None, refresh: b
         model = spec.llm.models[spec.analysis.model or spec.llm.default_model or ""]
         pairs = known_pairs + [(e.src, e.dst) for e in reused]
         try:
-            result = infer_edges(spec.tasks, pairs, model, ask_about=ask_about)
+            on_call = None if record_calls is None else (lambda call: record_calls([call]))
+            result = infer_edges(spec.tasks, pairs, model, ask_about=ask_about, on_call=on_call)
         except LlmAnalysisError as exc:
             _record_calls(info, exc.calls, spec)
-            if record_calls is not None:
-                record_calls(exc.calls)
             raise
         new_edges, calls = list(result.edges), list(result.calls)
-        if record_calls is not None:
-            record_calls(calls)
         info["mode"] = result.mode
         if result.notes:
             info["notes"] = list(result.notes)

@@ -76,8 +76,10 @@ class LlmAnalysisError(AnalysisError):
 
 def infer_edges(tasks: Sequence[TaskSpec], known: Sequence[tuple[str, str]], model: ModelSpec, *,
                 ask_about: Collection[str] | None = None, max_fix_rounds: int = 2,
-                sleep: Callable[[float], None] = time.sleep) -> LlmAnalysis:
+                sleep: Callable[[float], None] = time.sleep,
+                on_call: Callable[[LlmCall], None] | None = None) -> LlmAnalysis:
     """Ask ``model`` for the dependencies between ``tasks`` that ``known`` (src, dst) pairs lack.
+    ``on_call`` is told of every HTTP attempt as soon as it ends (for the cost ledger).
 
     With ``ask_about``, only edges touching at least one of those task ids are asked for and accepted.
     Raises LlmAnalysisError (an AnalysisError carrying the calls made, failed ones included) when the key is
@@ -113,7 +115,7 @@ def infer_edges(tasks: Sequence[TaskSpec], known: Sequence[tuple[str, str]], mod
         ) from None
 
     with openai.OpenAI(base_url=model.base_url, api_key=key, timeout=model.timeout, max_retries=0) as client:
-        endpoint = _Endpoint(openai, client, model, key, key_env, sleep, reply_schema(id_set))
+        endpoint = _Endpoint(openai, client, model, key, key_env, sleep, reply_schema(id_set), on_call)
         first = build_messages(tasks, known_set, ask)
         messages = first
         round_ = 0
@@ -140,8 +142,10 @@ class _Endpoint:
     """One model behind one client: sends requests, retries, records every attempt."""
 
     def __init__(self, openai: Any, client: Any, model: ModelSpec, key: str, key_env: str,
-                 sleep: Callable[[float], None], schema: dict[str, Any]) -> None:
+                 sleep: Callable[[float], None], schema: dict[str, Any],
+                 on_call: Callable[[LlmCall], None] | None = None) -> None:
         self.openai = openai
+        self.on_call = on_call
         self.client = client
         self.model = model
         self.key = key
@@ -171,7 +175,7 @@ class _Endpoint:
                 value = getattr(value, name, None)
             return int(value or 0)
 
-        self.calls.append(LlmCall(
+        call = LlmCall(
             requested_model=self.model.model,
             reported_model=getattr(response, "model", None),
             prompt_tokens=count("prompt_tokens"),
@@ -182,7 +186,10 @@ class _Endpoint:
             status="error" if error is not None else "ok",
             error=None if error is None else self.redact(error),
             started_at=started,
-        ))
+        )
+        self.calls.append(call)
+        if self.on_call is not None:
+            self.on_call(call)
 
     def complete(self, messages: list[dict[str, str]]) -> str | None:
         """The content of one reply, after as many attempts as the model's retry budget allows."""
@@ -216,6 +223,11 @@ class _Endpoint:
                 cause = self.redact(str(exc.__cause__ or exc))
                 self._record(started, t0, error=f"connection error: {cause}")
                 last = ("could not be reached", f": {cause}")
+            except Exception as exc:  # noqa: BLE001 - an answer the client could not read still costs
+                what = self.redact(f"{type(exc).__name__}: {exc}")[:500]
+                self._record(started, t0, error=f"unreadable answer: {what}")
+                fatal = f"LLM endpoint {self.url} sent an answer that could not be read for model " \
+                        f"'{self.model.model}': {what}"
             else:
                 self._record(started, t0, response=response)
                 self.answered = True

@@ -293,6 +293,12 @@ def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
             out.append(Finding(("tasks", t.index), "an agent task needs a model: set model here or llm.default_model"))
         elif isinstance(model, str) and model not in models:
             out.append(Finding(("tasks", t.index, "model"), f"model {model!r} is not defined in llm.models{hint(model, models)}"))
+        outputs = t.data.get("outputs")
+        if not t.data.get("code_execution") and isinstance(outputs, list) and (
+                len(outputs) > 1 or any(isinstance(o, str) and any(c in o for c in "*?[") for o in outputs)):
+            out.append(Finding(("tasks", t.index, "outputs"),
+                               "an agent task without code_execution writes one file, its final answer: declare "
+                               "one output, or set code_execution: true so that its code can write more"))
     return out
 
 

@@ -10,14 +10,19 @@ spent, and turns what the process wrote to ``logs/agent-result.json`` into the a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
+import importlib.util
 import json
 import os
+import shutil
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cmbagent_batch.costs import budget_spent_message
 from cmbagent_batch.tasks.base import Outcome, Payload, TaskContext
 from cmbagent_batch.tasks.shell import ShellLaunch
 
@@ -34,9 +39,9 @@ def budget_problem(request: Mapping[str, Any], job_spent: float, task_spent: flo
     budget = request["budget"]
     job_cap, task_cap = budget.get("job_usd"), budget.get("task_usd")
     if job_cap is not None and job_spent >= job_cap:
-        return f"the job's LLM budget is spent: ${job_spent:.4f} of job.budget_usd ${job_cap:.4f}"
+        return budget_spent_message("job", job_spent, job_cap)
     if task_cap is not None and task_spent >= task_cap:
-        return f"the task's LLM budget is spent: ${task_spent:.4f} of budget_usd ${task_cap:.4f}"
+        return budget_spent_message("task", task_spent, task_cap)
     return None
 
 
@@ -57,9 +62,12 @@ def prepare(payload: Payload, ctx: TaskContext, base_env: Mapping[str, str], see
     assert payload.agent is not None
     request = dict(payload.agent, task=ctx.task_id, attempt=ctx.attempt, rank=ctx.rank, host=ctx.host,
                    run_dir=ctx.run_dir, work_dir=ctx.work_dir, outputs=list(payload.outputs))
+    if (missing := _cannot_run(request)) is not None:
+        return Outcome(ok=False, error=missing)
     job_spent, task_spent = spent(ctx.run_dir, ctx.task_id)
     if (why := budget_problem(request, job_spent, task_spent)) is not None:
         return Outcome(ok=False, error=f"not started: {why}", budget_exceeded=True)
+    _clear_outputs(ctx.work_dir, payload.outputs)
     path = os.path.join(ctx.logs_dir, REQUEST)
     try:
         os.makedirs(ctx.logs_dir, exist_ok=True)
@@ -72,6 +80,34 @@ def prepare(payload: Payload, ctx: TaskContext, base_env: Mapping[str, str], see
         return Outcome(ok=False, error=f"cannot write {path}: {exc.strerror or exc}")
     argv = [sys.executable, "-m", "cmbagent_batch.tasks.agent_main", path]
     return ShellLaunch.prepare(payload, ctx, base_env, seen, argv=argv)
+
+
+def _cannot_run(request: Mapping[str, Any]) -> str | None:
+    """Why the agent process could not do its work here, found before it starts (and spends)."""
+    missing = [m for m in ("ag2", "openai") if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"agent tasks need AG2 and openai ({', '.join(missing)} not installed): "
+                "pip install 'cmbagent-batch[agents]'")
+    if request["code_execution"]:
+        from cmbagent_batch.tasks.sandbox import UNAVAILABLE, landlock_status
+
+        abi, why = landlock_status()
+        if abi == 0:
+            return UNAVAILABLE.format(reason=why)
+    return None
+
+
+def _clear_outputs(work_dir: str, outputs: Sequence[str]) -> None:
+    """Remove what an earlier attempt left at the declared outputs' paths (in the work directory and in
+    ``codebase/``), so that only this attempt's files can be published."""
+    for base in (work_dir, os.path.join(work_dir, "codebase")):
+        for pattern in outputs:
+            for path in glob.glob(os.path.join(base, pattern)):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
 
 
 def finish(outcome: Outcome, ctx: TaskContext) -> Outcome:
