@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from tests.scripted_llm import Delay, HttpError, Raw, Reply, ScriptedLLM
@@ -173,6 +174,11 @@ def test_agent_job_runs_and_its_ledger_reconciles_to_the_cent(tmp_path: Path) ->
     total = sum(e["cost_usd"] for e in entries)
     assert round(total, 2) == round(expected, 2) and total == pytest.approx(expected, abs=1e-12)
     manifest = json.loads((run_dir / "run.json").read_text())
+    root = Path(__file__).resolve().parents[1] / "schemas"
+    jsonschema.validate(manifest, json.loads((root / "run.schema.json").read_text()))
+    entry_schema = json.loads((root / "ledger-entry.schema.json").read_text())
+    for e in entries:
+        jsonschema.validate(e, entry_schema)
     assert manifest["ledger"]["entries"] == 3 and manifest["ledger"]["head"] == entries[-1]["hash"]
     assert manifest["ledger"]["cost_usd"] == pytest.approx(expected)
     assert list((run_dir / "ledger").glob("rank-*.jsonl")) == []  # merged, then removed

@@ -76,8 +76,13 @@ def test_an_entry_has_every_field_in_order_and_matches_its_schema() -> None:
     schema = json.loads((ROOT / "schemas" / "ledger-entry.schema.json").read_text())
     jsonschema.Draft202012Validator(schema).validate(made)
     jsonschema.Draft202012Validator(schema).validate(entry(4, task=None))
-    assert schema["required"] == list(FIELDS) == list(schema["properties"])
-    assert all(schema["properties"][f].get("description") for f in FIELDS)
+    assert schema["required"] == list(FIELDS)
+    assert list(schema["properties"]) == ["seq", "prev", *FIELDS, "hash"]  # the order of a merged line
+    assert all(p.get("description") for p in schema["properties"].values())
+    chained = {"seq": 1, "prev": "0" * 64, **made, "hash": "a" * 64}
+    jsonschema.Draft202012Validator(schema).validate(chained)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(schema).validate({**made, "seq": 1})  # a chain field alone
 
 
 def test_the_schema_is_shipped_in_the_package_identical() -> None:
