@@ -8,6 +8,7 @@ skips tasks that succeeded with the same fingerprint, schedules the rest on loca
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ from cmbagent_batch.fingerprint import Fingerprints, fingerprints
 from cmbagent_batch.journal import Journal, TaskHistory, replay
 from cmbagent_batch.plan import build_dag
 from cmbagent_batch.pools import LocalPools
+from cmbagent_batch.rank_pools import RankPools, batch_on_rank, on_rank
 from cmbagent_batch.rundir import journal_path, journal_paths, resolve_run_dir, work_dir, write_json_atomic
 from cmbagent_batch.scheduler import Launch, Limits, Options, Scheduler, TaskRun, default_workers
 from cmbagent_batch.spec.model import JobSpec, TaskSpec, thaw
@@ -153,10 +155,11 @@ def _agent_request(spec: JobSpec, task: TaskSpec, run_id: str) -> dict[str, Any]
 
 
 def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Scheduler], None],
-            selected: set[str] | None = None) -> tuple[int, Scheduler]:
-    """Run what is not up to date (of ``selected``, when given); return the exit code and the scheduler."""
+            selected: set[str] | None = None, ranks: Any = None) -> tuple[int, Scheduler]:
+    """Run what is not up to date (of ``selected``, when given); return the exit code and the scheduler.
+    ``ranks``: an ``mpi.RankExecutor`` (MPI backend: tasks run on the worker ranks), else local pools."""
     spec, ex = p.spec, p.spec.execution
-    workers = ex.max_workers or default_workers(ex.max_memory_mb)
+    workers = ranks.slots if ranks is not None else ex.max_workers or default_workers(ex.max_memory_mb)
     if ex.mode == "sequential":
         workers = 1
     host = socket.gethostname()
@@ -187,6 +190,8 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
             o = r.outcome
             rec.update(p.fps[r.id].to_dict(), wall_s=round(o.wall_s, 6), cpu_s=round(o.cpu_s, 6),
                        peak_rss_mb=round(o.peak_rss_mb, 3), work_bytes=o.work_bytes, output_bytes=o.output_bytes)
+            if o.rank is not None:
+                rec.update(rank=o.rank, host=o.host, work_dir=o.work_dir)
         elif r.outcome is not None and not r.outcome.ok and r.state is not TaskState.RUNNING:
             rec.update(error=r.outcome.error, exit_code=r.outcome.exit_code, timed_out=r.outcome.timed_out,
                        work_bytes=r.outcome.work_bytes)
@@ -201,29 +206,32 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
         t = tasks[r.id]
         ctx = TaskContext(task_id=r.id, run_dir=p.run_dir, work_dir=tasks_dir + r.id, rank=0,
                           attempt=r.attempts, host=host, matrix=thaw(t.matrix) if t.matrix else {})
-        chdir = ex.use_process_pool and t.kind == "python"
+        chdir = ex.use_process_pool and t.kind == "python" and ranks is None
         links, missing = _links(p, r.id)
         env = base_env if t.kind != "python" else {}  # python workers inherit the environment
         payload = payloads.get(r.id) or payloads.setdefault(r.id, _payload(spec, t, base, run_id))
         args = (payload, ctx, links, env, chdir, ex.keep, ex.kill_grace, missing, gate)
+        if ranks is not None:  # the worker rank journals a success with its fingerprint
+            return Launch(functools.partial(on_rank, record={"run": run_id, **p.fps[r.id].to_dict()}), args, ctx)
         return Launch(run_attempt, args, ctx)
 
     base_env = dict(os.environ)
-    pools = LocalPools(workers, ex.use_process_pool)
+    pools: Any = LocalPools(workers, ex.use_process_pool) if ranks is None else RankPools(ranks)
     import psutil
 
     total_mb = psutil.virtual_memory().total / 2**20
     limits = Limits(max_workers=workers, cpus=max(workers, os.cpu_count() or 1),
                     memory_mb=total_mb * ex.memory_safety_fraction, memory_safety_fraction=ex.memory_safety_fraction,
-                    memory_in_use=_memory_in_use,
+                    memory_in_use=_memory_in_use if ranks is None else (lambda: 0.0),  # not rank 0's node
                     prefetch_kinds=frozenset() if ex.mode == "sequential" else pools.prefetch_kinds(),
                     prefetch=pools.prefetch)
     options = Options(keep_going=ex.keep_going, retries=ex.retries, retry_backoff=ex.retry_backoff,
                       kill_grace=ex.kill_grace)
     sched = Scheduler(runs, pools, limits, options, make_launch, record, tick=progress, commit=journal.flush,
-                      batch=run_attempts)
+                      batch=run_attempts if ranks is None else batch_on_rank)
     started = time.time()
-    manifest = _manifest(p, run_id, started, None, runs, workers)
+    backend = ("local", 1) if ranks is None else ("mpi", len(ranks.workers) + 1)
+    manifest = _manifest(p, run_id, started, None, runs, workers, backend=backend)
     write_json_atomic(os.path.join(p.run_dir, "run.json"), manifest)
     gcpause.freeze_survivors()
     previous = _install_signals(sched)
@@ -237,7 +245,7 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     ledger = merge_ledger(p.run_dir, warn)
     write_json_atomic(os.path.join(p.run_dir, "run.json"), _manifest(p, run_id, started, time.time(), runs, workers,
                                                                        exit_code=code, stop=sched.stop_reason,
-                                                                       ledger=ledger))
+                                                                       ledger=ledger, backend=backend))
     return code, sched
 
 
@@ -285,7 +293,7 @@ def merge_ledger(run_dir: str, warn: Callable[[str], None]) -> dict[str, Any] | 
 
 def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, runs: dict[str, TaskRun],
               workers: int, exit_code: int | None = None, stop: str | None = None,
-              ledger: dict[str, Any] | None = None) -> dict[str, Any]:
+              ledger: dict[str, Any] | None = None, backend: tuple[str, int] = ("local", 1)) -> dict[str, Any]:
     def iso(t: float | None) -> str | None:
         return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
@@ -311,12 +319,12 @@ def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, run
         tasks[tid] = {
             "state": r.state.value,
             "attempts": r.attempts,
-            "rank": 0,
-            "host": last.get("host", host),
+            "rank": o.rank if o and o.rank is not None else last.get("rank", 0),
+            "host": o.host if o and o.host else last.get("host", host),
             "wall_s": round(o.wall_s, 6) if o else last.get("wall_s"),
             "cpu_s": round(o.cpu_s, 6) if o else last.get("cpu_s"),
             "peak_rss_mb": round(o.peak_rss_mb, 3) if o else last.get("peak_rss_mb"),
-            "work_dir": tasks_dir + tid,
+            "work_dir": o.work_dir if o and o.work_dir else last.get("work_dir", tasks_dir + tid),
             # measured by the worker when the attempt ended (after retention)
             "work_bytes": o.work_bytes if o else last.get("work_bytes"),
             "output_bytes": o.output_bytes if o else last.get("output_bytes"),
@@ -333,8 +341,8 @@ def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, run
         "job": p.spec.job.name,
         "spec": {"path": os.path.abspath(p.spec.path), "sha256": p.spec.sha256},
         "dag_sha256": digest([[e.src, e.dst] for e in p.dag.edges] + [list(p.dag.nodes)]),
-        "backend": "local",
-        "ranks": 1,
+        "backend": backend[0],
+        "ranks": backend[1],
         "workers": workers,
         "started": iso(started),
         "ended": iso(ended),

@@ -6,6 +6,7 @@ import argparse
 import fnmatch
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -18,21 +19,20 @@ from cmbagent_batch.rundir import RunLock, journal_paths, read_json, set_aside
 from cmbagent_batch.spec.loader import load_spec
 
 
-def _mpi_ranks() -> int:
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
+def mpi_ranks() -> int:
+    """Ranks of the MPI job this process belongs to, from the launcher's environment (1: not under MPI).
+    Read without importing mpi4py; inside an sbatch script (not under srun) SLURM_NTASKS is not enough."""
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_STEP_NUM_TASKS"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 1
 
 
-def _check_backend(backend: str) -> None:
-    ranks = _mpi_ranks()
-    if backend == "mpi" or (backend == "auto" and ranks > 1):
-        raise UsageError(
-            "the MPI backend is not available in this version of cmbagent-batch"
-            + (f" (started with {ranks} ranks)" if ranks > 1 else "")
-            + "; run with --backend local"
-        )
+def resolve_backend(backend: str) -> str:
+    """``auto`` is ``mpi`` when started by mpiexec or srun with more than one rank, else ``local``."""
+    if backend == "auto":
+        return "mpi" if mpi_ranks() > 1 else "local"
+    return backend
 
 
 def _select(prepared: Any, only: list[str]) -> set[str]:
@@ -54,13 +54,48 @@ def _select(prepared: Any, only: list[str]) -> set[str]:
 
 
 def cmd_run(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int:
+    config = effective_config(load_spec(args.spec), os.environ, flags)
+    if resolve_backend(config.spec.execution.backend) == "mpi":
+        return _run_mpi(args, config)
+    return _run(args, config)
+
+
+def _run_mpi(args: argparse.Namespace, config: Any) -> int:
+    """Rank 0 runs the job (scheduler, journal, run.json); the other ranks run its tasks until told to stop."""
+    from cmbagent_batch import mpi
+    from cmbagent_batch.rank_pools import close_journals, set_place, stop_tasks
+
+    ex = config.spec.execution
+    comm, rank, size = mpi.world()
+    if size == 1:
+        warn("started under MPI with a single rank: there is no worker rank, so every task runs on rank 0 "
+             "with local pools (start more ranks: mpiexec -n N, srun -n N)")
+        return _run(args, config)
+    if rank != 0:
+        if args.dry_run:
+            return 0
+        set_place(rank)
+        stop = stop_tasks(ex.kill_grace)
+        for name in ("SIGINT", "SIGTERM", "SIGUSR1"):  # rank 0 decides; this rank only ends its tasks
+            signal.signal(getattr(signal, name), lambda signum, frame: stop())
+        try:
+            mpi.serve(comm, ex.tasks_per_rank, on_stop=stop)
+        finally:
+            close_journals()
+        return 0
+    executor = mpi.RankExecutor(comm, ex.tasks_per_rank)
+    try:
+        return _run(args, config, executor)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _run(args: argparse.Namespace, config: Any, ranks: Any = None) -> int:
     from cmbagent_batch.progress import Progress
     from cmbagent_batch.run import execute, prepare, why_rerun
     from cmbagent_batch.rundir import resolve_run_dir
     from cmbagent_batch.states import TaskState
 
-    config = effective_config(load_spec(args.spec), os.environ, flags)
-    _check_backend(config.spec.execution.backend)
     run_dir = resolve_run_dir(config.spec)
     if args.fresh and not args.dry_run:
         old = set_aside(run_dir)
@@ -82,7 +117,7 @@ def cmd_run(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int:
     try:
         total = len(prepared.dag.nodes)
         progress = (lambda sched: None) if args.quiet else Progress(total)
-        code, sched = execute(prepared, warn, progress, selected)
+        code, sched = execute(prepared, warn, progress, selected, ranks)
     finally:
         lock.release()
     counts = {s.value: n for s, n in sched.counts.items() if n}

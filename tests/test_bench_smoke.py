@@ -29,3 +29,17 @@ def test_ledger_bench_scripts_run_small(args: list[str], tmp_path: Path) -> None
                        timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout
+
+
+@pytest.mark.parametrize("args", [["bench_mpi.py", "--quick", "--runs", "1"]])
+def test_mpi_bench_script_runs_quick(args: list[str], tmp_path: Path) -> None:
+    import shutil
+
+    pytest.importorskip("mpi4py", reason="the MPI benchmark needs the 'mpi' extra (mpi4py, mpich)")
+    if not (shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")):
+        pytest.skip("mpiexec not found (pip install mpich)")
+    r = subprocess.run([sys.executable, str(BENCH / args[0]), *args[1:]], check=False, capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ERROR" not in r.stdout
+    assert "figure" in r.stdout

@@ -99,3 +99,6 @@ class Outcome:
     work_bytes: int | None = None  # bytes left in the work directory when the attempt ended
     output_bytes: int | None = None  # bytes published under RUN_DIR/outputs/TASK
     budget_exceeded: bool = False  # agent tasks: stopped, or not started, because an LLM budget was spent
+    rank: int | None = None  # MPI backend: the rank that ran the attempt, its host and work directory
+    host: str | None = None
+    work_dir: str | None = None

@@ -1,0 +1,511 @@
+"""Time ``cmbagent-batch run`` with the MPI backend: no-op python tasks against raw ``mpi4py.futures``, a
+heavy-tailed DAG against its lower bound, and makespans for 1, 2 and 4 worker ranks.
+
+Run as ``python bench/bench_mpi.py [--quick] [--runs N] [--only throughput|dag|scaling]`` with the
+interpreter of a venv where cmbagent-batch, mpi4py and an MPI (e.g. PyPI ``mpich``) are installed. Ours is
+always ``mpiexec -n N python -m cmbagent_batch run SPEC --quiet --run-dir FRESH --cache-dir FRESH`` with
+``execution: {backend: mpi, tasks_per_rank: K}`` in the spec: rank 0 schedules, ranks 1..N-1 run the
+tasks. ``mpiexec`` is the one next to this interpreter, else the first on PATH; the commands get PATH with
+this interpreter's directory first (Hydra starts the ranks through it).
+
+1. 20,000 no-op python tasks (``call: noop:run``, bench_run's module and spec) on 2 worker ranks
+   (``mpiexec -n 3``, ``tasks_per_rank: 1``). Baseline, in the same invocation: a script under
+   ``mpiexec -n 3`` whose rank 0 submits 20,000 calls of the same function to
+   ``mpi4py.futures.MPICommExecutor`` and waits for all of them, timed from the first submit to the last
+   result. As in bench_run, ours is held to the target with the start-up corrected rate:
+   20,000 / (wall - wall of the same command on a 1-task spec); target at least 50% of the baseline's
+   tasks/s. For context, the raw rate (20,000 / wall) and the rate while running
+   (20,000 / (last ``succeeded`` - first ``running`` journal record)).
+2. bench_run's layered DAG, 30 levels x 100 shell tasks ``sleep 0.NNN`` (Pareto(1) durations clipped to
+   [1, 50] ms, seed 1) on 16 worker slots: 4 worker ranks x ``tasks_per_rank: 4`` (``mpiexec -n 5``;
+   oversubscribed on a small machine, which is fine: the tasks sleep). Makespan is the journals' span
+   (first ``running`` to last ``succeeded`` record, over every rank's journal); its lower bound is
+   max(critical path, total work / 16) over the wall times in ``run.json``; target at most 1.10x.
+3. 64 independent shell tasks ``sleep 0.250`` with ``tasks_per_rank: 1`` on 1, 2 and 4 worker ranks
+   (``mpiexec -n 2, 3, 5``): makespan (journal span), the ideal 64 x 0.25 s / ranks and the speed-up over
+   1 rank. Context only: no target.
+
+Each run of ours gets a fresh run directory and cache directory, and nothing is deleted before the end
+(see bench_run). Runs of ours and of the baseline alternate, as do the three rank counts, so a change in
+the machine's load hits all alike; figures are medians over ``--runs`` runs (default 3). Each run is
+checked: every task succeeded, ``run.json`` says backend ``mpi`` with the expected ranks, and every task
+ran on a worker rank. Rows marked "tasks per rank" show how evenly the worker ranks were used.
+``--quick`` shrinks the sizes (500 no-op tasks, a 10 x 30 DAG, 16 sleep tasks) and runs everything once:
+a smoke run, whose absolute figures are not the targets'.
+
+Exit status 0 whatever the figures (benchmarks report, they do not gate); 1 only when a measured
+command did not run as expected (failed, hung past its time limit, or ran the wrong way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import statistics
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import specgen
+from bench_run import (
+    DAG_SEED,
+    NOOP_MODULE,
+    DagTask,
+    Fresh,
+    dag_spec,
+    journal_span,
+    layered_dag,
+    lower_bound,
+    python_spec,
+    read_manifest,
+)
+from bench_run import run_ours as run_local
+from specgen import CommandFailed, Row, Sample, cpu_cell, secs, verdict
+
+THROUGHPUT_FRACTION_TARGET = 0.5  # ours / raw mpi4py.futures, tasks/s, at least
+MAKESPAN_RATIO_TARGET = 1.10  # makespan / lower bound, at most
+
+THROUGHPUT_RANKS = 2  # worker ranks, as the baseline's
+DAG_RANKS, DAG_TASKS_PER_RANK = 4, 4
+SCALING_RANKS = (1, 2, 4)
+SLEEP_MS = 250
+
+# A command that has not ended after this long is killed (with its ranks) and reported as hung.
+TIME_LIMIT_S, QUICK_TIME_LIMIT_S = 900, 240
+
+FUTURES_BASELINE = """
+import json, sys, time
+from concurrent.futures import wait
+from mpi4py import MPI
+from mpi4py.futures import MPICommExecutor
+n, here = int(sys.argv[1]), sys.argv[2]
+sys.path.insert(0, here)
+import noop
+with MPICommExecutor(MPI.COMM_WORLD, root=0) as pool:
+    if pool is not None:
+        t0 = time.perf_counter()
+        futures = [pool.submit(noop.run) for _ in range(n)]
+        wait(futures)
+        for f in futures:
+            f.result()
+        wall = time.perf_counter() - t0
+        print(json.dumps({"wall": wall, "workers": MPI.COMM_WORLD.Get_size() - 1,
+                          "library": " ".join(MPI.Get_library_version().split("\\n")[0].split())}))
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Specs
+
+
+def with_execution(spec: str, **settings: object) -> str:
+    """A generator's spec text with its ``execution:`` block (if any) replaced by ``settings``."""
+    head, sep, tasks = spec.partition("\ntasks:\n")
+    if not sep:
+        raise ValueError("the spec has no top-level 'tasks:' line")
+    kept: list[str] = []
+    in_execution = False
+    for line in head.split("\n"):
+        if line == "execution:":
+            in_execution = True
+            continue
+        if in_execution and line.startswith("  "):
+            continue
+        in_execution = False
+        kept.append(line)
+    block = ["execution:", *(f"  {key}: {json.dumps(value)}" for key, value in settings.items())]
+    return "\n".join(kept + block) + sep + tasks
+
+
+def mpi_spec(spec: str, tasks_per_rank: int) -> str:
+    return with_execution(spec, backend="mpi", tasks_per_rank=tasks_per_rank)
+
+
+def sleep_tasks(n: int, ms: int) -> list[DagTask]:
+    """``n`` independent ``sleep`` tasks (a one-level DAG with no edges, for ``dag_spec``)."""
+    return [DagTask(f"s{i:04d}", 0, ms, ()) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running under mpiexec
+
+
+def find_mpiexec() -> str | None:
+    return shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+
+
+@dataclass(frozen=True)
+class Mpi:
+    """How the benchmark starts MPI jobs."""
+
+    mpiexec: str
+    env: dict[str, str]
+    time_limit: float
+
+    def cmd(self, ranks: int, *args: str) -> list[str]:
+        """``mpiexec -n ranks ARGS``, under coreutils ``timeout`` (when there is one) so that a hung job is
+        ended: ``mpiexec`` (Hydra) gets SIGTERM and ends its ranks. ``--foreground`` keeps the job in the
+        terminal's process group, so that Ctrl-C still reaches every rank."""
+        limit = shutil.which("timeout")
+        guard = [limit, "--foreground", "-k", "10", f"{self.time_limit:g}"] if limit else []
+        return [*guard, self.mpiexec, "-n", str(ranks), *args]
+
+    def run_once(self, cmd: list[str], cwd: str, stdout_path: str | None = None) -> specgen.Run:
+        try:
+            return specgen.run_once(cmd, cwd=cwd, env=self.env, stdout_path=stdout_path)
+        except CommandFailed as exc:
+            if "\n  exited 124," in str(exc) or "\n  exited 137," in str(exc):
+                raise CommandFailed(f"{exc}\n  (killed: still running after {self.time_limit:g} s)") from None
+            raise
+
+
+def child_env() -> dict[str, str]:
+    env = specgen.bench_env()
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@dataclass
+class OurRun:
+    run: specgen.Run
+    run_dir: str
+    manifest: dict[str, Any]
+
+    @property
+    def span(self) -> float:
+        first, last = journal_span(self.run_dir)
+        return last - first
+
+    def walls(self) -> dict[str, float]:
+        return {tid: float(t["wall_s"]) for tid, t in self.manifest["tasks"].items()}
+
+    def returns(self) -> list[float]:
+        """Per task: its worker's ``succeeded`` record to rank 0's (the result's way back, and rank 0
+        noticing it)."""
+        worker: dict[str, float] = {}
+        rank0: dict[str, float] = {}
+        directory = os.path.join(self.run_dir, "journal")
+        for name in sorted(os.listdir(directory)):
+            with open(os.path.join(directory, name), encoding="utf-8") as fh:
+                for line in fh:
+                    rec = json.loads(line)
+                    if rec.get("state") == "succeeded":
+                        (worker if rec.get("by") == "worker" else rank0)[rec["task"]] = rec["t"]
+        return [rank0[tid] - t for tid, t in worker.items() if tid in rank0]
+
+    def per_rank(self) -> tuple[Counter[int], defaultdict[int, float]]:
+        """(tasks, busy seconds) per worker rank."""
+        tasks: Counter[int] = Counter()
+        busy: defaultdict[int, float] = defaultdict(float)
+        for t in self.manifest["tasks"].values():
+            tasks[t["rank"]] += 1
+            busy[t["rank"]] += float(t["wall_s"])
+        return tasks, busy
+
+
+def run_ours(mpi: Mpi, spec: str, fresh: Fresh, worker_ranks: int, n_tasks: int) -> OurRun:
+    """One ``run`` of ``spec`` on ``worker_ranks`` worker ranks in fresh directories; checks that every
+    task succeeded on a worker rank and that the run really used the MPI backend."""
+    run_dir = os.path.join(fresh("run"), "rd")
+    cache_dir = fresh("cache")
+    ranks = worker_ranks + 1
+    cmd = mpi.cmd(ranks, *specgen.cli(), "run", spec, "--quiet", "--run-dir", run_dir, "--cache-dir", cache_dir)
+    run = mpi.run_once(cmd, cwd=os.path.dirname(spec))
+    manifest = read_manifest(os.path.join(run_dir, "run.json"), cmd)
+    problems = []
+    if manifest.get("counts") != {"succeeded": n_tasks}:
+        problems.append(f"counts {manifest.get('counts')}, expected {{'succeeded': {n_tasks}}}")
+    if manifest.get("backend") != "mpi" or manifest.get("ranks") != ranks:
+        problems.append(f"backend {manifest.get('backend')!r} with {manifest.get('ranks')} ranks, "
+                        f"expected 'mpi' with {ranks}")
+    on_rank0 = sorted(tid for tid, t in manifest.get("tasks", {}).items() if not t.get("rank"))
+    if on_rank0:
+        problems.append(f"{len(on_rank0)} tasks ran on rank 0 (e.g. {on_rank0[0]}), not on a worker rank")
+    if problems:
+        raise CommandFailed(f"{' '.join(cmd)}\n  " + "\n  ".join(problems))
+    return OurRun(run, run_dir, manifest)
+
+
+def rank_cells(runs: list[OurRun], worker_ranks: int, slots_per_rank: int = 1) -> tuple[str, str]:
+    """Tasks per worker rank (summed over the runs) and each rank's busy fraction of its slots over the
+    makespan (median over the runs)."""
+    tasks: Counter[int] = Counter()
+    busy: dict[int, list[float]] = {r: [] for r in range(1, worker_ranks + 1)}
+    for one in runs:
+        counted, seconds = one.per_rank()
+        tasks.update(counted)
+        for rank, fractions in busy.items():
+            fractions.append(seconds[rank] / (one.span * slots_per_rank))
+    per = len(runs)
+    count = " | ".join(f"r{r}: {tasks[r] / per:,.0f}" for r in sorted(busy))
+    use = " | ".join(f"r{r}: {statistics.median(v):.0%}" for r, v in sorted(busy.items()))
+    return count, use
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figure 1: no-op python tasks against mpi4py.futures
+
+
+def throughput_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, n: int, runs: int,
+                       startup_runs: int) -> None:
+    fresh = Fresh(root)
+    spec_dir = fresh("throughput-spec")
+    specgen.write(spec_dir, "noop.py", NOOP_MODULE)
+    spec = specgen.write(spec_dir, "python.yaml", mpi_spec(python_spec(n), 1))
+    one = specgen.write(spec_dir, "python1.yaml", mpi_spec(python_spec(1), 1))
+    ranks = THROUGHPUT_RANKS + 1
+    run_ours(mpi, one, fresh, THROUGHPUT_RANKS, 1)  # warm-up (.pyc files, page cache), not counted
+
+    base_out = os.path.join(spec_dir, "futures.json")
+    base_cmd = mpi.cmd(ranks, sys.executable, "-c", FUTURES_BASELINE, str(n), spec_dir)
+    base, ours, startup = Sample(), Sample(), Sample()
+    base_walls: list[float] = []
+    spans: list[float] = []
+    done: list[OurRun] = []
+    library = "?"
+    for _ in range(runs):
+        base.add(mpi.run_once(base_cmd, cwd=spec_dir, stdout_path=base_out))
+        try:
+            with open(base_out, encoding="utf-8") as fh:
+                report = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise CommandFailed(f"{' '.join(base_cmd)}\n  printed no report: {exc}") from None
+        base_walls.append(float(report["wall"]))
+        library = report["library"]
+        mine = run_ours(mpi, spec, fresh, THROUGHPUT_RANKS, n)
+        ours.add(mine.run)
+        spans.append(mine.span)
+        done.append(mine)
+    for _ in range(startup_runs):
+        startup.add(run_ours(mpi, one, fresh, THROUGHPUT_RANKS, 1).run)
+
+    base_rate = n / statistics.median(base_walls)
+    raw = n / ours.wall
+    work = ours.wall - startup.wall
+    corrected = n / work if work > 0 else float("inf")
+    running = n / statistics.median(spans)
+    rows.append(Row(f"mpi4py.futures MPICommExecutor, -n {ranks}, {n:,} no-op submits (baseline, {base.runs()})",
+                    f"{base_rate:,.0f} tasks/s", cpu=cpu_cell(base)))
+    rows.append(Row(f"  whole mpiexec command (context, {base.runs()})", secs(base.wall)))
+    rows.append(Row(f"run 1 python task, mpiexec -n {ranks}: start-up ({startup.runs()})", secs(startup.wall),
+                    cpu=cpu_cell(startup)))
+    rows.append(Row(f"run {n:,} python tasks, mpiexec -n {ranks}, tasks_per_rank 1 ({ours.runs()})",
+                    secs(ours.wall), secs(base.wall), f"{ours.wall / base.wall:.2f}x", cpu=cpu_cell(ours, base)))
+    rows.append(Row("  raw: tasks / wall", f"{raw:,.0f} tasks/s", f"{base_rate:,.0f} tasks/s",
+                    f"{raw / base_rate:.1%}"))
+    rows.append(Row("  start-up corrected: tasks / (wall - 1-task wall)", f"{corrected:,.0f} tasks/s",
+                    f"{base_rate:,.0f} tasks/s", f"{corrected / base_rate:.1%}",
+                    f">= {THROUGHPUT_FRACTION_TARGET:.0%}",
+                    verdict(corrected >= THROUGHPUT_FRACTION_TARGET * base_rate)))
+    rows.append(Row("  per task (corrected)", f"{work / n * 1e6:,.0f} us", f"{1e6 / base_rate:,.0f} us",
+                    f"{(work / n) * base_rate:.1f}x"))
+    rows.append(Row("  while running: tasks / journal span (context)", f"{running:,.0f} tasks/s",
+                    f"{base_rate:,.0f} tasks/s", f"{running / base_rate:.1%}"))
+    rows.append(Row("  tasks per worker rank (mean over runs)", rank_cells(done, THROUGHPUT_RANKS)[0]))
+    notes.append("the PASS uses the start-up-corrected rate, as bench_run does; the baseline is timed on its "
+                 "rank 0 from the first submit to the last result (no MPI start-up, no imports), ours is the "
+                 "whole command, which also reads, checks and fingerprints the tasks and writes run.json twice")
+    notes.append("while running: first 'running' to last 'succeeded' record over all ranks' journals, "
+                 "i.e. dispatch alone (no spec, no run.json, no MPI start-up)")
+    notes.append(f"MPI library: {library}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figure 2: the layered DAG on 16 slots over 4 worker ranks
+
+
+def dag_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, levels: int, width: int,
+                runs: int) -> None:
+    fresh = Fresh(root)
+    spec_dir = fresh("dag-spec")
+    tasks = layered_dag(levels, width, DAG_SEED)
+    n = len(tasks)
+    slots = DAG_RANKS * DAG_TASKS_PER_RANK
+    spec = specgen.write(spec_dir, "dag.yaml", mpi_spec(dag_spec(tasks), DAG_TASKS_PER_RANK))
+    warm = specgen.write(spec_dir, "warm.yaml", mpi_spec(dag_spec(sleep_tasks(1, 1)), DAG_TASKS_PER_RANK))
+    run_ours(mpi, warm, fresh, DAG_RANKS, 1)  # warm-up, not counted
+
+    local_spec = specgen.write(spec_dir, "dag-local.yaml", dag_spec(tasks))
+    done: list[OurRun] = []
+    makespans, bounds, cps, works, ratios, outside, returns = [], [], [], [], [], [], []
+    local_spans, local_ratios = [], []
+    for _ in range(runs):
+        mine = run_ours(mpi, spec, fresh, DAG_RANKS, n)
+        done.append(mine)
+        walls = mine.walls()
+        cp, work = lower_bound(tasks, walls, slots)
+        makespans.append(mine.span)
+        cps.append(cp)
+        works.append(work)
+        bounds.append(max(cp, work))
+        ratios.append(mine.span / max(cp, work))
+        outside.append((slots * mine.span - sum(walls.values())) / n)
+        returns.extend(mine.returns())
+        _, local_dir = run_local(local_spec, fresh, mpi.env, n, workers=slots)
+        first, last = journal_span(local_dir)
+        local_walls = {tid: float(t["wall_s"]) for tid, t in
+                       read_manifest(os.path.join(local_dir, "run.json"), ["run", local_spec])["tasks"].items()}
+        local_spans.append(last - first)
+        local_ratios.append((last - first) / max(lower_bound(tasks, local_walls, slots)))
+
+    med = statistics.median
+    commands = Sample()
+    for mine in done:
+        commands.add(mine.run)
+    n_cp, n_work = lower_bound(tasks, {t.id: t.ms / 1000 for t in tasks}, slots)
+    label = f"median of {runs}" if runs > 1 else "1 run"
+    rows.append(Row(f"run DAG {levels}x{width}={n:,}, mpiexec -n {DAG_RANKS + 1}, tasks_per_rank "
+                    f"{DAG_TASKS_PER_RANK}: makespan ({label})", secs(med(makespans)), f"LB {secs(med(bounds))}",
+                    f"{med(ratios):.3f}x", f"<= {MAKESPAN_RATIO_TARGET:.2f}x LB",
+                    verdict(med(ratios) <= MAKESPAN_RATIO_TARGET)))
+    rows.append(Row(f"  LB parts: critical path | work / {slots} (recorded walls)",
+                    f"{secs(med(cps))} | {secs(med(works))}"))
+    rows.append(Row(f"  sleep-only LB: critical path | work / {slots}", f"{secs(n_cp)} | {secs(n_work)}",
+                    ratio=f"ours {med(makespans) / max(n_cp, n_work):.2f}x"))
+    rows.append(Row("  whole command wall", secs(commands.wall), cpu=cpu_cell(commands)))
+    if runs > 1:
+        rows.append(Row("  per run: makespan / LB", ", ".join(f"{r:.3f}x" for r in ratios)))
+    count, use = rank_cells(done, DAG_RANKS, DAG_TASKS_PER_RANK)
+    rows.append(Row("  tasks per worker rank (mean over runs)", count))
+    rows.append(Row(f"  busy: task walls / ({DAG_TASKS_PER_RANK} slots x span)", use))
+    rows.append(Row(f"  slot time per task outside its wall: ({slots} x span - walls) / {n:,}",
+                    f"{med(outside) * 1000:.1f} ms", f"mean wall {med(works) * slots / n * 1000:.1f} ms"))
+    ordered = sorted(returns)
+    rows.append(Row("  worker's 'succeeded' to rank 0's: median | p90 | max",
+                    " | ".join(f"{ordered[int(q * (len(ordered) - 1))] * 1000:.1f} ms" for q in (0.5, 0.9, 1.0))))
+    rows.append(Row(f"local backend, --workers {slots}, same DAG: makespan (context, {label})",
+                    secs(med(local_spans)), ratio=f"{med(local_ratios):.3f}x its LB"))
+    rows.append(Row("  MPI makespan / local makespan", secs(med(makespans)), secs(med(local_spans)),
+                    f"{med(makespans) / med(local_spans):.2f}x"))
+    notes.append(f"DAG: bench_run's, shell tasks 'sleep 0.NNN' (bash -c), Pareto(1) clipped to [1, 50] ms, seed "
+                 f"{DAG_SEED}, sum {sum(t.ms for t in tasks) / 1000:.1f} s; makespan = first 'running' to last "
+                 "'succeeded' record over all ranks' journals; LB from run.json wall_s (process start included)")
+    notes.append("slot time outside its wall: what a slot spends per task beyond the attempt's recorded wall "
+                 "(hand-over, the round trip, polling, waiting for a core); the local backend runs the same "
+                 "spec with bench_run's command, after each MPI run")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figure 3: sleep-bound scaling over 1, 2 and 4 worker ranks
+
+
+@dataclass
+class Scaling:
+    spans: list[float] = field(default_factory=list)
+    runs: list[OurRun] = field(default_factory=list)
+    command: Sample = field(default_factory=Sample)
+
+
+def scaling_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, n: int, runs: int) -> None:
+    fresh = Fresh(root)
+    spec_dir = fresh("scaling-spec")
+    spec = specgen.write(spec_dir, "sleep.yaml", mpi_spec(dag_spec(sleep_tasks(n, SLEEP_MS)), 1))
+    warm = specgen.write(spec_dir, "warm.yaml", mpi_spec(dag_spec(sleep_tasks(1, 1)), 1))
+    run_ours(mpi, warm, fresh, max(SCALING_RANKS), 1)  # warm-up, not counted
+
+    by_ranks = {k: Scaling() for k in SCALING_RANKS}
+    for _ in range(runs):
+        for k, s in by_ranks.items():
+            mine = run_ours(mpi, spec, fresh, k, n)
+            s.spans.append(mine.span)
+            s.runs.append(mine)
+            s.command.add(mine.run)
+
+    med = statistics.median
+    one = med(by_ranks[SCALING_RANKS[0]].spans)
+    label = f"median of {runs}" if runs > 1 else "1 run"
+    for k, s in by_ranks.items():
+        makespan = med(s.spans)
+        ideal = n * SLEEP_MS / 1000 / k
+        plural = "rank" if k == 1 else "ranks"
+        rows.append(Row(f"{n} x sleep {SLEEP_MS / 1000:g}, {k} worker {plural} (mpiexec -n {k + 1}): makespan "
+                        f"({label})", secs(makespan), f"ideal {secs(ideal)}", f"{makespan / ideal:.3f}x ideal",
+                        cpu=cpu_cell(s.command)))
+        if k != SCALING_RANKS[0]:
+            speedup = one / makespan
+            rows.append(Row(f"  speed-up over {SCALING_RANKS[0]} rank", f"{speedup:.2f}x", f"ideal {k}x",
+                            f"{speedup / k:.0%} of ideal"))
+        count, _ = rank_cells(s.runs, k)
+        rows.append(Row("  tasks per worker rank", count, ratio=f"whole command {secs(s.command.wall)}"))
+    notes.append(f"scaling: {n} independent shell tasks 'sleep {SLEEP_MS / 1000:.3f}', tasks_per_rank 1; ideal = "
+                 f"{n} x {SLEEP_MS / 1000:g} s / worker ranks (no bash start-up); the cpu column is the "
+                 "whole command's, all ranks")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def versions() -> str:
+    found = []
+    for dist in ("mpich", "mpi4py"):
+        try:
+            found.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{dist}: no such distribution installed")
+    return ", ".join(found)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes (500 no-op tasks, 10x30 DAG, 16 sleeps), one run each: a smoke run")
+    parser.add_argument("--runs", type=int, metavar="N", help="runs of each figure (default 3, quick 1)")
+    parser.add_argument("--only", choices=("throughput", "dag", "scaling"), action="append",
+                        help="run only this figure (repeatable); default: all three")
+    args = parser.parse_args()
+    quick = args.quick
+    runs = max(1, args.runs or (1 if quick else 3))
+    exe = find_mpiexec()
+    if exe is None:
+        print("bench_mpi: no mpiexec next to this interpreter or on PATH (pip install mpich)", file=sys.stderr)
+        return 1
+    mpi = Mpi(exe, child_env(), QUICK_TIME_LIMIT_S if quick else TIME_LIMIT_S)
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    n_python, n_sleep = (500, 16) if quick else (20_000, 64)
+    levels, width = (10, 30) if quick else (30, 100)
+    sections: list[tuple[str, list[Row], list[str]]] = []
+    failed: list[str] = []
+    with specgen.TempDir() as tmp:
+        steps: dict[str, tuple[str, Callable[[list[Row], list[str]], None]]] = {
+            "throughput": (f"1. {n_python:,} no-op python tasks, {THROUGHPUT_RANKS} worker ranks",
+                           lambda r, nt: throughput_figures(r, nt, tmp, mpi, n_python, runs, 1 if quick else 5)),
+            "dag": (f"2. layered DAG {levels}x{width}, {DAG_RANKS} worker ranks x {DAG_TASKS_PER_RANK} slots",
+                    lambda r, nt: dag_figures(r, nt, tmp, mpi, levels, width, runs)),
+            "scaling": (f"3. {n_sleep} sleep tasks on {', '.join(map(str, SCALING_RANKS))} worker ranks",
+                        lambda r, nt: scaling_figures(r, nt, tmp, mpi, n_sleep, runs)),
+        }
+        chosen = set(args.only or steps)
+        for name, (title, step) in steps.items():
+            if name not in chosen:
+                continue
+            rows: list[Row] = []
+            notes: list[str] = []
+            try:
+                step(rows, notes)
+            except CommandFailed as exc:
+                rows.append(Row("command failed", "-", verdict="ERROR"))
+                failed.append(str(exc))
+            sections.append((title, rows, notes))
+    last_notes = sections[-1][2]
+    last_notes.append(f"mpiexec: {exe}; {versions()}")
+    last_notes.append(f"{specgen.load_note()}; {load_at_start:.2f} (1 min) at the start. Ranks oversubscribe "
+                      "the cores: wall times include waiting for a core, compare the cpu column too")
+    if quick:
+        last_notes.append("--quick: small sizes, one run each; only the ratios mean anything")
+    print(f"cmbagent-batch run --backend mpi ({sys.executable})")
+    for title, rows, notes in sections:
+        specgen.print_table(title, rows, notes)
+    for message in failed:
+        print(f"\nERROR: {message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""``RankExecutor``: rank 0's ``concurrent.futures.Executor`` over the worker ranks of one MPI job.
+
+The caller's threads only pickle a call and hand it to one communication thread through a queue; that
+thread alone talks MPI (so MPI_THREAD_SERIALIZED is enough, MPI_THREAD_MULTIPLE is not relied on). It
+sends each call to the least loaded worker with a free slot, in submission order, and completes the
+futures as results come back. It sleeps on its queue between polls (see ``wire.Backoff``), so a submit
+wakes it at once; while calls are in flight it costs a few percent of a core, and nothing when none is.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import queue
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from cmbagent_batch.mpi.failures import (
+    BrokenRankExecutor,
+    NoWorkerRanks,
+    decode_failure,
+    local_failure,
+)
+from cmbagent_batch.mpi.slots import SlotTable
+from cmbagent_batch.mpi.wire import HEADER, Backoff, Link, Tag, load_mpi
+
+T = TypeVar("T")
+
+
+class RankFuture(Future[T]):
+    """A ``Future`` that says where its call ran: ``rank`` is set when the call is sent to a worker
+    (None while queued, or if cancelled before), ``host`` when its outcome arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rank: int | None = None
+        self.host: str | None = None
+
+
+@dataclass(slots=True)
+class _Call:
+    id: int
+    future: RankFuture[Any]
+    payload: bytes  # call id + pickled (fn, args, kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Shutdown:
+    cancel_futures: bool
+
+
+_STOP = "stop"  # inbox item: send stop-tasks to every worker
+
+
+class RankExecutor(Executor):
+    """Runs calls on the worker ranks (1..size-1) of ``comm``; create it on rank 0 only, while every
+    other rank runs ``serve(comm, slots_per_rank)``.
+
+    ``comm`` is used by this executor alone from now on (``run_in_world`` gives it a duplicate of
+    COMM_WORLD); ``slots_per_rank`` must be the value the workers serve with. Future callbacks run on
+    the communication thread: they must be quick and must not wait for other futures of this executor.
+    Shut it down before MPI is finalised (``run_in_world`` does; so does ``with``): its thread is a
+    daemon, and the workers leave their loops only when told.
+    """
+
+    def __init__(self, comm: Any, slots_per_rank: int) -> None:
+        mpi = load_mpi()
+        if comm.Get_rank() != 0:
+            raise ValueError(f"RankExecutor belongs on rank 0, not on rank {comm.Get_rank()}")
+        if comm.Get_size() < 2:
+            raise NoWorkerRanks()
+        if mpi.Query_thread() < mpi.THREAD_SERIALIZED:
+            raise RuntimeError("RankExecutor talks MPI from a thread of its own, which needs MPI "
+                               "initialised with MPI_THREAD_SERIALIZED or more (mpi4py.rc.thread_level)")
+        self._size = comm.Get_size()
+        self._workers = list(range(1, self._size))
+        self._slots = SlotTable(self._workers, slots_per_rank)
+        self._link = Link(mpi, comm)
+        self._any_source = mpi.ANY_SOURCE
+        self._ids = itertools.count(1)
+        self._inbox: queue.SimpleQueue[_Call | _Shutdown | str] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders submit against shutdown
+        self._closed = False
+        self._broken: BaseException | None = None
+        # State below belongs to the communication thread.
+        self._queued: deque[_Call] = deque()
+        self._in_flight: dict[int, RankFuture[Any]] = {}
+        self._hosts: dict[int, str] = {}
+        self._closing = False
+        self._told_to_exit = False
+        self._thread = threading.Thread(target=self._serve, name="rank0-mpi", daemon=True)
+        self._thread.start()
+
+    @property
+    def workers(self) -> list[int]:
+        """The worker ranks, in order."""
+        return list(self._workers)
+
+    @property
+    def slots(self) -> int:
+        """Calls that can run at once: slots per rank times the number of workers."""
+        return self._slots.per_rank * len(self._workers)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> RankFuture[T]:
+        """Queue ``fn(*args, **kwargs)`` for a worker rank. The call is pickled now: a call that cannot
+        be pickled gives a future that has already failed with the pickling error."""
+        self._check_open()
+        future: RankFuture[T] = RankFuture()
+        call_id = next(self._ids)
+        try:
+            payload = HEADER.pack(call_id) + pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - e.g. a lambda, or an argument holding a lock
+            future.set_exception(exc)
+            return future
+        with self._lock:
+            self._check_open()
+            self._inbox.put(_Call(call_id, future, payload))
+        return future
+
+    def _check_open(self) -> None:
+        if self._broken is not None:
+            raise BrokenRankExecutor(f"the MPI backend is broken: {self._broken}") from self._broken
+        if self._closed:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def stop_tasks(self) -> None:
+        """Ask every worker to terminate its running calls now (its ``on_stop`` hook); the executor
+        keeps serving, and calls still queued here are sent as slots free up. Safe from a signal handler."""
+        self._inbox.put(_STOP)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Send the calls still queued (or cancel them, with ``cancel_futures``), then tell the workers
+        to leave their loops once their running calls have ended; with ``wait``, return when all the
+        results are in and the communication thread has ended."""
+        with self._lock:
+            self._closed = True
+            self._inbox.put(_Shutdown(cancel_futures))
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # The communication thread.
+
+    def _serve(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - every future must learn that nothing will come
+            self._break(exc)
+
+    def _loop(self) -> None:
+        backoff = Backoff()
+        item: _Call | _Shutdown | str | None = None
+        while True:
+            busy = self._take(item)
+            busy |= self._dispatch()
+            if self._receive():  # results free slots: send what waits for them before sleeping
+                busy = True
+                self._dispatch()
+            self._link.progress()
+            if self._closing and not self._queued and not self._told_to_exit:
+                for rank in self._workers:
+                    self._link.send(HEADER.pack(0), rank, Tag.SHUTDOWN)
+                self._told_to_exit = True
+            if (self._told_to_exit and not self._in_flight and not self._link.sending
+                    and len(self._hosts) == len(self._workers)):
+                return  # every worker has said hello: nothing of theirs is left unreceived
+            if busy:
+                backoff.reset()
+            # Workers only answer: with nothing in flight nor unsent, there is nothing to poll for.
+            expecting = bool(self._in_flight) or self._link.sending > 0 or len(self._hosts) < len(self._workers)
+            try:
+                item = self._inbox.get(timeout=backoff.next() if expecting else None)
+            except queue.Empty:
+                item = None
+
+    def _take(self, item: _Call | _Shutdown | str | None) -> bool:
+        """Handle ``item`` and whatever else the caller has put in the inbox; True if there was any."""
+        if item is None:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return False
+        while item is not None:
+            if isinstance(item, _Call):
+                self._queued.append(item)
+            elif isinstance(item, _Shutdown):
+                self._closing = True
+                if item.cancel_futures:
+                    while self._queued:
+                        self._queued.popleft().future.cancel()
+            else:  # _STOP; a worker told to exit that has no call here may have left its loop already
+                for rank in self._workers:
+                    if not self._told_to_exit or self._slots.load(rank):
+                        self._link.send(HEADER.pack(0), rank, Tag.STOP)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                item = None
+        return True
+
+    def _dispatch(self) -> bool:
+        """Send queued calls, oldest first, while some worker has a free slot."""
+        sent = False
+        while self._queued and self._slots.free:
+            call = self._queued.popleft()
+            if not call.future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            rank = self._slots.take()
+            assert rank is not None
+            call.future.rank = rank
+            self._in_flight[call.id] = call.future
+            self._link.send(call.payload, rank, Tag.CALL)
+            sent = True
+        return sent
+
+    def _receive(self) -> bool:
+        got = False
+        while (msg := self._link.receive(self._any_source)) is not None:
+            got = True
+            rank, tag, data = msg
+            if tag == Tag.HELLO:
+                self._hosts[rank] = data[HEADER.size:].decode()
+                continue
+            (call_id,) = HEADER.unpack_from(data)
+            future = self._in_flight.pop(call_id)
+            self._slots.give(rank)
+            future.host = host = self._hosts.get(rank, "?")
+            body = memoryview(data)[HEADER.size:]
+            if tag == Tag.FAILURE:
+                future.set_exception(decode_failure(body, rank, host, self._size))
+                continue
+            try:
+                value = pickle.loads(body)
+            except Exception as exc:  # noqa: BLE001 - e.g. its class cannot be imported on rank 0
+                future.set_exception(local_failure(exc, "cannot unpickle its result on rank 0", rank, host))
+            else:
+                future.set_result(value)
+        return got
+
+    def _break(self, exc: BaseException) -> None:
+        """The loop failed: fail every future it held or would have taken, and refuse new calls."""
+        with self._lock:
+            self._broken = exc
+            self._closed = True
+        error = BrokenRankExecutor(f"the thread of rank 0 that talks MPI failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        futures: list[Future[Any]] = list(self._in_flight.values()) + [c.future for c in self._queued]
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Call):
+                futures.append(item.future)
+        for future in futures:
+            if not future.done() and (future.running() or future.set_running_or_notify_cancel()):
+                future.set_exception(error)
+        print(f"cmbagent-batch: {error}", file=sys.stderr)

@@ -1,0 +1,114 @@
+"""``serve``: the loop of a worker rank, running the calls rank 0's ``RankExecutor`` sends it.
+
+The calling thread is the only one of the process that talks MPI: it receives calls, hands them to a
+thread pool of ``slots_per_rank`` threads, and sends back what those threads leave in a queue. It
+sleeps on that queue between polls (see ``wire.Backoff``), so a finished call is sent at once.
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+import sys
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cmbagent_batch.mpi.failures import encode_failure
+from cmbagent_batch.mpi.wire import HEADER, Backoff, Link, Tag, load_mpi
+
+_Outcome = tuple[Tag, bytes]  # RESULT or FAILURE, with the call id in front
+
+
+def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None = None) -> None:
+    """Run the calls rank 0 sends over ``comm``, ``slots_per_rank`` at a time, until rank 0 says shutdown.
+
+    ``on_stop`` is called on this (the MPI) thread when rank 0 asks to terminate the running calls: it
+    should make them end soon (e.g. kill their subprocesses) and return promptly, and leave a state that
+    a call just starting also sees (it may have been received before the stop, and not be running yet).
+    An exception from it is printed to stderr and the loop goes on. Returns once rank 0 has said shutdown and every call this
+    rank received has ended and its outcome is sent.
+
+    A call's exception, or a result that cannot be pickled, goes back to rank 0 as a failure; the loop
+    goes on. If rank 0 dies instead of saying shutdown, this loop waits for it: MPI launchers (Hydra,
+    ``srun``) then end the whole job, which is what ends this rank.
+    """
+    mpi = load_mpi()
+    rank = comm.Get_rank()
+    if rank == 0:
+        raise ValueError("serve runs on the worker ranks; rank 0 holds the RankExecutor")
+    if slots_per_rank < 1:
+        raise ValueError(f"slots per rank must be at least 1, not {slots_per_rank}")
+    link = Link(mpi, comm)
+    link.send(HEADER.pack(0) + mpi.Get_processor_name().encode(), 0, Tag.HELLO)
+    done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
+    pool = ThreadPoolExecutor(slots_per_rank, thread_name_prefix=f"rank{rank}-call")
+    running = 0
+    closing = False
+    backoff = Backoff()
+    outcome: _Outcome | None = None
+    try:
+        while True:
+            busy = False
+            while (msg := link.receive(0)) is not None:
+                busy = True
+                _, tag, data = msg
+                if tag == Tag.CALL:
+                    pool.submit(_call, data, done.put)
+                    running += 1
+                elif tag == Tag.STOP:
+                    _stop(on_stop, rank)
+                elif tag == Tag.SHUTDOWN:
+                    closing = True
+            if outcome is None:
+                outcome = _next(done)
+            while outcome is not None:
+                link.send(outcome[1], 0, outcome[0])
+                running -= 1
+                busy = True
+                outcome = _next(done)
+            link.progress()
+            if closing and not running and not link.sending:
+                return
+            if busy:
+                backoff.reset()
+            try:
+                outcome = done.get(timeout=backoff.next())
+            except queue.Empty:
+                outcome = None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _next(done: queue.SimpleQueue[_Outcome]) -> _Outcome | None:
+    try:
+        return done.get_nowait()
+    except queue.Empty:
+        return None
+
+
+def _call(data: bytearray, put: Callable[[_Outcome], None]) -> None:
+    """Run one call on a pool thread and queue its outcome, pickled, for the MPI thread."""
+    head = bytes(data[:HEADER.size])
+    try:
+        fn, args, kwargs = pickle.loads(memoryview(data)[HEADER.size:])
+        value = fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit in a call ends the call, not the worker
+        put((Tag.FAILURE, head + encode_failure(exc)))
+        return
+    try:
+        out = head + pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 - PicklingError, TypeError, AttributeError, RecursionError...
+        put((Tag.FAILURE, head + encode_failure(exc, prefix="cannot send the result back to rank 0: ")))
+        return
+    put((Tag.RESULT, out))
+
+
+def _stop(on_stop: Callable[[], None] | None, rank: int) -> None:
+    if on_stop is None:
+        return
+    try:
+        on_stop()
+    except Exception:  # noqa: BLE001 - the worker keeps serving; the hook's failure is shown
+        print(f"cmbagent-batch: rank {rank}: the stop hook failed:\n{traceback.format_exc()}", file=sys.stderr)

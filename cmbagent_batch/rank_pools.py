@@ -1,0 +1,127 @@
+"""The MPI backend's side of a run: pools over worker ranks for the scheduler, and what a worker rank does
+with an attempt before and after running it.
+
+Rank 0 runs the scheduler; ``RankPools`` gives it one executor, ``cmbagent_batch.mpi.RankExecutor``, whose
+calls run on ranks 1..N-1 (``execution.tasks_per_rank`` at once on each). A call is ``on_rank`` (one
+attempt) or ``batch_on_rank`` (several tiny ones, one round trip): on the worker it moves the attempt to
+that rank's work directory (``RUN_DIR/ranks/rank-NNNN/tasks/TASK``), runs it, and appends the attempt's
+end to that rank's state journal (``RUN_DIR/journal/rank-NNNN.jsonl``) before answering, so what a worker
+finished survives rank 0 being killed. The outcome says which rank and host ran it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+import time
+from concurrent.futures import Executor
+from typing import Any, Callable
+
+from cmbagent_batch.attempt import run_attempt, run_attempts
+from cmbagent_batch.journal import Journal
+from cmbagent_batch.rundir import journal_path, work_dir
+from cmbagent_batch.tasks.base import Outcome, TaskContext
+from cmbagent_batch.tasks.shell import terminate_all
+
+_journals: dict[tuple[str, int], Journal] = {}
+_journals_lock = threading.Lock()
+_place: dict[str, Any] = {}
+
+
+class RankPools:
+    """The scheduler's pools when tasks run on MPI worker ranks (the ``LocalPools`` interface)."""
+
+    def __init__(self, executor: Any) -> None:
+        self.executor = executor
+        self.workers = executor.slots
+        self.prefetch = executor.slots  # queued at rank 0, so a worker never waits for the next attempt
+
+    def executor_for(self, kind: str) -> Executor:
+        return self.executor  # type: ignore[no-any-return]
+
+    def gate(self, kind: str, on_start: Callable[[], None]) -> None:
+        return None
+
+    def batches(self, kind: str) -> bool:
+        return True  # a round trip to another rank: tiny tasks go in batches
+
+    def prefetch_kinds(self) -> frozenset[str]:
+        return frozenset({"shell", "python", "agent"})
+
+    def replace_broken(self, executor: Executor) -> None:
+        pass
+
+    def terminate_running(self, grace: float) -> None:
+        self.executor.stop_tasks()
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass  # the executor is shut down by whoever made it (``mpi.run_in_world``)
+
+
+def set_place(rank: int) -> None:
+    """Called once on each worker rank: where its attempts run."""
+    _place.update(rank=rank, host=socket.gethostname())
+
+
+def stop_tasks(grace: float) -> Callable[[], None]:
+    """A worker's ``on_stop``: terminate the process groups of its running attempts (shell and agent)."""
+    return lambda: threading.Thread(target=terminate_all, args=(grace,), daemon=True).start()
+
+
+def on_rank(*args: Any, record: dict[str, Any], made: bool = False) -> Outcome:
+    """``run_attempt`` on this worker rank; ``record``: what the journal says of a success (fingerprint)."""
+    args = _moved(args)
+    outcome = run_attempt(*args, made=made)
+    return _finished(args[1], outcome, record)
+
+
+def batch_on_rank(calls: list[tuple[Callable[..., Outcome], tuple[Any, ...]]]) -> list[Outcome]:
+    """Several tiny attempts in one round trip (``run_attempts``, their directories made in one burst)."""
+    moved = [(run_attempt, _moved(args)) for _fn, args in calls]
+    records = [fn.keywords["record"] if hasattr(fn, "keywords") else {} for fn, _args in calls]
+    outcomes = run_attempts(moved)
+    return [_finished(args[1], o, rec) for (_fn, args), o, rec in zip(moved, outcomes, records)]
+
+
+def _moved(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The attempt's arguments with its context moved to this rank's work directory."""
+    ctx: TaskContext = args[1]
+    rank, host = _place.get("rank", 0), _place.get("host") or socket.gethostname()
+    ctx = dataclasses.replace(ctx, rank=rank, host=host, work_dir=work_dir(ctx.run_dir, rank, ctx.task_id))
+    return (args[0], ctx, *args[2:])
+
+
+def _finished(ctx: TaskContext, outcome: Outcome, record: dict[str, Any]) -> Outcome:
+    outcome = dataclasses.replace(outcome, rank=ctx.rank, host=ctx.host, work_dir=ctx.work_dir)
+    rec: dict[str, Any] = {"t": time.time(), "run": record.get("run"), "task": ctx.task_id,
+                           "state": "succeeded" if outcome.ok else "failed", "attempt": ctx.attempt,
+                           "rank": ctx.rank, "host": ctx.host, "by": "worker"}
+    if outcome.ok:
+        rec.update({k: v for k, v in record.items() if k != "run"}, wall_s=round(outcome.wall_s, 6),
+                   cpu_s=round(outcome.cpu_s, 6), peak_rss_mb=round(outcome.peak_rss_mb, 3),
+                   work_bytes=outcome.work_bytes, output_bytes=outcome.output_bytes)
+    else:
+        rec.update(error=outcome.error, exit_code=outcome.exit_code, timed_out=outcome.timed_out)
+    journal = _journal(ctx.run_dir, ctx.rank)
+    journal.append(rec)
+    journal.flush()
+    return outcome
+
+
+def _journal(run_dir: str, rank: int) -> Journal:
+    with _journals_lock:
+        journal = _journals.get((run_dir, rank))
+        if journal is None:
+            os.makedirs(os.path.dirname(journal_path(run_dir, rank)), exist_ok=True)
+            journal = _journals[(run_dir, rank)] = Journal(journal_path(run_dir, rank))
+        return journal
+
+
+def close_journals() -> None:
+    """At the end of a worker's service: everything it journaled is written and fsynced."""
+    with _journals_lock:
+        for journal in _journals.values():
+            journal.close()
+        _journals.clear()

@@ -1,0 +1,280 @@
+"""Scenarios for tests/test_mpi_executor.py, run by every rank as ``mpiexec -n N python scenarios.py NAME DIR``.
+
+Rank 0 prints one line ``RESULT {json}``; DIR is a scratch directory the calls use to meet (files).
+Calls are module-level functions of this script, so every rank finds them in its own ``__main__``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cmbagent_batch.mpi import (
+    NoWorkerRanks,
+    RankExecutor,
+    RemoteTaskError,
+    run_in_world,
+    world,
+)
+
+RANK = -1  # this process's rank, set before serving
+DIR = Path(".")
+STOPPED = threading.Event()
+WAIT = 30.0  # seconds a call waits for a file before it gives up (a broken test, not a slow one)
+
+
+def wait_for(cond: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("waited too long")
+        time.sleep(0.005)
+
+
+def whoami(i: int) -> list[int]:
+    return [i, RANK]
+
+
+def host() -> str:
+    from mpi4py import MPI
+
+    return str(MPI.Get_processor_name())
+
+
+def hold(name: str, tag: str) -> list[Any]:
+    """Say it started (file ``started-TAG``), wait for file NAME; return where it ran (rank, host), when."""
+    start = time.monotonic_ns()
+    (DIR / f"started-{tag}").touch()
+    wait_for((DIR / name).exists)
+    return [tag, RANK, start, host()]
+
+
+def square(i: int) -> int:
+    return i * i
+
+
+def stamp(i: int) -> list[int]:
+    return [i, RANK, time.monotonic_ns()]
+
+
+def meet(i: int, count: int) -> list[int]:
+    """Start, then wait until ``count`` calls of this rank have started: they run at once."""
+    start = time.monotonic_ns()
+    (DIR / f"meet-{RANK}-{i}").touch()
+    wait_for(lambda: len(list(DIR.glob(f"meet-{RANK}-*"))) >= count)
+    return [i, RANK, start, time.monotonic_ns()]
+
+
+def fail_on(rank: int) -> int:
+    time.sleep(0.2)  # overlaps the call sent just before, so that the two land on ranks 1 and 2
+    if RANK == rank:
+        raise ValueError(f"bad input on rank {RANK}")
+    return RANK
+
+
+class NeedsTwo(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a} and {b}")  # unpickling calls NeedsTwo("1 and 2"): fails on rank 0
+
+
+def raise_needs_two() -> None:
+    raise NeedsTwo(1, 2)
+
+
+def give_lock() -> Any:
+    return threading.Lock()
+
+
+class OnlyOnWorkers:
+    pass
+
+
+def give_only_on_workers() -> Any:
+    return OnlyOnWorkers()
+
+
+def until_stopped(i: int) -> list[Any]:
+    (DIR / f"started-{i}").touch()
+    return ["stopped" if STOPPED.wait(WAIT) else "not stopped", RANK]
+
+
+def on_stop() -> None:
+    STOPPED.set()
+    (DIR / f"stopped-{RANK}").touch()
+
+
+def sleep_cpu(seconds: float) -> float:
+    """Sleep, and return the CPU time this whole worker process used meanwhile."""
+    c0 = time.process_time()
+    time.sleep(seconds)
+    return time.process_time() - c0
+
+
+# Scenarios: rank 0's side, returning what to print.
+
+def placement(ex: RankExecutor) -> Any:
+    n = len(ex.workers)
+    futures = [ex.submit(hold, "go", str(i)) for i in range(n)]
+    wait_for(lambda: len(list(DIR.glob("started-*"))) == n)  # each holds a slot: the next land elsewhere
+    (DIR / "go").touch()
+    out = [f.result() for f in futures]
+    return {"workers": ex.workers, "slots": ex.slots, "future_ranks": [f.rank for f in futures],
+            "call_ranks": [o[1] for o in out], "whoami": [f.result() for f in [ex.submit(whoami, 7)]]}
+
+
+def many(ex: RankExecutor) -> Any:
+    futures = [ex.submit(square, i) for i in range(3000)]
+    results = [f.result() for f in futures]
+    # FIFO: rank 1 is held by a call, so the next calls all go to rank 2, one after the other.
+    blocker = ex.submit(hold, "go", "blocker")
+    wait_for((DIR / "started-blocker").exists)
+    queued = [ex.submit(stamp, i) for i in range(20)]
+    stamps = [f.result() for f in queued]
+    (DIR / "go").touch()
+    return {"ok": results == [i * i for i in range(3000)],
+            "ranks": sorted({f.rank for f in futures}), "map": list(ex.map(square, range(5))),
+            "blocker_rank": blocker.result()[1], "queued_ranks": sorted({s[1] for s in stamps}),
+            "start_order": [s[0] for s in sorted(stamps, key=lambda s: s[2])]}
+
+
+def overlap(ex: RankExecutor) -> Any:
+    futures = [ex.submit(meet, i, 3) for i in range(6)]
+    return {"calls": [f.result() for f in futures]}
+
+
+def failure(ex: RankExecutor) -> Any:
+    pinned = [ex.submit(hold, "go", str(r)) for r in ex.workers]  # one per rank: their host names
+    (DIR / "go").touch()
+    hosts = {str(h[1]): h[3] for h in (f.result() for f in pinned)}
+    futures = [ex.submit(fail_on, 2) for _ in ex.workers]  # first to rank 1, then rank 2 (rank 1 is busy)
+    out: dict[str, Any] = {"hosts": hosts, "ok": [], "future_ranks": [f.rank for f in futures]}
+    for f in futures:
+        try:
+            out["ok"].append(f.result())
+        except RemoteTaskError as err:
+            out["error"] = {"type_name": err.type_name, "message": err.message, "traceback": err.traceback,
+                            "rank": err.rank, "host": err.host, "str": str(err), "future_rank": f.rank,
+                            "future_host": f.host, "cause": type(err.__cause__).__name__,
+                            "format_exc": "".join(traceback.format_exception(err)),
+                            "pickles": str(pickle.loads(pickle.dumps(err)))}
+    two = ex.submit(raise_needs_two).exception()
+    assert isinstance(two, RemoteTaskError)
+    out["needs_two"] = {"type_name": two.type_name, "message": two.message, "traceback": two.traceback,
+                        "cause": type(two.__cause__).__name__, "cause_str": str(two.__cause__)}
+    return out
+
+
+def unpicklable(ex: RankExecutor) -> Any:
+    bad = ex.submit(give_lock)
+    err = bad.exception()
+    assert isinstance(err, RemoteTaskError)
+    after = [ex.submit(whoami, i) for i in range(20)]
+    strange = ex.submit(give_only_on_workers).exception()
+    assert isinstance(strange, RemoteTaskError)
+    local = ex.submit(lambda: 1).exception()
+    return {"error": str(err), "type_name": err.type_name, "rank": err.rank, "bad_rank": bad.rank,
+            "after": [f.result()[1] for f in after], "after_ranks": sorted({f.rank for f in after}),
+            "strange": str(strange), "local": f"{type(local).__name__}: {local}"}
+
+
+def stop(ex: RankExecutor) -> Any:
+    futures = [ex.submit(until_stopped, i) for i in range(ex.slots)]
+    wait_for(lambda: len(list(DIR.glob("started-*"))) == ex.slots)
+    ex.stop_tasks()
+    results = [f.result() for f in futures]
+    return {"results": results, "stopped_files": sorted(p.name for p in DIR.glob("stopped-*")),
+            "still_serving": ex.submit(square, 9).result()}
+
+
+def cancel(ex: RankExecutor) -> Any:
+    blockers = [ex.submit(hold, "go", str(i)) for i in range(len(ex.workers))]
+    wait_for(lambda: len(list(DIR.glob("started-*"))) == len(blockers))
+    queued = [ex.submit(square, i) for i in range(5)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    try:
+        ex.submit(square, 1)
+        refused = "no"
+    except RuntimeError as exc:
+        refused = str(exc)
+    (DIR / "go").touch()
+    ex.shutdown(wait=True)
+    return {"queued_cancelled": [f.cancelled() for f in queued], "blockers": [b.result()[1] for b in blockers],
+            "refused": refused}
+
+
+def idle_cpu(ex: RankExecutor) -> Any:
+    ex.submit(square, 1).result()
+    c0 = time.process_time()
+    f = ex.submit(sleep_cpu, 1.0)
+    worker_cpu = f.result()
+    return {"rank0_cpu": time.process_time() - c0, "worker_cpu": worker_cpu}
+
+
+def main_raises(ex: RankExecutor) -> Any:
+    for i in range(ex.slots):
+        ex.submit(until_stopped, i)
+    wait_for(lambda: len(list(DIR.glob("started-*"))) == ex.slots)
+    raise RuntimeError("planned failure of rank 0's main")
+
+
+def interrupt(ex: RankExecutor) -> Any:
+    futures = [ex.submit(until_stopped, i) for i in range(ex.slots)]
+    wait_for(lambda: len(list(DIR.glob("started-*"))) == ex.slots)
+    print("READY", flush=True)  # the test sends SIGINT to mpiexec, which passes it to every rank
+    return [f.result() for f in futures]
+
+
+def rank0_killed(ex: RankExecutor) -> Any:
+    ex.submit(until_stopped, 0)
+    wait_for((DIR / "started-0").exists)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def queued_behind_one_slot(ex: RankExecutor) -> Any:
+    """One worker, one slot, calls that take a while: each result must send the next queued call
+    (a queued call left behind when the last one in flight came back once hung the executor)."""
+    futures = [ex.submit(time.sleep, 0.02) for _ in range(30)]
+    return sum(1 for f in futures if f.result(timeout=60) is None)
+
+
+SCENARIOS: dict[str, Callable[[RankExecutor], Any]] = {
+    f.__name__: f for f in (placement, many, overlap, failure, unpicklable, stop, cancel, idle_cpu, main_raises,
+                            interrupt, rank0_killed, queued_behind_one_slot)
+}
+SLOTS = {"overlap": 3, "stop": 2}
+
+
+def run(name: str) -> int:
+    def main(ex: RankExecutor) -> int:
+        print("RESULT " + json.dumps(SCENARIOS[name](ex)), flush=True)
+        return 0
+
+    try:
+        return run_in_world(main, SLOTS.get(name, 1), on_stop=on_stop)
+    except KeyboardInterrupt:  # rank 0 only: the workers ignore SIGINT while serving
+        stopped = sorted(p.name for p in DIR.glob("stopped-*"))
+        print("RESULT " + json.dumps({"interrupted": True, "stopped": stopped}), flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    DIR = Path(sys.argv[2])
+    if sys.argv[1] == "single":  # started without mpiexec: one rank
+        try:
+            run_in_world(lambda ex: 0, 1)
+        except NoWorkerRanks as exc:
+            print("RESULT " + json.dumps({"error": str(exc)}), flush=True)
+        sys.exit(0)
+    _, RANK, _ = world()
+    if RANK == 0:
+        del OnlyOnWorkers  # so a worker's OnlyOnWorkers() cannot be unpickled here
+    sys.exit(run(sys.argv[1]))

@@ -1,0 +1,242 @@
+"""``run --backend mpi`` under real ``mpiexec`` (PyPI mpich + mpi4py): rank 0 schedules, the other ranks run
+shell, python and agent tasks (AG2 + openai against the scripted endpoint), every rank journals what it
+finished, and rank 0 merges one run.json and one ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.scripted_llm import Reply, ScriptedLLM
+from tests.test_run import clean_env, wait_until
+
+pytest.importorskip("mpi4py", reason="the MPI backend needs the 'mpi' extra (mpi4py, mpich)")
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpich)")
+
+KEY = "sk-mpi-test-key-0123456789"
+
+
+def env(tmp_path: Path) -> dict[str, str]:
+    e = clean_env(tmp_path)
+    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
+    e["TEST_LLM_KEY"] = KEY
+    return e
+
+
+def mpirun(tmp_path: Path, n: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    assert MPIEXEC is not None
+    return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, "-m", "cmbagent_batch", *args], cwd=tmp_path,
+                          env=env(tmp_path), capture_output=True, text=True, timeout=timeout)
+
+
+def manifest(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+MIXED = """\
+version: 1
+job: {{name: mixed}}
+execution: {{backend: mpi, keep_going: true}}
+llm:
+  models:
+    m: {{model: test-model, base_url: "{url}", api_key_env: TEST_LLM_KEY, timeout: 30, max_retries: 0,
+        price: {{prompt_per_1m: 1.0, completion_per_1m: 2.0}}}}
+tasks:
+  - id: gen-{{i}}
+    kind: shell
+    matrix: {{i: [1, 2, 3, 4, 5, 6]}}
+    run: sleep 0.3 && echo "$CMBAGENT_RANK {{i}}" > part.txt
+    outputs: [part.txt]
+  - id: square-{{i}}
+    kind: python
+    matrix: {{i: [1, 2, 3, 4]}}
+    call: mpitasks:square
+    args: {{x: "{{i}}"}}
+  - id: think-{{i}}
+    kind: agent
+    matrix: {{i: [1, 2]}}
+    model: m
+    instructions: "THINK {{i}}: go"
+    outputs: [thought.md]
+  - id: merge
+    kind: shell
+    depends_on: ["gen-*", "square-*", "think-*"]
+    run: cat ../*/part.txt > /dev/null; ls {run_dir}/outputs > merged.txt
+    outputs: [merged.txt]
+"""
+
+TASK_MODULE = """\
+import time
+
+
+def square(x, ctx):
+    time.sleep(0.2)
+    return {"x": int(x), "square": int(x) ** 2, "rank": ctx.rank}
+
+
+def boom(x, ctx):
+    if ctx.rank == 2:
+        raise ValueError(f"no good on rank 2 (x={x})")
+    time.sleep(0.3)
+    return x
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "mpitasks.py").write_text(TASK_MODULE)
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def slow_reply(body: Any) -> Reply:
+    time.sleep(0.5)  # both agents are in flight at once: one lands on each worker rank
+    return Reply("a thought", usage=usage(1000, 100))
+
+
+def test_a_mixed_dag_runs_on_the_worker_ranks_with_one_ledger(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "mixed"
+    with ScriptedLLM(slow_reply) as srv:
+        path = write(tmp_path, MIXED.format(url=srv.base_url, run_dir=run_dir))
+        result = mpirun(tmp_path, 3, "run", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    m = manifest(run_dir)
+    assert (m["backend"], m["ranks"]) == ("mpi", 3)
+    tasks = m["tasks"]
+    assert set(t["state"] for t in tasks.values()) == {"succeeded"}
+    assert {t["rank"] for t in tasks.values()} == {1, 2}
+    for tid, t in tasks.items():
+        assert t["work_dir"] == str(run_dir / "ranks" / f"rank-{t['rank']:04d}" / "tasks" / tid)
+        assert t["host"]
+    # outputs from both ranks, in one outputs/ tree; the dependent found them
+    parts = [(run_dir / "outputs" / f"gen-{i}" / "part.txt").read_text().split() for i in range(1, 7)]
+    assert {p[0] for p in parts} == {"1", "2"}
+    merged = (run_dir / "outputs" / "merge" / "merged.txt").read_text().split()
+    assert {"gen-1", "square-4", "think-2"} <= set(merged)
+    result_json = json.loads((run_dir / "outputs" / "square-3" / "outputs" / "return.json").read_text())
+    assert result_json["square"] == 9 and result_json["rank"] in (1, 2)
+    # every rank journaled what it ran; one ledger, entries from both ranks, intact
+    assert {p.name for p in (run_dir / "journal").iterdir()} >= {"rank-0000.jsonl"}
+    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert len(ledger) == 2 and {e["rank"] for e in ledger} == {1, 2}
+    assert m["ledger"]["entries"] == 2
+    verify = subprocess.run([sys.executable, "-m", "cmbagent_batch", "ledger", "verify", str(run_dir / "ledger.jsonl")],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+FAILING = """\
+version: 1
+job: {name: failing}
+execution: {backend: mpi, keep_going: true}
+tasks:
+  - id: boom-{i}
+    kind: python
+    matrix: {i: [1, 2, 3, 4, 5, 6]}
+    call: mpitasks:boom
+    args: {x: "{i}"}
+  - id: shell-{i}
+    kind: shell
+    matrix: {i: [1, 2, 3, 4]}
+    run: sleep 0.2; if [ "$CMBAGENT_RANK" = 2 ]; then echo "bad rank" >&2; exit 7; fi
+"""
+
+
+def test_a_failure_on_a_worker_rank_says_where_and_the_job_goes_on(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "failing"
+    result = mpirun(tmp_path, 3, "run", str(write(tmp_path, FAILING)))
+    assert result.returncode == 1, result.stdout + result.stderr
+    tasks = manifest(run_dir)["tasks"]
+    failed = {tid: t for tid, t in tasks.items() if t["state"] == "failed"}
+    assert failed and all(t["rank"] == 2 for t in failed.values())
+    assert all(t["state"] == "succeeded" for tid, t in tasks.items() if t["rank"] == 1)
+    for tid, t in failed.items():
+        assert t["work_dir"].endswith(f"ranks/rank-0002/tasks/{tid}") and t["host"]
+    status = subprocess.run([sys.executable, "-m", "cmbagent_batch", "status", str(run_dir), "--format", "json"],
+                            capture_output=True, text=True, timeout=60)
+    rows = {r["id"]: r for r in json.loads(status.stdout)["tasks"]}
+    journal = [json.loads(line) for line in (run_dir / "journal" / "rank-0000.jsonl").read_text().splitlines()]
+    assert any(tid.startswith("boom") for tid in failed) and any(tid.startswith("shell") for tid in failed)
+    for tid in failed:
+        if tid.startswith("boom"):
+            assert tasks[tid]["reason"].startswith("ValueError: no good on rank 2")
+            [rec] = [r for r in journal if r["task"] == tid and r["state"] == "failed"]
+            assert "mpitasks.py" in rec["traceback"] and "raise ValueError" in rec["traceback"]
+        else:
+            assert rows[tid]["reason"] == "exit code 7" and rows[tid]["stderr_tail"][-1] == "bad rank"
+    worker = [json.loads(line) for line in (run_dir / "journal" / "rank-0002.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in worker if r["state"] == "failed"} == set(failed)
+
+
+SLOW = """\
+version: 1
+job: {name: slow}
+execution: {backend: mpi, tasks_per_rank: 2}
+tasks:
+  - id: step-{i}
+    kind: shell
+    matrix: {i: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}
+    run: sleep 1 && echo "$CMBAGENT_TASK_ID" >> "$CMBAGENT_RUN_DIR/../../side-effects.txt"
+"""
+
+
+def test_sigterm_mid_run_then_a_rerun_completes_with_no_succeeded_task_run_twice(tmp_path: Path) -> None:
+    assert MPIEXEC is not None
+    path = write(tmp_path, SLOW)
+    run_dir = tmp_path / "runs" / "slow"
+    side = tmp_path / "side-effects.txt"
+    proc = subprocess.Popen([MPIEXEC, "-n", "3", sys.executable, "-m", "cmbagent_batch", "run", str(path)],
+                            cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        wait_until("some tasks succeeded", lambda: side.exists() and len(side.read_text().split()) >= 3)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, out + err
+    done_before = Counter(side.read_text().split())
+    assert 0 < len(done_before) < 12
+    result = mpirun(tmp_path, 3, "run", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = Counter(side.read_text().split())
+    assert set(counts) == {f"step-{i}" for i in range(1, 13)}
+    assert all(n == 1 for n in counts.values()), counts
+    m = manifest(run_dir)
+    skipped = {tid for tid, t in m["tasks"].items() if t["state"] == "skipped"}
+    assert skipped == set(done_before)
+
+
+def test_four_ranks_oversubscribed_and_auto_picks_mpi(tmp_path: Path) -> None:
+    text = SLOW.replace("name: slow", "name: four").replace("sleep 1", "sleep 0.2").replace("backend: mpi, ", "")
+    assert "backend" not in text
+    result = mpirun(tmp_path, 4, "run", str(write(tmp_path, text)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    m = manifest(tmp_path / "runs" / "four")
+    assert m["ranks"] == 4 and {t["rank"] for t in m["tasks"].values()} == {1, 2, 3}
+
+
+def test_one_rank_runs_everything_on_rank_0_with_a_warning(tmp_path: Path) -> None:
+    text = SLOW.replace("name: slow", "name: one").replace("sleep 1", "true")
+    result = mpirun(tmp_path, 1, "run", str(write(tmp_path, text)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("started under MPI with a single rank: there is no worker rank, so every task runs on rank 0 "
+            "with local pools") in result.stderr
+    m = manifest(tmp_path / "runs" / "one")
+    assert m["backend"] == "local" and {t["rank"] for t in m["tasks"].values()} == {0}
