@@ -245,6 +245,7 @@ def test_stop_tasks_reaches_the_hook_of_every_worker(tmp_path: Path) -> None:
     out, _ = run_scenario("stop", tmp_path)
     assert sorted(map(tuple, out["results"])) == [("stopped", 1), ("stopped", 1), ("stopped", 2), ("stopped", 2)]
     assert out["stopped_files"] == ["stopped-1", "stopped-2"]
+    assert out["queued_cancelled"] == 3  # a stop starts nothing more
     assert out["still_serving"] == 81
 
 

@@ -129,8 +129,9 @@ class RankExecutor(Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def stop_tasks(self) -> None:
-        """Ask every worker to terminate its running calls now (its ``on_stop`` hook); the executor
-        keeps serving, and calls still queued here are sent as slots free up. Safe from a signal handler."""
+        """Ask every worker to terminate its running calls now (its ``on_stop`` hook) and cancel the calls
+        still queued here (nothing more starts); the executor keeps serving new calls. Safe from a signal
+        handler."""
         self._inbox.put(_STOP)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -191,8 +192,10 @@ class RankExecutor(Executor):
                 self._closing = True
                 if item.cancel_futures:
                     while self._queued:
-                        self._queued.popleft().future.cancel()
+                        _cancel(self._queued.popleft().future)
             else:  # _STOP; a worker told to exit that has no call here may have left its loop already
+                while self._queued:  # a stop means: start nothing more
+                    _cancel(self._queued.popleft().future)
                 for rank in self._workers:
                     if not self._told_to_exit or self._slots.load(rank):
                         self._link.send(HEADER.pack(0), rank, Tag.STOP)
@@ -260,3 +263,10 @@ class RankExecutor(Executor):
             if not future.done() and (future.running() or future.set_running_or_notify_cancel()):
                 future.set_exception(error)
         print(f"cmbagent-batch: {error}", file=sys.stderr)
+
+
+def _cancel(future: Future[Any]) -> None:
+    """Cancel a queued call's future and wake whoever waits on it (``concurrent.futures.wait`` learns of a
+    cancellation only through ``set_running_or_notify_cancel``)."""
+    if future.cancel():
+        future.set_running_or_notify_cancel()

@@ -6,6 +6,7 @@ Calls are module-level functions of this script, so every rank finds them in its
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pickle
@@ -189,10 +190,12 @@ def unpicklable(ex: RankExecutor) -> Any:
 def stop(ex: RankExecutor) -> Any:
     futures = [ex.submit(until_stopped, i) for i in range(ex.slots)]
     wait_for(lambda: len(list(DIR.glob("started-*"))) == ex.slots)
+    queued = [ex.submit(square, i) for i in range(3)]  # no free slot: they wait on rank 0
     ex.stop_tasks()
     results = [f.result() for f in futures]
+    concurrent.futures.wait(queued)
     return {"results": results, "stopped_files": sorted(p.name for p in DIR.glob("stopped-*")),
-            "still_serving": ex.submit(square, 9).result()}
+            "queued_cancelled": sum(f.cancelled() for f in queued), "still_serving": ex.submit(square, 9).result()}
 
 
 def cancel(ex: RankExecutor) -> Any:
