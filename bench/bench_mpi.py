@@ -21,6 +21,9 @@ this interpreter's directory first (Hydra starts the ranks through it).
    oversubscribed on a small machine, which is fine: the tasks sleep). Makespan is the journals' span
    (first ``running`` to last ``succeeded`` record, over every rank's journal); its lower bound is
    max(critical path, total work / 16) over the wall times in ``run.json``; target at most 1.10x.
+   For context: the slot time each task costs beyond its recorded wall, the delay from a worker's
+   ``succeeded`` record to rank 0's, and the local backend's makespan on the same DAG (bench_run's command
+   with ``--workers 16``, run after each MPI run).
 3. 64 independent shell tasks ``sleep 0.250`` with ``tasks_per_rank: 1`` on 1, 2 and 4 worker ranks
    (``mpiexec -n 2, 3, 5``): makespan (journal span), the ideal 64 x 0.25 s / ranks and the speed-up over
    1 rank. Context only: no target.
@@ -40,6 +43,7 @@ command did not run as expected (failed, hung past its time limit, or ran the wr
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -178,8 +182,9 @@ class OurRun:
     run_dir: str
     manifest: dict[str, Any]
 
-    @property
+    @functools.cached_property
     def span(self) -> float:
+        """Makespan: first ``running`` to last ``succeeded`` record over all ranks' journals."""
         first, last = journal_span(self.run_dir)
         return last - first
 
@@ -308,6 +313,9 @@ def throughput_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, n
                     f"{(work / n) * base_rate:.1f}x"))
     rows.append(Row("  while running: tasks / journal span (context)", f"{running:,.0f} tasks/s",
                     f"{base_rate:,.0f} tasks/s", f"{running / base_rate:.1%}"))
+    if runs > 1:
+        rows.append(Row("  per run: raw tasks/s, ours | baseline", ", ".join(f"{n / w:,.0f}" for w in ours.walls),
+                        ", ".join(f"{n / w:,.0f}" for w in base_walls)))
     rows.append(Row("  tasks per worker rank (mean over runs)", rank_cells(done, THROUGHPUT_RANKS)[0]))
     notes.append("the PASS uses the start-up-corrected rate, as bench_run does; the baseline is timed on its "
                  "rank 0 from the first submit to the last result (no MPI start-up, no imports), ours is the "

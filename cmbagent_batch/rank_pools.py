@@ -12,6 +12,7 @@ finished survives rank 0 being killed. The outcome says which rank and host ran 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import threading
@@ -20,12 +21,11 @@ from concurrent.futures import Executor
 from typing import Any, Callable
 
 from cmbagent_batch.attempt import run_attempt, run_attempts
-from cmbagent_batch.journal import Journal
 from cmbagent_batch.rundir import journal_path, work_dir
 from cmbagent_batch.tasks.base import Outcome, TaskContext
 from cmbagent_batch.tasks.shell import terminate_all
 
-_journals: dict[tuple[str, int], Journal] = {}
+_journals: dict[tuple[str, int], "_RankJournal"] = {}
 _journals_lock = threading.Lock()
 _place: dict[str, Any] = {}
 
@@ -104,18 +104,40 @@ def _finished(ctx: TaskContext, outcome: Outcome, record: dict[str, Any]) -> Out
                    work_bytes=outcome.work_bytes, output_bytes=outcome.output_bytes)
     else:
         rec.update(error=outcome.error, exit_code=outcome.exit_code, timed_out=outcome.timed_out)
-    journal = _journal(ctx.run_dir, ctx.rank)
-    journal.append(rec)
-    journal.flush()
+    _journal(ctx.run_dir, ctx.rank).append(rec)
     return outcome
 
 
-def _journal(run_dir: str, rank: int) -> Journal:
+class _RankJournal:
+    """This rank's state journal, appended by several attempt threads: one ``write`` per record on an
+    ``O_APPEND`` descriptor (written before rank 0 hears of the end, so a kill loses nothing it was told),
+    fsynced at most once a second and at the end."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._lock = threading.Lock()
+        self._synced = time.monotonic()
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+        with self._lock:
+            os.write(self._fd, line)
+            if time.monotonic() - self._synced >= 1.0:
+                os.fsync(self._fd)
+                self._synced = time.monotonic()
+
+    def close(self) -> None:
+        with self._lock:
+            os.fsync(self._fd)
+            os.close(self._fd)
+
+
+def _journal(run_dir: str, rank: int) -> _RankJournal:
     with _journals_lock:
         journal = _journals.get((run_dir, rank))
         if journal is None:
-            os.makedirs(os.path.dirname(journal_path(run_dir, rank)), exist_ok=True)
-            journal = _journals[(run_dir, rank)] = Journal(journal_path(run_dir, rank))
+            journal = _journals[(run_dir, rank)] = _RankJournal(journal_path(run_dir, rank))
         return journal
 
 

@@ -32,6 +32,9 @@ from cmbagent_batch.mpi.wire import HEADER, Backoff, Link, Tag, load_mpi
 T = TypeVar("T")
 
 
+AHEAD = 1  # calls sent to a worker beyond its slots
+
+
 class RankFuture(Future[T]):
     """A ``Future`` that says where its call ran: ``rank`` is set when the call is sent to a worker
     (None while queued, or if cancelled before), ``host`` when its outcome arrives."""
@@ -79,7 +82,10 @@ class RankExecutor(Executor):
                                "initialised with MPI_THREAD_SERIALIZED or more (mpi4py.rc.thread_level)")
         self._size = comm.Get_size()
         self._workers = list(range(1, self._size))
-        self._slots = SlotTable(self._workers, slots_per_rank)
+        self._per_rank = slots_per_rank
+        # One call more than its slots goes to each worker: it waits there, and starts the moment a slot
+        # frees, instead of a round trip later (5 to 9 ms here, a third of a typical tiny task).
+        self._slots = SlotTable(self._workers, slots_per_rank + AHEAD)
         self._link = Link(mpi, comm)
         self._any_source = mpi.ANY_SOURCE
         self._ids = itertools.count(1)
@@ -104,7 +110,7 @@ class RankExecutor(Executor):
     @property
     def slots(self) -> int:
         """Calls that can run at once: slots per rank times the number of workers."""
-        return self._slots.per_rank * len(self._workers)
+        return self._per_rank * len(self._workers)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> RankFuture[T]:
         """Queue ``fn(*args, **kwargs)`` for a worker rank. The call is pickled now: a call that cannot

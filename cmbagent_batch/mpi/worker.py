@@ -1,7 +1,9 @@
 """``serve``: the loop of a worker rank, running the calls rank 0's ``RankExecutor`` sends it.
 
 The calling thread is the only one of the process that talks MPI: it receives calls, hands them to a
-thread pool of ``slots_per_rank`` threads, and sends back what those threads leave in a queue. It
+thread pool of ``slots_per_rank`` threads (rank 0 sends a call ahead, which waits in the pool's queue so
+that a slot never waits a round trip for its next call), and sends back what those threads leave in a
+queue. A stop cancels the calls that have not started. It
 sleeps on that queue between polls (see ``wire.Backoff``), so a finished call is sent at once.
 """
 
@@ -12,7 +14,7 @@ import queue
 import sys
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from cmbagent_batch.mpi.failures import encode_failure
@@ -45,6 +47,7 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
     done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
     pool = ThreadPoolExecutor(slots_per_rank, thread_name_prefix=f"rank{rank}-call")
     running = 0
+    waiting: list[tuple[Future[None], bytes]] = []  # calls handed to the pool, with their headers
     closing = False
     backoff = Backoff()
     outcome: _Outcome | None = None
@@ -55,9 +58,15 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
                 busy = True
                 _, tag, data = msg
                 if tag == Tag.CALL:
-                    pool.submit(_call, data, done.put)
+                    waiting = [(f, h) for f, h in waiting if not f.done()]
+                    waiting.append((pool.submit(_call, data, done.put), bytes(data[:HEADER.size])))
                     running += 1
                 elif tag == Tag.STOP:
+                    for future, head in waiting:  # sent ahead, not started: they never start
+                        if future.cancel():
+                            done.put((Tag.FAILURE, head + encode_failure(
+                                RuntimeError("cancelled before it started: the run is stopping"))))
+                    waiting = []
                     _stop(on_stop, rank)
                 elif tag == Tag.SHUTDOWN:
                     closing = True

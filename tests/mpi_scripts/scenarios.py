@@ -135,16 +135,20 @@ def placement(ex: RankExecutor) -> Any:
 def many(ex: RankExecutor) -> Any:
     futures = [ex.submit(square, i) for i in range(3000)]
     results = [f.result() for f in futures]
-    # FIFO: rank 1 is held by a call, so the next calls all go to rank 2, one after the other.
+    # FIFO: rank 1 is held by a call. One queued call is sent ahead to it and waits there; all the others
+    # go to rank 2, one after the other.
     blocker = ex.submit(hold, "go", "blocker")
     wait_for((DIR / "started-blocker").exists)
     queued = [ex.submit(stamp, i) for i in range(20)]
-    stamps = [f.result() for f in queued]
+    wait_for(lambda: sum(f.done() for f in queued) == 19)
+    behind = [i for i, f in enumerate(queued) if not f.done()]
     (DIR / "go").touch()
+    stamps = [f.result() for f in queued]
+    stamps = [s for i, s in enumerate(stamps) if i not in behind]
     return {"ok": results == [i * i for i in range(3000)],
             "ranks": sorted({f.rank for f in futures}), "map": list(ex.map(square, range(5))),
             "blocker_rank": blocker.result()[1], "queued_ranks": sorted({s[1] for s in stamps}),
-            "start_order": [s[0] for s in sorted(stamps, key=lambda s: s[2])]}
+            "start_order": [s[0] for s in sorted(stamps, key=lambda s: s[2])], "behind_blocker": behind}
 
 
 def overlap(ex: RankExecutor) -> Any:
