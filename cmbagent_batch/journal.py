@@ -124,6 +124,9 @@ class TaskHistory:
     record: dict[str, Any]  # the last record
 
 
+_ENDS = frozenset({"succeeded", "failed"})
+
+
 def replay(paths: list[str], warn: Callable[[str], None] | None = None) -> dict[str, TaskHistory]:
     """Last known state of every task across journals (records ordered by their time stamp)."""
     records = [r for p in paths for r in read_records(p, warn) if "task" in r]
@@ -132,6 +135,11 @@ def replay(paths: list[str], warn: Callable[[str], None] | None = None) -> dict[
     for r in records:
         tid = r["task"]
         prev = out.get(tid)
+        if r["state"] == "running" and prev is not None and prev.state in _ENDS and \
+                (prev.record.get("run"), prev.record.get("attempt")) == (r.get("run"), r.get("attempt")):
+            # an attempt's end journaled by the worker rank that ran it, on a clock a little behind
+            # rank 0's: the end stands
+            continue
         attempts = max(prev.attempts if prev else 0, int(r.get("attempt", 0)))
         out[tid] = TaskHistory(state=r["state"], attempts=attempts, record=r)
     return out

@@ -87,10 +87,11 @@ def batch_on_rank(calls: list[tuple[Callable[..., Outcome], tuple[Any, ...]]]) -
 
 def _moved(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """The attempt's arguments with its context moved to this rank's work directory."""
-    ctx: TaskContext = args[1]
+    payload, ctx = args[0], args[1]
     rank, host = _place.get("rank", 0), _place.get("host") or socket.gethostname()
     ctx = dataclasses.replace(ctx, rank=rank, host=host, work_dir=work_dir(ctx.run_dir, rank, ctx.task_id))
-    return (args[0], ctx, *args[2:])
+    env = dict(os.environ) if payload.kind != "python" else args[3]  # this rank's own environment
+    return (payload, ctx, args[2], env, *args[4:])
 
 
 def _finished(ctx: TaskContext, outcome: Outcome, record: dict[str, Any]) -> Outcome:
@@ -103,7 +104,8 @@ def _finished(ctx: TaskContext, outcome: Outcome, record: dict[str, Any]) -> Out
                    cpu_s=round(outcome.cpu_s, 6), peak_rss_mb=round(outcome.peak_rss_mb, 3),
                    work_bytes=outcome.work_bytes, output_bytes=outcome.output_bytes)
     else:
-        rec.update(error=outcome.error, exit_code=outcome.exit_code, timed_out=outcome.timed_out)
+        rec.update(error=outcome.error, exit_code=outcome.exit_code, timed_out=outcome.timed_out,
+                   work_dir=ctx.work_dir, traceback=outcome.traceback)
     _journal(ctx.run_dir, ctx.rank).append(rec)
     return outcome
 

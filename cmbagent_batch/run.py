@@ -195,6 +195,8 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
         elif r.outcome is not None and not r.outcome.ok and r.state is not TaskState.RUNNING:
             rec.update(error=r.outcome.error, exit_code=r.outcome.exit_code, timed_out=r.outcome.timed_out,
                        work_bytes=r.outcome.work_bytes)
+            if r.outcome.rank is not None:
+                rec.update(rank=r.outcome.rank, host=r.outcome.host, work_dir=r.outcome.work_dir)
             if r.outcome.traceback:
                 rec["traceback"] = r.outcome.traceback
         journal.append(rec)
@@ -204,11 +206,14 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
 
     def make_launch(r: TaskRun, gate: Any) -> Launch:
         t = tasks[r.id]
-        ctx = TaskContext(task_id=r.id, run_dir=p.run_dir, work_dir=tasks_dir + r.id, rank=0,
-                          attempt=r.attempts, host=host, matrix=thaw(t.matrix) if t.matrix else {})
+        # Under MPI the worker that gets the attempt sets its place (rank -1: not known on rank 0).
+        place = (tasks_dir + r.id, 0, host) if ranks is None else ("", -1, "")
+        ctx = TaskContext(task_id=r.id, run_dir=p.run_dir, work_dir=place[0], rank=place[1],
+                          attempt=r.attempts, host=place[2], matrix=thaw(t.matrix) if t.matrix else {})
         chdir = ex.use_process_pool and t.kind == "python" and ranks is None
         links, missing = _links(p, r.id)
-        env = base_env if t.kind != "python" else {}  # python workers inherit the environment
+        # python workers inherit the environment; under MPI a worker rank uses its own (its rank, node)
+        env = base_env if t.kind != "python" and ranks is None else {}
         payload = payloads.get(r.id) or payloads.setdefault(r.id, _payload(spec, t, base, run_id))
         args = (payload, ctx, links, env, chdir, ex.keep, ex.kill_grace, missing, gate)
         if ranks is not None:  # the worker rank journals a success with its fingerprint

@@ -66,14 +66,18 @@ def _run_mpi(args: argparse.Namespace, config: Any) -> int:
     from cmbagent_batch.rank_pools import close_journals, set_place, stop_tasks
 
     ex = config.spec.execution
-    comm, rank, size = mpi.world()
+    world, rank, size = mpi.world()
     if size == 1:
         warn("started under MPI with a single rank: there is no worker rank, so every task runs on rank 0 "
              "with local pools (start more ranks: mpiexec -n N, srun -n N)")
         return _run(args, config)
+    if args.dry_run:  # nothing runs: rank 0 says what would, the others leave
+        return _run(args, config) if rank == 0 else 0
+    comm = world.Dup()  # the backend's own messages never meet those of MPI code in the tasks
+    if rank == 0 and ex.use_process_pool:
+        warn("execution.use_process_pool is ignored under MPI: python tasks run in threads of the worker "
+             "ranks (a python task's timeout is not enforced there)")
     if rank != 0:
-        if args.dry_run:
-            return 0
         set_place(rank)
         stop = stop_tasks(ex.kill_grace)
         for name in ("SIGINT", "SIGTERM", "SIGUSR1"):  # rank 0 decides; this rank only ends its tasks

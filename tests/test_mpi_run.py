@@ -60,7 +60,7 @@ tasks:
   - id: gen-{{i}}
     kind: shell
     matrix: {{i: [1, 2, 3, 4, 5, 6]}}
-    run: sleep 0.3 && echo "$CMBAGENT_RANK {{i}}" > part.txt
+    run: sleep 0.3 && echo "$CMBAGENT_RANK $PMI_RANK {{i}}" > part.txt
     outputs: [part.txt]
   - id: square-{{i}}
     kind: python
@@ -126,6 +126,7 @@ def test_a_mixed_dag_runs_on_the_worker_ranks_with_one_ledger(tmp_path: Path) ->
     # outputs from both ranks, in one outputs/ tree; the dependent found them
     parts = [(run_dir / "outputs" / f"gen-{i}" / "part.txt").read_text().split() for i in range(1, 7)]
     assert {p[0] for p in parts} == {"1", "2"}
+    assert all(p[0] == p[1] for p in parts)  # a task sees its own rank's environment, not rank 0's
     merged = (run_dir / "outputs" / "merge" / "merged.txt").read_text().split()
     assert {"gen-1", "square-4", "think-2"} <= set(merged)
     result_json = json.loads((run_dir / "outputs" / "square-3" / "outputs" / "return.json").read_text())
@@ -177,6 +178,7 @@ def test_a_failure_on_a_worker_rank_says_where_and_the_job_goes_on(tmp_path: Pat
             assert tasks[tid]["reason"].startswith("ValueError: no good on rank 2")
             [rec] = [r for r in journal if r["task"] == tid and r["state"] == "failed"]
             assert "mpitasks.py" in rec["traceback"] and "raise ValueError" in rec["traceback"]
+            assert (rec["rank"], rec["work_dir"]) == (2, tasks[tid]["work_dir"])
         else:
             assert rows[tid]["reason"] == "exit code 7" and rows[tid]["stderr_tail"][-1] == "bad rank"
     worker = [json.loads(line) for line in (run_dir / "journal" / "rank-0002.jsonl").read_text().splitlines()]
@@ -240,3 +242,21 @@ def test_one_rank_runs_everything_on_rank_0_with_a_warning(tmp_path: Path) -> No
             "with local pools") in result.stderr
     m = manifest(tmp_path / "runs" / "one")
     assert m["backend"] == "local" and {t["rank"] for t in m["tasks"].values()} == {0}
+
+
+def test_dry_run_under_mpi_says_what_would_run_and_ends(tmp_path: Path) -> None:
+    result = mpirun(tmp_path, 3, "run", str(write(tmp_path, SLOW)), "--dry-run", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("step-1: run (") == 1  # rank 0 alone prints the plan
+    assert not (tmp_path / "runs" / "slow" / "run.json").exists()
+
+
+def test_replay_keeps_an_end_a_worker_journaled_on_a_clock_behind_rank_0s(tmp_path: Path) -> None:
+    from cmbagent_batch.journal import replay
+
+    (tmp_path / "rank-0000.jsonl").write_text(json.dumps(
+        {"t": 100.000, "run": "r1", "task": "a", "state": "running", "attempt": 1, "rank": -1}) + "\n")
+    (tmp_path / "rank-0001.jsonl").write_text(json.dumps(
+        {"t": 99.995, "run": "r1", "task": "a", "state": "succeeded", "attempt": 1, "rank": 1}) + "\n")
+    history = replay([str(tmp_path / "rank-0000.jsonl"), str(tmp_path / "rank-0001.jsonl")])
+    assert history["a"].state == "succeeded"
