@@ -51,7 +51,6 @@ import shutil
 import statistics
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -478,10 +477,8 @@ def main() -> int:
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     n_python, n_sleep = (500, 16) if quick else (20_000, 64)
     levels, width = (10, 30) if quick else (30, 100)
-    sections: list[tuple[str, list[Row], list[str]]] = []
-    failed: list[str] = []
     with specgen.TempDir() as tmp:
-        steps: dict[str, tuple[str, Callable[[list[Row], list[str]], None]]] = {
+        steps: dict[str, tuple[str, specgen.Step]] = {
             "throughput": (f"1. {n_python:,} no-op python tasks, {THROUGHPUT_RANKS} worker ranks",
                            lambda r, nt: throughput_figures(r, nt, tmp, mpi, n_python, runs, 1 if quick else 5)),
             "dag": (f"2. layered DAG {levels}x{width}, {DAG_RANKS} worker ranks x {DAG_TASKS_PER_RANK} slots",
@@ -489,31 +486,13 @@ def main() -> int:
             "scaling": (f"3. {n_sleep} sleep tasks on {', '.join(map(str, SCALING_RANKS))} worker ranks",
                         lambda r, nt: scaling_figures(r, nt, tmp, mpi, n_sleep, runs)),
         }
-        chosen = set(args.only or steps)
-        for name, (title, step) in steps.items():
-            if name not in chosen:
-                continue
-            rows: list[Row] = []
-            notes: list[str] = []
-            try:
-                step(rows, notes)
-            except CommandFailed as exc:
-                rows.append(Row("command failed", "-", verdict="ERROR"))
-                failed.append(str(exc))
-            sections.append((title, rows, notes))
-    last_notes = sections[-1][2]
-    last_notes.append(f"mpiexec: {exe}; {versions()}")
-    last_notes.append(f"{specgen.load_note()}; {load_at_start:.2f} (1 min) at the start. Ranks oversubscribe "
-                      "the cores: wall times include waiting for a core, compare the cpu column too")
+        sections, failed = specgen.run_sections(steps, args.only)
+    notes = [f"mpiexec: {exe}; {versions()}",
+             f"{specgen.load_note()}; {load_at_start:.2f} (1 min) at the start. Ranks oversubscribe "
+             "the cores: wall times include waiting for a core, compare the cpu column too"]
     if quick:
-        last_notes.append("--quick: small sizes, one run each; only the ratios mean anything")
-    print(f"cmbagent-batch run --backend mpi ({sys.executable})")
-    for title, rows, notes in sections:
-        specgen.print_table(title, rows, notes)
-    for message in failed:
-        print(f"\nERROR: {message}", file=sys.stderr)
-    return 1 if failed else 0
-
+        notes.append("--quick: small sizes, one run each; only the ratios mean anything")
+    return specgen.report(f"cmbagent-batch run --backend mpi ({sys.executable})", sections, failed, notes)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -498,44 +498,24 @@ def main() -> int:
     runs = max(1, args.runs or (1 if quick else 3))
     env = specgen.bench_env()
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    sections: list[tuple[str, list[Row], list[str]]] = []
-    failed: list[str] = []
     n_shell, n_python = (200, 2_000) if quick else (2_000, 20_000)
     skip_snakemake = "skipped in --quick" if quick else ("skipped (--no-snakemake)" if args.no_snakemake else None)
     levels, width = (10, 30) if quick else (30, 100)
     with specgen.TempDir() as tmp:
-        steps = [
-            (f"1. {n_shell:,} shell tasks, 2 workers", lambda r, nt: shell_figures(
+        steps = {
+            "shell": (f"1. {n_shell:,} shell tasks, 2 workers", lambda r, nt: shell_figures(
                 r, nt, tmp, env, n_shell, runs, skip_snakemake)),
-            (f"2. {n_python:,} no-op python tasks, process pool of 2", lambda r, nt: python_figures(
+            "python": (f"2. {n_python:,} no-op python tasks, process pool of 2", lambda r, nt: python_figures(
                 r, nt, tmp, env, n_python, 1, 1 if quick else 5)),
-            (f"3. layered DAG {levels}x{width}, {DAG_WORKERS} workers", lambda r, nt: dag_figures(
+            "dag": (f"3. layered DAG {levels}x{width}, {DAG_WORKERS} workers", lambda r, nt: dag_figures(
                 r, nt, tmp, env, levels, width, runs)),
-        ]
-        chosen = set(args.only or ("shell", "python", "dag"))
-        for name, (title, step) in zip(("shell", "python", "dag"), steps):
-            if name not in chosen:
-                continue
-            rows: list[Row] = []
-            notes: list[str] = []
-            try:
-                step(rows, notes)
-            except CommandFailed as exc:
-                rows.append(Row("command failed", "-", verdict="ERROR"))
-                failed.append(str(exc))
-            sections.append((title, rows, notes))
-    last_notes = sections[-1][2]
-    last_notes.append(f"{specgen.load_note()}; {load_at_start:.2f} (1 min) at the start. 2 cores shared with "
-                      "other work: wall times include waiting for a core, compare the cpu column too")
+        }
+        sections, failed = specgen.run_sections(steps, args.only)
+    notes = [f"{specgen.load_note()}; {load_at_start:.2f} (1 min) at the start. 2 cores shared with "
+             "other work: wall times include waiting for a core, compare the cpu column too"]
     if quick:
-        last_notes.append("--quick: sizes / ~10, one run each; only the ratios mean anything")
-    print(f"cmbagent-batch run ({sys.executable})")
-    for title, rows, notes in sections:
-        specgen.print_table(title, rows, notes)
-    for message in failed:
-        print(f"\nERROR: {message}", file=sys.stderr)
-    return 1 if failed else 0
-
+        notes.append("--quick: sizes / ~10, one run each; only the ratios mean anything")
+    return specgen.report(f"cmbagent-batch run ({sys.executable})", sections, failed, notes)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 # ---------------------------------------------------------------------------------------------------
 # Spec generators
@@ -226,6 +226,41 @@ def print_table(title: str, rows: list[Row], notes: list[str]) -> None:
             print("  ".join("-" * w for w in widths))
     for note in notes:
         print(f"  * {note}")
+
+
+Section = tuple[str, list[Row], list[str]]
+Step = Callable[[list[Row], list[str]], None]
+
+
+def run_sections(steps: Mapping[str, tuple[str, Step]], chosen: Sequence[str] | None
+                 ) -> tuple[list[Section], list[str]]:
+    """Run the chosen figures' steps (all when ``chosen`` is empty) in order; a failed command is an ERROR
+    row in its section and a message in the list returned with the sections."""
+    sections: list[Section] = []
+    failed: list[str] = []
+    for name, (title, step) in steps.items():
+        if chosen and name not in chosen:
+            continue
+        rows: list[Row] = []
+        notes: list[str] = []
+        try:
+            step(rows, notes)
+        except CommandFailed as exc:
+            rows.append(Row("command failed", "-", verdict="ERROR"))
+            failed.append(str(exc))
+        sections.append((title, rows, notes))
+    return sections, failed
+
+
+def report(heading: str, sections: list[Section], failed: list[str], closing_notes: Sequence[str]) -> int:
+    """Print the sections (``closing_notes`` under the last one) and the errors; the exit status."""
+    sections[-1][2].extend(closing_notes)
+    print(heading)
+    for title, rows, notes in sections:
+        print_table(title, rows, notes)
+    for message in failed:
+        print(f"\nERROR: {message}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def load_note() -> str:
