@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from cmbagent_batch.errors import BatchError
 from cmbagent_batch.ledger.entry import ANALYSIS_AGENT, make_entry
 from cmbagent_batch.ledger.journal import JournalWriter, next_call_id
 from cmbagent_batch.pricing import Price, call_cost
@@ -135,3 +136,18 @@ def budget_spent_message(scope: str, spent: float, cap: float) -> str:
     """Why no more LLM calls start: ``scope`` is "job" or "task"."""
     key = "job.budget_usd" if scope == "job" else "budget_usd"
     return f"the {scope}'s LLM budget is spent: {usd(spent)} of {key} {usd(cap)}"
+
+
+def merge_ledger(run_dir: str, warn: Callable[[str], None]) -> dict[str, Any] | None:
+    """Merge the ranks' ledger journals into RUN_DIR/ledger.jsonl; what run.json says of the ledger."""
+    from cmbagent_batch.ledger.merge import merge
+
+    try:
+        result = merge(run_dir)
+    except (BatchError, OSError) as exc:  # the run's results stand; the journals stay for the next merge
+        warn(f"the cost ledger could not be merged: {exc}; the calls stay in {os.path.join(run_dir, 'ledger')}/ "
+             "and the next run merges them")
+        return None
+    for problem in result.problems:
+        warn(f"ledger: {problem}")
+    return result.manifest() if result.entries else None

@@ -55,7 +55,7 @@ def plan_key(raw: bytes, spec_path: str, flags: dict[str, tuple[Any, str]]) -> s
 
 
 def compute_plan(raw: bytes, path: str, flags: dict[str, tuple[Any, str]], cache: Cache, refresh: bool) -> dict[str, Any]:
-    from cmbagent_batch.costs import job_budget_spent
+    from cmbagent_batch.costs import job_budget_spent, merge_ledger
 
     spec = effective_config(load_spec_bytes(raw, path), os.environ, flags).spec
     run_dir = resolve_run_dir(spec)
@@ -65,10 +65,7 @@ def compute_plan(raw: bytes, path: str, flags: dict[str, tuple[Any, str]], cache
                            budget_spent=job_budget_spent(run_dir, spec))
     finally:
         if calls:  # analysis calls cost money even when no run follows: merged into the ledger now
-            from cmbagent_batch.ledger.merge import merge
-
-            for problem in merge(run_dir).problems:
-                warn(f"ledger: {problem}")
+            merge_ledger(run_dir, warn)
     dag = build_dag(spec, analysis)
     return make_plan(spec, analysis, dag)
 

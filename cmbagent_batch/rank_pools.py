@@ -80,7 +80,7 @@ def on_rank(*args: Any, record: dict[str, Any], made: bool = False) -> Outcome:
 def batch_on_rank(calls: list[tuple[Callable[..., Outcome], tuple[Any, ...]]]) -> list[Outcome]:
     """Several tiny attempts in one round trip (``run_attempts``, their directories made in one burst)."""
     moved = [(run_attempt, _moved(args)) for _fn, args in calls]
-    records = [fn.keywords["record"] if hasattr(fn, "keywords") else {} for fn, _args in calls]
+    records = [fn.keywords["record"] for fn, _args in calls]  # on_rank partials (see run.execute)
     outcomes = run_attempts(moved)
     return [_finished(args[1], o, rec) for (_fn, args), o, rec in zip(moved, outcomes, records)]
 

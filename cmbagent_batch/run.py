@@ -23,7 +23,7 @@ from cmbagent_batch.analysis.deps import analyse
 from cmbagent_batch.analysis.files import input_sources
 from cmbagent_batch.attempt import run_attempt, run_attempts
 from cmbagent_batch.config import Config
-from cmbagent_batch.costs import analysis_recorder, job_budget_spent
+from cmbagent_batch.costs import analysis_recorder, job_budget_spent, merge_ledger
 from cmbagent_batch.dag import Dag
 from cmbagent_batch.fingerprint import Fingerprints, fingerprints
 from cmbagent_batch.journal import Journal, TaskHistory, replay
@@ -278,22 +278,6 @@ def _install_signals(sched: Scheduler) -> dict[int, Any]:
 def _restore_signals(previous: dict[int, Any]) -> None:
     for signum, handler in previous.items():
         signal.signal(signum, handler)
-
-
-def merge_ledger(run_dir: str, warn: Callable[[str], None]) -> dict[str, Any] | None:
-    """Merge the ranks' ledger journals into RUN_DIR/ledger.jsonl; what run.json says of the ledger."""
-    from cmbagent_batch.errors import BatchError
-    from cmbagent_batch.ledger.merge import merge
-
-    try:
-        result = merge(run_dir)
-    except (BatchError, OSError) as exc:  # the run's results stand; the journals stay for the next merge
-        warn(f"the cost ledger could not be merged: {exc}; the calls stay in {os.path.join(run_dir, 'ledger')}/ "
-             "and the next run merges them")
-        return None
-    for problem in result.problems:
-        warn(f"ledger: {problem}")
-    return result.manifest() if result.entries else None
 
 
 def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, runs: dict[str, TaskRun],

@@ -249,14 +249,3 @@ def test_dry_run_under_mpi_says_what_would_run_and_ends(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("step-1: run (") == 1  # rank 0 alone prints the plan
     assert not (tmp_path / "runs" / "slow" / "run.json").exists()
-
-
-def test_replay_keeps_an_end_a_worker_journaled_on_a_clock_behind_rank_0s(tmp_path: Path) -> None:
-    from cmbagent_batch.journal import replay
-
-    (tmp_path / "rank-0000.jsonl").write_text(json.dumps(
-        {"t": 100.000, "run": "r1", "task": "a", "state": "running", "attempt": 1, "rank": -1}) + "\n")
-    (tmp_path / "rank-0001.jsonl").write_text(json.dumps(
-        {"t": 99.995, "run": "r1", "task": "a", "state": "succeeded", "attempt": 1, "rank": 1}) + "\n")
-    history = replay([str(tmp_path / "rank-0000.jsonl"), str(tmp_path / "rank-0001.jsonl")])
-    assert history["a"].state == "succeeded"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cmbagent_batch.journal import Journal, read_records
+from cmbagent_batch.journal import Journal, read_records, replay
 from cmbagent_batch.pools import Slots
 from cmbagent_batch.tasks.base import Stopped
 
@@ -110,3 +110,12 @@ def test_journal_records_reach_the_file_at_flush_and_close(tmp_path: Path) -> No
     journal.append({"task": "b", "state": "failed"})
     journal.close()
     assert [r["task"] for r in read_records(str(path))] == ["a", "a", "b"]
+
+
+def test_replay_keeps_an_end_a_worker_journaled_on_a_clock_behind_rank_0s(tmp_path: Path) -> None:
+    (tmp_path / "rank-0000.jsonl").write_text(json.dumps(
+        {"t": 100.000, "run": "r1", "task": "a", "state": "running", "attempt": 1, "rank": -1}) + "\n")
+    (tmp_path / "rank-0001.jsonl").write_text(json.dumps(
+        {"t": 99.995, "run": "r1", "task": "a", "state": "succeeded", "attempt": 1, "rank": 1}) + "\n")
+    history = replay([str(tmp_path / "rank-0000.jsonl"), str(tmp_path / "rank-0001.jsonl")])
+    assert history["a"].state == "succeeded"

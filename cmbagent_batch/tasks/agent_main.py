@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from cmbagent_batch.costs import CallRecorder, Priced
 from cmbagent_batch.endpoint import DEFAULT_KEY_ENV, redactor
+from cmbagent_batch.rundir import write_json_atomic
 from cmbagent_batch.tasks.agent import EXIT_BUDGET, RESULT
 from cmbagent_batch.tasks.agent_calls import AgentFailure, BudgetSpent, Calls, ledger_middleware
 
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _write_transcript(request, holder[0].conversation, redact)
     result = {"status": status, "message": message, "traceback": trace, "calls": recorder.calls,
               "cost_usd": recorder.cost_usd}
-    _write_json(os.path.join(request["work_dir"], "logs", RESULT), result)
+    write_json_atomic(os.path.join(request["work_dir"], "logs", RESULT), result)
     if message:
         print(message, file=sys.stderr)
     return code
@@ -230,14 +231,6 @@ def _event_row(event: Any) -> dict[str, Any]:
         if isinstance(value, str):
             row[name] = value
     return row
-
-
-def _write_json(path: str, data: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
