@@ -23,7 +23,7 @@ import pytest
 from cmbagent_batch.tasks import workdir
 from cmbagent_batch.tasks.base import WORK_SUBDIRS, Outcome, Payload, TaskContext
 from cmbagent_batch.tasks.python import run_python
-from cmbagent_batch.tasks.shell import run_shell, terminate_all
+from cmbagent_batch.tasks.shell import ShellLaunch, run_shell, terminate_all
 from cmbagent_batch.tasks.workdir import OutputError, cleanup, prepare, publish, stage_inputs
 from tests.processes import live_in_group
 
@@ -373,6 +373,23 @@ def test_processes_left_in_the_background_are_stopped_when_the_script_ends(tmp_p
     assert out.ok and out.exit_code == 0
     leader, child = pids(Path(ctx.work_dir, "pids"))
     assert is_gone(child) and live_in_group(leader) == []
+
+
+def test_a_script_that_ended_with_0_before_a_stop_reached_it_succeeded(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path)
+    payload = Payload(id=ctx.task_id, kind="shell", run="echo done > outputs/done.txt")
+    ready = ShellLaunch.prepare(payload, ctx, BASE_ENV)
+    assert isinstance(ready, ShellLaunch)
+    spawned = ready.spawn()
+    assert not isinstance(spawned, Outcome)
+    stat = Path(f"/proc/{spawned[0].pid}/stat")
+    deadline = time.monotonic() + 30
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # bash has exited, not yet reaped
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    terminate_all(0.5)  # the stop comes now: bash is not registered yet, so it is told when it is
+    out = ready.wait(spawned, 0.5)
+    assert (out.ok, out.error, out.exit_code) == (True, None, 0)
 
 
 def test_terminate_all_from_another_thread(tmp_path: Path) -> None:

@@ -211,7 +211,7 @@ def _supervise(proc: subprocess.Popen[bytes], timeout: float | None, grace: floa
     rss_unit = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     if group.reason == "timeout":
         error: str | None = f"timed out after {timeout:g} s (process group killed)"
-    elif group.reason == "terminated":
+    elif group.reason == "terminated" and code != 0:  # a script that ended 0 before the stop reached it did its work
         error = "terminated by the runner"
     elif code > 0:
         error = f"exit code {code}"
