@@ -20,7 +20,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+import orjson
+
+def encode(record: dict[str, Any]) -> bytes:
+    """One journal line without its newline: compact UTF-8 JSON (orjson: the scheduler thread writes a
+    record per state change, and the stdlib encoder was a tenth of rank 0's time under MPI)."""
+    return orjson.dumps(record)
 _GATHER_S = 0.005  # records reach the file at most this long after a flush, plus the write itself
 
 
@@ -30,8 +35,8 @@ class Journal:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._lock = threading.Lock()
-        self._queued: list[str] = []  # appended, not handed to the writer yet (scheduler thread only)
-        self._handed: list[str] = []  # handed to the writer, not written yet
+        self._queued: list[bytes] = []  # appended, not handed to the writer yet (scheduler thread only)
+        self._handed: list[bytes] = []  # handed to the writer, not written yet
         self._work = threading.Event()
         self._closed = False
         self._interval = interval
@@ -41,7 +46,7 @@ class Journal:
 
     def append(self, record: dict[str, Any]) -> None:
         """Queue one record; it goes to the writer at the next ``flush``."""
-        self._queued.append(_encode(record))
+        self._queued.append(encode(record))
 
     def flush(self) -> None:
         """Hand the queued records to the writer thread (it writes them at once, in one ``write``)."""
@@ -57,7 +62,7 @@ class Journal:
             lines, self._handed = self._handed, []
         if not lines:
             return False
-        data = ("\n".join(lines) + "\n").encode("utf-8")
+        data = b"\n".join(lines) + b"\n"
         while data:  # a regular file takes it all at once, short of a full disk or a signal
             data = data[os.write(self._fd, data):]
         return True

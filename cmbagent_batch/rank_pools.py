@@ -12,7 +12,6 @@ finished survives rank 0 being killed. The outcome says which rank and host ran 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import threading
@@ -21,6 +20,7 @@ from concurrent.futures import Executor
 from typing import Any, Callable
 
 from cmbagent_batch.attempt import run_attempt, run_attempts
+from cmbagent_batch.journal import encode
 from cmbagent_batch.rundir import journal_path, work_dir
 from cmbagent_batch.tasks.base import Outcome, TaskContext
 from cmbagent_batch.tasks.shell import terminate_all
@@ -122,7 +122,7 @@ class _RankJournal:
         self._synced = time.monotonic()
 
     def append(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+        line = encode(record) + b"\n"
         with self._lock:
             os.write(self._fd, line)
             if time.monotonic() - self._synced >= 1.0:
