@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these tasks (globs allowed) and the dependencies they still need")
     p.add_argument("--dry-run", action="store_true", help="say what would run and why; run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--walltime-grace", type=_number(float, 0, "a number of seconds, 0 or more"), default=0.0,
+                   metavar="SECONDS",
+                   help="when SIGUSR1 (Slurm's warning before the walltime) arrives, no new task starts, running "
+                        "tasks may go on for up to SECONDS, then the rest are terminated; the run exits 138 and "
+                        "a rerun resumes (default 0: terminate at once). SIGINT and SIGTERM terminate at once")
+    p.add_argument("--walltime-file", metavar="PATH",
+                   help="the walltime warning may also come as this file appearing (checked every 0.5 s): the "
+                        "job script of `submit` uses it, since a signal through srun would reach the tasks too")
     _add_overrides(p)
     p.set_defaults(func=cmd_run)
 
@@ -126,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cmbagent_batch.ledger_cmd import add_parser as add_ledger_parser
 
     add_ledger_parser(sub)
+
+    from cmbagent_batch.slurm_cmd import add_parsers as add_slurm_parsers
+
+    add_slurm_parsers(sub, _positive_int, _count)
 
     p = sub.add_parser("schema", help="print a JSON Schema shipped with cmbagent-batch",
                        description="Print a JSON Schema (for editors: yaml-language-server, VS Code).")

@@ -54,7 +54,8 @@ def plan_key(raw: bytes, spec_path: str, flags: dict[str, tuple[Any, str]]) -> s
     )
 
 
-def compute_plan(raw: bytes, path: str, flags: dict[str, tuple[Any, str]], cache: Cache, refresh: bool) -> dict[str, Any]:
+def compute_plan(raw: bytes, path: str, flags: dict[str, tuple[Any, str]], cache: Cache, refresh: bool,
+                 offline: bool = False) -> dict[str, Any]:
     from cmbagent_batch.costs import job_budget_spent, merge_ledger
 
     spec = effective_config(load_spec_bytes(raw, path), os.environ, flags).spec
@@ -62,7 +63,7 @@ def compute_plan(raw: bytes, path: str, flags: dict[str, tuple[Any, str]], cache
     calls: list[Any] = []
     try:
         analysis = analyse(spec, cache, refresh=refresh, warn=warn, record_calls=_ledger(spec, run_dir, calls),
-                           budget_spent=job_budget_spent(run_dir, spec))
+                           budget_spent=job_budget_spent(run_dir, spec), offline=offline)
     finally:
         if calls:  # analysis calls cost money even when no run follows: merged into the ledger now
             merge_ledger(run_dir, warn)
@@ -94,26 +95,32 @@ def _json(plan: dict[str, Any]) -> str:
 
 
 def run_estimate(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int:
-    """``plan --estimate``: what the job's LLM calls may cost; makes no call (an uncached analysis is
-    estimated, not run)."""
+    """``plan --estimate``: what the job's LLM calls may cost; makes no call."""
+    from cmbagent_batch.estimate import render
+
+    spec = effective_config(load_spec_bytes(_read(args.spec), args.spec), os.environ, flags).spec
+    est = job_estimate(spec, args.spec, args.cache_dir)
+    sys.stdout.write(json.dumps(est, indent=1) + "\n" if args.format == "json" else render(est))
+    return 0
+
+
+def job_estimate(spec: Any, spec_path: str, cache_flag: str | None) -> dict[str, Any]:
+    """The cost estimate of ``spec``'s LLM calls; an uncached analysis is estimated, not run."""
     from cmbagent_batch.analysis.deps import explicit_edges
     from cmbagent_batch.analysis.files import file_edges
     from cmbagent_batch.analysis.llm_reply import build_messages
     from cmbagent_batch.errors import AnalysisError
-    from cmbagent_batch.estimate import estimate, render
+    from cmbagent_batch.estimate import estimate
 
-    spec = effective_config(load_spec_bytes(_read(args.spec), args.spec), os.environ, flags).spec
     prompt_chars = None
     if "llm" in spec.analysis.sources:
-        cache = Cache(cache_dir(args.spec, args.cache_dir), warn)
+        cache = Cache(cache_dir(spec_path, cache_flag), warn)
         try:
             analyse(spec, cache, refresh=False, warn=warn, offline=True)
         except AnalysisError:
             known = {(e.src, e.dst) for e in explicit_edges(spec.tasks) + file_edges(spec.tasks)}
             prompt_chars = sum(len(m["content"]) for m in build_messages(spec.tasks, known))
-    est = estimate(spec, prompt_chars)
-    sys.stdout.write(json.dumps(est, indent=1) + "\n" if args.format == "json" else render(est))
-    return 0
+    return estimate(spec, prompt_chars)
 
 
 def _read(path: str) -> bytes:
@@ -123,15 +130,14 @@ def _read(path: str) -> bytes:
         raise SpecError(exc.problems) from None
 
 
-def run_plan(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int:
-    from cmbagent_batch import render
-
-    if args.estimate:
-        return run_estimate(args, flags)
-    raw = _read(args.spec)
-    cache = Cache(cache_dir(args.spec, args.cache_dir), warn)
-    key = plan_key(raw, args.spec, flags)
-    plan = None if args.refresh_analysis else cache.get("plan", key)
+def cached_plan(spec_path: str, flags: dict[str, tuple[Any, str]], cache_flag: str | None, refresh: bool = False,
+                offline: bool = False) -> dict[str, Any]:
+    """The plan of a spec file: from the cache when the file (and what overrides it) is unchanged, else
+    made (an uncached LLM analysis is then made too, or raises ``AnalysisError`` with ``offline``)."""
+    raw = _read(spec_path)
+    cache = Cache(cache_dir(spec_path, cache_flag), warn)
+    key = plan_key(raw, spec_path, flags)
+    plan = None if refresh else cache.get("plan", key)
     if plan is not None:
         plan["from_cache"] = True
         a = plan["analysis"]
@@ -140,11 +146,20 @@ def run_plan(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int
         if a.get("model"):
             a.update(cache="hit", requests=0, calls=[], cost_usd=0.0, prompt_tokens=0, completion_tokens=0,
                      cache_reason="unchanged spec file; plan and analysis reused")
-    else:
-        plan = compute_plan(raw, args.spec, flags, cache, args.refresh_analysis)
-        if not plan["analysis"].get("fallback_used"):
-            cache.put("plan", key, plan)
-        plan["from_cache"] = False
+        return plan
+    plan = compute_plan(raw, spec_path, flags, cache, refresh, offline=offline)
+    if not plan["analysis"].get("fallback_used"):
+        cache.put("plan", key, plan)
+    plan["from_cache"] = False
+    return plan
+
+
+def run_plan(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int:
+    from cmbagent_batch import render
+
+    if args.estimate:
+        return run_estimate(args, flags)
+    plan = cached_plan(args.spec, flags, args.cache_dir, refresh=args.refresh_analysis)
     out = {
         "json": _json,
         "text": render.text,

@@ -4,13 +4,23 @@ callables when ``use_process_pool`` is set. The scheduler sees only ``concurrent
 The thread pool has ``workers`` slots and more threads than that: an attempt prepares its work directory,
 then waits at the gate for a slot, runs, gives the slot back and publishes its outputs. So the next
 attempt is ready to start the moment a task ends, and directory work never holds a slot.
+
+``hold`` (a stop with a drain) starts nothing more and lets what runs go on: the slots grant no more
+attempts, and a process pool's workers refuse the calls they have not started.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import threading
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import (
+    CancelledError,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
+from multiprocessing.context import BaseContext
 from typing import Any, Callable
 
 from cmbagent_batch.tasks.base import Stopped
@@ -143,6 +153,32 @@ class _Gate:
             self._slots._release()
 
 
+class _ProcessPool(ProcessPoolExecutor):
+    """A process pool whose workers start no call once ``held`` is set: what is queued in the pool, or
+    already passed to a worker's queue, comes back as cancelled (``CancelledError``)."""
+
+    def __init__(self, workers: int, context: BaseContext) -> None:
+        self.held = context.Event()
+        super().__init__(max_workers=workers, mp_context=context, initializer=_in_worker, initargs=(self.held,))
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return super().submit(_unless_held, fn, *args, **kwargs)
+
+
+_held: Any = None  # in a worker process of a _ProcessPool: its pool's ``held`` event
+
+
+def _in_worker(held: Any) -> None:
+    global _held
+    _held = held
+
+
+def _unless_held(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    if _held is not None and _held.is_set():
+        raise CancelledError("not started: the run is stopping")
+    return fn(*args, **kwargs)
+
+
 class LocalPools:
     def __init__(self, workers: int, use_process_pool: bool) -> None:
         self.workers = workers
@@ -152,12 +188,16 @@ class LocalPools:
         # long as a tiny task runs, so with few workers more than one apiece wait ready.
         self.prefetch = max(workers, 4)
         self.threads = ThreadPoolExecutor(max_workers=workers + self.prefetch, thread_name_prefix="task")
-        self.processes: ProcessPoolExecutor | None = None
+        self.processes: _ProcessPool | None = None
+        self.holding = False
 
-    def _new_process_pool(self) -> ProcessPoolExecutor:
+    def _new_process_pool(self) -> _ProcessPool:
         # forkserver, not fork: the runner has threads (scheduler, journal, pools), and a child forked
         # while one of them holds a lock would hang on it.
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("forkserver"))
+        pool = _ProcessPool(self.workers, multiprocessing.get_context("forkserver"))
+        if self.holding:
+            pool.held.set()
+        return pool
 
     def _in_processes(self, kind: str) -> bool:
         return kind == "python" and self.use_process_pool
@@ -186,6 +226,14 @@ class LocalPools:
         if executor is self.processes and self.processes is not None:
             self.processes.shutdown(wait=False, cancel_futures=True)
             self.processes = self._new_process_pool()
+
+    def hold(self) -> None:
+        """Start nothing more; running attempts go on. An attempt at (or on its way to) its gate ends
+        "terminated by the runner before it started"; a process pool's calls not started are cancelled."""
+        self.holding = True
+        self.slots.stop()
+        if self.processes is not None:
+            self.processes.held.set()
 
     def terminate_running(self, grace: float) -> None:
         self.slots.stop()

@@ -53,6 +53,9 @@ class RankPools:
     def replace_broken(self, executor: Executor) -> None:
         pass
 
+    def hold(self) -> None:
+        self.executor.hold_tasks()
+
     def terminate_running(self, grace: float) -> None:
         self.executor.stop_tasks()
 

@@ -2,7 +2,9 @@
 
 Builds the DAG (with the same cached analysis as ``plan``), replays the run directory's journals,
 skips tasks that succeeded with the same fingerprint, schedules the rest on local pools, and writes
-``run.json``. Signals stop launching, end running attempts and leave a state the next run resumes from.
+``run.json``. Signals stop launching, end running attempts and leave a state the next run resumes from;
+SIGUSR1 (Slurm's warning before the walltime) may first let the running attempts finish
+(``walltime_grace``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import functools
 import os
 import signal
 import socket
+import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,7 +35,15 @@ from cmbagent_batch.plan import build_dag
 from cmbagent_batch.pools import LocalPools
 from cmbagent_batch.rank_pools import RankPools, batch_on_rank, on_rank
 from cmbagent_batch.rundir import journal_path, journal_paths, resolve_run_dir, work_dir, write_json_atomic
-from cmbagent_batch.scheduler import Launch, Limits, Options, Scheduler, TaskRun, default_workers
+from cmbagent_batch.scheduler import (
+    DrainEvent,
+    Launch,
+    Limits,
+    Options,
+    Scheduler,
+    TaskRun,
+    default_workers,
+)
 from cmbagent_batch.spec.model import JobSpec, TaskSpec, thaw
 from cmbagent_batch.states import FAILED_STATES, TaskState
 from cmbagent_batch.tasks.base import Payload, TaskContext
@@ -155,9 +167,12 @@ def _agent_request(spec: JobSpec, task: TaskSpec, run_id: str) -> dict[str, Any]
 
 
 def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Scheduler], None],
-            selected: set[str] | None = None, ranks: Any = None) -> tuple[int, Scheduler]:
+            selected: set[str] | None = None, ranks: Any = None,
+            walltime_grace: float = 0.0, walltime_file: str | None = None) -> tuple[int, Scheduler]:
     """Run what is not up to date (of ``selected``, when given); return the exit code and the scheduler.
-    ``ranks``: an ``mpi.RankExecutor`` (MPI backend: tasks run on the worker ranks), else local pools."""
+    ``ranks``: an ``mpi.RankExecutor`` (MPI backend: tasks run on the worker ranks), else local pools.
+    ``walltime_grace``: after SIGUSR1, seconds the running attempts may go on before they are terminated.
+    ``walltime_file``: a file whose appearance means the same as SIGUSR1."""
     spec, ex = p.spec, p.spec.execution
     workers = ranks.slots if ranks is not None else ex.max_workers or default_workers(ex.max_memory_mb)
     if ex.mode == "sequential":
@@ -233,16 +248,18 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     options = Options(keep_going=ex.keep_going, retries=ex.retries, retry_backoff=ex.retry_backoff,
                       kill_grace=ex.kill_grace)
     sched = Scheduler(runs, pools, limits, options, make_launch, record, tick=progress, commit=journal.flush,
-                      batch=run_attempts if ranks is None else batch_on_rank)
+                      batch=run_attempts if ranks is None else batch_on_rank, on_drain=_say_drain)
     started = time.time()
     backend = ("local", 1) if ranks is None else ("mpi", len(ranks.workers) + 1)
     manifest = _manifest(p, run_id, started, None, runs, workers, backend=backend)
     write_json_atomic(os.path.join(p.run_dir, "run.json"), manifest)
     gcpause.freeze_survivors()
-    previous = _install_signals(sched)
+    previous = _install_signals(sched, walltime_grace)
+    watching = _watch(walltime_file, lambda: sched.request_stop("SIGUSR1", drain=walltime_grace))
     try:
         sched.run()
     finally:
+        watching.set()
         _restore_signals(previous)
         pools.shutdown(wait=sched.abandoned == 0)
         journal.close()
@@ -252,6 +269,42 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
                                                                        exit_code=code, stop=sched.stop_reason,
                                                                        ledger=ledger, backend=backend))
     return code, sched
+
+
+def _watch(path: str | None, warned: Callable[[], None]) -> threading.Event:
+    """Call ``warned`` once ``path`` exists (polled every 0.5 s, on a thread of its own) until the returned
+    event is set. A job script's way to pass on Slurm's walltime warning to rank 0 alone: through srun, a
+    signal reaches every process of the job step, the tasks' own included."""
+    done = threading.Event()
+    if path is None:
+        return done
+
+    def poll() -> None:
+        while not done.wait(0.5):
+            if os.path.exists(path):
+                warned()
+                return
+
+    threading.Thread(target=poll, name="walltime-file", daemon=True).start()
+    return done
+
+
+def _slurm(run_dir: str) -> dict[str, Any] | None:
+    """The Slurm jobs of this run directory (``submit``'s record) and the one this run is part of."""
+    from cmbagent_batch.slurm import jobs
+
+    try:
+        summary = jobs.summary(jobs.load(run_dir))
+    except (OSError, ValueError):
+        summary = None
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id is None:
+        return summary
+    if summary is None:  # started by hand inside an allocation
+        summary = {"job_id": job_id, "requeues": 0, "requeue_max": None, "script": None, "jobs": [job_id], "events": []}
+    summary["this_run"] = {"job_id": job_id, "restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+                           "step_id": os.environ.get("SLURM_STEP_ID"), "nodes": os.environ.get("SLURM_JOB_NODELIST")}
+    return summary
 
 
 def _memory_in_use() -> float:
@@ -267,12 +320,37 @@ def _exit_code(sched: Scheduler) -> int:
     return 1 if bad else 0
 
 
-def _install_signals(sched: Scheduler) -> dict[int, Any]:
+def _install_signals(sched: Scheduler, walltime_grace: float) -> dict[int, Any]:
+    """SIGINT and SIGTERM end the running attempts at once; so does SIGUSR1, Slurm's warning before the
+    walltime, unless ``walltime_grace`` lets them finish first. A later signal ends them at once."""
+    def stop(name: str, drain: float) -> Callable[[int, Any], None]:
+        return lambda signum, frame: sched.request_stop(name, drain=drain)
+
     previous = {}
     for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
         signum = getattr(signal, name)
-        previous[signum] = signal.signal(signum, lambda s, f, n=name: sched.request_stop(n))
+        previous[signum] = signal.signal(signum, stop(name, walltime_grace if name == "SIGUSR1" else 0.0))
     return previous
+
+
+def drain_message(event: DrainEvent) -> str:
+    """What the user reads when a stop with a drain holds new tasks back, and when it ends the rest."""
+    what = f"{event.reason} (walltime warning)" if event.reason == "SIGUSR1" else event.reason
+    n, one = event.running, event.running == 1
+    tasks = f"{n} running task{'' if one else 's'}"
+    if event.what == "hold":
+        return (f"cmbagent-batch: {what}: no new task starts; {tasks} get{'s' if one else ''} up to "
+                f"{event.seconds:g} s to finish")
+    if event.what == "deadline":
+        return (f"cmbagent-batch: {what}: {n} task{'' if one else 's'} still running after {event.seconds:g} s: "
+                f"terminating {'it' if one else 'them'}")
+    return f"cmbagent-batch: {what} during the walltime grace: terminating the {tasks} now"
+
+
+def _say_drain(event: DrainEvent) -> None:
+    """Called on the scheduler thread (printing in a signal handler could deadlock on stderr's lock)."""
+    erase = "\r\033[K" if sys.stderr.isatty() else ""  # a progress bar drawn on the line
+    print(erase + drain_message(event), file=sys.stderr, flush=True)
 
 
 def _restore_signals(previous: dict[int, Any]) -> None:
@@ -342,6 +420,7 @@ def _manifest(p: Prepared, run_id: str, started: float, ended: float | None, run
         "analysis": p.analysis,
         "budget_usd": p.spec.job.budget_usd,
         "ledger": ledger,
+        "slurm": _slurm(p.run_dir),
         "tasks": tasks,
     }
 

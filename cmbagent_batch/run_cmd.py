@@ -80,10 +80,12 @@ def _run_mpi(args: argparse.Namespace, config: Any) -> int:
     if rank != 0:
         set_place(rank)
         stop = stop_tasks(ex.kill_grace)
-        for name in ("SIGINT", "SIGTERM", "SIGUSR1"):  # rank 0 decides; this rank only ends its tasks
-            signal.signal(getattr(signal, name), lambda signum, frame: stop())
+        # Rank 0 decides; on SIGINT and SIGTERM this rank only ends its tasks. srun passes Slurm's
+        # walltime warning (SIGUSR1) to every rank: here it does nothing, as a hold or a stop comes from
+        # rank 0 (a handler that does nothing, not SIG_IGN, which the tasks would inherit).
+        on_signal: dict[int, Any] = {signal.SIGINT: stop, signal.SIGTERM: stop, signal.SIGUSR1: lambda: None}
         try:
-            mpi.serve(comm, ex.tasks_per_rank, on_stop=stop)
+            mpi.serve(comm, ex.tasks_per_rank, on_stop=stop, on_signal=on_signal)
         finally:
             close_journals()
         return 0
@@ -121,7 +123,8 @@ def _run(args: argparse.Namespace, config: Any, ranks: Any = None) -> int:
     try:
         total = len(prepared.dag.nodes)
         progress = (lambda sched: None) if args.quiet else Progress(total)
-        code, sched = execute(prepared, warn, progress, selected, ranks)
+        code, sched = execute(prepared, warn, progress, selected, ranks, walltime_grace=args.walltime_grace,
+                              walltime_file=args.walltime_file)
     finally:
         lock.release()
     counts = {s.value: n for s, n in sched.counts.items() if n}
@@ -140,10 +143,20 @@ def _run(args: argparse.Namespace, config: Any, ranks: Any = None) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from cmbagent_batch.slurm_cmd import slurm_lines, slurm_status
+
     run_dir = args.run_dir
     manifest_path = os.path.join(run_dir, "run.json")
+    slurm = slurm_status(run_dir)
     if not os.path.isfile(manifest_path):
-        raise UsageError(f"{run_dir} is not a run directory (no run.json)")
+        if slurm is None:
+            raise UsageError(f"{run_dir} is not a run directory (no run.json)")
+        if args.format == "json":
+            print(json.dumps({"run_dir": run_dir, "status": "submitted", "slurm": slurm, "tasks": []}, indent=1))
+        else:
+            print(f"Run directory {run_dir}: the job has not started yet")
+            print("\n".join(slurm_lines(slurm)))
+        return 0
     manifest = read_json(manifest_path)
     history = replay(journal_paths(run_dir), warn)
     rows = []
@@ -165,10 +178,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps({"run_dir": run_dir, "job": manifest["job"], "status": manifest["status"],
                           "exit_code": manifest.get("exit_code"), "ledger": ledger, "budget_usd": budget,
-                          "tasks": rows}, indent=1))
+                          "slurm": slurm, "tasks": rows}, indent=1))
         return 0
     print(f"Job {manifest['job']} in {run_dir}: {manifest['status']}"
           + (f", exit code {manifest['exit_code']}" if manifest.get("exit_code") is not None else ""))
+    if slurm is not None:
+        print("\n".join(slurm_lines(slurm)))
     if ledger or budget is not None:
         cost = ledger["cost_usd"] if ledger else 0.0
         line = f"LLM cost: ${cost:.4f} over {ledger['entries'] if ledger else 0} model calls"

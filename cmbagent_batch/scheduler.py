@@ -5,6 +5,10 @@ there is no barrier between levels. Among ready tasks the one with the longest r
 (bottom level) goes first, ties by id. Attempts run on ``concurrent.futures`` executors; their completion
 callbacks only put the future on a queue, which this thread drains.
 
+A stop (a signal, fail-fast) stops launching and ends the running attempts at once. A stop with a
+drain (Slurm's warning before the walltime) stops launching and holds back what was handed over but has
+not started, and lets the running attempts go on until the drain's deadline, when it ends those left.
+
 Two things keep workers busy when tasks are tiny or many. Attempts may be handed over ahead of a free
 worker (``Limits.prefetch_kinds``): a thread pool then holds them behind a gate (a slot semaphore) and
 each reports when it really starts (on a deque this thread drains whenever it wakes, before any end),
@@ -50,6 +54,10 @@ class Pools(Protocol):
 
     def replace_broken(self, executor: Executor) -> None: ...
 
+    def hold(self) -> None:
+        """Start nothing more: what was handed over and has not started ends as not started (a gate
+        refuses it, a queued call is cancelled); running attempts go on."""
+
     def terminate_running(self, grace: float) -> None: ...
 
 
@@ -73,6 +81,16 @@ class Options:
     retries: int = 0
     retry_backoff: float = 1.0  # seconds before the 2nd attempt; doubles each time, with jitter
     kill_grace: float = 5.0
+
+
+@dataclass(frozen=True)
+class DrainEvent:
+    """A step of a stop with a drain, for the user (the caller says it)."""
+
+    what: str  # "hold": nothing new starts; "deadline": the drain ran out; "hurry": another stop request came
+    reason: str  # the request that started the drain; for "hurry", the one that cut it short
+    running: int  # attempts running at that moment
+    seconds: float  # the drain
 
 
 @dataclass
@@ -136,6 +154,7 @@ class Scheduler:
                  tick: Callable[["Scheduler"], None] = lambda s: None, clock: Clock = time.monotonic,
                  commit: Callable[[], None] = lambda: None,
                  batch: Callable[[list[tuple[Callable[..., Outcome], tuple[Any, ...]]]], list[Outcome]] | None = None,
+                 on_drain: Callable[[DrainEvent], None] = lambda event: None,
                  ) -> None:
         self.runs = runs
         self.pools = pools
@@ -147,6 +166,7 @@ class Scheduler:
         self._batch = batch or run_batch  # what runs a batch on a worker (a top-level, picklable function)
         self._tick = tick
         self._clock = clock
+        self._on_drain = on_drain
         # SimpleQueue: put() is safe from a signal handler (request_stop), Queue's lock is not re-entrant.
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._starts: deque[tuple[str, int]] = deque()  # appended by pool threads
@@ -165,16 +185,26 @@ class Scheduler:
         self._mem_used = 0.0
         self._mem_checked = (-1.0, 0.0)
         self.stop_reason: str | None = None  # set from a signal handler or fail-fast
+        self._drain = 0.0  # seconds the stop lets running attempts go on (set from a signal handler)
+        self._hurry: str | None = None  # a later stop request, which cuts a drain short (idem)
+        self._deadline: float | None = None  # when a drain that started ends
+        self._terminated_at: float | None = None  # when the running attempts were told to end
         self.abandoned = 0  # attempts still running in threads when the run ended
         self.host = socket.gethostname()
         self.counts = {s: 0 for s in TaskState}
 
     # --- public ------------------------------------------------------------------------------------
 
-    def request_stop(self, reason: str) -> None:
-        """Stop launching and end running attempts (callable from a signal handler)."""
+    def request_stop(self, reason: str, drain: float = 0.0) -> None:
+        """Stop launching and end the running attempts: at once or, with ``drain`` > 0, those still
+        running ``drain`` seconds from now (nothing that has not started starts meanwhile). Another
+        request during the drain ends it at once; the first request's reason stays the stop's reason.
+        Callable from a signal handler: it only sets fields and wakes the scheduler thread."""
         if self.stop_reason is None:
-            self.stop_reason = reason
+            self._drain = drain
+            self.stop_reason = reason  # set last: the scheduler thread reads it first
+        elif self._hurry is None:
+            self._hurry = reason
         self._events.put(("wake", None))
 
     def run(self) -> None:
@@ -185,13 +215,11 @@ class Scheduler:
             r.waiting = sum(1 for d in r.deps if self.runs[d].state not in DONE_STATES)
             if r.waiting == 0:
                 heapq.heappush(self._ready, (-r.priority, r.id))
-        stopped_at: float | None = None
         while self._unfinished() and not (self.stop_reason and not self._units):
-            if self.stop_reason and stopped_at is None:
-                stopped_at = self._clock()
-                self.pools.terminate_running(self.options.kill_grace)
+            if self.stop_reason and self._terminated_at is None:
+                self._act_on_stop(self.stop_reason)
             self._settle()
-            if stopped_at is not None and self._clock() - stopped_at > self.options.kill_grace + 5:
+            if self._terminated_at is not None and self._clock() - self._terminated_at > self.options.kill_grace + 5:
                 self._abandon_running()
                 break
             if not self.stop_reason:
@@ -203,6 +231,39 @@ class Scheduler:
         self._finish_unlaunched()
         self._commit()
         self._tick(self)
+
+    # --- stopping ----------------------------------------------------------------------------------
+
+    def _act_on_stop(self, reason: str) -> None:
+        """Hold back what has not started and let the running attempts drain, or end them: at once (no
+        drain, or another stop request came), or when the drain's deadline has passed."""
+        now = self._clock()
+        if self._deadline is None and self._drain > 0 and self._hurry is None:
+            self._deadline = now + self._drain
+            self.pools.hold()
+            self._drain_starts()
+            self._on_drain(DrainEvent("hold", reason, self._running_now(), self._drain))
+            return
+        if self._deadline is not None:
+            if self._hurry is None and now < self._deadline:
+                return
+            self._drain_starts()
+            what, why = ("deadline", reason) if self._hurry is None else ("hurry", self._hurry)
+            self._on_drain(DrainEvent(what, why, self._running_now(), self._drain))
+        self._terminated_at = now
+        self.pools.terminate_running(self.options.kill_grace)
+
+    @property
+    def _draining(self) -> bool:
+        """A stop with a drain: nothing starts, the running attempts go on until the deadline."""
+        return self._deadline is not None and self._terminated_at is None
+
+    def _running_now(self) -> int:
+        """Attempts running now: one per submission holding a started attempt (a batch runs one at a
+        time), at most one per worker (attempts without a gate count as started from the hand-over, and
+        some wait ahead of a free worker)."""
+        units = {id(f) for tid, f in self._running.items() if tid not in self._starting}
+        return min(len(units), self.limits.max_workers)
 
     # --- state changes -----------------------------------------------------------------------------
 
@@ -351,8 +412,11 @@ class Scheduler:
     def _wait_and_handle(self) -> None:
         self._commit()
         timeout = 0.05 if self._starting else 0.5  # attempts at a gate: journal their start soon after
-        if self._timers:
-            timeout = max(0.0, min(timeout, self._timers[0][0] - self._clock()))
+        wake = [self._timers[0][0]] if self._timers else []
+        if self._deadline is not None and self._draining:
+            wake.append(self._deadline)
+        if wake:
+            timeout = max(0.0, min(timeout, min(wake) - self._clock()))
         try:
             item = self._events.get(timeout=timeout)
         except queue.Empty:
@@ -383,34 +447,35 @@ class Scheduler:
         unit = self._units.get(future)
         if unit is None:
             return  # abandoned
-        outcomes = self._outcomes(future, unit)
+        outcomes, not_started = self._outcomes(future, unit)
         del self._units[future]
         self._unit_kinds[unit.kind] -= 1
         self._cpus_used -= unit.cpus
         self._mem_used -= unit.memory_mb
         for tid, outcome in zip(unit.members, outcomes):
-            self._done(self.runs[tid], outcome, unit.executor)
+            self._done(self.runs[tid], outcome, unit.executor, not_started)
 
-    def _outcomes(self, future: Future[Any], unit: _Unit) -> list[Outcome]:
-        """One outcome per member of the unit (every one fails alike when the submission failed)."""
+    def _outcomes(self, future: Future[Any], unit: _Unit) -> tuple[list[Outcome], bool]:
+        """One outcome per member of the unit (every one fails alike when the submission failed), and
+        whether the submission was cancelled before it started."""
         try:
             result = future.result()
-            return list(result) if unit.batch else [result]
+            return (list(result) if unit.batch else [result]), False
         except BrokenProcessPool:
             key = id(unit.executor)
             if key not in self._broken:  # attempts the pool held when it broke (counted at its first casualty)
                 self._broken[key] = sum(len(u.members) for u in self._units.values() if u.executor is unit.executor)
             self.pools.replace_broken(unit.executor)  # a no-op when another casualty already replaced it
-            error = ("terminated by the runner" if self.stop_reason
+            error = ("terminated by the runner" if self._terminated_at is not None
                      else "the worker process running it died (killed, or out of memory)")
             outcome = Outcome(ok=False, error=error, worker_died=True)
-        except CancelledError:
-            outcome = Outcome(ok=False, error="cancelled before it started")
+        except CancelledError:  # by the executor, or by a worker that held it back (see Pools.hold)
+            return [Outcome(ok=False, error="cancelled before it started")] * len(unit.members), True
         except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable argument
             outcome = Outcome(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        return [outcome] * len(unit.members)
+        return [outcome] * len(unit.members), False
 
-    def _done(self, r: TaskRun, outcome: Outcome, executor: Executor) -> None:
+    def _done(self, r: TaskRun, outcome: Outcome, executor: Executor, not_started: bool = False) -> None:
         del self._running[r.id]
         never_started = self._starting.pop(r.id, None) is not None
         gate = self._gates.pop(r.id, None)
@@ -443,7 +508,7 @@ class Scheduler:
                 if c.waiting == 0 and c.state is TaskState.PENDING:
                     heapq.heappush(self._ready, (-c.priority, c.id))
             return
-        if self.stop_reason is not None:
+        if self.stop_reason is not None and self._ended_by_stop(outcome, not_started):
             final = TaskState.CANCELLED if self.stop_reason == "fail-fast" else TaskState.INTERRUPTED
             r.reason = f"{outcome.error} ({self.stop_reason})"
             self._set(r, final, attempt=r.attempts, reason=r.reason)
@@ -464,6 +529,14 @@ class Scheduler:
         self._block_dependents(r)
         if not self.options.keep_going:
             self.request_stop("fail-fast")
+
+    def _ended_by_stop(self, outcome: Outcome, not_started: bool) -> bool:
+        """Whether a failed attempt failed because the job is stopping. While a drain lets attempts
+        finish, one that fails has failed, unless it was held back, lost with its worker process, or
+        terminated by the runner (say, on a worker rank that got the walltime's SIGTERM before rank 0)."""
+        if not self._draining:
+            return True
+        return not_started or outcome.worker_died or (outcome.error or "").startswith("terminated by the runner")
 
     def _run_attempts(self, r: TaskRun) -> int:
         """Attempts charged in this run (not those lost to a worker another task killed)."""

@@ -5,6 +5,10 @@ thread alone talks MPI (so MPI_THREAD_SERIALIZED is enough, MPI_THREAD_MULTIPLE 
 sends each call to the least loaded worker with a free slot, in submission order, and completes the
 futures as results come back. It sleeps on its queue between polls (see ``wire.Backoff``), so a submit
 wakes it at once; while calls are in flight it costs a few percent of a core, and nothing when none is.
+
+``stop_tasks`` and ``hold_tasks`` keep what has not started from starting: the calls queued here are
+cancelled, those sent ahead to a worker come back failed with ``CancelledError``; a stop also
+terminates the running calls, a hold lets them go on.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 import itertools
 import pickle
 import queue
+import signal
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,7 +42,8 @@ AHEAD = 1  # calls sent to a worker beyond its slots
 
 class RankFuture(Future[T]):
     """A ``Future`` that says where its call ran: ``rank`` is set when the call is sent to a worker
-    (None while queued, or if cancelled before), ``host`` when its outcome arrives."""
+    (None while queued, or if cancelled before), ``host`` when its outcome arrives. A call sent to a
+    worker that a stop or a hold kept from starting there fails with ``CancelledError``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -57,7 +63,8 @@ class _Shutdown:
     cancel_futures: bool
 
 
-_STOP = "stop"  # inbox item: send stop-tasks to every worker
+_STOP = "stop"  # inbox item: cancel the queued calls, send stop-tasks to every worker
+_HOLD = "hold"  # inbox item: cancel the queued calls, send hold to every worker
 
 
 class RankExecutor(Executor):
@@ -140,6 +147,12 @@ class RankExecutor(Executor):
         handler."""
         self._inbox.put(_STOP)
 
+    def hold_tasks(self) -> None:
+        """Start nothing more of what was submitted so far: cancel the calls still queued here, and have
+        every worker cancel the calls sent ahead to it that have not started; the running calls go on,
+        and the executor keeps serving new calls. Safe from a signal handler."""
+        self._inbox.put(_HOLD)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Send the calls still queued (or cancel them, with ``cancel_futures``), then tell the workers
         to leave their loops once their running calls have ended; with ``wait``, return when all the
@@ -153,6 +166,10 @@ class RankExecutor(Executor):
     # The communication thread.
 
     def _serve(self) -> None:
+        # Signals go to the other threads: a handler run while this one waits on its inbox could leave
+        # it asleep past the wait's timeout, until the next submission (SimpleQueue.get in CPython 3.11).
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - every future must learn that nothing will come
@@ -199,12 +216,12 @@ class RankExecutor(Executor):
                 if item.cancel_futures:
                     while self._queued:
                         _cancel(self._queued.popleft().future)
-            else:  # _STOP; a worker told to exit that has no call here may have left its loop already
-                while self._queued:  # a stop means: start nothing more
+            else:  # _STOP or _HOLD; a worker told to exit that has no call here may have left its loop already
+                while self._queued:  # both mean: start nothing more
                     _cancel(self._queued.popleft().future)
                 for rank in self._workers:
                     if not self._told_to_exit or self._slots.load(rank):
-                        self._link.send(HEADER.pack(0), rank, Tag.STOP)
+                        self._link.send(HEADER.pack(0), rank, Tag.STOP if item == _STOP else Tag.HOLD)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -241,6 +258,10 @@ class RankExecutor(Executor):
             body = memoryview(data)[HEADER.size:]
             if tag == Tag.FAILURE:
                 future.set_exception(decode_failure(body, rank, host, self._size))
+                continue
+            if tag == Tag.NOT_STARTED:
+                future.set_exception(CancelledError(f"cancelled on rank {rank} before it started: "
+                                                    "the run is stopping"))
                 continue
             try:
                 value = pickle.loads(body)

@@ -32,15 +32,20 @@ class Tag(IntEnum):
     CALL = 101
     """rank 0 -> worker: call id + pickled (fn, args, kwargs)."""
     STOP = 102
-    """rank 0 -> worker: terminate the running calls now (the worker's ``on_stop`` hook)."""
+    """rank 0 -> worker: terminate the running calls now (the worker's ``on_stop`` hook); the calls sent
+    ahead that have not started never start."""
     SHUTDOWN = 103
     """rank 0 -> worker: leave the loop once the running calls have ended; no call follows."""
+    HOLD = 104
+    """rank 0 -> worker: the calls sent ahead that have not started never start; the running ones go on."""
     HELLO = 201
     """worker -> rank 0, first message: the worker's host name."""
     RESULT = 202
     """worker -> rank 0: call id + pickled return value."""
     FAILURE = 203
     """worker -> rank 0: call id + pickled failure (see ``failures.encode_failure``)."""
+    NOT_STARTED = 204
+    """worker -> rank 0: call id; a stop or a hold kept the call from starting."""
 
 
 def load_mpi() -> ModuleType:

@@ -3,17 +3,24 @@
 The calling thread is the only one of the process that talks MPI: it receives calls, hands them to a
 thread pool of ``slots_per_rank`` threads (rank 0 sends a call ahead, which waits in the pool's queue so
 that a slot never waits a round trip for its next call), and sends back what those threads leave in a
-queue. A stop cancels the calls that have not started. It
+queue. A stop or a hold cancels the calls that have not started (a stop also calls ``on_stop``). It
 sleeps on that queue between polls (see ``wire.Backoff``), so a finished call is sent at once.
+
+A signal handled while it sleeps there could leave it asleep past its timeout, until a call ends (a
+hold from rank 0 would then wait too): ``SimpleQueue.get(timeout=...)`` waits with no deadline once a
+signal handler has run during the wait and the timeout has passed (seen with CPython 3.11). So the
+handlers ``serve`` installs (``on_signal``) also put a wake-up in that queue.
 """
 
 from __future__ import annotations
 
 import pickle
 import queue
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -23,14 +30,19 @@ from cmbagent_batch.mpi.wire import HEADER, Backoff, Link, Tag, load_mpi
 _Outcome = tuple[Tag, bytes]  # RESULT or FAILURE, with the call id in front
 
 
-def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None = None) -> None:
+def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None = None,
+          on_signal: Mapping[int, Callable[[], None]] | None = None) -> None:
     """Run the calls rank 0 sends over ``comm``, ``slots_per_rank`` at a time, until rank 0 says shutdown.
 
     ``on_stop`` is called on this (the MPI) thread when rank 0 asks to terminate the running calls: it
     should make them end soon (e.g. kill their subprocesses) and return promptly, and leave a state that
     a call just starting also sees (it may have been received before the stop, and not be running yet).
-    An exception from it is printed to stderr and the loop goes on. Returns once rank 0 has said shutdown and every call this
-    rank received has ended and its outcome is sent.
+    An exception from it is printed to stderr and the loop goes on. When rank 0 asks to hold, the calls
+    received that have not started are answered ``NOT_STARTED`` and the running ones go on. Returns once
+    rank 0 has said shutdown and every call this rank received has ended and its outcome is sent.
+
+    ``on_signal``: what this rank does when it gets each of these signals (say ``{SIGTERM: on_stop}``),
+    called from handlers that ``serve`` installs while it runs (when it runs on the main thread).
 
     A call's exception, or a result that cannot be pickled, goes back to rank 0 as a failure; the loop
     goes on. If rank 0 dies instead of saying shutdown, this loop waits for it: MPI launchers (Hydra,
@@ -44,7 +56,8 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
         raise ValueError(f"slots per rank must be at least 1, not {slots_per_rank}")
     link = Link(mpi, comm)
     link.send(HEADER.pack(0) + mpi.Get_processor_name().encode(), 0, Tag.HELLO)
-    done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
+    done: queue.SimpleQueue[_Outcome | None] = queue.SimpleQueue()  # None: only wakes the loop
+    previous = _handle_signals(on_signal or {}, lambda: done.put(None))
     pool = ThreadPoolExecutor(slots_per_rank, thread_name_prefix=f"rank{rank}-call")
     running = 0
     waiting: list[tuple[Future[None], bytes]] = []  # calls handed to the pool, with their headers
@@ -61,13 +74,13 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
                     waiting = [(f, h) for f, h in waiting if not f.done()]
                     waiting.append((pool.submit(_call, data, done.put), bytes(data[:HEADER.size])))
                     running += 1
-                elif tag == Tag.STOP:
+                elif tag in (Tag.STOP, Tag.HOLD):
                     for future, head in waiting:  # sent ahead, not started: they never start
                         if future.cancel():
-                            done.put((Tag.FAILURE, head + encode_failure(
-                                RuntimeError("cancelled before it started: the run is stopping"))))
+                            done.put((Tag.NOT_STARTED, head))
                     waiting = []
-                    _stop(on_stop, rank)
+                    if tag == Tag.STOP:
+                        _stop(on_stop, rank)
                 elif tag == Tag.SHUTDOWN:
                     closing = True
             if outcome is None:
@@ -88,9 +101,29 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
                 outcome = None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def _next(done: queue.SimpleQueue[_Outcome]) -> _Outcome | None:
+def _handle_signals(actions: Mapping[int, Callable[[], None]], wake: Callable[[], None]) -> dict[int, Any]:
+    """Install a handler for each signal that does its action, then wakes the loop; return the
+    handlers it replaced (none off the main thread, where Python cannot set any)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(action: Callable[[], None]) -> Callable[[int, Any], None]:
+        def handle(signum: int, frame: Any) -> None:
+            try:
+                action()
+            finally:
+                wake()
+
+        return handle
+
+    return {signum: signal.signal(signum, handler(action)) for signum, action in actions.items()}
+
+
+def _next(done: queue.SimpleQueue[_Outcome | None]) -> _Outcome | None:
     try:
         return done.get_nowait()
     except queue.Empty:

@@ -109,6 +109,9 @@ class SlurmSpec:
     requeue: int = 0
     mpi: str = "pmi2"
     extra_directives: tuple[str, ...] = ()
+    # given on the command line of `submit` only
+    dependency: str | None = None
+    sbatch_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

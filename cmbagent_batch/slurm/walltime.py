@@ -1,0 +1,84 @@
+"""What a job does when its step has ended: after a walltime stop with work left, requeue itself (or
+submit a job that continues after it) while the requeue limit allows.
+
+One place decides (``decide``, pure); ``act`` carries it out. The job script runs this on the batch
+node once ``srun`` has returned, so every rank has written its journals and rank 0 has merged the ledger
+and written ``run.json`` before the job is requeued.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from cmbagent_batch.rundir import read_json
+from cmbagent_batch.slurm import client, jobs
+from cmbagent_batch.slurm.script import WALLTIME_EXIT
+
+LEFT_STATES = ("pending", "interrupted", "retrying", "running")
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "end" | "requeue" | "limit"
+    why: str
+
+
+def decide(step_exit: int, manifest: dict[str, Any] | None, requeues_done: int, requeue_max: int) -> Decision:
+    """What to do after the job step ended with ``step_exit``."""
+    if step_exit != WALLTIME_EXIT:
+        return Decision("end", f"the run ended with exit code {step_exit}, not a walltime stop")
+    if manifest is None or manifest.get("stop_reason") != "SIGUSR1":
+        return Decision("end", "exit code 138 but run.json records no walltime stop")
+    counts = manifest.get("counts", {})
+    left = sum(counts.get(s, 0) for s in LEFT_STATES)
+    if left == 0:
+        return Decision("end", "the walltime stop came after the last task")
+    if requeues_done >= requeue_max:
+        return Decision("limit", f"{left} task{'s' if left != 1 else ''} left, but the job was requeued "
+                                 f"{requeues_done} time{'s' if requeues_done != 1 else ''} already (limit "
+                                 f"{requeue_max}); continue with `cmbagent-batch submit`")
+    return Decision("requeue", f"{left} task{'s' if left != 1 else ''} left; requeue {requeues_done + 1} "
+                               f"of {requeue_max}")
+
+
+def after_step(run_dir: str, job_id: str, step_exit: int, requeue_max: int) -> int:
+    """Decide and act; returns the step's exit code (the job's own)."""
+    record = jobs.load(run_dir) or {"events": []}
+    manifest_path = os.path.join(run_dir, "run.json")
+    manifest = read_json(manifest_path) if os.path.exists(manifest_path) else None
+    d = decide(step_exit, manifest, jobs.requeues(record), requeue_max)
+    say(f"job {job_id}: {d.why}")
+    if d.action == "requeue":
+        act(run_dir, job_id, d)
+    return step_exit
+
+
+def act(run_dir: str, job_id: str, d: Decision) -> None:
+    # scontrol requeue makes slurmctld end this job, batch shell included: ignore its SIGTERM until the
+    # requeue is recorded (SIGKILL follows only after the cluster's KillWait).
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        try:
+            client.requeue(job_id)
+        except client.SlurmError as exc:
+            say(f"cannot requeue job {job_id} ({exc}); submitting a job that starts after it instead")
+            script = (jobs.last_submit(jobs.load(run_dir) or {"events": []}) or {}).get("script")
+            if not script:
+                say("no job script recorded in the run directory: not continued")
+                return
+            new_id = client.sbatch(script, f"--dependency=afterany:{job_id}")
+            jobs.add(run_dir, "resubmit", new_id, after=job_id, why=d.why)
+            say(f"submitted job {new_id}, to start when job {job_id} ends")
+            return
+        jobs.add(run_dir, "requeue", job_id, why=d.why)
+        say(f"job {job_id} requeued")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def say(message: str) -> None:
+    print(f"cmbagent-batch: {message}", file=sys.stderr, flush=True)
