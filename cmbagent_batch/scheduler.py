@@ -413,7 +413,7 @@ class Scheduler:
         self._commit()
         timeout = 0.05 if self._starting else 0.5  # attempts at a gate: journal their start soon after
         wake = [self._timers[0][0]] if self._timers else []
-        if self._deadline is not None and self._draining:
+        if self._draining:
             wake.append(self._deadline)
         if wake:
             timeout = max(0.0, min(timeout, min(wake) - self._clock()))

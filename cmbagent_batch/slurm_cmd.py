@@ -186,13 +186,19 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record(run_dir: str) -> dict[str, Any]:
+def _load(run_dir: str) -> dict[str, Any] | None:
     from cmbagent_batch.slurm import jobs
 
     try:
-        record = jobs.load(run_dir)
+        return jobs.load(run_dir)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read {jobs.path(run_dir)}: {exc}") from None
+
+
+def _record(run_dir: str) -> dict[str, Any]:
+    from cmbagent_batch.slurm import jobs
+
+    record = _load(run_dir)
     if record is None or jobs.current_job(record) is None:
         raise UsageError(f"no Slurm job was submitted for {run_dir} (no {jobs.path(run_dir)})")
     return record
@@ -202,18 +208,12 @@ def slurm_status(run_dir: str) -> dict[str, Any] | None:
     """The Slurm side of ``status``: the job, its state now (scontrol, else sacct), requeues, logs."""
     from cmbagent_batch.slurm import client, jobs
 
-    try:
-        record = jobs.load(run_dir)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {jobs.path(run_dir)}: {exc}") from None
-    if record is None:
+    summary = jobs.summary(_load(run_dir))
+    if summary is None:
         return None
-    job_id = jobs.current_job(record)
-    out: dict[str, Any] = {"job_id": job_id, "requeues": jobs.requeues(record),
-                           "requeue_max": (jobs.last_submit(record) or {}).get("requeue_max"),
-                           "jobs": sorted({e["job_id"] for e in record["events"]}, key=int),
-                           "logs": [os.path.join(jobs.slurm_dir(run_dir), f"slurm-{job_id}.{ext}")
-                                    for ext in ("out", "err")]}
+    job_id = summary["job_id"]
+    out = {k: summary[k] for k in ("job_id", "requeues", "requeue_max", "jobs")}
+    out["logs"] = [os.path.join(jobs.slurm_dir(run_dir), f"slurm-{job_id}.{ext}") for ext in ("out", "err")]
     if job_id is None:
         return out
     try:

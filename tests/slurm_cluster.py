@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from cmbagent_batch.slurm.client import parse_show
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "slurm" / "local-cluster.sh"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
@@ -59,12 +61,7 @@ def slurm_conf() -> Iterator[str]:
 def show_job(job_id: str, env: dict[str, str]) -> dict[str, str]:
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
                          timeout=30).stdout
-    fields: dict[str, str] = {}
-    for token in out.split():
-        key, eq, value = token.partition("=")
-        if eq:
-            fields[key] = value
-    return fields
+    return parse_show(out)
 
 
 def wait_job_end(job_id: str, env: dict[str, str], limit: float, run_dir: Path | None = None) -> dict[str, str]:

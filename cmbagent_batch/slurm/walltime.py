@@ -53,11 +53,12 @@ def after_step(run_dir: str, job_id: str, step_exit: int, requeue_max: int) -> i
     d = decide(step_exit, manifest, jobs.requeues(record), requeue_max)
     say(f"job {job_id}: {d.why}")
     if d.action == "requeue":
-        act(run_dir, job_id, d)
+        act(run_dir, job_id, d, (jobs.last_submit(record) or {}).get("script"))
     return step_exit
 
 
-def act(run_dir: str, job_id: str, d: Decision) -> None:
+def act(run_dir: str, job_id: str, d: Decision, script: str | None) -> None:
+    """Requeue job ``job_id``, or where that is refused submit ``script`` to start after it."""
     # scontrol requeue makes slurmctld end this job, batch shell included: ignore its SIGTERM until the
     # requeue is recorded (SIGKILL follows only after the cluster's KillWait).
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -66,7 +67,6 @@ def act(run_dir: str, job_id: str, d: Decision) -> None:
             client.requeue(job_id)
         except client.SlurmError as exc:
             say(f"cannot requeue job {job_id} ({exc}); submitting a job that starts after it instead")
-            script = (jobs.last_submit(jobs.load(run_dir) or {"events": []}) or {}).get("script")
             if not script:
                 say("no job script recorded in the run directory: not continued")
                 return
