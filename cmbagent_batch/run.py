@@ -266,7 +266,8 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     code = _exit_code(sched)
     ledger = merge_ledger(p.run_dir, warn)
     write_json_atomic(os.path.join(p.run_dir, "run.json"), _manifest(p, run_id, started, time.time(), runs, workers,
-                                                                       exit_code=code, stop=sched.stop_reason,
+                                                                       exit_code=code,
+                                                                       stop=sched.stop_reason if _cut_short(sched) else None,
                                                                        ledger=ledger, backend=backend))
     return code, sched
 
@@ -314,10 +315,16 @@ def _memory_in_use() -> float:
 
 
 def _exit_code(sched: Scheduler) -> int:
-    if sched.stop_reason in EXIT_CODES:
+    if sched.stop_reason in EXIT_CODES and _cut_short(sched):
         return EXIT_CODES[sched.stop_reason]
     bad = sum(sched.counts[s] for s in FAILED_STATES | {TaskState.CANCELLED, TaskState.INTERRUPTED})
     return 1 if bad else 0
+
+
+def _cut_short(sched: Scheduler) -> bool:
+    """Whether a stop left tasks undone: one that came as the last tasks were ending (a walltime warning
+    whose drain saw them finish) ends the run as if none had come."""
+    return any(n for s, n in sched.counts.items() if s not in (TaskState.SUCCEEDED, TaskState.SKIPPED))
 
 
 def _install_signals(sched: Scheduler, walltime_grace: float) -> dict[int, Any]:
