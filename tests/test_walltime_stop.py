@@ -477,3 +477,24 @@ def test_sigusr1_to_every_rank_with_a_grace_lets_the_workers_tasks_finish(tmp_pa
     assert res.returncode == 0, res.stdout + res.stderr
     every = {f"a-{i}" for i in range(1, 7)} | {"final"}
     assert Counter(lines(side)) == Counter(lines(starts)) == Counter(every)  # each task ran once overall
+
+
+def test_a_drain_that_sees_the_last_task_finish_ends_the_run_as_finished(
+        tmp_path: Path, runners: list[Runner]) -> None:
+    starts, side, release = tmp_path / "starts", tmp_path / "side", tmp_path / "release"
+    write_spec(tmp_path, f"""
+        version: 1
+        job: {{name: last}}
+        tasks:
+          - {{id: only, kind: shell, run: "{waiting_task(starts, side, release)}"}}
+    """)
+    first = Runner(tmp_path, "job.yaml", "--quiet", "--walltime-grace", "60")
+    runners.append(first)
+    wait_until("the task runs", lambda: lines(starts) == ["only"], first)
+    first.proc.send_signal(signal.SIGUSR1)
+    wait_until("the drain starts", lambda: "no new task starts" in first.stderr(), first)
+    release.touch()
+    assert first.wait() == 0, first.stderr()  # nothing left undone: not a walltime stop
+    m = manifest(tmp_path / "runs" / "last")
+    assert (m["status"], m["stop_reason"], m["exit_code"], m["counts"]) == ("finished", None, 0, {"succeeded": 1})
+    assert lines(side) == ["only"]
