@@ -109,7 +109,7 @@ def _run(payload: Payload, ctx: TaskContext, chdir: bool, kill_grace: float, rea
         if ready is not None:
             outcome = ready.wait(spawned, kill_grace)
             if payload.kind == "agent":
-                outcome = agent.finish(outcome, ctx)
+                outcome = agent.finish(outcome, ctx, payload.agent["model"] if payload.agent else {})
         else:
             outcome = run_python(payload, ctx, chdir)
         if not outcome.ok:

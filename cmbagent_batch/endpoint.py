@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+LOCAL_KEY = "no-key-local-model"  # sent to a provider 'local' server, which checks none
 BACKOFF_BASE = 1.0  # seconds before the first retry; doubles each time
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 60.0  # a server asking for longer is not waited for longer than this

@@ -64,3 +64,9 @@ class AnalysisError(BatchError):
     """LLM dependency analysis failed (endpoint error or unusable replies)."""
 
     exit_code = 1
+
+
+class LocalModelError(BatchError):
+    """A local model's server (``provider: local``) could not be started or is not installed."""
+
+    exit_code = 1

@@ -20,7 +20,7 @@ from cmbagent_batch.analysis.llm_reply import PROMPT_VERSION
 from cmbagent_batch.config import ENV_VARS, SWITCHES, effective_config
 from cmbagent_batch.errors import SpecError, UsageError
 from cmbagent_batch.plan import build_dag, make_plan
-from cmbagent_batch.rundir import resolve_run_dir
+from cmbagent_batch.rundir import resolve_run_dir, server_logs
 from cmbagent_batch.spec.loader import load_spec_bytes
 from cmbagent_batch.spec.yamlio import YamlProblems, read_bytes
 
@@ -63,7 +63,8 @@ def compute_plan(raw: bytes, path: str, flags: dict[str, tuple[Any, str]], cache
     calls: list[Any] = []
     try:
         analysis = analyse(spec, cache, refresh=refresh, warn=warn, record_calls=_ledger(spec, run_dir, calls),
-                           budget_spent=job_budget_spent(run_dir, spec), offline=offline)
+                           budget_spent=job_budget_spent(run_dir, spec), offline=offline,
+                           server_logs=server_logs(run_dir))
     finally:
         if calls:  # analysis calls cost money even when no run follows: merged into the ledger now
             merge_ledger(run_dir, warn)

@@ -31,10 +31,18 @@ from cmbagent_batch.costs import analysis_recorder, job_budget_spent, merge_ledg
 from cmbagent_batch.dag import Dag
 from cmbagent_batch.fingerprint import Fingerprints, fingerprints
 from cmbagent_batch.journal import Journal, TaskHistory, replay
+from cmbagent_batch.local_model import LocalModel
 from cmbagent_batch.plan import build_dag
 from cmbagent_batch.pools import LocalPools
 from cmbagent_batch.rank_pools import RankPools, batch_on_rank, on_rank
-from cmbagent_batch.rundir import journal_path, journal_paths, resolve_run_dir, work_dir, write_json_atomic
+from cmbagent_batch.rundir import (
+    journal_path,
+    journal_paths,
+    resolve_run_dir,
+    server_logs,
+    work_dir,
+    write_json_atomic,
+)
 from cmbagent_batch.scheduler import (
     DrainEvent,
     Launch,
@@ -78,7 +86,7 @@ def _prepare(config: Config, cache: Cache, warn: Callable[[str], None], refresh:
     run_id = uuid.uuid4().hex[:12]
     record = None if offline else analysis_recorder(run_dir, spec, run_id, socket.gethostname())
     analysis = analyse(spec, cache, refresh=refresh, warn=warn, offline=offline, record_calls=record,
-                       budget_spent=job_budget_spent(run_dir, spec))
+                       budget_spent=job_budget_spent(run_dir, spec), server_logs=server_logs(run_dir))
     dag = build_dag(spec, analysis)
     tasks = {t.id: t for t in spec.tasks}
     sources = input_sources(spec.tasks)
@@ -153,16 +161,19 @@ def _payload(spec: JobSpec, task: TaskSpec, base: str, run_id: str) -> Payload:
 
 
 def _agent_request(spec: JobSpec, task: TaskSpec, run_id: str) -> dict[str, Any]:
-    """What the agent process needs to know (tasks/agent.py adds the attempt's place); no secret."""
+    """What the agent process needs to know (tasks/agent.py adds the attempt's place, and the URL of a
+    local model's server); no secret."""
     m = spec.llm.models[task.model or ""]
     assert m.price is not None  # the loader prices every model
+    model = {"name": m.name, "model": m.model, "base_url": m.base_url, "api_key_env": m.api_key_env,
+             "timeout": m.timeout, "max_retries": m.max_retries, "price": dataclasses.asdict(m.price),
+             "price_table": m.price_table, "provider": m.provider}
+    if m.provider == "local":
+        model["local"] = dataclasses.asdict(LocalModel.from_spec(m, spec.path))
     return {
         "job": spec.job.name, "run_id": run_id, "agent": task.agent, "instructions": task.instructions,
         "inputs": list(task.inputs), "max_turns": task.max_turns, "code_execution": task.code_execution,
-        "model": {"name": m.name, "model": m.model, "base_url": m.base_url, "api_key_env": m.api_key_env,
-                  "timeout": m.timeout, "max_retries": m.max_retries, "price": dataclasses.asdict(m.price),
-                  "price_table": m.price_table},
-        "budget": {"job_usd": spec.job.budget_usd, "task_usd": task.budget_usd},
+        "model": model, "budget": {"job_usd": spec.job.budget_usd, "task_usd": task.budget_usd},
     }
 
 

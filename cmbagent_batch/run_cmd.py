@@ -10,12 +10,13 @@ import signal
 import sys
 from typing import Any
 
+from cmbagent_batch import local_model
 from cmbagent_batch.analysis.cache import Cache
 from cmbagent_batch.config import effective_config
-from cmbagent_batch.errors import UsageError
+from cmbagent_batch.errors import SpecError, UsageError
 from cmbagent_batch.journal import replay
 from cmbagent_batch.plan_cmd import cache_dir, warn
-from cmbagent_batch.rundir import RunLock, journal_paths, read_json, set_aside
+from cmbagent_batch.rundir import RunLock, journal_paths, read_json, set_aside, tail_lines
 from cmbagent_batch.spec.loader import load_spec
 
 
@@ -88,6 +89,7 @@ def _run_mpi(args: argparse.Namespace, config: Any) -> int:
             mpi.serve(comm, ex.tasks_per_rank, on_stop=stop, on_signal=on_signal)
         finally:
             close_journals()
+            local_model.stop_all()
         return 0
     executor = mpi.RankExecutor(comm, ex.tasks_per_rank)
     try:
@@ -102,6 +104,8 @@ def _run(args: argparse.Namespace, config: Any, ranks: Any = None) -> int:
     from cmbagent_batch.rundir import resolve_run_dir
     from cmbagent_batch.states import TaskState
 
+    if problems := local_model.preflight(config.spec):
+        raise SpecError(problems)
     run_dir = resolve_run_dir(config.spec)
     if args.fresh and not args.dry_run:
         old = set_aside(run_dir)
@@ -109,6 +113,8 @@ def _run(args: argparse.Namespace, config: Any, ranks: Any = None) -> int:
             print(f"cmbagent-batch: the previous run directory is kept at {old}", file=sys.stderr)
     cache = Cache(cache_dir(args.spec, args.cache_dir), warn)
     prepared = prepare(config, cache, warn, run_dir=run_dir)
+    if ranks is not None:  # rank 0 runs no task: a local model's server started for the analysis is done
+        local_model.stop_all()
     selected = _select(prepared, args.only) if args.only else None
     if args.dry_run:
         for tid in prepared.dag.topological_order():
@@ -127,6 +133,7 @@ def _run(args: argparse.Namespace, config: Any, ranks: Any = None) -> int:
                               walltime_file=args.walltime_file)
     finally:
         lock.release()
+        local_model.stop_all()  # here, as os._exit below skips atexit
     counts = {s.value: n for s, n in sched.counts.items() if n}
     if not args.quiet:
         print(f"cmbagent-batch: {', '.join(f'{n} {s}' for s, n in counts.items())}; run directory {run_dir}",
@@ -170,7 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                "wall_s": (h.record.get("wall_s") if h else None) or t.get("wall_s"), "work_dir": t["work_dir"]}
         if state in ("failed", "interrupted", "cancelled", "upstream_failed", "budget_exceeded"):
             row["reason"] = (h.record.get("reason") or h.record.get("error")) if h else t.get("reason")
-            row["stderr_tail"] = _tail(os.path.join(t["work_dir"], "logs", "stderr.log"))
+            row["stderr_tail"] = tail_lines(os.path.join(t["work_dir"], "logs", "stderr.log"), 5)
         if args.explain:
             row["next_run"] = "skip (up to date)" if explain.get(tid) is None else f"run ({explain[tid]})"
         rows.append(row)
@@ -213,14 +220,3 @@ def _explanations(manifest: dict[str, Any], run_dir: str) -> dict[str, str | Non
     cache = Cache(cache_dir(spec_path, None), warn)
     prepared = prepare(config, cache, warn, run_dir=run_dir, offline=True)
     return {tid: why_rerun(prepared, tid) for tid in prepared.dag.nodes}
-
-
-def _tail(path: str, lines: int = 5) -> list[str]:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 4096))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return []
-    return [ln for ln in text.splitlines() if ln.strip()][-lines:]

@@ -6,6 +6,7 @@
       ranks/rank-NNNN/tasks/TASK/    work directories: data codebase logs outputs temp chats cost
       outputs/TASK/...               published outputs
       superseded/TASK-<time>-<id>/   outputs of an earlier run of a task that ran again
+      local-model/MODEL-rank-NNNN.log  output of the server of a local model (provider: local), per rank
       .lock                          held by the run using the directory
 """
 
@@ -41,6 +42,11 @@ def journal_path(run_dir: str, rank: int) -> str:
     return os.path.join(run_dir, "journal", f"rank-{rank:04d}.jsonl")
 
 
+def server_logs(run_dir: str) -> str:
+    """The directory of the logs of local models' servers."""
+    return os.path.join(run_dir, "local-model")
+
+
 def journal_paths(run_dir: str) -> list[str]:
     directory = os.path.join(run_dir, "journal")
     try:
@@ -54,6 +60,18 @@ def write_json_atomic(path: str, data: Any) -> None:
     # indent goes through json's pure-Python encoder: readable for small files, slow for 10^4 tasks
     small = not isinstance(data, dict) or len(data.get("tasks", ())) <= 1000
     write_atomic(path, (json.dumps(data, indent=1 if small else None) + "\n").encode("utf-8"))
+
+
+def tail_lines(path: str, lines: int, window: int = 4096) -> list[str]:
+    """The last ``lines`` non-blank lines among the last ``window`` bytes of a log file ([] if unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - window))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [ln for ln in text.splitlines() if ln.strip()][-lines:]
 
 
 def read_json(path: str) -> Any:

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
+from cmbagent_batch.pricing import Price
 from cmbagent_batch.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,8 +18,9 @@ EXAMPLES = sorted((ROOT / "configs").glob("*.yaml"))
 SCHEMA = json.loads((ROOT / "schemas" / "job.schema.json").read_text())
 
 
-def test_the_four_examples_exist() -> None:
-    assert [p.name for p in EXAMPLES] == ["cmb-agents.yaml", "quickstart.yaml", "slurm-mpi.yaml", "sweep.yaml"]
+def test_the_examples_exist() -> None:
+    assert [p.name for p in EXAMPLES] == ["cmb-agents.yaml", "quickstart-llm.yaml", "quickstart.yaml",
+                                          "slurm-mpi.yaml", "sweep.yaml"]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -54,6 +56,16 @@ def test_agent_example_uses_priced_models_and_llm_analysis() -> None:
     assert spec.analysis.sources == ("explicit", "files", "llm")
     assert all(m.price is not None for m in spec.llm.models.values())
     assert spec.task("camb-spectra").model == "mini"  # llm.default_model
+
+
+def test_llm_quickstart_uses_the_local_model_at_an_explicit_price_of_zero() -> None:
+    spec = load_spec(str(ROOT / "configs" / "quickstart-llm.yaml"))
+    smol = spec.llm.models["smol"]
+    assert (smol.provider, smol.model, smol.model_path, smol.base_url) == ("local", "smollm2-135m-instruct", None, None)
+    assert (smol.price_table, smol.price) == ("spec", Price(0.0, 0.0))
+    assert "llm" in spec.analysis.sources and spec.analysis.model == "smol"
+    assert [t.id for t in spec.tasks if t.kind == "agent"] == ["explain"]
+    assert spec.task("explain").model == "smol" and spec.task("explain").max_turns <= 2
 
 
 def test_slurm_example() -> None:

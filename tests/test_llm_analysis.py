@@ -21,7 +21,7 @@ from cmbagent_batch.analysis.llm import (
 )
 from cmbagent_batch.analysis.llm_reply import check_reply, reply_schema, task_facts
 from cmbagent_batch.dag import Dag, Edge
-from cmbagent_batch.errors import AnalysisError
+from cmbagent_batch.errors import AnalysisError, LocalModelError
 from cmbagent_batch.spec.model import ModelSpec, TaskSpec
 from tests.scripted_llm import JSON_SCHEMA_UNSUPPORTED, Delay, HttpError, Item, Reply, ScriptedLLM
 
@@ -405,6 +405,30 @@ def test_missing_key_env_var(monkeypatch: pytest.MonkeyPatch, closed_port: int, 
         infer_edges(TASKS, KNOWN, spec(url, api_key_env=None), sleep=sleeps)
     assert str(err.value) == "LLM analysis with model 'mini' needs an API key in $OPENAI_API_KEY, which is not set"
     assert isinstance(err.value, LlmAnalysisError) and err.value.calls == ()
+
+
+def test_a_local_model_is_asked_for_json_object_with_the_schema_and_needs_no_key(
+        monkeypatch: pytest.MonkeyPatch, sleeps: Sleeps) -> None:
+    monkeypatch.delenv(KEY_ENV)
+    local = ModelSpec(name="smol", model="smollm2-135m-instruct", provider="local", timeout=5.0, max_retries=0)
+    with ScriptedLLM([Reply(GOOD)]) as srv:
+        result = infer_edges(TASKS, KNOWN, local, sleep=sleeps, base_url=lambda: srv.base_url)
+    assert (result.edges, result.mode, result.notes) == (GOOD_EDGES, "json_object", ())
+    (request,) = srv.requests
+    assert request.body["response_format"] == {"type": "json_object", "schema": reply_schema(IDS)}
+    assert request.headers["authorization"] == "Bearer no-key-local-model"
+
+
+def test_a_local_server_that_does_not_start_fails_the_analysis_before_any_request(sleeps: Sleeps) -> None:
+    def broken() -> str:
+        raise LocalModelError("the server of local model 'smol' exited with status 1 while starting")
+
+    local = ModelSpec(name="smol", model="smollm2-135m-instruct", provider="local")
+    with pytest.raises(LlmAnalysisError) as err:
+        infer_edges(TASKS, KNOWN, local, sleep=sleeps, base_url=broken)
+    assert str(err.value) == ("LLM dependency analysis with model 'smol' not started: the server of local model "
+                              "'smol' exited with status 1 while starting")
+    assert err.value.calls == ()
 
 
 def test_default_key_env_is_openai_api_key(monkeypatch: pytest.MonkeyPatch, sleeps: Sleeps) -> None:

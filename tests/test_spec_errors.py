@@ -37,6 +37,15 @@ llm:
       price: {prompt_per_1m: 0.15, completion_per_1m: 0.6}
 """
 
+# Appended to BASE, this defines one local model, "smol", at lines 8-12.
+LOCAL = """\
+llm:
+  models:
+    smol:
+      provider: local
+      price: {prompt_per_1m: 0, completion_per_1m: 0}
+"""
+
 SLURM_TIME_HELP = "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 NO_PRICE = (
     "model 'mini' (cmb-finetune-7b) is not in the shipped price table builtin-2025-08: add price: {prompt_per_1m: ..., completion_per_1m: ...} "
@@ -374,6 +383,35 @@ CASES = [
         BASE + "llm:\n  default_model: mini\n  models:\n    mini:\n      model: cmb-finetune-7b\n",
         f"F:11:5: $.llm.models.mini: {NO_PRICE}",
     ),
+    # --- local models (provider: local) -----------------------------------------------------
+    case(
+        "local-model-with-endpoint-keys",
+        BASE + LOCAL + "      base_url: http://127.0.0.1:8000/v1\n      api_key_env: MY_KEY\n",
+        "F:13:7: $.llm.models.smol.base_url: 'base_url' is for provider 'openai': a local model is served on "
+        "127.0.0.1 by cmbagent-batch itself",
+        "F:14:7: $.llm.models.smol.api_key_env: 'api_key_env' is for provider 'openai': a local model needs no API key",
+    ),
+    case(
+        "endpoint-model-with-local-keys",
+        BASE + MODELS + "      model_path: m.gguf\n      threads: 4\n      n_ctx: 2048\n      startup_timeout: 30\n",
+        *(f"F:{line}:7: $.llm.models.mini.{key}: '{key}' is for provider 'local': this model is reached at an "
+          "endpoint (provider 'openai'); set provider: local to run it here"
+          for line, key in ((13, "model_path"), (14, "threads"), (15, "n_ctx"), (16, "startup_timeout"))),
+    ),
+    case(
+        "local-model-needs-a-price-even-with-a-priced-name",
+        BASE + LOCAL.replace("      price: {prompt_per_1m: 0, completion_per_1m: 0}\n", "      model: gpt-4o-mini\n"),
+        "F:10:5: $.llm.models.smol: model 'smol' runs here (provider: local) and needs a price: write price: "
+        "{prompt_per_1m: 0, completion_per_1m: 0} (costs are never assumed to be $0)",
+    ),
+    case("endpoint-model-needs-a-model-name", BASE + MODELS.replace("      model: gpt-4o-mini\n", ""),
+         "F:11:7: $.llm.models.mini: missing required key 'model'"),
+    case(
+        "local-model-too-small-context-and-no-threads",
+        BASE + LOCAL + "      n_ctx: 100\n      threads: 0\n",
+        "F:13:14: $.llm.models.smol.n_ctx: must be at least 256, got the number 100",
+        "F:14:16: $.llm.models.smol.threads: must be at least 1, got the number 0",
+    ),
     # --- slurm -------------------------------------------------------------------------------
     *(
         case(
@@ -504,6 +542,8 @@ def test_base_specs_are_valid(tmp_path: Path) -> None:
     spec = load_spec(str(path))
     assert [t.id for t in spec.tasks] == ["a"]
     assert list(spec.llm.models) == ["mini"]
+    path.write_text(BASE + LOCAL, encoding="utf-8")
+    assert list(load_spec(str(path)).llm.models) == ["smol"]
 
 
 @pytest.mark.parametrize(

@@ -8,16 +8,18 @@ edges touching the changed ones. A failed analysis follows ``analysis.fallback``
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from cmbagent_batch.analysis.cache import Cache, digest
 from cmbagent_batch.analysis.files import file_edges
 from cmbagent_batch.dag import EDGE_SOURCES, Dag, Edge
-from cmbagent_batch.errors import AnalysisError, CycleError, UsageError
+from cmbagent_batch.errors import AnalysisError, BatchError, CycleError, UsageError
 from cmbagent_batch.pricing import call_cost
-from cmbagent_batch.spec.model import JobSpec, TaskSpec
+from cmbagent_batch.spec.model import JobSpec, ModelSpec, TaskSpec
 
 ANALYSIS_VERSION = "1"
 
@@ -54,10 +56,11 @@ def cycle_error(exc: CycleError, edges: list[Edge]) -> UsageError:
 
 def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable[[str], None],
             offline: bool = False, record_calls: Callable[[Sequence[Any]], None] | None = None,
-            budget_spent: Callable[[], str | None] | None = None) -> Analysis:
+            budget_spent: Callable[[], str | None] | None = None, server_logs: str | None = None) -> Analysis:
     """The job's edges. ``offline``: use cached LLM answers only (AnalysisError when there are none).
     ``record_calls`` gets each model call (an ``LlmCall``, failed ones too) as it ends, for the cost ledger;
-    ``budget_spent`` says why no model call may start (the job's budget is spent), or None."""
+    ``budget_spent`` says why no model call may start (the job's budget is spent), or None.
+    ``server_logs``: the directory for the log of a local model's server, if one starts (None: the cache's)."""
     sources = spec.analysis.sources
     edges: list[Edge] = []
     if "explicit" in sources:
@@ -81,7 +84,7 @@ def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable
     assert model_key is not None  # the loader and config refuse llm analysis without a model
     info["model"] = model_key
     try:
-        llm_edges = _llm_edges(spec, edges, cache, refresh, info, offline, record_calls, budget_spent)
+        llm_edges = _llm_edges(spec, edges, cache, refresh, info, offline, record_calls, budget_spent, server_logs)
     except AnalysisError as exc:
         if offline:
             raise
@@ -89,19 +92,46 @@ def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable
     return Analysis(edges + llm_edges, info)
 
 
-def _context(spec: JobSpec) -> dict[str, Any]:
+def _context(spec: JobSpec, cache: Cache | None) -> dict[str, Any]:
+    """What the model's answers depend on besides the tasks. A local model is known by its file's sha256,
+    not by its server's URL, whose port changes from run to run."""
     from cmbagent_batch.analysis.llm_reply import PROMPT_VERSION
 
     model = spec.llm.models[spec.analysis.model or spec.llm.default_model or ""]
-    return {"model": model.model, "base_url": model.base_url, "prompt": PROMPT_VERSION, "analysis": ANALYSIS_VERSION}
+    context = {"model": model.model, "base_url": model.base_url, "prompt": PROMPT_VERSION, "analysis": ANALYSIS_VERSION}
+    if model.provider == "local":
+        from cmbagent_batch.local_model import LocalModel, model_file
+
+        try:
+            context["model_sha256"] = _file_sha256(model_file(LocalModel.from_spec(model, spec.path)), cache)
+        except (BatchError, OSError) as exc:
+            what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise AnalysisError(f"LLM dependency analysis with local model '{model.name}': {what}") from None
+    return context
+
+
+def _file_sha256(path: str, cache: Cache | None) -> str:
+    """sha256 of a (large) file, remembered in the cache by path, size and modification time."""
+    st = os.stat(path)
+    key = digest({"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    record = cache.get("file-sha256", key) if cache is not None else None
+    if record is None:
+        sha = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                sha.update(block)
+        record = {"sha256": sha.hexdigest()}
+        if cache is not None:
+            cache.put("file-sha256", key, record)
+    return str(record["sha256"])
 
 
 def _llm_edges(spec: JobSpec, known: list[Edge], cache: Cache | None, refresh: bool, info: dict[str, Any],
                offline: bool = False, record_calls: Callable[[Sequence[Any]], None] | None = None,
-               budget_spent: Callable[[], str | None] | None = None) -> list[Edge]:
+               budget_spent: Callable[[], str | None] | None = None, server_logs: str | None = None) -> list[Edge]:
     from cmbagent_batch.analysis.llm_reply import task_facts
 
-    context = _context(spec)
+    context = _context(spec, cache)
     facts = {t.id: task_facts(t) for t in spec.tasks}
     fields = {tid: {k: digest(v) for k, v in f.items()} for tid, f in facts.items()}
     hashes = {tid: digest(f) for tid, f in facts.items()}
@@ -134,7 +164,8 @@ def _llm_edges(spec: JobSpec, known: list[Edge], cache: Cache | None, refresh: b
         pairs = known_pairs + [(e.src, e.dst) for e in reused]
         try:
             on_call = None if record_calls is None else (lambda call: record_calls([call]))
-            result = infer_edges(spec.tasks, pairs, model, ask_about=ask_about, on_call=on_call)
+            result = infer_edges(spec.tasks, pairs, model, ask_about=ask_about, on_call=on_call,
+                                 base_url=_local_url(spec, model, cache, server_logs))
         except LlmAnalysisError as exc:
             _record_calls(info, exc.calls, spec)
             raise
@@ -154,6 +185,17 @@ def _llm_edges(spec: JobSpec, known: list[Edge], cache: Cache | None, refresh: b
         cache.put("llm", full_key, record)
         cache.put("llm-last", lineage_key, record)
     return edges
+
+
+def _local_url(spec: JobSpec, model: ModelSpec, cache: Cache | None,
+               server_logs: str | None) -> Callable[[], str] | None:
+    """For a local model, what starts its server (in this process) and gives its URL; else None."""
+    if model.provider != "local":
+        return None
+    from cmbagent_batch.local_model import LocalModel, endpoint
+
+    logs = server_logs or os.path.join(cache.root if cache is not None else tempfile.gettempdir(), "local-model")
+    return lambda: endpoint(LocalModel.from_spec(model, spec.path), logs)
 
 
 def _reusable(

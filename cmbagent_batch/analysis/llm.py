@@ -3,7 +3,9 @@
 The prompt and the checking of replies are pure functions in ``llm_reply``; this module is the I/O around
 them: the ``openai`` client (imported only when analysis runs), our own retry loop so that every HTTP
 attempt is recorded as an ``LlmCall`` (failed attempts cost money too), the fall back from ``json_schema``
-to ``json_object`` replies, and bounded fix rounds. It never falls back silently to a guessed graph: a
+to ``json_object`` replies, and bounded fix rounds. A local model (``provider: local``, llama.cpp's server,
+which answers ``json_schema`` with a 500) is asked for ``json_object`` with the schema attached, which its
+grammar sampling enforces. It never falls back silently to a guessed graph: a
 reply that stays unusable is an ``AnalysisError`` listing what was wrong.
 """
 
@@ -26,6 +28,7 @@ from cmbagent_batch.analysis.llm_reply import (
 from cmbagent_batch.dag import Edge
 from cmbagent_batch.endpoint import (
     DEFAULT_KEY_ENV,
+    LOCAL_KEY,
     backoff_delay,
     redactor,
     refusal,
@@ -34,7 +37,7 @@ from cmbagent_batch.endpoint import (
     server_message,
     utc_now,
 )
-from cmbagent_batch.errors import AnalysisError
+from cmbagent_batch.errors import AnalysisError, BatchError
 from cmbagent_batch.spec.model import ModelSpec, TaskSpec
 
 __all__ = ["PROMPT_VERSION", "LlmAnalysis", "LlmAnalysisError", "LlmCall", "backoff_delay", "infer_edges"]
@@ -77,9 +80,12 @@ class LlmAnalysisError(AnalysisError):
 def infer_edges(tasks: Sequence[TaskSpec], known: Sequence[tuple[str, str]], model: ModelSpec, *,
                 ask_about: Collection[str] | None = None, max_fix_rounds: int = 2,
                 sleep: Callable[[float], None] = time.sleep,
-                on_call: Callable[[LlmCall], None] | None = None) -> LlmAnalysis:
+                on_call: Callable[[LlmCall], None] | None = None,
+                base_url: Callable[[], str] | None = None) -> LlmAnalysis:
     """Ask ``model`` for the dependencies between ``tasks`` that ``known`` (src, dst) pairs lack.
-    ``on_call`` is told of every HTTP attempt as soon as it ends (for the cost ledger).
+    ``on_call`` is told of every HTTP attempt as soon as it ends (for the cost ledger). ``base_url``, when
+    given, is called right before the first request for the endpoint's URL (a local model's server starts
+    then); a BatchError from it fails the analysis.
 
     With ``ask_about``, only edges touching at least one of those task ids are asked for and accepted.
     Raises LlmAnalysisError (an AnalysisError carrying the calls made, failed ones included) when the key is
@@ -101,7 +107,7 @@ def infer_edges(tasks: Sequence[TaskSpec], known: Sequence[tuple[str, str]], mod
         return LlmAnalysis((), (), "json_schema", ("no pair of tasks to ask about; the model was not called",))
 
     key_env = model.api_key_env or DEFAULT_KEY_ENV
-    key = os.environ.get(key_env, "")
+    key = LOCAL_KEY if model.provider == "local" else os.environ.get(key_env, "")
     if not key:
         raise LlmAnalysisError(f"LLM analysis with model '{model.name}' needs an API key in ${key_env}, "
                                "which is not set")
@@ -114,7 +120,13 @@ def infer_edges(tasks: Sequence[TaskSpec], known: Sequence[tuple[str, str]], mod
             "pip install 'cmbagent-batch[agents]'", []
         ) from None
 
-    with openai.OpenAI(base_url=model.base_url, api_key=key, timeout=model.timeout, max_retries=0) as client:
+    url = model.base_url
+    if base_url is not None:
+        try:
+            url = base_url()
+        except BatchError as exc:
+            raise LlmAnalysisError(f"LLM dependency analysis with model '{model.name}' not started: {exc}") from None
+    with openai.OpenAI(base_url=url, api_key=key, timeout=model.timeout, max_retries=0) as client:
         endpoint = _Endpoint(openai, client, model, key, key_env, sleep, reply_schema(id_set), on_call)
         first = build_messages(tasks, known_set, ask)
         messages = first
@@ -153,7 +165,8 @@ class _Endpoint:
         self.sleep = sleep
         self.schema = schema
         self.url = str(client.base_url).rstrip("/")
-        self.mode = "json_schema"
+        self.local = model.provider == "local"
+        self.mode = "json_object" if self.local else "json_schema"
         self.answered = False  # a structured request has succeeded: a later 400 is not about the format
         self.calls: list[LlmCall] = []
         self.notes: list[str] = []
@@ -162,7 +175,7 @@ class _Endpoint:
 
     def _format(self) -> dict[str, Any]:
         if self.mode == "json_object":
-            return {"type": "json_object"}
+            return {"type": "json_object", "schema": self.schema} if self.local else {"type": "json_object"}
         return {"type": "json_schema",
                 "json_schema": {"name": "task_dependencies", "strict": True, "schema": self.schema}}
 

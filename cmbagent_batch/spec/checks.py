@@ -25,6 +25,7 @@ KIND_FIELDS = {
     "python": ("call", "args"),
     "agent": ("agent", "instructions", "model", "max_turns", "code_execution"),
 }
+LOCAL_KEYS = ("model_path", "threads", "n_ctx", "startup_timeout")  # llm.models keys of provider 'local' only
 SLURM_TIME = re.compile(
     r"(?:(?P<d>\d+)-(?P<dh>\d{1,2})(?::(?P<dm>\d{1,2})(?::(?P<ds>\d{1,2}))?)?"
     r"|(?P<a>\d+)(?::(?P<b>\d{1,2})(?::(?P<c>\d{1,2}))?)?)"
@@ -256,14 +257,23 @@ def _check_cycle(tasks: list[Expanded], by_id: dict[str, int], deps: dict[int, t
 
 
 def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
-    """Every model used is defined and priced (in the spec or the shipped table); agent tasks and LLM analysis have a model."""
+    """Every model used is defined and priced (in the spec or the shipped table; a local model in the spec),
+    has only its provider's keys; agent tasks and LLM analysis have a model."""
     out: list[Finding] = []
     llm = data.get("llm") if isinstance(data.get("llm"), dict) else {}
     models = llm.get("models") if isinstance(llm.get("models"), dict) else {}
     for name, entry in models.items():
-        if not isinstance(entry, dict) or "price" in entry or not isinstance(entry.get("model"), str):
+        if not isinstance(entry, dict):
             continue
-        if lookup(builtin_table(), entry["model"]) is None:
+        out.extend(_check_provider(name, entry))
+        if "price" in entry:
+            continue
+        if entry.get("provider") == "local":
+            out.append(Finding(("llm", "models", name),
+                               f"model {name!r} runs here (provider: local) and needs a price: write price: "
+                               "{prompt_per_1m: 0, completion_per_1m: 0} (costs are never assumed to be $0)",
+                               key=True))
+        elif isinstance(entry.get("model"), str) and lookup(builtin_table(), entry["model"]) is None:
             out.append(
                 Finding(
                     ("llm", "models", name),
@@ -300,6 +310,22 @@ def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
                                "an agent task without code_execution writes one file, its final answer: declare "
                                "one output, or set code_execution: true so that its code can write more"))
     return out
+
+
+def _check_provider(name: str, entry: dict[str, Any]) -> list[Finding]:
+    """Keys of one provider given to a model of the other."""
+    provider = entry.get("provider", "openai")
+    if provider == "local":
+        why = {"base_url": "a local model is served on 127.0.0.1 by cmbagent-batch itself",
+               "api_key_env": "a local model needs no API key"}
+    elif provider == "openai":
+        why = dict.fromkeys(LOCAL_KEYS, "this model is reached at an endpoint (provider 'openai'); set "
+                                         "provider: local to run it here")
+    else:
+        return []
+    other = "openai" if provider == "local" else "local"
+    return [Finding(("llm", "models", name, key), f"{key!r} is for provider {other!r}: {reason}", key=True)
+            for key, reason in why.items() if key in entry]
 
 
 def check_slurm(data: dict[str, Any]) -> list[Finding]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import posixpath
 from types import MappingProxyType
 from typing import Any
 
@@ -30,6 +31,7 @@ from cmbagent_batch.spec.yamlio import Document, YamlProblems, json_path, parse_
 MAX_REPEATS = 3
 CONFIG_SECTIONS = ("job", "execution", "analysis", "slurm", "llm")
 DEFAULT_RESOURCES = Resources()
+LOCAL_ALIAS = "smollm2-135m-instruct"  # the model name of provider 'local' with the shipped model file
 
 
 def load_spec(path: str) -> JobSpec:
@@ -136,7 +138,7 @@ def _build(doc: Document, sha256: str, expanded: list[checks.Expanded], deps: di
     job = data["job"]
     llm = data.get("llm", {})
     default_model = llm.get("default_model")
-    models = {name: _model(name, entry) for name, entry in llm.get("models", {}).items()}
+    models = {name: _model(doc, name, entry) for name, entry in llm.get("models", {}).items()}
     analysis = data.get("analysis", {})
     slurm = dict(data.get("slurm", {}))
     if "extra_directives" in slurm:
@@ -177,8 +179,12 @@ def _declared(doc: Document) -> dict[str, int]:
     return out
 
 
-def _model(name: str, entry: dict[str, Any]) -> ModelSpec:
+def _model(doc: Document, name: str, entry: dict[str, Any]) -> ModelSpec:
     fields = {k: v for k, v in entry.items() if k != "price"}
+    if fields.get("provider") == "local":
+        path = fields.get("model_path")
+        fields.setdefault("model", posixpath.basename(path).removesuffix(".gguf") if path else LOCAL_ALIAS)
+        fields["line"], fields["column"] = doc.locate(("llm", "models", name, "model_path" if path else "provider"))
     if "price" in entry:
         return ModelSpec(name=name, price=Price(**entry["price"]), price_table=SPEC_TABLE, **fields)
     table = builtin_table()

@@ -54,6 +54,14 @@ class ModelSpec:
     max_retries: int = 3
     price: Price | None = None  # set by the loader: the spec's price, else the shipped table's
     price_table: str = "spec"  # where ``price`` comes from: "spec" or the shipped table's id
+    provider: str = "openai"  # openai: an OpenAI-compatible endpoint | local: a llama.cpp server we start
+    # provider local only
+    model_path: str | None = None  # a GGUF file, relative to the spec file's directory; None: the shipped one
+    threads: int | None = None  # None: min(2, CPUs)
+    n_ctx: int = 4096  # context window, in tokens
+    startup_timeout: float = 60.0  # seconds for the server to load the model and answer
+    line: int = 0  # where a problem with running the model is reported: its model_path, else its provider
+    column: int = 0
 
 
 @dataclass(frozen=True, slots=True)

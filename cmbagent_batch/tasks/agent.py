@@ -5,7 +5,9 @@ modules), so each attempt is a fresh ``python -m cmbagent_batch.tasks.agent_main
 process group: a timeout or a stop kills it with everything it started. This side imports neither ag2 nor
 openai. It writes what the agent process needs to ``logs/agent-request.json`` (never an API key: the
 process inherits the environment variable that holds it), refuses to start when an LLM budget is already
-spent, and turns what the process wrote to ``logs/agent-result.json`` into the attempt's outcome.
+spent, and turns what the process wrote to ``logs/agent-result.json`` into the attempt's outcome. A local
+model (``provider: local``) is served by this process: its server starts here on first use, and the
+request gets its URL.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cmbagent_batch.costs import budget_spent_message
+from cmbagent_batch.errors import LocalModelError
+from cmbagent_batch.local_model import LocalModel, bypass_proxy, endpoint, speed
+from cmbagent_batch.rundir import server_logs
 from cmbagent_batch.tasks.base import Outcome, Payload, TaskContext
 from cmbagent_batch.tasks.shell import ShellLaunch
 
@@ -67,6 +72,13 @@ def prepare(payload: Payload, ctx: TaskContext, base_env: Mapping[str, str], see
     job_spent, task_spent = spent(ctx.run_dir, ctx.task_id)
     if (why := budget_problem(request, job_spent, task_spent)) is not None:
         return Outcome(ok=False, error=f"not started: {why}", budget_exceeded=True)
+    if "local" in request["model"]:
+        try:
+            url = endpoint(LocalModel(**request["model"]["local"]), server_logs(ctx.run_dir), ctx.rank)
+        except LocalModelError as exc:
+            return Outcome(ok=False, error=f"not started: {exc}")
+        request["model"] = dict(request["model"], base_url=url)
+        base_env = {**base_env, **bypass_proxy(base_env)}
     _clear_outputs(ctx.work_dir, payload.outputs)
     path = os.path.join(ctx.logs_dir, REQUEST)
     try:
@@ -110,8 +122,9 @@ def _clear_outputs(work_dir: str, outputs: Sequence[str]) -> None:
                         os.unlink(path)
 
 
-def finish(outcome: Outcome, ctx: TaskContext) -> Outcome:
-    """The outcome of the agent process, with the reason it gave in its result file."""
+def finish(outcome: Outcome, ctx: TaskContext, model: Mapping[str, Any]) -> Outcome:
+    """The outcome of the agent process, with the reason it gave in its result file. ``model``: the
+    request's model."""
     try:
         with open(os.path.join(ctx.logs_dir, RESULT), encoding="utf-8") as fh:
             result = json.load(fh)
@@ -123,7 +136,18 @@ def finish(outcome: Outcome, ctx: TaskContext) -> Outcome:
         return outcome
     if result is None or outcome.timed_out or outcome.error == "terminated by the runner":
         stderr = os.path.join(ctx.logs_dir, "stderr.log")
-        return dataclasses.replace(outcome, error=f"{outcome.error} (agent process; see {stderr})")
+        slow = _slow_local_model(model) if outcome.timed_out else ""
+        return dataclasses.replace(outcome, error=f"{outcome.error} (agent process; see {stderr}){slow}")
     message = str(result.get("message") or outcome.error)
     return dataclasses.replace(outcome, error=message, traceback=result.get("traceback"),
                                budget_exceeded=outcome.exit_code == EXIT_BUDGET)
+
+
+def _slow_local_model(model: Mapping[str, Any]) -> str:
+    """What to say when an attempt on a local model timed out: such a model runs on this CPU, slowly."""
+    if "local" not in model:
+        return ""
+    rate = speed(LocalModel(**model["local"]))
+    measured = f" (its last reply came at {rate:.0f} tokens/s)" if rate is not None else ""
+    return (f"; local model '{model['name']}' runs on this machine's CPU{measured}: raise the task's timeout "
+            "or lower its max_turns")

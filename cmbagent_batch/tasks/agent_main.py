@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 from cmbagent_batch.costs import CallRecorder, Priced
-from cmbagent_batch.endpoint import DEFAULT_KEY_ENV, redactor
+from cmbagent_batch.endpoint import DEFAULT_KEY_ENV, LOCAL_KEY, redactor
 from cmbagent_batch.rundir import write_json_atomic
 from cmbagent_batch.tasks.agent import EXIT_BUDGET, RESULT
 from cmbagent_batch.tasks.agent_calls import AgentFailure, BudgetSpent, Calls, ledger_middleware
@@ -145,7 +145,7 @@ async def _converse(request: dict[str, Any], recorder: CallRecorder, key_env: st
         raise AgentFailure(f"agent tasks need AG2 and openai ({exc.name} is not installed): "
                            "pip install 'cmbagent-batch[agents]'") from None
     model = request["model"]
-    key = os.environ.get(key_env, "")
+    key = LOCAL_KEY if "local" in model else os.environ.get(key_env, "")
     if not key:
         raise AgentFailure(f"agent task with model '{model['name']}' needs an API key in ${key_env}, which is not set")
     config = OpenAIConfig(model=model["model"], api_key=key, base_url=model.get("base_url"),
