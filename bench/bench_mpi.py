@@ -50,6 +50,7 @@ import os
 import shutil
 import statistics
 import sys
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -340,6 +341,7 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, levels: 
     run_ours(mpi, warm, fresh, DAG_RANKS, 1)  # warm-up, not counted
 
     local_spec = specgen.write(spec_dir, "dag-local.yaml", dag_spec(tasks))
+    probe = fs_probe(fresh("fs-probe"), n)
     done: list[OurRun] = []
     makespans, bounds, cps, works, ratios, outside, returns = [], [], [], [], [], [], []
     local_spans, local_ratios = [], []
@@ -391,12 +393,31 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, levels: 
                     secs(med(local_spans)), ratio=f"{med(local_ratios):.3f}x its LB"))
     rows.append(Row("  MPI makespan / local makespan", secs(med(makespans)), secs(med(local_spans)),
                     f"{med(makespans) / med(local_spans):.2f}x"))
+    rows.append(Row(f"  filesystem: CPU to make {n:,} work-directory skeletons (2 mkdir + 2 files)",
+                    secs(probe), ratio=f"{probe / n * 1000:.2f} ms a task"))
+    notes.append("filesystem: a shell task's attempt makes its work directory, logs/ and two log files; on ext4 "
+                 "that costs about 3x more CPU for a minute or more after many files were deleted (inode "
+                 "allocation skips recently deleted inodes), and the DAG's makespan is CPU-bound on 2 cores: "
+                 "compare the probe between runs of this benchmark")
     notes.append(f"DAG: bench_run's, shell tasks 'sleep 0.NNN' (bash -c), Pareto(1) clipped to [1, 50] ms, seed "
                  f"{DAG_SEED}, sum {sum(t.ms for t in tasks) / 1000:.1f} s; makespan = first 'running' to last "
                  "'succeeded' record over all ranks' journals; LB from run.json wall_s (process start included)")
     notes.append("slot time outside its wall: what a slot spends per task beyond the attempt's recorded wall "
                  "(hand-over, the round trip, polling, waiting for a core); the local backend runs the same "
                  "spec with bench_run's command, after each MPI run")
+
+
+def fs_probe(root: str, n: int) -> float:
+    """CPU seconds this process spends making ``n`` work-directory skeletons under ``root`` (kept: deleting
+    them would slow the next allocations down)."""
+    start = time.process_time()
+    for i in range(n):
+        logs = os.path.join(root, "tasks", f"T{i:05d}", "logs")
+        os.makedirs(logs)
+        for name in ("stdout.log", "stderr.log"):
+            with open(os.path.join(logs, name), "wb"):
+                pass
+    return time.process_time() - start
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ Throughput, 20,000 no-op calls (``--calls``), each a ``submit`` whose future is 
 Idle cost and latency, per longest poll interval (``wire.POLL_MAX``): rank 0's CPU time over 1 s with no
 call in flight, and over a 1 s wait for a call that sleeps 1 s, the worker process's CPU time during
 that sleep, and the median round trip
-of a no-op call submitted after 20 ms of quiet (loops fully backed off), over 50 calls. The same for
+of a no-op call submitted after 20 ms of quiet (loops at their full poll interval), over 50 calls. The same for
 ``MPICommExecutor`` (its own 1 ms back-off) for context.
 
 Cases alternate run by run, so a change in the machine's load hits all alike; figures are medians over

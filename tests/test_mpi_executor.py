@@ -28,7 +28,7 @@ from cmbagent_batch.mpi.failures import (
     encode_failure,
 )
 from cmbagent_batch.mpi.slots import SlotTable
-from cmbagent_batch.mpi.wire import Backoff
+from cmbagent_batch.mpi.wire import PollWait
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE / "mpi_scripts" / "scenarios.py"
@@ -117,15 +117,11 @@ def test_slot_table_stays_small_when_every_slot_stays_busy() -> None:
     assert len(table._heap) <= 4
 
 
-def test_backoff_doubles_from_a_microsecond_to_its_longest_wait() -> None:
-    b = Backoff(0.001)
-    waits = [b.next() for _ in range(14)]
-    assert waits[0] == 0.0
-    assert waits[1] == pytest.approx(0.001 / 1024)
-    assert waits[2] == pytest.approx(2 * 0.001 / 1024)
-    assert waits[-1] == 0.001
-    b.reset()
-    assert b.next() == 0.0
+def test_a_loop_polls_again_at_once_after_finding_something_else_waits_its_interval() -> None:
+    w = PollWait(0.002)
+    assert [w.next() for _ in range(3)] == [0.0, 0.002, 0.002]
+    w.reset()
+    assert [w.next() for _ in range(2)] == [0.0, 0.002]
 
 
 def _raise(exc: BaseException) -> BaseException:

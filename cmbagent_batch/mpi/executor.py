@@ -3,7 +3,7 @@
 The caller's threads only pickle a call and hand it to one communication thread through a queue; that
 thread alone talks MPI (so MPI_THREAD_SERIALIZED is enough, MPI_THREAD_MULTIPLE is not relied on). It
 sends each call to the least loaded worker with a free slot, in submission order, and completes the
-futures as results come back. It sleeps on its queue between polls (see ``wire.Backoff``), so a submit
+futures as results come back. It sleeps on its queue between polls (see ``wire.PollWait``), so a submit
 wakes it at once; while calls are in flight it costs a few percent of a core, and nothing when none is.
 
 ``stop_tasks`` and ``hold_tasks`` keep what has not started from starting: the calls queued here are
@@ -32,7 +32,7 @@ from cmbagent_batch.mpi.failures import (
     local_failure,
 )
 from cmbagent_batch.mpi.slots import SlotTable
-from cmbagent_batch.mpi.wire import HEADER, Backoff, Link, Tag, load_mpi
+from cmbagent_batch.mpi.wire import HEADER, PollWait, Link, Tag, load_mpi
 
 T = TypeVar("T")
 
@@ -176,7 +176,7 @@ class RankExecutor(Executor):
             self._break(exc)
 
     def _loop(self) -> None:
-        backoff = Backoff()
+        poll_wait = PollWait()
         item: _Call | _Shutdown | str | None = None
         while True:
             busy = self._take(item)
@@ -193,11 +193,11 @@ class RankExecutor(Executor):
                     and len(self._hosts) == len(self._workers)):
                 return  # every worker has said hello: nothing of theirs is left unreceived
             if busy:
-                backoff.reset()
+                poll_wait.reset()
             # Workers only answer: with nothing in flight nor unsent, there is nothing to poll for.
             expecting = bool(self._in_flight) or self._link.sending > 0 or len(self._hosts) < len(self._workers)
             try:
-                item = self._inbox.get(timeout=backoff.next() if expecting else None)
+                item = self._inbox.get(timeout=poll_wait.next() if expecting else None)
             except queue.Empty:
                 item = None
 

@@ -19,10 +19,13 @@ from cmbagent_batch.mpi.failures import MPIUnavailable
 
 HEADER = struct.Struct("<Q")  # the call id in front of a call or a result
 
-# Polling: after a quiet poll the loop waits 1 us, then twice as long each time, up to POLL_MAX; any
-# message or local event starts it over. POLL_MAX bounds the latency an idle loop adds to a message
+# Polling: a loop that found something polls again at once; after a quiet poll it waits POLL_MAX (on its
+# queue, so a local event still wakes it at once). POLL_MAX bounds the latency a loop adds to a message
 # (one poll interval at each end of a round trip) and sets the idle CPU: about 3% of a core per loop at
-# 1 ms, 1.5% at 2 ms (measured with MPICH 5 on 2 cores, see bench/bench_mpi_executor.py).
+# 1 ms, 1.5% at 2 ms (measured with MPICH 5 on 2 cores, see bench/bench_mpi_executor.py). Waits growing
+# from 1 us instead cost more than they save when ranks oversubscribe the cores, as shell tasks make them
+# do: ten wake-ups in each quiet millisecond, each waiting for a core (16 shell slots over 4 ranks on 2
+# cores, bench/bench_mpi.py's DAG: slots busy 80% of the makespan with them, 89% without, medians of 6).
 POLL_MAX = 0.001
 
 
@@ -61,22 +64,20 @@ def load_mpi() -> ModuleType:
     return MPI
 
 
-class Backoff:
-    """Growing waits between polls that find nothing: from ``longest`` / 1024 (1 us), doubling up to
-    ``longest`` seconds (``POLL_MAX`` when not given, read when the loop starts)."""
+class PollWait:
+    """How long a loop waits before its next poll: nothing right after a poll that found something
+    (``reset``), else ``longest`` seconds (``POLL_MAX`` when not given, read when the loop starts)."""
 
     def __init__(self, longest: float | None = None) -> None:
         self.longest = POLL_MAX if longest is None else longest
-        self.shortest = self.longest / 1024
         self._next = 0.0
 
     def reset(self) -> None:
         self._next = 0.0
 
     def next(self) -> float:
-        """How long to wait now; the next wait is twice as long (within bounds)."""
-        wait = self._next
-        self._next = min(self.longest, max(self.shortest, wait * 2))
+        """How long to wait now."""
+        wait, self._next = self._next, self.longest
         return wait
 
 

@@ -4,7 +4,7 @@ The calling thread is the only one of the process that talks MPI: it receives ca
 thread pool of ``slots_per_rank`` threads (rank 0 sends a call ahead, which waits in the pool's queue so
 that a slot never waits a round trip for its next call), and sends back what those threads leave in a
 queue. A stop or a hold cancels the calls that have not started (a stop also calls ``on_stop``). It
-sleeps on that queue between polls (see ``wire.Backoff``), so a finished call is sent at once.
+sleeps on that queue between polls (see ``wire.PollWait``), so a finished call is sent at once.
 
 A signal handled while it sleeps there could leave it asleep past its timeout, until a call ends (a
 hold from rank 0 would then wait too): ``SimpleQueue.get(timeout=...)`` waits with no deadline once a
@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from cmbagent_batch.mpi.failures import encode_failure
-from cmbagent_batch.mpi.wire import HEADER, Backoff, Link, Tag, load_mpi
+from cmbagent_batch.mpi.wire import HEADER, PollWait, Link, Tag, load_mpi
 
 _Outcome = tuple[Tag, bytes]  # RESULT or FAILURE, with the call id in front
 
@@ -62,7 +62,7 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
     running = 0
     waiting: list[tuple[Future[None], bytes]] = []  # calls handed to the pool, with their headers
     closing = False
-    backoff = Backoff()
+    poll_wait = PollWait()
     outcome: _Outcome | None = None
     try:
         while True:
@@ -94,9 +94,9 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
             if closing and not running and not link.sending:
                 return
             if busy:
-                backoff.reset()
+                poll_wait.reset()
             try:
-                outcome = done.get(timeout=backoff.next())
+                outcome = done.get(timeout=poll_wait.next())
             except queue.Empty:
                 outcome = None
     finally:
