@@ -167,9 +167,9 @@ def _agent_request(spec: JobSpec, task: TaskSpec, run_id: str) -> dict[str, Any]
     assert m.price is not None  # the loader prices every model
     model = {"name": m.name, "model": m.model, "base_url": m.base_url, "api_key_env": m.api_key_env,
              "timeout": m.timeout, "max_retries": m.max_retries, "price": dataclasses.asdict(m.price),
-             "price_table": m.price_table, "provider": m.provider}
+             "price_table": m.price_table}
     if m.provider == "local":
-        model["local"] = dataclasses.asdict(LocalModel.from_spec(m, spec.path))
+        model["local"] = dataclasses.asdict(LocalModel.from_spec(m, spec.path))  # the agent side keys on it
     return {
         "job": spec.job.name, "run_id": run_id, "agent": task.agent, "instructions": task.instructions,
         "inputs": list(task.inputs), "max_turns": task.max_turns, "code_execution": task.code_execution,

@@ -32,7 +32,7 @@ from cmbagent_batch.mpi.failures import (
     local_failure,
 )
 from cmbagent_batch.mpi.slots import SlotTable
-from cmbagent_batch.mpi.wire import HEADER, PollWait, Link, Tag, load_mpi
+from cmbagent_batch.mpi.wire import HEADER, Link, PollWait, Tag, load_mpi
 
 T = TypeVar("T")
 

@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from cmbagent_batch.mpi.failures import encode_failure
-from cmbagent_batch.mpi.wire import HEADER, PollWait, Link, Tag, load_mpi
+from cmbagent_batch.mpi.wire import HEADER, Link, PollWait, Tag, load_mpi
 
 _Outcome = tuple[Tag, bytes]  # RESULT or FAILURE, with the call id in front
 
