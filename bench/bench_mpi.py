@@ -405,6 +405,24 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, levels: 
     notes.append("slot time outside its wall: what a slot spends per task beyond the attempt's recorded wall "
                  "(hand-over, the round trip, polling, waiting for a core); the local backend runs the same "
                  "spec with bench_run's command, after each MPI run")
+    if (autogroup := autogroup_note()) is not None:
+        notes.append(autogroup)
+
+
+def autogroup_note() -> str | None:
+    """What the kernel's autogroup setting means for this figure, when the kernel says."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled", encoding="ascii") as fh:
+            enabled = fh.read().strip() == "1"
+    except OSError:
+        return None
+    if not enabled:
+        return "kernel.sched_autogroup_enabled=0: every thread and process competes for the cores alone"
+    return ("kernel.sched_autogroup_enabled=1: the kernel shares the cores between sessions before threads. "
+            "Each shell task runs in a session of its own (so that it can be ended as a group) and the 5 ranks "
+            "share the one mpiexec started them in, so their threads compete as one session against every "
+            "task that is starting up; rank 0's scheduler thread waited for a core about 3x as long as it ran "
+            "(its schedstat, seen with this DAG)")
 
 
 def fs_probe(root: str, n: int) -> float:
@@ -509,8 +527,8 @@ def main() -> int:
         }
         sections, failed = specgen.run_sections(steps, args.only)
     notes = [f"mpiexec: {exe}; {versions()}",
-             f"{specgen.load_note()}; {load_at_start:.2f} (1 min) at the start. Ranks oversubscribe "
-             "the cores: wall times include waiting for a core, compare the cpu column too"]
+             (f"{specgen.load_note()}; {load_at_start:.2f} (1 min) at the start. Ranks oversubscribe "
+              "the cores: wall times include waiting for a core, compare the cpu column too")]
     if quick:
         notes.append("--quick: small sizes, one run each; only the ratios mean anything")
     return specgen.report(f"cmbagent-batch run --backend mpi ({sys.executable})", sections, failed, notes)
