@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+from collections.abc import Callable
 from concurrent.futures import (
     CancelledError,
     Executor,
@@ -21,7 +22,7 @@ from concurrent.futures import (
     ThreadPoolExecutor,
 )
 from multiprocessing.context import BaseContext
-from typing import Any, Callable
+from typing import Any
 
 from cmbagent_batch.tasks.base import Stopped
 from cmbagent_batch.tasks.shell import terminate_all
@@ -32,20 +33,29 @@ class Slots:
     handed over (the scheduler's priority order), not in the order their threads reach the gate: a slot
     is kept for an attempt handed over earlier that is still preparing. None starts once stopping.
 
+    With ``keep_order=False`` a free slot goes to the first attempt in line that is ready to start, and
+    the line is ordered by each gate's ``priority`` (higher first, then hand-over order): an MPI worker
+    rank, which gets attempts a few at a time and ahead of its slots, runs what is ready, the most urgent
+    first, instead of idling while a newly arrived attempt prepares.
+
     The thread that frees a slot starts the next attempt itself (its ``start``, e.g. spawning bash) before
     waking that attempt's thread: the process starts without waiting for a thread to wake and get the GIL.
     """
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, keep_order: bool = True) -> None:
         self._lock = threading.Lock()
         self._free = n
-        self._line: list[_Gate] = []  # handed over, not holding a slot yet, in hand-over order
+        self._keep_order = keep_order
+        self._line: list[_Gate] = []  # handed over, not holding a slot yet, in the order they get one
         self.stopping = False
 
-    def gate(self, on_start: Callable[[], None]) -> "_Gate":
-        g = _Gate(self, on_start)
+    def gate(self, on_start: Callable[[], None], priority: float = 0.0) -> _Gate:
+        g = _Gate(self, on_start, priority)
         with self._lock:
-            self._line.append(g)
+            at = len(self._line)
+            while at and self._line[at - 1].priority < priority:
+                at -= 1
+            self._line.insert(at, g)
         return g
 
     def stop(self) -> None:
@@ -54,11 +64,13 @@ class Slots:
             for g in self._line:
                 g._granted.set()  # wakes it to find the run stopping
 
-    def _grant(self) -> list["_Gate"]:
+    def _grant(self) -> list[_Gate]:
         """Give free slots to the first attempts in line that wait for one (the lock is held)."""
         granted: list[_Gate] = []
         i = 0
-        while not self.stopping and i < len(self._line) and i < self._free:
+        while not self.stopping and i < len(self._line) and self._free > 0:
+            if self._keep_order and i >= self._free:
+                break  # the free slots are kept for attempts ahead in line that are still preparing
             g = self._line[i]
             if g._waiting:
                 del self._line[i]
@@ -69,13 +81,13 @@ class Slots:
         return granted
 
     @staticmethod
-    def _begin_all(granted: list["_Gate"]) -> None:
+    def _begin_all(granted: list[_Gate]) -> None:
         """Start the granted attempts here (the lock is not held), then wake their threads."""
         for g in granted:
             g._begin()
             g._granted.set()
 
-    def _enter(self, g: "_Gate") -> None:
+    def _enter(self, g: _Gate) -> None:
         granted: list[_Gate] = []
         with self._lock:
             if self.stopping:
@@ -89,6 +101,7 @@ class Slots:
             with self._lock:
                 if g in self._line:
                     self._line.remove(g)
+            g.refused = True
             raise Stopped("terminated by the runner before it started")
 
     def _release(self) -> None:
@@ -97,7 +110,7 @@ class Slots:
             granted = self._grant()
         self._begin_all(granted)
 
-    def _withdraw(self, g: "_Gate") -> None:
+    def _withdraw(self, g: _Gate) -> None:
         with self._lock:
             if g not in self._line:
                 return
@@ -109,9 +122,11 @@ class Slots:
 class _Gate:
     """The ``Gate`` of one attempt (see ``cmbagent_batch.tasks.base.Gate``)."""
 
-    def __init__(self, slots: Slots, on_start: Callable[[], None]) -> None:
+    def __init__(self, slots: Slots, on_start: Callable[[], None], priority: float = 0.0) -> None:
         self._slots = slots
         self._on_start = on_start
+        self.priority = priority
+        self.refused = False  # it reached the gate and a stop kept it from starting
         self._start: Callable[[], Any] | None = None
         self._waiting = False
         self._granted = threading.Event()

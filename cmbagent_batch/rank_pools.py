@@ -2,11 +2,17 @@
 with an attempt before and after running it.
 
 Rank 0 runs the scheduler; ``RankPools`` gives it one executor, ``cmbagent_batch.mpi.RankExecutor``, whose
-calls run on ranks 1..N-1 (``execution.tasks_per_rank`` at once on each). A call is ``on_rank`` (one
-attempt) or ``batch_on_rank`` (several tiny ones, one round trip): on the worker it moves the attempt to
-that rank's work directory (``RUN_DIR/ranks/rank-NNNN/tasks/TASK``), runs it, and appends the attempt's
-end to that rank's state journal (``RUN_DIR/journal/rank-NNNN.jsonl``) before answering, so what a worker
-finished survives rank 0 being killed. The outcome says which rank and host ran it.
+calls run on ranks 1..N-1. A call is ``on_rank`` (one attempt) or ``batch_on_rank`` (several tiny ones, one
+round trip): on the worker it moves the attempt to that rank's work directory
+(``RUN_DIR/ranks/rank-NNNN/tasks/TASK``), runs it, and appends the attempt's end to that rank's state
+journal (``RUN_DIR/journal/rank-NNNN.jsonl``) before answering, so what a worker finished survives rank 0
+being killed. The outcome says which rank and host ran it.
+
+A worker rank runs ``execution.tasks_per_rank`` attempts at once, as the local thread pool does: it serves
+with ``PREPARED`` more threads than that, whose attempts make their work directory and log files and then
+wait at the rank's gate (``pools.Slots``) for a slot, the most urgent first (the task's priority travels
+with the call). Rank 0 sends each worker ``CALLS_AHEAD`` calls beyond its threads, and queues more, most
+urgent first, so that a slot that frees starts a prepared attempt at once.
 """
 
 from __future__ import annotations
@@ -17,30 +23,43 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import CancelledError, Executor
 from typing import Any
 
 from cmbagent_batch.attempt import run_attempt, run_attempts
 from cmbagent_batch.journal import encode
+from cmbagent_batch.pools import Slots
 from cmbagent_batch.rundir import journal_path, work_dir
 from cmbagent_batch.tasks.base import Outcome, TaskContext
 from cmbagent_batch.tasks.shell import terminate_all
+
+PREPARED = 4  # attempts a worker rank prepares ahead of its slots
+CALLS_AHEAD = 4  # calls rank 0 sends a worker beyond its threads
+PREFETCH_PER_SLOT = 4  # attempts the scheduler hands rank 0's executor per slot, beyond those running
 
 _journals: dict[tuple[str, int], _RankJournal] = {}
 _journals_lock = threading.Lock()
 _place: dict[str, Any] = {}
 
 
+def worker_threads(tasks_per_rank: int) -> int:
+    """The threads a worker rank serves with, and the slots per rank of rank 0's executor."""
+    return tasks_per_rank + PREPARED
+
+
 class RankPools:
     """The scheduler's pools when tasks run on MPI worker ranks (the ``LocalPools`` interface)."""
 
-    def __init__(self, executor: Any) -> None:
+    def __init__(self, executor: Any, tasks_per_rank: int) -> None:
         self.executor = executor
-        self.workers = executor.slots
-        self.prefetch = executor.slots  # queued at rank 0, so a worker never waits for the next attempt
+        self.workers = tasks_per_rank * len(executor.workers)
+        # Beyond what the workers hold, queued on rank 0, so that a worker never waits for rank 0's
+        # scheduler (which shares the cores with everything else) for its next attempt.
+        self.prefetch = PREFETCH_PER_SLOT * self.workers
+        self._by_priority = _ByPriority(executor)
 
     def executor_for(self, kind: str) -> Executor:
-        return self.executor  # type: ignore[no-any-return]
+        return self._by_priority
 
     def gate(self, kind: str, on_start: Callable[[], None]) -> None:
         return None
@@ -64,41 +83,100 @@ class RankPools:
         pass  # the executor is shut down by whoever made it (``mpi.run_in_world``)
 
 
-def set_place(rank: int) -> None:
-    """Called once on each worker rank, before it serves: where its attempts run, and the environment its
-    shell and agent tasks start from (this rank's own, as it is now: the local backend too takes the
-    runner's environment once, at the start of the run): copying ``os.environ`` for every attempt took
-    about 20 us under mpiexec, 2 to 3% of a worker's own time per tiny shell task."""
-    _place.update(rank=rank, host=socket.gethostname(), env=dict(os.environ))
+class _ByPriority(Executor):
+    """Rank 0's executor as the scheduler sees it: an attempt is submitted with its task's priority (the
+    ``priority`` of the ``on_rank`` call; a batch's highest), so the most urgent waiting one goes first."""
+
+    def __init__(self, executor: Any) -> None:
+        self._executor = executor
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return self._executor.submit_with_priority(_priority(fn, args), fn, *args, **kwargs)
+
+
+def _priority(fn: Callable[..., Any], args: tuple[Any, ...]) -> float:
+    if fn is batch_on_rank:
+        return max((_priority(member, a) for member, a in args[0]), default=0.0)
+    return float(getattr(fn, "keywords", {}).get("priority", 0.0))
+
+
+def set_place(rank: int, tasks_per_rank: int) -> None:
+    """Called once on each worker rank, before it serves: where its attempts run, its gate of
+    ``tasks_per_rank`` slots, and the environment its shell and agent tasks start from (this rank's own,
+    as it is now: the local backend too takes the runner's environment once, at the start of the run):
+    copying ``os.environ`` for every attempt took about 20 us under mpiexec, 2 to 3% of a worker's own
+    time per tiny shell task."""
+    _place.update(rank=rank, host=socket.gethostname(), env=dict(os.environ),
+                  slots=Slots(tasks_per_rank, keep_order=False))
 
 
 def stop_tasks(grace: float) -> Callable[[], None]:
-    """A worker's ``on_stop``: terminate the process groups of its running attempts (shell and agent)."""
-    return lambda: threading.Thread(target=terminate_all, args=(grace,), daemon=True).start()
+    """A worker's ``on_stop``: nothing more starts here, and the process groups of its running attempts
+    (shell and agent) are terminated."""
+    def stop() -> None:
+        hold_tasks()
+        threading.Thread(target=terminate_all, args=(grace,), daemon=True).start()
+
+    return stop
 
 
-def on_rank(*args: Any, record: dict[str, Any], made: bool = False) -> Outcome:
-    """``run_attempt`` on this worker rank; ``record``: what the journal says of a success (fingerprint)."""
-    args = _moved(args)
-    outcome = run_attempt(*args, made=made)
+def hold_tasks() -> None:
+    """A worker's ``on_hold``: the attempts waiting at (or on their way to) this rank's gate never start;
+    each comes back to rank 0 as not started. A hold is for the rest of the run (a drain ends it)."""
+    slots = _place.get("slots")
+    if slots is not None:
+        slots.stop()
+
+
+def on_rank(*args: Any, record: dict[str, Any], made: bool = False, priority: float = 0.0) -> Outcome:
+    """``run_attempt`` on this worker rank, behind its gate; ``record``: what the journal says of a success
+    (fingerprint); ``priority``: its place in the line at the gate. Raises ``CancelledError`` when a stop
+    or a hold kept it from starting (nothing is journaled: it did not run)."""
+    args = _moved(args, priority)
+    outcome = _gated(*args, made=made)
+    if _refused(args):
+        raise CancelledError("held back at its rank's gate: the run is stopping")
     return _finished(args[1], outcome, record)
 
 
 def batch_on_rank(calls: list[tuple[Callable[..., Outcome], tuple[Any, ...]]]) -> list[Outcome]:
-    """Several tiny attempts in one round trip (``run_attempts``, their directories made in one burst)."""
-    moved = [(run_attempt, _moved(args)) for _fn, args in calls]
+    """Several tiny attempts in one round trip (``run_attempts``, their directories made in one burst); those
+    a stop or a hold kept from starting are not journaled."""
+    moved = [(_gated, _moved(args, _priority(fn, args))) for fn, args in calls]
     records = [fn.keywords["record"] for fn, _args in calls]  # on_rank partials (see run.execute)
     outcomes = run_attempts(moved)
-    return [_finished(args[1], o, rec) for (_fn, args), o, rec in zip(moved, outcomes, records)]
+    return [o if _refused(args) else _finished(args[1], o, rec)
+            for (_fn, args), o, rec in zip(moved, outcomes, records)]
 
 
-def _moved(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The attempt's arguments with its context moved to this rank's work directory."""
+def _gated(*args: Any, made: bool = False) -> Outcome:
+    """``run_attempt``, then give back at once the slot a failure keeps (the local scheduler gives it back
+    once it has seen the failure; here nothing waits for rank 0)."""
+    try:
+        return run_attempt(*args, made=made)
+    finally:
+        if args[8] is not None:
+            args[8].settle()
+
+
+def _refused(args: tuple[Any, ...]) -> bool:
+    """Whether a stop or a hold kept the attempt from starting."""
+    return args[8] is not None and bool(args[8].refused)
+
+
+def _moved(args: tuple[Any, ...], priority: float) -> tuple[Any, ...]:
+    """The attempt's arguments with its context moved to this rank's work directory, and its gate."""
     payload, ctx = args[0], args[1]
     rank, host = _place.get("rank", 0), _place.get("host") or socket.gethostname()
     ctx = dataclasses.replace(ctx, rank=rank, host=host, work_dir=work_dir(ctx.run_dir, rank, ctx.task_id))
     env = (_place.get("env") or dict(os.environ)) if payload.kind != "python" else args[3]
-    return (payload, ctx, args[2], env, *args[4:])
+    slots = _place.get("slots")
+    gate = slots.gate(_nothing, priority) if slots is not None else args[8]
+    return (payload, ctx, args[2], env, *args[4:8], gate)
+
+
+def _nothing() -> None:
+    pass  # a worker's attempt counts as running from the hand-over (rank 0 journals it then)
 
 
 def _finished(ctx: TaskContext, outcome: Outcome, record: dict[str, Any]) -> Outcome:

@@ -185,7 +185,8 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     ``walltime_grace``: after SIGUSR1, seconds the running attempts may go on before they are terminated.
     ``walltime_file``: a file whose appearance means the same as SIGUSR1."""
     spec, ex = p.spec, p.spec.execution
-    workers = ranks.slots if ranks is not None else ex.max_workers or default_workers(ex.max_memory_mb)
+    rank_pools = RankPools(ranks, ex.tasks_per_rank) if ranks is not None else None
+    workers = rank_pools.workers if rank_pools is not None else ex.max_workers or default_workers(ex.max_memory_mb)
     if ex.mode == "sequential":
         workers = 1
     host = socket.gethostname()
@@ -243,11 +244,12 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
         payload = payloads.get(r.id) or payloads.setdefault(r.id, _payload(spec, t, base, run_id))
         args = (payload, ctx, links, env, chdir, ex.keep, ex.kill_grace, missing, gate)
         if ranks is not None:  # the worker rank journals a success with its fingerprint
-            return Launch(functools.partial(on_rank, record={"run": run_id, **p.fps[r.id].to_dict()}), args, ctx)
+            record = {"run": run_id, **p.fps[r.id].to_dict()}
+            return Launch(functools.partial(on_rank, record=record, priority=r.priority), args, ctx)
         return Launch(run_attempt, args, ctx)
 
     base_env = dict(os.environ)
-    pools: Any = LocalPools(workers, ex.use_process_pool) if ranks is None else RankPools(ranks)
+    pools: Any = LocalPools(workers, ex.use_process_pool) if rank_pools is None else rank_pools
     import psutil
 
     total_mb = psutil.virtual_memory().total / 2**20

@@ -64,7 +64,14 @@ def cmd_run(args: argparse.Namespace, flags: dict[str, tuple[Any, str]]) -> int:
 def _run_mpi(args: argparse.Namespace, config: Any) -> int:
     """Rank 0 runs the job (scheduler, journal, run.json); the other ranks run its tasks until told to stop."""
     from cmbagent_batch import mpi
-    from cmbagent_batch.rank_pools import close_journals, set_place, stop_tasks
+    from cmbagent_batch.rank_pools import (
+        CALLS_AHEAD,
+        close_journals,
+        hold_tasks,
+        set_place,
+        stop_tasks,
+        worker_threads,
+    )
 
     ex = config.spec.execution
     world, rank, size = mpi.world()
@@ -79,19 +86,20 @@ def _run_mpi(args: argparse.Namespace, config: Any) -> int:
         warn("execution.use_process_pool is ignored under MPI: python tasks run in threads of the worker "
              "ranks (a python task's timeout is not enforced there)")
     if rank != 0:
-        set_place(rank)
+        set_place(rank, ex.tasks_per_rank)
         stop = stop_tasks(ex.kill_grace)
         # Rank 0 decides; on SIGINT and SIGTERM this rank only ends its tasks. srun passes Slurm's
         # walltime warning (SIGUSR1) to every rank: here it does nothing, as a hold or a stop comes from
         # rank 0 (a handler that does nothing, not SIG_IGN, which the tasks would inherit).
         on_signal: dict[int, Any] = {signal.SIGINT: stop, signal.SIGTERM: stop, signal.SIGUSR1: lambda: None}
         try:
-            mpi.serve(comm, ex.tasks_per_rank, on_stop=stop, on_signal=on_signal)
+            mpi.serve(comm, worker_threads(ex.tasks_per_rank), on_stop=stop, on_hold=hold_tasks,
+                      on_signal=on_signal)
         finally:
             close_journals()
             local_model.stop_all()
         return 0
-    executor = mpi.RankExecutor(comm, ex.tasks_per_rank)
+    executor = mpi.RankExecutor(comm, worker_threads(ex.tasks_per_rank), ahead=CALLS_AHEAD)
     try:
         return _run(args, config, executor)
     finally:

@@ -190,6 +190,11 @@ def test_calls_queued_behind_a_single_slot_all_run(tmp_path: Path) -> None:
     assert result == 30
 
 
+def test_calls_queued_on_rank_0_go_out_the_most_urgent_first(tmp_path: Path) -> None:
+    result, _ = run_scenario("priority_order", tmp_path, n=2)
+    assert result == [0, 3, 2, 1, 10, 11]  # the one sent ahead, then by priority, then submission order
+
+
 def test_three_slots_run_three_calls_at_once_on_one_rank(tmp_path: Path) -> None:
     out, _ = run_scenario("overlap", tmp_path)
     by_rank: dict[int, list[list[int]]] = {}

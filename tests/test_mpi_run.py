@@ -249,3 +249,49 @@ def test_dry_run_under_mpi_says_what_would_run_and_ends(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("step-1: run (") == 1  # rank 0 alone prints the plan
     assert not (tmp_path / "runs" / "slow" / "run.json").exists()
+
+
+def test_a_worker_rank_runs_at_most_tasks_per_rank_attempts_at_once(tmp_path: Path) -> None:
+    # A worker prepares attempts ahead of its slots (more threads than tasks_per_rank): its gate still
+    # lets only tasks_per_rank of them run at once.
+    path = write(tmp_path, """\
+version: 1
+job: {name: bounded}
+execution: {backend: mpi, tasks_per_rank: 2}
+tasks:
+  - id: t-{i}
+    kind: shell
+    matrix: {i: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}
+    run: sleep 0.4
+""")
+    result = mpirun(tmp_path, 3, "run", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    spans: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+    for rank in (1, 2):
+        for line in (tmp_path / "runs" / "bounded" / "journal" / f"rank-{rank:04d}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec["state"] == "succeeded":
+                spans[rank].append((rec["t"] - rec["wall_s"], rec["t"]))
+    assert sum(map(len, spans.values())) == 12
+    for rank, mine in spans.items():
+        at_once = [sum(1 for s, e in mine if s <= start + 0.1 < e) for start, _ in mine]
+        assert max(at_once) == 2, (rank, mine)
+
+
+def test_tiny_tasks_in_batches_with_failures_among_them_end_on_one_slot(tmp_path: Path) -> None:
+    # Tiny tasks go to a worker in batches, run one after the other behind the rank's gate: a member's
+    # failure must give its slot back at once (there is one), or the next member would wait forever.
+    path = write(tmp_path, """\
+version: 1
+job: {name: tiny}
+execution: {backend: mpi, tasks_per_rank: 1, keep_going: true, retries: 0}
+tasks:
+  - id: t-{i}
+    kind: shell
+    matrix: {i: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]}
+    run: 'test $(( CMBAGENT_MATRIX_I % 5 )) -ne 0'
+""")
+    result = mpirun(tmp_path, 2, "run", str(path), "--quiet", timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    states = Counter(t["state"] for t in manifest(tmp_path / "runs" / "tiny")["tasks"].values())
+    assert states == {"succeeded": 20, "failed": 4}

@@ -79,6 +79,31 @@ def test_a_failure_keeps_its_slot_until_the_scheduler_settles_it() -> None:
     assert log == ["next stopped"]
 
 
+def test_a_worker_ranks_gate_starts_what_is_ready_the_most_urgent_first() -> None:
+    slots = Slots(1, keep_order=False)
+    holder = slots.gate(lambda: None)
+    holder.enter()
+    preparing = slots.gate(lambda: None, priority=9)  # first in line, still making its work directory
+    low, high = slots.gate(lambda: None, priority=1), slots.gate(lambda: None, priority=5)
+    log: list[str] = []
+    waiters = [enter_in_thread(low, log, "low")]
+    settle()
+    waiters.append(enter_in_thread(high, log, "high"))
+    settle()
+    holder.leave(True)
+    waiters[1].join(5)
+    settle()
+    assert log == ["high"]  # ready and the most urgent: the one still preparing keeps no slot
+    high.leave(True)
+    waiters[0].join(5)
+    assert log == ["high", "low"]
+    low.leave(True)
+    log.clear()
+    late = enter_in_thread(preparing, log, "preparing")
+    late.join(5)
+    assert log == ["preparing"]
+
+
 def test_stop_wakes_every_waiting_attempt_and_none_starts() -> None:
     slots = Slots(1)
     holder = slots.gate(lambda: None)

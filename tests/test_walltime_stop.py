@@ -451,9 +451,10 @@ def test_sigusr1_to_every_rank_with_a_grace_lets_the_workers_tasks_finish(tmp_pa
             p.send_signal(signal.SIGUSR1)
         wait_until("the drain starts", lambda: HOLD_2_FOR_30 in err_path.read_text())
         # The hold reaches the workers a moment after rank 0 says so: a task ending in between would let
-        # the one sent ahead to its rank start. Release the running tasks once the held ones are back.
+        # one sent ahead to its rank start. Release the running tasks once the held ones are back: the
+        # other four a-* tasks, sent ahead to the workers (prepared there, at the gate) or queued on rank 0.
         wait_until("the tasks handed over ahead are held back", lambda: sum(
-            r["state"] == "interrupted" for r in journal(run_dir)) == 2)
+            r["state"] == "interrupted" for r in journal(run_dir)) == 4)
         release.touch()
         assert proc.wait(timeout=60) == 138, err_path.read_text()
     finally:

@@ -2,8 +2,9 @@
 
 The caller's threads only pickle a call and hand it to one communication thread through a queue; that
 thread alone talks MPI (so MPI_THREAD_SERIALIZED is enough, MPI_THREAD_MULTIPLE is not relied on). It
-sends each call to the least loaded worker with a free slot, in submission order, and completes the
-futures as results come back. It sleeps on its queue between polls (see ``wire.PollWait``), so a submit
+sends each call to the least loaded worker with a free slot, the highest priority first
+(``submit_with_priority``; submission order among equals), and completes the futures as results come
+back. It sleeps on its queue between polls (see ``wire.PollWait``), so a submit
 wakes it at once; while calls are in flight it costs a few percent of a core, and nothing when none is.
 
 ``stop_tasks`` and ``hold_tasks`` keep what has not started from starting: the calls queued here are
@@ -13,16 +14,16 @@ terminates the running calls, a hold lets them go on.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import pickle
 import queue
 import signal
 import sys
 import threading
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cmbagent_batch.mpi.failures import (
@@ -37,7 +38,7 @@ from cmbagent_batch.mpi.wire import HEADER, Link, PollWait, Tag, load_mpi
 T = TypeVar("T")
 
 
-AHEAD = 1  # calls sent to a worker beyond its slots
+AHEAD = 1  # calls sent to a worker beyond its slots, unless told otherwise
 
 
 class RankFuture(Future[T]):
@@ -51,11 +52,15 @@ class RankFuture(Future[T]):
         self.host: str | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, order=True)
 class _Call:
-    id: int
-    future: RankFuture[Any]
-    payload: bytes  # call id + pickled (fn, args, kwargs)
+    key: tuple[float, int]  # (-priority, call id): rank 0 sends the most urgent queued call first
+    future: RankFuture[Any] = field(compare=False)
+    payload: bytes = field(compare=False)  # call id + pickled (fn, args, kwargs)
+
+    @property
+    def id(self) -> int:
+        return self.key[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +77,14 @@ class RankExecutor(Executor):
     other rank runs ``serve(comm, slots_per_rank)``.
 
     ``comm`` is used by this executor alone from now on (``run_in_world`` gives it a duplicate of
-    COMM_WORLD); ``slots_per_rank`` must be the value the workers serve with. Future callbacks run on
+    COMM_WORLD); ``slots_per_rank`` must be the value the workers serve with; ``ahead``: calls sent to
+    each worker beyond its slots, to wait there for a free one. Future callbacks run on
     the communication thread: they must be quick and must not wait for other futures of this executor.
     Shut it down before MPI is finalised (``run_in_world`` does; so does ``with``): its thread is a
     daemon, and the workers leave their loops only when told.
     """
 
-    def __init__(self, comm: Any, slots_per_rank: int) -> None:
+    def __init__(self, comm: Any, slots_per_rank: int, ahead: int = AHEAD) -> None:
         mpi = load_mpi()
         if comm.Get_rank() != 0:
             raise ValueError(f"RankExecutor belongs on rank 0, not on rank {comm.Get_rank()}")
@@ -90,9 +96,9 @@ class RankExecutor(Executor):
         self._size = comm.Get_size()
         self._workers = list(range(1, self._size))
         self._per_rank = slots_per_rank
-        # One call more than its slots goes to each worker: it waits there, and starts the moment a slot
-        # frees, instead of a round trip later (5 to 9 ms here, a third of a typical tiny task).
-        self._slots = SlotTable(self._workers, slots_per_rank + AHEAD)
+        # ``ahead`` calls more than its slots go to each worker: they wait there, and start the moment a
+        # slot frees, instead of a round trip later (5 to 9 ms here, a third of a typical tiny task).
+        self._slots = SlotTable(self._workers, slots_per_rank + ahead)
         self._link = Link(mpi, comm)
         self._any_source = mpi.ANY_SOURCE
         self._ids = itertools.count(1)
@@ -101,7 +107,7 @@ class RankExecutor(Executor):
         self._closed = False
         self._broken: BaseException | None = None
         # State below belongs to the communication thread.
-        self._queued: deque[_Call] = deque()
+        self._queued: list[_Call] = []  # a heap
         self._in_flight: dict[int, RankFuture[Any]] = {}
         self._hosts: dict[int, str] = {}
         self._closing = False
@@ -122,6 +128,12 @@ class RankExecutor(Executor):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> RankFuture[T]:
         """Queue ``fn(*args, **kwargs)`` for a worker rank. The call is pickled now: a call that cannot
         be pickled gives a future that has already failed with the pickling error."""
+        return self.submit_with_priority(0.0, fn, *args, **kwargs)
+
+    def submit_with_priority(self, priority: float, fn: Callable[..., T], /, *args: Any,
+                             **kwargs: Any) -> RankFuture[T]:
+        """``submit``, and of the calls still queued on rank 0 (those waiting for a free worker slot), the
+        one with the highest ``priority`` is sent first; submission order among equals."""
         self._check_open()
         future: RankFuture[T] = RankFuture()
         call_id = next(self._ids)
@@ -132,7 +144,7 @@ class RankExecutor(Executor):
             return future
         with self._lock:
             self._check_open()
-            self._inbox.put(_Call(call_id, future, payload))
+            self._inbox.put(_Call((-priority, call_id), future, payload))
         return future
 
     def _check_open(self) -> None:
@@ -210,15 +222,15 @@ class RankExecutor(Executor):
                 return False
         while item is not None:
             if isinstance(item, _Call):
-                self._queued.append(item)
+                heapq.heappush(self._queued, item)
             elif isinstance(item, _Shutdown):
                 self._closing = True
                 if item.cancel_futures:
                     while self._queued:
-                        _cancel(self._queued.popleft().future)
+                        _cancel(heapq.heappop(self._queued).future)
             else:  # _STOP or _HOLD; a worker told to exit that has no call here may have left its loop already
                 while self._queued:  # both mean: start nothing more
-                    _cancel(self._queued.popleft().future)
+                    _cancel(heapq.heappop(self._queued).future)
                 for rank in self._workers:
                     if not self._told_to_exit or self._slots.load(rank):
                         self._link.send(HEADER.pack(0), rank, Tag.STOP if item == _STOP else Tag.HOLD)
@@ -229,10 +241,10 @@ class RankExecutor(Executor):
         return True
 
     def _dispatch(self) -> bool:
-        """Send queued calls, oldest first, while some worker has a free slot."""
+        """Send queued calls, the most urgent first, while some worker has a free slot."""
         sent = False
         while self._queued and self._slots.free:
-            call = self._queued.popleft()
+            call = heapq.heappop(self._queued)
             if not call.future.set_running_or_notify_cancel():
                 continue  # cancelled while queued
             rank = self._slots.take()

@@ -1,9 +1,9 @@
 """``serve``: the loop of a worker rank, running the calls rank 0's ``RankExecutor`` sends it.
 
 The calling thread is the only one of the process that talks MPI: it receives calls, hands them to a
-thread pool of ``slots_per_rank`` threads (rank 0 sends a call ahead, which waits in the pool's queue so
-that a slot never waits a round trip for its next call), and sends back what those threads leave in a
-queue. A stop or a hold cancels the calls that have not started (a stop also calls ``on_stop``). It
+thread pool of ``slots_per_rank`` threads (rank 0 sends calls ahead, which wait in the pool's queue so
+that a thread never waits a round trip for its next call), and sends back what those threads leave in a
+queue. A stop or a hold cancels the calls that have not started (and calls ``on_stop`` or ``on_hold``). It
 sleeps on that queue between polls (see ``wire.PollWait``), so a finished call is sent at once.
 
 A signal handled while it sleeps there could leave it asleep past its timeout, until a call ends (a
@@ -21,7 +21,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
 from cmbagent_batch.mpi.failures import encode_failure
@@ -31,6 +31,7 @@ _Outcome = tuple[Tag, bytes]  # RESULT or FAILURE, with the call id in front
 
 
 def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None = None,
+          on_hold: Callable[[], None] | None = None,
           on_signal: Mapping[int, Callable[[], None]] | None = None) -> None:
     """Run the calls rank 0 sends over ``comm``, ``slots_per_rank`` at a time, until rank 0 says shutdown.
 
@@ -38,13 +39,17 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
     should make them end soon (e.g. kill their subprocesses) and return promptly, and leave a state that
     a call just starting also sees (it may have been received before the stop, and not be running yet).
     An exception from it is printed to stderr and the loop goes on. When rank 0 asks to hold, the calls
-    received that have not started are answered ``NOT_STARTED`` and the running ones go on. Returns once
-    rank 0 has said shutdown and every call this rank received has ended and its outcome is sent.
+    received that have not started are answered ``NOT_STARTED``, ``on_hold`` is called (on this thread:
+    it should keep the running calls from starting what they hold back, and return promptly), and the
+    running ones go on. Returns once rank 0 has said shutdown and every call this rank received has ended
+    and its outcome is sent.
 
     ``on_signal``: what this rank does when it gets each of these signals (say ``{SIGTERM: on_stop}``),
     called from handlers that ``serve`` installs while it runs (when it runs on the main thread).
 
-    A call's exception, or a result that cannot be pickled, goes back to rank 0 as a failure; the loop
+    A call that raises ``concurrent.futures.CancelledError`` goes back as not started (say, held back by
+    ``on_hold``); its future on rank 0 fails with ``CancelledError`` as if the hold had found it waiting.
+    A call's other exceptions, or a result that cannot be pickled, go back to rank 0 as a failure; the loop
     goes on. If rank 0 dies instead of saying shutdown, this loop waits for it: MPI launchers (Hydra,
     ``srun``) then end the whole job, which is what ends this rank.
     """
@@ -79,8 +84,7 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
                         if future.cancel():
                             done.put((Tag.NOT_STARTED, head))
                     waiting = []
-                    if tag == Tag.STOP:
-                        _stop(on_stop, rank)
+                    _stop(on_stop if tag == Tag.STOP else on_hold, rank)
                 elif tag == Tag.SHUTDOWN:
                     closing = True
             if outcome is None:
@@ -136,6 +140,9 @@ def _call(data: bytearray, put: Callable[[_Outcome], None]) -> None:
     try:
         fn, args, kwargs = pickle.loads(memoryview(data)[HEADER.size:])
         value = fn(*args, **kwargs)
+    except CancelledError:  # the call says it did not start (e.g. a hold kept it from its slot)
+        put((Tag.NOT_STARTED, head))
+        return
     except BaseException as exc:  # noqa: BLE001 - SystemExit in a call ends the call, not the worker
         put((Tag.FAILURE, head + encode_failure(exc)))
         return
@@ -147,10 +154,11 @@ def _call(data: bytearray, put: Callable[[_Outcome], None]) -> None:
     put((Tag.RESULT, out))
 
 
-def _stop(on_stop: Callable[[], None] | None, rank: int) -> None:
-    if on_stop is None:
+def _stop(hook: Callable[[], None] | None, rank: int) -> None:
+    if hook is None:
         return
     try:
-        on_stop()
+        hook()
     except Exception:  # noqa: BLE001 - the worker keeps serving; the hook's failure is shown
-        print(f"cmbagent-batch: rank {rank}: the stop hook failed:\n{traceback.format_exc()}", file=sys.stderr)
+        print(f"cmbagent-batch: rank {rank}: the stop or hold hook failed:\n{traceback.format_exc()}",
+              file=sys.stderr)

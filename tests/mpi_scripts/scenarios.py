@@ -253,9 +253,23 @@ def queued_behind_one_slot(ex: RankExecutor) -> Any:
     return sum(1 for f in futures if f.result(timeout=60) is None)
 
 
+def priority_order(ex: RankExecutor) -> Any:
+    """One worker, one slot, one call sent ahead: the calls queued on rank 0 go out the most urgent first
+    (submission order among equals), whatever order they were submitted in."""
+    first = ex.submit(hold, "go", "first")
+    wait_for((DIR / "started-first").exists)
+    ahead = ex.submit(stamp, 0)
+    wait_for(lambda: ahead.rank is not None)
+    queued = [ex.submit_with_priority(p, stamp, p) for p in (1, 3, 2)] + [ex.submit(stamp, 10), ex.submit(stamp, 11)]
+    (DIR / "go").touch()
+    first.result(timeout=60)
+    done = [f.result(timeout=60) for f in [ahead, *queued]]
+    return [i for i, _, _ in sorted(done, key=lambda r: r[2])]
+
+
 SCENARIOS: dict[str, Callable[[RankExecutor], Any]] = {
     f.__name__: f for f in (placement, many, overlap, failure, unpicklable, stop, cancel, idle_cpu, main_raises,
-                            interrupt, rank0_killed, queued_behind_one_slot)
+                            interrupt, rank0_killed, queued_behind_one_slot, priority_order)
 }
 SLOTS = {"overlap": 3, "stop": 2}
 
