@@ -419,8 +419,8 @@ def autogroup_note() -> str | None:
     if not enabled:
         return "kernel.sched_autogroup_enabled=0: every thread and process competes for the cores alone"
     return ("kernel.sched_autogroup_enabled=1: the kernel shares the cores between sessions before threads. "
-            "Each shell task runs in a session of its own (so that it can be ended as a group) and the 5 ranks "
-            "share the one mpiexec started them in, so their threads compete as one session against every "
+            "Each shell task runs in a session of its own (so that it can be ended as a group) and the "
+            f"{DAG_RANKS + 1} ranks share the one mpiexec started them in, so their threads compete as one session against every "
             "task that is starting up; rank 0's scheduler thread waited for a core about 3x as long as it ran "
             "(its schedstat, seen with this DAG)")
 

@@ -123,9 +123,7 @@ def stop_tasks(grace: float) -> Callable[[], None]:
 def hold_tasks() -> None:
     """A worker's ``on_hold``: the attempts waiting at (or on their way to) this rank's gate never start;
     each comes back to rank 0 as not started. A hold is for the rest of the run (a drain ends it)."""
-    slots = _place.get("slots")
-    if slots is not None:
-        slots.stop()
+    _place["slots"].stop()
 
 
 def on_rank(*args: Any, record: dict[str, Any], made: bool = False, priority: float = 0.0) -> Outcome:
@@ -155,24 +153,21 @@ def _gated(*args: Any, made: bool = False) -> Outcome:
     try:
         return run_attempt(*args, made=made)
     finally:
-        if args[8] is not None:
-            args[8].settle()
+        args[8].settle()
 
 
 def _refused(args: tuple[Any, ...]) -> bool:
     """Whether a stop or a hold kept the attempt from starting."""
-    return args[8] is not None and bool(args[8].refused)
+    return bool(args[8].refused)
 
 
 def _moved(args: tuple[Any, ...], priority: float) -> tuple[Any, ...]:
     """The attempt's arguments with its context moved to this rank's work directory, and its gate."""
     payload, ctx = args[0], args[1]
-    rank, host = _place.get("rank", 0), _place.get("host") or socket.gethostname()
+    rank, host = _place["rank"], _place["host"]
     ctx = dataclasses.replace(ctx, rank=rank, host=host, work_dir=work_dir(ctx.run_dir, rank, ctx.task_id))
-    env = (_place.get("env") or dict(os.environ)) if payload.kind != "python" else args[3]
-    slots = _place.get("slots")
-    gate = slots.gate(_nothing, priority) if slots is not None else args[8]
-    return (payload, ctx, args[2], env, *args[4:8], gate)
+    env = _place["env"] if payload.kind != "python" else args[3]
+    return (payload, ctx, args[2], env, *args[4:8], _place["slots"].gate(_nothing, priority))
 
 
 def _nothing() -> None:

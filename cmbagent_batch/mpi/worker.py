@@ -84,7 +84,7 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
                         if future.cancel():
                             done.put((Tag.NOT_STARTED, head))
                     waiting = []
-                    _stop(on_stop if tag == Tag.STOP else on_hold, rank)
+                    _call_hook(on_stop if tag == Tag.STOP else on_hold, rank)
                 elif tag == Tag.SHUTDOWN:
                     closing = True
             if outcome is None:
@@ -154,7 +154,7 @@ def _call(data: bytearray, put: Callable[[_Outcome], None]) -> None:
     put((Tag.RESULT, out))
 
 
-def _stop(hook: Callable[[], None] | None, rank: int) -> None:
+def _call_hook(hook: Callable[[], None] | None, rank: int) -> None:
     if hook is None:
         return
     try:
