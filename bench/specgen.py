@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -232,17 +233,50 @@ Section = tuple[str, list[Row], list[str]]
 Step = Callable[[list[Row], list[str]], None]
 
 
+IO_PRESSURE = "/proc/pressure/io"
+SETTLED_IO = 2.0  # % of the last 10 s some task waited for the disk, below which it counts as settled
+SETTLE_LIMIT_S = 120.0
+
+
+def io_pressure() -> float | None:
+    """Linux's 'some avg10' IO pressure (% of the last 10 s in which a task waited for IO); None without PSI."""
+    try:
+        with open(IO_PRESSURE, encoding="ascii") as fh:
+            first = fh.readline().split()
+    except OSError:
+        return None
+    return float(first[1].partition("=")[2])
+
+
+def settle() -> str | None:
+    """Write back what earlier parts left dirty (``sync``) and wait, at most ``SETTLE_LIMIT_S``, until the
+    disk is quiet, so that one part's writeback does not run during the next part's timings; a note
+    saying how long that took, or None when there was nothing to wait for."""
+    start = time.monotonic()
+    os.sync()
+    pressure = before = io_pressure()
+    while pressure is not None and pressure > SETTLED_IO and time.monotonic() - start < SETTLE_LIMIT_S:
+        time.sleep(1.0)
+        pressure = io_pressure()
+    waited = time.monotonic() - start
+    if waited < 1.0:
+        return None
+    state = "" if before is None else f" (IO pressure {before:.0f}% after the sync, {pressure:.0f}% at the end)"
+    return f"before this part: {waited:.0f} s to write back the earlier parts' files and let the disk settle{state}"
+
+
 def run_sections(steps: Mapping[str, tuple[str, Step]], chosen: Sequence[str] | None
                  ) -> tuple[list[Section], list[str]]:
-    """Run the chosen figures' steps (all when ``chosen`` is empty) in order; a failed command is an ERROR
-    row in its section and a message in the list returned with the sections."""
+    """Run the chosen figures' steps (all when ``chosen`` is empty) in order, each after the disk has
+    settled (``settle``); a failed command is an ERROR row in its section and a message in the list
+    returned with the sections."""
     sections: list[Section] = []
     failed: list[str] = []
     for name, (title, step) in steps.items():
         if chosen and name not in chosen:
             continue
         rows: list[Row] = []
-        notes: list[str] = []
+        notes: list[str] = [note] if sections and (note := settle()) is not None else []
         try:
             step(rows, notes)
         except CommandFailed as exc:

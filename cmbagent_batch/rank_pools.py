@@ -11,8 +11,10 @@ being killed. The outcome says which rank and host ran it.
 A worker rank runs ``execution.tasks_per_rank`` attempts at once, as the local thread pool does: it serves
 with ``PREPARED`` more threads than that, whose attempts make their work directory and log files and then
 wait at the rank's gate (``pools.Slots``) for a slot, the most urgent first (the task's priority travels
-with the call). Rank 0 sends each worker ``CALLS_AHEAD`` calls beyond its threads, and queues more, most
-urgent first, so that a slot that frees starts a prepared attempt at once.
+with the call). Rank 0 sends each worker up to ``CALLS_AHEAD`` calls beyond its threads, and queues more,
+most urgent first, so that a slot that frees starts a prepared attempt at once. How many a worker holds
+beyond its slots follows the pace (``mpi.slots.Pace``): about ``COVER`` seconds of work, at least one
+call, so that short tasks are sent far ahead and a long task does not keep many waiting behind it.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from cmbagent_batch.rundir import journal_path, work_dir
 from cmbagent_batch.tasks.base import Outcome, TaskContext
 from cmbagent_batch.tasks.shell import terminate_all
 
-PREPARED = 4  # attempts a worker rank prepares ahead of its slots
-CALLS_AHEAD = 4  # calls rank 0 sends a worker beyond its threads
-PREFETCH_PER_SLOT = 4  # attempts the scheduler hands rank 0's executor per slot, beyond those running
+PREPARED = 12  # attempts a worker rank prepares ahead of its slots, at most
+CALLS_AHEAD = 24  # calls rank 0 sends a worker beyond its threads, at most
+COVER = 0.5  # seconds of work, at the workers' recent pace, that a worker holds beyond its slots
+PREFETCH_PER_SLOT = 12  # attempts the scheduler hands rank 0's executor per slot, beyond those running
 
 _journals: dict[tuple[str, int], _RankJournal] = {}
 _journals_lock = threading.Lock()

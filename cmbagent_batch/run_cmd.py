@@ -66,6 +66,7 @@ def _run_mpi(args: argparse.Namespace, config: Any) -> int:
     from cmbagent_batch import mpi
     from cmbagent_batch.rank_pools import (
         CALLS_AHEAD,
+        COVER,
         close_journals,
         hold_tasks,
         set_place,
@@ -99,7 +100,8 @@ def _run_mpi(args: argparse.Namespace, config: Any) -> int:
             close_journals()
             local_model.stop_all()
         return 0
-    executor = mpi.RankExecutor(comm, worker_threads(ex.tasks_per_rank), ahead=CALLS_AHEAD)
+    executor = mpi.RankExecutor(comm, worker_threads(ex.tasks_per_rank), ahead=CALLS_AHEAD,
+                                least=ex.tasks_per_rank + 1, cover=COVER)
     try:
         return _run(args, config, executor)
     finally:

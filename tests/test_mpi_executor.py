@@ -27,7 +27,7 @@ from cmbagent_batch.mpi.failures import (
     decode_failure,
     encode_failure,
 )
-from cmbagent_batch.mpi.slots import SlotTable
+from cmbagent_batch.mpi.slots import Pace, SlotTable
 from cmbagent_batch.mpi.wire import PollWait
 
 HERE = Path(__file__).resolve().parent
@@ -190,6 +190,46 @@ def test_calls_queued_behind_a_single_slot_all_run(tmp_path: Path) -> None:
     assert result == 30
 
 
+@needs_mpi
+def test_a_worker_holds_calls_ahead_by_the_pace_few_while_calls_are_long_many_once_they_are_short(
+        tmp_path: Path) -> None:
+    out, _ = run_scenario("paced", tmp_path)
+    assert out == {"long_sent": 4, "short_sent": 16}  # 2 per rank (least); then 1 + 8 ahead (most)
+
+
+def test_pace_holds_least_until_the_window_is_full_then_what_covers_its_seconds_at_most_most() -> None:
+    pace = Pace(workers=2, least=2, most=9, cover=0.5, window=5)
+    for t in (0.0, 0.1, 0.2, 0.3):
+        pace.ended(t)
+        assert pace.limit() == 2
+    pace.ended(0.4)  # 4 ends in 0.4 s over 2 ranks: 5 a second each, 2.5 in 0.5 s
+    assert pace.limit() == 2 + 3
+    for t in (0.401, 0.402, 0.403, 0.404):
+        pace.ended(t)
+    assert pace.limit() == 9  # 500 a second each
+    for t in (10.0, 20.0, 30.0, 40.0, 50.0):
+        pace.ended(t)
+    assert pace.limit() == 2 + 1  # 0.05 a second each: at least one more
+    with pytest.raises(ValueError, match="need 1 <= least <= most"):
+        Pace(workers=1, least=3, most=2, cover=1.0)
+
+
+def test_slot_table_follows_a_limit_that_changes() -> None:
+    table = SlotTable([1, 2], per_rank=1)
+    assert [table.take(), table.take(), table.take()] == [1, 2, None]
+    table.per_rank = 2
+    assert table.room()
+    assert [table.take(), table.take(), table.take()] == [1, 2, None]
+    table.per_rank = 1  # both ranks above it: nothing until two of each rank's calls end
+    table.give(1)
+    assert not table.room() and table.take() is None
+    table.give(1)
+    assert table.take() == 1
+    with pytest.raises(ValueError, match="slots per rank must be at least 1, not 0"):
+        table.per_rank = 0
+
+
+@needs_mpi
 def test_calls_queued_on_rank_0_go_out_the_most_urgent_first(tmp_path: Path) -> None:
     result, _ = run_scenario("priority_order", tmp_path, n=2)
     assert result == [0, 3, 2, 1, 10, 11]  # the one sent ahead, then by priority, then submission order

@@ -21,6 +21,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from cmbagent_batch.mpi.failures import (
     decode_failure,
     local_failure,
 )
-from cmbagent_batch.mpi.slots import SlotTable
+from cmbagent_batch.mpi.slots import Pace, SlotTable
 from cmbagent_batch.mpi.wire import HEADER, Link, PollWait, Tag, load_mpi
 
 T = TypeVar("T")
@@ -78,13 +79,17 @@ class RankExecutor(Executor):
 
     ``comm`` is used by this executor alone from now on (``run_in_world`` gives it a duplicate of
     COMM_WORLD); ``slots_per_rank`` must be the value the workers serve with; ``ahead``: calls sent to
-    each worker beyond its slots, to wait there for a free one. Future callbacks run on
+    each worker beyond its slots, to wait there for a free one. With ``cover`` (seconds), a worker holds
+    only ``least`` calls plus as many as it ends in ``cover`` seconds at the workers' recent pace, at most
+    ``slots_per_rank + ahead`` (``slots.Pace``): short calls are sent far ahead, long ones are not kept
+    waiting behind each other on one rank while another has a free slot. Future callbacks run on
     the communication thread: they must be quick and must not wait for other futures of this executor.
     Shut it down before MPI is finalised (``run_in_world`` does; so does ``with``): its thread is a
     daemon, and the workers leave their loops only when told.
     """
 
-    def __init__(self, comm: Any, slots_per_rank: int, ahead: int = AHEAD) -> None:
+    def __init__(self, comm: Any, slots_per_rank: int, ahead: int = AHEAD, *, least: int = 1,
+                 cover: float = 0.0) -> None:
         mpi = load_mpi()
         if comm.Get_rank() != 0:
             raise ValueError(f"RankExecutor belongs on rank 0, not on rank {comm.Get_rank()}")
@@ -99,6 +104,9 @@ class RankExecutor(Executor):
         # ``ahead`` calls more than its slots go to each worker: they wait there, and start the moment a
         # slot frees, instead of a round trip later (5 to 9 ms here, a third of a typical tiny task).
         self._slots = SlotTable(self._workers, slots_per_rank + ahead)
+        self._pace = None if cover <= 0 else Pace(len(self._workers), least, slots_per_rank + ahead, cover)
+        if self._pace is not None:
+            self._slots.per_rank = self._pace.limit()
         self._link = Link(mpi, comm)
         self._any_source = mpi.ANY_SOURCE
         self._ids = itertools.count(1)
@@ -243,7 +251,7 @@ class RankExecutor(Executor):
     def _dispatch(self) -> bool:
         """Send queued calls, the most urgent first, while some worker has a free slot."""
         sent = False
-        while self._queued and self._slots.free:
+        while self._queued and self._slots.room():
             call = heapq.heappop(self._queued)
             if not call.future.set_running_or_notify_cancel():
                 continue  # cancelled while queued
@@ -257,6 +265,7 @@ class RankExecutor(Executor):
 
     def _receive(self) -> bool:
         got = False
+        pace = self._pace
         while (msg := self._link.receive(self._any_source)) is not None:
             got = True
             rank, tag, data = msg
@@ -266,6 +275,8 @@ class RankExecutor(Executor):
             (call_id,) = HEADER.unpack_from(data)
             future = self._in_flight.pop(call_id)
             self._slots.give(rank)
+            if pace is not None:
+                pace.ended(time.monotonic())
             future.host = host = self._hosts.get(rank, "?")
             body = memoryview(data)[HEADER.size:]
             if tag == Tag.FAILURE:
@@ -281,6 +292,8 @@ class RankExecutor(Executor):
                 future.set_exception(local_failure(exc, "cannot unpickle its result on rank 0", rank, host))
             else:
                 future.set_result(value)
+        if got and pace is not None:
+            self._slots.per_rank = pace.limit()
         return got
 
     def _break(self, exc: BaseException) -> None:

@@ -22,9 +22,10 @@ def world() -> tuple[Any, int, int]:
 
 
 def run_in_world(main: Callable[[RankExecutor], int], slots_per_rank: int,
-                 on_stop: Callable[[], None] | None = None) -> int:
+                 on_stop: Callable[[], None] | None = None, **executor_options: Any) -> int:
     """Call ``main(executor)`` on rank 0 and return what it returns; serve it on every other rank
-    (returning 0 there). Every rank of the job must call this.
+    (returning 0 there). Every rank of the job must call this. ``executor_options``: the
+    ``RankExecutor``'s keyword arguments (``ahead``, ``least``, ``cover``).
 
     On rank 0 the executor is shut down when ``main`` returns; if ``main`` raises (Ctrl-C included),
     the workers are told to stop their running calls, queued calls are cancelled, and the exception
@@ -43,7 +44,7 @@ def run_in_world(main: Callable[[RankExecutor], int], slots_per_rank: int,
             with _sigint_ignored():
                 serve(own, slots_per_rank, on_stop=on_stop)
             return 0
-        executor = RankExecutor(own, slots_per_rank)
+        executor = RankExecutor(own, slots_per_rank, **executor_options)
         try:
             result = main(executor)
         except BaseException:

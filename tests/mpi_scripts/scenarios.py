@@ -267,11 +267,35 @@ def priority_order(ex: RankExecutor) -> Any:
     return [i for i, _, _ in sorted(done, key=lambda r: r[2])]
 
 
+def paced(ex: RankExecutor) -> Any:
+    """Two workers with one slot, up to 8 calls sent ahead, at least 1, covering 0.5 s of work: long calls
+    are not sent ahead (the pace is not known yet, then it is slow); after many short ones, short calls are."""
+    long = [ex.submit(hold, "go", f"long-{i}") for i in range(6)]
+    wait_for(lambda: (DIR / "started-long-0").exists() and (DIR / "started-long-1").exists())
+    time.sleep(0.2)  # had they been sent ahead, they would be on a rank by now
+    long_sent = sum(f.rank is not None for f in long)
+    (DIR / "go").touch()
+    for f in long:
+        f.result(timeout=60)
+    for f in [ex.submit(time.sleep, 0.001) for _ in range(200)]:
+        f.result(timeout=60)
+    held = [ex.submit(hold, "go-2", f"held-{i}") for i in range(2)]  # one on each rank
+    wait_for(lambda: (DIR / "started-held-0").exists() and (DIR / "started-held-1").exists())
+    behind = [ex.submit(time.sleep, 0) for _ in range(20)]
+    time.sleep(0.2)
+    short_sent = sum(f.rank is not None for f in behind)
+    (DIR / "go-2").touch()
+    for f in held + behind:
+        f.result(timeout=60)
+    return {"long_sent": long_sent, "short_sent": short_sent}
+
+
 SCENARIOS: dict[str, Callable[[RankExecutor], Any]] = {
     f.__name__: f for f in (placement, many, overlap, failure, unpicklable, stop, cancel, idle_cpu, main_raises,
-                            interrupt, rank0_killed, queued_behind_one_slot, priority_order)
+                            interrupt, rank0_killed, queued_behind_one_slot, priority_order, paced)
 }
 SLOTS = {"overlap": 3, "stop": 2}
+OPTIONS: dict[str, dict[str, Any]] = {"paced": {"ahead": 8, "least": 2, "cover": 0.5}}
 
 
 def run(name: str) -> int:
@@ -280,7 +304,7 @@ def run(name: str) -> int:
         return 0
 
     try:
-        return run_in_world(main, SLOTS.get(name, 1), on_stop=on_stop)
+        return run_in_world(main, SLOTS.get(name, 1), on_stop=on_stop, **OPTIONS.get(name, {}))
     except KeyboardInterrupt:  # rank 0 only: the workers ignore SIGINT while serving
         stopped = sorted(p.name for p in DIR.glob("stopped-*"))
         print("RESULT " + json.dumps({"interrupted": True, "stopped": stopped}), flush=True)
