@@ -12,7 +12,8 @@ A worker rank runs ``execution.tasks_per_rank`` attempts at once, as the local t
 with ``PREPARED`` more threads than that, whose attempts make their work directory and log files and then
 wait at the rank's gate (``pools.Slots``) for a slot, the most urgent first (the task's priority travels
 with the call). Rank 0 sends each worker up to ``CALLS_AHEAD`` calls beyond its threads, and queues more,
-most urgent first, so that a slot that frees starts a prepared attempt at once. How many a worker holds
+most urgent first, so that a slot that frees starts a prepared attempt at once; an attempt counts as
+running from when it is sent (what waits in rank 0's queue is not running). How many a worker holds
 beyond its slots follows the pace (``mpi.slots.Pace``): about ``COVER`` seconds of work, at least one
 call, so that short tasks are sent far ahead and a long task does not keep many waiting behind it.
 """
@@ -64,8 +65,8 @@ class RankPools:
     def executor_for(self, kind: str) -> Executor:
         return self._by_priority
 
-    def gate(self, kind: str, on_start: Callable[[], None]) -> None:
-        return None
+    def gate(self, kind: str, on_start: Callable[[], None]) -> _Sent:
+        return _Sent(on_start)
 
     def batches(self, kind: str) -> bool:
         return True  # a round trip to another rank: tiny tasks go in batches
@@ -86,15 +87,32 @@ class RankPools:
         pass  # the executor is shut down by whoever made it (``mpi.run_in_world``)
 
 
+class _Sent:
+    """Rank 0's side of a single attempt's gate: the attempt counts as started (``on_start``) when rank 0
+    sends it to a worker, not while it waits in rank 0's queue. The worker's own gate (``_moved``) is
+    what holds it there until a slot is free."""
+
+    def __init__(self, on_start: Callable[[], None]) -> None:
+        self.on_start = on_start
+
+    def settle(self) -> None:
+        pass  # the worker gave the slot back itself (``_gated``)
+
+
 class _ByPriority(Executor):
     """Rank 0's executor as the scheduler sees it: an attempt is submitted with its task's priority (the
-    ``priority`` of the ``on_rank`` call; a batch's highest), so the most urgent waiting one goes first."""
+    ``priority`` of the ``on_rank`` call; a batch's highest), so the most urgent waiting one goes first,
+    and says it started when it is sent to a worker (its ``_Sent`` gate, which stays on rank 0)."""
 
     def __init__(self, executor: Any) -> None:
         self._executor = executor
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        return self._executor.submit_with_priority(_priority(fn, args), fn, *args, **kwargs)
+        on_sent = None
+        if len(args) > 8 and isinstance(args[8], _Sent):
+            on_sent = args[8].on_start
+            args = (*args[:8], None, *args[9:])
+        return self._executor.submit_call(fn, args, kwargs, priority=_priority(fn, args), on_sent=on_sent)
 
 
 def _priority(fn: Callable[..., Any], args: tuple[Any, ...]) -> float:
@@ -174,7 +192,7 @@ def _moved(args: tuple[Any, ...], priority: float) -> tuple[Any, ...]:
 
 
 def _nothing() -> None:
-    pass  # a worker's attempt counts as running from the hand-over (rank 0 journals it then)
+    pass  # a worker's attempt counts as running from when rank 0 sent it (``_Sent``)
 
 
 def _finished(ctx: TaskContext, outcome: Outcome, record: dict[str, Any]) -> Outcome:

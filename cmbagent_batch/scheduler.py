@@ -12,7 +12,7 @@ not started, and lets the running attempts go on until the drain's deadline, whe
 Two things keep workers busy when tasks are tiny or many. Attempts may be handed over ahead of a free
 worker (``Limits.prefetch_kinds``): a thread pool then holds them behind a gate (a slot semaphore) and
 each reports when it really starts (on a deque this thread drains whenever it wakes, before any end),
-which is when it is journaled ``running``.
+which is when it is journaled ``running``, with that time (under MPI: when rank 0 sends it to a worker).
 And where a round trip to a worker costs more than a task (a process pool), ready attempts of tasks whose
 observed duration is short go over in batches of about ``BATCH_SECONDS`` of work; those count as
 running from the hand-over.
@@ -169,7 +169,7 @@ class Scheduler:
         self._on_drain = on_drain
         # SimpleQueue: put() is safe from a signal handler (request_stop), Queue's lock is not re-entrant.
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._starts: deque[tuple[str, int]] = deque()  # appended by pool threads
+        self._starts: deque[tuple[str, int, float]] = deque()  # (task, attempt, time.time()), by pool threads
         self._ready: list[tuple[float, str]] = []
         self._timers: list[tuple[float, str]] = []
         self._units: dict[Future[Any], _Unit] = {}  # submitted and not yet handled
@@ -373,7 +373,7 @@ class Scheduler:
             r.started = self._clock()
             gate = None
             if len(members) == 1:
-                gate = self.pools.gate(r.kind, functools.partial(self._starts.append, (r.id, r.attempts)))
+                gate = self.pools.gate(r.kind, functools.partial(self._gate_passed, r.id, r.attempts))
             launches.append((r, self._prepare(r, gate), gate))
         if len(members) == 1:
             fn, args = launches[0][1].fn, launches[0][1].args
@@ -404,8 +404,14 @@ class Scheduler:
                 self._gates[r.id] = gate
         future.add_done_callback(lambda f: self._events.put(("done", f)))
 
-    def _started(self, r: TaskRun, ctx: TaskContext) -> None:
-        self._set(r, TaskState.RUNNING, attempt=r.attempts, work_dir=ctx.work_dir, rank=ctx.rank, host=ctx.host)
+    def _started(self, r: TaskRun, ctx: TaskContext, **when: float) -> None:
+        self._set(r, TaskState.RUNNING, attempt=r.attempts, work_dir=ctx.work_dir, rank=ctx.rank, host=ctx.host,
+                  **when)
+
+    def _gate_passed(self, tid: str, attempt: int) -> None:
+        """An attempt got its slot (called on the thread that gave it one): noted with the time, which its
+        ``running`` record says, however late this thread journals it."""
+        self._starts.append((tid, attempt, time.time()))
 
     # --- completions -------------------------------------------------------------------------------
 
@@ -437,11 +443,11 @@ class Scheduler:
         """Attempts that got their slot since the last look (they do not wake this thread: each would
         cost a thread switch per task, and nothing waits on them)."""
         while self._starts:
-            tid, attempt = self._starts.popleft()
+            tid, attempt, t = self._starts.popleft()
             r = self.runs[tid]
             ctx = self._starting.pop(tid, None)
             if ctx is not None and r.attempts == attempt:
-                self._started(r, ctx)
+                self._started(r, ctx, t=t)
 
     def _finish(self, future: Future[Any]) -> None:
         unit = self._units.get(future)

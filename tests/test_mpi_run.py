@@ -251,24 +251,30 @@ def test_dry_run_under_mpi_says_what_would_run_and_ends(tmp_path: Path) -> None:
     assert not (tmp_path / "runs" / "slow" / "run.json").exists()
 
 
-def test_a_worker_rank_runs_at_most_tasks_per_rank_attempts_at_once(tmp_path: Path) -> None:
-    # A worker prepares attempts ahead of its slots (more threads than tasks_per_rank): its gate still
-    # lets only tasks_per_rank of them run at once.
-    path = write(tmp_path, """\
+def run_twelve_sleeps(tmp_path: Path, name: str, tasks_per_rank: int, seconds: float) -> Path:
+    """Run 12 shell tasks ``sleep SECONDS`` on 2 worker ranks; their journals' directory."""
+    path = write(tmp_path, f"""\
 version: 1
-job: {name: bounded}
-execution: {backend: mpi, tasks_per_rank: 2}
+job: {{name: {name}}}
+execution: {{backend: mpi, tasks_per_rank: {tasks_per_rank}}}
 tasks:
-  - id: t-{i}
+  - id: t-{{i}}
     kind: shell
-    matrix: {i: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}
-    run: sleep 0.4
+    matrix: {{i: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}}
+    run: sleep {seconds}
 """)
     result = mpirun(tmp_path, 3, "run", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+    return tmp_path / "runs" / name / "journal"
+
+
+def test_a_worker_rank_runs_at_most_tasks_per_rank_attempts_at_once(tmp_path: Path) -> None:
+    # A worker prepares attempts ahead of its slots (more threads than tasks_per_rank): its gate still
+    # lets only tasks_per_rank of them run at once.
+    journals = run_twelve_sleeps(tmp_path, "bounded", 2, 0.4)
     spans: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
     for rank in (1, 2):
-        for line in (tmp_path / "runs" / "bounded" / "journal" / f"rank-{rank:04d}.jsonl").read_text().splitlines():
+        for line in (journals / f"rank-{rank:04d}.jsonl").read_text().splitlines():
             rec = json.loads(line)
             if rec["state"] == "succeeded":
                 spans[rank].append((rec["t"] - rec["wall_s"], rec["t"]))
@@ -276,6 +282,26 @@ tasks:
     for rank, mine in spans.items():
         at_once = [sum(1 for s, e in mine if s <= start + 0.1 < e) for start, _ in mine]
         assert max(at_once) == 2, (rank, mine)
+
+
+def test_only_what_rank_0_has_sent_to_a_worker_counts_as_running(tmp_path: Path) -> None:
+    # Rank 0 queues what the workers cannot hold yet: those tasks are not running. 12 tasks on 2 ranks x 1
+    # slot: each rank holds its running task and one sent ahead (the pace is not known before 64 calls
+    # have ended), so at most 4 are journaled running and not ended at any moment.
+    journals = run_twelve_sleeps(tmp_path, "queued", 1, 0.3)
+    events = []  # (t, +1) sent by rank 0, (t, -1) ended on its worker
+    for name, state, step in (("rank-0000.jsonl", "running", 1), ("rank-0001.jsonl", "succeeded", -1),
+                              ("rank-0002.jsonl", "succeeded", -1)):
+        for line in (journals / name).read_text().splitlines():
+            rec = json.loads(line)
+            if rec["state"] == state:
+                events.append((rec["t"], step))
+    assert sorted(step for _, step in events) == [-1] * 12 + [1] * 12
+    at_once, most = 0, 0
+    for _, step in sorted(events):
+        at_once += step
+        most = max(most, at_once)
+    assert most == 4
 
 
 def test_tiny_tasks_in_batches_with_failures_among_them_end_on_one_slot(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ class _Call:
     key: tuple[float, int]  # (-priority, call id): rank 0 sends the most urgent queued call first
     future: RankFuture[Any] = field(compare=False)
     payload: bytes = field(compare=False)  # call id + pickled (fn, args, kwargs)
+    on_sent: Callable[[], None] | None = field(compare=False, default=None)
 
     @property
     def id(self) -> int:
@@ -142,17 +143,23 @@ class RankExecutor(Executor):
                              **kwargs: Any) -> RankFuture[T]:
         """``submit``, and of the calls still queued on rank 0 (those waiting for a free worker slot), the
         one with the highest ``priority`` is sent first; submission order among equals."""
+        return self.submit_call(fn, args, kwargs, priority=priority)
+
+    def submit_call(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *,
+                    priority: float = 0.0, on_sent: Callable[[], None] | None = None) -> RankFuture[T]:
+        """``submit_with_priority``; ``on_sent`` is called on the communication thread once the call has been
+        sent to its worker (not if it is cancelled first): it must be quick and must not raise."""
         self._check_open()
         future: RankFuture[T] = RankFuture()
         call_id = next(self._ids)
         try:
-            payload = HEADER.pack(call_id) + pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
+            payload = HEADER.pack(call_id) + pickle.dumps((fn, args, kwargs or {}), pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - e.g. a lambda, or an argument holding a lock
             future.set_exception(exc)
             return future
         with self._lock:
             self._check_open()
-            self._inbox.put(_Call((-priority, call_id), future, payload))
+            self._inbox.put(_Call((-priority, call_id), future, payload, on_sent))
         return future
 
     def _check_open(self) -> None:
@@ -260,6 +267,8 @@ class RankExecutor(Executor):
             call.future.rank = rank
             self._in_flight[call.id] = call.future
             self._link.send(call.payload, rank, Tag.CALL)
+            if call.on_sent is not None:
+                call.on_sent()
             sent = True
         return sent
 
