@@ -525,7 +525,7 @@ def main() -> int:
             "scaling": (f"3. {n_sleep} sleep tasks on {', '.join(map(str, SCALING_RANKS))} worker ranks",
                         lambda r, nt: scaling_figures(r, nt, tmp, mpi, n_sleep, runs)),
         }
-        sections, failed = specgen.run_sections(steps, args.only)
+        sections, failed = specgen.run_sections(steps, args.only, settled=not quick)
     notes = [f"mpiexec: {exe}; {versions()}",
              (f"{specgen.load_note()}; {load_at_start:.2f} (1 min) at the start. Ranks oversubscribe "
               "the cores: wall times include waiting for a core, compare the cpu column too")]

@@ -510,7 +510,7 @@ def main() -> int:
             "dag": (f"3. layered DAG {levels}x{width}, {DAG_WORKERS} workers", lambda r, nt: dag_figures(
                 r, nt, tmp, env, levels, width, runs)),
         }
-        sections, failed = specgen.run_sections(steps, args.only)
+        sections, failed = specgen.run_sections(steps, args.only, settled=not quick)
     notes = [f"{specgen.load_note()}; {load_at_start:.2f} (1 min) at the start. 2 cores shared with "
              "other work: wall times include waiting for a core, compare the cpu column too"]
     if quick:

@@ -265,18 +265,18 @@ def settle() -> str | None:
     return f"before this part: {waited:.0f} s to write back the earlier parts' files and let the disk settle{state}"
 
 
-def run_sections(steps: Mapping[str, tuple[str, Step]], chosen: Sequence[str] | None
+def run_sections(steps: Mapping[str, tuple[str, Step]], chosen: Sequence[str] | None, *, settled: bool = True
                  ) -> tuple[list[Section], list[str]]:
     """Run the chosen figures' steps (all when ``chosen`` is empty) in order, each after the disk has
-    settled (``settle``); a failed command is an ERROR row in its section and a message in the list
-    returned with the sections."""
+    settled (``settle``) unless not ``settled`` (a smoke run); a failed command is an ERROR row in its
+    section and a message in the list returned with the sections."""
     sections: list[Section] = []
     failed: list[str] = []
     for name, (title, step) in steps.items():
         if chosen and name not in chosen:
             continue
         rows: list[Row] = []
-        notes: list[str] = [note] if sections and (note := settle()) is not None else []
+        notes: list[str] = [note] if settled and sections and (note := settle()) is not None else []
         try:
             step(rows, notes)
         except CommandFailed as exc:

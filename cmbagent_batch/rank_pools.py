@@ -90,7 +90,9 @@ class RankPools:
 class _Sent:
     """Rank 0's side of a single attempt's gate: the attempt counts as started (``on_start``) when rank 0
     sends it to a worker, not while it waits in rank 0's queue. The worker's own gate (``_moved``) is
-    what holds it there until a slot is free."""
+    what holds it there until a slot is free. It never leaves rank 0 (``_ByPriority.submit`` takes it
+    out of the call's arguments) and nothing enters or leaves it: only the scheduler's ``settle``.
+    Attempts sent in a batch have no gate: they count as running from the hand-over."""
 
     def __init__(self, on_start: Callable[[], None]) -> None:
         self.on_start = on_start

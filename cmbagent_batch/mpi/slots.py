@@ -77,13 +77,16 @@ class SlotTable:
 
 class Pace:
     """How many calls each of ``workers`` ranks may hold: ``least``, plus as many as one rank ends in
-    ``cover`` seconds at the pace of the last ``window`` calls to end anywhere, at most ``most``.
+    ``cover`` seconds (whole calls) at the pace of the last ``window`` calls to end anywhere, at most
+    ``most``.
 
     Calls held beyond a rank's free slots let a slot that frees start its next call at once, however late
     rank 0 gets a core; but they wait behind whatever that rank runs, which may be long. Sized by the
     pace, they cover ``cover`` seconds of rank 0's absence when calls are short, and shrink to ``least``
     when calls are long, so that a long call keeps back about ``cover`` seconds of work, not a fixed
-    number of calls. Until ``window`` calls have ended the pace is not known: ``least``.
+    number of calls. Until ``window`` calls have ended the pace is not known: ``least``. The pace is
+    that of calls that ended: after a run of short calls, long ones that follow are sent as far ahead
+    as the short ones were, until some of them end.
     """
 
     def __init__(self, workers: int, least: int, most: int, cover: float, window: int = 64) -> None:
@@ -104,4 +107,4 @@ class Pace:
         if len(ends) < (ends.maxlen or 0) or ends[-1] <= ends[0]:
             return self._least
         per_rank = (len(ends) - 1) / (ends[-1] - ends[0]) / self._workers
-        return min(self._most, self._least + math.ceil(per_rank * self._cover))
+        return min(self._most, self._least + math.floor(per_rank * self._cover))

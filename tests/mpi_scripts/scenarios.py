@@ -268,8 +268,8 @@ def priority_order(ex: RankExecutor) -> Any:
 
 
 def paced(ex: RankExecutor) -> Any:
-    """Two workers with one slot, up to 8 calls sent ahead, at least 1, covering 0.5 s of work: long calls
-    are not sent ahead (the pace is not known yet, then it is slow); after many short ones, short calls are."""
+    """Two workers with one slot, 2 to 9 calls each (up to 8 waiting), covering 0.5 s of work: until the
+    pace is known one call waits behind a long one on each rank; after many short calls, 8 do."""
     long = [ex.submit(hold, "go", f"long-{i}") for i in range(6)]
     wait_for(lambda: (DIR / "started-long-0").exists() and (DIR / "started-long-1").exists())
     time.sleep(0.2)  # had they been sent ahead, they would be on a rank by now
@@ -282,7 +282,8 @@ def paced(ex: RankExecutor) -> Any:
     held = [ex.submit(hold, "go-2", f"held-{i}") for i in range(2)]  # one on each rank
     wait_for(lambda: (DIR / "started-held-0").exists() and (DIR / "started-held-1").exists())
     behind = [ex.submit(time.sleep, 0) for _ in range(20)]
-    time.sleep(0.2)
+    wait_for(lambda: sum(f.rank is not None for f in behind) >= 16)
+    time.sleep(0.2)  # and no more go
     short_sent = sum(f.rank is not None for f in behind)
     (DIR / "go-2").touch()
     for f in held + behind:
