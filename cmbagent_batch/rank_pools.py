@@ -41,6 +41,8 @@ CALLS_AHEAD = 24  # calls rank 0 sends a worker beyond its threads, at most
 COVER = 0.5  # seconds of work, at the workers' recent pace, that a worker holds beyond its slots
 PREFETCH_PER_SLOT = 12  # attempts the scheduler hands rank 0's executor per slot, beyond those running
 
+_GATE = 8  # where an attempt's gate is in its arguments (``run_attempt``'s, see ``run.make_launch``)
+
 _journals: dict[tuple[str, int], _RankJournal] = {}
 _journals_lock = threading.Lock()
 _place: dict[str, Any] = {}
@@ -111,9 +113,9 @@ class _ByPriority(Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         on_sent = None
-        if len(args) > 8 and isinstance(args[8], _Sent):
-            on_sent = args[8].on_start
-            args = (*args[:8], None, *args[9:])
+        if len(args) > _GATE and isinstance(args[_GATE], _Sent):
+            on_sent = args[_GATE].on_start
+            args = (*args[:_GATE], None, *args[_GATE + 1:])
         return self._executor.submit_call(fn, args, kwargs, priority=_priority(fn, args), on_sent=on_sent)
 
 
@@ -176,12 +178,12 @@ def _gated(*args: Any, made: bool = False) -> Outcome:
     try:
         return run_attempt(*args, made=made)
     finally:
-        args[8].settle()
+        args[_GATE].settle()
 
 
 def _refused(args: tuple[Any, ...]) -> bool:
     """Whether a stop or a hold kept the attempt from starting."""
-    return bool(args[8].refused)
+    return bool(args[_GATE].refused)
 
 
 def _moved(args: tuple[Any, ...], priority: float) -> tuple[Any, ...]:
@@ -190,7 +192,7 @@ def _moved(args: tuple[Any, ...], priority: float) -> tuple[Any, ...]:
     rank, host = _place["rank"], _place["host"]
     ctx = dataclasses.replace(ctx, rank=rank, host=host, work_dir=work_dir(ctx.run_dir, rank, ctx.task_id))
     env = _place["env"] if payload.kind != "python" else args[3]
-    return (payload, ctx, args[2], env, *args[4:8], _place["slots"].gate(_nothing, priority))
+    return (payload, ctx, args[2], env, *args[4:_GATE], _place["slots"].gate(_nothing, priority))
 
 
 def _nothing() -> None:

@@ -398,15 +398,16 @@ class Scheduler:
             if r.extra.get("suspect"):
                 self._suspects_running += 1
             if gate is None:
-                self._started(r, launch.ctx)
+                self._started(r, launch.ctx, time.time())
             else:
                 self._starting[r.id] = launch.ctx
                 self._gates[r.id] = gate
         future.add_done_callback(lambda f: self._events.put(("done", f)))
 
-    def _started(self, r: TaskRun, ctx: TaskContext, **when: float) -> None:
+    def _started(self, r: TaskRun, ctx: TaskContext, t: float) -> None:
+        """Journal the attempt running since ``t`` (``time.time()``, the journal's clock)."""
         self._set(r, TaskState.RUNNING, attempt=r.attempts, work_dir=ctx.work_dir, rank=ctx.rank, host=ctx.host,
-                  **when)
+                  t=t)
 
     def _gate_passed(self, tid: str, attempt: int) -> None:
         """An attempt got its slot (called on the thread that gave it one): noted with the time, which its
@@ -447,7 +448,7 @@ class Scheduler:
             r = self.runs[tid]
             ctx = self._starting.pop(tid, None)
             if ctx is not None and r.attempts == attempt:
-                self._started(r, ctx, t=t)
+                self._started(r, ctx, t)
 
     def _finish(self, future: Future[Any]) -> None:
         unit = self._units.get(future)

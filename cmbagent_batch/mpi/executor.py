@@ -104,10 +104,9 @@ class RankExecutor(Executor):
         self._per_rank = slots_per_rank
         # ``ahead`` calls more than its slots go to each worker: they wait there, and start the moment a
         # slot frees, instead of a round trip later (5 to 9 ms here, a third of a typical tiny task).
-        self._slots = SlotTable(self._workers, slots_per_rank + ahead)
-        self._pace = None if cover <= 0 else Pace(len(self._workers), least, slots_per_rank + ahead, cover)
-        if self._pace is not None:
-            self._slots.per_rank = self._pace.limit()
+        most = slots_per_rank + ahead
+        self._pace = Pace(len(self._workers), least if cover > 0 else most, most, cover)  # no cover: most
+        self._slots = SlotTable(self._workers, self._pace.limit())
         self._link = Link(mpi, comm)
         self._any_source = mpi.ANY_SOURCE
         self._ids = itertools.count(1)
@@ -274,7 +273,6 @@ class RankExecutor(Executor):
 
     def _receive(self) -> bool:
         got = False
-        pace = self._pace
         while (msg := self._link.receive(self._any_source)) is not None:
             got = True
             rank, tag, data = msg
@@ -284,8 +282,7 @@ class RankExecutor(Executor):
             (call_id,) = HEADER.unpack_from(data)
             future = self._in_flight.pop(call_id)
             self._slots.give(rank)
-            if pace is not None:
-                pace.ended(time.monotonic())
+            self._pace.ended(time.monotonic())
             future.host = host = self._hosts.get(rank, "?")
             body = memoryview(data)[HEADER.size:]
             if tag == Tag.FAILURE:
@@ -301,8 +298,8 @@ class RankExecutor(Executor):
                 future.set_exception(local_failure(exc, "cannot unpickle its result on rank 0", rank, host))
             else:
                 future.set_result(value)
-        if got and pace is not None:
-            self._slots.per_rank = pace.limit()
+        if got:
+            self._slots.per_rank = self._pace.limit()
         return got
 
     def _break(self, exc: BaseException) -> None:
