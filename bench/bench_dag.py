@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cmbagent_batch.dag import Dag, Edge  # noqa: E402
+from cmbagent_batch.plan.dag import Dag, Edge
 
 TARGETS = {100_000: 1.0, 1_000_000: 12.0}  # seconds for ours, on the 2-core reference machine
 

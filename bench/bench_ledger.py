@@ -31,7 +31,7 @@ from specgen import CommandFailed, Row, cpu_cell, measure, secs, verdict
 
 from cmbagent_batch.ledger.chain import GENESIS, chain_line
 from cmbagent_batch.ledger.entry import price_dict, utc_timestamp
-from cmbagent_batch.pricing import builtin_table, call_cost
+from cmbagent_batch.spec.pricing import builtin_table, call_cost
 
 SUMMARIZE_TARGET = 5.0  # seconds, for 10^6 entries
 VERIFY_TARGET = 10.0

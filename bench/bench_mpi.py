@@ -1,8 +1,8 @@
 """Time ``cmbagent-batch run`` with the MPI backend: no-op python tasks against raw ``mpi4py.futures``, a
 heavy-tailed DAG against its lower bound, and makespans for 1, 2 and 4 worker ranks.
 
-Run as ``python bench/bench_mpi.py [--quick] [--runs N] [--only throughput|dag|scaling]`` with the
-interpreter of a venv where cmbagent-batch, mpi4py and an MPI (e.g. PyPI ``mpich``) are installed. Ours is
+Run as ``python bench/bench_mpi.py [--quick] [--runs N] [--only throughput|dag|scaling] [--against PYTHON]``
+with the interpreter of a venv where cmbagent-batch, mpi4py and an MPI (e.g. PyPI ``mpich``) are installed. Ours is
 always ``mpiexec -n N python -m cmbagent_batch run SPEC --quiet --run-dir FRESH --cache-dir FRESH`` with
 ``execution: {backend: mpi, tasks_per_rank: K}`` in the spec: rank 0 schedules, ranks 1..N-1 run the
 tasks. ``mpiexec`` is the one next to this interpreter, else the first on PATH; the commands get PATH with
@@ -36,6 +36,11 @@ ran on a worker rank. Rows marked "tasks per rank" show how evenly the worker ra
 ``--quick`` shrinks the sizes (500 no-op tasks, a 10 x 30 DAG, 16 sleep tasks) and runs everything once:
 a smoke run, whose absolute figures are not the targets'.
 
+``--against PYTHON`` compares two versions as bench_run's does: every run of ours (the local backend's
+in figure 2 too) is also made with the other venv's python and the ``mpiexec`` of that venv's ``bin/``
+(which must be there: ``pip install mpich``), in turn with this one's; the mpi4py.futures baseline runs
+with this interpreter's.
+
 Exit status 0 whatever the figures (benchmarks report, they do not gate); 1 only when a measured
 command did not run as expected (failed, hung past its time limit, or ran the wrong way).
 """
@@ -52,6 +57,7 @@ import statistics
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +77,7 @@ from bench_run import (
     read_manifest,
 )
 from bench_run import run_ours as run_local
-from specgen import CommandFailed, Row, Sample, cpu_cell, secs, verdict
+from specgen import CommandFailed, Install, Row, Sample, cpu_cell, secs, verdict
 
 THROUGHPUT_FRACTION_TARGET = 0.5  # ours / raw mpi4py.futures, tasks/s, at least
 MAKESPAN_RATIO_TARGET = 1.10  # makespan / lower bound, at most
@@ -141,17 +147,19 @@ def sleep_tasks(n: int, ms: int) -> list[DagTask]:
 # Running under mpiexec
 
 
-def find_mpiexec() -> str | None:
-    return shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+def find_mpiexec(side: Install) -> str | None:
+    """The ``mpiexec`` next to ``side``'s python; for this interpreter, else the first on PATH."""
+    return side.tool("mpiexec") or (shutil.which("mpiexec") if side.own else None)
 
 
 @dataclass(frozen=True)
 class Mpi:
-    """How the benchmark starts MPI jobs."""
+    """How the benchmark starts MPI jobs with one install of cmbagent-batch."""
 
     mpiexec: str
     env: dict[str, str]
     time_limit: float
+    side: Install
 
     def cmd(self, ranks: int, *args: str) -> list[str]:
         """``mpiexec -n ranks ARGS``, under coreutils ``timeout`` (when there is one) so that a hung job is
@@ -168,12 +176,6 @@ class Mpi:
             if "\n  exited 124," in str(exc) or "\n  exited 137," in str(exc):
                 raise CommandFailed(f"{exc}\n  (killed: still running after {self.time_limit:g} s)") from None
             raise
-
-
-def child_env() -> dict[str, str]:
-    env = specgen.bench_env()
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    return env
 
 
 @dataclass
@@ -221,7 +223,7 @@ def run_ours(mpi: Mpi, spec: str, fresh: Fresh, worker_ranks: int, n_tasks: int)
     run_dir = os.path.join(fresh("run"), "rd")
     cache_dir = fresh("cache")
     ranks = worker_ranks + 1
-    cmd = mpi.cmd(ranks, *specgen.cli(), "run", spec, "--quiet", "--run-dir", run_dir, "--cache-dir", cache_dir)
+    cmd = mpi.cmd(ranks, *mpi.side.cli(), "run", spec, "--quiet", "--run-dir", run_dir, "--cache-dir", cache_dir)
     run = mpi.run_once(cmd, cwd=os.path.dirname(spec))
     manifest = read_manifest(os.path.join(run_dir, "run.json"), cmd)
     problems = []
@@ -258,7 +260,7 @@ def rank_cells(runs: list[OurRun], worker_ranks: int, slots_per_rank: int = 1) -
 # Figure 1: no-op python tasks against mpi4py.futures
 
 
-def throughput_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, n: int, runs: int,
+def throughput_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence[Mpi], n: int, runs: int,
                        startup_runs: int) -> None:
     fresh = Fresh(root)
     spec_dir = fresh("throughput-spec")
@@ -266,17 +268,20 @@ def throughput_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, n
     spec = specgen.write(spec_dir, "python.yaml", mpi_spec(python_spec(n), 1))
     one = specgen.write(spec_dir, "python1.yaml", mpi_spec(python_spec(1), 1))
     ranks = THROUGHPUT_RANKS + 1
-    run_ours(mpi, one, fresh, THROUGHPUT_RANKS, 1)  # warm-up (.pyc files, page cache), not counted
+    for mpi in mpis:
+        run_ours(mpi, one, fresh, THROUGHPUT_RANKS, 1)  # warm-up (.pyc files, page cache), not counted
 
     base_out = os.path.join(spec_dir, "futures.json")
-    base_cmd = mpi.cmd(ranks, sys.executable, "-c", FUTURES_BASELINE, str(n), spec_dir)
-    base, ours, startup = Sample(), Sample(), Sample()
+    this = mpis[0]
+    base_cmd = this.cmd(ranks, sys.executable, "-c", FUTURES_BASELINE, str(n), spec_dir)
+    base = Sample()
+    whole, startups = {m.side: Sample() for m in mpis}, {m.side: Sample() for m in mpis}
     base_walls: list[float] = []
-    spans: list[float] = []
+    spans: dict[Install, list[float]] = {m.side: [] for m in mpis}
     done: list[OurRun] = []
     library = "?"
-    for _ in range(runs):
-        base.add(mpi.run_once(base_cmd, cwd=spec_dir, stdout_path=base_out))
+    for r in range(runs):
+        base.add(this.run_once(base_cmd, cwd=spec_dir, stdout_path=base_out))
         try:
             with open(base_out, encoding="utf-8") as fh:
                 report = json.load(fh)
@@ -284,18 +289,23 @@ def throughput_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, n
             raise CommandFailed(f"{' '.join(base_cmd)}\n  printed no report: {exc}") from None
         base_walls.append(float(report["wall"]))
         library = report["library"]
-        mine = run_ours(mpi, spec, fresh, THROUGHPUT_RANKS, n)
-        ours.add(mine.run)
-        spans.append(mine.span)
-        done.append(mine)
-    for _ in range(startup_runs):
-        startup.add(run_ours(mpi, one, fresh, THROUGHPUT_RANKS, 1).run)
+        for mpi in specgen.in_turn(mpis, r):
+            mine = run_ours(mpi, spec, fresh, THROUGHPUT_RANKS, n)
+            whole[mpi.side].add(mine.run)
+            spans[mpi.side].append(mine.span)
+            if mpi is this:
+                done.append(mine)
+    for r in range(startup_runs):
+        for mpi in specgen.in_turn(mpis, r):
+            startups[mpi.side].add(run_ours(mpi, one, fresh, THROUGHPUT_RANKS, 1).run)
 
+    figures = {m.side: specgen.rate_figures(n, whole[m.side], startups[m.side], spans[m.side]) for m in mpis}
+    ours, startup = whole[this.side], startups[this.side]
     base_rate = n / statistics.median(base_walls)
     raw = n / ours.wall
     work = ours.wall - startup.wall
     corrected = n / work if work > 0 else float("inf")
-    running = n / statistics.median(spans)
+    running = n / statistics.median(spans[this.side])
     rows.append(Row(f"mpi4py.futures MPICommExecutor, -n {ranks}, {n:,} no-op submits (baseline, {base.runs()})",
                     f"{base_rate:,.0f} tasks/s", cpu=cpu_cell(base)))
     rows.append(Row(f"  whole mpiexec command (context, {base.runs()})", secs(base.wall)))
@@ -317,6 +327,7 @@ def throughput_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, n
         rows.append(Row("  per run: raw tasks/s, ours | baseline", ", ".join(f"{n / w:,.0f}" for w in ours.walls),
                         ", ".join(f"{n / w:,.0f}" for w in base_walls)))
     rows.append(Row("  tasks per worker rank (mean over runs)", rank_cells(done, THROUGHPUT_RANKS)[0]))
+    specgen.versus(rows, figures)
     notes.append("the PASS uses the start-up-corrected rate, as bench_run does; the baseline is timed on its "
                  "rank 0 from the first submit to the last result (no MPI start-up, no imports), ours is the "
                  "whole command, which also reads, checks and fingerprints the tasks and writes run.json twice")
@@ -329,7 +340,7 @@ def throughput_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, n
 # Figure 2: the layered DAG on 16 slots over 4 worker ranks
 
 
-def dag_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, levels: int, width: int,
+def dag_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence[Mpi], levels: int, width: int,
                 runs: int) -> None:
     fresh = Fresh(root)
     spec_dir = fresh("dag-spec")
@@ -338,36 +349,47 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, levels: 
     slots = DAG_RANKS * DAG_TASKS_PER_RANK
     spec = specgen.write(spec_dir, "dag.yaml", mpi_spec(dag_spec(tasks), DAG_TASKS_PER_RANK))
     warm = specgen.write(spec_dir, "warm.yaml", mpi_spec(dag_spec(sleep_tasks(1, 1)), DAG_TASKS_PER_RANK))
-    run_ours(mpi, warm, fresh, DAG_RANKS, 1)  # warm-up, not counted
+    for mpi in mpis:
+        run_ours(mpi, warm, fresh, DAG_RANKS, 1)  # warm-up, not counted
 
     local_spec = specgen.write(spec_dir, "dag-local.yaml", dag_spec(tasks))
     probe = fs_probe(fresh("fs-probe"), n)
-    done: list[OurRun] = []
-    makespans, bounds, cps, works, ratios, outside, returns = [], [], [], [], [], [], []
-    local_spans, local_ratios = [], []
-    for _ in range(runs):
-        mine = run_ours(mpi, spec, fresh, DAG_RANKS, n)
-        done.append(mine)
-        walls = mine.walls()
-        cp, work = lower_bound(tasks, walls, slots)
-        makespans.append(mine.span)
-        cps.append(cp)
-        works.append(work)
-        bounds.append(max(cp, work))
-        ratios.append(mine.span / max(cp, work))
-        outside.append((slots * mine.span - sum(walls.values())) / n)
-        returns.extend(mine.returns())
-        _, local_dir = run_local(local_spec, fresh, mpi.env, n, workers=slots)
-        first, last = journal_span(local_dir)
-        local_walls = {tid: float(t["wall_s"]) for tid, t in
-                       read_manifest(os.path.join(local_dir, "run.json"), ["run", local_spec])["tasks"].items()}
-        local_spans.append(last - first)
-        local_ratios.append((last - first) / max(lower_bound(tasks, local_walls, slots)))
+    done: dict[Install, list[OurRun]] = {m.side: [] for m in mpis}
+    got: dict[Install, defaultdict[str, list[float]]] = {m.side: defaultdict(list) for m in mpis}
+    for r in range(runs):
+        for mpi in specgen.in_turn(mpis, r):
+            mine = run_ours(mpi, spec, fresh, DAG_RANKS, n)
+            done[mpi.side].append(mine)
+            walls = mine.walls()
+            cp, work = lower_bound(tasks, walls, slots)
+            _, local_dir = run_local(mpi.side, local_spec, fresh, specgen.bench_env(), n, workers=slots)
+            first, last = journal_span(local_dir)
+            local_walls = {tid: float(t["wall_s"]) for tid, t in
+                           read_manifest(os.path.join(local_dir, "run.json"), ["run", local_spec])["tasks"].items()}
+            g = got[mpi.side]
+            for name, value in (("makespan", mine.span), ("cp", cp), ("work", work), ("bound", max(cp, work)),
+                                ("ratio", mine.span / max(cp, work)),
+                                ("outside", (slots * mine.span - sum(walls.values())) / n),
+                                ("local_span", last - first),
+                                ("local_ratio", (last - first) / max(lower_bound(tasks, local_walls, slots)))):
+                g[name].append(value)
+            g["returns"].extend(mine.returns())
 
     med = statistics.median
-    commands = Sample()
-    for mine in done:
-        commands.add(mine.run)
+    commands = {side: Sample() for side in done}
+    for side, mines in done.items():
+        for mine in mines:
+            commands[side].add(mine.run)
+    figures: dict[Install, specgen.Figures] = {side: {
+        "DAG makespan": (med(g["makespan"]), secs), "DAG makespan / LB": (med(g["ratio"]), specgen.times),
+        "DAG slot time outside walls, per task": (med(g["outside"]), lambda x: f"{x * 1000:.1f} ms"),
+        **specgen.sample_figures("DAG whole command", commands[side]),
+        "local backend DAG makespan": (med(g["local_span"]), secs)} for side, g in got.items()}
+    this = mpis[0].side
+    ours = got[this]
+    makespans, bounds, cps, works, ratios = ours["makespan"], ours["bound"], ours["cp"], ours["work"], ours["ratio"]
+    outside, returns = ours["outside"], ours["returns"]
+    local_spans, local_ratios = ours["local_span"], ours["local_ratio"]
     n_cp, n_work = lower_bound(tasks, {t.id: t.ms / 1000 for t in tasks}, slots)
     label = f"median of {runs}" if runs > 1 else "1 run"
     rows.append(Row(f"run DAG {levels}x{width}={n:,}, mpiexec -n {DAG_RANKS + 1}, tasks_per_rank "
@@ -378,10 +400,10 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, levels: 
                     f"{secs(med(cps))} | {secs(med(works))}"))
     rows.append(Row(f"  sleep-only LB: critical path | work / {slots}", f"{secs(n_cp)} | {secs(n_work)}",
                     ratio=f"ours {med(makespans) / max(n_cp, n_work):.2f}x"))
-    rows.append(Row("  whole command wall", secs(commands.wall), cpu=cpu_cell(commands)))
+    rows.append(Row("  whole command wall", secs(commands[this].wall), cpu=cpu_cell(commands[this])))
     if runs > 1:
         rows.append(Row("  per run: makespan / LB", ", ".join(f"{r:.3f}x" for r in ratios)))
-    count, use = rank_cells(done, DAG_RANKS, DAG_TASKS_PER_RANK)
+    count, use = rank_cells(done[this], DAG_RANKS, DAG_TASKS_PER_RANK)
     rows.append(Row("  tasks per worker rank (mean over runs)", count))
     rows.append(Row(f"  busy: task walls / ({DAG_TASKS_PER_RANK} slots x span)", use))
     rows.append(Row(f"  slot time per task outside its wall: ({slots} x span - walls) / {n:,}",
@@ -395,6 +417,7 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, levels: 
                     f"{med(makespans) / med(local_spans):.2f}x"))
     rows.append(Row(f"  filesystem: CPU to make {n:,} work-directory skeletons (2 mkdir + 2 files)",
                     secs(probe), ratio=f"{probe / n * 1000:.2f} ms a task"))
+    specgen.versus(rows, figures)
     notes.append("filesystem: a shell task's attempt makes its work directory, logs/ and two log files; on ext4 "
                  "that costs about 3x more CPU for a minute or more after many files were deleted (inode "
                  "allocation skips recently deleted inodes), and the DAG's makespan is CPU-bound on 2 cores: "
@@ -449,22 +472,29 @@ class Scaling:
     command: Sample = field(default_factory=Sample)
 
 
-def scaling_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, n: int, runs: int) -> None:
+def scaling_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence[Mpi], n: int, runs: int) -> None:
     fresh = Fresh(root)
     spec_dir = fresh("scaling-spec")
     spec = specgen.write(spec_dir, "sleep.yaml", mpi_spec(dag_spec(sleep_tasks(n, SLEEP_MS)), 1))
     warm = specgen.write(spec_dir, "warm.yaml", mpi_spec(dag_spec(sleep_tasks(1, 1)), 1))
-    run_ours(mpi, warm, fresh, max(SCALING_RANKS), 1)  # warm-up, not counted
+    for mpi in mpis:
+        run_ours(mpi, warm, fresh, max(SCALING_RANKS), 1)  # warm-up, not counted
 
-    by_ranks = {k: Scaling() for k in SCALING_RANKS}
-    for _ in range(runs):
-        for k, s in by_ranks.items():
-            mine = run_ours(mpi, spec, fresh, k, n)
-            s.spans.append(mine.span)
-            s.runs.append(mine)
-            s.command.add(mine.run)
+    by_side = {m.side: {k: Scaling() for k in SCALING_RANKS} for m in mpis}
+    for r in range(runs):
+        for mpi in specgen.in_turn(mpis, r):
+            for k, s in by_side[mpi.side].items():
+                mine = run_ours(mpi, spec, fresh, k, n)
+                s.spans.append(mine.span)
+                s.runs.append(mine)
+                s.command.add(mine.run)
 
     med = statistics.median
+    figures: dict[Install, specgen.Figures] = {side: {
+        f"{k} worker rank{'s' if k > 1 else ''}: {name}": (value, secs)
+        for k, s in by.items() for name, value in (("makespan", med(s.spans)), ("whole command", s.command.wall))
+    } for side, by in by_side.items()}
+    by_ranks = by_side[mpis[0].side]
     one = med(by_ranks[SCALING_RANKS[0]].spans)
     label = f"median of {runs}" if runs > 1 else "1 run"
     for k, s in by_ranks.items():
@@ -480,6 +510,7 @@ def scaling_figures(rows: list[Row], notes: list[str], root: str, mpi: Mpi, n: i
                             f"{speedup / k:.0%} of ideal"))
         count, _ = rank_cells(s.runs, k)
         rows.append(Row("  tasks per worker rank", count, ratio=f"whole command {secs(s.command.wall)}"))
+    specgen.versus(rows, figures)
     notes.append(f"scaling: {n} independent shell tasks 'sleep {SLEEP_MS / 1000:.3f}', tasks_per_rank 1; ideal = "
                  f"{n} x {SLEEP_MS / 1000:g} s / worker ranks (no bash start-up); the cpu column is the "
                  "whole command's, all ranks")
@@ -505,33 +536,41 @@ def main() -> int:
     parser.add_argument("--runs", type=int, metavar="N", help="runs of each figure (default 3, quick 1)")
     parser.add_argument("--only", choices=("throughput", "dag", "scaling"), action="append",
                         help="run only this figure (repeatable); default: all three")
+    parser.add_argument("--against", metavar="PYTHON",
+                        help="also make every run of ours with the cmbagent-batch, python and mpiexec of this "
+                             "python's venv, in turn with this one's, and report each figure of both and new / old")
     args = parser.parse_args()
+    sides, versus_notes = specgen.installs(args.against)
     quick = args.quick
     runs = max(1, args.runs or (1 if quick else 3))
-    exe = find_mpiexec()
-    if exe is None:
-        print("bench_mpi: no mpiexec next to this interpreter or on PATH (pip install mpich)", file=sys.stderr)
-        return 1
-    mpi = Mpi(exe, child_env(), QUICK_TIME_LIMIT_S if quick else TIME_LIMIT_S)
+    mpis: list[Mpi] = []
+    for side in sides:
+        exe = find_mpiexec(side)
+        if exe is None:
+            where = "this interpreter or on PATH" if side.own else side.python
+            print(f"bench_mpi: no mpiexec next to {where} (pip install mpich)", file=sys.stderr)
+            return 1
+        mpis.append(Mpi(exe, side.env(specgen.bench_env()), QUICK_TIME_LIMIT_S if quick else TIME_LIMIT_S, side))
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     n_python, n_sleep = (500, 16) if quick else (20_000, 64)
     levels, width = (10, 30) if quick else (30, 100)
     with specgen.TempDir() as tmp:
         steps: dict[str, tuple[str, specgen.Step]] = {
             "throughput": (f"1. {n_python:,} no-op python tasks, {THROUGHPUT_RANKS} worker ranks",
-                           lambda r, nt: throughput_figures(r, nt, tmp, mpi, n_python, runs, 1 if quick else 5)),
+                           lambda r, nt: throughput_figures(r, nt, tmp, mpis, n_python, runs, 1 if quick else 5)),
             "dag": (f"2. layered DAG {levels}x{width}, {DAG_RANKS} worker ranks x {DAG_TASKS_PER_RANK} slots",
-                    lambda r, nt: dag_figures(r, nt, tmp, mpi, levels, width, runs)),
+                    lambda r, nt: dag_figures(r, nt, tmp, mpis, levels, width, runs)),
             "scaling": (f"3. {n_sleep} sleep tasks on {', '.join(map(str, SCALING_RANKS))} worker ranks",
-                        lambda r, nt: scaling_figures(r, nt, tmp, mpi, n_sleep, runs)),
+                        lambda r, nt: scaling_figures(r, nt, tmp, mpis, n_sleep, runs)),
         }
         sections, failed = specgen.run_sections(steps, args.only, settled=not quick)
-    notes = [f"mpiexec: {exe}; {versions()}",
+    notes = [f"mpiexec: {' | '.join(m.mpiexec for m in mpis)}; {versions()}",
              (f"{specgen.load_note()}; {load_at_start:.2f} (1 min) at the start. Ranks oversubscribe "
               "the cores: wall times include waiting for a core, compare the cpu column too")]
     if quick:
         notes.append("--quick: small sizes, one run each; only the ratios mean anything")
-    return specgen.report(f"cmbagent-batch run --backend mpi ({sys.executable})", sections, failed, notes)
+    return specgen.report(f"cmbagent-batch run --backend mpi ({sys.executable})", sections, failed,
+                          notes + versus_notes)
 
 if __name__ == "__main__":
     sys.exit(main())

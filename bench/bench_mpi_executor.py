@@ -101,7 +101,7 @@ def inside(case: str, calls: int, poll: float) -> int:
                 print("RESULT " + json.dumps(out), flush=True)
         return 0
 
-    from cmbagent_batch.mpi import run_in_world, wire
+    from cmbagent_batch.backends.mpi import run_in_world, wire
 
     wire.POLL_MAX = poll  # every rank, before its loop starts
     slots = 4 if case == "rank-4" else 1

@@ -32,8 +32,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import specgen  # noqa: E402
-from specgen import CommandFailed, Row, cpu_cell, measure, secs, verdict  # noqa: E402
+import specgen
+from specgen import CommandFailed, Row, cpu_cell, measure, secs, verdict
 
 COLD_TARGET = {"matrix": 10.0, "literal": None}  # seconds; None: reported only
 CACHED_TARGET = 1.5  # seconds

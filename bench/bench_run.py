@@ -1,7 +1,7 @@
 """Time ``cmbagent-batch run``: many small shell tasks, many no-op python tasks, and a random layered DAG.
 
-Run as ``python bench/bench_run.py [--quick] [--runs N] [--no-snakemake] [--only shell|python|dag]`` with
-the interpreter of a venv
+Run as ``python bench/bench_run.py [--quick] [--runs N] [--no-snakemake] [--only shell|python|dag]
+[--against PYTHON]`` with the interpreter of a venv
 where cmbagent-batch is installed. Every figure is set beside a baseline measured in the same invocation:
 
 1. 2,000 independent shell tasks (``run: echo i > out.txt``, ``outputs: [out.txt]``), as
@@ -36,6 +36,12 @@ alike; figures are medians over ``--runs`` runs (default 3; 1 for the 20,000 pyt
 Snakemake). ``--quick`` divides the sizes by ~10 (200 shell tasks, 2,000 python tasks, a 10 x 30 DAG),
 runs everything once and skips Snakemake: a smoke run, whose absolute figures are not the targets'.
 
+Two versions: ``--against PYTHON`` (the python of another venv with another version of cmbagent-batch
+installed) makes every measured run of ours also with that python, in turn with this one's (the order
+reversed every other round), on the same specs with fresh directories, and adds "new vs old" rows under
+each figure: the median of this version (new), of the other (old) and new / old. The other version's runs
+get its venv's ``bin/`` first on PATH and no PYTHONPATH. The baselines run once a round, as without it.
+
 Exit status 0 whatever the figures (benchmarks report, they do not gate); 1 only when a measured
 command did not run as expected (the benchmark itself, or the product, is broken, not slow).
 """
@@ -52,14 +58,16 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import specgen  # noqa: E402
-from specgen import CommandFailed, Row, Sample, cpu_cell, secs, verdict  # noqa: E402
+import specgen
+from specgen import CommandFailed, Install, Row, Sample, cpu_cell, secs, verdict
 
 XARGS_RATIO_TARGET = 1.5  # ours / xargs, at most
 SNAKEMAKE_RATIO_TARGET = 5.0  # snakemake / ours, at least
@@ -172,18 +180,18 @@ class Fresh:
         return path
 
 
-def run_cmd(spec: str, run_dir: str, cache_dir: str, workers: int | None) -> list[str]:
+def run_cmd(side: Install, spec: str, run_dir: str, cache_dir: str, workers: int | None) -> list[str]:
     flags = ["--workers", str(workers)] if workers else []
-    return [*specgen.cli(), "run", spec, *flags, "--quiet", "--run-dir", run_dir, "--cache-dir", cache_dir]
+    return [*side.cli(), "run", spec, *flags, "--quiet", "--run-dir", run_dir, "--cache-dir", cache_dir]
 
 
-def run_ours(spec: str, fresh: Fresh, env: dict[str, str], n_tasks: int,
+def run_ours(side: Install, spec: str, fresh: Fresh, env: dict[str, str], n_tasks: int,
              workers: int | None = None) -> tuple[specgen.Run, str]:
-    """One run of ``cmbagent-batch run`` in fresh directories; checks every task succeeded."""
+    """One run of ``side``'s ``cmbagent-batch run`` in fresh directories; checks every task succeeded."""
     run_dir = os.path.join(fresh("run"), "rd")  # run --fresh is not needed: it does not exist yet
     cache_dir = fresh("cache")
-    cmd = run_cmd(spec, run_dir, cache_dir, workers)
-    run = specgen.run_once(cmd, cwd=os.path.dirname(spec), env=env)
+    cmd = run_cmd(side, spec, run_dir, cache_dir, workers)
+    run = specgen.run_once(cmd, cwd=os.path.dirname(spec), env=side.env(env))
     manifest = read_manifest(os.path.join(run_dir, "run.json"), cmd)
     counts = manifest.get("counts")
     if counts != {"succeeded": n_tasks}:
@@ -250,24 +258,28 @@ def snakemake() -> tuple[str | None, str]:
 
 
 def shell_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str], n: int, runs: int,
-                  skip_snakemake: str | None) -> None:
+                  skip_snakemake: str | None, sides: Sequence[Install]) -> None:
     fresh = Fresh(root)
     spec_dir = fresh("shell-spec")
     spec = specgen.write(spec_dir, "shell.yaml", shell_spec(n))
     warm = specgen.write(spec_dir, "warm.yaml", shell_spec(1))
-    run_ours(warm, fresh, env, 1, workers=2)  # compiles .pyc files, fills the page cache; not counted
+    for side in sides:
+        run_ours(side, warm, fresh, env, 1, workers=2)  # compiles .pyc files, fills the page cache; not counted
 
     def xargs(shell: str) -> list[str]:
         return ["sh", "-c", f"seq {n} | xargs -P2 -I{{}} {shell} -c 'mkdir -p d/{{}} && echo {{}} > d/{{}}/out.txt'"]
 
-    ours, x_sh, x_bash = Sample(), Sample(), Sample()
-    for _ in range(runs):
-        ours.add(run_ours(spec, fresh, env, n, workers=2)[0])
+    by_side = {side: Sample() for side in sides}
+    x_sh, x_bash = Sample(), Sample()
+    for r in range(runs):
+        for side in specgen.in_turn(sides, r):
+            by_side[side].add(run_ours(side, spec, fresh, env, n, workers=2)[0])
         for sample, shell in ((x_sh, "sh"), (x_bash, "bash")):
             cwd = fresh(f"xargs-{shell}")
             sample.add(specgen.run_once(xargs(shell), cwd=cwd, env=env))
             if count_outputs(cwd) != n:
                 raise CommandFailed(f"{' '.join(xargs(shell))}\n  wrote {count_outputs(cwd)} of {n} outputs")
+    ours = by_side[sides[0]]
     sh_is = os.path.realpath(shutil.which("sh") or "/bin/sh")
     rows.append(Row(f"xargs -P2, sh -c per item (baseline, {x_sh.runs()})", secs(x_sh.wall), cpu=cpu_cell(x_sh)))
     rows.append(Row(f"xargs -P2, bash -c per item (context, {x_bash.runs()})", secs(x_bash.wall),
@@ -279,6 +291,9 @@ def shell_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, s
                     f"{ours.wall / x_bash.wall:.2f}x", cpu=cpu_cell(ours, x_bash)))
     rows.append(Row("  per task", f"{ours.wall / n * 1000:.2f} ms", f"{x_sh.wall / n * 1000:.2f} ms"))
     rows.append(Row("  peak RSS", specgen.mib(ours.peak_rss)))
+    specgen.versus(rows, {side: {**specgen.sample_figures(f"run {n:,} shell tasks", s),
+                                 "peak RSS": (s.peak_rss, lambda b: specgen.mib(int(b)))}
+                          for side, s in by_side.items()})
     notes.append(f"sh is {sh_is}; the 1.5x target is held against the sh figure (the issue's command); "
                  "our tasks run under bash, so the bash row is the like-for-like context")
     notes.append("ours: whole command (start-up, spec, DAG, journal, run.json) with a fresh --run-dir and "
@@ -312,33 +327,38 @@ def shell_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, s
 
 
 def python_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str], n: int, runs: int,
-                   startup_runs: int) -> None:
+                   startup_runs: int, sides: Sequence[Install]) -> None:
     fresh = Fresh(root)
     spec_dir = fresh("python-spec")
     specgen.write(spec_dir, "noop.py", NOOP_MODULE)
     spec = specgen.write(spec_dir, "python.yaml", python_spec(n))
     one = specgen.write(spec_dir, "python1.yaml", python_spec(1))
-    run_ours(one, fresh, env, 1)  # warm-up, not counted
+    for side in sides:
+        run_ours(side, one, fresh, env, 1)  # warm-up, not counted
 
     pool_out = os.path.join(spec_dir, "pool.json")
     pool_cmd = [sys.executable, "-c", POOL_BASELINE, str(n), spec_dir]
     pool_walls: list[float] = []
     start_method = "?"
     pool = Sample()
-    startup, ours = Sample(), Sample()
-    spans: list[float] = []
-    for _ in range(runs):
+    startups, whole = {side: Sample() for side in sides}, {side: Sample() for side in sides}
+    spans: dict[Install, list[float]] = {side: [] for side in sides}
+    for r in range(runs):
         pool.add(specgen.run_once(pool_cmd, cwd=spec_dir, env=env, stdout_path=pool_out))
         with open(pool_out, encoding="utf-8") as fh:
             report = json.load(fh)
         pool_walls.append(float(report["wall"]))
         start_method = report["start_method"]
-        run, run_dir = run_ours(spec, fresh, env, n)
-        ours.add(run)
-        first, last = journal_span(run_dir)
-        spans.append(last - first)
-    for _ in range(startup_runs):
-        startup.add(run_ours(one, fresh, env, 1)[0])
+        for side in specgen.in_turn(sides, r):
+            run, run_dir = run_ours(side, spec, fresh, env, n)
+            whole[side].add(run)
+            first, last = journal_span(run_dir)
+            spans[side].append(last - first)
+    for r in range(startup_runs):
+        for side in specgen.in_turn(sides, r):
+            startups[side].add(run_ours(side, one, fresh, env, 1)[0])
+    figures = {side: specgen.rate_figures(n, whole[side], startups[side], spans[side]) for side in sides}
+    ours, startup = whole[sides[0]], startups[sides[0]]
     pool_rate = n / statistics.median(pool_walls)
     raw = n / ours.wall
     work = ours.wall - startup.wall
@@ -355,9 +375,10 @@ def python_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, 
                     f">= {PYTHON_FRACTION_TARGET:.0%}", verdict(corrected >= PYTHON_FRACTION_TARGET * pool_rate)))
     rows.append(Row("  per task (corrected)", f"{work / n * 1e6:,.0f} us", f"{1e6 / pool_rate:,.0f} us",
                     f"{(work / n) * pool_rate:.1f}x"))
-    running = n / statistics.median(spans)
+    running = n / statistics.median(spans[sides[0]])
     rows.append(Row("  while running: tasks / journal span (context)", f"{running:,.0f} tasks/s",
                     f"{pool_rate:,.0f} tasks/s", f"{running / pool_rate:.1%}"))
+    specgen.versus(rows, figures)
     notes.append("the PASS uses the start-up-corrected rate; the baseline is timed inside its subprocess "
                  "(pool start, submits, waits, shutdown), ours is the whole command, which also reads, checks "
                  "and fingerprints the 20,000 tasks and writes run.json twice")
@@ -420,42 +441,41 @@ def level_barrier(tasks: list[DagTask], workers: int, cwd: str) -> tuple[float, 
 
 
 def dag_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str], levels: int, width: int,
-                runs: int) -> None:
+                runs: int, sides: Sequence[Install]) -> None:
     fresh = Fresh(root)
     spec_dir = fresh("dag-spec")
     tasks = layered_dag(levels, width, DAG_SEED)
     n = len(tasks)
     spec = specgen.write(spec_dir, "dag.yaml", dag_spec(tasks))
-    run_ours(specgen.write(spec_dir, "warm.yaml", shell_spec(1)), fresh, env, 1)  # warm-up, not counted
+    warm = specgen.write(spec_dir, "warm.yaml", shell_spec(1))
+    for side in sides:
+        run_ours(side, warm, fresh, env, 1)  # warm-up, not counted
 
-    makespans: list[float] = []
-    bounds: list[float] = []
-    cps: list[float] = []
-    works: list[float] = []
-    ratios: list[float] = []
-    commands: list[float] = []
+    got: dict[Install, defaultdict[str, list[float]]] = {side: defaultdict(list) for side in sides}
     barriers: list[float] = []
-    ours_cpu: list[float] = []
     barrier_cpu: list[float] = []
-    for _ in range(runs):
-        run, run_dir = run_ours(spec, fresh, env, n, workers=DAG_WORKERS)
-        manifest = read_manifest(os.path.join(run_dir, "run.json"), ["run", spec])
-        walls = {tid: float(t["wall_s"]) for tid, t in manifest["tasks"].items()}
-        first, last = journal_span(run_dir)
-        cp, work = lower_bound(tasks, walls, DAG_WORKERS)
-        makespan = last - first
-        makespans.append(makespan)
-        cps.append(cp)
-        works.append(work)
-        bounds.append(max(cp, work))
-        ratios.append(makespan / max(cp, work))
-        commands.append(run.wall)
-        ours_cpu.append(run.cpu)
-        barrier, cpu = level_barrier(tasks, DAG_WORKERS, fresh("barrier"))
+    for r in range(runs):
+        for side in specgen.in_turn(sides, r):
+            run, run_dir = run_ours(side, spec, fresh, env, n, workers=DAG_WORKERS)
+            manifest = read_manifest(os.path.join(run_dir, "run.json"), ["run", spec])
+            walls = {tid: float(t["wall_s"]) for tid, t in manifest["tasks"].items()}
+            first, last = journal_span(run_dir)
+            cp, work = lower_bound(tasks, walls, DAG_WORKERS)
+            for name, value in (("makespan", last - first), ("cp", cp), ("work", work), ("bound", max(cp, work)),
+                                ("ratio", (last - first) / max(cp, work)), ("command", run.wall), ("cpu", run.cpu)):
+                got[side][name].append(value)
+        barrier, spent = level_barrier(tasks, DAG_WORKERS, fresh("barrier"))
         barriers.append(barrier)
-        barrier_cpu.append(cpu)
+        barrier_cpu.append(spent)
 
     med = statistics.median
+    figures: dict[Install, specgen.Figures] = {side: {
+        "DAG makespan": (med(g["makespan"]), secs), "DAG makespan / LB": (med(g["ratio"]), specgen.times),
+        "DAG whole command: wall": (med(g["command"]), secs), "DAG whole command: cpu": (med(g["cpu"]), secs),
+    } for side, g in got.items()}
+    ours = got[sides[0]]
+    makespans, bounds, cps, works = ours["makespan"], ours["bound"], ours["cp"], ours["work"]
+    ratios, commands, ours_cpu = ours["ratio"], ours["command"], ours["cpu"]
     nominal = {t.id: t.ms / 1000 for t in tasks}
     n_cp, n_work = lower_bound(tasks, nominal, DAG_WORKERS)
     label = f"median of {runs}" if runs > 1 else "1 run"
@@ -474,6 +494,7 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str
                     ratio=f"ours {med(makespans) / max(n_cp, n_work):.2f}x"))
     if runs > 1:
         rows.append(Row("  per run: makespan / LB", ", ".join(f"{r:.3f}x" for r in ratios)))
+    specgen.versus(rows, figures)
     notes.append(f"DAG: shell tasks 'sleep 0.NNN' (bash -c), durations Pareto(1) clipped to [1, 50] ms, "
                  f"seed {DAG_SEED}, sum {sum(t.ms for t in tasks) / 1000:.1f} s; makespan = first 'running' "
                  "to last 'succeeded' journal record; LB from run.json wall_s (process start included)")
@@ -493,7 +514,11 @@ def main() -> int:
     parser.add_argument("--no-snakemake", action="store_true", help="skip the Snakemake row (and its install)")
     parser.add_argument("--only", choices=("shell", "python", "dag"), action="append",
                         help="run only this figure (repeatable); default: all three")
+    parser.add_argument("--against", metavar="PYTHON",
+                        help="also make every run of ours with the cmbagent-batch of this python (another venv's), "
+                             "in turn with this one's, and report each figure of both and new / old")
     args = parser.parse_args()
+    sides, versus_notes = specgen.installs(args.against)
     quick = args.quick
     runs = max(1, args.runs or (1 if quick else 3))
     env = specgen.bench_env()
@@ -504,18 +529,18 @@ def main() -> int:
     with specgen.TempDir() as tmp:
         steps = {
             "shell": (f"1. {n_shell:,} shell tasks, 2 workers", lambda r, nt: shell_figures(
-                r, nt, tmp, env, n_shell, runs, skip_snakemake)),
+                r, nt, tmp, env, n_shell, runs, skip_snakemake, sides)),
             "python": (f"2. {n_python:,} no-op python tasks, process pool of 2", lambda r, nt: python_figures(
-                r, nt, tmp, env, n_python, 1, 1 if quick else 5)),
+                r, nt, tmp, env, n_python, 1, 1 if quick else 5, sides)),
             "dag": (f"3. layered DAG {levels}x{width}, {DAG_WORKERS} workers", lambda r, nt: dag_figures(
-                r, nt, tmp, env, levels, width, runs)),
+                r, nt, tmp, env, levels, width, runs, sides)),
         }
         sections, failed = specgen.run_sections(steps, args.only, settled=not quick)
     notes = [f"{specgen.load_note()}; {load_at_start:.2f} (1 min) at the start. 2 cores shared with "
              "other work: wall times include waiting for a core, compare the cpu column too"]
     if quick:
         notes.append("--quick: sizes / ~10, one run each; only the ratios mean anything")
-    return specgen.report(f"cmbagent-batch run ({sys.executable})", sections, failed, notes)
+    return specgen.report(f"cmbagent-batch run ({sys.executable})", sections, failed, notes + versus_notes)
 
 if __name__ == "__main__":
     sys.exit(main())

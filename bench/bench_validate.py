@@ -30,8 +30,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import specgen  # noqa: E402
-from specgen import CommandFailed, Row, Sample, cpu_cell, measure, mib, secs, verdict  # noqa: E402
+import specgen
+from specgen import CommandFailed, Row, Sample, cpu_cell, measure, mib, secs, verdict
 
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.yaml")
 HEAVY = ("ag2", "autogen", "openai", "mpi4py")

@@ -1,3 +1,3 @@
-from cmbagent_batch.cli import main
+from cmbagent_batch.cli.main import main
 
 raise SystemExit(main())

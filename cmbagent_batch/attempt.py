@@ -1,139 +1,146 @@
-"""One attempt of one task, start to finish, on whatever worker runs it.
-
-A top-level, picklable function (it may run in a process-pool worker): prepare the work directory, link
-the inputs, wait at the gate for a slot (thread pools), run the task, give the slot back, publish its
-outputs, apply retention and measure what is left. It never raises for a task's own failure; it returns
-an ``Outcome`` that says what went wrong.
-"""
+"""What a runner receives and returns: plain, picklable data (it may cross a process boundary)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import traceback
-from typing import Any, Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from cmbagent_batch.tasks import agent
-from cmbagent_batch.tasks.base import WORK_SUBDIRS, Gate, Outcome, Payload, Stopped, TaskContext
-from cmbagent_batch.tasks.python import run_python
-from cmbagent_batch.tasks.shell import ShellLaunch, terminations
-from cmbagent_batch.tasks.workdir import (
-    OutputError,
-    cleanup,
-    existing_outputs,
-    prepare,
-    publish,
-    stage_inputs,
-    tree_size,
-)
+from cmbagent_batch.states import OutcomeReason
 
-# Subdirectories made before a task starts; the rest are made when used (python: ctx.sub(name), shell:
-# mkdir -p). On a journaled or network file system each mkdir (and the rmdir of an unused temp/ after
-# success) costs 0.02 to 0.2 ms, as much as the runner's own work for a tiny task.
-SUBDIRS_UP_FRONT = {"shell": ("logs",), "python": ()}
+WORK_SUBDIRS = ("data", "codebase", "logs", "outputs", "temp", "chats", "cost")
 
 
-def run_attempt(payload: Payload, ctx: TaskContext, links: Sequence[tuple[str, str]],
-                base_env: Mapping[str, str], chdir: bool, keep: Collection[str], kill_grace: float = 5.0,
-                missing: Sequence[str] = (), gate: Gate | None = None, made: bool = False) -> Outcome:
-    try:
-        return _attempt(payload, ctx, links, base_env, chdir, keep, kill_grace, missing, gate, made)
-    finally:
-        if gate is not None:
-            gate.withdraw()  # if it never entered: attempts handed over after it need not wait for it
+class Stopped(Exception):
+    """The run is stopping: an attempt that has not started yet does not start. ``str()`` is the
+    reason's message (the attempt's error)."""
+
+    def __init__(self, reason: OutcomeReason = OutcomeReason.NOT_STARTED) -> None:
+        super().__init__(reason)  # the reason alone in ``args``: it pickles and unpickles as it is
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason.message
 
 
-def run_attempts(calls: list[tuple[Callable[..., Outcome], tuple[Any, ...]]]) -> list[Outcome]:
-    """A batch of ``run_attempt`` calls (tiny tasks, one worker process): their work directories are made
-    in one burst first. Two workers making directories in the same ``tasks/`` directory at the same time
-    slow each other down (the directory's lock); bursts rarely meet, steady streams always do."""
-    made: set[str] = set()
-    for _fn, args in calls:
-        try:
-            os.mkdir(args[1].work_dir)
-            made.add(args[1].work_dir)
-        except OSError:
-            pass  # exists (a rerun) or cannot be made: the attempt itself finds out and says so
-    return [fn(*args, made=args[1].work_dir in made) for fn, args in calls]
+class Gate(Protocol):
+    """Where an attempt waits for a free slot of its pool before it starts (threads only)."""
+
+    def enter(self, start: Callable[[], Any] | None = None) -> Any:
+        """Wait for a slot; raise ``Stopped`` if the run is stopping. ``start`` is called once the slot is
+        this attempt's, perhaps on the thread that freed it (so it must not need this thread); its result
+        is returned."""
+
+    def leave(self, ok: bool) -> None:
+        """The attempt ended: a success gives its slot back at once. A failure keeps it until ``settle``,
+        so no other attempt starts before the scheduler has seen the failure (fail-fast stops them)."""
+
+    def withdraw(self) -> None:
+        """The attempt ends without having entered (no slot is kept for it any longer)."""
+
+    def settle(self) -> None:
+        """Give back a slot kept by a failure (called by the scheduler once it has handled the end)."""
 
 
-def _attempt(payload: Payload, ctx: TaskContext, links: Sequence[tuple[str, str]], base_env: Mapping[str, str],
-             chdir: bool, keep: Collection[str], kill_grace: float, missing: Sequence[str],
-             gate: Gate | None, made: bool) -> Outcome:
-    if missing:
-        return Outcome(ok=False, error="; ".join(missing))
-    seen = terminations()  # a stop while this attempt waits at the gate keeps it from starting
-    try:
-        prepare(ctx, SUBDIRS_UP_FRONT.get(payload.kind, WORK_SUBDIRS), made)
-        stage_inputs(ctx, links)
-    except (OSError, ValueError) as exc:
-        return Outcome(ok=False, error=f"cannot prepare the work directory {ctx.work_dir}: {exc}")
-    ready: ShellLaunch | Outcome | None = None
-    if payload.kind == "shell":
-        ready = ShellLaunch.prepare(payload, ctx, base_env, seen)
-    elif payload.kind == "agent":
-        ready = agent.prepare(payload, ctx, base_env, seen)
-    if isinstance(ready, Outcome):
-        return ready
-    try:
-        spawned = _start(ready, gate)
-        outcome, outputs, found = _run(payload, ctx, chdir, kill_grace, ready, spawned, gate)
-        return _wrap_up(ctx, keep, outcome, outputs, found)
-    except (Stopped, OutputError) as exc:  # OutputError: an output removed between the check and publish
-        return Outcome(ok=False, error=str(exc))
-    except Exception as exc:  # noqa: BLE001 - a bug or an OS error on the worker: report it with its place
-        return Outcome(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+@dataclass(frozen=True)
+class TaskContext:
+    """Where and as what one attempt runs. Given to python callables that accept ``ctx``."""
+
+    task_id: str
+    run_dir: str  # absolute
+    work_dir: str  # absolute: RUN_DIR/ranks/rank-NNNN/tasks/TASK
+    rank: int
+    attempt: int  # 1-based
+    host: str
+    matrix: dict[str, Any] = field(default_factory=dict)
+
+    def sub(self, name: str) -> str:
+        """A subdirectory of the work directory: data, codebase, logs, outputs, temp, chats, cost.
+
+        Created when asked for: python tasks get only their work directory up front (thousands of
+        tiny tasks would otherwise spend their time in mkdir)."""
+        path = os.path.join(self.work_dir, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    @property
+    def outputs_dir(self) -> str:
+        return os.path.join(self.work_dir, "outputs")
+
+    @property
+    def logs_dir(self) -> str:
+        return os.path.join(self.work_dir, "logs")
+
+    @property
+    def temp_dir(self) -> str:
+        return self.sub("temp")
 
 
-def _start(ready: ShellLaunch | None, gate: Gate | None) -> Any:
-    """Wait for a slot, if there is a gate, and start bash for a shell task (the thread that frees the
-    slot may do it for us). The log files are closed if bash does not start."""
-    spawn = ready.spawn if ready is not None else None
-    try:
-        if gate is not None:
-            return gate.enter(spawn)
-        return spawn() if spawn is not None else None
-    except BaseException:
-        if ready is not None:
-            ready.close()
-        raise
+@dataclass(frozen=True)
+class Payload:
+    """One task, as plain data a worker process can unpickle (no mapping proxies)."""
+
+    id: str
+    kind: str
+    run: str | None = None
+    call: str | None = None
+    args: Any = None
+    env: dict[str, str] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()
+    timeout: float | None = None
+    python_path: tuple[str, ...] = ()  # prepended to sys.path for python tasks (the spec's directory)
+    agent: dict[str, Any] | None = None  # agent tasks: what the agent process needs (tasks/agent.py), no secret
 
 
-def _run(payload: Payload, ctx: TaskContext, chdir: bool, kill_grace: float, ready: ShellLaunch | None,
-         spawned: Any, gate: Gate | None) -> tuple[Outcome, list[str], list[str]]:
-    """Run the task to its end and check its declared outputs, then give the slot back; return the
-    outcome, the outputs to publish (the return value's file included) and the paths they matched."""
-    outputs = list(payload.outputs)
-    ok = False
-    try:
-        if ready is not None:
-            outcome = ready.wait(spawned, kill_grace)
-            if payload.kind == "agent":
-                outcome = agent.finish(outcome, ctx, payload.agent["model"] if payload.agent else {})
-        else:
-            outcome = run_python(payload, ctx, chdir)
-        if not outcome.ok:
-            return outcome, outputs, []
-        if outcome.result_file:  # the return value is published with the declared outputs
-            outputs.append(os.path.relpath(outcome.result_file, ctx.work_dir))
-        found = existing_outputs(ctx.work_dir, outputs)  # a missing output fails it before its slot is free
-        ok = True
-        return outcome, outputs, found
-    except OutputError as exc:
-        return dataclasses.replace(outcome, ok=False, error=str(exc)), outputs, []
-    finally:
-        if gate is not None:
-            gate.leave(ok)
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one attempt."""
+
+    ok: bool
+    error: str | None = None  # one line: why it failed
+    traceback: str | None = None  # python tasks: the worker's traceback
+    exit_code: int | None = None  # shell: exit status; negative: killed by that signal
+    timed_out: bool = False
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    result_file: str | None = None  # python: where the JSON of the return value went
+    worker_died: bool = False  # the process-pool worker running it died (set by the scheduler)
+    work_bytes: int | None = None  # bytes left in the work directory when the attempt ended
+    output_bytes: int | None = None  # bytes published under RUN_DIR/outputs/TASK
+    budget_exceeded: bool = False  # agent tasks: stopped, or not started, because an LLM budget was spent
+    rank: int | None = None  # MPI backend: the rank that ran the attempt, its host and work directory
+    host: str | None = None
+    work_dir: str | None = None
+    reason: OutcomeReason | None = None  # why it ended, where the runner decides on it (``error`` says it)
+
+    @classmethod
+    def because(cls, reason: OutcomeReason, **measures: Any) -> Outcome:
+        """A failed attempt that ended for ``reason``; its error is the reason's message."""
+        return cls(ok=False, error=reason.message, reason=reason, **measures)
 
 
-def _wrap_up(ctx: TaskContext, keep: Collection[str], outcome: Outcome, outputs: list[str],
-             found: list[str]) -> Outcome:
-    """Publish a success's outputs and apply retention; measure what is left in either case."""
-    if not outcome.ok:
-        return dataclasses.replace(outcome, work_bytes=tree_size(ctx.work_dir))
-    published = os.path.join(ctx.run_dir, "outputs", ctx.task_id)
-    output_bytes = 0
-    if outputs or os.path.lexists(published):  # an earlier run's outputs get superseded
-        publish(ctx, outputs, found)
-        output_bytes = tree_size(published)
-    return dataclasses.replace(outcome, work_bytes=cleanup(ctx, keep), output_bytes=output_bytes)
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt of one task: everything the worker that runs it needs, as one picklable unit (the
+    executor never opens it). The gate it waits at is not part of it: a gate belongs to the process
+    that made it and is passed beside the attempt (``run_attempt(attempt, gate)``)."""
+
+    payload: Payload
+    ctx: TaskContext
+    links: Sequence[tuple[str, str]]  # input files to link into the work directory: (source, relative path)
+    env: Mapping[str, str]  # the environment shell and agent tasks start from (empty: the worker's own)
+    chdir: bool  # python tasks in a process pool run in their work directory
+    keep: Sequence[str]  # what retention keeps of the work directory
+    kill_grace: float = 5.0  # seconds between SIGTERM and SIGKILL when a task is ended
+    missing: Sequence[str] = ()  # inputs not found: the attempt fails with these, without running
+    priority: float = 0.0  # its task's bottom level: the most urgent waiting attempt goes first (MPI ranks)
+    journal: Mapping[str, Any] | None = None  # MPI: what the worker's journal adds to a success (run id,
+    # fingerprints); None: the attempt is journaled by rank 0 alone
+
+    def __reduce__(self) -> tuple[type[Attempt], tuple[Any, ...]]:
+        # Pickled as its fields in order, as cheap as a tuple (the generic slots state costs twice that):
+        # every attempt under MPI, or in a process pool, crosses this way.
+        return Attempt, (self.payload, self.ctx, self.links, self.env, self.chdir, self.keep, self.kill_grace,
+                         self.missing, self.priority, self.journal)

@@ -1,21 +1,72 @@
-"""Every failure a user can cause or meet, as one exception family.
+"""Every failure a user can cause or meet, as one exception family, and the exit codes they map to.
 
-The CLI maps these to exit codes (see ``cli.py``): user mistakes exit 2 without a traceback.
+The CLI maps these to exit codes (``cli/main.py``): user mistakes exit 2 without a traceback.
+
+    BatchError                      exit 2 unless said otherwise
+    ├── UsageError                  a command line, variable or file argument is wrong
+    │   ├── PriceTableError         a price table file is not one (also a ValueError)
+    │   └── JobsRecordError         RUN_DIR/slurm/jobs.json is not a jobs record (also a ValueError)
+    ├── SpecError                   a job spec is invalid: every problem, in file order
+    ├── CycleError                  the dependency graph has a cycle
+    ├── AnalysisError               exit 1: LLM dependency analysis failed
+    │   └── LlmAnalysisError        ... with the calls made before it did
+    ├── LocalModelError             exit 1: a local model's server cannot start
+    ├── LedgerError                 a ledger file is missing, unreadable or not a ledger
+    ├── SlurmError                  a Slurm command is missing or refused (exit 2; 1 when it hangs)
+    ├── MPIUnavailable              the MPI backend was chosen without a loadable mpi4py
+    ├── NoWorkerRanks               an MPI job of one rank (the caller runs the tasks locally)
+    ├── SandboxError                an agent's code cannot be confined
+    └── AgentFailure                an agent attempt fails with this message
+        └── BudgetSpent             ... because a budget is spent
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+MISSING_MPI4PY = "the MPI backend needs mpi4py: pip install 'cmbagent-batch[mpi]'"
+
+
+class ExitCode(IntEnum):
+    """Every exit code of ``cmbagent-batch`` (and of the processes it starts and reads back)."""
+
+    OK = 0
+    """Done; every task succeeded or was up to date (``ledger diff``: the ledgers agree)."""
+    FAILED = 1
+    """Some tasks failed, an analysis failed (``analysis.fallback: error``), or ledgers differ."""
+    USAGE = 2
+    """A bad spec, flag, variable or file: a message naming the place, no traceback."""
+    INTERNAL = 3
+    """A bug: the traceback is written to a log file whose path is printed."""
+    SIGINT = 130
+    """Interrupted by SIGINT (128 + 2); a rerun continues."""
+    SIGTERM = 143
+    """Interrupted by SIGTERM (128 + 15); a rerun continues."""
+    SIGUSR1 = 138
+    """Stopped by SIGUSR1, Slurm's warning before the walltime (128 + 10); a requeue continues."""
 
 
 class BatchError(Exception):
     """Base class of every error cmbagent-batch reports to the user."""
 
-    exit_code = 2
+    exit_code: int = ExitCode.USAGE
 
 
 class UsageError(BatchError):
     """A command line, environment variable or file argument is wrong."""
+
+
+class PriceTableError(UsageError, ValueError):
+    """A price table (the shipped one, or a file given to ``ledger reprice``) is not one; the message
+    names the file and the entry. Also a ``ValueError``, as a parser's refusal of its input."""
+
+
+class JobsRecordError(UsageError, ValueError):
+    """``RUN_DIR/slurm/jobs.json`` exists but is not a jobs record. Also a ``ValueError``, like the
+    JSON decoder's refusal of a file that is not JSON, so a reader handles both alike."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +114,61 @@ class CycleError(BatchError):
 class AnalysisError(BatchError):
     """LLM dependency analysis failed (endpoint error or unusable replies)."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
+
+
+class LlmAnalysisError(AnalysisError):
+    """Analysis failed; ``calls`` holds the attempts made before it did (``plan.analysis.llm.LlmCall``
+    records), for the cost ledger. Typed loosely: this module imports nothing of the package."""
+
+    def __init__(self, message: str, calls: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.calls = tuple(calls)
 
 
 class LocalModelError(BatchError):
     """A local model's server (``provider: local``) could not be started or is not installed."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
+
+
+class LedgerError(BatchError):
+    """A ledger file is missing, unreadable or not a ledger (exit 2)."""
+
+
+class SlurmError(BatchError):
+    """A Slurm command is missing or refused; ``exit_code`` 2 when the submission itself is wrong."""
+
+    def __init__(self, message: str, exit_code: int = ExitCode.USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class MPIUnavailable(BatchError):
+    """The MPI backend was chosen but mpi4py, or the MPI library under it, cannot be loaded."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(MISSING_MPI4PY if reason is None else f"{MISSING_MPI4PY} ({reason})")
+
+
+class NoWorkerRanks(BatchError):
+    """The MPI job has a single rank: there is no worker rank to run tasks on.
+
+    The caller catches it to warn and run the tasks locally instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("the MPI job has 1 rank, so no worker rank to run tasks on "
+                         "(start it with mpiexec -n 2 or more)")
+
+
+class SandboxError(BatchError):
+    """Code cannot be confined: Landlock is missing, a writable path does not exist, or the kernel refused."""
+
+
+class AgentFailure(BatchError):
+    """The attempt fails with this message (it says what went wrong; no traceback)."""
+
+
+class BudgetSpent(AgentFailure):
+    """A budget is spent: no further call is made."""

@@ -7,17 +7,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 
-from tests.scripted_llm import Delay, HttpError, Raw, Reply, ScriptedLLM
-from tests.test_run import Runner, clean_env, wait_until
+from tests.helpers.cli import Runner, clean_env, cli, wait_until
+from tests.helpers.scripted_llm import Delay, HttpError, Raw, Reply, ScriptedLLM
 
 pytest.importorskip("ag2", reason="agent tasks need the 'agents' extra (ag2)")
+
+pytestmark = pytest.mark.slow  # runs of agent tasks, each a CLI in a subprocess
 
 KEY = "sk-test-SECRET-key-0123456789"
 PRICE = {"prompt_per_1m": 2.0, "cached_prompt_per_1m": 0.5, "completion_per_1m": 8.0}
@@ -58,8 +59,7 @@ def run(tmp_path: Path, *args: str, key: str | None = KEY, timeout: float = 120)
     env.pop("TEST_LLM_KEY", None)
     if key is not None:
         env["TEST_LLM_KEY"] = key
-    return subprocess.run([sys.executable, "-m", "cmbagent_batch", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return cli(tmp_path, *args, env=env, timeout=timeout)
 
 
 def ledger(run_dir: Path) -> list[dict[str, Any]]:
@@ -479,8 +479,11 @@ def test_an_unreadable_answer_is_ledgered_and_fails_clearly(tmp_path: Path) -> N
 
 def test_max_turns_stops_an_agent_that_never_finishes(tmp_path: Path) -> None:
     tasks = ONE_AGENT.replace("    outputs: [summary.md]\n", "    code_execution: true\n    max_turns: 2\n")
-    forever = lambda body: Reply(None, tool_calls=[tool_call(len(body["messages"]), "run_shell", command="true")],
-                                 usage=usage(10, 1))  # noqa: E731
+
+    def forever(body: Any) -> Reply:
+        return Reply(None, tool_calls=[tool_call(len(body["messages"]), "run_shell", command="true")],
+                     usage=usage(10, 1))
+
     with ScriptedLLM(forever) as srv:
         result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, tasks)))
         assert len(srv.completions) == 2
@@ -531,7 +534,8 @@ def test_an_agent_without_code_execution_is_given_its_inputs(tmp_path: Path) -> 
 
 
 def test_without_landlock_code_execution_fails_before_any_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cmbagent_batch.tasks import agent, sandbox
+    from cmbagent_batch.tasks.agent import launch as agent
+    from cmbagent_batch.tasks.agent import sandbox
 
     monkeypatch.setattr(sandbox, "landlock_status", lambda: (0, "landlock system calls are not implemented"))
     assert agent._cannot_run({"code_execution": True}) == (

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the benchmarks, each in a subprocess
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cmbagent_batch import __version__
+from tests.helpers.cli import clean_env
+from tests.helpers.cli import cli as run_cli
 
 VALID = """\
 version: 1
@@ -44,16 +44,7 @@ INVALID_PROBLEMS = [
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the command line in ``tmp_path`` with ``HOME`` there too."""
-    env = {**os.environ, "HOME": str(tmp_path)}
-    env = {k: v for k, v in env.items() if not k.startswith("CMBAGENT_")}
-    return subprocess.run(
-        [sys.executable, "-m", "cmbagent_batch", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(tmp_path, *args, env=clean_env(tmp_path, home=tmp_path))
 
 
 @pytest.fixture()

@@ -1,24 +1,24 @@
 """The effective configuration: schema defaults < YAML < CMBAGENT_* variables < flags, each value with its source.
 
 Checked twice: through ``cmbagent-batch config SPEC`` in a subprocess (the interface users see) and through
-``cmbagent_batch.config.effective_config`` directly.
+``cmbagent_batch.spec.config.effective_config`` directly.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cmbagent_batch.cli import FLAG_SETTINGS
-from cmbagent_batch.config import ENV_VARS, SWITCHES, effective_config
+from cmbagent_batch.cli.parser import FLAG_SETTINGS
 from cmbagent_batch.errors import UsageError
 from cmbagent_batch.spec import load_spec
+from cmbagent_batch.spec.config import ENV_VARS, SWITCHES, effective_config
+from tests.helpers.cli import clean_env
+from tests.helpers.cli import cli as run_cli
 
 # Every configuration key written, so that each one has a line to name.
 FULL = """\
@@ -130,15 +130,9 @@ tasks:
 # -- helpers -------------------------------------------------------------------------------------------
 
 
-def child_env(home: Path, env: dict[str, str]) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("CMBAGENT_", "OPENAI_"))}
-    out.update(HOME=str(home), **env)
-    return out
-
-
 def cli(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cmbagent_batch", *args], capture_output=True, text=True,
-                          env=child_env(home, env or {}), cwd=home, timeout=120)
+    """The command line with ``HOME`` at ``home``, no CMBAGENT_/OPENAI_ variables but those of ``env``."""
+    return run_cli(home, *args, env=clean_env(home, home=home, drop=("CMBAGENT_", "OPENAI_"), **(env or {})))
 
 
 def config_json(home: Path, spec: Path, *flags: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -370,6 +364,7 @@ def test_an_infinite_timeout_is_malformed(home: Path, full: Path, var: str, text
     assert result.stderr.startswith(f"cmbagent-batch: error: environment variable {var}={text!r}: ")
 
 
+@pytest.mark.slow
 def test_plan_names_a_malformed_variable_too(home: Path, full: Path) -> None:
     result = cli(home, "plan", str(full), env={"CMBAGENT_MAX_WORKERS": "abc"})
     assert (result.returncode, result.stdout, result.stderr) == (

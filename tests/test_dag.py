@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 
 import pytest
 
-from cmbagent_batch.dag import EDGE_SOURCES, Dag, Edge
 from cmbagent_batch.errors import CycleError
+from cmbagent_batch.plan.dag import EDGE_SOURCES, Dag, Edge
 
 
 def edge(src: str, dst: str, source: str = "explicit", reason: str = "", type: str = "data") -> Edge:
@@ -103,6 +103,7 @@ def test_disconnected_parts() -> None:
     assert d.ancestors("g") == () and d.descendants("g") == ()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ascending", [True, False])
 def test_long_chain_needs_no_recursion(ascending: bool) -> None:
     n = 100_000

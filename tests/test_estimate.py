@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from cmbagent_batch.estimate import REPLY_TOKENS, SYSTEM_TOKENS, TOOL_OUTPUT_TOKENS, estimate
+from cmbagent_batch.plan.estimate import REPLY_TOKENS, SYSTEM_TOKENS, TOOL_OUTPUT_TOKENS, estimate
 from cmbagent_batch.spec import load_spec
+from tests.helpers.cli import cli
 
 SPEC = """\
 version: 1
@@ -47,12 +46,10 @@ def test_the_estimate_by_hand(tmp_path: Path) -> None:
 def test_plan_estimate_makes_no_call_and_names_its_assumptions(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text(SPEC.replace("tasks:", "analysis: {sources: [explicit, llm]}\ntasks:"))
-    out = subprocess.run([sys.executable, "-m", "cmbagent_batch", "plan", str(path), "--estimate"],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    out = cli(tmp_path, "plan", str(path), "--estimate", timeout=60)
     assert out.returncode == 0, out.stderr
     assert "(dependency analysis)" in out.stdout and "Assumptions:" in out.stdout
     assert "job.budget_usd: $0.0100 (the high estimate exceeds it" in out.stdout
     assert not (tmp_path / "runs").exists()  # nothing ran, nothing was ledgered
-    js = subprocess.run([sys.executable, "-m", "cmbagent_batch", "plan", str(path), "--estimate", "--format", "json"],
-                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    js = cli(tmp_path, "plan", str(path), "--estimate", "--format", "json", timeout=60)
     assert json.loads(js.stdout)["analysis_cached"] is False

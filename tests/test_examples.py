@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 import yaml
 
-from cmbagent_batch.pricing import Price
 from cmbagent_batch.spec import load_spec
+from cmbagent_batch.spec.pricing import Price
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "configs").glob("*.yaml"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cmbagent_batch.fingerprint import fingerprints
+from cmbagent_batch.plan.fingerprint import fingerprints
 from cmbagent_batch.spec.loader import load_spec_bytes
 
 

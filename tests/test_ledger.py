@@ -18,42 +18,16 @@ import orjson
 import pytest
 
 from cmbagent_batch.ledger.chain import GENESIS, chain_lines
-from cmbagent_batch.ledger.entry import FIELDS, make_entry, utc_timestamp
+from cmbagent_batch.ledger.entry import FIELDS, make_entry
 from cmbagent_batch.ledger.files import journal_path, ledger_path
 from cmbagent_batch.ledger.journal import JournalWriter, next_call_id, read_journal
 from cmbagent_batch.ledger.merge import merge
 from cmbagent_batch.ledger.meter import SpendMeter
 from cmbagent_batch.ledger.verify import check_chain
-from cmbagent_batch.pricing import Price
+from cmbagent_batch.spec.pricing import Price
+from tests.helpers.ledger_entries import PRICE, entry
 
 ROOT = Path(__file__).resolve().parent.parent
-PRICE = {"prompt_per_1m": 0.15, "cached_prompt_per_1m": 0.075, "completion_per_1m": 0.6}
-
-
-def entry(n: int, *, task: str | None = "sim-1", model: str = "gpt-4o-mini", cost: float = 0.001, rank: int = 0,
-          attempt: int | None = 1, agent: str | None = "engineer", status: str = "ok", day: int = 0,
-          **changes: Any) -> dict[str, Any]:
-    """Call ``n`` of a made-up run: every field set, timestamps ``n`` seconds into 2026-11-27 (+ ``day``)."""
-    return make_entry(**{
-        "id": f"run-1/{rank}/4242/{n}", "job": "demo", "run_id": "run-1", "source": "agent" if task else "analysis",
-        "task": task, "attempt": attempt if task else None, "call": n, "rank": rank, "host": "node1", "pid": 4242,
-        "agent": agent if task else "dependency-analysis", "model": "fast", "requested_model": model,
-        "reported_model": f"{model}-2024-07-18", "prompt_tokens": 1000 + n, "cached_prompt_tokens": 100,
-        "completion_tokens": 200 + n, "reasoning_tokens": n % 7, "cost_usd": cost, "price_table": "builtin-2025-08",
-        "price": dict(PRICE), "status": status, "error": "HTTP 500: boom" if status == "error" else None,
-        "latency_s": 1.25, "timestamp": utc_timestamp(1_795_824_000 + day * 86_400 + n), **changes,
-    })
-
-
-def write_chain(path: Path, entries: list[dict[str, Any]]) -> list[bytes]:
-    """A chained ledger holding ``entries``; its lines (newline included)."""
-    lines = list(chain_lines(entries))
-    path.write_bytes(b"".join(lines))
-    return lines
-
-
-def head_of(lines: list[bytes]) -> str:
-    return orjson.loads(lines[-1])["hash"] if lines else GENESIS
 
 
 def journal(run_dir: Path, rank: int, entries: list[dict[str, Any]]) -> Path:
@@ -171,6 +145,7 @@ def finish(procs: list[Any]) -> None:
         assert p.exitcode == 0
 
 
+@pytest.mark.slow
 def test_concurrent_appenders_never_interleave(tmp_path: Path) -> None:
     finish(start(_append_many, *[(str(tmp_path), 0, tag, 60) for tag in range(6)]))
     read = list(read_journal(journal_path_bytes(tmp_path), "rank-0000.jsonl"))
@@ -185,6 +160,7 @@ def _append_while_merging(run_dir: str, tag: int) -> None:
             writer.append(entry(n, id=f"run-1/0/{tag}/{n}", pid=tag, cost_usd=0.5))
 
 
+@pytest.mark.slow
 def test_merging_while_processes_append_loses_and_repeats_nothing(tmp_path: Path) -> None:
     procs = start(_append_while_merging, *[(str(tmp_path), tag) for tag in range(4)])
     while any(p.is_alive() for p in procs):
@@ -315,6 +291,7 @@ def test_an_invalid_journal_entry_is_skipped_and_reported(tmp_path: Path) -> Non
         "ledger/rank-0000.jsonl: entry 'run-1/0/4242/2' skipped: cost_usd: must be at least 0, got -3",)
 
 
+@pytest.mark.slow
 def test_two_runs_of_merge_at_once_keep_one_chain(tmp_path: Path) -> None:
     for rank in range(8):
         journal(tmp_path, rank, [entry(n, rank=rank) for n in range(1, 51)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,8 @@ from cmbagent_batch import cli
 from cmbagent_batch.ledger.chain import chain_lines
 from cmbagent_batch.ledger.entry import FIELDS
 from cmbagent_batch.ledger.export import CSV_COLUMNS
-from tests.test_ledger import entry, head_of, write_chain
+from tests.helpers.cli import cli as run_cli
+from tests.helpers.ledger_entries import entry, head_of, write_chain
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -32,8 +34,8 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 def command(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cmbagent_batch", "ledger", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, check=False)
+    """``ledger ARGS`` in ``tmp_path``, in this process's environment (tests list what tmp_path holds)."""
+    return run_cli(tmp_path, "ledger", *args, env=os.environ)
 
 
 def mixed() -> list[dict[str, Any]]:
@@ -424,7 +426,7 @@ class Block:
         if name.split(".")[0] in ("ag2", "autogen", "openai"):
             raise ImportError(f"{name} imported by a ledger command")
 sys.meta_path.insert(0, Block())
-from cmbagent_batch.cli import main
+from cmbagent_batch.cli.main import main
 codes = [main(args) for args in ARGS]
 assert not [m for m in sys.modules if m.split(".")[0] in ("ag2", "autogen", "openai")]
 print(codes)
@@ -436,7 +438,7 @@ def test_ledger_commands_import_no_llm_client(tmp_path: Path) -> None:
     prices(tmp_path, {"gpt-4o-mini": {"prompt_per_1m": 1.0, "completion_per_1m": 2.0}})
     args = [["ledger", "summarize", "ledger.jsonl"], ["ledger", "verify", "."], ["ledger", "export", "."],
             ["ledger", "reprice", ".", "--prices", "prices.json"], ["ledger", "diff", ".", "ledger.jsonl"]]
-    if (Path(cli.__file__).parent / "ledger" / "report.py").exists():
+    if (Path(cli.__file__).parent.parent / "ledger" / "report.py").exists():
         args.append(["ledger", "report", ".", "-o", "r.html"])
     r = subprocess.run([sys.executable, "-c", BLOCKER.replace("ARGS", repr(args))], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120, check=False)
@@ -448,7 +450,6 @@ def test_ledger_help_and_schema(tmp_path: Path) -> None:
     assert r.returncode == 0
     for sub in ("summarize", "verify", "export", "reprice", "diff", "report"):
         assert sub in r.stdout
-    r = subprocess.run([sys.executable, "-m", "cmbagent_batch", "schema", "ledger-entry"], capture_output=True,
-                       text=True, timeout=120, check=False)
+    r = run_cli(tmp_path, "schema", "ledger-entry")
     assert (r.returncode, json.loads(r.stdout)["$id"]) == (0, "urn:cmbagent-batch:schema:ledger-entry:1")
     assert list(json.loads(r.stdout)["required"]) == list(FIELDS)

@@ -24,6 +24,7 @@ from cmbagent_batch.ledger.report import (
     MAX_FAILED_ROWS,
     render_report,
 )
+from tests.helpers.cli import clean_env
 
 SCRIPT = "<script>alert(1)</script>"
 ATTRIBUTE = '"onmouseover=alert(2) x="'
@@ -194,6 +195,7 @@ def test_page_fetches_nothing() -> None:
     assert "default-src 'none'" in page
 
 
+@pytest.mark.slow
 def test_large_ledger_stays_light() -> None:
     base = realistic()
     entries = [dict(base[i % len(base)], timestamp=f"2026-11-{20 + i // 20000}T00:00:00.000+00:00")
@@ -230,9 +232,8 @@ def find_chromium() -> str:
 def run_chromium(exe: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Headless Chromium with a fresh profile, ``HOME`` and caches under ``tmp_path``."""
     home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
-           "XDG_CACHE_HOME": str(home / ".cache")}
+    env = clean_env(tmp_path, drop=(), XDG_CONFIG_HOME=str(home / ".config"),
+                    XDG_CACHE_HOME=str(home / ".cache"))
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
     r = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], env=env, capture_output=True,
                        text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
@@ -246,6 +247,7 @@ def write_page(tmp_path: Path, entries: list[dict[str, Any]], budget: float | No
     return path
 
 
+@pytest.mark.slow
 def test_chromium_shows_the_hand_computed_totals(tmp_path: Path) -> None:
     chromium = find_chromium()
     page = write_page(tmp_path, HAND, 2.5)
@@ -254,6 +256,7 @@ def test_chromium_shows_the_hand_computed_totals(tmp_path: Path) -> None:
     assert "cost-line" in dom.data_value
 
 
+@pytest.mark.slow
 def test_chromium_shows_the_totals_of_a_realistic_ledger(tmp_path: Path) -> None:
     chromium = find_chromium()
     entries = realistic()
@@ -267,6 +270,7 @@ def test_chromium_shows_the_totals_of_a_realistic_ledger(tmp_path: Path) -> None
     assert dom.text["budget-used"] == f"{100 * cost / 50.0:.1f}%"
 
 
+@pytest.mark.slow
 def test_chromium_screenshot_of_a_realistic_ledger(tmp_path: Path) -> None:
     chromium = find_chromium()
     page = write_page(tmp_path, realistic() + HAND, 50.0)

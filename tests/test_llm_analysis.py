@@ -12,18 +12,18 @@ from typing import Any
 import openai
 import pytest
 
-from cmbagent_batch.analysis.llm import (
+from cmbagent_batch.errors import AnalysisError, LocalModelError
+from cmbagent_batch.plan.analysis.llm import (
     PROMPT_VERSION,
     LlmAnalysis,
     LlmAnalysisError,
     backoff_delay,
     infer_edges,
 )
-from cmbagent_batch.analysis.llm_reply import check_reply, reply_schema, task_facts
-from cmbagent_batch.dag import Dag, Edge
-from cmbagent_batch.errors import AnalysisError, LocalModelError
+from cmbagent_batch.plan.analysis.llm_reply import check_reply, reply_schema, task_facts
+from cmbagent_batch.plan.dag import Dag, Edge
 from cmbagent_batch.spec.model import ModelSpec, TaskSpec
-from tests.scripted_llm import JSON_SCHEMA_UNSUPPORTED, Delay, HttpError, Item, Reply, ScriptedLLM
+from tests.helpers.scripted_llm import JSON_SCHEMA_UNSUPPORTED, Delay, HttpError, Item, Reply, ScriptedLLM
 
 KEY = "sk-test-0123456789abcdef-SECRET"
 KEY_ENV = "CMBB_TEST_LLM_KEY"
@@ -339,6 +339,7 @@ def test_server_errors_exhaust_retries(sleeps: Sleeps) -> None:
         ("error", "500: The server had an error while processing your request.")]
 
 
+@pytest.mark.slow
 def test_timeout_is_retried(sleeps: Sleeps) -> None:
     with ScriptedLLM([Delay(3, Reply(GOOD)), Reply(GOOD)]) as srv:
         result = infer_edges(TASKS, KNOWN, spec(srv.base_url, timeout=0.5), sleep=sleeps)
@@ -347,6 +348,7 @@ def test_timeout_is_retried(sleeps: Sleeps) -> None:
     assert len(sleeps) == 1
 
 
+@pytest.mark.slow
 def test_timeouts_exhaust_retries(sleeps: Sleeps) -> None:
     with ScriptedLLM([Delay(3), Delay(3)]) as srv:
         with pytest.raises(AnalysisError) as err:
@@ -483,7 +485,7 @@ def test_extra_keys_are_ignored_with_a_note() -> None:
 
 
 def test_module_import_does_not_import_openai() -> None:
-    code = "import sys, cmbagent_batch.analysis.llm; assert 'openai' not in sys.modules, 'openai imported'"
+    code = "import sys, cmbagent_batch.plan.analysis.llm; assert 'openai' not in sys.modules, 'openai imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -513,7 +515,7 @@ def test_scripted_server_accepts_a_callable_script() -> None:
 def test_missing_openai_package_is_a_clear_analysis_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    from cmbagent_batch.analysis.llm import LlmAnalysisError, infer_edges
+    from cmbagent_batch.plan.analysis.llm import LlmAnalysisError, infer_edges
     from cmbagent_batch.spec.model import ModelSpec, Price, TaskSpec
 
     real_import = builtins.__import__

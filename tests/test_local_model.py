@@ -24,17 +24,20 @@ from typing import Any
 import psutil
 import pytest
 
-from cmbagent_batch import local_model
-from cmbagent_batch.analysis import deps
-from cmbagent_batch.analysis.cache import Cache
 from cmbagent_batch.errors import LocalModelError
-from cmbagent_batch.local_model import INSTALL, LocalModel, LocalServer, bypass_proxy, free_port, missing
-from cmbagent_batch.pricing import Price
+from cmbagent_batch.llm import local_model
+from cmbagent_batch.llm.local_model import INSTALL, LocalModel, LocalServer, bypass_proxy, free_port, missing
+from cmbagent_batch.plan.analysis import deps
+from cmbagent_batch.plan.analysis.cache import Cache
 from cmbagent_batch.spec import load_spec
-from tests.test_run import clean_env, wait_until
+from cmbagent_batch.spec.pricing import Price
+from tests.helpers.cli import COMMAND, clean_env, wait_until
+from tests.helpers.cli import cli as run_cli
+
+pytestmark = pytest.mark.slow  # the local model's server, under the CLI and under mpiexec
 
 ROOT = Path(__file__).resolve().parent.parent
-MAIN = "cmbagent_batch.local_model_main"
+MAIN = "cmbagent_batch.llm.local_model_main"
 
 SPEC = """\
 version: 1
@@ -82,8 +85,8 @@ def cli(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[subprocess.Co
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         env[name] = env[name.lower()] = "http://127.0.0.1:9"
     env.update(HOST="0.0.0.0", PORT="1", MODEL="/nonexistent.gguf")  # what the server must not read
-    proc = subprocess.Popen([sys.executable, "-m", "cmbagent_batch", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*COMMAND, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), proc.pid
 
@@ -239,8 +242,7 @@ def test_under_mpi_each_rank_that_calls_the_model_has_its_own_server(smol: Local
     env = clean_env(tmp_path)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     assert MPIEXEC is not None
-    res = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "cmbagent_batch", "run", str(spec), "--quiet"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, check=False)
+    res = run_cli(tmp_path, "run", str(spec), "--quiet", env=env, timeout=180, launcher=(MPIEXEC, "-n", "2"))
     assert res.returncode == 0, res.stderr
     run_dir = tmp_path / "runs" / "local"
     assert sorted((e["source"], e["rank"]) for e in ledger(run_dir)) == [("agent", 1), ("analysis", 0)]
@@ -302,7 +304,7 @@ def test_a_server_too_slow_to_start_is_stopped(smol: LocalModel, tmp_path: Path)
 
 
 def test_the_server_ends_when_the_process_that_started_it_is_killed(smol: LocalModel, tmp_path: Path) -> None:
-    code = ("import sys, time\nfrom cmbagent_batch.local_model import LocalModel, endpoint\n"
+    code = ("import sys, time\nfrom cmbagent_batch.llm.local_model import LocalModel, endpoint\n"
             f"print(endpoint(LocalModel(*{list(dataclasses.astuple(smol))!r}), {str(tmp_path)!r}), flush=True)\n"
             "time.sleep(600)\n")
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,

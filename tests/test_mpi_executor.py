@@ -21,14 +21,17 @@ from typing import Any
 
 import pytest
 
-from cmbagent_batch.mpi.failures import (
+from cmbagent_batch.backends.mpi.failures import (
     MISSING_MPI4PY,
     WorkerTraceback,
     decode_failure,
     encode_failure,
 )
-from cmbagent_batch.mpi.slots import Pace, SlotTable
-from cmbagent_batch.mpi.wire import PollWait
+from cmbagent_batch.backends.mpi.slots import Pace, SlotTable
+from cmbagent_batch.backends.mpi.wire import PollWait
+from tests.helpers.cli import clean_env
+
+pytestmark = pytest.mark.slow  # ranks under mpiexec
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE / "mpi_scripts" / "scenarios.py"
@@ -53,9 +56,8 @@ needs_mpi = pytest.mark.skipif(
 def mpi_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a test's subprocesses: HOME in tmp_path, this tree's package first on the path
     (as for the tests themselves), ``mpiexec``'s directory first on PATH."""
-    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    env = clean_env(tmp_path, drop=())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent), env.get("PYTHONPATH")) if p)
-    (tmp_path / "home").mkdir(exist_ok=True)
     if MPIEXEC is not None:
         env["PATH"] = os.path.dirname(MPIEXEC) + os.pathsep + env.get("PATH", "")
     return env
@@ -80,7 +82,7 @@ def test_import_without_mpi4py_works_and_calling_in_says_what_to_install(tmp_pat
     code = (
         "import sys\n"
         "sys.modules['mpi4py'] = None  # as if not installed\n"
-        "import cmbagent_batch.mpi as m\n"
+        "import cmbagent_batch.backends.mpi as m\n"
         "for call in (m.world, lambda: m.run_in_world(lambda ex: 0, 1), lambda: m.serve(None, 1),\n"
         "             lambda: m.RankExecutor(None, 1)):\n"
         "    try:\n"

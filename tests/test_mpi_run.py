@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,91 +15,13 @@ from typing import Any
 
 import pytest
 
-from tests.scripted_llm import Reply, ScriptedLLM
-from tests.test_run import clean_env, wait_until
+from tests.helpers.cli import COMMAND, cli, wait_until
+from tests.helpers.mpi_run import MIXED, MPIEXEC, manifest, mpirun, run_env, usage, write
+from tests.helpers.scripted_llm import Reply, ScriptedLLM
 
 pytest.importorskip("mpi4py", reason="the MPI backend needs the 'mpi' extra (mpi4py, mpich)")
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpich)")
-
-KEY = "sk-mpi-test-key-0123456789"
-
-
-def env(tmp_path: Path) -> dict[str, str]:
-    e = clean_env(tmp_path)
-    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
-    e["TEST_LLM_KEY"] = KEY
-    return e
-
-
-def mpirun(tmp_path: Path, n: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    assert MPIEXEC is not None
-    return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, "-m", "cmbagent_batch", *args], cwd=tmp_path,
-                          env=env(tmp_path), capture_output=True, text=True, timeout=timeout)
-
-
-def manifest(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "run.json").read_text())
-
-
-def usage(prompt: int, completion: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-MIXED = """\
-version: 1
-job: {{name: mixed}}
-execution: {{backend: mpi, keep_going: true}}
-llm:
-  models:
-    m: {{model: test-model, base_url: "{url}", api_key_env: TEST_LLM_KEY, timeout: 30, max_retries: 0,
-        price: {{prompt_per_1m: 1.0, completion_per_1m: 2.0}}}}
-tasks:
-  - id: gen-{{i}}
-    kind: shell
-    matrix: {{i: [1, 2, 3, 4, 5, 6]}}
-    run: sleep 0.3 && echo "$CMBAGENT_RANK $PMI_RANK {{i}}" > part.txt
-    outputs: [part.txt]
-  - id: square-{{i}}
-    kind: python
-    matrix: {{i: [1, 2, 3, 4]}}
-    call: mpitasks:square
-    args: {{x: "{{i}}"}}
-  - id: think-{{i}}
-    kind: agent
-    matrix: {{i: [1, 2]}}
-    model: m
-    instructions: "THINK {{i}}: go"
-    outputs: [thought.md]
-  - id: merge
-    kind: shell
-    depends_on: ["gen-*", "square-*", "think-*"]
-    run: cat ../*/part.txt > /dev/null; ls {run_dir}/outputs > merged.txt
-    outputs: [merged.txt]
-"""
-
-TASK_MODULE = """\
-import time
-
-
-def square(x, ctx):
-    time.sleep(0.2)
-    return {"x": int(x), "square": int(x) ** 2, "rank": ctx.rank}
-
-
-def boom(x, ctx):
-    if ctx.rank == 2:
-        raise ValueError(f"no good on rank 2 (x={x})")
-    time.sleep(0.3)
-    return x
-"""
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    (tmp_path / "mpitasks.py").write_text(TASK_MODULE)
-    path = tmp_path / "job.yaml"
-    path.write_text(text)
-    return path
+pytestmark = [pytest.mark.slow,  # runs under mpiexec
+              pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpich)")]
 
 
 def slow_reply(body: Any) -> Reply:
@@ -136,8 +56,7 @@ def test_a_mixed_dag_runs_on_the_worker_ranks_with_one_ledger(tmp_path: Path) ->
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     assert len(ledger) == 2 and {e["rank"] for e in ledger} == {1, 2}
     assert m["ledger"]["entries"] == 2
-    verify = subprocess.run([sys.executable, "-m", "cmbagent_batch", "ledger", "verify", str(run_dir / "ledger.jsonl")],
-                            capture_output=True, text=True, timeout=60)
+    verify = cli(tmp_path, "ledger", "verify", str(run_dir / "ledger.jsonl"), timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
@@ -168,8 +87,7 @@ def test_a_failure_on_a_worker_rank_says_where_and_the_job_goes_on(tmp_path: Pat
     assert all(t["state"] == "succeeded" for tid, t in tasks.items() if t["rank"] == 1)
     for tid, t in failed.items():
         assert t["work_dir"].endswith(f"ranks/rank-0002/tasks/{tid}") and t["host"]
-    status = subprocess.run([sys.executable, "-m", "cmbagent_batch", "status", str(run_dir), "--format", "json"],
-                            capture_output=True, text=True, timeout=60)
+    status = cli(tmp_path, "status", str(run_dir), "--format", "json", timeout=60)
     rows = {r["id"]: r for r in json.loads(status.stdout)["tasks"]}
     journal = [json.loads(line) for line in (run_dir / "journal" / "rank-0000.jsonl").read_text().splitlines()]
     assert any(tid.startswith("boom") for tid in failed) and any(tid.startswith("shell") for tid in failed)
@@ -202,8 +120,8 @@ def test_sigterm_mid_run_then_a_rerun_completes_with_no_succeeded_task_run_twice
     path = write(tmp_path, SLOW)
     run_dir = tmp_path / "runs" / "slow"
     side = tmp_path / "side-effects.txt"
-    proc = subprocess.Popen([MPIEXEC, "-n", "3", sys.executable, "-m", "cmbagent_batch", "run", str(path)],
-                            cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([MPIEXEC, "-n", "3", *COMMAND, "run", str(path)],
+                            cwd=tmp_path, env=run_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         wait_until("some tasks succeeded", lambda: side.exists() and len(side.read_text().split()) >= 3)

@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,10 @@ import jsonschema
 import pytest
 import yaml
 
-from cmbagent_batch.analysis.cache import Cache
-from tests.scripted_llm import HttpError, Reply, ScriptedLLM
+from cmbagent_batch.plan.analysis.cache import Cache
+from tests.helpers.cli import clean_env
+from tests.helpers.cli import cli as run_cli
+from tests.helpers.scripted_llm import HttpError, Reply, ScriptedLLM
 
 REPO = Path(__file__).resolve().parent.parent
 PLAN_SCHEMA = json.loads((REPO / "schemas" / "plan.schema.json").read_text(encoding="utf-8"))
@@ -54,17 +55,10 @@ ONLY_HEAD = "Only propose dependencies with at least one end among these tasks; 
 # -- helpers -------------------------------------------------------------------------------------------
 
 
-def child_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CMBAGENT_", "OPENAI_"))}
-    env.update(HOME=str(home), **{KEY_ENV: KEY}, **extra)
-    return env
-
-
 def plan(home: Path, spec: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cmbagent_batch", "plan", str(spec), *args],
-        capture_output=True, text=True, env=child_env(home, **env), cwd=home, timeout=900,
-    )
+    """``plan SPEC ARGS`` with ``HOME`` at ``home``, the endpoint's key, no CMBAGENT_/OPENAI_ variables but ``env``."""
+    child_env = clean_env(home, home=home, drop=("CMBAGENT_", "OPENAI_"), **{KEY_ENV: KEY, **env})
+    return run_cli(home, "plan", str(spec), *args, env=child_env, timeout=900)
 
 
 def valid_plan(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -193,6 +187,7 @@ tasks:
 """
 
 
+@pytest.mark.slow
 def test_explicit_and_file_edges_with_exact_reasons(home: Path) -> None:
     spec = home / "pipeline.yaml"
     spec.write_text(PIPELINE, encoding="utf-8")
@@ -243,6 +238,7 @@ def test_unchanged_spec_without_llm_replans_from_cache(home: Path) -> None:
 # -- LLM edges and the analysis cache ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_llm_edge_first_plan_asks_once_then_the_cache_answers(home: Path) -> None:
     with ScriptedLLM([Reply(GOOD)]) as srv:
         spec = write(home / "job.yaml", cmb_spec(srv.base_url))
@@ -275,6 +271,7 @@ def test_llm_edge_first_plan_asks_once_then_the_cache_answers(home: Path) -> Non
     assert f"  literature -> likelihood [logic, llm]: {LLM_REASON}\n" in text.stdout
 
 
+@pytest.mark.slow
 def test_editing_one_task_asks_only_about_it_and_reuses_other_llm_edges(home: Path) -> None:
     with ScriptedLLM([Reply(GOOD), Reply(NONE)]) as srv:
         data = cmb_spec(srv.base_url)
@@ -296,6 +293,7 @@ def test_editing_one_task_asks_only_about_it_and_reuses_other_llm_edges(home: Pa
         + "\n" + ONLY_HEAD + '["plan"]')
 
 
+@pytest.mark.slow
 def test_a_new_task_is_reported_new_and_asked_about(home: Path) -> None:
     review = {"id": "review", "kind": "agent", "agent": "critic", "description": "Check the report.",
               "instructions": "Read report.md and list its weakest claims.", "inputs": ["report.md"]}
@@ -317,6 +315,7 @@ def test_a_new_task_is_reported_new_and_asked_about(home: Path) -> None:
             "reason": "'review' reads 'report.md', which 'report' writes"} in grown["edges"]
 
 
+@pytest.mark.slow
 def test_a_removed_task_drops_its_llm_edges_without_a_request(home: Path) -> None:
     with ScriptedLLM([Reply(GOOD)]) as srv:
         data = cmb_spec(srv.base_url)
@@ -331,6 +330,7 @@ def test_a_removed_task_drops_its_llm_edges_without_a_request(home: Path) -> Non
     assert [e["source"] for e in shrunk["edges"]] == ["files", "files", "files"]
 
 
+@pytest.mark.slow
 def test_a_settings_change_reuses_the_llm_analysis(home: Path) -> None:
     with ScriptedLLM([Reply(GOOD)]) as srv:
         data = cmb_spec(srv.base_url)
@@ -346,6 +346,7 @@ def test_a_settings_change_reuses_the_llm_analysis(home: Path) -> None:
     assert LLM_EDGE in replanned["edges"]
 
 
+@pytest.mark.slow
 def test_refresh_analysis_asks_again_even_when_cached(home: Path) -> None:
     with ScriptedLLM([Reply(GOOD), Reply(GOOD)]) as srv:
         spec = write(home / "job.yaml", cmb_spec(srv.base_url))
@@ -361,6 +362,7 @@ def test_refresh_analysis_asks_again_even_when_cached(home: Path) -> None:
     assert after["analysis"]["cache"] == "hit" and LLM_EDGE in after["edges"]
 
 
+@pytest.mark.slow
 def test_another_cache_dir_starts_cold(home: Path) -> None:
     with ScriptedLLM([Reply(GOOD), Reply(GOOD), Reply(GOOD)]) as srv:
         spec = write(home / "job.yaml", cmb_spec(srv.base_url))
@@ -379,6 +381,7 @@ def test_another_cache_dir_starts_cold(home: Path) -> None:
         assert [len(records(root, kind)) for kind in ("plan", "llm", "llm-last")] == [1, 1, 1]
 
 
+@pytest.mark.slow
 def test_a_plan_from_the_cache_reports_no_stale_changes(home: Path) -> None:
     with ScriptedLLM([Reply(GOOD), Reply(NONE)]) as srv:
         data = cmb_spec(srv.base_url)
@@ -393,6 +396,7 @@ def test_a_plan_from_the_cache_reports_no_stale_changes(home: Path) -> None:
     assert hit["analysis"].get("changed", []) == []
 
 
+@pytest.mark.slow
 def test_removing_a_known_edge_asks_about_its_tasks_again(home: Path) -> None:
     with ScriptedLLM([Reply(NONE), Reply(NONE)]) as srv:
         data = cmb_spec(srv.base_url)
@@ -415,6 +419,7 @@ def test_removing_a_known_edge_asks_about_its_tasks_again(home: Path) -> None:
 # -- failures and fallbacks ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_server_errors_with_fallback_error_exit_1_with_the_status_and_the_hint(home: Path) -> None:
     with ScriptedLLM([HttpError(500), HttpError(503)]) as srv:
         spec = write(home / "job.yaml", cmb_spec(srv.base_url, fallback="error", max_retries=1))
@@ -428,6 +433,7 @@ def test_server_errors_with_fallback_error_exit_1_with_the_status_and_the_hint(h
     assert not (home / ".cmbagent-batch" / "cache" / "llm").exists()
 
 
+@pytest.mark.slow
 def test_401_is_not_retried(home: Path) -> None:
     with ScriptedLLM([HttpError(401)]) as srv:
         spec = write(home / "job.yaml", cmb_spec(srv.base_url, fallback="error", max_retries=3))
@@ -439,6 +445,7 @@ def test_401_is_not_retried(home: Path) -> None:
         f"check ${KEY_ENV}\n{FALLBACK_HINT}\n")
 
 
+@pytest.mark.slow
 def test_fallback_explicit_keeps_other_edges_warns_and_is_not_cached(home: Path) -> None:
     with ScriptedLLM([HttpError(401), Reply(GOOD)]) as srv:
         spec = write(home / "job.yaml", cmb_spec(srv.base_url, fallback="explicit"))
@@ -460,6 +467,7 @@ def test_fallback_explicit_keeps_other_edges_warns_and_is_not_cached(home: Path)
     assert LLM_EDGE in retried["edges"]
 
 
+@pytest.mark.slow
 def test_fallback_explicit_text_output_says_so(home: Path) -> None:
     with ScriptedLLM([HttpError(401)]) as srv:
         spec = write(home / "job.yaml", cmb_spec(srv.base_url, fallback="explicit"))
@@ -487,6 +495,7 @@ FALLBACK_REASON = "analysis.fallback is 'sequential' and LLM analysis failed"
     # zeta must wait for mid: file order, moved only as far as the edge requires
     pytest.param({"zeta": ["mid"]}, ["alpha", "mid", "zeta"], [("mid", "zeta")], id="known-edge"),
 ])
+@pytest.mark.slow
 def test_fallback_sequential_chains_tasks_in_file_order(home: Path, depends: dict[str, list[str]],
                                                         chain: list[str], explicit: list[tuple[str, str]]) -> None:
     with ScriptedLLM([HttpError(401)]) as srv:
@@ -514,6 +523,7 @@ def test_fallback_sequential_chains_tasks_in_file_order(home: Path, depends: dic
     assert out["analysis"]["fallback_used"] == "sequential"
 
 
+@pytest.mark.slow
 def test_unreachable_endpoint_with_fallback_explicit(home: Path, closed_port: int) -> None:
     url = f"http://127.0.0.1:{closed_port}/v1"
     spec = write(home / "job.yaml", cmb_spec(url, fallback="explicit", max_retries=1))
@@ -534,6 +544,7 @@ def test_unreachable_endpoint_with_fallback_explicit(home: Path, closed_port: in
 # -- cache corruption and concurrency ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_truncated_plan_record_is_reported_and_recomputed(home: Path) -> None:
     cache = home / ".cmbagent-batch" / "cache"
     with ScriptedLLM([Reply(GOOD)]) as srv:
@@ -551,6 +562,7 @@ def test_a_truncated_plan_record_is_reported_and_recomputed(home: Path) -> None:
     assert clean["from_cache"] is True and clean["edges"] == first["edges"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [truncate, edit], ids=["truncate", "edit"])
 def test_corrupt_plan_and_llm_records_are_reported_and_recomputed(home: Path, damage: Any) -> None:
     cache = home / ".cmbagent-batch" / "cache"
@@ -573,6 +585,7 @@ def test_corrupt_plan_and_llm_records_are_reported_and_recomputed(home: Path, da
     assert valid_plan(clean)["from_cache"] is True
 
 
+@pytest.mark.slow
 def test_a_lost_llm_record_is_rebuilt_from_the_last_analysis_without_a_request(home: Path) -> None:
     cache = home / ".cmbagent-batch" / "cache"
     with ScriptedLLM([Reply(GOOD)]) as srv:
@@ -589,6 +602,7 @@ def test_a_lost_llm_record_is_rebuilt_from_the_last_analysis_without_a_request(h
     assert recomputed["analysis"]["requests"] == 0
 
 
+@pytest.mark.slow
 def test_a_lost_llm_record_is_explained_in_words(home: Path) -> None:
     cache = home / ".cmbagent-batch" / "cache"
     with ScriptedLLM([Reply(GOOD)]) as srv:
@@ -609,6 +623,7 @@ def _put_many(root: str, key: str, writer: str, count: int, start: Any) -> None:
         cache.put("llm", key, {"writer": writer, "i": i, "pad": writer * 20_000})
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_key_never_leave_an_unreadable_record(tmp_path: Path) -> None:
     root = str(tmp_path / "cache")
     key = "ab" + "0" * 62
@@ -714,6 +729,7 @@ THREE_REPLY = {"edges": [{"from": "fetch", "to": "report", "type": "data",
                           "reason": 'The report quotes the fetch log ("raw <data>").'}]}
 
 
+@pytest.mark.slow
 def test_text_dot_and_mermaid_show_every_edge_with_its_source(home: Path) -> None:
     with ScriptedLLM([Reply(THREE_REPLY)]) as srv:
         spec = write(home / "three.yaml", three_tasks(srv.base_url))
@@ -762,6 +778,7 @@ def test_text_dot_and_mermaid_show_every_edge_with_its_source(home: Path) -> Non
         '  t1 ==>|"data (llm)"| t2\n')
 
 
+@pytest.mark.slow
 def test_dot_and_mermaid_show_fallback_edges(home: Path) -> None:
     with ScriptedLLM([HttpError(401)]) as srv:
         data = copy.deepcopy(SEQUENTIAL)
@@ -838,6 +855,7 @@ def test_text_output_levels_critical_path_and_parallelism(home: Path) -> None:
 # -- scale (no timing: speed is measured in bench/) ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_chain_of_100000_tasks_plans(home: Path) -> None:
     n = 100_000
     lines = ["version: 1", "job:", "  name: chain", "tasks:", "  - id: t000000", "    kind: shell", "    run: 'true'"]
@@ -853,6 +871,7 @@ def test_a_chain_of_100000_tasks_plans(home: Path) -> None:
     assert data["parallelism"] == {"max_width": 1, "average": 1.0}
 
 
+@pytest.mark.slow
 def test_a_matrix_of_100000_tasks_plans(home: Path) -> None:
     a = ", ".join(str(i) for i in range(100))
     b = ", ".join(str(i) for i in range(1000))

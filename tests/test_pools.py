@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cmbagent_batch.journal import Journal, read_records, replay
-from cmbagent_batch.pools import Slots
-from cmbagent_batch.tasks.base import Stopped
+from cmbagent_batch.attempt import Stopped
+from cmbagent_batch.backends.slots import Slots
+from cmbagent_batch.rundir.journal import Journal, read_records, replay
 
 
 def enter_in_thread(gate: object, log: list[str], name: str) -> threading.Thread:

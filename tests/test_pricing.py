@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cmbagent_batch.pricing import Price, PriceTable, builtin_table, call_cost, candidates, load_table, lookup
 from cmbagent_batch.spec import load_spec
+from cmbagent_batch.spec.pricing import Price, PriceTable, builtin_table, call_cost, candidates, load_table, lookup
 
 
 def test_the_shipped_table_has_its_date_and_source() -> None:

@@ -7,23 +7,23 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 import psutil
 import pytest
 
-from tests.processes import live_in_group
+from tests.helpers.cli import Runner, cli, journal, q, wait_until, write_spec
+from tests.helpers.processes import live_in_group
+
+pytestmark = pytest.mark.slow  # runs, each a CLI in a subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 DIED = "the worker process running it died (killed, or out of memory)"
@@ -31,76 +31,6 @@ WORK_SUBDIRS_KEPT = ["chats", "codebase", "cost", "data", "logs", "outputs"]  # 
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def clean_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CMBAGENT_")}
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    env["HOME"] = str(home)
-    env.pop("PYTHONWARNINGS", None)
-    return env
-
-
-def cli(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cmbagent_batch", *args], cwd=tmp_path, env=clean_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-class Runner:
-    """A ``run`` in the background (its own session, so a signal we send reaches only it)."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.out = tmp_path / f"runner-{time.monotonic_ns()}.out"
-        self.err = self.out.with_suffix(".err")
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "cmbagent_batch", "run", *args], cwd=tmp_path,
-                                         env=clean_env(tmp_path), stdout=out, stderr=err, start_new_session=True)
-
-    def wait(self, timeout: float = 60) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def stderr(self) -> str:
-        return self.err.read_text()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-
-@pytest.fixture
-def runners() -> Iterator[list[Runner]]:
-    started: list[Runner] = []
-    yield started
-    for r in started:
-        r.kill()
-
-
-def write_spec(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text).lstrip())
-    return path
-
-
-def q(path: Path) -> str:
-    return shlex.quote(str(path))
-
-
-def journal(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "journal" / "rank-0000.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-
-
-def wait_until(what: str, predicate: Any, runner: Runner | None = None, limit: float = 60) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if runner is not None and runner.proc.poll() is not None:
-            raise AssertionError(f"the run ended ({runner.proc.returncode}) before {what}: {runner.stderr()}")
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.02)
 
 
 def status_rows(tmp_path: Path, run_dir: Path, *extra: str) -> dict[str, dict[str, Any]]:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cmbagent_batch.errors import BatchError
-from cmbagent_batch.tasks import sandbox
-from cmbagent_batch.tasks.sandbox import (
-    SandboxError,
+from cmbagent_batch.errors import BatchError, SandboxError
+from cmbagent_batch.tasks.agent import sandbox
+from cmbagent_batch.tasks.agent.sandbox import (
     confine_writes,
     landlock_abi,
     landlock_status,
@@ -25,7 +24,7 @@ from cmbagent_batch.tasks.sandbox import (
 ABI, STATUS = landlock_status()
 needs_landlock = pytest.mark.skipif(ABI == 0, reason=f"Linux Landlock is unavailable: {STATUS}")
 needs_tcp_rules = pytest.mark.skipif(ABI < 4, reason=f"denying TCP needs Landlock ABI 4; {STATUS}")
-SANDBOX = [sys.executable, "-m", "cmbagent_batch.tasks.sandbox"]
+SANDBOX = [sys.executable, "-m", "cmbagent_batch.tasks.agent.sandbox"]
 
 
 class Task:
@@ -90,6 +89,7 @@ ALLOWED = {
 }
 
 
+@pytest.mark.slow
 @needs_landlock
 @pytest.mark.parametrize("statement", ALLOWED.values(), ids=ALLOWED.keys())
 def test_confined_code_may_read_anything_and_write_beneath_codebase(task: Task, statement: str) -> None:
@@ -119,6 +119,7 @@ DENIED = {
 }
 
 
+@pytest.mark.slow
 @needs_landlock
 @pytest.mark.parametrize("statement", DENIED.values(), ids=DENIED.keys())
 def test_confined_code_may_not_change_anything_outside_codebase(task: Task, statement: str) -> None:
@@ -178,7 +179,7 @@ def test_more_writable_paths_may_be_directories_or_files(task: Task) -> None:
 @needs_landlock
 def test_confine_writes_confines_the_calling_process(task: Task) -> None:
     script = textwrap.dedent(f"""\
-        from cmbagent_batch.tasks.sandbox import confine_writes
+        from cmbagent_batch.tasks.agent.sandbox import confine_writes
         confine_writes({str(task.codebase)!r})
         open('new.txt', 'w').write('x')
         try:

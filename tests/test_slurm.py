@@ -15,25 +15,23 @@ from typing import Any
 
 import pytest
 
-from tests.scripted_llm import Reply, ScriptedLLM
-from tests.slurm_cluster import env_for, job_logs, wait_job_end
-from tests.test_mpi_run import KEY, MIXED, manifest, usage, write
-from tests.test_run import clean_env
+from tests.helpers.cli import cli as run_cli
+from tests.helpers.mpi_run import MIXED, manifest, run_env, usage, write
+from tests.helpers.scripted_llm import Reply, ScriptedLLM
+from tests.helpers.slurm_cluster import env_for, job_logs, wait_job_end
 
 pytest.importorskip("mpi4py", reason="the MPI backend needs the 'mpi' extra (mpi4py, mpich)")
 
+pytestmark = pytest.mark.slow  # Slurm jobs on MPI ranks
+
 
 def env(tmp_path: Path, conf: str) -> dict[str, str]:
-    e = env_for(clean_env(tmp_path), conf)
-    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
-    e["TEST_LLM_KEY"] = KEY
-    return e
+    return env_for(run_env(tmp_path), conf)
 
 
 def cli(tmp_path: Path, conf: str, *args: str, env_: dict[str, str] | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cmbagent_batch", *args], cwd=tmp_path,
-                          env=env_ or env(tmp_path, conf), capture_output=True, text=True, timeout=timeout)
+    return run_cli(tmp_path, *args, env=env_ or env(tmp_path, conf), timeout=timeout)
 
 
 def submit(tmp_path: Path, conf: str, spec: Path, *flags: str) -> str:

@@ -15,7 +15,7 @@ import pytest
 
 from cmbagent_batch.errors import Problem, SpecError
 from cmbagent_batch.spec import load_spec, loader
-from cmbagent_batch.spec.yamlio import YamlProblems, parse_yaml, read_bytes
+from cmbagent_batch.spec.yamlio import parse_yaml, read_bytes
 
 # A valid spec of 7 lines; cases append to it, so what they add starts at line 8.
 BASE = """\
@@ -584,7 +584,7 @@ def test_directory(tmp_path: Path) -> None:
 def test_read_bytes_refuses_a_file_over_the_limit(tmp_path: Path) -> None:
     path = tmp_path / "spec.yaml"
     path.write_bytes(b"#" * 1500)
-    with pytest.raises(YamlProblems) as info:
+    with pytest.raises(SpecError) as info:
         read_bytes(str(path), max_bytes=1499)
     assert [str(p) for p in info.value.problems] == [
         f"{path}: file is 1,500 bytes, over the 1,499-byte limit for a job spec"

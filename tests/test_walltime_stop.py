@@ -25,25 +25,14 @@ from typing import Any
 import psutil
 import pytest
 
-from cmbagent_batch.pools import LocalPools
-from cmbagent_batch.run import drain_message
-from cmbagent_batch.scheduler import DrainEvent, Scheduler
+from cmbagent_batch.attempt import Stopped
+from cmbagent_batch.backends.local import LocalPools
+from cmbagent_batch.execute.run import drain_message
+from cmbagent_batch.execute.scheduler import DrainEvent, Scheduler
 from cmbagent_batch.states import TaskState
-from cmbagent_batch.tasks.base import Stopped
-from tests.processes import live_in_group
-from tests.test_run import (
-    Runner,
-    clean_env,
-    cli,
-    journal,
-    q,
-    runners,
-    wait_until,
-    write_spec,
-)
-from tests.test_scheduler import FakeClock, FakePools, Job, fail
-
-__all__ = ["runners"]  # the fixture, used by the tests below
+from tests.helpers.cli import Runner, clean_env, cli, journal, q, wait_until, write_spec
+from tests.helpers.fake_scheduler import FakeClock, FakePools, Job, fail
+from tests.helpers.processes import live_in_group
 
 HERE = Path(__file__).resolve().parent
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
@@ -123,6 +112,7 @@ def test_a_drain_lets_running_attempts_finish_and_starts_nothing_more() -> None:
     job.check_counts()
 
 
+@pytest.mark.slow
 def test_at_the_deadline_the_attempts_still_running_are_terminated() -> None:
     pools = HoldingPools(hold={"a", "b"}, on_terminate=FakePools.terminate_held)
 
@@ -248,6 +238,7 @@ def test_local_pools_hold_refuses_what_has_not_started_and_lets_the_rest_run(tmp
         pools.shutdown(wait=True)
 
 
+@pytest.mark.slow
 @needs_mpi
 def test_a_hold_cancels_the_calls_not_started_on_rank_0_and_on_the_workers(tmp_path: Path) -> None:
     assert MPIEXEC is not None
@@ -314,6 +305,7 @@ def six_and_final(tmp_path: Path, extra: str = "") -> tuple[Path, Path, Path]:
     return starts, side, release
 
 
+@pytest.mark.slow
 def test_sigusr1_with_a_grace_lets_running_tasks_finish_and_a_rerun_completes(
         tmp_path: Path, runners: list[Runner]) -> None:
     starts, side, release = six_and_final(tmp_path)
@@ -345,6 +337,7 @@ def test_sigusr1_with_a_grace_lets_running_tasks_finish_and_a_rerun_completes(
         tid: "skipped" if tid in ran else "succeeded" for tid in every}
 
 
+@pytest.mark.slow
 def test_a_task_still_running_at_the_end_of_the_grace_is_terminated_and_reruns(
         tmp_path: Path, runners: list[Runner]) -> None:
     starts, side, release, pids = tmp_path / "starts", tmp_path / "side", tmp_path / "release", tmp_path / "pids"
@@ -381,6 +374,7 @@ def test_a_task_still_running_at_the_end_of_the_grace_is_terminated_and_reruns(
     assert manifest(run_dir)["tasks"]["slow"]["attempts"] == 2
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_grace_terminates_at_once(tmp_path: Path, runners: list[Runner]) -> None:
     starts, side, release, pids = tmp_path / "starts", tmp_path / "side", tmp_path / "release", tmp_path / "pids"
     task = waiting_task(starts, side, release, pids)
@@ -431,6 +425,7 @@ def rank_processes(launcher: int) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
 @needs_mpi
 def test_sigusr1_to_every_rank_with_a_grace_lets_the_workers_tasks_finish(tmp_path: Path) -> None:
     assert MPIEXEC is not None
@@ -482,6 +477,7 @@ def test_sigusr1_to_every_rank_with_a_grace_lets_the_workers_tasks_finish(tmp_pa
     assert Counter(lines(side)) == Counter(lines(starts)) == Counter(every)  # each task ran once overall
 
 
+@pytest.mark.slow
 def test_a_drain_that_sees_the_last_task_finish_ends_the_run_as_finished(
         tmp_path: Path, runners: list[Runner]) -> None:
     starts, side, release = tmp_path / "starts", tmp_path / "side", tmp_path / "release"

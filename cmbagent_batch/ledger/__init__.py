@@ -12,7 +12,7 @@ package, e.g. the report, imports no other)::
         journal.append(make_entry(id=next_call_id(run_id, rank), ...))
     manifest["ledger"] = merge(run_dir).manifest()
 
-The offline commands (``cmbagent-batch ledger ...``, in ``ledger_cmd.py``) read the files with
+The offline commands (``cmbagent-batch ledger ...``, in ``cli/ledger.py``) read the files with
 ``reader.py``; ``verify.py``, ``summary.py``, ``export.py``, ``reprice.py`` and ``diff.py`` do one
 command's work each; ``chain.py`` is the hash chain, ``files.py`` the paths and fast file I/O. Nothing
 here imports an LLM client.

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from cmbagent_batch.pricing import Price
+from cmbagent_batch.spec.pricing import Price
 
 FIELDS: tuple[str, ...] = (
     "id", "job", "run_id", "source", "task", "attempt", "call", "rank", "host", "pid", "agent",

@@ -1,4 +1,4 @@
-"""Where the ledger lives in a run directory, and reading and writing its files at speed.
+"""Where the ledger lives in a run directory, and reading its files at speed.
 
     RUN_DIR/
       ledger.jsonl               the merged, hash-chained ledger (``chain.py``)
@@ -11,21 +11,15 @@ seconds without ever holding more than a chunk.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from typing import IO
 
-from cmbagent_batch.errors import BatchError
+from cmbagent_batch.errors import LedgerError
 
 LEDGER_FILE = "ledger.jsonl"
 JOURNAL_DIR = "ledger"
 _CHUNK = 1 << 23  # bytes read at once
-
-
-class LedgerError(BatchError):
-    """A ledger file is missing, unreadable or not a ledger (exit 2)."""
 
 
 def ledger_path(run_dir: str) -> str:
@@ -98,28 +92,3 @@ class Lines:
         self.tail = rest
 
 
-@contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[IO[bytes]]:
-    """A binary file that replaces ``path`` when the block ends well (fsynced, renamed), and is
-    removed when it does not: a reader sees the old file or the whole new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def fsync_dir(directory: str) -> None:
-    """Make a file's creation or removal in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

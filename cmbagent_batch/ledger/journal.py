@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
-import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -23,6 +22,7 @@ import orjson
 
 from cmbagent_batch.ledger.entry import FIELDS, call_id
 from cmbagent_batch.ledger.files import journal_path
+from cmbagent_batch.rundir.jsonl import JsonlWriter
 
 _calls = itertools.count(1)
 
@@ -49,32 +49,29 @@ def encode_entry(entry: Mapping[str, Any]) -> bytes:
     return orjson.dumps(ordered, option=orjson.OPT_APPEND_NEWLINE)
 
 
-class JournalWriter:
-    """Appends entries to ``RUN_DIR/ledger/rank-NNNN.jsonl``; safe across threads and processes."""
+class JournalWriter(JsonlWriter):
+    """Appends entries to ``RUN_DIR/ledger/rank-NNNN.jsonl``; safe across threads and processes.
+
+    ``append(entry)`` (an entry from ``make_entry``) writes it durably, fsynced before it returns;
+    OSError when the disk refuses it.
+    """
+
+    record_name = "ledger entry"
 
     def __init__(self, run_dir: str, rank: int) -> None:
-        self.path = journal_path(run_dir, rank)
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._lock = threading.Lock()
-        self._fd: int | None = self._open()
+        super().__init__(journal_path(run_dir, rank), sync_interval=0.0)
 
-    def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    def encode_line(self, record: Mapping[str, Any]) -> bytes:
+        return encode_entry(record)
 
-    def append(self, entry: Mapping[str, Any]) -> None:
-        """Write ``entry`` (from ``make_entry``) durably; OSError when the disk refuses it."""
-        line = encode_entry(entry)
-        with self._lock:
-            if self._fd is None:
-                raise ValueError(f"{self.path}: the journal writer is closed")
-            fd = self._locked()
-            try:
-                written = os.write(fd, line)
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            if written != len(line):  # a full disk: readers skip the torn line and say so
-                raise OSError(f"{self.path}: wrote {written} of {len(line)} bytes of a ledger entry")
-            os.fsync(fd)
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the journal writer is closed")
+        fd = self._locked()
+        try:
+            super()._write(data)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _locked(self) -> int:
         """The descriptor, share-locked, of a journal that is still in place (merge may have removed it)."""
@@ -86,18 +83,6 @@ class JournalWriter:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = self._open()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-
-    def __enter__(self) -> JournalWriter:  # noqa: PYI034 - typing.Self needs Python 3.11
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def parse_line(line: bytes) -> tuple[Any, str | None]:

@@ -18,18 +18,18 @@ from typing import Any
 
 import orjson
 
+from cmbagent_batch.errors import LedgerError
 from cmbagent_batch.ledger.chain import GENESIS, chain_lines, line_hash
 from cmbagent_batch.ledger.entry import FIELDS, entry_problem
 from cmbagent_batch.ledger.files import (
     LEDGER_FILE,
-    LedgerError,
     Lines,
-    fsync_dir,
     journal_dir,
     journal_paths,
     ledger_path,
 )
 from cmbagent_batch.ledger.journal import read_journal
+from cmbagent_batch.rundir.atomic import fsync_dir
 
 
 @dataclass(frozen=True, slots=True)

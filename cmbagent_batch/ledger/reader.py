@@ -15,8 +15,9 @@ from typing import Any
 
 import orjson
 
+from cmbagent_batch.errors import LedgerError
 from cmbagent_batch.ledger.entry import entry_problem
-from cmbagent_batch.ledger.files import LedgerError, Lines, resolve
+from cmbagent_batch.ledger.files import Lines, resolve
 
 _NOT_JSON = "not a JSON object: a ledger holds one entry per line"
 

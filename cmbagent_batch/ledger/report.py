@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+Entry = dict[str, Any]  # a ledger entry as read back: JSON data
+
 MAX_CHART_POINTS = 2000  # the cumulative cost line, whatever the number of calls
 MAX_GROUP_ROWS = 200  # rows of a breakdown table; the rest is summed in one line
 MAX_FAILED_ROWS = 500  # latest failed calls listed
@@ -110,7 +112,7 @@ class _Group:
     cost: float = 0.0
 
 
-def _groups(entries: list[dict], key: Callable[[dict], str]) -> dict[str, _Group]:
+def _groups(entries: list[Entry], key: Callable[[Entry], str]) -> dict[str, _Group]:
     out: dict[str, _Group] = {}
     for e in entries:
         g = out.setdefault(key(e), _Group())
@@ -148,7 +150,7 @@ def _group_table(ident: str, heading: str, groups: dict[str, _Group], total_cost
 
 def _nice_step(span: float, ticks: int = 5) -> float:
     raw = span / ticks
-    mag = 10 ** math.floor(math.log10(raw))
+    mag = 10.0 ** math.floor(math.log10(raw))
     return next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
 
 
@@ -221,7 +223,7 @@ def _cost_chart(times: list[float], cumulative: list[float], budget: float | Non
     return "".join(parts)
 
 
-def _failed_table(failed: list[tuple[datetime | None, dict]]) -> str:
+def _failed_table(failed: list[tuple[datetime | None, Entry]]) -> str:
     latest = sorted(failed, key=lambda te: te[0].timestamp() if te[0] else -math.inf, reverse=True)
     rows = []
     for t, e in latest[:MAX_FAILED_ROWS]:
@@ -252,7 +254,7 @@ def _num(ident: str, n: int) -> str:
     return f'<span id="{ident}" data-value="{n}">{n:,}</span>'
 
 
-def render_report(entries: list[dict], *, title: str, budget_usd: float | None) -> str:
+def render_report(entries: list[Entry], *, title: str, budget_usd: float | None) -> str:
     """A complete HTML document summing up ``entries`` (ledger records, in any order): totals, breakdowns
     by requested model, agent and task, cumulative cost over time and the latest failed calls.
 

@@ -14,7 +14,7 @@ from typing import IO, Any
 from cmbagent_batch.ledger.chain import GENESIS, chain_line
 from cmbagent_batch.ledger.entry import price_dict
 from cmbagent_batch.ledger.tables import csv_text, text_table
-from cmbagent_batch.pricing import Price, PriceTable, call_cost, lookup
+from cmbagent_batch.spec.pricing import Price, PriceTable, call_cost, lookup
 
 HEADERS = ("model", "priced_as", "calls", "old_cost_usd", "new_cost_usd", "change_usd")
 

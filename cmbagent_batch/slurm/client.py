@@ -7,21 +7,13 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from cmbagent_batch.errors import BatchError
+from cmbagent_batch.errors import ExitCode, SlurmError
 
 TIMEOUT_S = 60  # a slurmctld that does not answer in a minute is down; its commands retry within that
 
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
                            "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
                            "RESV_DEL_HOLD", "SPECIAL_EXIT"})
-
-
-class SlurmError(BatchError):
-    """A Slurm command is missing or refused; ``exit_code`` 2 when the submission itself is wrong."""
-
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def run(argv: list[str], what: str) -> str:
@@ -35,7 +27,7 @@ def run(argv: list[str], what: str) -> str:
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise SlurmError(f"{what}: `{' '.join(argv)}` did not answer in {TIMEOUT_S} s (is slurmctld up?)",
-                         exit_code=1) from None
+                         exit_code=ExitCode.FAILED) from None
     except OSError as exc:
         raise SlurmError(f"{what}: cannot run {exe}: {exc.strerror or exc}") from None
     if proc.returncode != 0:
@@ -49,7 +41,7 @@ def sbatch(script_path: str, *extra: str) -> str:
     out = run(["sbatch", "--parsable", *extra, script_path], "submitting the job")
     job_id = out.strip().split(";", 1)[0]  # --parsable: "ID" or "ID;cluster"
     if not job_id.isdigit():
-        raise SlurmError(f"sbatch answered {out.strip()!r}, not a job id", exit_code=3)
+        raise SlurmError(f"sbatch answered {out.strip()!r}, not a job id", exit_code=ExitCode.INTERNAL)
     return job_id
 
 

@@ -11,7 +11,9 @@ import os
 import time
 from typing import Any
 
-from cmbagent_batch.rundir import read_json, write_json_atomic
+from cmbagent_batch.errors import JobsRecordError
+from cmbagent_batch.rundir.atomic import write_json_atomic
+from cmbagent_batch.rundir.layout import read_json
 
 FORMAT = 1
 
@@ -25,13 +27,16 @@ def path(run_dir: str) -> str:
 
 
 def load(run_dir: str) -> dict[str, Any] | None:
-    """The record, or None when no job was submitted for this run directory."""
+    """The record, or None when no job was submitted for this run directory.
+
+    Raises OSError for an unreadable file, ``JobsRecordError`` for one that is not a record, and
+    ``ValueError`` (the JSON decoder's) for one that is not JSON."""
     p = path(run_dir)
     if not os.path.exists(p):
         return None
     data = read_json(p)
     if not isinstance(data, dict) or not isinstance(data.get("events"), list):
-        raise ValueError(f"{p}: not a jobs record (expected an object with 'events')")
+        raise JobsRecordError(f"{p}: not a jobs record (expected an object with 'events')")
     return data
 
 

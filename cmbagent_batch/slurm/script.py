@@ -14,14 +14,14 @@ from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any
 
-from cmbagent_batch.errors import UsageError
+from cmbagent_batch.errors import ExitCode, UsageError
 from cmbagent_batch.spec.checks import parse_slurm_time
 from cmbagent_batch.spec.model import SlurmSpec
 
 # After the drain, a walltime stop still terminates what runs (kill_grace), flushes the journals,
 # merges the ledger and requeues: this much of signal_grace (at most a third of it) is kept for that.
 STOP_RESERVE_S = 20
-WALLTIME_EXIT = 138  # what `run` exits with after a SIGUSR1 stop (128 + 10)
+WALLTIME_EXIT = ExitCode.SIGUSR1  # what `run` exits with after a SIGUSR1 stop (128 + 10)
 
 # sbatch options that the script sets itself: an --sbatch-arg may not set them too.
 MANAGED = ("--output", "-o", "--error", "-e", "--open-mode", "--signal", "--job-name", "-J", "--parsable",

@@ -14,11 +14,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from cmbagent_batch.rundir import read_json
+from cmbagent_batch.errors import SlurmError
+from cmbagent_batch.rundir.layout import read_json
 from cmbagent_batch.slurm import client, jobs
 from cmbagent_batch.slurm.script import WALLTIME_EXIT
+from cmbagent_batch.states import StopReason, TaskState
 
-LEFT_STATES = ("pending", "interrupted", "retrying", "running")
+# States of tasks a walltime stop left undone (a requeue continues them).
+LEFT_STATES = (TaskState.PENDING, TaskState.INTERRUPTED, TaskState.RETRYING, TaskState.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -31,10 +34,10 @@ def decide(step_exit: int, manifest: dict[str, Any] | None, requeues_done: int, 
     """What to do after the job step ended with ``step_exit``."""
     if step_exit != WALLTIME_EXIT:
         return Decision("end", f"the run ended with exit code {step_exit}, not a walltime stop")
-    if manifest is None or manifest.get("stop_reason") != "SIGUSR1":
+    if manifest is None or manifest.get("stop_reason") != StopReason.SIGUSR1.value:
         return Decision("end", "exit code 138 but run.json records no walltime stop")
     counts = manifest.get("counts", {})
-    left = sum(counts.get(s, 0) for s in LEFT_STATES)
+    left = sum(counts.get(s.value, 0) for s in LEFT_STATES)
     if left == 0:
         return Decision("end", "the walltime stop came after the last task")
     if requeues_done >= requeue_max:
@@ -65,7 +68,7 @@ def act(run_dir: str, job_id: str, d: Decision, script: str | None) -> None:
     try:
         try:
             client.requeue(job_id)
-        except client.SlurmError as exc:
+        except SlurmError as exc:
             say(f"cannot requeue job {job_id} ({exc}); submitting a job that starts after it instead")
             if not script:
                 say("no job script recorded in the run directory: not continued")

@@ -11,11 +11,12 @@ import difflib
 import fnmatch
 import posixpath
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, TypeVar
 
-from cmbagent_batch.pricing import builtin_table, lookup
 from cmbagent_batch.spec.matrix import Values, describe_values
+from cmbagent_batch.spec.pricing import builtin_table, lookup
 
 TASK_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -30,6 +31,8 @@ SLURM_TIME = re.compile(
     r"(?:(?P<d>\d+)-(?P<dh>\d{1,2})(?::(?P<dm>\d{1,2})(?::(?P<ds>\d{1,2}))?)?"
     r"|(?P<a>\d+)(?::(?P<b>\d{1,2})(?::(?P<c>\d{1,2}))?)?)"
 )
+
+Node = TypeVar("Node", int, str)  # a task, by index or by id
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,17 +232,28 @@ def find_cycle(deps: dict[str, tuple[str, ...]]) -> list[str] | None:
     left = {tid for tid, n in waiting.items() if n > 0}
     if not left:
         return None
-    seen: dict[str, int] = {}
-    walk: list[str] = []
-    node = min(left)
+    return closed_loop(walk_to_loop(min(left), lambda node: min(d for d in deps[node] if d in left)))
+
+
+def walk_to_loop(start: Node, step: Callable[[Node], Node]) -> list[Node]:
+    """The loop that walking ``step`` from ``start`` runs into, in walk order (each node once).
+
+    On finitely many nodes, each with a next one, every walk ends in a loop.
+    """
+    seen: dict[Node, int] = {}
+    walk: list[Node] = []
+    node = start
     while node not in seen:
         seen[node] = len(walk)
         walk.append(node)
-        node = min(d for d in deps[node] if d in left)
-    cycle = walk[seen[node]:]
-    start = cycle.index(min(cycle))
-    cycle = cycle[start:] + cycle[:start]
-    return cycle + [cycle[0]]
+        node = step(node)
+    return walk[seen[node]:]
+
+
+def closed_loop(loop: list[Node]) -> list[Node]:
+    """``loop`` rotated to start at its smallest node, that node repeated at the end: deterministic."""
+    first = loop.index(min(loop))
+    return loop[first:] + loop[:first + 1]
 
 
 def _check_cycle(tasks: list[Expanded], by_id: dict[str, int], deps: dict[int, tuple[str, ...]]) -> list[Finding]:
@@ -260,8 +274,8 @@ def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
     """Every model used is defined and priced (in the spec or the shipped table; a local model in the spec),
     has only its provider's keys; agent tasks and LLM analysis have a model."""
     out: list[Finding] = []
-    llm = data.get("llm") if isinstance(data.get("llm"), dict) else {}
-    models = llm.get("models") if isinstance(llm.get("models"), dict) else {}
+    llm = _mapping(data, "llm")
+    models = _mapping(llm, "models")
     for name, entry in models.items():
         if not isinstance(entry, dict):
             continue
@@ -286,7 +300,7 @@ def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
     default = llm.get("default_model")
     if isinstance(default, str) and default not in models:
         out.append(Finding(("llm", "default_model"), f"model {default!r} is not defined in llm.models{hint(default, models)}"))
-    analysis = data.get("analysis") if isinstance(data.get("analysis"), dict) else {}
+    analysis = _mapping(data, "analysis")
     amodel = analysis.get("model")
     if isinstance(amodel, str) and amodel not in models:
         out.append(Finding(("analysis", "model"), f"model {amodel!r} is not defined in llm.models{hint(amodel, models)}"))
@@ -310,6 +324,12 @@ def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
                                "an agent task without code_execution writes one file, its final answer: declare "
                                "one output, or set code_execution: true so that its code can write more"))
     return out
+
+
+def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """``data[key]`` when it is a mapping, else an empty one (the schema reports the wrong type)."""
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _check_provider(name: str, entry: dict[str, Any]) -> list[Finding]:

@@ -7,10 +7,8 @@ import posixpath
 from types import MappingProxyType
 from typing import Any
 
-from cmbagent_batch import gcpause
 from cmbagent_batch.errors import Problem, SpecError
-from cmbagent_batch.pricing import SPEC_TABLE, builtin_table, lookup
-from cmbagent_batch.spec import checks, matrix, schema
+from cmbagent_batch.spec import checks, gcpause, matrix, schema
 from cmbagent_batch.spec.model import (
     EMPTY,
     AnalysisSpec,
@@ -19,13 +17,14 @@ from cmbagent_batch.spec.model import (
     JobSpec,
     LlmSpec,
     ModelSpec,
-    Price,
     Resources,
     SlurmSpec,
     TaskSpec,
     freeze,
 )
-from cmbagent_batch.spec.yamlio import Document, YamlProblems, json_path, parse_yaml, read_bytes
+from cmbagent_batch.spec.pricing import SPEC_TABLE, Price, builtin_table, lookup
+from cmbagent_batch.spec.yamldata import json_path
+from cmbagent_batch.spec.yamlio import Document, parse_yaml, read_bytes
 
 # A matrix entry broken the same way in every expansion is reported this many times, then summed up.
 MAX_REPEATS = 3
@@ -36,11 +35,7 @@ LOCAL_ALIAS = "smollm2-135m-instruct"  # the model name of provider 'local' with
 
 def load_spec(path: str) -> JobSpec:
     """Load, validate and expand the job spec at ``path``; raise ``SpecError`` listing every problem."""
-    try:
-        raw = read_bytes(path)
-    except YamlProblems as exc:
-        raise SpecError(exc.problems) from None
-    return load_spec_bytes(raw, path)
+    return load_spec_bytes(read_bytes(path), path)
 
 
 def load_spec_bytes(raw: bytes, path: str) -> JobSpec:
@@ -49,10 +44,7 @@ def load_spec_bytes(raw: bytes, path: str) -> JobSpec:
 
 
 def _load(raw: bytes, path: str) -> JobSpec:
-    try:
-        doc = parse_yaml(raw, path)
-    except YamlProblems as exc:
-        raise SpecError(exc.problems) from None
+    doc = parse_yaml(raw, path)
     data = doc.data
     if not isinstance(data, dict):
         raise SpecError(
@@ -99,9 +91,7 @@ def _matrix_ok(m: Any) -> bool:
                 isinstance(e, dict) and e and all(isinstance(v, scalar) for v in e.values()) for e in values
             ):
                 return False
-        elif not isinstance(values, list) or not values:
-            return False
-        elif not all(isinstance(v, scalar) for v in values):
+        elif not isinstance(values, list) or not values or not all(isinstance(v, scalar) for v in values):
             return False
     return True
 
@@ -145,6 +135,7 @@ def _build(doc: Document, sha256: str, expanded: list[checks.Expanded], deps: di
         slurm["extra_directives"] = tuple(slurm["extra_directives"])
     if isinstance(slurm.get("time"), int):
         slurm["time"] = str(slurm["time"])
+    execution: dict[str, Any] = {k: tuple(v) if k == "keep" else v for k, v in data.get("execution", {}).items()}
     lines = doc.item_lines("tasks")
     tasks = tuple(_task(t, deps[pos], default_model, lines[t.index]) for pos, t in enumerate(expanded))
     return JobSpec(
@@ -152,7 +143,7 @@ def _build(doc: Document, sha256: str, expanded: list[checks.Expanded], deps: di
         sha256=sha256,
         version=data["version"],
         job=JobInfo(name=job["name"], run_dir=job.get("run_dir", f"runs/{job['name']}"), budget_usd=job.get("budget_usd")),
-        execution=ExecutionSpec(**{k: tuple(v) if k == "keep" else v for k, v in data.get("execution", {}).items()}),
+        execution=ExecutionSpec(**execution),
         llm=LlmSpec(default_model=default_model, models=MappingProxyType(models)),
         analysis=AnalysisSpec(
             sources=tuple(analysis.get("sources", ("explicit", "files"))),

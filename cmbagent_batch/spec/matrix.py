@@ -12,8 +12,9 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 MAX_TASKS = 2_000_000  # across the whole job, after expansion
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
-from cmbagent_batch.pricing import Price
-
+from cmbagent_batch.spec.pricing import Price
 
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 

@@ -8,14 +8,16 @@ error and words each one for a person. The slow path runs only when the fast one
 from __future__ import annotations
 
 import difflib
-import re
 import json
-from functools import lru_cache
+import re
+from collections.abc import Callable
+from functools import cache
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 from cmbagent_batch.errors import Problem
-from cmbagent_batch.spec.yamlio import Document, json_path
+from cmbagent_batch.spec.yamldata import json_path
+from cmbagent_batch.spec.yamlio import Document
 
 SCHEMA_NAMES = ("job", "plan", "run", "ledger-entry")
 
@@ -25,17 +27,17 @@ def schema_text(name: str) -> str:
     return resources.files("cmbagent_batch.schemas").joinpath(f"{name}.schema.json").read_text("utf-8")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> dict[str, Any]:
     loaded: dict[str, Any] = json.loads(schema_text(name))
     return loaded
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fast_validator(name: str) -> Callable[[Any], Any]:
     import fastjsonschema
 
-    return fastjsonschema.compile(load_schema(name), use_default=False)  # type: ignore[no-any-return]
+    return fastjsonschema.compile(load_schema(name), use_default=False)
 
 
 def is_valid(data: Any, name: str = "job") -> bool:
@@ -106,6 +108,15 @@ _TYPE_WORDS = {
 }
 
 
+_BOUNDS = {"minimum": "at least", "exclusiveMinimum": "greater than", "maximum": "at most"}
+_FIXED = {  # messages that need nothing of the value
+    "minItems": "must not be an empty list",
+    "minLength": "must not be empty",
+    "minProperties": "must not be an empty mapping",
+    "uniqueItems": "entries must be unique",
+}
+
+
 def describe(value: Any) -> str:
     """How a YAML value reads in a message: its kind and, for scalars, itself."""
     if value is None:
@@ -142,20 +153,8 @@ def _message(error: Any) -> str:
         return f"expected {expected!r}, got {describe(value)}"
     if kind == "pattern":
         return f"invalid value {value!r}: {_pattern_hint(schema)}"
-    if kind == "minimum":
-        return f"must be at least {expected}, got {describe(value)}"
-    if kind == "exclusiveMinimum":
-        return f"must be greater than {expected}, got {describe(value)}"
-    if kind == "maximum":
-        return f"must be at most {expected}, got {describe(value)}"
-    if kind == "minItems":
-        return "must not be an empty list"
-    if kind == "minLength":
-        return "must not be empty"
+    if kind in _BOUNDS:
+        return f"must be {_BOUNDS[kind]} {expected}, got {describe(value)}"
     if kind == "maxLength":
         return f"must be at most {expected} characters long"
-    if kind == "minProperties":
-        return "must not be an empty mapping"
-    if kind == "uniqueItems":
-        return "entries must be unique"
-    return str(error.message)
+    return _FIXED.get(kind, str(error.message))

@@ -31,9 +31,10 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TextIO
 
-from cmbagent_batch.tasks.base import Outcome, Payload, TaskContext
+from cmbagent_batch.attempt import Outcome, Payload, TaskContext
 from cmbagent_batch.tasks.shell import task_environment
 
 _CALL = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -67,7 +68,7 @@ def run_python(payload: Payload, ctx: TaskContext, chdir: bool) -> Outcome:
         result_file = _attempt(payload, ctx, chdir)
     except _Failed as failed:
         error, trace, timed_out = failed.error, failed.trace, failed.timed_out
-    except BaseException as exc:  # a fault of this runner: still an Outcome, never an exception
+    except BaseException as exc:  # noqa: BLE001 - a fault of this runner: still an Outcome, never an exception
         error, trace = f"python runner failed: {_one_line(exc)}", _format(exc)
     return Outcome(ok=error is None, error=error, traceback=trace, timed_out=timed_out,
                    wall_s=time.perf_counter() - started, cpu_s=_cpu(chdir) - cpu_before,
@@ -85,7 +86,7 @@ def _attempt(payload: Payload, ctx: TaskContext, chdir: bool) -> str | None:
                     value = function(*args, **kwargs)
                 except _Timeout:
                     raise
-                except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the task failed, not the worker
+                except BaseException as exc:  # noqa: BLE001 - user code; SystemExit, KeyboardInterrupt too: the task failed, not the worker
                     raise _Failed(_one_line(exc), _format(exc)) from None
         except _Timeout as exc:
             raise _Failed(f"timed out after {timeout:g} s (python call interrupted)", _format(exc), True) from None
@@ -129,7 +130,7 @@ def _load(call: str | None, python_path: tuple[str, ...]) -> Callable[..., Any]:
         raise
     except ImportError as exc:
         raise _Failed(f"cannot import {call!r}: {exc}", _format(exc)) from None
-    except BaseException as exc:  # the module raised while being imported (SyntaxError, ...)
+    except BaseException as exc:  # noqa: BLE001 - the user's module raised while being imported (SyntaxError, SystemExit...)
         raise _Failed(f"cannot import {call!r}: {_one_line(exc)}", _format(exc)) from None
     try:
         function = getattr(module, name)
@@ -200,7 +201,7 @@ def _inside(ctx: TaskContext, payload: Payload) -> Iterator[None]:
     _apply_environment(task_environment(ctx, payload, {}))
     out, err = _LazyLog(ctx, "stdout.log"), _LazyLog(ctx, "stderr.log")
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # type: ignore[type-var]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             yield
     finally:
         out.close()
@@ -215,14 +216,15 @@ class _LazyLog:
     def __init__(self, ctx: TaskContext, name: str) -> None:
         self._path = os.path.join(ctx.logs_dir, name)
         self._attempt = ctx.attempt
-        self._fh: Any = None
+        self._fh: TextIO | None = None
 
     def write(self, text: str) -> int:
         if self._fh is None:
             os.makedirs(os.path.dirname(self._path), exist_ok=True)
-            self._fh = open(self._path, "a", encoding="utf-8")
+            # open for the attempt's whole length, across many writes
+            self._fh = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
             self._fh.write(f"# attempt {self._attempt}\n")
-        return int(self._fh.write(text))
+        return self._fh.write(text)
 
     def flush(self) -> None:
         if self._fh is not None:

@@ -19,9 +19,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from cmbagent_batch.tasks.base import Outcome, Payload, TaskContext
+from cmbagent_batch.attempt import Outcome, Payload, TaskContext
+from cmbagent_batch.states import OutcomeReason
 
 _POLL_S = 0.05
 _HAVE_PROC = os.path.isdir("/proc/self")
@@ -30,7 +32,7 @@ _HAVE_PROC = os.path.isdir("/proc/self")
 class _Group:
     """One running process group; its id is the pid of its leader, bash (``start_new_session``)."""
 
-    __slots__ = ("pgid", "reason", "closed")
+    __slots__ = ("closed", "pgid", "reason")
 
     def __init__(self, pgid: int) -> None:
         self.pgid = pgid
@@ -103,7 +105,7 @@ class ShellLaunch:
 
     @classmethod
     def prepare(cls, payload: Payload, ctx: TaskContext, base_env: Mapping[str, str],
-                seen: int | None = None, argv: list[str] | None = None) -> "ShellLaunch | Outcome":
+                seen: int | None = None, argv: list[str] | None = None) -> ShellLaunch | Outcome:
         """``argv``: run this program instead of ``bash -c payload.run`` (agent tasks), supervised alike."""
         env = task_environment(ctx, payload, base_env)
         if argv is None:
@@ -138,7 +140,7 @@ class ShellLaunch:
         with _lock:
             if self.seen != _terminations:
                 self.close()
-                return Outcome(ok=False, error="terminated by the runner before it started")
+                return Outcome.because(OutcomeReason.NOT_STARTED)
         started = time.perf_counter()
         try:
             proc = subprocess.Popen(self.argv, cwd=self.ctx.work_dir, env=self.env,
@@ -209,10 +211,12 @@ def _supervise(proc: subprocess.Popen[bytes], timeout: float | None, grace: floa
             del _running[group.pgid]
     code = proc.returncode
     rss_unit = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    reason: OutcomeReason | None = None
     if group.reason == "timeout":
         error: str | None = f"timed out after {timeout:g} s (process group killed)"
     elif group.reason == "terminated" and code != 0:  # a script that ended 0 before the stop reached it did its work
-        error = "terminated by the runner"
+        reason = OutcomeReason.TERMINATED_BY_RUNNER
+        error = reason.message
     elif code > 0:
         error = f"exit code {code}"
     elif code < 0:
@@ -220,7 +224,7 @@ def _supervise(proc: subprocess.Popen[bytes], timeout: float | None, grace: floa
     else:
         error = None
     return Outcome(ok=error is None, error=error, exit_code=code, timed_out=group.reason == "timeout", wall_s=wall,
-                   cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_mb=usage.ru_maxrss / rss_unit)
+                   reason=reason, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_mb=usage.ru_maxrss / rss_unit)
 
 
 def _expire(group: _Group, grace: float) -> None:

@@ -18,9 +18,9 @@ import re
 import secrets
 import shutil
 import sys
-from typing import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
-from cmbagent_batch.tasks.base import WORK_SUBDIRS, TaskContext
+from cmbagent_batch.attempt import WORK_SUBDIRS, TaskContext
 
 
 class OutputError(Exception):

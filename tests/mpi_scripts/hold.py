@@ -21,7 +21,7 @@ from typing import Any
 
 from scenarios import WAIT, wait_for  # this script's directory is on sys.path
 
-from cmbagent_batch.mpi import RankExecutor, run_in_world, serve, world
+from cmbagent_batch.backends.mpi import RankExecutor, run_in_world, serve, world
 
 RANK = -1
 DIR = Path(".")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cmbagent_batch.mpi import (
+from cmbagent_batch.backends.mpi import (
     NoWorkerRanks,
     RankExecutor,
     RemoteTaskError,
@@ -77,7 +77,7 @@ def meet(i: int, count: int) -> list[int]:
 
 def fail_on(rank: int) -> int:
     time.sleep(0.2)  # overlaps the call sent just before, so that the two land on ranks 1 and 2
-    if RANK == rank:
+    if rank == RANK:
         raise ValueError(f"bad input on rank {RANK}")
     return RANK
 

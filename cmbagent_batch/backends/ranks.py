@@ -1,0 +1,289 @@
+"""The MPI backend's side of a run: pools over worker ranks for the scheduler, and what a worker rank does
+with an attempt before and after running it.
+
+Rank 0 runs the scheduler; ``RankPools`` gives it one executor, ``backends.mpi.RankExecutor``, whose calls
+run on ranks 1..N-1. A call is ``on_rank`` (one ``Attempt``) or ``batch_on_rank`` (several tiny ones, one
+round trip): on the worker, that rank's ``RankWorker`` moves the attempt to the rank's work directory
+(``RUN_DIR/ranks/rank-NNNN/tasks/TASK``), runs it, and appends the attempt's end to that rank's state
+journal (``RUN_DIR/journal/rank-NNNN.jsonl``) before answering, so what a worker finished survives rank 0
+being killed. The outcome says which rank and host ran it.
+
+A worker rank runs ``execution.tasks_per_rank`` attempts at once, as the local thread pool does: it serves
+with ``PREPARED`` more threads than that, whose attempts make their work directory and log files and then
+wait at the rank's gate (``backends.slots.Slots``) for a slot, the most urgent first (the attempt carries
+its task's priority). Rank 0 sends each worker up to ``CALLS_AHEAD`` calls beyond its threads, and queues more,
+most urgent first, so that a slot that frees starts a prepared attempt at once; an attempt counts as
+running from when it is sent (what waits in rank 0's queue is not running). How many a worker holds
+beyond its slots follows the pace (``mpi.slots.Pace``): about ``COVER`` seconds of work, at least one
+call, so that short tasks are sent far ahead and a long task does not keep many waiting behind it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Executor, Future
+from typing import TYPE_CHECKING, Any
+
+from cmbagent_batch.attempt import Attempt, Gate, Outcome, TaskContext
+from cmbagent_batch.backends.mpi.executor import RankExecutor
+from cmbagent_batch.backends.slots import SlotGate, Slots
+from cmbagent_batch.rundir.jsonl import JsonlWriter
+from cmbagent_batch.rundir.layout import journal_path, work_dir
+from cmbagent_batch.states import TaskState
+from cmbagent_batch.tasks.runner import make_work_dirs, run_attempt
+from cmbagent_batch.tasks.shell import terminate_all
+
+if TYPE_CHECKING:
+    from cmbagent_batch.spec.model import ExecutionSpec
+
+PREPARED = 12  # attempts a worker rank prepares ahead of its slots, at most
+CALLS_AHEAD = 24  # calls rank 0 sends a worker beyond its threads, at most
+COVER = 0.5  # seconds of work, at the workers' recent pace, that a worker holds beyond its slots
+PREFETCH_PER_SLOT = 12  # attempts the scheduler hands rank 0's executor per slot, beyond those running
+
+
+def worker_threads(tasks_per_rank: int) -> int:
+    """The threads a worker rank serves with, and the slots per rank of rank 0's executor."""
+    return tasks_per_rank + PREPARED
+
+
+def rank_executor(comm: Any, ex: ExecutionSpec) -> RankExecutor:
+    """Rank 0's executor over the worker ranks of ``comm`` (an mpi4py communicator), sized from ``ex``."""
+    return RankExecutor(comm, worker_threads(ex.tasks_per_rank), ahead=CALLS_AHEAD, least=ex.tasks_per_rank + 1,
+                        cover=COVER)
+
+
+def serve_worker_rank(comm: Any, rank: int, ex: ExecutionSpec) -> None:
+    """A worker rank's whole part in a run: run what rank 0 sends until it says the run is over, then
+    make sure everything this rank journaled is on disk."""
+    from cmbagent_batch.backends.mpi.worker import serve
+
+    this = install(rank, ex.tasks_per_rank)
+    stop = this.stopper(ex.kill_grace)
+    # Rank 0 decides; on SIGINT and SIGTERM this rank only ends its tasks. srun passes Slurm's walltime
+    # warning (SIGUSR1) to every rank: here it does nothing, as a hold or a stop comes from rank 0 (a
+    # handler that does nothing, not SIG_IGN, which the tasks would inherit).
+    on_signal: dict[int, Callable[[], None]] = {signal.SIGINT: stop, signal.SIGTERM: stop,
+                                                signal.SIGUSR1: _nothing}
+    try:
+        serve(comm, worker_threads(ex.tasks_per_rank), on_stop=stop, on_hold=this.hold, on_signal=on_signal)
+    finally:
+        this.close()
+
+
+# --- rank 0 -----------------------------------------------------------------------------------------
+
+
+class RankPools:
+    """The scheduler's pools when tasks run on MPI worker ranks (the ``LocalPools`` interface)."""
+
+    def __init__(self, executor: RankExecutor, tasks_per_rank: int) -> None:
+        self.executor = executor
+        self.workers = tasks_per_rank * len(executor.workers)
+        # Beyond what the workers hold, queued on rank 0, so that a worker never waits for rank 0's
+        # scheduler (which shares the cores with everything else) for its next attempt.
+        self.prefetch = PREFETCH_PER_SLOT * self.workers
+
+    def executor_for(self, kind: str) -> Executor:
+        return self.executor
+
+    def gate(self, kind: str, on_start: Callable[[], None]) -> Gate:
+        return _Sent(on_start)
+
+    def submit(self, executor: Executor, attempts: Sequence[Attempt], gate: Gate | None) -> Future[Any]:
+        """Queue one attempt (``on_rank``) or a batch (``batch_on_rank``) on rank 0's executor, the most
+        urgent first (a batch as its most urgent member). A single attempt counts as started when it is
+        sent to a worker (its ``_Sent`` gate stays here); a batch from the hand-over."""
+        if len(attempts) == 1:
+            on_sent = gate.on_start if isinstance(gate, _Sent) else None
+            return self.executor.submit_call(on_rank, (attempts[0],), priority=attempts[0].priority,
+                                             on_sent=on_sent)
+        return self.executor.submit_call(batch_on_rank, (attempts,), priority=max(a.priority for a in attempts))
+
+    def batches(self, kind: str) -> bool:
+        return True  # a round trip to another rank: tiny tasks go in batches
+
+    def prefetch_kinds(self) -> frozenset[str]:
+        return frozenset({"shell", "python", "agent"})
+
+    def replace_broken(self, executor: Executor) -> None:
+        pass
+
+    def hold(self) -> None:
+        self.executor.hold_tasks()
+
+    def terminate_running(self, grace: float) -> None:
+        self.executor.stop_tasks()
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass  # the executor is shut down by whoever made it (``mpi.run_in_world``)
+
+
+class _Sent:
+    """Rank 0's side of a single attempt's gate: the attempt counts as started (``on_start``) when rank 0
+    sends it to a worker, not while it waits in rank 0's queue. The worker's own gate is what holds it
+    there until a slot is free. It never leaves rank 0 (``RankPools.submit`` passes ``on_start`` to the
+    executor, not the gate) and nothing enters or leaves it: only the scheduler's ``settle``."""
+
+    def __init__(self, on_start: Callable[[], None]) -> None:
+        self.on_start = on_start
+
+    def enter(self, start: Callable[[], Any] | None = None) -> Any:
+        raise AssertionError("a rank 0 gate is never entered: the worker rank's gate is")
+
+    def leave(self, ok: bool) -> None:
+        pass
+
+    def withdraw(self) -> None:
+        pass
+
+    def settle(self) -> None:
+        pass  # the worker gave the slot back itself (``RankWorker._gated``)
+
+
+# --- a worker rank ----------------------------------------------------------------------------------
+
+
+class RankWorker:
+    """What a worker rank does with the attempts rank 0 sends it: move each to this rank's work directory
+    and environment, run it behind this rank's gate, journal its end, say where it ran.
+
+    One per worker process, made by ``install`` before the rank serves. Rank 0 sends calls of the
+    module-level functions ``on_rank`` and ``batch_on_rank``, which find this process's worker with
+    ``worker()``: a call crosses by pickle, and a bound method would carry its object (slots, locks, open
+    journals), which cannot be pickled and must not be copied; a function is pickled by name alone.
+    """
+
+    def __init__(self, rank: int, tasks_per_rank: int) -> None:
+        # The environment shell and agent tasks start from: this rank's own, as it is now (the local
+        # backend too takes the runner's environment once, at the start of the run); copying
+        # ``os.environ`` for every attempt took about 20 us under mpiexec, 2 to 3% of a worker's own time
+        # per tiny shell task.
+        self.rank = rank
+        self.host = socket.gethostname()
+        self.env = dict(os.environ)
+        self.slots = Slots(tasks_per_rank, keep_order=False)
+        self._journals: dict[str, JsonlWriter] = {}  # run directory -> this rank's journal in it
+        self._journals_lock = threading.Lock()
+
+    def run(self, attempt: Attempt, made: bool = False) -> Outcome:
+        """``run_attempt`` behind this rank's gate, at the attempt's place in line (its priority). Raises
+        ``CancelledError`` when a stop or a hold kept it from starting (nothing is journaled: it did not
+        run)."""
+        moved, gate = self._moved(attempt)
+        outcome = self._gated(moved, gate, made)
+        if gate.refused:
+            raise CancelledError("held back at its rank's gate: the run is stopping")
+        return self._finished(moved, outcome)
+
+    def run_batch(self, attempts: Sequence[Attempt]) -> list[Outcome]:
+        """Several tiny attempts in one round trip, their directories made in one burst; those a stop or a
+        hold kept from starting are not journaled."""
+        moved = [self._moved(a) for a in attempts]
+        made = make_work_dirs([a for a, _gate in moved])
+        outcomes = [self._gated(a, gate, a.ctx.work_dir in made) for a, gate in moved]
+        return [o if gate.refused else self._finished(a, o) for (a, gate), o in zip(moved, outcomes)]
+
+    def hold(self) -> None:
+        """The worker's ``on_hold``: the attempts waiting at (or on their way to) this rank's gate never
+        start; each comes back to rank 0 as not started. A hold is for the rest of the run."""
+        self.slots.stop()
+
+    def stopper(self, grace: float) -> Callable[[], None]:
+        """The worker's ``on_stop``: nothing more starts here, and the process groups of its running
+        attempts (shell and agent) are terminated."""
+        def stop() -> None:
+            self.hold()
+            threading.Thread(target=terminate_all, args=(grace,), daemon=True).start()
+
+        return stop
+
+    def close(self) -> None:
+        """At the end of the worker's service: everything it journaled is written and fsynced."""
+        with self._journals_lock:
+            for journal in self._journals.values():
+                journal.close()
+            self._journals.clear()
+
+    def _moved(self, attempt: Attempt) -> tuple[Attempt, SlotGate]:
+        """The attempt with its context moved to this rank's work directory (and, but for python tasks,
+        this rank's environment), and its gate here."""
+        ctx = attempt.ctx
+        ctx = TaskContext(ctx.task_id, ctx.run_dir, work_dir(ctx.run_dir, self.rank, ctx.task_id), self.rank,
+                          ctx.attempt, self.host, ctx.matrix)
+        env = self.env if attempt.payload.kind != "python" else attempt.env
+        moved = Attempt(attempt.payload, ctx, attempt.links, env, attempt.chdir, attempt.keep, attempt.kill_grace,
+                        attempt.missing, attempt.priority, attempt.journal)
+        return moved, self.slots.gate(_nothing, attempt.priority)
+
+    @staticmethod
+    def _gated(attempt: Attempt, gate: SlotGate, made: bool) -> Outcome:
+        """``run_attempt``, then give back at once the slot a failure keeps (the local scheduler gives it
+        back once it has seen the failure; here nothing waits for rank 0)."""
+        try:
+            return run_attempt(attempt, gate, made)
+        finally:
+            gate.settle()
+
+    def _finished(self, attempt: Attempt, outcome: Outcome) -> Outcome:
+        ctx = attempt.ctx
+        outcome = dataclasses.replace(outcome, rank=ctx.rank, host=ctx.host, work_dir=ctx.work_dir)
+        journal = attempt.journal or {}
+        state = TaskState.SUCCEEDED if outcome.ok else TaskState.FAILED
+        rec: dict[str, Any] = {"t": time.time(), "run": journal.get("run"), "task": ctx.task_id,
+                               "state": state.value, "attempt": ctx.attempt, "rank": ctx.rank, "host": ctx.host,
+                               "by": "worker"}
+        if outcome.ok:
+            rec.update({k: v for k, v in journal.items() if k != "run"}, wall_s=round(outcome.wall_s, 6),
+                       cpu_s=round(outcome.cpu_s, 6), peak_rss_mb=round(outcome.peak_rss_mb, 3),
+                       work_bytes=outcome.work_bytes, output_bytes=outcome.output_bytes)
+        else:
+            rec.update(error=outcome.error, exit_code=outcome.exit_code, timed_out=outcome.timed_out,
+                       work_dir=ctx.work_dir, traceback=outcome.traceback)
+        self._journal(ctx.run_dir).append(rec)
+        return outcome
+
+    def _journal(self, run_dir: str) -> JsonlWriter:
+        with self._journals_lock:
+            journal = self._journals.get(run_dir)
+            if journal is None:
+                journal = self._journals[run_dir] = JsonlWriter(journal_path(run_dir, self.rank))
+            return journal
+
+
+_worker: RankWorker | None = None  # this process's, when it is a worker rank (``install``)
+
+
+def install(rank: int, tasks_per_rank: int) -> RankWorker:
+    """Called once on each worker rank, before it serves: make the rank's ``RankWorker``, which the calls
+    rank 0 sends find (``on_rank``, ``batch_on_rank``)."""
+    global _worker
+    _worker = RankWorker(rank, tasks_per_rank)
+    return _worker
+
+
+def worker() -> RankWorker:
+    """This worker rank's ``RankWorker`` (``install`` made it)."""
+    if _worker is None:
+        raise RuntimeError("not a worker rank: cmbagent_batch.backends.ranks.install was not called")
+    return _worker
+
+
+def on_rank(attempt: Attempt) -> Outcome:
+    """One attempt, run by this worker rank (``RankWorker.run``)."""
+    return worker().run(attempt)
+
+
+def batch_on_rank(attempts: Sequence[Attempt]) -> list[Outcome]:
+    """Several tiny attempts, run by this worker rank (``RankWorker.run_batch``)."""
+    return worker().run_batch(attempts)
+
+
+def _nothing() -> None:
+    pass  # a worker's attempt counts as running from when rank 0 sent it (``_Sent``)

@@ -1,0 +1,9 @@
+"""What every command may print besides its output: warnings, on stderr."""
+
+from __future__ import annotations
+
+import sys
+
+
+def warn(message: str) -> None:
+    print(f"cmbagent-batch: warning: {message}", file=sys.stderr)

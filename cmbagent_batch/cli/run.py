@@ -1,0 +1,145 @@
+"""``cmbagent-batch run``: command-line glue around ``execute/run.py``."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from cmbagent_batch.cli.console import warn
+from cmbagent_batch.cli.options import RunOptions
+from cmbagent_batch.errors import ExitCode, SpecError, UsageError
+from cmbagent_batch.llm import local_model
+from cmbagent_batch.plan.analysis.cache import Cache
+from cmbagent_batch.plan.cached import cache_dir
+from cmbagent_batch.rundir.layout import RunLock, set_aside
+from cmbagent_batch.spec.config import Config, effective_config
+from cmbagent_batch.spec.loader import load_spec
+
+if TYPE_CHECKING:
+    from cmbagent_batch.backends.mpi.executor import RankExecutor
+    from cmbagent_batch.execute.run import Prepared
+
+
+def mpi_ranks() -> int:
+    """Ranks of the MPI job this process belongs to, from the launcher's environment (1: not under MPI).
+    Read without importing mpi4py; inside an sbatch script (not under srun) SLURM_NTASKS is not enough."""
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_STEP_NUM_TASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` is ``mpi`` when started by mpiexec or srun with more than one rank, else ``local``."""
+    if backend == "auto":
+        return "mpi" if mpi_ranks() > 1 else "local"
+    return backend
+
+
+def _select(prepared: Prepared, only: Sequence[str]) -> set[str]:
+    """--only: the named tasks (globs allowed) and the dependencies they need that are not done."""
+    from cmbagent_batch.execute.run import why_rerun
+
+    ids = prepared.dag.nodes
+    chosen: set[str] = set()
+    for pattern in only:
+        matched = fnmatch.filter(ids, pattern)
+        if not matched:
+            raise UsageError(f"--only {pattern!r} matches no task")
+        chosen.update(matched)
+    for tid in sorted(chosen):
+        for anc in prepared.dag.ancestors(tid):
+            if why_rerun(prepared, anc) is not None:
+                chosen.add(anc)
+    return chosen
+
+
+def run(opts: RunOptions) -> int:
+    config = effective_config(load_spec(opts.spec), os.environ, opts.flags)
+    if resolve_backend(config.spec.execution.backend) == "mpi":
+        return _run_mpi(opts, config)
+    return _run(opts, config)
+
+
+def _run_mpi(args: RunOptions, config: Config) -> int:
+    """Rank 0 runs the job (scheduler, journal, run.json); the other ranks run its tasks until told to stop."""
+    from cmbagent_batch.backends import mpi
+    from cmbagent_batch.backends.ranks import rank_executor, serve_worker_rank
+
+    ex = config.spec.execution
+    world, rank, size = mpi.world()
+    if size == 1:
+        warn("started under MPI with a single rank: there is no worker rank, so every task runs on rank 0 "
+             "with local pools (start more ranks: mpiexec -n N, srun -n N)")
+        return _run(args, config)
+    if args.dry_run:  # nothing runs: rank 0 says what would, the others leave
+        return _run(args, config) if rank == 0 else 0
+    comm = world.Dup()  # the backend's own messages never meet those of MPI code in the tasks
+    if rank == 0 and ex.use_process_pool:
+        warn("execution.use_process_pool is ignored under MPI: python tasks run in threads of the worker "
+             "ranks (a python task's timeout is not enforced there)")
+    if rank != 0:
+        try:
+            serve_worker_rank(comm, rank, ex)
+        finally:
+            local_model.stop_all()
+        return 0
+    executor = rank_executor(comm, ex)
+    try:
+        return _run(args, config, executor)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) -> int:
+    from cmbagent_batch.execute.progress import Progress
+    from cmbagent_batch.execute.run import execute, prepare, why_rerun
+    from cmbagent_batch.rundir.layout import resolve_run_dir
+    from cmbagent_batch.states import TaskState
+
+    if problems := local_model.preflight(config.spec):
+        raise SpecError(problems)
+    run_dir = resolve_run_dir(config.spec)
+    if opts.fresh and not opts.dry_run:
+        old = set_aside(run_dir)
+        if old:
+            print(f"cmbagent-batch: the previous run directory is kept at {old}", file=sys.stderr)
+    cache = Cache(cache_dir(opts.spec, opts.cache_dir), warn)
+    prepared = prepare(config, cache, warn, run_dir=run_dir)
+    if ranks is not None:  # rank 0 runs no task: a local model's server started for the analysis is done
+        local_model.stop_all()
+    selected = _select(prepared, opts.only) if opts.only else None
+    if opts.dry_run:
+        for tid in prepared.dag.topological_order():
+            why = why_rerun(prepared, tid)
+            if selected is not None and tid not in selected:
+                continue
+            print(f"{tid}: {'skip (up to date)' if why is None else 'run (' + why + ')'}")
+        return ExitCode.OK
+    os.makedirs(run_dir, exist_ok=True)
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        total = len(prepared.dag.nodes)
+        progress = (lambda sched: None) if opts.quiet else Progress(total)
+        code, sched = execute(prepared, warn, progress, selected, ranks, walltime_grace=opts.walltime_grace,
+                              walltime_file=opts.walltime_file)
+    finally:
+        lock.release()
+        local_model.stop_all()  # here, as os._exit below skips atexit
+    counts = {s.value: n for s, n in sched.counts.items() if n}
+    if not opts.quiet:
+        print(f"cmbagent-batch: {', '.join(f'{n} {s}' for s, n in counts.items())}; run directory {run_dir}",
+              file=sys.stderr)
+        for r in sorted(sched.runs.values(), key=lambda r: r.id):
+            if r.state is TaskState.FAILED:
+                print(f"  failed: {r.id} (attempt {r.attempts}): {r.reason}", file=sys.stderr)
+    if sched.abandoned:
+        # Python functions running in threads cannot be killed; do not wait for them at exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

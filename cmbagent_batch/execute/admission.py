@@ -1,0 +1,142 @@
+"""Which ready tasks the scheduler may launch now: the ready line (by priority), the limits on workers,
+CPUs and memory that submissions reserve, and the batching of tiny attempts.
+
+Owned by the scheduler thread, like the rest of the scheduler's state.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from cmbagent_batch.execute.runs import Limits, TaskRun
+
+Clock = Callable[[], float]
+
+# A batch holds at most BATCH_MAX attempts and, by their observed durations, about BATCH_SECONDS of work:
+# enough to make the round trip to a worker process negligible, little enough to balance the workers.
+BATCH_MAX = 64
+BATCH_SECONDS = 0.02
+
+
+@dataclass(slots=True)
+class Unit:
+    """One submission to an executor: one attempt, or a batch run one after the other by one worker."""
+
+    members: list[str]
+    kind: str
+    executor: Executor
+    cpus: int
+    memory_mb: float
+    batch: bool
+
+
+class Admission:
+    """The ready line and what the submissions in flight reserve. ``select`` hands the scheduler the
+    next submissions that fit; ``admitted`` and ``released`` keep the reservations."""
+
+    def __init__(self, runs: dict[str, TaskRun], limits: Limits, batches: Callable[[str], bool],
+                 clock: Clock) -> None:
+        self.runs = runs
+        self.limits = limits
+        self._batches = batches  # whether a kind's tiny attempts go to a worker several at a time
+        self._clock = clock
+        self.ready: list[tuple[float, str]] = []  # (-priority, task id): a heap
+        self.units = 0  # submissions in flight
+        self._unit_kinds: Counter[str] = Counter()
+        self.suspects_running = 0  # attempts rerun alone after a worker process died
+        self._avg_wall: dict[str, float] = {}  # kind -> moving average of attempt wall seconds
+        self._cpus_used = 0
+        self._mem_used = 0.0
+        self._mem_checked = (-1.0, 0.0)
+
+    def push(self, r: TaskRun) -> None:
+        heapq.heappush(self.ready, (-r.priority, r.id))
+
+    def cap(self) -> int:
+        """Submissions in flight at most."""
+        return self.limits.max_workers + (self.limits.prefetch if self.limits.prefetch_kinds else 0)
+
+    def launch_ready(self, submit: Callable[[list[TaskRun]], None]) -> None:
+        """Submit (``submit``, which calls ``admitted``) the ready tasks that fit, the most urgent first,
+        tiny ones of a kind together."""
+        deferred = []
+        cap = self.cap()
+        ready = self.ready
+        while ready and self.units < cap:
+            item = heapq.heappop(ready)
+            r = self.runs[item[1]]
+            if not self._fits(r):
+                deferred.append(item)
+                continue
+            if not self._memory_ok():
+                deferred.append(item)
+                break
+            members = [r]
+            size = self._batch_size(r)
+            while len(members) < size and ready:
+                nxt = self.runs[ready[0][1]]
+                if nxt.kind != r.kind or not self._prefetchable(nxt) or nxt.suspect:
+                    break
+                heapq.heappop(ready)
+                members.append(nxt)
+            submit(members)
+        for item in deferred:
+            heapq.heappush(ready, item)
+
+    def admitted(self, unit: Unit) -> None:
+        self.units += 1
+        self._unit_kinds[unit.kind] += 1
+        self._cpus_used += unit.cpus
+        self._mem_used += unit.memory_mb
+
+    def released(self, unit: Unit) -> None:
+        self.units -= 1
+        self._unit_kinds[unit.kind] -= 1
+        self._cpus_used -= unit.cpus
+        self._mem_used -= unit.memory_mb
+
+    def observed(self, r: TaskRun) -> None:
+        """A success's wall time joins its kind's moving average (which sizes batches)."""
+        avg = self._avg_wall.get(r.kind)
+        self._avg_wall[r.kind] = r.wall_s if avg is None else 0.8 * avg + 0.2 * r.wall_s
+
+    def _prefetchable(self, r: TaskRun) -> bool:
+        return r.kind in self.limits.prefetch_kinds and r.cpus == 1 and not r.memory_mb
+
+    def _fits(self, r: TaskRun) -> bool:
+        lim = self.limits
+        if r.suspect or self.suspects_running:
+            return not self.units  # after a pool breakage: one attempt at a time, to find the culprit
+        # Handing over ahead (past max_workers) only among small tasks of one prefetch kind: a mix with
+        # other kinds, or tasks that reserve resources, would break max_workers and cpu limits.
+        units = self.units
+        ahead = lim.prefetch if self._prefetchable(r) and self._unit_kinds[r.kind] == units else 0
+        if units >= lim.max_workers + ahead:
+            return False
+        if units and self._cpus_used + r.cpus > lim.cpus + ahead:
+            return False
+        return lim.memory_mb is None or not units or self._mem_used + r.memory_mb <= lim.memory_mb
+
+    def _memory_ok(self) -> bool:
+        """False while memory in use is past the safety fraction (checked at most 5 times a second)."""
+        probe = self.limits.memory_in_use
+        if probe is None or not self.units:
+            return True
+        now = self._clock()
+        if now - self._mem_checked[0] > 0.2:
+            self._mem_checked = (now, probe())
+        return self._mem_checked[1] < self.limits.memory_safety_fraction
+
+    def _batch_size(self, r: TaskRun) -> int:
+        """How many ready attempts of ``r``'s kind to hand over together: 1 until their durations are
+        known, then about BATCH_SECONDS of work, never so many that a worker would be left without."""
+        avg = self._avg_wall.get(r.kind)
+        if avg is None or r.suspect or not self._prefetchable(r) or not self._batches(r.kind):
+            return 1
+        by_time = int(BATCH_SECONDS / max(avg, 1e-6))
+        by_share = len(self.ready) // (self.limits.max_workers + self.limits.prefetch) + 1
+        return max(1, min(BATCH_MAX, by_time, by_share))

@@ -1,0 +1,74 @@
+"""``cmbagent-batch run``: a job from spec to run directory, resumable.
+
+Prepares the run (``prepare``: the DAG with the same cached analysis as ``plan``, the journals replayed),
+skips tasks that succeeded with the same fingerprint, schedules the rest on the backend's pools
+(``backends.make_backend``: local pools or MPI worker ranks), and writes ``run.json``. Stops (signals,
+the walltime file, fail-fast) are ``stop``'s business.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from cmbagent_batch.backends import make_backend
+from cmbagent_batch.execute.launch import Launcher
+from cmbagent_batch.execute.manifest import Recorder, manifest
+from cmbagent_batch.execute.prepare import Prepared, prepare, task_runs, why_rerun
+from cmbagent_batch.execute.runs import Limits, Options
+from cmbagent_batch.execute.scheduler import Scheduler
+from cmbagent_batch.execute.stop import drain_message, exit_code, say_drain, stop_sources, stop_that_counts
+from cmbagent_batch.ledger.costs import merge_ledger
+from cmbagent_batch.rundir.atomic import write_json_atomic
+from cmbagent_batch.rundir.journal import Journal
+from cmbagent_batch.rundir.layout import journal_path
+from cmbagent_batch.spec import gcpause
+
+if TYPE_CHECKING:
+    from cmbagent_batch.backends.mpi.executor import RankExecutor
+
+__all__ = ["Prepared", "drain_message", "execute", "prepare", "why_rerun"]
+
+
+def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Scheduler], None],
+            selected: set[str] | None = None, ranks: RankExecutor | None = None,
+            walltime_grace: float = 0.0, walltime_file: str | None = None) -> tuple[int, Scheduler]:
+    """Run what is not up to date (of ``selected``, when given); return the exit code and the scheduler.
+    ``ranks``: rank 0's executor over the MPI worker ranks (tasks run there), else local pools.
+    ``walltime_grace``: after SIGUSR1, seconds the running attempts may go on before they are terminated.
+    ``walltime_file``: a file whose appearance means the same as SIGUSR1."""
+    ex = p.spec.execution
+    backend = make_backend(ex, ranks)
+    pools, workers = backend.pools, backend.workers
+    runs = task_runs(p, selected)
+    journal = Journal(journal_path(p.run_dir, 0))
+    import psutil
+
+    total_mb = psutil.virtual_memory().total / 2**20
+    limits = Limits(max_workers=workers, cpus=max(workers, os.cpu_count() or 1),
+                    memory_mb=total_mb * ex.memory_safety_fraction, memory_safety_fraction=ex.memory_safety_fraction,
+                    memory_in_use=backend.memory_in_use, prefetch_kinds=backend.prefetch_kinds,
+                    prefetch=pools.prefetch)
+    options = Options(keep_going=ex.keep_going, retries=ex.retries, retry_backoff=ex.retry_backoff,
+                      kill_grace=ex.kill_grace)
+    sched = Scheduler(runs, pools, limits, options, Launcher(p, on_ranks=ranks is not None), Recorder(p, journal),
+                      tick=progress, commit=journal.flush, on_drain=say_drain)
+    started = time.time()
+    where = (backend.name, backend.processes)
+    run_json = os.path.join(p.run_dir, "run.json")
+    write_json_atomic(run_json, manifest(p, p.run_id, started, None, runs, workers, backend=where))
+    gcpause.freeze_survivors()
+    try:
+        with stop_sources(sched.request_stop, walltime_grace, walltime_file):
+            sched.run()
+    finally:
+        pools.shutdown(wait=sched.abandoned == 0)
+        journal.close()
+    code = exit_code(sched.stop_reason, sched.counts)
+    ledger = merge_ledger(p.run_dir, warn)
+    write_json_atomic(run_json, manifest(p, p.run_id, started, time.time(), runs, workers, exit_code=code,
+                                         stop=stop_that_counts(sched.stop_reason, sched.counts), ledger=ledger,
+                                         backend=where))
+    return code, sched

@@ -1,0 +1,120 @@
+"""The run directory: its layout and its lock (files in it are written by ``atomic.py`` and ``jsonl.py``).
+
+    RUN_DIR/
+      run.json                       manifest (schemas/run.schema.json), rewritten atomically
+      journal/rank-NNNN.jsonl        state journal per rank (append-only)
+      ranks/rank-NNNN/tasks/TASK/    work directories: data codebase logs outputs temp chats cost
+      outputs/TASK/...               published outputs
+      superseded/TASK-<time>-<id>/   outputs of an earlier run of a task that ran again
+      local-model/MODEL-rank-NNNN.log  output of the server of a local model (provider: local), per rank
+      .lock                          held by the run using the directory
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from typing import Any
+
+from cmbagent_batch.errors import UsageError
+from cmbagent_batch.spec.model import JobSpec
+
+
+def resolve_run_dir(spec: JobSpec) -> str:
+    """The spec's run directory, absolute (a relative one is relative to the spec file's directory)."""
+    base = os.path.dirname(os.path.abspath(spec.path))
+    return os.path.normpath(os.path.join(base, os.path.expandvars(os.path.expanduser(spec.job.run_dir))))
+
+
+def rank_dir(run_dir: str, rank: int) -> str:
+    return os.path.join(run_dir, "ranks", f"rank-{rank:04d}")
+
+
+def work_dir(run_dir: str, rank: int, task_id: str) -> str:
+    return os.path.join(rank_dir(run_dir, rank), "tasks", task_id)
+
+
+def journal_path(run_dir: str, rank: int) -> str:
+    return os.path.join(run_dir, "journal", f"rank-{rank:04d}.jsonl")
+
+
+def server_logs(run_dir: str) -> str:
+    """The directory of the logs of local models' servers."""
+    return os.path.join(run_dir, "local-model")
+
+
+def journal_paths(run_dir: str) -> list[str]:
+    directory = os.path.join(run_dir, "journal")
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".jsonl"))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(directory, n) for n in names]
+
+
+def tail_lines(path: str, lines: int, window: int = 4096) -> list[str]:
+    """The last ``lines`` non-blank lines among the last ``window`` bytes of a log file ([] if unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - window))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [ln for ln in text.splitlines() if ln.strip()][-lines:]
+
+
+def read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+class RunLock:
+    """An exclusive ``flock`` on RUN_DIR/.lock: released by the kernel when the holder dies, so a
+    lock left by a crash is never stale."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = os.path.join(run_dir, ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise UsageError(
+                f"run directory {os.path.dirname(self.path)} is in use by {holder}; "
+                "wait for that run to end, or use another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def set_aside(run_dir: str) -> str | None:
+    """For --fresh: rename an existing run directory to RUN_DIR.old-<time> and return that name."""
+    if not os.path.exists(run_dir):
+        return None
+    target = f"{run_dir.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{run_dir.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    probe = RunLock(run_dir)
+    if os.path.exists(probe.path):
+        probe.acquire()  # refuse to move a directory another run is using
+        probe.release()
+    os.rename(run_dir, target)
+    return target

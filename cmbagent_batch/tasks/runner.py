@@ -1,0 +1,148 @@
+"""One attempt of one task, start to finish, on whatever worker runs it.
+
+A top-level, picklable function (it may run in a process-pool worker): prepare the work directory, link
+the inputs, wait at the gate for a slot (thread pools), run the task, give the slot back, publish its
+outputs, apply retention and measure what is left. It never raises for a task's own failure; it returns
+an ``Outcome`` that says what went wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import traceback
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from cmbagent_batch.attempt import WORK_SUBDIRS, Attempt, Gate, Outcome, Payload, Stopped, TaskContext
+from cmbagent_batch.tasks.agent import launch as agent
+from cmbagent_batch.tasks.python import run_python
+from cmbagent_batch.tasks.shell import ShellLaunch, terminations
+from cmbagent_batch.tasks.workdir import (
+    OutputError,
+    cleanup,
+    existing_outputs,
+    prepare,
+    publish,
+    stage_inputs,
+    tree_size,
+)
+
+# Subdirectories made before a task starts; the rest are made when used (python: ctx.sub(name), shell:
+# mkdir -p). On a journaled or network file system each mkdir (and the rmdir of an unused temp/ after
+# success) costs 0.02 to 0.2 ms, as much as the runner's own work for a tiny task.
+SUBDIRS_UP_FRONT = {"shell": ("logs",), "python": ()}
+
+
+def run_attempt(attempt: Attempt, gate: Gate | None = None, made: bool = False) -> Outcome:
+    """Run ``attempt`` to its end; ``gate``: where it waits for a slot (this process's, not part of the
+    attempt); ``made``: its work directory was just made (``run_attempts``)."""
+    try:
+        return _attempt(attempt, gate, made)
+    finally:
+        if gate is not None:
+            gate.withdraw()  # if it never entered: attempts handed over after it need not wait for it
+
+
+def run_attempts(attempts: Sequence[Attempt]) -> list[Outcome]:
+    """A batch of attempts (tiny tasks, one worker), one after the other, their work directories made in
+    one burst first (``make_work_dirs``)."""
+    made = make_work_dirs(attempts)
+    return [run_attempt(a, None, a.ctx.work_dir in made) for a in attempts]
+
+
+def make_work_dirs(attempts: Sequence[Attempt]) -> set[str]:
+    """Make the work directories of a batch in one burst; return those made. Two workers making
+    directories in the same ``tasks/`` directory at the same time slow each other down (the directory's
+    lock); bursts rarely meet, steady streams always do."""
+    made: set[str] = set()
+    for a in attempts:
+        try:
+            os.mkdir(a.ctx.work_dir)
+            made.add(a.ctx.work_dir)
+        except OSError:
+            pass  # exists (a rerun) or cannot be made: the attempt itself finds out and says so
+    return made
+
+
+def _attempt(attempt: Attempt, gate: Gate | None, made: bool) -> Outcome:
+    if attempt.missing:
+        return Outcome(ok=False, error="; ".join(attempt.missing))
+    payload, ctx, base_env = attempt.payload, attempt.ctx, attempt.env
+    seen = terminations()  # a stop while this attempt waits at the gate keeps it from starting
+    try:
+        prepare(ctx, SUBDIRS_UP_FRONT.get(payload.kind, WORK_SUBDIRS), made)
+        stage_inputs(ctx, attempt.links)
+    except (OSError, ValueError) as exc:
+        return Outcome(ok=False, error=f"cannot prepare the work directory {ctx.work_dir}: {exc}")
+    ready: ShellLaunch | Outcome | None = None
+    if payload.kind == "shell":
+        ready = ShellLaunch.prepare(payload, ctx, base_env, seen)
+    elif payload.kind == "agent":
+        ready = agent.prepare(payload, ctx, base_env, seen)
+    if isinstance(ready, Outcome):
+        return ready
+    try:
+        spawned = _start(ready, gate)
+        outcome, outputs, found = _run(payload, ctx, attempt.chdir, attempt.kill_grace, ready, spawned, gate)
+        return _wrap_up(ctx, attempt.keep, outcome, outputs, found)
+    except Stopped as exc:
+        return Outcome.because(exc.reason)
+    except OutputError as exc:  # an output removed between the check and publish
+        return Outcome(ok=False, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a bug or an OS error on the worker: report it with its place
+        return Outcome(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+
+
+def _start(ready: ShellLaunch | None, gate: Gate | None) -> Any:
+    """Wait for a slot, if there is a gate, and start bash for a shell task (the thread that frees the
+    slot may do it for us). The log files are closed if bash does not start."""
+    spawn = ready.spawn if ready is not None else None
+    try:
+        if gate is not None:
+            return gate.enter(spawn)
+        return spawn() if spawn is not None else None
+    except BaseException:
+        if ready is not None:
+            ready.close()
+        raise
+
+
+def _run(payload: Payload, ctx: TaskContext, chdir: bool, kill_grace: float, ready: ShellLaunch | None,
+         spawned: Any, gate: Gate | None) -> tuple[Outcome, list[str], list[str]]:
+    """Run the task to its end and check its declared outputs, then give the slot back; return the
+    outcome, the outputs to publish (the return value's file included) and the paths they matched."""
+    outputs = list(payload.outputs)
+    ok = False
+    try:
+        if ready is not None:
+            outcome = ready.wait(spawned, kill_grace)
+            if payload.kind == "agent":
+                outcome = agent.finish(outcome, ctx, payload.agent["model"] if payload.agent else {})
+        else:
+            outcome = run_python(payload, ctx, chdir)
+        if not outcome.ok:
+            return outcome, outputs, []
+        if outcome.result_file:  # the return value is published with the declared outputs
+            outputs.append(os.path.relpath(outcome.result_file, ctx.work_dir))
+        found = existing_outputs(ctx.work_dir, outputs)  # a missing output fails it before its slot is free
+        ok = True
+        return outcome, outputs, found
+    except OutputError as exc:
+        return dataclasses.replace(outcome, ok=False, error=str(exc)), outputs, []
+    finally:
+        if gate is not None:
+            gate.leave(ok)
+
+
+def _wrap_up(ctx: TaskContext, keep: Collection[str], outcome: Outcome, outputs: list[str],
+             found: list[str]) -> Outcome:
+    """Publish a success's outputs and apply retention; measure what is left in either case."""
+    if not outcome.ok:
+        return dataclasses.replace(outcome, work_bytes=tree_size(ctx.work_dir))
+    published = os.path.join(ctx.run_dir, "outputs", ctx.task_id)
+    output_bytes = 0
+    if outputs or os.path.lexists(published):  # an earlier run's outputs get superseded
+        publish(ctx, outputs, found)
+        output_bytes = tree_size(published)
+    return dataclasses.replace(outcome, work_bytes=cleanup(ctx, keep), output_bytes=output_bytes)

@@ -1,0 +1,1 @@
+"""Code the tests share: fixtures, fakes, servers and the way they run the command line."""
