@@ -48,26 +48,35 @@ command did not run as expected (failed, hung past its time limit, or ran the wr
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.metadata
 import json
 import os
-import shutil
 import statistics
 import sys
-import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import ab
 import specgen
-from bench_run import (
+from ab import Install
+from mpi_runs import (
+    FUTURES_BASELINE,
+    Mpi,
+    OurRun,
+    autogroup_note,
+    find_mpiexec,
+    fs_probe,
+    mpi_spec,
+    rank_cells,
+    run_ours,
+    sleep_tasks,
+    versions,
+)
+from runs import (
     DAG_SEED,
     NOOP_MODULE,
-    DagTask,
     Fresh,
     dag_spec,
     journal_span,
@@ -76,8 +85,8 @@ from bench_run import (
     python_spec,
     read_manifest,
 )
-from bench_run import run_ours as run_local
-from specgen import CommandFailed, Install, Row, Sample, cpu_cell, secs, verdict
+from runs import run_ours as run_local
+from specgen import CommandFailed, Row, Sample, cpu_cell, secs, verdict
 
 THROUGHPUT_FRACTION_TARGET = 0.5  # ours / raw mpi4py.futures, tasks/s, at least
 MAKESPAN_RATIO_TARGET = 1.10  # makespan / lower bound, at most
@@ -89,171 +98,6 @@ SLEEP_MS = 250
 
 # A command that has not ended after this long is killed (with its ranks) and reported as hung.
 TIME_LIMIT_S, QUICK_TIME_LIMIT_S = 900, 240
-
-FUTURES_BASELINE = """
-import json, sys, time
-from concurrent.futures import wait
-from mpi4py import MPI
-from mpi4py.futures import MPICommExecutor
-n, here = int(sys.argv[1]), sys.argv[2]
-sys.path.insert(0, here)
-import noop
-with MPICommExecutor(MPI.COMM_WORLD, root=0) as pool:
-    if pool is not None:
-        t0 = time.perf_counter()
-        futures = [pool.submit(noop.run) for _ in range(n)]
-        wait(futures)
-        for f in futures:
-            f.result()
-        wall = time.perf_counter() - t0
-        print(json.dumps({"wall": wall, "workers": MPI.COMM_WORLD.Get_size() - 1,
-                          "library": " ".join(MPI.Get_library_version().split("\\n")[0].split())}))
-"""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Specs
-
-
-def with_execution(spec: str, **settings: object) -> str:
-    """A generator's spec text with its ``execution:`` block (if any) replaced by ``settings``."""
-    head, sep, tasks = spec.partition("\ntasks:\n")
-    if not sep:
-        raise ValueError("the spec has no top-level 'tasks:' line")
-    kept: list[str] = []
-    in_execution = False
-    for line in head.split("\n"):
-        if line == "execution:":
-            in_execution = True
-            continue
-        if in_execution and line.startswith("  "):
-            continue
-        in_execution = False
-        kept.append(line)
-    block = ["execution:", *(f"  {key}: {json.dumps(value)}" for key, value in settings.items())]
-    return "\n".join(kept + block) + sep + tasks
-
-
-def mpi_spec(spec: str, tasks_per_rank: int) -> str:
-    return with_execution(spec, backend="mpi", tasks_per_rank=tasks_per_rank)
-
-
-def sleep_tasks(n: int, ms: int) -> list[DagTask]:
-    """``n`` independent ``sleep`` tasks (a one-level DAG with no edges, for ``dag_spec``)."""
-    return [DagTask(f"s{i:04d}", 0, ms, ()) for i in range(n)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Running under mpiexec
-
-
-def find_mpiexec(side: Install) -> str | None:
-    """The ``mpiexec`` next to ``side``'s python; for this interpreter, else the first on PATH."""
-    return side.tool("mpiexec") or (shutil.which("mpiexec") if side.own else None)
-
-
-@dataclass(frozen=True)
-class Mpi:
-    """How the benchmark starts MPI jobs with one install of cmbagent-batch."""
-
-    mpiexec: str
-    env: dict[str, str]
-    time_limit: float
-    side: Install
-
-    def cmd(self, ranks: int, *args: str) -> list[str]:
-        """``mpiexec -n ranks ARGS``, under coreutils ``timeout`` (when there is one) so that a hung job is
-        ended: ``mpiexec`` (Hydra) gets SIGTERM and ends its ranks. ``--foreground`` keeps the job in the
-        terminal's process group, so that Ctrl-C still reaches every rank."""
-        limit = shutil.which("timeout")
-        guard = [limit, "--foreground", "-k", "10", f"{self.time_limit:g}"] if limit else []
-        return [*guard, self.mpiexec, "-n", str(ranks), *args]
-
-    def run_once(self, cmd: list[str], cwd: str, stdout_path: str | None = None) -> specgen.Run:
-        try:
-            return specgen.run_once(cmd, cwd=cwd, env=self.env, stdout_path=stdout_path)
-        except CommandFailed as exc:
-            if "\n  exited 124," in str(exc) or "\n  exited 137," in str(exc):
-                raise CommandFailed(f"{exc}\n  (killed: still running after {self.time_limit:g} s)") from None
-            raise
-
-
-@dataclass
-class OurRun:
-    run: specgen.Run
-    run_dir: str
-    manifest: dict[str, Any]
-
-    @functools.cached_property
-    def span(self) -> float:
-        """Makespan: first ``running`` to last ``succeeded`` record over all ranks' journals."""
-        first, last = journal_span(self.run_dir)
-        return last - first
-
-    def walls(self) -> dict[str, float]:
-        return {tid: float(t["wall_s"]) for tid, t in self.manifest["tasks"].items()}
-
-    def returns(self) -> list[float]:
-        """Per task: its worker's ``succeeded`` record to rank 0's (the result's way back, and rank 0
-        noticing it)."""
-        worker: dict[str, float] = {}
-        rank0: dict[str, float] = {}
-        directory = os.path.join(self.run_dir, "journal")
-        for name in sorted(os.listdir(directory)):
-            with open(os.path.join(directory, name), encoding="utf-8") as fh:
-                for line in fh:
-                    rec = json.loads(line)
-                    if rec.get("state") == "succeeded":
-                        (worker if rec.get("by") == "worker" else rank0)[rec["task"]] = rec["t"]
-        return [rank0[tid] - t for tid, t in worker.items() if tid in rank0]
-
-    def per_rank(self) -> tuple[Counter[int], defaultdict[int, float]]:
-        """(tasks, busy seconds) per worker rank."""
-        tasks: Counter[int] = Counter()
-        busy: defaultdict[int, float] = defaultdict(float)
-        for t in self.manifest["tasks"].values():
-            tasks[t["rank"]] += 1
-            busy[t["rank"]] += float(t["wall_s"])
-        return tasks, busy
-
-
-def run_ours(mpi: Mpi, spec: str, fresh: Fresh, worker_ranks: int, n_tasks: int) -> OurRun:
-    """One ``run`` of ``spec`` on ``worker_ranks`` worker ranks in fresh directories; checks that every
-    task succeeded on a worker rank and that the run really used the MPI backend."""
-    run_dir = os.path.join(fresh("run"), "rd")
-    cache_dir = fresh("cache")
-    ranks = worker_ranks + 1
-    cmd = mpi.cmd(ranks, *mpi.side.cli(), "run", spec, "--quiet", "--run-dir", run_dir, "--cache-dir", cache_dir)
-    run = mpi.run_once(cmd, cwd=os.path.dirname(spec))
-    manifest = read_manifest(os.path.join(run_dir, "run.json"), cmd)
-    problems = []
-    if manifest.get("counts") != {"succeeded": n_tasks}:
-        problems.append(f"counts {manifest.get('counts')}, expected {{'succeeded': {n_tasks}}}")
-    if manifest.get("backend") != "mpi" or manifest.get("ranks") != ranks:
-        problems.append(f"backend {manifest.get('backend')!r} with {manifest.get('ranks')} ranks, "
-                        f"expected 'mpi' with {ranks}")
-    on_rank0 = sorted(tid for tid, t in manifest.get("tasks", {}).items() if not t.get("rank"))
-    if on_rank0:
-        problems.append(f"{len(on_rank0)} tasks ran on rank 0 (e.g. {on_rank0[0]}), not on a worker rank")
-    if problems:
-        raise CommandFailed(f"{' '.join(cmd)}\n  " + "\n  ".join(problems))
-    return OurRun(run, run_dir, manifest)
-
-
-def rank_cells(runs: list[OurRun], worker_ranks: int, slots_per_rank: int = 1) -> tuple[str, str]:
-    """Tasks per worker rank (summed over the runs) and each rank's busy fraction of its slots over the
-    makespan (median over the runs)."""
-    tasks: Counter[int] = Counter()
-    busy: dict[int, list[float]] = {r: [] for r in range(1, worker_ranks + 1)}
-    for one in runs:
-        counted, seconds = one.per_rank()
-        tasks.update(counted)
-        for rank, fractions in busy.items():
-            fractions.append(seconds[rank] / (one.span * slots_per_rank))
-    per = len(runs)
-    count = " | ".join(f"r{r}: {tasks[r] / per:,.0f}" for r in sorted(busy))
-    use = " | ".join(f"r{r}: {statistics.median(v):.0%}" for r, v in sorted(busy.items()))
-    return count, use
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,17 +133,17 @@ def throughput_figures(rows: list[Row], notes: list[str], root: str, mpis: Seque
             raise CommandFailed(f"{' '.join(base_cmd)}\n  printed no report: {exc}") from None
         base_walls.append(float(report["wall"]))
         library = report["library"]
-        for mpi in specgen.in_turn(mpis, r):
+        for mpi in ab.in_turn(mpis, r):
             mine = run_ours(mpi, spec, fresh, THROUGHPUT_RANKS, n)
             whole[mpi.side].add(mine.run)
             spans[mpi.side].append(mine.span)
             if mpi is this:
                 done.append(mine)
     for r in range(startup_runs):
-        for mpi in specgen.in_turn(mpis, r):
+        for mpi in ab.in_turn(mpis, r):
             startups[mpi.side].add(run_ours(mpi, one, fresh, THROUGHPUT_RANKS, 1).run)
 
-    figures = {m.side: specgen.rate_figures(n, whole[m.side], startups[m.side], spans[m.side]) for m in mpis}
+    figures = {m.side: ab.rate_figures(n, whole[m.side], startups[m.side], spans[m.side]) for m in mpis}
     ours, startup = whole[this.side], startups[this.side]
     base_rate = n / statistics.median(base_walls)
     raw = n / ours.wall
@@ -327,7 +171,7 @@ def throughput_figures(rows: list[Row], notes: list[str], root: str, mpis: Seque
         rows.append(Row("  per run: raw tasks/s, ours | baseline", ", ".join(f"{n / w:,.0f}" for w in ours.walls),
                         ", ".join(f"{n / w:,.0f}" for w in base_walls)))
     rows.append(Row("  tasks per worker rank (mean over runs)", rank_cells(done, THROUGHPUT_RANKS)[0]))
-    specgen.versus(rows, figures)
+    ab.versus(rows, figures)
     notes.append("the PASS uses the start-up-corrected rate, as bench_run does; the baseline is timed on its "
                  "rank 0 from the first submit to the last result (no MPI start-up, no imports), ours is the "
                  "whole command, which also reads, checks and fingerprints the tasks and writes run.json twice")
@@ -357,7 +201,7 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence[Mpi
     done: dict[Install, list[OurRun]] = {m.side: [] for m in mpis}
     got: dict[Install, defaultdict[str, list[float]]] = {m.side: defaultdict(list) for m in mpis}
     for r in range(runs):
-        for mpi in specgen.in_turn(mpis, r):
+        for mpi in ab.in_turn(mpis, r):
             mine = run_ours(mpi, spec, fresh, DAG_RANKS, n)
             done[mpi.side].append(mine)
             walls = mine.walls()
@@ -380,10 +224,10 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence[Mpi
     for side, mines in done.items():
         for mine in mines:
             commands[side].add(mine.run)
-    figures: dict[Install, specgen.Figures] = {side: {
-        "DAG makespan": (med(g["makespan"]), secs), "DAG makespan / LB": (med(g["ratio"]), specgen.times),
+    figures: dict[Install, ab.Figures] = {side: {
+        "DAG makespan": (med(g["makespan"]), secs), "DAG makespan / LB": (med(g["ratio"]), ab.times),
         "DAG slot time outside walls, per task": (med(g["outside"]), lambda x: f"{x * 1000:.1f} ms"),
-        **specgen.sample_figures("DAG whole command", commands[side]),
+        **ab.sample_figures("DAG whole command", commands[side]),
         "local backend DAG makespan": (med(g["local_span"]), secs)} for side, g in got.items()}
     this = mpis[0].side
     ours = got[this]
@@ -417,7 +261,7 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence[Mpi
                     f"{med(makespans) / med(local_spans):.2f}x"))
     rows.append(Row(f"  filesystem: CPU to make {n:,} work-directory skeletons (2 mkdir + 2 files)",
                     secs(probe), ratio=f"{probe / n * 1000:.2f} ms a task"))
-    specgen.versus(rows, figures)
+    ab.versus(rows, figures)
     notes.append("filesystem: a shell task's attempt makes its work directory, logs/ and two log files; on ext4 "
                  "that costs about 3x more CPU for a minute or more after many files were deleted (inode "
                  "allocation skips recently deleted inodes), and the DAG's makespan is CPU-bound on 2 cores: "
@@ -428,37 +272,8 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence[Mpi
     notes.append("slot time outside its wall: what a slot spends per task beyond the attempt's recorded wall "
                  "(hand-over, the round trip, polling, waiting for a core); the local backend runs the same "
                  "spec with bench_run's command, after each MPI run")
-    if (autogroup := autogroup_note()) is not None:
+    if (autogroup := autogroup_note(DAG_RANKS + 1)) is not None:
         notes.append(autogroup)
-
-
-def autogroup_note() -> str | None:
-    """What the kernel's autogroup setting means for this figure, when the kernel says."""
-    try:
-        with open("/proc/sys/kernel/sched_autogroup_enabled", encoding="ascii") as fh:
-            enabled = fh.read().strip() == "1"
-    except OSError:
-        return None
-    if not enabled:
-        return "kernel.sched_autogroup_enabled=0: every thread and process competes for the cores alone"
-    return ("kernel.sched_autogroup_enabled=1: the kernel shares the cores between sessions before threads. "
-            "Each shell task runs in a session of its own (so that it can be ended as a group) and the "
-            f"{DAG_RANKS + 1} ranks share the one mpiexec started them in, so their threads compete as one session against every "
-            "task that is starting up; rank 0's scheduler thread waited for a core about 3x as long as it ran "
-            "(its schedstat, seen with this DAG)")
-
-
-def fs_probe(root: str, n: int) -> float:
-    """CPU seconds this process spends making ``n`` work-directory skeletons under ``root`` (kept: deleting
-    them would slow the next allocations down)."""
-    start = time.process_time()
-    for i in range(n):
-        logs = os.path.join(root, "tasks", f"T{i:05d}", "logs")
-        os.makedirs(logs)
-        for name in ("stdout.log", "stderr.log"):
-            with open(os.path.join(logs, name), "wb"):
-                pass
-    return time.process_time() - start
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -482,7 +297,7 @@ def scaling_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence
 
     by_side = {m.side: {k: Scaling() for k in SCALING_RANKS} for m in mpis}
     for r in range(runs):
-        for mpi in specgen.in_turn(mpis, r):
+        for mpi in ab.in_turn(mpis, r):
             for k, s in by_side[mpi.side].items():
                 mine = run_ours(mpi, spec, fresh, k, n)
                 s.spans.append(mine.span)
@@ -490,7 +305,7 @@ def scaling_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence
                 s.command.add(mine.run)
 
     med = statistics.median
-    figures: dict[Install, specgen.Figures] = {side: {
+    figures: dict[Install, ab.Figures] = {side: {
         f"{k} worker rank{'s' if k > 1 else ''}: {name}": (value, secs)
         for k, s in by.items() for name, value in (("makespan", med(s.spans)), ("whole command", s.command.wall))
     } for side, by in by_side.items()}
@@ -510,7 +325,7 @@ def scaling_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence
                             f"{speedup / k:.0%} of ideal"))
         count, _ = rank_cells(s.runs, k)
         rows.append(Row("  tasks per worker rank", count, ratio=f"whole command {secs(s.command.wall)}"))
-    specgen.versus(rows, figures)
+    ab.versus(rows, figures)
     notes.append(f"scaling: {n} independent shell tasks 'sleep {SLEEP_MS / 1000:.3f}', tasks_per_rank 1; ideal = "
                  f"{n} x {SLEEP_MS / 1000:g} s / worker ranks (no bash start-up); the cpu column is the "
                  "whole command's, all ranks")
@@ -518,15 +333,6 @@ def scaling_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence
 
 # ---------------------------------------------------------------------------------------------------
 
-
-def versions() -> str:
-    found = []
-    for dist in ("mpich", "mpi4py"):
-        try:
-            found.append(f"{dist} {importlib.metadata.version(dist)}")
-        except importlib.metadata.PackageNotFoundError:
-            found.append(f"{dist}: no such distribution installed")
-    return ", ".join(found)
 
 
 def main() -> int:
@@ -540,7 +346,7 @@ def main() -> int:
                         help="also make every run of ours with the cmbagent-batch, python and mpiexec of this "
                              "python's venv, in turn with this one's, and report each figure of both and new / old")
     args = parser.parse_args()
-    sides, versus_notes = specgen.installs(args.against)
+    sides, versus_notes = ab.installs(args.against)
     quick = args.quick
     runs = max(1, args.runs or (1 if quick else 3))
     mpis: list[Mpi] = []

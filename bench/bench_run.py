@@ -51,36 +51,45 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import ab
 import specgen
-from specgen import CommandFailed, Install, Row, Sample, cpu_cell, secs, verdict
+from ab import Install
+from runs import (
+    DAG_SEED,
+    NOOP_MODULE,
+    Fresh,
+    count_outputs,
+    dag_spec,
+    journal_span,
+    layered_dag,
+    level_barrier,
+    lower_bound,
+    python_spec,
+    read_manifest,
+    run_ours,
+    shell_spec,
+)
+from specgen import CommandFailed, Row, Sample, cpu_cell, secs, verdict
 
 XARGS_RATIO_TARGET = 1.5  # ours / xargs, at most
 SNAKEMAKE_RATIO_TARGET = 5.0  # snakemake / ours, at least
 PYTHON_FRACTION_TARGET = 0.5  # ours / raw ProcessPoolExecutor, tasks/s, at least
 MAKESPAN_RATIO_TARGET = 1.05  # makespan / lower bound, at most
 
-DAG_SEED = 1
 DAG_WORKERS = 16
 
 SNAKEMAKE_VENV = os.path.join(os.path.expanduser("~"), ".cache", "cmbagent-batch-bench", "snakemake-venv")
 SNAKEMAKE_REQUIREMENT = "snakemake>=9,<10"
 
-NOOP_MODULE = "def run():\n    return None\n"
 
 POOL_BASELINE = """
 import json, multiprocessing, sys, time
@@ -97,25 +106,6 @@ with ProcessPoolExecutor(2) as pool:
 print(json.dumps({"wall": time.perf_counter() - t0, "start_method": multiprocessing.get_start_method()}))
 """
 
-# ---------------------------------------------------------------------------------------------------
-# Specs
-
-
-def shell_spec(n: int) -> str:
-    parts = ["version: 1\njob:\n  name: bench-shell\ntasks:\n"]
-    for i in range(n):
-        parts.append(f"  - id: t{i:06d}\n    kind: shell\n    run: echo {i} > out.txt\n    outputs: [out.txt]\n")
-    return "".join(parts)
-
-
-def python_spec(n: int) -> str:
-    parts = ["version: 1\njob:\n  name: bench-python\nexecution:\n  use_process_pool: true\n  max_workers: 2\n"
-             "tasks:\n"]
-    for i in range(n):
-        parts.append(f"  - id: p{i:06d}\n    kind: python\n    call: noop:run\n")
-    return "".join(parts)
-
-
 SNAKEFILE = """\
 N = {n}
 
@@ -126,94 +116,6 @@ rule write:
     output: "d/{{i}}/out.txt"
     shell: "echo {{wildcards.i}} > {{output}}"
 """
-
-
-@dataclass(frozen=True)
-class DagTask:
-    id: str
-    level: int
-    ms: int  # sleep duration
-    parents: tuple[str, ...]
-
-    @property
-    def command(self) -> str:
-        return f"sleep {self.ms / 1000:.3f}"
-
-
-def layered_dag(levels: int, width: int, seed: int) -> list[DagTask]:
-    """``levels`` x ``width`` tasks; each below the first has two distinct parents in the level above."""
-    rng = random.Random(seed)
-    tasks: list[DagTask] = []
-    for lv in range(levels):
-        for j in range(width):
-            ms = min(50, max(1, round(rng.paretovariate(1.0))))  # heavy tail: P(> x ms) = 1/x
-            parents = tuple(f"L{lv - 1:02d}-{k:03d}" for k in sorted(rng.sample(range(width), 2))) if lv else ()
-            tasks.append(DagTask(f"L{lv:02d}-{j:03d}", lv, ms, parents))
-    return tasks
-
-
-def dag_spec(tasks: list[DagTask]) -> str:
-    parts = ["version: 1\njob:\n  name: bench-dag\ntasks:\n"]
-    for t in tasks:
-        deps = f"    depends_on: [{', '.join(t.parents)}]\n" if t.parents else ""
-        parts.append(f"  - id: {t.id}\n    kind: shell\n    run: {t.command}\n{deps}")
-    return "".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Running ours
-
-
-class Fresh:
-    """Numbered fresh directories under ``root`` (a run directory, a cache directory, a baseline's cwd);
-    numbers are unique in the whole benchmark, since nothing is deleted before its end."""
-
-    n = 0
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-
-    def __call__(self, name: str) -> str:
-        Fresh.n += 1
-        path = os.path.join(self.root, f"{name}-{Fresh.n}")
-        os.makedirs(path)
-        return path
-
-
-def run_cmd(side: Install, spec: str, run_dir: str, cache_dir: str, workers: int | None) -> list[str]:
-    flags = ["--workers", str(workers)] if workers else []
-    return [*side.cli(), "run", spec, *flags, "--quiet", "--run-dir", run_dir, "--cache-dir", cache_dir]
-
-
-def run_ours(side: Install, spec: str, fresh: Fresh, env: dict[str, str], n_tasks: int,
-             workers: int | None = None) -> tuple[specgen.Run, str]:
-    """One run of ``side``'s ``cmbagent-batch run`` in fresh directories; checks every task succeeded."""
-    run_dir = os.path.join(fresh("run"), "rd")  # run --fresh is not needed: it does not exist yet
-    cache_dir = fresh("cache")
-    cmd = run_cmd(side, spec, run_dir, cache_dir, workers)
-    run = specgen.run_once(cmd, cwd=os.path.dirname(spec), env=side.env(env))
-    manifest = read_manifest(os.path.join(run_dir, "run.json"), cmd)
-    counts = manifest.get("counts")
-    if counts != {"succeeded": n_tasks}:
-        raise CommandFailed(f"{' '.join(cmd)}\n  run.json counts {counts}, expected {{'succeeded': {n_tasks}}}")
-    return run, run_dir
-
-
-def read_manifest(path: str, cmd: list[str]) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise CommandFailed(f"{' '.join(cmd)}\n  exited 0 but {path} is unreadable: {exc}") from None
-    if not isinstance(data, dict):
-        raise CommandFailed(f"{' '.join(cmd)}\n  {path} is not a JSON object")
-    return data
-
-
-def count_outputs(directory: str) -> int:
-    d = os.path.join(directory, "d")
-    return sum(1 for name in os.listdir(d) if os.path.isfile(os.path.join(d, name, "out.txt"))) \
-        if os.path.isdir(d) else 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,7 +174,7 @@ def shell_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, s
     by_side = {side: Sample() for side in sides}
     x_sh, x_bash = Sample(), Sample()
     for r in range(runs):
-        for side in specgen.in_turn(sides, r):
+        for side in ab.in_turn(sides, r):
             by_side[side].add(run_ours(side, spec, fresh, env, n, workers=2)[0])
         for sample, shell in ((x_sh, "sh"), (x_bash, "bash")):
             cwd = fresh(f"xargs-{shell}")
@@ -291,7 +193,7 @@ def shell_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, s
                     f"{ours.wall / x_bash.wall:.2f}x", cpu=cpu_cell(ours, x_bash)))
     rows.append(Row("  per task", f"{ours.wall / n * 1000:.2f} ms", f"{x_sh.wall / n * 1000:.2f} ms"))
     rows.append(Row("  peak RSS", specgen.mib(ours.peak_rss)))
-    specgen.versus(rows, {side: {**specgen.sample_figures(f"run {n:,} shell tasks", s),
+    ab.versus(rows, {side: {**ab.sample_figures(f"run {n:,} shell tasks", s),
                                  "peak RSS": (s.peak_rss, lambda b: specgen.mib(int(b)))}
                           for side, s in by_side.items()})
     notes.append(f"sh is {sh_is}; the 1.5x target is held against the sh figure (the issue's command); "
@@ -349,15 +251,15 @@ def python_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, 
             report = json.load(fh)
         pool_walls.append(float(report["wall"]))
         start_method = report["start_method"]
-        for side in specgen.in_turn(sides, r):
+        for side in ab.in_turn(sides, r):
             run, run_dir = run_ours(side, spec, fresh, env, n)
             whole[side].add(run)
             first, last = journal_span(run_dir)
             spans[side].append(last - first)
     for r in range(startup_runs):
-        for side in specgen.in_turn(sides, r):
+        for side in ab.in_turn(sides, r):
             startups[side].add(run_ours(side, one, fresh, env, 1)[0])
-    figures = {side: specgen.rate_figures(n, whole[side], startups[side], spans[side]) for side in sides}
+    figures = {side: ab.rate_figures(n, whole[side], startups[side], spans[side]) for side in sides}
     ours, startup = whole[sides[0]], startups[sides[0]]
     pool_rate = n / statistics.median(pool_walls)
     raw = n / ours.wall
@@ -378,7 +280,7 @@ def python_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, 
     running = n / statistics.median(spans[sides[0]])
     rows.append(Row("  while running: tasks / journal span (context)", f"{running:,.0f} tasks/s",
                     f"{pool_rate:,.0f} tasks/s", f"{running / pool_rate:.1%}"))
-    specgen.versus(rows, figures)
+    ab.versus(rows, figures)
     notes.append("the PASS uses the start-up-corrected rate; the baseline is timed inside its subprocess "
                  "(pool start, submits, waits, shutdown), ours is the whole command, which also reads, checks "
                  "and fingerprints the 20,000 tasks and writes run.json twice")
@@ -388,56 +290,6 @@ def python_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, 
 
 # ---------------------------------------------------------------------------------------------------
 # Figure 3: layered DAG, makespan against its lower bound and a level-barrier scheduler
-
-
-def journal_span(run_dir: str) -> tuple[float, float]:
-    """(first ``running`` time, last ``succeeded`` time) over the run's journals."""
-    first, last = float("inf"), float("-inf")
-    directory = os.path.join(run_dir, "journal")
-    for name in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, name), encoding="utf-8") as fh:
-            for line in fh:
-                rec = json.loads(line)
-                if rec.get("state") == "running":
-                    first = min(first, rec["t"])
-                elif rec.get("state") == "succeeded":
-                    last = max(last, rec["t"])
-    return first, last
-
-
-def lower_bound(tasks: list[DagTask], walls: dict[str, float], workers: int) -> tuple[float, float]:
-    """(critical path, total work / workers) with ``walls`` as task weights; tasks are in level order."""
-    finish: dict[str, float] = {}
-    for t in tasks:
-        finish[t.id] = max((finish[p] for p in t.parents), default=0.0) + walls[t.id]
-    return max(finish.values()), sum(walls[t.id] for t in tasks) / workers
-
-
-def _cpu_so_far() -> float:
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def level_barrier(tasks: list[DagTask], workers: int, cwd: str) -> tuple[float, float]:
-    """(makespan, CPU seconds) of running ``tasks`` level by level on a thread pool, each level waiting
-    for the one before; the CPU is this process's and its children's over the run."""
-    bash = shutil.which("bash") or "bash"
-    levels: dict[int, list[DagTask]] = {}
-    for t in tasks:
-        levels.setdefault(t.level, []).append(t)
-
-    def one(t: DagTask) -> int:
-        return subprocess.run([bash, "-c", t.command], cwd=cwd, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-
-    with ThreadPoolExecutor(workers) as pool:
-        cpu0 = _cpu_so_far()
-        t0 = time.perf_counter()
-        for lv in sorted(levels):
-            codes = list(pool.map(one, levels[lv]))
-            if any(codes):
-                raise CommandFailed(f"level-barrier baseline: a 'bash -c sleep' of level {lv} exited {max(codes)}")
-        return time.perf_counter() - t0, _cpu_so_far() - cpu0
 
 
 def dag_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str], levels: int, width: int,
@@ -455,7 +307,7 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str
     barriers: list[float] = []
     barrier_cpu: list[float] = []
     for r in range(runs):
-        for side in specgen.in_turn(sides, r):
+        for side in ab.in_turn(sides, r):
             run, run_dir = run_ours(side, spec, fresh, env, n, workers=DAG_WORKERS)
             manifest = read_manifest(os.path.join(run_dir, "run.json"), ["run", spec])
             walls = {tid: float(t["wall_s"]) for tid, t in manifest["tasks"].items()}
@@ -469,8 +321,8 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str
         barrier_cpu.append(spent)
 
     med = statistics.median
-    figures: dict[Install, specgen.Figures] = {side: {
-        "DAG makespan": (med(g["makespan"]), secs), "DAG makespan / LB": (med(g["ratio"]), specgen.times),
+    figures: dict[Install, ab.Figures] = {side: {
+        "DAG makespan": (med(g["makespan"]), secs), "DAG makespan / LB": (med(g["ratio"]), ab.times),
         "DAG whole command: wall": (med(g["command"]), secs), "DAG whole command: cpu": (med(g["cpu"]), secs),
     } for side, g in got.items()}
     ours = got[sides[0]]
@@ -494,7 +346,7 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str
                     ratio=f"ours {med(makespans) / max(n_cp, n_work):.2f}x"))
     if runs > 1:
         rows.append(Row("  per run: makespan / LB", ", ".join(f"{r:.3f}x" for r in ratios)))
-    specgen.versus(rows, figures)
+    ab.versus(rows, figures)
     notes.append(f"DAG: shell tasks 'sleep 0.NNN' (bash -c), durations Pareto(1) clipped to [1, 50] ms, "
                  f"seed {DAG_SEED}, sum {sum(t.ms for t in tasks) / 1000:.1f} s; makespan = first 'running' "
                  "to last 'succeeded' journal record; LB from run.json wall_s (process start included)")
@@ -518,7 +370,7 @@ def main() -> int:
                         help="also make every run of ours with the cmbagent-batch of this python (another venv's), "
                              "in turn with this one's, and report each figure of both and new / old")
     args = parser.parse_args()
-    sides, versus_notes = specgen.installs(args.against)
+    sides, versus_notes = ab.installs(args.against)
     quick = args.quick
     runs = max(1, args.runs or (1 if quick else 3))
     env = specgen.bench_env()
