@@ -67,6 +67,7 @@ FULL_CONFIG = {
     "execution.memory_safety_fraction": {"value": 0.5, "source": "spec line 15"},
     "execution.mode": {"value": "sequential", "source": "spec line 8"},
     "execution.retries": {"value": 2, "source": "spec line 12"},
+    "execution.rerun_on": {"value": ["spec", "inputs", "code"], "source": "default"},
     "execution.retry_backoff": {"value": 1.0, "source": "default"},
     "execution.task_timeout": {"value": 60, "source": "spec line 11"},
     "execution.tasks_per_rank": {"value": 4, "source": "spec line 16"},
@@ -101,6 +102,7 @@ SMALL_CONFIG = {
     "execution.memory_safety_fraction": {"value": 0.8, "source": "default"},
     "execution.mode": {"value": "auto", "source": "default"},
     "execution.retries": {"value": 0, "source": "default"},
+    "execution.rerun_on": {"value": ["spec", "inputs", "code"], "source": "default"},
     "execution.retry_backoff": {"value": 1.0, "source": "default"},
     "execution.task_timeout": {"value": None, "source": "default"},
     "execution.tasks_per_rank": {"value": 1, "source": "default"},
@@ -199,6 +201,7 @@ def test_text_output(home: Path, small: Path) -> None:
         "execution.max_workers             3                         spec line 5\n"
         "execution.memory_safety_fraction  0.8                       default\n"
         "execution.mode                    auto                      default\n"
+        'execution.rerun_on                ["spec", "inputs", "code"]  default\n'
         "execution.retries                 0                         default\n"
         "execution.retry_backoff           1.0                       default\n"
         "execution.task_timeout            null                      default\n"

@@ -49,7 +49,7 @@ def test_a_mixed_dag_runs_on_the_worker_ranks_with_one_ledger(tmp_path: Path) ->
     assert all(p[0] == p[1] for p in parts)  # a task sees its own rank's environment, not rank 0's
     merged = (run_dir / "outputs" / "merge" / "merged.txt").read_text().split()
     assert {"gen-1", "square-4", "think-2"} <= set(merged)
-    result_json = json.loads((run_dir / "outputs" / "square-3" / "outputs" / "return.json").read_text())
+    result_json = json.loads((run_dir / "outputs" / "square-3" / "return.json").read_text())
     assert result_json["square"] == 9 and result_json["rank"] in (1, 2)
     # every rank journaled what it ran; one ledger, entries from both ranks, intact
     assert {p.name for p in (run_dir / "journal").iterdir()} >= {"rank-0000.jsonl"}

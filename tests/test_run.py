@@ -112,9 +112,9 @@ def test_quickstart_return_values_are_published(quickstart: tuple[Path, Any]) ->
     tmp, _ = quickstart
     run_dir = tmp / "runs" / "quickstart"
     for lmax, task in zip((500, 1000, 2000), SPECTRA):
-        work = run_dir / "ranks" / "rank-0000" / "tasks" / task / "outputs" / "return.json"
+        work = run_dir / "ranks" / "rank-0000" / "tasks" / task / "return.json"
         assert json.loads(work.read_text()) == {"lmax": lmax, "n_multipoles": lmax - 1}
-        published = run_dir / "outputs" / task / "outputs" / "return.json"
+        published = run_dir / "outputs" / task / "return.json"
         assert json.loads(published.read_text()) == {"lmax": lmax, "n_multipoles": lmax - 1}
 
 
@@ -164,7 +164,7 @@ def test_quickstart_work_dirs_layout_and_linked_inputs(quickstart: tuple[Path, A
         made = subdirectories(tasks_dir / tid)
         assert "temp" not in made and set(made) <= set(WORK_SUBDIRS_KEPT), tid
     assert subdirectories(tasks_dir / "params") == ["logs"]
-    assert (tasks_dir / "spectrum-lmax500" / "outputs" / "return.json").is_file()
+    assert (tasks_dir / "spectrum-lmax500" / "return.json").is_file()
     # inputs appear at the same relative path, linked from the producer's published outputs
     link = tasks_dir / "spectrum-lmax1000" / "params.json"
     assert link.is_symlink() and os.readlink(link) == str(run_dir / "outputs" / "params" / "params.json")
@@ -220,7 +220,7 @@ def test_environment_cwd_and_process_group_of_tasks(tmp_path: Path) -> None:
     assert (out / "sh-7" / "cwd.txt").read_text().strip() == str((work / "sh-7").resolve())
     pid, pgid = (out / "sh-7" / "group.txt").read_text().split()
     assert pid == pgid  # bash leads its own process group
-    got = json.loads((work / "py" / "outputs" / "return.json").read_text())
+    got = json.loads((work / "py" / "return.json").read_text())
     assert got["cwd"] == str(work / "py")
     assert got["ctx"] == ["py", str(work / "py"), str(run_dir), 0, 1]
     assert got["env"] == {"CMBAGENT_ATTEMPT": "1", "CMBAGENT_HOST": socket.gethostname(), "CMBAGENT_RANK": "0",
@@ -479,8 +479,8 @@ def test_a_killed_python_worker_is_survived(tmp_path: Path) -> None:
         [("running", 1, None), ("retrying", 1, DIED), ("running", 2, None), ("succeeded", 2, None)],
         [("running", 1, None), ("pending", 1, DIED), ("running", 2, None), ("succeeded", 2, None)])
     work = run_dir / "ranks" / "rank-0000" / "tasks"
-    assert json.loads((work / "once" / "outputs" / "return.json").read_text())["attempt"] == 2
-    assert json.loads((work / "after-once" / "outputs" / "return.json").read_text()) == "fine"
+    assert json.loads((work / "once" / "return.json").read_text())["attempt"] == 2
+    assert json.loads((work / "after-once" / "return.json").read_text()) == "fine"
 
 
 def test_a_task_running_beside_a_killed_worker_still_succeeds(tmp_path: Path) -> None:

@@ -93,13 +93,15 @@ def test_a_rerun_cannot_change_published_outputs_through_hard_links(tmp_path: Pa
     publish(ctx, ["outputs", "data", "mine.txt", "top.txt"])
     final = tmp_path / "run" / "outputs" / "t1"
     assert os.stat(final / "outputs/a.txt").st_ino == os.stat(Path(ctx.work_dir, "outputs/a.txt")).st_ino
-    prepare(ctx)  # the next run of the task
-    Path(ctx.work_dir, "outputs/a.txt").write_text("v2")  # rewritten in place
+    prepare(ctx)  # the next run of the task: the earlier directory is set aside, links and all
+    Path(ctx.work_dir, "outputs/a.txt").write_text("v2")
     Path(ctx.work_dir, "mine.txt").write_text("m2")
     assert (final / "outputs/a.txt").read_text() == "v1" and (final / "mine.txt").read_text() == "m1"
     # files reached through staged symlinks belong to the upstream task: left as they are
     assert os.stat(upstream / "shared/u.txt").st_ino == os.stat(final / "data/up/u.txt").st_ino
-    assert os.path.islink(Path(ctx.work_dir, "data/up")) and os.path.islink(Path(ctx.work_dir, "top.txt"))
+    aside = tmp_path / "run" / "ranks" / "rank-0000" / "superseded" / "t1"
+    assert os.path.islink(aside / "data/up") and os.path.islink(aside / "top.txt")
+    assert not os.path.lexists(Path(ctx.work_dir, "data/up")) and not os.path.lexists(Path(ctx.work_dir, "top.txt"))
     assert not os.path.islink(final / "top.txt") and (final / "top.txt").read_text() == "top"  # data, not a link
 
 
@@ -223,9 +225,8 @@ def test_publish_again_moves_the_old_outputs_to_superseded(tmp_path: Path, monke
     ctx = make_ctx(tmp_path)
     write(ctx.work_dir, {"outputs/a.txt": "v1", "outputs/only-v1.txt": "old"})
     publish(ctx, ["outputs/*.txt"])
-    prepare(make_ctx(tmp_path, attempt=1))  # a later run of the same task
-    Path(ctx.work_dir, "outputs/only-v1.txt").unlink()
-    Path(ctx.work_dir, "outputs/a.txt").write_text("v2")  # rewritten in place
+    prepare(make_ctx(tmp_path, attempt=1))  # a later run of the same task, in an empty directory
+    Path(ctx.work_dir, "outputs/a.txt").write_text("v2")
     assert publish(ctx, ["outputs/*.txt"]) == ["outputs/a.txt"]
     assert tree(tmp_path / "run" / "outputs" / "t1") == {"outputs/a.txt": "v2"}
     superseded = list((tmp_path / "run" / "superseded").iterdir())
@@ -484,6 +485,15 @@ def not_finite():
     return [math.nan]
 
 
+class Odd:
+    def __repr__(self):
+        return "Odd()"
+
+
+def odd():
+    return {"o": Odd()}
+
+
 def boom(x=1):
     raise ValueError("bad value\\nsecond line")
 
@@ -561,10 +571,10 @@ def returned(out: Outcome) -> Any:
 
 def test_keyword_and_positional_arguments(call: Any) -> None:
     out, ctx = call("runner_helpers:add", {"a": 2, "b": 3})
-    assert returned(out) == 5 and out.result_file == os.path.join(ctx.outputs_dir, "return.json")
+    assert returned(out) == 5 and out.result_file == os.path.join(ctx.work_dir, "return.json")
     out, _ = call("runner_helpers:add", ["x", "y"])
     assert returned(out) == "xy"
-    assert [n for n in os.listdir(ctx.outputs_dir)] == ["return.json"]  # no temp file left
+    assert [n for n in os.listdir(ctx.work_dir) if "return" in n] == ["return.json"]  # no temp file left
 
 
 def test_ctx_is_passed_to_a_function_that_asks_for_it(call: Any, tmp_path: Path) -> None:
@@ -580,19 +590,24 @@ def test_ctx_is_passed_to_a_function_that_asks_for_it(call: Any, tmp_path: Path)
 def test_none_writes_no_return_file(call: Any) -> None:
     out, ctx = call("runner_helpers:nothing")
     assert out.ok and out.result_file is None
-    assert not Path(ctx.work_dir, "outputs", "return.json").exists()
+    assert not Path(ctx.work_dir, "return.json").exists()
 
 
-@pytest.mark.parametrize(("target", "error"), [
-    ("runner_helpers:a_set", "return value of type 'set' is not JSON-serialisable"),
-    ("runner_helpers:nested",
-     "return value of type 'dict' is not JSON-serialisable: it contains a value of type 'set'"),
-    ("runner_helpers:not_finite", "return value of type 'list' is not JSON-serialisable: Out of range float values"),
+@pytest.mark.parametrize(("target", "value", "note"), [
+    ("runner_helpers:a_set", [1, 2], None),
+    ("runner_helpers:nested", {"a": [1, [2, 3]]}, None),
+    ("runner_helpers:not_finite", [None], "return value: 1 non-finite float(s) written as null (at 0)"),
+    ("runner_helpers:odd", {"o": "Odd()"}, "return value: a value of type 'Odd' written as its repr (at o)"),
 ])
-def test_a_return_value_that_is_not_json_fails_the_attempt(call: Any, target: str, error: str) -> None:
+def test_a_return_value_that_is_not_json_is_converted_and_the_log_says_how(call: Any, target: str, value: Any,
+                                                                          note: str | None) -> None:
     out, ctx = call(target)
-    assert not out.ok and out.error is not None and out.error.startswith(error) and out.result_file is None
-    assert "\n" not in out.error and not os.path.exists(os.path.join(ctx.outputs_dir, "return.json"))
+    assert returned(out) == value
+    log = Path(ctx.logs_dir, "stderr.log")
+    if note is None:
+        assert not log.exists()
+    else:
+        assert log.read_text().splitlines()[-1] == f"cmbagent-batch: attempt 1: {note}"
 
 
 def test_an_exception_comes_back_as_one_line_and_the_worker_traceback(call: Any) -> None:

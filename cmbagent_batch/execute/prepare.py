@@ -68,7 +68,11 @@ def _prepare(config: Config, cache: Cache, warn: Callable[[str], None], refresh:
 
 
 def why_rerun(p: Prepared, tid: str) -> str | None:
-    """None when the task is up to date; else why it runs (for the run and ``status --explain``)."""
+    """None when the task is up to date; else why it runs (for the run and ``status --explain``).
+
+    ``execution.rerun_on`` names the parts whose change reruns a finished task (spec, inputs, code); an
+    upstream change always does. A record journaled before code was fingerprinted (no ``code_fp``) counts
+    the code as changed only when one of its files was modified after the task succeeded."""
     h = p.history.get(tid)
     if h is None:
         return "never ran"
@@ -76,16 +80,50 @@ def why_rerun(p: Prepared, tid: str) -> str | None:
         return f"last run ended {h.record['state']}" + (f": {h.record['reason']}" if h.record.get("reason") else "")
     fp = p.fps[tid]
     old = h.record
-    if old.get("fp") == fp.value:
-        if not os.path.isdir(os.path.join(p.run_dir, "outputs", tid)) and p.spec.task(tid).outputs:
-            return "its published outputs are missing"
+    triggers = p.spec.execution.rerun_on
+    if old.get("fp") != fp.value:
+        if "spec" in triggers and old.get("spec_fp") != fp.spec:
+            return "its spec changed"
+        if "code" in triggers:
+            code = _code_change(p, tid, old)
+            if code is not None:
+                return code
+        if old.get("deps_fp") != fp.deps:
+            changed = [d for d in p.dag.dependencies(tid) if why_rerun(p, d) is not None]
+            return "upstream changed: " + ", ".join(changed) if changed else "its dependencies changed"
+        if "inputs" in triggers and old.get("inputs_fp") != fp.inputs:
+            return "its input files changed"
+    if not os.path.isdir(os.path.join(p.run_dir, "outputs", tid)) and p.spec.task(tid).outputs:
+        return "its published outputs are missing"
+    return None
+
+
+def _code_change(p: Prepared, tid: str, old: dict[str, Any]) -> str | None:
+    fp = p.fps[tid]
+    deps = p.dag.dependencies(tid)
+    if "code_fp" not in old:  # journaled before code was fingerprinted: compare modification times
+        since = float(old.get("t") or 0.0)
+        if not since or fp.code_mtime <= since:
+            return None
+        newer = [f.name for f in fp.files if f.mtime > since]
+        if newer:
+            return "code changed: " + ", ".join(newer)
+        ups = [d for d in deps if p.fps[d].code_mtime > since]
+        return "upstream changed: " + ", ".join(ups) if ups else None
+    if old["code_fp"] == fp.code:
         return None
-    if old.get("spec_fp") != fp.spec:
-        return "its spec changed"
-    if old.get("deps_fp") != fp.deps:
-        changed = [d for d in p.dag.dependencies(tid) if why_rerun(p, d) is not None]
-        return "upstream changed: " + ", ".join(changed) if changed else "its dependencies changed"
-    return "its input files changed"
+    before: dict[str, str] = old.get("code_files") or {}
+    now = fp.hashes
+    files = sorted(n for n in before.keys() | now.keys() if before.get(n) != now.get(n))
+    if files:
+        return "code changed: " + ", ".join(files)
+    ups = [d for d in deps if _journaled_code(p, d) != p.fps[d].code]
+    return "upstream changed: " + ", ".join(ups or deps)
+
+
+def _journaled_code(p: Prepared, tid: str) -> str | None:
+    h = p.history.get(tid)
+    return None if h is None else h.record.get("code_fp")
 
 
 def input_links(p: Prepared, tid: str) -> tuple[list[tuple[str, str]], list[str]]:

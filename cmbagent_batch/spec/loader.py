@@ -135,7 +135,7 @@ def _build(doc: Document, sha256: str, expanded: list[checks.Expanded], deps: di
         slurm["extra_directives"] = tuple(slurm["extra_directives"])
     if isinstance(slurm.get("time"), int):
         slurm["time"] = str(slurm["time"])
-    execution: dict[str, Any] = {k: tuple(v) if k == "keep" else v for k, v in data.get("execution", {}).items()}
+    execution: dict[str, Any] = {k: tuple(v) if k in ("keep", "rerun_on") else v for k, v in data.get("execution", {}).items()}
     lines = doc.item_lines("tasks")
     tasks = tuple(_task(t, deps[pos], default_model, lines[t.index]) for pos, t in enumerate(expanded))
     return JobSpec(

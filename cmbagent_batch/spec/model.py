@@ -86,6 +86,7 @@ class ExecutionSpec:
     retry_backoff: float = 1.0
     kill_grace: float = 5.0
     keep: tuple[str, ...] = ("data", "codebase", "logs", "outputs", "chats", "cost")  # removed after success: the rest
+    rerun_on: tuple[str, ...] = ("spec", "inputs", "code")  # what, when changed, reruns a finished task
 
 
 @dataclass(frozen=True, slots=True)

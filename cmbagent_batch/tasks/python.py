@@ -1,4 +1,5 @@
-"""Run one attempt of a python task: import ``module:function``, call it, write its return value as JSON.
+"""Run one attempt of a python task: import ``module:function``, call it, write its return value as JSON
+(``return.json`` in the work directory; the conversion rules are in ``tasks/returns.py``).
 
 Two modes, chosen by the scheduler through ``chdir``:
 
@@ -22,7 +23,6 @@ import contextlib
 import functools
 import importlib
 import inspect
-import json
 import os
 import re
 import resource
@@ -35,8 +35,10 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
 from cmbagent_batch.attempt import Outcome, Payload, TaskContext
+from cmbagent_batch.tasks.returns import encode
 from cmbagent_batch.tasks.shell import task_environment
 
+RETURN_FILE = "return.json"  # in the work directory; published as RUN_DIR/outputs/TASK/return.json
 _CALL = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 _path_lock = threading.Lock()
 
@@ -58,7 +60,8 @@ class _Timeout(BaseException):
 def run_python(payload: Payload, ctx: TaskContext, chdir: bool) -> Outcome:
     """Call ``payload.call`` with ``payload.args`` (and ``ctx=`` if it takes ``ctx``); see the module doc.
 
-    The return value goes to ``outputs/return.json`` (``Outcome.result_file``); nothing is written for None.
+    The return value goes to ``return.json`` in the work directory (``Outcome.result_file``), converted
+    to JSON as ``tasks/returns.py`` says; nothing is written for None.
     """
     started = time.perf_counter()
     cpu_before = _cpu(chdir)
@@ -235,34 +238,36 @@ class _LazyLog:
             self._fh.close()
 
 
-class _NotJson(TypeError):
-    """Raised by json.dumps' ``default`` hook; carries the object it could not encode."""
-
-
-def _refuse(obj: Any) -> Any:
-    raise _NotJson(obj)
-
-
 def _write_return(value: Any, ctx: TaskContext) -> str:
-    head = f"return value of type {type(value).__name__!r} is not JSON-serialisable"
+    """Write ``value`` as ``return.json`` in the work directory, by the rules of ``tasks/returns.py``;
+    what those rules changed (NaN, a repr...) is appended to ``logs/stderr.log``. Fails only on an OS error."""
+    path = os.path.join(ctx.work_dir, RETURN_FILE)
     try:
-        text = json.dumps(value, allow_nan=False, default=_refuse)
-    except _NotJson as exc:
-        culprit = exc.args[0]
-        inside = "" if culprit is value else f": it contains a value of type {type(culprit).__name__!r}"
-        raise _Failed(head + inside) from None
-    except (TypeError, ValueError, RecursionError) as exc:  # NaN, circular reference, non-string keys
-        raise _Failed(f"{head}: {exc}") from None
-    # Written in place: the work directory is this attempt's own, and only a successful attempt's files
-    # are published (atomically), so a torn file here is never read as a result.
-    path = os.path.join(ctx.outputs_dir, "return.json")
-    try:
-        os.makedirs(ctx.outputs_dir, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as fh:
+        text, notes = encode(value, ctx.work_dir)
+        # Written in place: the work directory is this attempt's own, and only a successful attempt's files
+        # are published (atomically), so a torn file here is never read as a result. O_NOFOLLOW: a staged
+        # input of the same name is a symlink to another task's published file, replaced, never written through.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags, 0o666)
+        except OSError:
+            if not os.path.islink(path):
+                raise
+            os.unlink(path)
+            fd = os.open(path, flags, 0o666)
+        with open(fd, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
+        if notes:
+            _log_notes(ctx, notes)
     except OSError as exc:
-        raise _Failed(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise _Failed(f"cannot write the return value to {exc.filename or path}: {exc.strerror or exc}") from None
     return path
+
+
+def _log_notes(ctx: TaskContext, notes: list[str]) -> None:
+    os.makedirs(ctx.logs_dir, exist_ok=True)
+    with open(os.path.join(ctx.logs_dir, "stderr.log"), "a", encoding="utf-8") as fh:
+        fh.writelines(f"cmbagent-batch: attempt {ctx.attempt}: return value: {note}\n" for note in notes)
 
 
 def _one_line(exc: BaseException) -> str:

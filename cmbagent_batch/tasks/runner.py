@@ -17,6 +17,7 @@ from typing import Any
 from cmbagent_batch.attempt import WORK_SUBDIRS, Attempt, Gate, Outcome, Payload, Stopped, TaskContext
 from cmbagent_batch.tasks.agent import launch as agent
 from cmbagent_batch.tasks.python import run_python
+from cmbagent_batch.tasks.returns import ARRAYS_DIR
 from cmbagent_batch.tasks.shell import ShellLaunch, terminations
 from cmbagent_batch.tasks.workdir import (
     OutputError,
@@ -71,6 +72,7 @@ def _attempt(attempt: Attempt, gate: Gate | None, made: bool) -> Outcome:
     payload, ctx, base_env = attempt.payload, attempt.ctx, attempt.env
     seen = terminations()  # a stop while this attempt waits at the gate keeps it from starting
     try:
+        # an empty directory (one left by an earlier attempt or run is set aside), then this attempt's inputs
         prepare(ctx, SUBDIRS_UP_FRONT.get(payload.kind, WORK_SUBDIRS), made)
         stage_inputs(ctx, attempt.links)
     except (OSError, ValueError) as exc:
@@ -123,8 +125,8 @@ def _run(payload: Payload, ctx: TaskContext, chdir: bool, kill_grace: float, rea
             outcome = run_python(payload, ctx, chdir)
         if not outcome.ok:
             return outcome, outputs, []
-        if outcome.result_file:  # the return value is published with the declared outputs
-            outputs.append(os.path.relpath(outcome.result_file, ctx.work_dir))
+        if outcome.result_file:  # the return value is published with the declared outputs, at the top
+            outputs += _return_files(outcome.result_file, ctx.work_dir, outputs)
         found = existing_outputs(ctx.work_dir, outputs)  # a missing output fails it before its slot is free
         ok = True
         return outcome, outputs, found
@@ -133,6 +135,15 @@ def _run(payload: Payload, ctx: TaskContext, chdir: bool, kill_grace: float, rea
     finally:
         if gate is not None:
             gate.leave(ok)
+
+
+def _return_files(result_file: str, work_dir: str, declared: list[str]) -> list[str]:
+    """``return.json`` (``RUN_DIR/outputs/TASK/return.json`` once published) and the directory of its large
+    arrays if it has one; not again if the task declares them as outputs too."""
+    files = [os.path.relpath(result_file, work_dir)]
+    if os.path.isdir(os.path.join(work_dir, ARRAYS_DIR)):
+        files.append(ARRAYS_DIR)
+    return [f for f in files if f not in declared]
 
 
 def _wrap_up(ctx: TaskContext, keep: Collection[str], outcome: Outcome, outputs: list[str],

@@ -1,10 +1,12 @@
 """A task's work directory: create it, link its inputs in, publish its outputs, trim it.
 
-Publishing is crash-safe: outputs are collected in ``RUN_DIR/outputs/.staging-TASK-<random>`` (hard links
-where possible) and renamed into place as a whole; an earlier run's outputs are moved to
-``RUN_DIR/superseded/``, never deleted. A symlink ``RUN_DIR/outputs/.publishing-TASK`` names the staging
-directory while a publish is in progress, so the next publish of the task finds a crash's leftovers
-without listing ``RUN_DIR/outputs`` (which holds one entry per task). One publish per task at a time.
+Each attempt starts in an empty work directory: the one an earlier attempt or run left is first moved to
+``RANK_DIR/superseded/TASK`` (one kept per task), all but its ``logs/``. Publishing is crash-safe:
+outputs are collected in ``RUN_DIR/outputs/.staging-TASK-<random>`` (hard links where possible) and
+renamed into place as a whole; an earlier run's outputs are moved to ``RUN_DIR/superseded/``, never
+deleted. A symlink ``RUN_DIR/outputs/.publishing-TASK`` names the staging directory while a publish is
+in progress, so the next publish of the task finds a crash's leftovers without listing
+``RUN_DIR/outputs`` (which holds one entry per task). One publish per task at a time.
 """
 
 from __future__ import annotations
@@ -39,26 +41,55 @@ class OutputError(Exception):
 
 
 def prepare(ctx: TaskContext, subdirs: Sequence[str] = WORK_SUBDIRS, made: bool = False) -> None:
-    """Create the work directory and ``subdirs`` (the others come on demand: ``TaskContext.sub``).
+    """Create the work directory, empty, and ``subdirs`` (the others come on demand: ``TaskContext.sub``).
 
-    A fresh directory costs one ``mkdir`` per directory. In a directory left by an earlier run, files
-    that are hard links of the published outputs (``publish`` links rather than copies) are first replaced
-    by private copies, so a rerun that rewrites a file in place cannot change the published copy.
-    ``made``: the caller has just created the (empty) work directory.
+    A fresh directory costs one ``mkdir`` per directory. A directory left by an earlier attempt or run
+    (the links staged for it, the files it wrote) is first moved aside as a whole (``set_aside``), so an
+    attempt starts from an empty directory and finds in it only the inputs staged for it; only its
+    ``logs/`` comes back, the one log of all the task's attempts. ``made``: the caller has just created the
+    (empty) work directory.
     """
     work = ctx.work_dir
-    try:
-        if not made:
+    if not made:
+        try:
             os.mkdir(work)
-    except FileExistsError:
-        _unshare(work, os.path.join(ctx.run_dir, "outputs", _checked_id(ctx.task_id)))
-    except FileNotFoundError:
-        os.makedirs(work, exist_ok=True)
+        except FileExistsError:
+            kept = set_aside(work, _checked_id(ctx.task_id))
+            os.mkdir(work)
+            try:  # the task's log goes on: each attempt appends to it after a line "# attempt N"
+                os.rename(os.path.join(kept, "logs"), os.path.join(work, "logs"))
+            except FileNotFoundError:
+                pass
+        except FileNotFoundError:
+            os.makedirs(work, exist_ok=True)
     for name in subdirs:
         try:
             os.mkdir(os.path.join(work, name))
         except FileExistsError:
             pass
+
+
+def set_aside(work_dir: str, task: str) -> str:
+    """Move the work directory ``RANK_DIR/tasks/TASK`` to ``RANK_DIR/superseded/TASK`` and return that path.
+
+    One rename, whatever the directory holds: nothing in it is deleted (files the task wrote hard-link
+    the published outputs, which stay as they are). What an attempt before that one left, kept there
+    until now, is removed: one earlier work directory per task is kept, so reruns do not add up on disk.
+    """
+    kept = os.path.join(os.path.dirname(os.path.dirname(work_dir)), "superseded", task)
+    try:
+        os.rename(work_dir, kept)
+        return kept
+    except FileNotFoundError:
+        if not os.path.lexists(work_dir):
+            raise
+        os.makedirs(os.path.dirname(kept), exist_ok=True)  # the first one set aside on this rank
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+        _remove(kept)
+    os.rename(work_dir, kept)
+    return kept
 
 
 def stage_inputs(ctx: TaskContext, links: Sequence[tuple[str, str]]) -> None:
@@ -235,25 +266,23 @@ def _copy_in(src: str, dst: str, nested: bool = True) -> None:
         _link_or_copy(src, dst)
 
 
-def _unshare(work_dir: str, published: str) -> None:
-    """Give ``work_dir`` its own copy of every file it shares (same inode) with ``published``."""
-    root = os.path.realpath(work_dir)
-    for directory, _dirs, files in os.walk(published):  # nothing published: one failed scandir
-        rel = os.path.relpath(directory, published)
-        for name in files:
-            mine = os.path.normpath(os.path.join(work_dir, rel, name))
-            try:
-                ours, theirs = os.lstat(mine), os.lstat(os.path.join(directory, name))
-            except FileNotFoundError:
-                continue
-            if (ours.st_ino, ours.st_dev) != (theirs.st_ino, theirs.st_dev):
-                continue
-            parent = os.path.realpath(os.path.dirname(mine))
-            if parent != root and not parent.startswith(root + os.sep):
-                continue  # reached through a staged symlink: not this task's file to replace
-            tmp = os.path.join(os.path.dirname(mine), f".unshare-{secrets.token_hex(6)}")
-            shutil.copy2(mine, tmp)
-            os.replace(tmp, mine)
+def _remove(path: str) -> None:
+    """Remove ``path``, a directory tree (read-only directories in it included) or a file."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        os.unlink(path)
+        return
+
+    def writable(func: Callable[..., object], name: str, exc: object) -> None:
+        error = exc if isinstance(exc, BaseException) else exc[1]  # type: ignore[index]  # onerror: exc_info
+        if func not in (os.unlink, os.rmdir) or not isinstance(error, PermissionError):
+            raise error
+        os.chmod(os.path.dirname(name), 0o700)  # in a read-only directory: make it writable, try again
+        func(name)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=writable)
+    else:
+        shutil.rmtree(path, onerror=writable)
 
 
 def _install(staging: str, final: str, superseded: str, task: str) -> None:
