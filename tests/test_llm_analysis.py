@@ -515,7 +515,8 @@ def test_scripted_server_accepts_a_callable_script() -> None:
 def test_missing_openai_package_is_a_clear_analysis_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    from cmbagent_batch.plan.analysis.llm import LlmAnalysisError, infer_edges
+    from cmbagent_batch.errors import LlmAnalysisError
+    from cmbagent_batch.plan.analysis.llm import infer_edges
     from cmbagent_batch.spec.model import ModelSpec, Price, TaskSpec
 
     real_import = builtins.__import__

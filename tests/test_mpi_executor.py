@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 
 from cmbagent_batch.backends.mpi.failures import (
-    MISSING_MPI4PY,
     WorkerTraceback,
     decode_failure,
     encode_failure,
 )
 from cmbagent_batch.backends.mpi.slots import Pace, SlotTable
 from cmbagent_batch.backends.mpi.wire import PollWait
+from cmbagent_batch.errors import MISSING_MPI4PY
 from tests.helpers.cli import clean_env
 
 pytestmark = pytest.mark.slow  # ranks under mpiexec

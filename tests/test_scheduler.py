@@ -17,7 +17,7 @@ import pytest
 
 from cmbagent_batch.attempt import Outcome
 from cmbagent_batch.execute.scheduler import Scheduler
-from cmbagent_batch.states import TaskState
+from cmbagent_batch.states import StopReason, TaskState
 from tests.helpers.fake_scheduler import DIED, OK, FakeClock, FakePools, Job, fail
 
 # --- order -----------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_fail_fast_stops_launching_and_cancels_what_runs() -> None:
 def test_request_stop_terminates_what_runs_and_leaves_the_rest_pending() -> None:
     def tick(job: Job, sched: Scheduler) -> None:
         if job.runs["flaky"].state is TaskState.RETRYING and sched.stop_reason is None:
-            sched.request_stop("SIGTERM")
+            sched.request_stop(StopReason.SIGTERM)
 
     job = Job({
         "running": {"priority": 3},
@@ -285,7 +285,7 @@ def test_attempts_that_outlive_the_stop_are_abandoned() -> None:
 
     def tick(job: Job, sched: Scheduler) -> None:
         if job.pools.held and sched.stop_reason is None:
-            sched.request_stop("SIGINT")
+            sched.request_stop(StopReason.SIGINT)
 
     job = Job({"stuck": {}}, pools=FakePools(hold={"stuck"}), kill_grace=1.0, clock=FakeClock(step=3.0),
               tick=tick).run()

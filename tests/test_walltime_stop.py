@@ -27,9 +27,10 @@ import pytest
 
 from cmbagent_batch.attempt import Stopped
 from cmbagent_batch.backends.local import LocalPools
-from cmbagent_batch.execute.run import drain_message
-from cmbagent_batch.execute.scheduler import DrainEvent, Scheduler
-from cmbagent_batch.states import TaskState
+from cmbagent_batch.execute.runs import DrainEvent, DrainStep
+from cmbagent_batch.execute.scheduler import Scheduler
+from cmbagent_batch.execute.stop import drain_message
+from cmbagent_batch.states import StopReason, TaskState
 from tests.helpers.cli import Runner, clean_env, cli, journal, q, wait_until, write_spec
 from tests.helpers.fake_scheduler import FakeClock, FakePools, Job, fail
 from tests.helpers.processes import live_in_group
@@ -94,7 +95,7 @@ def test_a_drain_lets_running_attempts_finish_and_starts_nothing_more() -> None:
 
     def tick(job: Job, sched: Scheduler) -> None:
         if sched.stop_reason is None and running(pools, "a", "b"):
-            sched.request_stop("SIGUSR1", drain=100)
+            sched.request_stop(StopReason.SIGUSR1, drain=100)
         elif pools.holds and running(pools, "a", "b"):
             pools.release("a")
             pools.release("b")
@@ -108,7 +109,7 @@ def test_a_drain_lets_running_attempts_finish_and_starts_nothing_more() -> None:
                             "d": TaskState.INTERRUPTED, "e": TaskState.PENDING}
     assert job.runs["c"].reason == "cancelled before it started (SIGUSR1)"
     assert (pools.holds, pools.terminated, job.sched.stop_reason) == (1, [], "SIGUSR1")
-    assert events == [DrainEvent("hold", "SIGUSR1", 2, 100)]  # at most one running attempt per worker
+    assert events == [DrainEvent(DrainStep.HOLD, StopReason.SIGUSR1, 2, 100)]  # at most one running attempt per worker
     job.check_counts()
 
 
@@ -118,24 +119,24 @@ def test_at_the_deadline_the_attempts_still_running_are_terminated() -> None:
 
     def tick(job: Job, sched: Scheduler) -> None:
         if sched.stop_reason is None and running(pools, "a", "b"):
-            sched.request_stop("SIGUSR1", drain=5)
+            sched.request_stop(StopReason.SIGUSR1, drain=5)
 
     job, events = drain_job({"a": {}, "b": {}, "c": {"deps": ["a"]}}, pools, tick, workers=2, kill_grace=3.0)
     job.run()
     assert job.states() == {"a": TaskState.INTERRUPTED, "b": TaskState.INTERRUPTED, "c": TaskState.PENDING}
     assert job.runs["a"].reason == "terminated by the runner (SIGUSR1)"
     assert pools.terminated == [3.0]
-    assert events == [DrainEvent("hold", "SIGUSR1", 2, 5), DrainEvent("deadline", "SIGUSR1", 2, 5)]
+    assert events == [DrainEvent(DrainStep.HOLD, StopReason.SIGUSR1, 2, 5), DrainEvent(DrainStep.DEADLINE, StopReason.SIGUSR1, 2, 5)]
     job.check_counts()
 
 
-@pytest.mark.parametrize("second", ["SIGTERM", "SIGUSR1"])
-def test_a_second_stop_request_during_the_drain_terminates_at_once(second: str) -> None:
+@pytest.mark.parametrize("second", [StopReason.SIGTERM, StopReason.SIGUSR1])
+def test_a_second_stop_request_during_the_drain_terminates_at_once(second: StopReason) -> None:
     pools = HoldingPools(hold={"a", "b"}, on_terminate=FakePools.terminate_held)
 
     def tick(job: Job, sched: Scheduler) -> None:
         if sched.stop_reason is None and running(pools, "a", "b"):
-            sched.request_stop("SIGUSR1", drain=10**6)
+            sched.request_stop(StopReason.SIGUSR1, drain=10**6)
         elif pools.holds:
             sched.request_stop(second)
 
@@ -143,7 +144,7 @@ def test_a_second_stop_request_during_the_drain_terminates_at_once(second: str) 
     job.run()
     assert job.states() == {"a": TaskState.INTERRUPTED, "b": TaskState.INTERRUPTED}
     assert job.sched.stop_reason == "SIGUSR1"  # the exit code stays the walltime stop's
-    assert events == [DrainEvent("hold", "SIGUSR1", 2, 10**6), DrainEvent("hurry", second, 2, 10**6)]
+    assert events == [DrainEvent(DrainStep.HOLD, StopReason.SIGUSR1, 2, 10**6), DrainEvent(DrainStep.HURRY, second, 2, 10**6)]
     assert len(pools.terminated) == 1
 
 
@@ -153,7 +154,7 @@ def test_an_attempt_that_fails_during_the_drain_has_failed(keep_going: bool) -> 
 
     def tick(job: Job, sched: Scheduler) -> None:
         if sched.stop_reason is None and running(pools, "a", "b"):
-            sched.request_stop("SIGUSR1", drain=10**6)
+            sched.request_stop(StopReason.SIGUSR1, drain=10**6)
         elif pools.holds and running(pools, "a"):
             pools.release("a", fail())
         elif pools.holds and running(pools, "b") and keep_going:
@@ -166,10 +167,10 @@ def test_an_attempt_that_fails_during_the_drain_has_failed(keep_going: bool) -> 
     assert job.runs["c"].state is TaskState.UPSTREAM_FAILED
     if keep_going:
         assert job.runs["b"].state is TaskState.SUCCEEDED and pools.terminated == []
-        assert events == [DrainEvent("hold", "SIGUSR1", 2, 10**6)]
+        assert events == [DrainEvent(DrainStep.HOLD, StopReason.SIGUSR1, 2, 10**6)]
     else:  # fail-fast ends the drain: what runs is terminated, as after any failure
         assert job.runs["b"].state is TaskState.INTERRUPTED
-        assert events[-1] == DrainEvent("hurry", "fail-fast", 1, 10**6)
+        assert events[-1] == DrainEvent(DrainStep.HURRY, StopReason.FAIL_FAST, 1, 10**6)
     assert job.sched.stop_reason == "SIGUSR1"
 
 
@@ -178,7 +179,7 @@ def test_without_a_drain_a_stop_terminates_at_once_and_holds_nothing() -> None:
 
     def tick(job: Job, sched: Scheduler) -> None:
         if sched.stop_reason is None and running(pools, "a"):
-            sched.request_stop("SIGUSR1")
+            sched.request_stop(StopReason.SIGUSR1)
 
     job, events = drain_job({"a": {}, "b": {"deps": ["a"]}}, pools, tick, workers=2)
     job.run()
@@ -187,15 +188,15 @@ def test_without_a_drain_a_stop_terminates_at_once_and_holds_nothing() -> None:
 
 
 def test_what_the_user_reads_about_a_drain() -> None:
-    assert drain_message(DrainEvent("hold", "SIGUSR1", 3, 40)) == (
+    assert drain_message(DrainEvent(DrainStep.HOLD, StopReason.SIGUSR1, 3, 40)) == (
         "cmbagent-batch: SIGUSR1 (walltime warning): no new task starts; 3 running tasks get up to 40 s to finish")
-    assert drain_message(DrainEvent("hold", "SIGUSR1", 1, 2.5)) == (
+    assert drain_message(DrainEvent(DrainStep.HOLD, StopReason.SIGUSR1, 1, 2.5)) == (
         "cmbagent-batch: SIGUSR1 (walltime warning): no new task starts; 1 running task gets up to 2.5 s to finish")
-    assert drain_message(DrainEvent("deadline", "SIGUSR1", 2, 40)) == (
+    assert drain_message(DrainEvent(DrainStep.DEADLINE, StopReason.SIGUSR1, 2, 40)) == (
         "cmbagent-batch: SIGUSR1 (walltime warning): 2 tasks still running after 40 s: terminating them")
-    assert drain_message(DrainEvent("deadline", "SIGUSR1", 1, 40)) == (
+    assert drain_message(DrainEvent(DrainStep.DEADLINE, StopReason.SIGUSR1, 1, 40)) == (
         "cmbagent-batch: SIGUSR1 (walltime warning): 1 task still running after 40 s: terminating it")
-    assert drain_message(DrainEvent("hurry", "SIGTERM", 2, 40)) == (
+    assert drain_message(DrainEvent(DrainStep.HURRY, StopReason.SIGTERM, 2, 40)) == (
         "cmbagent-batch: SIGTERM during the walltime grace: terminating the 2 running tasks now")
 
 

@@ -20,7 +20,7 @@ from cmbagent_batch.spec.loader import load_spec
 
 if TYPE_CHECKING:
     from cmbagent_batch.backends.mpi.executor import RankExecutor
-    from cmbagent_batch.execute.run import Prepared
+    from cmbagent_batch.execute.prepare import Prepared
 
 
 def mpi_ranks() -> int:
@@ -41,7 +41,7 @@ def resolve_backend(backend: str) -> str:
 
 def _select(prepared: Prepared, only: Sequence[str]) -> set[str]:
     """--only: the named tasks (globs allowed) and the dependencies they need that are not done."""
-    from cmbagent_batch.execute.run import why_rerun
+    from cmbagent_batch.execute.prepare import why_rerun
 
     ids = prepared.dag.nodes
     chosen: set[str] = set()
@@ -95,8 +95,9 @@ def _run_mpi(args: RunOptions, config: Config) -> int:
 
 
 def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) -> int:
+    from cmbagent_batch.execute.prepare import prepare, why_rerun
     from cmbagent_batch.execute.progress import Progress
-    from cmbagent_batch.execute.run import execute, prepare, why_rerun
+    from cmbagent_batch.execute.run import execute
     from cmbagent_batch.rundir.layout import resolve_run_dir
     from cmbagent_batch.states import TaskState
 

@@ -81,7 +81,7 @@ def status(opts: StatusOptions) -> int:
 
 def _explanations(manifest: dict[str, Any], run_dir: str) -> dict[str, str | None]:
     """Why each task would run next time, against the spec file as it is now."""
-    from cmbagent_batch.execute.run import prepare, why_rerun
+    from cmbagent_batch.execute.prepare import prepare, why_rerun
     from cmbagent_batch.plan.analysis.cache import Cache
     from cmbagent_batch.plan.cached import cache_dir
     from cmbagent_batch.spec.config import effective_config

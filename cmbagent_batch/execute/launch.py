@@ -62,7 +62,7 @@ def _payload(spec: JobSpec, task: TaskSpec, base: str, run_id: str) -> Payload:
 
 
 def _agent_request(spec: JobSpec, task: TaskSpec, run_id: str) -> dict[str, Any]:
-    """What the agent process needs to know (tasks/agent.py adds the attempt's place, and the URL of a
+    """What the agent process needs to know (``tasks/agent/launch.py`` adds the attempt's place, and the URL of a
     local model's server); no secret."""
     m = spec.llm.models[task.model or ""]
     assert m.price is not None  # the loader prices every model

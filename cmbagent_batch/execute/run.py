@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 from cmbagent_batch.backends import make_backend
 from cmbagent_batch.execute.launch import Launcher
 from cmbagent_batch.execute.manifest import Recorder, manifest
-from cmbagent_batch.execute.prepare import Prepared, prepare, task_runs, why_rerun
+from cmbagent_batch.execute.prepare import Prepared, task_runs
 from cmbagent_batch.execute.runs import Limits, Options
 from cmbagent_batch.execute.scheduler import Scheduler
-from cmbagent_batch.execute.stop import drain_message, exit_code, say_drain, stop_sources, stop_that_counts
+from cmbagent_batch.execute.stop import exit_code, say_drain, stop_sources, stop_that_counts
 from cmbagent_batch.ledger.costs import merge_ledger
 from cmbagent_batch.rundir.atomic import write_json_atomic
 from cmbagent_batch.rundir.journal import Journal
@@ -28,8 +28,6 @@ from cmbagent_batch.spec import gcpause
 
 if TYPE_CHECKING:
     from cmbagent_batch.backends.mpi.executor import RankExecutor
-
-__all__ = ["Prepared", "drain_message", "execute", "prepare", "why_rerun"]
 
 
 def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Scheduler], None],

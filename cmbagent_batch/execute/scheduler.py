@@ -35,14 +35,11 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from cmbagent_batch.attempt import Attempt, Gate, Outcome, TaskContext
-from cmbagent_batch.execute.admission import BATCH_MAX, BATCH_SECONDS, Admission, Clock, Unit
+from cmbagent_batch.execute.admission import Admission, Clock, Unit
 from cmbagent_batch.execute.outcomes import Outcomes
-from cmbagent_batch.execute.runs import DrainEvent, DrainStep, Limits, Options, Pools, TaskRun
+from cmbagent_batch.execute.runs import DrainEvent, Limits, Options, Pools, TaskRun
 from cmbagent_batch.execute.stop import StopAction, StopControl
 from cmbagent_batch.states import DONE_STATES, FINAL_STATES, StopReason, TaskState
-
-__all__ = ["BATCH_MAX", "BATCH_SECONDS", "DrainEvent", "DrainStep", "Limits", "Options", "Pools", "Scheduler",
-           "TaskRun"]
 
 
 class Scheduler:
@@ -95,7 +92,7 @@ class Scheduler:
         running ``drain`` seconds from now (nothing that has not started starts meanwhile). Another
         request during the drain ends it at once; the first request's reason stays the stop's reason.
         Callable from a signal handler: it only sets fields and wakes the scheduler thread."""
-        self.stop.request(StopReason(reason), drain)
+        self.stop.request(reason, drain)
         self._events.put(None)
 
     def run(self) -> None:
@@ -167,7 +164,9 @@ class Scheduler:
                 self._set(r, self.stop.final_state, reason=r.reason)
 
     def _stop_value(self) -> str:
-        return self.stop.reason.value if self.stop.reason is not None else "None"
+        """The stop's reason as people read it (called only once a stop was requested)."""
+        assert self.stop.reason is not None
+        return self.stop.reason.value
 
     # --- state changes -----------------------------------------------------------------------------
 

@@ -160,15 +160,14 @@ def watch_file(path: str | None, warned: Callable[[], None]) -> threading.Event:
 
 def drain_message(event: DrainEvent) -> str:
     """What the user reads when a stop with a drain holds new tasks back, and when it ends the rest."""
-    reason = StopReason(event.reason)
+    reason = event.reason
     what = f"{reason.value} (walltime warning)" if reason is StopReason.SIGUSR1 else reason.value
     n, one = event.running, event.running == 1
     tasks = f"{n} running task{'' if one else 's'}"
-    step = DrainStep(event.what)
-    if step is DrainStep.HOLD:
+    if event.what is DrainStep.HOLD:
         return (f"cmbagent-batch: {what}: no new task starts; {tasks} get{'s' if one else ''} up to "
                 f"{event.seconds:g} s to finish")
-    if step is DrainStep.DEADLINE:
+    if event.what is DrainStep.DEADLINE:
         return (f"cmbagent-batch: {what}: {n} task{'' if one else 's'} still running after {event.seconds:g} s: "
                 f"terminating {'it' if one else 'them'}")
     return f"cmbagent-batch: {what} during the walltime grace: terminating the {tasks} now"

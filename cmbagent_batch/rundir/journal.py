@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cmbagent_batch.rundir.jsonl import JsonlWriter, encode
+from cmbagent_batch.rundir.jsonl import JsonlWriter
 from cmbagent_batch.states import TaskState
 
-__all__ = ["Journal", "TaskHistory", "encode", "read_records", "replay"]
+__all__ = ["Journal", "TaskHistory", "read_records", "replay"]
 
 
 class Journal(JsonlWriter):

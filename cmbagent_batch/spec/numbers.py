@@ -24,35 +24,17 @@ class Wording:
     out_of_range: str
 
 
-class _NotANumber(ValueError):
-    pass
-
-
-class _OutOfRange(ValueError):
-    pass
-
-
-def _bounded(text: str, kind: Callable[[str], N], minimum: N, above: bool) -> N:
-    """``text`` as ``kind``: at least ``minimum`` (above it, with ``above``), never NaN or infinite."""
-    try:
-        value = kind(text)
-    except ValueError:
-        raise _NotANumber from None
-    too_small = value <= minimum if above else value < minimum
-    if too_small or (isinstance(value, float) and not math.isfinite(value)):
-        raise _OutOfRange
-    return value
-
-
 def number(text: str, kind: Callable[[str], N], minimum: N, wording: Wording, *, above: bool = False) -> N:
     """``text`` as a ``kind`` of at least ``minimum`` (above it, with ``above``), finite; else a
     ``ValueError`` worded by ``wording``."""
     try:
-        return _bounded(text, kind, minimum, above)
-    except _NotANumber:
+        value = kind(text)
+    except ValueError:
         raise ValueError(wording.not_a_number) from None
-    except _OutOfRange:
-        raise ValueError(wording.out_of_range) from None
+    too_small = value <= minimum if above else value < minimum
+    if too_small or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(wording.out_of_range)
+    return value
 
 
 def expected(what: str, text: str) -> Wording:

@@ -11,7 +11,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from cmbagent_batch.attempt import Attempt, Gate, Outcome, Payload, TaskContext
-from cmbagent_batch.execute.scheduler import Limits, Options, Scheduler, TaskRun
+from cmbagent_batch.execute.runs import Limits, Options, TaskRun
+from cmbagent_batch.execute.scheduler import Scheduler
 from cmbagent_batch.states import OutcomeReason, TaskState
 
 OK = Outcome(ok=True)

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 from cmbagent_batch.backends.mpi.executor import RankExecutor, RankFuture
 from cmbagent_batch.backends.mpi.failures import (
-    MISSING_MPI4PY,
     BrokenRankExecutor,
-    MPIUnavailable,
-    NoWorkerRanks,
     RemoteTaskError,
     WorkerTraceback,
 )
 from cmbagent_batch.backends.mpi.worker import serve
 from cmbagent_batch.backends.mpi.world import run_in_world, world
+from cmbagent_batch.errors import MISSING_MPI4PY, MPIUnavailable, NoWorkerRanks
 
 __all__ = [
     "MISSING_MPI4PY",

@@ -27,14 +27,10 @@ from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from cmbagent_batch.backends.mpi.failures import (
-    BrokenRankExecutor,
-    NoWorkerRanks,
-    decode_failure,
-    local_failure,
-)
+from cmbagent_batch.backends.mpi.failures import BrokenRankExecutor, decode_failure, local_failure
 from cmbagent_batch.backends.mpi.slots import Pace, SlotTable
 from cmbagent_batch.backends.mpi.wire import HEADER, Link, PollWait, Tag, load_mpi
+from cmbagent_batch.errors import NoWorkerRanks
 
 T = TypeVar("T")
 

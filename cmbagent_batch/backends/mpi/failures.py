@@ -13,9 +13,7 @@ import pickle
 import traceback
 from concurrent.futures import BrokenExecutor
 
-from cmbagent_batch.errors import MISSING_MPI4PY, MPIUnavailable, NoWorkerRanks
-
-__all__ = ["MISSING_MPI4PY", "BrokenRankExecutor", "MPIUnavailable", "NoWorkerRanks", "RemoteTaskError",
+__all__ = ["BrokenRankExecutor", "RemoteTaskError",
            "WorkerTraceback", "decode_failure", "encode_failure", "local_failure", "type_name"]
 
 

@@ -15,7 +15,7 @@ from enum import IntEnum
 from types import ModuleType
 from typing import Any
 
-from cmbagent_batch.backends.mpi.failures import MPIUnavailable
+from cmbagent_batch.errors import MPIUnavailable
 
 HEADER = struct.Struct("<Q")  # the call id in front of a call or a result
 

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from cmbagent_batch.backends.mpi.executor import RankExecutor
-from cmbagent_batch.backends.mpi.failures import NoWorkerRanks
 from cmbagent_batch.backends.mpi.wire import load_mpi
 from cmbagent_batch.backends.mpi.worker import serve
+from cmbagent_batch.errors import NoWorkerRanks
 
 
 def world() -> tuple[Any, int, int]:

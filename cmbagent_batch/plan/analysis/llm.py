@@ -40,7 +40,7 @@ from cmbagent_batch.plan.analysis.llm_reply import (
 from cmbagent_batch.plan.dag import Edge
 from cmbagent_batch.spec.model import ModelSpec, TaskSpec
 
-__all__ = ["PROMPT_VERSION", "LlmAnalysis", "LlmAnalysisError", "LlmCall", "backoff_delay", "infer_edges"]
+__all__ = ["PROMPT_VERSION", "LlmAnalysis", "LlmCall", "backoff_delay", "infer_edges"]
 
 
 @dataclass(frozen=True)
