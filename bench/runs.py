@@ -38,6 +38,8 @@ def shell_spec(n: int) -> str:
 
 
 def python_spec(n: int) -> str:
+    # use_process_pool: true is the older spelling of isolation: process (the default), which versions
+    # from before isolation read too (--against). Under MPI those versions ran python tasks in threads.
     parts = ["version: 1\njob:\n  name: bench-python\nexecution:\n  use_process_pool: true\n  max_workers: 2\n"
              "tasks:\n"]
     for i in range(n):

@@ -106,7 +106,7 @@ class Outcome:
     cpu_s: float = 0.0
     peak_rss_mb: float = 0.0
     result_file: str | None = None  # python: where the JSON of the return value went
-    worker_died: bool = False  # the process-pool worker running it died (set by the scheduler)
+    worker_died: bool = False  # the worker process running it died (``backends.processes``)
     work_bytes: int | None = None  # bytes left in the work directory when the attempt ended
     output_bytes: int | None = None  # bytes published under RUN_DIR/outputs/TASK
     budget_exceeded: bool = False  # agent tasks: stopped, or not started, because an LLM budget was spent
@@ -131,7 +131,7 @@ class Attempt:
     ctx: TaskContext
     links: Sequence[tuple[str, str]]  # input files to link into the work directory: (source, relative path)
     env: Mapping[str, str]  # the environment shell and agent tasks start from (empty: the worker's own)
-    chdir: bool  # python tasks in a process pool run in their work directory
+    chdir: bool  # python tasks in worker processes run in their work directory (``isolation: process``)
     keep: Sequence[str]  # what retention keeps of the work directory
     kill_grace: float = 5.0  # seconds between SIGTERM and SIGKILL when a task is ended
     missing: Sequence[str] = ()  # inputs not found: the attempt fails with these, without running

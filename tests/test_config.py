@@ -59,6 +59,7 @@ FULL_CONFIG = {
     "analysis.model": {"value": "mini", "source": "spec line 25"},
     "analysis.sources": {"value": ["explicit"], "source": "spec line 24"},
     "execution.backend": {"value": "local", "source": "spec line 7"},
+    "execution.isolation": {"value": "process", "source": "spec line 10"},  # written as use_process_pool: true
     "execution.keep": {"value": ["data", "codebase", "logs", "outputs", "chats", "cost"], "source": "default"},
     "execution.keep_going": {"value": True, "source": "spec line 13"},
     "execution.kill_grace": {"value": 5.0, "source": "default"},
@@ -71,7 +72,6 @@ FULL_CONFIG = {
     "execution.retry_backoff": {"value": 1.0, "source": "default"},
     "execution.task_timeout": {"value": 60, "source": "spec line 11"},
     "execution.tasks_per_rank": {"value": 4, "source": "spec line 16"},
-    "execution.use_process_pool": {"value": True, "source": "spec line 10"},
     "job.budget_usd": {"value": 2.5, "source": "spec line 5"},
     "job.run_dir": {"value": "out/cfg", "source": "spec line 4"},
     "llm.default_model": {"value": "mini", "source": "spec line 18"},
@@ -94,6 +94,7 @@ SMALL_CONFIG = {
     "analysis.model": {"value": None, "source": "default"},
     "analysis.sources": {"value": ["explicit", "files"], "source": "default"},
     "execution.backend": {"value": "auto", "source": "default"},
+    "execution.isolation": {"value": "process", "source": "default"},
     "execution.keep": {"value": ["data", "codebase", "logs", "outputs", "chats", "cost"], "source": "default"},
     "execution.keep_going": {"value": False, "source": "default"},
     "execution.kill_grace": {"value": 5.0, "source": "default"},
@@ -106,7 +107,6 @@ SMALL_CONFIG = {
     "execution.retry_backoff": {"value": 1.0, "source": "default"},
     "execution.task_timeout": {"value": None, "source": "default"},
     "execution.tasks_per_rank": {"value": 1, "source": "default"},
-    "execution.use_process_pool": {"value": False, "source": "default"},
     "job.budget_usd": {"value": None, "source": "default"},
     "job.run_dir": {"value": "runs/small", "source": "default"},
     "llm.default_model": {"value": None, "source": "default"},
@@ -194,6 +194,7 @@ def test_text_output(home: Path, small: Path) -> None:
         "analysis.model                    null                      default\n"
         'analysis.sources                  ["explicit", "files"]     default\n'
         "execution.backend                 auto                      default\n"
+        "execution.isolation               process                   default\n"
         'execution.keep                    ["data", "codebase", "logs", "outputs", "chats", "cost"]  default\n'
         "execution.keep_going              false                     default\n"
         "execution.kill_grace              5.0                       default\n"
@@ -206,7 +207,6 @@ def test_text_output(home: Path, small: Path) -> None:
         "execution.retry_backoff           1.0                       default\n"
         "execution.task_timeout            null                      default\n"
         "execution.tasks_per_rank          1                         default\n"
-        "execution.use_process_pool        false                     default\n"
         "job.budget_usd                    null                      default\n"
         "job.run_dir                       runs/small                default\n"
         "llm.default_model                 null                      default\n")
@@ -227,7 +227,8 @@ ENV_CASES = {
     "CMBAGENT_BACKEND": ("mpi", "execution.backend", "mpi"),
     "CMBAGENT_EXECUTION_MODE": ("parallel", "execution.mode", "parallel"),
     "CMBAGENT_MAX_WORKERS": ("16", "execution.max_workers", 16),
-    "CMBAGENT_USE_PROCESS_POOL": ("no", "execution.use_process_pool", False),
+    "CMBAGENT_ISOLATION": ("thread", "execution.isolation", "thread"),
+    "CMBAGENT_USE_PROCESS_POOL": ("no", "execution.isolation", "thread"),
     "CMBAGENT_TASK_TIMEOUT": ("90.5", "execution.task_timeout", 90.5),
     "CMBAGENT_RETRIES": ("0", "execution.retries", 0),
     "CMBAGENT_KEEP_GOING": ("off", "execution.keep_going", False),
@@ -330,6 +331,7 @@ MALFORMED = [
     ("CMBAGENT_MAX_WORKERS", "abc", "expected a whole number"),
     ("CMBAGENT_MAX_WORKERS", "2.5", "expected a whole number"),
     ("CMBAGENT_MAX_WORKERS", "0", "expected a number of at least 1"),
+    ("CMBAGENT_ISOLATION", "threads", "expected one of process, thread"),
     ("CMBAGENT_USE_PROCESS_POOL", "maybe", BOOL_WORDS),
     ("CMBAGENT_TASK_TIMEOUT", "soon", "expected a number of seconds"),
     ("CMBAGENT_TASK_TIMEOUT", "0", "expected a finite number of seconds above 0"),

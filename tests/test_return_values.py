@@ -62,7 +62,7 @@ def summary(ctx):
 '''
 
 
-def run_job(tmp_path: Path, tasks: str, isolation: str = "use_process_pool: true") -> Path:
+def run_job(tmp_path: Path, tasks: str, isolation: str = "isolation: process") -> Path:
     (tmp_path / "science.py").write_text(SCIENCE)
     head = f"version: 1\njob: {{name: ret}}\nexecution: {{max_workers: 2, {isolation}}}\ntasks:\n"
     write_spec(tmp_path, head + textwrap.indent(textwrap.dedent(tasks).lstrip(), "  "))
@@ -80,7 +80,7 @@ def log_lines(run_dir: Path, task: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("isolation", ["use_process_pool: true", "use_process_pool: false"])
+@pytest.mark.parametrize("isolation", ["isolation: process", "isolation: thread"])
 def test_numpy_values_are_published_as_json_at_the_top_of_the_task_outputs(tmp_path: Path, isolation: str,
                                                                             np: Any) -> None:
     run_dir = run_job(tmp_path, """

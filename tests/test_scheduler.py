@@ -10,15 +10,14 @@ Two kinds of fake executor, both in ``FakePools`` (tests/helpers/fake_scheduler.
 
 from __future__ import annotations
 
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import pytest
 
 from cmbagent_batch.attempt import Outcome
 from cmbagent_batch.execute.scheduler import Scheduler
-from cmbagent_batch.states import StopReason, TaskState
-from tests.helpers.fake_scheduler import DIED, OK, FakeClock, FakePools, Job, fail
+from cmbagent_batch.states import OutcomeReason, StopReason, TaskState
+from tests.helpers.fake_scheduler import OK, FakeClock, FakePools, Job, fail
 
 # --- order -----------------------------------------------------------------------------------------
 
@@ -295,34 +294,23 @@ def test_attempts_that_outlive_the_stop_are_abandoned() -> None:
     assert job.pools.terminated == [1.0]
 
 
-# --- broken process pools --------------------------------------------------------------------------
+# --- dead worker processes -------------------------------------------------------------------------
+
+SEGV = Outcome(ok=False, error="worker died: SIGSEGV", exit_code=-11, worker_died=True,
+               reason=OutcomeReason.WORKER_DIED)
 
 
-def test_a_broken_pool_is_replaced_once_and_the_task_retried() -> None:
-    job = Job({"t": {"kind": "python", "retries": 1,
-                     "results": [BrokenProcessPool("a process in the pool was terminated abruptly"), OK]}}).run()
-    assert job.pools.replaced == ["pool-1"]
+def test_a_task_whose_worker_died_is_retried_per_retries() -> None:
+    job = Job({"t": {"kind": "python", "retries": 1, "results": [SEGV, OK]}}).run()
     assert job.runs["t"].state is TaskState.SUCCEEDED and job.runs["t"].attempts == 2
-    assert (TaskState.RETRYING, {"attempt": 1, "reason": DIED, "retry_in_s": 0.0}) in job.of("t")
-    assert job.pools.executor_of["t"].name == "pool-2"  # the retry ran on the new pool
+    assert (TaskState.RETRYING, {"attempt": 1, "reason": "worker died: SIGSEGV", "retry_in_s": 0.0}) in job.of("t")
 
 
 def test_a_task_whose_worker_always_dies_fails_with_that_reason_and_the_job_goes_on() -> None:
-    job = Job({"dies": {"kind": "python", "priority": 2, "results": [BrokenProcessPool("terminated abruptly")]},
+    job = Job({"dies": {"kind": "python", "priority": 2, "results": [SEGV]},
                "fine": {"kind": "python"}}, workers=1, keep_going=True).run()
     assert job.states() == {"dies": TaskState.FAILED, "fine": TaskState.SUCCEEDED}
-    assert job.runs["dies"].reason == DIED
-    assert job.pools.replaced == ["pool-1"]
-    assert job.pools.executor_of["fine"].name == "pool-2"
-
-
-def test_a_pool_broken_at_submit_is_replaced_and_the_task_submitted_again() -> None:
-    pools = FakePools()
-    pools.executor.broken_on_submit = 1
-    job = Job({"t": {"kind": "python"}}, pools=pools).run()
-    assert pools.replaced == ["pool-1"]
-    assert job.runs["t"].state is TaskState.SUCCEEDED and job.runs["t"].attempts == 1
-    assert pools.executor_of["t"].name == "pool-2"
+    assert job.runs["dies"].reason == "worker died: SIGSEGV"
 
 
 # --- batches of tiny tasks -------------------------------------------------------------------------
@@ -355,18 +343,3 @@ def test_tasks_that_take_long_or_reserve_resources_are_not_batched() -> None:
     job = batch_job(tasks).run()
     assert [len(b) for b in job.pools.batches_seen] == [1] * 40
     assert set(job.states().values()) == {TaskState.SUCCEEDED}
-
-
-def test_a_worker_dying_in_a_batch_reruns_every_member_alone_and_charges_only_the_culprit() -> None:
-    tasks: dict[str, dict[str, Any]] = {f"p{i:03d}": {"kind": "python", "results": [TINY]} for i in range(40)}
-    tasks["p030"]["results"] = [BrokenProcessPool("a process in the pool was terminated abruptly")]
-    job = batch_job(tasks, keep_going=True).run()
-    culprit_batch = next(b for b in job.pools.batches_seen if "p030" in b)
-    assert len(culprit_batch) > 1
-    assert job.runs["p030"].state is TaskState.FAILED and job.runs["p030"].reason == DIED
-    assert {tid for tid, r in job.runs.items() if r.state is TaskState.SUCCEEDED} == set(tasks) - {"p030"}
-    for tid in culprit_batch:
-        if tid != "p030":  # ran twice (the second time alone), charged once
-            assert job.runs[tid].attempts == 2 and job.runs[tid].run_attempts == 1
-            assert [len(b) for b in job.pools.batches_seen if tid in b] == [len(culprit_batch), 1]
-    job.check_counts()

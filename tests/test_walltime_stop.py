@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
-from cmbagent_batch.attempt import Stopped
+from cmbagent_batch.attempt import Attempt, Payload, Stopped, TaskContext
 from cmbagent_batch.backends.local import LocalPools
 from cmbagent_batch.execute.runs import DrainEvent, DrainStep
 from cmbagent_batch.execute.scheduler import Scheduler
@@ -204,7 +204,7 @@ def test_what_the_user_reads_about_a_drain() -> None:
 
 
 def started_then_wait(started: str, go: str) -> int:
-    """A call for a process pool: create ``started``, wait for ``go`` to exist; return this worker's pid."""
+    """A python task: create ``started``, wait for ``go`` to exist; return this worker's pid."""
     Path(started).touch()
     deadline = time.monotonic() + 60
     while not os.path.exists(go):
@@ -213,28 +213,37 @@ def started_then_wait(started: str, go: str) -> int:
     return os.getpid()
 
 
+def waiting_attempt(tmp_path: Path, name: str, go: Path) -> Attempt:
+    """An attempt of a python task calling ``started_then_wait`` (this module, imported by the worker)."""
+    run_dir = tmp_path / "run"
+    ctx = TaskContext(name, str(run_dir), str(run_dir / name), 0, 1, "here")
+    payload = Payload(name, "python", call="tests.test_walltime_stop:started_then_wait",
+                      args={"started": str(tmp_path / f"started-{name}"), "go": str(go)},
+                      python_path=(str(HERE.parent),))
+    return Attempt(payload, ctx, (), {}, True, ())
+
+
 def test_local_pools_hold_refuses_what_has_not_started_and_lets_the_rest_run(tmp_path: Path) -> None:
-    pools = LocalPools(workers=1, use_process_pool=True)
+    pools = LocalPools(workers=1, isolated=True)
     go = tmp_path / "go"
     try:
         executor = pools.executor_for("python")
-        running = executor.submit(started_then_wait, str(tmp_path / "started"), str(go))
-        wait_until("the call runs", (tmp_path / "started").exists)
-        # the worker's own queue takes the next ones, the pool keeps the rest
-        later = [executor.submit(started_then_wait, str(tmp_path / f"started-{i}"), str(go)) for i in range(3)]
+        running = pools.submit(executor, [waiting_attempt(tmp_path, "a", go)], None)
+        wait_until("the call runs", (tmp_path / "started-a").exists)
+        later = [pools.submit(executor, [waiting_attempt(tmp_path, f"b{i}", go)], None) for i in range(3)]
         gate = pools.gate("shell", lambda: None)  # a thread pool attempt handed over ahead of a slot
         assert gate is not None
         pools.hold()
         with pytest.raises(Stopped, match="terminated by the runner before it started"):
             gate.enter()
         go.touch()
-        assert isinstance(running.result(timeout=60), int)
+        assert running.result(timeout=60).ok
         for f in later:
-            with pytest.raises(CancelledError, match="not started: the run is stopping"):
+            with pytest.raises(CancelledError):
                 f.result(timeout=60)
-        assert sorted(p.name for p in tmp_path.glob("started*")) == ["started"]
+        assert sorted(p.name for p in tmp_path.glob("started*")) == ["started-a"]
         with pytest.raises(CancelledError):  # nor what is handed over after the hold
-            executor.submit(os.getpid).result(timeout=60)
+            pools.submit(executor, [waiting_attempt(tmp_path, "c", go)], None).result(timeout=60)
     finally:
         pools.shutdown(wait=True)
 

@@ -1,4 +1,4 @@
-"""Where attempts run: local pools (threads, and a process pool for python callables) or the worker
+"""Where attempts run: local pools (threads, and worker processes for python tasks) or the worker
 ranks of an MPI job. ``make_backend`` is the one place that picks; the scheduler sees only its pools.
 
 The backends are imported when a backend is made, so importing ``cmbagent_batch.backends.mpi`` (or this
@@ -43,9 +43,10 @@ def make_backend(ex: ExecutionSpec, ranks: RankExecutor | None = None) -> Backen
         return Backend(rank_pools, "mpi", len(ranks.workers) + 1, 1 if sequential else rank_pools.workers,
                        _nothing_in_use, kinds)
     from cmbagent_batch.backends.local import LocalPools
+    from cmbagent_batch.spec.model import Isolation
 
     workers = 1 if sequential else ex.max_workers or default_workers(ex.max_memory_mb)
-    local = LocalPools(workers, ex.use_process_pool)
+    local = LocalPools(workers, ex.isolation is Isolation.PROCESS)
     return Backend(local, "local", 1, workers, memory_in_use, frozenset() if sequential else local.prefetch_kinds())
 
 

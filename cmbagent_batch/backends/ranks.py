@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 from cmbagent_batch.attempt import Attempt, Gate, Outcome, TaskContext
 from cmbagent_batch.backends.mpi.executor import RankExecutor
+from cmbagent_batch.backends.processes import WorkerProcesses
 from cmbagent_batch.backends.slots import SlotGate, Slots
 from cmbagent_batch.rundir.jsonl import JsonlWriter
 from cmbagent_batch.rundir.layout import journal_path, work_dir
-from cmbagent_batch.states import TaskState
+from cmbagent_batch.states import OutcomeReason, TaskState
 from cmbagent_batch.tasks.runner import make_work_dirs, run_attempt
 from cmbagent_batch.tasks.shell import terminate_all
 
@@ -112,9 +113,6 @@ class RankPools:
     def prefetch_kinds(self) -> frozenset[str]:
         return frozenset({"shell", "python", "agent"})
 
-    def replace_broken(self, executor: Executor) -> None:
-        pass
-
     def hold(self) -> None:
         self.executor.hold_tasks()
 
@@ -169,6 +167,8 @@ class RankWorker:
         self.host = socket.gethostname()
         self.env = dict(os.environ)
         self.slots = Slots(tasks_per_rank, keep_order=False)
+        # python tasks (``isolation: process``): in worker processes of this rank, which take its slots too
+        self.processes = WorkerProcesses(tasks_per_rank, self.slots)
         self._journals: dict[str, JsonlWriter] = {}  # run directory -> this rank's journal in it
         self._journals_lock = threading.Lock()
 
@@ -176,7 +176,13 @@ class RankWorker:
         """``run_attempt`` behind this rank's gate, at the attempt's place in line (its priority). Raises
         ``CancelledError`` when a stop or a hold kept it from starting (nothing is journaled: it did not
         run)."""
-        moved, gate = self._moved(attempt)
+        moved = self._moved(attempt)
+        if moved.chdir:
+            outcome = self.processes.submit_attempts([moved], moved.priority, single=True).result()
+            if outcome.reason is OutcomeReason.NOT_STARTED:
+                raise CancelledError("held back: the run is stopping")
+            return self._finished(moved, outcome)
+        gate = self._gate(moved)
         outcome = self._gated(moved, gate, made)
         if gate.refused:
             raise CancelledError("held back at its rank's gate: the run is stopping")
@@ -185,7 +191,11 @@ class RankWorker:
     def run_batch(self, attempts: Sequence[Attempt]) -> list[Outcome]:
         """Several tiny attempts in one round trip, their directories made in one burst; those a stop or a
         hold kept from starting are not journaled."""
-        moved = [self._moved(a) for a in attempts]
+        if attempts and attempts[0].chdir:  # python tasks in worker processes (a batch is of one kind)
+            sent = [self._moved(a) for a in attempts]
+            ran = self.processes.submit_attempts(sent, max(a.priority for a in sent)).result()
+            return [o if o.reason is OutcomeReason.NOT_STARTED else self._finished(a, o) for a, o in zip(sent, ran)]
+        moved = [(a, self._gate(a)) for a in map(self._moved, attempts)]
         made = make_work_dirs([a for a, _gate in moved])
         outcomes = [self._gated(a, gate, a.ctx.work_dir in made) for a, gate in moved]
         return [o if gate.refused else self._finished(a, o) for (a, gate), o in zip(moved, outcomes)]
@@ -194,33 +204,40 @@ class RankWorker:
         """The worker's ``on_hold``: the attempts waiting at (or on their way to) this rank's gate never
         start; each comes back to rank 0 as not started. A hold is for the rest of the run."""
         self.slots.stop()
+        self.processes.hold()
 
     def stopper(self, grace: float) -> Callable[[], None]:
         """The worker's ``on_stop``: nothing more starts here, and the process groups of its running
         attempts (shell and agent) are terminated."""
         def stop() -> None:
             self.hold()
+            self.processes.terminate(grace)
             threading.Thread(target=terminate_all, args=(grace,), daemon=True).start()
 
         return stop
 
     def close(self) -> None:
-        """At the end of the worker's service: everything it journaled is written and fsynced."""
+        """At the end of the worker's service: its worker processes end, and everything it journaled is
+        written and fsynced."""
+        self.processes.shutdown(wait=True, cancel_futures=True)
         with self._journals_lock:
             for journal in self._journals.values():
                 journal.close()
             self._journals.clear()
 
-    def _moved(self, attempt: Attempt) -> tuple[Attempt, SlotGate]:
+    def _moved(self, attempt: Attempt) -> Attempt:
         """The attempt with its context moved to this rank's work directory (and, but for python tasks,
-        this rank's environment), and its gate here."""
+        this rank's environment)."""
         ctx = attempt.ctx
         ctx = TaskContext(ctx.task_id, ctx.run_dir, work_dir(ctx.run_dir, self.rank, ctx.task_id), self.rank,
                           ctx.attempt, self.host, ctx.matrix)
         env = self.env if attempt.payload.kind != "python" else attempt.env
-        moved = Attempt(attempt.payload, ctx, attempt.links, env, attempt.chdir, attempt.keep, attempt.kill_grace,
-                        attempt.missing, attempt.priority, attempt.journal)
-        return moved, self.slots.gate(_nothing, attempt.priority)
+        return Attempt(attempt.payload, ctx, attempt.links, env, attempt.chdir, attempt.keep, attempt.kill_grace,
+                       attempt.missing, attempt.priority, attempt.journal)
+
+    def _gate(self, attempt: Attempt) -> SlotGate:
+        """Its place in line for this rank's slots (an attempt run in this process)."""
+        return self.slots.gate(_nothing, attempt.priority)
 
     @staticmethod
     def _gated(attempt: Attempt, gate: SlotGate, made: bool) -> Outcome:

@@ -78,9 +78,6 @@ def _run_mpi(args: RunOptions, config: Config) -> int:
     if args.dry_run:  # nothing runs: rank 0 says what would, the others leave
         return _run(args, config) if rank == 0 else 0
     comm = world.Dup()  # the backend's own messages never meet those of MPI code in the tasks
-    if rank == 0 and ex.use_process_pool:
-        warn("execution.use_process_pool is ignored under MPI: python tasks run in threads of the worker "
-             "ranks (a python task's timeout is not enforced there)")
     if rank != 0:
         try:
             serve_worker_rank(comm, rank, ex)

@@ -1,8 +1,11 @@
-"""``cmbagent-batch validate``: check job specs and report every problem (exit 0 all valid, 2 not)."""
+"""``cmbagent-batch validate``: check job specs and report every problem (exit 0 all valid, 2 not).
+
+The specs are checked with the CMBAGENT_* variables applied, as ``run``, ``plan`` and ``submit`` check them."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from cmbagent_batch.cli.options import ValidateOptions
@@ -11,12 +14,13 @@ from cmbagent_batch.errors import ExitCode, Problem, SpecError
 
 def validate(opts: ValidateOptions) -> int:
     from cmbagent_batch.spec import load_spec
+    from cmbagent_batch.spec.config import effective_config
 
     problems: list[Problem] = []
     summaries = []
     for path in opts.specs:
-        try:
-            spec = load_spec(path)
+        try:  # with the CMBAGENT_* variables applied, as ``run`` would: some checks need the final settings
+            spec = effective_config(load_spec(path), os.environ).spec
         except SpecError as exc:
             problems.extend(exc.problems)
             continue

@@ -47,7 +47,6 @@ class Admission:
         self.ready: list[tuple[float, str]] = []  # (-priority, task id): a heap
         self.units = 0  # submissions in flight
         self._unit_kinds: Counter[str] = Counter()
-        self.suspects_running = 0  # attempts rerun alone after a worker process died
         self._avg_wall: dict[str, float] = {}  # kind -> moving average of attempt wall seconds
         self._cpus_used = 0
         self._mem_used = 0.0
@@ -79,7 +78,7 @@ class Admission:
             size = self._batch_size(r)
             while len(members) < size and ready:
                 nxt = self.runs[ready[0][1]]
-                if nxt.kind != r.kind or not self._prefetchable(nxt) or nxt.suspect:
+                if nxt.kind != r.kind or not self._prefetchable(nxt):
                     break
                 heapq.heappop(ready)
                 members.append(nxt)
@@ -109,8 +108,6 @@ class Admission:
 
     def _fits(self, r: TaskRun) -> bool:
         lim = self.limits
-        if r.suspect or self.suspects_running:
-            return not self.units  # after a pool breakage: one attempt at a time, to find the culprit
         # Handing over ahead (past max_workers) only among small tasks of one prefetch kind: a mix with
         # other kinds, or tasks that reserve resources, would break max_workers and cpu limits.
         units = self.units
@@ -135,7 +132,7 @@ class Admission:
         """How many ready attempts of ``r``'s kind to hand over together: 1 until their durations are
         known, then about BATCH_SECONDS of work, never so many that a worker would be left without."""
         avg = self._avg_wall.get(r.kind)
-        if avg is None or r.suspect or not self._prefetchable(r) or not self._batches(r.kind):
+        if avg is None or not self._prefetchable(r) or not self._batches(r.kind):
             return 1
         by_time = int(BATCH_SECONDS / max(avg, 1e-6))
         by_share = len(self.ready) // (self.limits.max_workers + self.limits.prefetch) + 1

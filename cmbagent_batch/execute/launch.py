@@ -14,7 +14,7 @@ from cmbagent_batch.execute.prepare import Prepared, input_links
 from cmbagent_batch.execute.runs import TaskRun
 from cmbagent_batch.llm.local_model import LocalModel
 from cmbagent_batch.rundir.layout import work_dir
-from cmbagent_batch.spec.model import JobSpec, TaskSpec, thaw
+from cmbagent_batch.spec.model import Isolation, JobSpec, TaskSpec, thaw
 
 
 class Launcher:
@@ -51,7 +51,7 @@ class Launcher:
                                                                                        p.run_id))
         env = self._env if t.kind != "python" and local else self._no_env
         journal = None if local else {"run": p.run_id, **p.fps[r.id].to_dict()}
-        return Attempt(payload, ctx, links, env, chdir=ex.use_process_pool and t.kind == "python" and local,
+        return Attempt(payload, ctx, links, env, chdir=ex.isolation is Isolation.PROCESS and t.kind == "python",
                        keep=ex.keep, kill_grace=ex.kill_grace, missing=missing, priority=r.priority, journal=journal)
 
 

@@ -30,8 +30,6 @@ class Pools(Protocol):
     def batches(self, kind: str) -> bool:
         """Whether tiny attempts of ``kind`` are worth handing to a worker several at a time."""
 
-    def replace_broken(self, executor: Executor) -> None: ...
-
     def hold(self) -> None:
         """Start nothing more: what was handed over and has not started ends as not started (a gate
         refuses it, a queued call is cancelled); running attempts go on."""
@@ -102,10 +100,8 @@ class TaskRun:
     started: float = 0.0
     wall_s: float = 0.0
     attempts_before: int = 0  # attempts made in earlier runs (not charged against this run's retries)
-    free_attempts: int = 0  # attempts lost to a worker process another task may have killed (not charged)
-    suspect: bool = False  # its worker process died with others in it: it runs again alone
 
     @property
     def run_attempts(self) -> int:
-        """Attempts charged in this run (not those lost to a worker another task killed)."""
-        return self.attempts - self.attempts_before - self.free_attempts
+        """Attempts made in this run."""
+        return self.attempts - self.attempts_before

@@ -30,13 +30,12 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future
 from typing import Any
 
 from cmbagent_batch.attempt import Attempt, Gate, Outcome, TaskContext
 from cmbagent_batch.execute.admission import Admission, Clock, Unit
-from cmbagent_batch.execute.outcomes import Outcomes
+from cmbagent_batch.execute.outcomes import outcomes_of
 from cmbagent_batch.execute.runs import DrainEvent, Limits, Options, Pools, TaskRun
 from cmbagent_batch.execute.stop import StopAction, StopControl
 from cmbagent_batch.states import DONE_STATES, FINAL_STATES, StopReason, TaskState
@@ -75,7 +74,6 @@ class Scheduler:
         self._starting: dict[str, TaskContext] = {}  # submitted behind a gate, not started yet
         self._gates: dict[str, Gate] = {}  # gate of each running attempt that has one
         self._unsettled: list[Gate] = []  # gates of failed attempts, whose slots wait for a possible stop
-        self._outcomes = Outcomes(pools)
         self.abandoned = 0  # attempts still running in threads when the run ended
         self.host = socket.gethostname()
         self.counts = {s: 0 for s in TaskState}
@@ -197,12 +195,7 @@ class Scheduler:
                 gate = self.pools.gate(r.kind, functools.partial(self._gate_passed, r.id, r.attempts))
             attempts.append(self._prepare(r))
         executor = self.pools.executor_for(first.kind)
-        try:
-            future = self.pools.submit(executor, attempts, gate)
-        except BrokenProcessPool:
-            self.pools.replace_broken(executor)
-            executor = self.pools.executor_for(first.kind)
-            future = self.pools.submit(executor, attempts, gate)
+        future = self.pools.submit(executor, attempts, gate)
         batch = len(members) > 1
         unit = Unit([r.id for r in members], first.kind, executor, cpus=1 if batch else first.cpus,
                     memory_mb=0.0 if batch else first.memory_mb, batch=batch)
@@ -210,8 +203,6 @@ class Scheduler:
         self.admission.admitted(unit)
         for r, attempt in zip(members, attempts):
             self._running[r.id] = future
-            if r.suspect:
-                self.admission.suspects_running += 1
             if gate is None:
                 self._started(r, attempt.ctx, time.time())
             else:
@@ -268,34 +259,21 @@ class Scheduler:
         unit = self._units.get(future)
         if unit is None:
             return  # abandoned
-        outcomes, not_started = self._outcomes.of(future, unit, self._units.values(),
-                                                  self.stop.terminated_at is not None)
+        outcomes, not_started = outcomes_of(future, unit)
         del self._units[future]
         self.admission.released(unit)
         for tid, outcome in zip(unit.members, outcomes):
-            self._done(self.runs[tid], outcome, unit.executor, not_started)
+            self._done(self.runs[tid], outcome, not_started)
 
-    def _done(self, r: TaskRun, outcome: Outcome, executor: Executor, not_started: bool = False) -> None:
+    def _done(self, r: TaskRun, outcome: Outcome, not_started: bool = False) -> None:
         del self._running[r.id]
         never_started = self._starting.pop(r.id, None) is not None
         gate = self._gates.pop(r.id, None)
         if gate is not None and not outcome.ok:
             self._unsettled.append(gate)
-        was_suspect = r.suspect
-        if was_suspect:
-            r.suspect = False
-            self.admission.suspects_running -= 1
         stop = self.stop.reason
         if never_started and stop:  # handed over, then held back by the stop: it did not run
             r.attempts -= 1
-            return
-        if outcome.worker_died and not stop and not was_suspect and self._outcomes.several_lost(executor):
-            # The pool broke with several attempts in it: which one killed it is unknown, so none is
-            # charged; each runs again alone, and the one that kills its worker then fails.
-            r.suspect = True
-            r.free_attempts += 1
-            self._set(r, TaskState.PENDING, attempt=r.attempts, reason=outcome.error)
-            self.admission.push(r)
             return
         r.outcome = outcome
         r.wall_s = outcome.wall_s or (self._clock() - r.started)

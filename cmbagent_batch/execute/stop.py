@@ -26,6 +26,8 @@ from cmbagent_batch.states import DONE_STATES, FAILED_STATES, OutcomeReason, Sto
 
 # Outcomes that say the runner itself ended the attempt (or kept it from starting).
 _BY_THE_RUNNER = frozenset({OutcomeReason.TERMINATED_BY_RUNNER, OutcomeReason.NOT_STARTED})
+# How a worker process ends when the job's processes are told to stop (Slurm signals all of them at the walltime).
+_STOP_SIGNALS = frozenset({-signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT})
 
 Request = Callable[[StopReason, float], None]  # request a stop: reason, drain seconds
 
@@ -90,11 +92,13 @@ class StopControl:
 
     def ended_by_stop(self, outcome: Outcome, not_started: bool) -> bool:
         """Whether a failed attempt failed because the job is stopping. While a drain lets attempts
-        finish, one that fails has failed, unless it was held back, lost with its worker process, or
-        terminated by the runner (say, on a worker rank that got the walltime's SIGTERM before rank 0)."""
+        finish, one that fails has failed, unless it was held back, its worker process was signalled to
+        stop (SIGTERM, SIGKILL, SIGINT; a segfault is the task's own failure), or it was terminated by the
+        runner (say, on a worker rank that got the walltime's SIGTERM before rank 0)."""
         if not self.draining:
             return True
-        return not_started or outcome.worker_died or outcome.reason in _BY_THE_RUNNER
+        stopped = outcome.worker_died and outcome.exit_code in _STOP_SIGNALS
+        return not_started or stopped or outcome.reason in _BY_THE_RUNNER
 
     @property
     def fail_fast(self) -> bool:

@@ -2,7 +2,8 @@
 
 Works on raw (possibly partly invalid) data after matrix expansion, so that one run reports every
 problem. Each check returns ``Finding``s whose path points into the file as written; the loader
-locates them.
+locates them. ``check_python_timeouts`` alone works on the effective configuration (the spec with the
+CMBAGENT_* variables and flags applied), at the places the loader kept.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import difflib
 import fnmatch
 import posixpath
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from cmbagent_batch.errors import Problem
 from cmbagent_batch.spec.matrix import Values, describe_values
+from cmbagent_batch.spec.model import Isolation, JobSpec, TaskSpec
 from cmbagent_batch.spec.pricing import builtin_table, lookup
 
 TASK_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -361,3 +364,78 @@ def check_slurm(data: dict[str, Any]) -> list[Finding]:
             )
         ]
     return []
+
+
+def check_execution(data: dict[str, Any]) -> list[Finding]:
+    """``use_process_pool``, the older spelling of ``isolation``, may be given with it only if they agree."""
+    execution = _mapping(data, "execution")
+    isolation, pool = execution.get("isolation"), execution.get("use_process_pool")
+    if not isinstance(pool, bool) or isolation not in tuple(Isolation):
+        return []
+    if Isolation.from_process_pool(pool) is Isolation(isolation):
+        return []
+    return [Finding(("execution", "use_process_pool"),
+                    f"execution.use_process_pool: {_yaml(pool)} contradicts execution.isolation: {isolation}; "
+                    "keep only isolation")]
+
+
+def _yaml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def check_python_timeouts(spec: JobSpec, sources: Mapping[str, str]) -> list[Problem]:
+    """A python task with a timeout (its own or ``execution.task_timeout``) may not run in a thread, which
+    cannot be stopped. ``spec`` is the effective one; ``sources`` says where each setting came from
+    (``spec line 7``, ``env CMBAGENT_ISOLATION``, ``flag --task-timeout``). One problem per entry with a
+    timeout of its own, and one for ``execution.task_timeout``."""
+    ex = spec.execution
+    if ex.isolation is not Isolation.THREAD:
+        return []
+    own: dict[int, list[TaskSpec]] = {}
+    default: list[TaskSpec] = []
+    for t in spec.tasks:
+        if t.kind == "python" and t.timeout is not None:
+            own.setdefault(t.entry, []).append(t)
+        elif t.kind == "python" and ex.task_timeout is not None:
+            default.append(t)
+    thread, process = _thread_setting(spec, sources["execution.isolation"])
+
+    def refuse(path: str, what: str, tasks: list[TaskSpec], remove: str) -> Problem:
+        return _problem(spec, path, f"{what} cannot be enforced on {_named(tasks)}: python tasks run in threads "
+                                    f"({thread}) and a thread cannot be stopped. Fix: {process}, or {remove}")
+
+    out = [refuse(f"$.tasks[{entry}].timeout", f"timeout: {_yaml(tasks[0].timeout)}", tasks, "remove the timeout")
+           for entry, tasks in own.items()]
+    if default:
+        what, source = f"execution.task_timeout: {_yaml(ex.task_timeout)}", sources["execution.task_timeout"]
+        kind, name = source.split(" ", 1)
+        if kind == "spec":
+            out.append(refuse("$.execution.task_timeout", what, default, "remove execution.task_timeout"))
+        else:  # from a variable or a flag: pointed at the first python task it would apply to
+            remove = f"unset {name}" if kind == "env" else f"drop {name}"
+            out.append(refuse(f"$.tasks[{default[0].entry}]", f"{what} ({source})", default, remove))
+    return out
+
+
+def _thread_setting(spec: JobSpec, source: str) -> tuple[str, str]:
+    """How ``isolation: thread`` was given, with its source, and how to ask for ``process`` there instead."""
+    kind, name = source.split(" ", 1)
+    if kind == "spec":
+        given = "isolation: thread" if "execution.isolation" in spec.declared else "use_process_pool: false"
+        return f"execution.{given}, {source}", "use execution.isolation: process (the default)"
+    if kind == "env":
+        value = "yes" if name == "CMBAGENT_USE_PROCESS_POOL" else "process"
+        return f"execution.isolation: thread, {source}", f"set {name}={value}"
+    return f"execution.isolation: thread, {source}", f"drop {name}"
+
+
+def _named(tasks: list[TaskSpec]) -> str:
+    more = f" (and {len(tasks) - 1:,} more)" if len(tasks) > 1 else ""
+    return f"python task {tasks[0].id!r}{more}"
+
+
+def _problem(spec: JobSpec, path: str, message: str) -> Problem:
+    line, column = spec.places.get(path, (None, None))
+    return Problem(spec.path, line, column, path, message)

@@ -10,10 +10,12 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
-from cmbagent_batch.errors import UsageError
-from cmbagent_batch.spec.model import AnalysisSpec, ExecutionSpec, JobSpec
+from cmbagent_batch.errors import SpecError, UsageError
+from cmbagent_batch.spec.checks import check_python_timeouts
+from cmbagent_batch.spec.model import AnalysisSpec, ExecutionSpec, Isolation, JobSpec
 from cmbagent_batch.spec.numbers import env_seconds, env_whole
 
 Parse = Callable[[str], Any]
@@ -47,6 +49,15 @@ def _choice(*options: str) -> Parse:
     return parse
 
 
+def _isolation(text: str) -> Isolation:
+    return Isolation(_choice(*(i.value for i in Isolation))(text))
+
+
+def _process_pool(text: str) -> Isolation:
+    """CMBAGENT_USE_PROCESS_POOL, the older spelling of CMBAGENT_ISOLATION: yes is process, no is thread."""
+    return Isolation.from_process_pool(_bool(text))
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("expected a non-empty value")
@@ -64,7 +75,8 @@ ENV_VARS: dict[str, tuple[str, Parse]] = {
     "CMBAGENT_BACKEND": ("execution.backend", _choice("auto", "local", "mpi")),
     "CMBAGENT_EXECUTION_MODE": ("execution.mode", _choice("auto", "sequential", "parallel")),
     "CMBAGENT_MAX_WORKERS": ("execution.max_workers", _positive_int),
-    "CMBAGENT_USE_PROCESS_POOL": ("execution.use_process_pool", _bool),
+    "CMBAGENT_ISOLATION": ("execution.isolation", _isolation),
+    "CMBAGENT_USE_PROCESS_POOL": ("execution.isolation", _process_pool),
     "CMBAGENT_TASK_TIMEOUT": ("execution.task_timeout", env_seconds),
     "CMBAGENT_RETRIES": ("execution.retries", _count),
     "CMBAGENT_KEEP_GOING": ("execution.keep_going", _bool),
@@ -74,6 +86,8 @@ ENV_VARS: dict[str, tuple[str, Parse]] = {
     "CMBAGENT_CACHE_DIR": ("analysis.cache_dir", _path),
 }
 SWITCHES = ("CMBAGENT_ENABLE_PARALLEL", "CMBAGENT_AUTO_DETECT_DEPS", "CMBAGENT_USE_LLM_DEPS")
+# Setting -> the older key that the spec may write it as (the loader reads that key as the setting).
+OLDER_SPELLINGS = {"execution.isolation": "execution.use_process_pool"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +108,8 @@ class Config:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -105,7 +121,7 @@ def _spec_settings(spec: JobSpec) -> dict[str, Setting]:
             key = f"{section}.{f.name}"
             if key == "job.name":
                 continue
-            line = spec.declared.get(key)
+            line = spec.declared.get(key) or spec.declared.get(OLDER_SPELLINGS.get(key, ""))
             out[key] = Setting(getattr(obj, f.name), f"spec line {line}" if line else "default")
     out["llm.default_model"] = Setting(
         spec.llm.default_model,
@@ -150,12 +166,17 @@ def _switches(env: Mapping[str, str], settings: dict[str, Setting]) -> None:
 def effective_config(spec: JobSpec, env: Mapping[str, str], flags: Flags | None = None) -> Config:
     """Apply ``env`` (CMBAGENT_* variables) and ``flags`` ({setting: (value, "--flag")}) to ``spec``."""
     settings = _spec_settings(spec)
+    from_env: dict[str, str] = {}  # setting -> the variable that set it
     for var, (key, parse) in ENV_VARS.items():
         if var in env:
             try:
-                settings[key] = Setting(parse(env[var]), f"env {var}")
+                value = parse(env[var])
             except ValueError as exc:
                 raise UsageError(f"environment variable {var}={env[var]!r}: {exc}") from None
+            if key in from_env and value != settings[key].value:
+                other = from_env[key]
+                raise UsageError(f"{var}={env[var]!r} contradicts {other}={env[other]!r}; unset one of them")
+            settings[key], from_env[key] = Setting(value, f"env {var}"), var
     _switches(env, settings)
     for key, (value, flag) in (flags or {}).items():
         if value is not None:
@@ -167,7 +188,10 @@ def effective_config(spec: JobSpec, env: Mapping[str, str], flags: Flags | None 
             f"LLM dependency analysis is on ({settings['analysis.sources'].source}) but the spec names no "
             "model: set analysis.model or llm.default_model"
         )
-    return Config(spec=_apply(spec, settings), settings=settings)
+    effective = _apply(spec, settings)
+    if problems := check_python_timeouts(effective, {k: s.source for k, s in settings.items()}):
+        raise SpecError(problems)
+    return Config(spec=effective, settings=settings)
 
 
 def _apply(spec: JobSpec, settings: Mapping[str, Setting]) -> JobSpec:

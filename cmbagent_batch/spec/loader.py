@@ -13,6 +13,7 @@ from cmbagent_batch.spec.model import (
     EMPTY,
     AnalysisSpec,
     ExecutionSpec,
+    Isolation,
     JobInfo,
     JobSpec,
     LlmSpec,
@@ -53,7 +54,8 @@ def _load(raw: bytes, path: str) -> JobSpec:
     problems = [] if schema.is_valid(data) else schema.problems(doc)
     expanded, findings = _expand_tasks(data)
     task_findings, deps = checks.check_tasks(expanded)
-    findings += task_findings + checks.check_models(data, expanded) + checks.check_slurm(data)
+    findings += (task_findings + checks.check_models(data, expanded) + checks.check_slurm(data)
+                 + checks.check_execution(data))
     problems += _locate(doc, findings)
     if problems:
         raise SpecError(_dedupe(problems))
@@ -135,7 +137,7 @@ def _build(doc: Document, sha256: str, expanded: list[checks.Expanded], deps: di
         slurm["extra_directives"] = tuple(slurm["extra_directives"])
     if isinstance(slurm.get("time"), int):
         slurm["time"] = str(slurm["time"])
-    execution: dict[str, Any] = {k: tuple(v) if k in ("keep", "rerun_on") else v for k, v in data.get("execution", {}).items()}
+    execution = _execution(data.get("execution", {}))
     lines = doc.item_lines("tasks")
     tasks = tuple(_task(t, deps[pos], default_model, lines[t.index]) for pos, t in enumerate(expanded))
     return JobSpec(
@@ -153,7 +155,19 @@ def _build(doc: Document, sha256: str, expanded: list[checks.Expanded], deps: di
         slurm=SlurmSpec(**slurm),
         tasks=tasks,
         declared=MappingProxyType(_declared(doc)),
+        places=MappingProxyType(_places(doc)),
     )
+
+
+def _execution(values: dict[str, Any]) -> dict[str, Any]:
+    """The ``execution`` mapping as ``ExecutionSpec`` takes it; ``use_process_pool`` read as ``isolation``
+    (``checks.check_execution`` has refused the two contradicting each other)."""
+    out = {k: tuple(v) if k in ("keep", "rerun_on") else v for k, v in values.items() if k != "use_process_pool"}
+    if "isolation" in out:
+        out["isolation"] = Isolation(out["isolation"])
+    elif "use_process_pool" in values:
+        out["isolation"] = Isolation.from_process_pool(values["use_process_pool"])
+    return out
 
 
 def _declared(doc: Document) -> dict[str, int]:
@@ -167,6 +181,21 @@ def _declared(doc: Document) -> dict[str, int]:
             if section == "llm" and key == "models":
                 continue
             out[f"{section}.{key}"] = doc.locate((section, key), key=True)[0]
+    return out
+
+
+def _places(doc: Document) -> dict[str, tuple[int, int]]:
+    """Where ``checks.check_python_timeouts`` may point: every python entry, its timeout, and
+    ``execution.task_timeout``; it runs after the overlay, when the document is gone."""
+    data: dict[str, Any] = doc.data
+    out: dict[str, tuple[int, int]] = {}
+    if "task_timeout" in data.get("execution", {}):
+        out["$.execution.task_timeout"] = doc.locate(("execution", "task_timeout"))
+    for i, entry in enumerate(data["tasks"]):
+        if entry["kind"] == "python":
+            out[f"$.tasks[{i}]"] = doc.locate(("tasks", i))
+            if "timeout" in entry:
+                out[f"$.tasks[{i}].timeout"] = doc.locate(("tasks", i, "timeout"))
     return out
 
 

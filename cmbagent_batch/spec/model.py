@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
@@ -71,12 +72,28 @@ class JobInfo:
     budget_usd: float | None = None
 
 
+class Isolation(str, Enum):
+    """Where a python task (``kind: python``) runs: ``execution.isolation``."""
+
+    PROCESS = "process"
+    """In a worker process, its work directory as cwd: a crash, a segfault or an ``os.chdir`` cannot touch
+    other tasks or the runner, and a timeout is enforced."""
+    THREAD = "thread"
+    """In a thread of the runner (or of an MPI worker rank): cheapest for tiny pure-Python tasks, but it
+    shares the cwd and ``os.environ``, and it cannot be stopped, so a timeout cannot be enforced."""
+
+    @classmethod
+    def from_process_pool(cls, use_process_pool: bool) -> Isolation:
+        """The older spelling ``use_process_pool``: true is ``process``, false is ``thread``."""
+        return cls.PROCESS if use_process_pool else cls.THREAD
+
+
 @dataclass(frozen=True, slots=True)
 class ExecutionSpec:
     backend: str = "auto"  # auto | local | mpi
     mode: str = "auto"  # auto | sequential | parallel
     max_workers: int | None = None  # None: chosen from CPUs and memory
-    use_process_pool: bool = False
+    isolation: Isolation = Isolation.PROCESS  # where python tasks run
     task_timeout: float | None = None  # seconds; None: no limit
     retries: int = 0
     keep_going: bool = False
@@ -184,6 +201,9 @@ class JobSpec:
     slurm: SlurmSpec
     tasks: tuple[TaskSpec, ...]
     declared: Mapping[str, int] = field(default_factory=_empty)  # "execution.max_workers" -> line, for keys written in the file
+    # "$.tasks[3].timeout" -> (line, column): the places a check of the effective configuration (after the
+    # CMBAGENT_* variables and flags) may point at: every python entry, its timeout, execution.task_timeout
+    places: Mapping[str, tuple[int, int]] = field(default_factory=_empty)
 
     def task(self, task_id: str) -> TaskSpec:
         for t in self.tasks:

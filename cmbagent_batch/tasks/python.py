@@ -5,7 +5,8 @@ Two modes, chosen by the scheduler through ``chdir``:
 
 * process mode (``chdir=True``, one task per worker process at a time): the call runs with the work
   directory as cwd and the CMBAGENT_* variables (and the task's ``env``) in ``os.environ``; the cwd is
-  restored afterwards, the variables when the worker's next task does not set them. CPU time and peak
+  restored afterwards, the variables when the worker's next task does not set them, and whatever the
+  task itself changed in ``os.environ`` right after it. CPU time and peak
   RSS are the worker process's. ``payload.timeout`` is enforced with SIGALRM (the worker runs the call
   in its main thread): the call is interrupted the next time the interpreter runs Python code, so a
   long C call (one numpy operation) finishes first.
@@ -98,6 +99,17 @@ def _attempt(payload: Payload, ctx: TaskContext, chdir: bool) -> str | None:
     return _write_return(value, ctx)
 
 
+_watcher: Callable[[float], None] | None = None
+
+
+def watch_timeouts(watcher: Callable[[float], None] | None) -> None:
+    """Tell ``watcher`` when each call with a timeout is due to end (on the monotonic clock, which every
+    process shares), and 0.0 once it has: a worker process's parent kills a call that never returns to
+    Python, which SIGALRM cannot interrupt."""
+    global _watcher
+    _watcher = watcher
+
+
 @contextlib.contextmanager
 def _alarm(seconds: float | None) -> Iterator[None]:
     """Raise ``_Timeout`` in the call after ``seconds`` (only the main thread can receive signals)."""
@@ -109,12 +121,16 @@ def _alarm(seconds: float | None) -> Iterator[None]:
         raise _Timeout()
 
     previous = signal.signal(signal.SIGALRM, expire)
+    if _watcher is not None:
+        _watcher(time.monotonic() + seconds)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if _watcher is not None:
+            _watcher(0.0)
 
 
 def _load(call: str | None, python_path: tuple[str, ...]) -> Callable[..., Any]:
@@ -202,6 +218,7 @@ def _inside(ctx: TaskContext, payload: Payload) -> Iterator[None]:
     except OSError as exc:
         raise _Failed(f"cannot enter the work directory {ctx.work_dir}: {exc.strerror or exc}") from None
     _apply_environment(task_environment(ctx, payload, {}))
+    as_set = _environment()
     out, err = _LazyLog(ctx, "stdout.log"), _LazyLog(ctx, "stderr.log")
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -210,6 +227,24 @@ def _inside(ctx: TaskContext, payload: Payload) -> Iterator[None]:
         out.close()
         err.close()
         os.chdir(previous)
+        if _environment() != as_set:  # the task changed os.environ itself: the next task must not see it
+            _restore_environment(as_set)
+
+
+def _environment() -> dict[Any, Any]:
+    """A snapshot of ``os.environ``, cheap enough for every task (its raw mapping, where CPython has one)."""
+    data = getattr(os.environ, "_data", None)
+    return dict(data) if isinstance(data, dict) else dict(os.environ)
+
+
+def _restore_environment(snapshot: dict[Any, Any]) -> None:
+    decode = os.fsdecode if isinstance(getattr(os.environ, "_data", None), dict) else str
+    wanted = {decode(k): decode(v) for k, v in snapshot.items()}
+    for name in [n for n in os.environ if n not in wanted]:
+        del os.environ[name]
+    for name, value in wanted.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 class _LazyLog:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from cmbagent_batch.attempt import Attempt, Gate, Outcome, Payload, TaskContext
@@ -16,7 +15,6 @@ from cmbagent_batch.execute.scheduler import Scheduler
 from cmbagent_batch.states import OutcomeReason, TaskState
 
 OK = Outcome(ok=True)
-DIED = "the worker process running it died (killed, or out of memory)"
 
 
 def fail(error: str = "exit code 1") -> Outcome:
@@ -39,12 +37,8 @@ class FakeExecutor(Executor):
     def __init__(self, pools: FakePools, name: str) -> None:
         self.pools = pools
         self.name = name
-        self.broken_on_submit = 0  # the next N submits raise BrokenProcessPool
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        if self.broken_on_submit:
-            self.broken_on_submit -= 1
-            raise BrokenProcessPool("a process in the pool was terminated abruptly")
         tids = [a.ctx.task_id for a in args[0]]  # FakePools.submit: (attempts, batch)
         tid = tids[0]
         pools = self.pools
@@ -75,7 +69,6 @@ class FakePools:
         self.hold = set(hold)
         self.held: list[tuple[str, Future[Any]]] = []
         self.executor = FakeExecutor(self, "pool-1")
-        self.replaced: list[str] = []
         self.terminated: list[float] = []
         self.on_terminate = on_terminate
         self.submitted: list[str] = []
@@ -103,12 +96,6 @@ class FakePools:
 
     def batches(self, kind: str) -> bool:
         return kind in self.batch_kinds
-
-    def replace_broken(self, executor: Executor) -> None:
-        assert isinstance(executor, FakeExecutor)
-        self.replaced.append(executor.name)
-        if executor is self.executor:
-            self.executor = FakeExecutor(self, f"pool-{len(self.replaced) + 1}")
 
     def terminate_running(self, grace: float) -> None:
         self.terminated.append(grace)
