@@ -3,7 +3,7 @@
 The CLI maps these to exit codes (``cli/main.py``): user mistakes exit 2 without a traceback.
 
     BatchError                      exit 2 unless said otherwise
-    ├── UsageError                  a command line, variable or file argument is wrong
+    ├── UsageError                  a command line, variable or file argument is wrong, or a place is unwritable
     │   ├── PriceTableError         a price table file is not one (also a ValueError)
     │   └── JobsRecordError         RUN_DIR/slurm/jobs.json is not a jobs record (also a ValueError)
     ├── SpecError                   a job spec is invalid: every problem, in file order
@@ -15,6 +15,7 @@ The CLI maps these to exit codes (``cli/main.py``): user mistakes exit 2 without
     ├── SlurmError                  a Slurm command is missing or refused (exit 2; 1 when it hangs)
     ├── MPIUnavailable              the MPI backend was chosen without a loadable mpi4py
     ├── NoWorkerRanks               an MPI job of one rank (the caller runs the tasks locally)
+    ├── DiskFullError               exit 1: the run directory's file system is full, before anything started
     ├── SandboxError                an agent's code cannot be confined
     └── AgentFailure                an agent attempt fails with this message
         └── BudgetSpent             ... because a budget is spent
@@ -38,7 +39,8 @@ class ExitCode(IntEnum):
     FAILED = 1
     """Some tasks failed, an analysis failed (``analysis.fallback: error``), or ledgers differ."""
     USAGE = 2
-    """A bad spec, flag, variable or file: a message naming the place, no traceback."""
+    """A bad spec, flag, variable or file, or a place that cannot be written: a message naming the place,
+    no traceback."""
     INTERNAL = 3
     """A bug: the traceback is written to a log file whose path is printed."""
     SIGINT = 130
@@ -56,7 +58,8 @@ class BatchError(Exception):
 
 
 class UsageError(BatchError):
-    """A command line, environment variable or file argument is wrong."""
+    """A command line, environment variable or file argument is wrong, or a directory or file a command
+    is to write cannot be written (checked before anything starts)."""
 
 
 class PriceTableError(UsageError, ValueError):
@@ -78,11 +81,13 @@ class Problem:
     column: int | None  # 1-based
     path: str  # JSON path, e.g. "$.tasks[3].depends_on[0]"
     message: str
+    task: str | None = None  # the id of the task entry the path is in, as written (a matrix entry's template)
 
     def __str__(self) -> str:
         if self.line is None:
             return f"{self.file}: {self.message}"
-        return f"{self.file}:{self.line}:{self.column}: {self.path}: {self.message}"
+        where = self.path if self.task is None else f"{self.path} (task {self.task!r})"
+        return f"{self.file}:{self.line}:{self.column}: {where}: {self.message}"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -90,6 +95,7 @@ class Problem:
             "line": self.line,
             "column": self.column,
             "path": self.path,
+            "task": self.task,
             "message": self.message,
         }
 
@@ -160,6 +166,12 @@ class NoWorkerRanks(BatchError):
     def __init__(self) -> None:
         super().__init__("the MPI job has 1 rank, so no worker rank to run tasks on "
                          "(start it with mpiexec -n 2 or more)")
+
+
+class DiskFullError(BatchError):
+    """The run directory's file system is full (or the quota used up) before the run could start."""
+
+    exit_code = ExitCode.FAILED
 
 
 class SandboxError(BatchError):

@@ -59,6 +59,8 @@ class OutcomeReason(str, Enum):
     """Cancelled before it started: by the executor, or by a worker that held it back."""
     WORKER_DIED = "worker_died"
     """The worker process running it died (killed, or out of memory)."""
+    DISK_FULL = "disk_full"
+    """Its work directory or outputs could not be written: no space left (or the quota is used up)."""
 
     @property
     def message(self) -> str:
@@ -71,6 +73,7 @@ _OUTCOME_MESSAGES = {
     OutcomeReason.NOT_STARTED: "terminated by the runner before it started",
     OutcomeReason.CANCELLED: "cancelled before it started",
     OutcomeReason.WORKER_DIED: "the worker process running it died (killed, or out of memory)",
+    OutcomeReason.DISK_FULL: "no space left on the run directory's file system",
 }
 
 
@@ -85,6 +88,9 @@ class StopReason(str, Enum):
     """Slurm's warning before the walltime (or the walltime file): a drain may let attempts finish."""
     FAIL_FAST = "fail-fast"
     """A task failed and ``keep_going`` is off: nothing more is launched."""
+    DISK_FULL = "disk-full"
+    """The run directory's file system is full (or the quota used up): nothing more starts, the running
+    attempts are terminated, the journal keeps what it has; a rerun continues once there is space."""
 
     @property
     def exit_code(self) -> ExitCode | None:
@@ -93,11 +99,12 @@ class StopReason(str, Enum):
 
     @property
     def interrupts(self) -> bool:
-        """A signal: the run is "interrupted" and a rerun (or a requeue) continues it."""
+        """A signal or a full disk: the run is "interrupted" and a rerun (or a requeue) continues it."""
         return self in _STOP_EXIT_CODES
 
 
 _STOP_EXIT_CODES = {
+    StopReason.DISK_FULL: ExitCode.FAILED,
     StopReason.SIGINT: ExitCode.SIGINT,
     StopReason.SIGTERM: ExitCode.SIGTERM,
     StopReason.SIGUSR1: ExitCode.SIGUSR1,

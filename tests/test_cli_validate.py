@@ -38,7 +38,7 @@ tasks:
 
 INVALID_PROBLEMS = [
     "bad.yaml:1:10: $.version: expected 1, got the number 2",
-    "bad.yaml:6:11: $.tasks[0].kind: the string 'shel' is not one of: shell, python, agent (did you mean 'shell'?)",
+    "bad.yaml:6:11: $.tasks[0].kind (task 'a'): the string 'shel' is not one of: shell, python, agent (did you mean 'shell'?)",
 ]
 
 
@@ -77,9 +77,9 @@ def test_invalid_spec_json(specs: Path) -> None:
     r = cli(specs, "validate", "--format", "json", "bad.yaml")
     assert (r.returncode, r.stderr) == (2, "")
     assert json.loads(r.stdout) == [
-        {"file": "bad.yaml", "line": 1, "column": 10, "path": "$.version",
+        {"file": "bad.yaml", "line": 1, "column": 10, "path": "$.version", "task": None,
          "message": "expected 1, got the number 2"},
-        {"file": "bad.yaml", "line": 6, "column": 11, "path": "$.tasks[0].kind",
+        {"file": "bad.yaml", "line": 6, "column": 11, "path": "$.tasks[0].kind", "task": "a",
          "message": "the string 'shel' is not one of: shell, python, agent (did you mean 'shell'?)"},
     ]
 
@@ -114,7 +114,8 @@ def test_several_files_json(specs: Path) -> None:
     r = cli(specs, "validate", "--format", "json", "ok.yaml", "missing.yaml")
     assert r.returncode == 2
     assert json.loads(r.stdout) == [
-        {"file": "missing.yaml", "line": None, "column": None, "path": "$", "message": "no such file"},
+        {"file": "missing.yaml", "line": None, "column": None, "path": "$", "task": None,
+         "message": "no such file"},
     ]
 
 

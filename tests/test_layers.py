@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cmbagent_batch"
 
 # Bottom to top; one entry is one layer (a tuple: layers side by side, which may not import each other).
 LAYERS: list[tuple[str, ...]] = [
-    ("errors",),
+    ("errors", "watchdog"),
     ("states",),
     ("attempt",),
     ("spec",),

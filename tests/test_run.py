@@ -645,7 +645,8 @@ def holding_spec(tmp_path: Path, pidfile: Path, release: Path, python_first: boo
 
 
 LOCKED = ("cmbagent-batch: error: run directory {run_dir} is in use by pid {pid} on {host} since "
-          r"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d; wait for that run to end, or use another --run-dir")
+          r"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d \(its watchdog: pid \d+\); wait for that run to end, or use "
+          "another --run-dir")
 
 
 def test_a_second_run_on_a_run_dir_in_use_is_refused(tmp_path: Path, runners: list[Runner]) -> None:
@@ -825,8 +826,8 @@ def test_run_dir_flag_and_usage_errors(tmp_path: Path) -> None:
     """, name="specs/bad.yaml")
     res = cli(tmp_path, "run", "specs/bad.yaml")
     assert (res.returncode, res.stderr.splitlines()) == (2, [
-        "specs/bad.yaml:4:5: $.tasks[0]: a shell task needs 'run'",
-        "specs/bad.yaml:4:26: $.tasks[0].rnu: unknown key 'rnu' (did you mean 'run'?)",
+        "specs/bad.yaml:4:5: $.tasks[0] (task 'a'): a shell task needs 'run'",
+        "specs/bad.yaml:4:26: $.tasks[0].rnu (task 'a'): unknown key 'rnu' (did you mean 'run'?)",
     ])
     assert not (tmp_path / "specs" / "runs").exists()
     res = cli(tmp_path, "run", "specs/bad.yaml", "--workers", "0")

@@ -116,7 +116,7 @@ CASES = [
     case(
         "yaml-python-object-tag",
         BASE + "    description: !!python/object:os.system {}\n",
-        "F:8:18: $.tasks[0].description: unsupported YAML tag '!!python/object:os.system'",
+        "F:8:18: $.tasks[0].description (task 'a'): unsupported YAML tag '!!python/object:os.system'",
     ),
     case(
         "yaml-custom-tag",
@@ -131,7 +131,7 @@ CASES = [
     case(
         "yaml-float-tag-on-text",
         BASE + "    timeout: !!float 'soon'\n",
-        "F:8:14: $.tasks[0].timeout: invalid !!float value 'soon'",
+        "F:8:14: $.tasks[0].timeout (task 'a'): invalid !!float value 'soon'",
     ),
     case(
         "yaml-bool-tag-on-yes",
@@ -178,7 +178,7 @@ CASES = [
     case("file-latin-1", b"version: 1\njob:\n  name: d\xe9mo\n", "F:3:1: $: not UTF-8 text (bad byte 0xe9)"),
     # --- duplicate keys ----------------------------------------------------------------------
     case("duplicate-top-level-key", BASE + "version: 1\n", "F:8:1: $.version: duplicate key 'version' (first defined at line 1)"),
-    case("duplicate-key-in-task", BASE + "    run: echo b\n", "F:8:5: $.tasks[0].run: duplicate key 'run' (first defined at line 7)"),
+    case("duplicate-key-in-task", BASE + "    run: echo b\n", "F:8:5: $.tasks[0].run (task 'a'): duplicate key 'run' (first defined at line 7)"),
     case(
         "duplicate-key-in-flow-mapping",
         BASE.replace("job:\n  name: demo\n", "job: {name: demo, name: other}\n"),
@@ -186,7 +186,7 @@ CASES = [
     ),
     # --- unknown keys ------------------------------------------------------------------------
     case("unknown-top-level-key-hint", BASE + "executon:\n  max_workers: 2\n", "F:8:1: $.executon: unknown key 'executon' (did you mean 'execution'?)"),
-    case("unknown-task-key-hint", BASE + "    dependson: [b]\n", "F:8:5: $.tasks[0].dependson: unknown key 'dependson' (did you mean 'depends_on'?)"),
+    case("unknown-task-key-hint", BASE + "    dependson: [b]\n", "F:8:5: $.tasks[0].dependson (task 'a'): unknown key 'dependson' (did you mean 'depends_on'?)"),
     case("unknown-execution-key-hint", BASE + "execution:\n  max_worker: 2\n", "F:9:3: $.execution.max_worker: unknown key 'max_worker' (did you mean 'max_workers'?)"),
     case(
         "unknown-model-key-hint",
@@ -201,13 +201,13 @@ CASES = [
     ),
     case("unknown-slurm-key-hint", BASE + "slurm:\n  partiton: debug\n", "F:9:3: $.slurm.partiton: unknown key 'partiton' (did you mean 'partition'?)"),
     case("unknown-top-level-key-lists-valid", BASE + "colour: blue\n", f"F:8:1: $.colour: unknown key 'colour'; valid keys: {TOP_KEYS}"),
-    case("unknown-task-key-lists-valid", BASE + "    zzz: 1\n", f"F:8:5: $.tasks[0].zzz: unknown key 'zzz'; valid keys: {TASK_KEYS}"),
+    case("unknown-task-key-lists-valid", BASE + "    zzz: 1\n", f"F:8:5: $.tasks[0].zzz (task 'a'): unknown key 'zzz'; valid keys: {TASK_KEYS}"),
     case("number-as-top-level-key", BASE + "1: x\n", f"F:8:1: $['1']: unknown key '1'; valid keys: {TOP_KEYS}"),
     # --- types and values --------------------------------------------------------------------
     case("string-for-integer", BASE + "execution:\n  max_workers: two\n", "F:9:16: $.execution.max_workers: expected an integer, got the string 'two'"),
     case("underscored-number-is-a-string", BASE + "execution:\n  max_workers: 1_000\n", "F:9:16: $.execution.max_workers: expected an integer, got the string '1_000'"),
     case("list-for-mapping", BASE + "execution:\n  - max_workers: 2\n", "F:9:3: $.execution: expected a mapping, got a list"),
-    case("mapping-for-list", BASE + "    outputs: {a: b}\n", "F:8:14: $.tasks[0].outputs: expected a list, got a mapping"),
+    case("mapping-for-list", BASE + "    outputs: {a: b}\n", "F:8:14: $.tasks[0].outputs (task 'a'): expected a list, got a mapping"),
     case("bool-for-number", BASE + "execution:\n  task_timeout: true\n", "F:9:17: $.execution.task_timeout: expected a number, got true"),
     case("null-for-mapping", "version: 1\njob:\ntasks:\n  - id: a\n    kind: shell\n    run: echo a\n", "F:2:5: $.job: expected a mapping, got null"),
     case("number-for-id", BASE.replace("id: a", "id: 12"), "F:5:9: $.tasks[0].id: expected a string, got the number 12"),
@@ -235,7 +235,7 @@ CASES = [
     case(
         "enum-kind-hint",
         BASE.replace("kind: shell", "kind: shel"),
-        "F:6:11: $.tasks[0].kind: the string 'shel' is not one of: shell, python, agent (did you mean 'shell'?)",
+        "F:6:11: $.tasks[0].kind (task 'a'): the string 'shel' is not one of: shell, python, agent (did you mean 'shell'?)",
     ),
     case("version-2", BASE.replace("version: 1", "version: 2"), "F:1:10: $.version: expected 1, got the number 2"),
     case("missing-version", BASE.replace("version: 1\n", ""), "F:1:1: $: missing required key 'version'"),
@@ -252,46 +252,46 @@ CASES = [
     case(
         "bad-env-var-names",
         BASE + "    env:\n      1BAD: x\n      OK: y\n      A-B: z\n",
-        "F:9:7: $.tasks[0].env['1BAD']: invalid name '1BAD': an environment variable name uses letters, digits, '_' and does not start with a digit",
-        "F:11:7: $.tasks[0].env['A-B']: invalid name 'A-B': an environment variable name uses letters, digits, '_' and does not start with a digit",
+        "F:9:7: $.tasks[0].env['1BAD'] (task 'a'): invalid name '1BAD': an environment variable name uses letters, digits, '_' and does not start with a digit",
+        "F:11:7: $.tasks[0].env['A-B'] (task 'a'): invalid name 'A-B': an environment variable name uses letters, digits, '_' and does not start with a digit",
     ),
     case(
         "bad-env-values",
         BASE + "    env:\n      A: [1]\n      B:\n",
-        "F:9:10: $.tasks[0].env.A: expected a string or a number or true or false, got a list",
-        "F:10:9: $.tasks[0].env.B: expected a string or a number or true or false, got null",
+        "F:9:10: $.tasks[0].env.A (task 'a'): expected a string or a number or true or false, got a list",
+        "F:10:9: $.tasks[0].env.B (task 'a'): expected a string or a number or true or false, got null",
     ),
     # --- task kinds --------------------------------------------------------------------------
-    case("shell-without-run", BASE.replace("    run: echo a\n", ""), "F:5:5: $.tasks[0]: a shell task needs 'run'"),
-    case("python-without-call", BASE.replace("kind: shell\n    run: echo a", "kind: python"), "F:5:5: $.tasks[0]: a python task needs 'call'"),
+    case("shell-without-run", BASE.replace("    run: echo a\n", ""), "F:5:5: $.tasks[0] (task 'a'): a shell task needs 'run'"),
+    case("python-without-call", BASE.replace("kind: shell\n    run: echo a", "kind: python"), "F:5:5: $.tasks[0] (task 'a'): a python task needs 'call'"),
     case(
         "agent-without-instructions",
         BASE.replace("kind: shell\n    run: echo a", "kind: agent\n    model: mini") + MODELS,
-        "F:5:5: $.tasks[0]: an agent task needs 'instructions'",
+        "F:5:5: $.tasks[0] (task 'a'): an agent task needs 'instructions'",
     ),
-    case("task-without-kind", BASE.replace("    kind: shell\n", ""), "F:5:5: $.tasks[0]: missing required key 'kind'"),
+    case("task-without-kind", BASE.replace("    kind: shell\n", ""), "F:5:5: $.tasks[0] (task 'a'): missing required key 'kind'"),
     case(
         "run-on-python-task",
         BASE.replace("kind: shell", "kind: python\n    call: cmbtoy:main"),
-        "F:8:5: $.tasks[0].run: 'run' is for shell tasks; this is a python task",
+        "F:8:5: $.tasks[0].run (task 'a'): 'run' is for shell tasks; this is a python task",
     ),
     case(
         "bad-call-format",
         BASE.replace("kind: shell\n    run: echo a", "kind: python\n    call: cmbtoy.main"),
-        "F:7:11: $.tasks[0].call: invalid value 'cmbtoy.main': expected 'package.module:function'",
+        "F:7:11: $.tasks[0].call (task 'a'): invalid value 'cmbtoy.main': expected 'package.module:function'",
     ),
     # --- ids and dependencies ----------------------------------------------------------------
     case(
         "unknown-dependency-hint",
         BASE.replace("id: a", "id: fetch") + "  - id: b\n    kind: shell\n    run: echo b\n    depends_on: [fetc]\n",
-        "F:11:18: $.tasks[1].depends_on[0]: unknown task 'fetc' (did you mean 'fetch'?)",
+        "F:11:18: $.tasks[1].depends_on[0] (task 'b'): unknown task 'fetc' (did you mean 'fetch'?)",
     ),
     case(
         "dependency-glob-matches-nothing",
         BASE + "  - id: b\n    kind: shell\n    run: echo b\n    depends_on: ['sim-*']\n",
-        "F:11:18: $.tasks[1].depends_on[0]: 'sim-*' matches no task",
+        "F:11:18: $.tasks[1].depends_on[0] (task 'b'): 'sim-*' matches no task",
     ),
-    case("self-dependency", BASE + "    depends_on: [a]\n", "F:8:18: $.tasks[0].depends_on[0]: task 'a' depends on itself"),
+    case("self-dependency", BASE + "    depends_on: [a]\n", "F:8:18: $.tasks[0].depends_on[0] (task 'a'): task 'a' depends on itself"),
     case(
         "duplicate-task-id",
         BASE + "  - id: a\n    kind: shell\n    run: echo b\n",
@@ -309,21 +309,21 @@ CASES = [
         "  - id: a\n    kind: shell\n    run: echo a\n    depends_on: [c]\n"
         "  - id: b\n    kind: shell\n    run: echo b\n    depends_on: [a]\n"
         "  - id: c\n    kind: shell\n    run: echo c\n    depends_on: [b]\n",
-        "F:8:18: $.tasks[0].depends_on[0]: dependency cycle: a -> c -> b -> a ('->' reads 'depends on')",
+        "F:8:18: $.tasks[0].depends_on[0] (task 'a'): dependency cycle: a -> c -> b -> a ('->' reads 'depends on')",
     ),
     case(
         "same-output-twice-read-by-a-third-task",
         BASE + "    outputs: [x.txt]\n  - id: b\n    kind: shell\n    run: echo b\n    outputs: [./x.txt]\n"
         "  - id: c\n    kind: shell\n    run: cat x.txt\n    inputs: [x.txt]\n",
-        "F:16:14: $.tasks[2].inputs[0]: input 'x.txt' is ambiguous: 'x.txt' is written by 'a', 'b'",
+        "F:16:14: $.tasks[2].inputs[0] (task 'c'): input 'x.txt' is ambiguous: 'x.txt' is written by 'a', 'b'",
     ),
     case(
         "paths-escaping-the-work-directory",
         BASE + "    inputs: [/etc/passwd, ../up.txt, ~/x]\n    outputs: [a/../../b, ok.txt]\n",
-        "F:8:14: $.tasks[0].inputs[0]: absolute path '/etc/passwd' escapes the task's work directory; use a relative path",
-        "F:8:27: $.tasks[0].inputs[1]: path '../up.txt' uses '..' and escapes the task's work directory",
-        "F:8:38: $.tasks[0].inputs[2]: absolute path '~/x' escapes the task's work directory; use a relative path",
-        "F:9:15: $.tasks[0].outputs[0]: path 'a/../../b' uses '..' and escapes the task's work directory",
+        "F:8:14: $.tasks[0].inputs[0] (task 'a'): absolute path '/etc/passwd' escapes the task's work directory; use a relative path",
+        "F:8:27: $.tasks[0].inputs[1] (task 'a'): path '../up.txt' uses '..' and escapes the task's work directory",
+        "F:8:38: $.tasks[0].inputs[2] (task 'a'): absolute path '~/x' escapes the task's work directory; use a relative path",
+        "F:9:15: $.tasks[0].outputs[0] (task 'a'): path 'a/../../b' uses '..' and escapes the task's work directory",
     ),
     case(
         "id-with-a-slash",
@@ -344,17 +344,17 @@ CASES = [
     case(
         "agent-model-undefined-hint",
         BASE.replace("kind: shell\n    run: echo a", "kind: agent\n    instructions: go\n    model: mino") + MODELS,
-        "F:8:12: $.tasks[0].model: model 'mino' is not defined in llm.models (did you mean 'mini'?)",
+        "F:8:12: $.tasks[0].model (task 'a'): model 'mino' is not defined in llm.models (did you mean 'mini'?)",
     ),
     case(
         "agent-without-model-or-default",
         BASE.replace("kind: shell\n    run: echo a", "kind: agent\n    instructions: go") + MODELS,
-        "F:5:5: $.tasks[0]: an agent task needs a model: set model here or llm.default_model",
+        "F:5:5: $.tasks[0] (task 'a'): an agent task needs a model: set model here or llm.default_model",
     ),
     case(
         "matrix-agent-model-undefined-once",
         BASE + "  - id: s{n}\n    kind: agent\n    instructions: go\n    model: mini\n    matrix:\n      n: [1, 2, 3]\n",
-        "F:11:12: $.tasks[1].model: model 'mini' is not defined in llm.models",
+        "F:11:12: $.tasks[1].model (task 's{n}'): model 'mini' is not defined in llm.models",
     ),
     case(
         "analysis-model-undefined-hint",
@@ -375,7 +375,7 @@ CASES = [
         "agent-without-code-execution-declares-two-outputs",
         BASE.replace("kind: shell", "kind: agent").replace("run: echo a", "instructions: go\n    outputs: [a.md, b.md]")
         + MODELS.replace("  models:", "  default_model: mini\n  models:"),
-        "F:8:14: $.tasks[0].outputs: an agent task without code_execution writes one file, its final answer: "
+        "F:8:14: $.tasks[0].outputs (task 'a'): an agent task without code_execution writes one file, its final answer: "
         "declare one output, or set code_execution: true so that its code can write more",
     ),
     case(
@@ -435,40 +435,40 @@ CASES = [
     case(
         "matrix-empty-list",
         BASE.replace("id: a", "id: a{n}") + "    matrix:\n      n: []\n",
-        "F:9:10: $.tasks[0].matrix.n: must not be an empty list",
+        "F:9:10: $.tasks[0].matrix.n (task 'a{n}'): must not be an empty list",
     ),
     case(
         "matrix-empty-mapping",
         BASE + "    matrix: {}\n",
-        "F:8:13: $.tasks[0].matrix: must not be an empty mapping",
+        "F:8:13: $.tasks[0].matrix (task 'a'): must not be an empty mapping",
     ),
     case(
         "matrix-exclude-unknown-parameter",
         BASE.replace("id: a", "id: a{n}") + "    matrix:\n      n: [1, 2]\n      exclude:\n        - {m: 1}\n",
-        "F:11:15: $.tasks[0].matrix.exclude[0].m: 'm' is not a matrix parameter",
+        "F:11:15: $.tasks[0].matrix.exclude[0].m (task 'a{n}'): 'm' is not a matrix parameter",
     ),
     case(
         "matrix-include-lacks-parameter",
         BASE.replace("id: a", "id: a{n}-{m}") + "    matrix:\n      n: [1, 2]\n      m: [x]\n      include:\n        - {n: 3}\n",
-        "F:12:11: $.tasks[0].matrix.include[0]: include entry lacks parameter 'm'",
+        "F:12:11: $.tasks[0].matrix.include[0] (task 'a{n}-{m}'): include entry lacks parameter 'm'",
     ),
     case(
         "matrix-expands-to-nothing",
         BASE.replace("id: a", "id: a{n}") + "    matrix:\n      n: [1, 2]\n      exclude:\n        - {n: 1}\n        - {n: 2}\n",
-        "F:9:7: $.tasks[0].matrix: matrix expands to no tasks (every combination is excluded)",
+        "F:9:7: $.tasks[0].matrix (task 'a{n}'): matrix expands to no tasks (every combination is excluded)",
     ),
     case(
         "matrix-bad-parameter-name",
         BASE + "    matrix:\n      a-b: [1]\n",
-        "F:9:7: $.tasks[0].matrix['a-b']: invalid name 'a-b': a matrix parameter name uses letters, digits, '_' and does not start with a digit",
+        "F:9:7: $.tasks[0].matrix['a-b'] (task 'a'): invalid name 'a-b': a matrix parameter name uses letters, digits, '_' and does not start with a digit",
     ),
     case(
         "matrix-repeated-problem-summed-up",
         BASE + "  - id: s{n}\n    kind: shell\n    run: echo\n    depends_on: [nope]\n    matrix:\n      n: [1, 2, 3, 4, 5]\n",
-        "F:11:18: $.tasks[1].depends_on[0]: unknown task 'nope' (with n=1)",
-        "F:11:18: $.tasks[1].depends_on[0]: unknown task 'nope' (with n=2)",
-        "F:11:18: $.tasks[1].depends_on[0]: unknown task 'nope' (with n=3)",
-        "F:11:18: $.tasks[1].depends_on[0]: ... and 2 more problems like these here",
+        "F:11:18: $.tasks[1].depends_on[0] (task 's{n}'): unknown task 'nope' (with n=1)",
+        "F:11:18: $.tasks[1].depends_on[0] (task 's{n}'): unknown task 'nope' (with n=2)",
+        "F:11:18: $.tasks[1].depends_on[0] (task 's{n}'): unknown task 'nope' (with n=3)",
+        "F:11:18: $.tasks[1].depends_on[0] (task 's{n}'): ... and 2 more problems like these here",
     ),
     # --- everything at once ------------------------------------------------------------------
     case(
@@ -498,12 +498,12 @@ slurm:
 """,
         "F:1:10: $.version: expected 1, got the number 2",
         "F:4:1: $.executon: unknown key 'executon' (did you mean 'execution'?)",
-        "F:7:5: $.tasks[0]: a shell task needs 'run'",
-        "F:9:15: $.tasks[0].outputs[0]: absolute path '/tmp/x' escapes the task's work directory; use a relative path",
-        "F:13:5: $.tasks[1].run: 'run' is for shell tasks; this is a python task",
-        "F:14:18: $.tasks[1].depends_on[0]: unknown task 'fech' (did you mean 'fetch'?)",
+        "F:7:5: $.tasks[0] (task 'fetch'): a shell task needs 'run'",
+        "F:9:15: $.tasks[0].outputs[0] (task 'fetch'): absolute path '/tmp/x' escapes the task's work directory; use a relative path",
+        "F:13:5: $.tasks[1].run (task 'fit'): 'run' is for shell tasks; this is a python task",
+        "F:14:18: $.tasks[1].depends_on[0] (task 'fit'): unknown task 'fech' (did you mean 'fetch'?)",
         "F:15:9: $.tasks[2].id: duplicate task id 'fetch': also made by $.tasks[0]",
-        "F:18:12: $.tasks[2].model: model 'mini' is not defined in llm.models",
+        "F:18:12: $.tasks[2].model (task 'fetch'): model 'mini' is not defined in llm.models",
         f"F:20:9: $.slurm.time: malformed Slurm time '25:61:00': {SLURM_TIME_HELP}",
         "F:21:3: $.slurm.partiton: unknown key 'partiton' (did you mean 'partition'?)",
     ),

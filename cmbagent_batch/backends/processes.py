@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from cmbagent_batch import watchdog
 from cmbagent_batch.attempt import Attempt, Outcome, Stopped
 from cmbagent_batch.backends.slots import Slots
 from cmbagent_batch.states import OutcomeReason
@@ -269,6 +270,7 @@ class _Worker:
         process = context.Process(target=_serve_calls, args=(child, held, shared), name="python-worker")
         process.start()
         child.close()
+        watchdog.track(process.pid)  # it leads its own group: ended by the watchdog if this process dies
         worker = cls(process, parent, shared)
         _live.add(worker)
         return worker
@@ -362,6 +364,7 @@ class _Worker:
         wait([self.process.sentinel], 2)
         self.signal(signal.SIGKILL)
         self.process.join(5)
+        watchdog.untrack(self.process.pid)
 
 
 def _nothing() -> None:

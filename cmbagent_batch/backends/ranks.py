@@ -30,11 +30,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Executor, Future
 from typing import TYPE_CHECKING, Any
 
+from cmbagent_batch import watchdog
 from cmbagent_batch.attempt import Attempt, Gate, Outcome, TaskContext
 from cmbagent_batch.backends.mpi.executor import RankExecutor
 from cmbagent_batch.backends.processes import WorkerProcesses
 from cmbagent_batch.backends.slots import SlotGate, Slots
-from cmbagent_batch.rundir.jsonl import JsonlWriter
+from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS, JsonlWriter
 from cmbagent_batch.rundir.layout import journal_path, work_dir
 from cmbagent_batch.states import OutcomeReason, TaskState
 from cmbagent_batch.tasks.runner import make_work_dirs, run_attempt
@@ -66,6 +67,7 @@ def serve_worker_rank(comm: Any, rank: int, ex: ExecutionSpec) -> None:
     from cmbagent_batch.backends.mpi.worker import serve
 
     this = install(rank, ex.tasks_per_rank)
+    dog = watchdog.start(ex.kill_grace)  # this rank's tasks end with it, however it dies
     stop = this.stopper(ex.kill_grace)
     # Rank 0 decides; on SIGINT and SIGTERM this rank only ends its tasks. srun passes Slurm's walltime
     # warning (SIGUSR1) to every rank: here it does nothing, as a hold or a stop comes from rank 0 (a
@@ -76,6 +78,7 @@ def serve_worker_rank(comm: Any, rank: int, ex: ExecutionSpec) -> None:
         serve(comm, worker_threads(ex.tasks_per_rank), on_stop=stop, on_hold=this.hold, on_signal=on_signal)
     finally:
         this.close()
+        dog.close()
 
 
 # --- rank 0 -----------------------------------------------------------------------------------------
@@ -263,7 +266,15 @@ class RankWorker:
         else:
             rec.update(error=outcome.error, exit_code=outcome.exit_code, timed_out=outcome.timed_out,
                        work_dir=ctx.work_dir, traceback=outcome.traceback)
-        self._journal(ctx.run_dir).append(rec)
+        try:
+            self._journal(ctx.run_dir).append(rec)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            # Rank 0 journals the end too (its journal keeps a reserve for this); a failed attempt that met
+            # the full disk stops the run there.
+            if not outcome.ok and outcome.reason is None:
+                outcome = dataclasses.replace(outcome, reason=OutcomeReason.DISK_FULL)
         return outcome
 
     def _journal(self, run_dir: str) -> JsonlWriter:

@@ -45,22 +45,30 @@ def ledger(opts: LedgerOptions) -> int:
 def summarize(args: LedgerSummarizeOptions) -> int:
     import orjson
 
+    from cmbagent_batch.ledger.intents import Intents
     from cmbagent_batch.ledger.reader import consume
-    from cmbagent_batch.ledger.summary import Summary
+    from cmbagent_batch.ledger.summary import Summary, unresolved_json, unresolved_text
 
     summary = Summary(args.by)
-    consume(args.ledgers, summary.add_all)
+    intents = Intents()
+    consume(args.ledgers, summary.add_all, intents)
     if args.format == "json":
-        sys.stdout.buffer.write(orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2) + b"\n")
+        data = summary.to_json()
+        if intents.files:  # ledgers from before intents print as they did
+            data.update(unresolved_json(intents))
+        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+    elif args.format == "csv":
+        sys.stdout.write(summary.csv())
     else:
-        sys.stdout.write(summary.csv() if args.format == "csv" else summary.table())
+        sys.stdout.write(summary.table() + (unresolved_text(intents) if intents.files else ""))
     return ExitCode.OK
 
 
 def verify(args: LedgerVerifyOptions) -> int:
     from cmbagent_batch.errors import LedgerError
     from cmbagent_batch.ledger.files import resolve
-    from cmbagent_batch.ledger.verify import anchor_problem, check_chain
+    from cmbagent_batch.ledger.summary import unresolved_text
+    from cmbagent_batch.ledger.verify import anchor_problem, check_chain, check_intents
 
     path = resolve(args.ledger)
     anchor, why_none = _anchor(args, path)
@@ -83,6 +91,14 @@ def verify(args: LedgerVerifyOptions) -> int:
         added = verdict.entries - anchor.entries
         print(f"matches {anchor.source} at line {anchor.entries} (head {anchor.head}); "
               f"{added} {'entry was' if added == 1 else 'entries were'} added after it")
+    checked = check_intents(path)
+    if checked is not None:
+        intents_file, chain, intents = checked
+        if not chain.intact:
+            print(f"{intents_file}:{chain.bad_line}: {chain.problem}")
+            return ExitCode.FAILED
+        print(f"intents intact: {chain.entries} intents, head {chain.head} ({os.path.basename(intents_file)})")
+        sys.stdout.write(unresolved_text(intents, after_table=False))
     return ExitCode.OK
 
 
@@ -128,7 +144,10 @@ def _read_json(path: str) -> Any:
 def export(args: LedgerExportOptions) -> int:
     from cmbagent_batch.ledger.export import Exporter
     from cmbagent_batch.ledger.reader import consume
-    from cmbagent_batch.rundir.atomic import atomic_output
+    from cmbagent_batch.rundir.atomic import atomic_output, writable_output
+
+    if args.output:
+        writable_output(args.output)
 
     def write(out: IO[bytes]) -> None:
         exporter = Exporter(out, args.format)
@@ -153,9 +172,11 @@ def reprice(args: LedgerRepriceOptions) -> int:
     from cmbagent_batch.ledger.files import resolve
     from cmbagent_batch.ledger.reader import consume
     from cmbagent_batch.ledger.reprice import Repricer
-    from cmbagent_batch.rundir.atomic import atomic_output
+    from cmbagent_batch.rundir.atomic import atomic_output, writable_output
     from cmbagent_batch.spec.pricing import load_table
 
+    if args.output:
+        writable_output(args.output)
     try:
         table = load_table(args.prices)
     except OSError as exc:
@@ -220,18 +241,26 @@ def report(args: LedgerReportOptions) -> int:
     from cmbagent_batch.ledger.entry import FIELDS
     from cmbagent_batch.ledger.reader import consume, run_json_beside
     from cmbagent_batch.ledger.report import render_report
-    from cmbagent_batch.rundir.atomic import write_atomic
+    from cmbagent_batch.rundir.atomic import writable_output, write_atomic
+
+    writable_output(args.output)
+    from cmbagent_batch.ledger.intents import UNKNOWN, Intents
 
     entries: list[dict[str, Any]] = []
-    consume(args.ledgers, lambda reader: entries.extend({k: e[k] for k in FIELDS} for e in reader))
+    intents = Intents()
+    consume(args.ledgers, lambda reader: entries.extend({k: e[k] for k in FIELDS} for e in reader), intents)
     budget = args.budget
     if budget is None and len(args.ledgers) == 1 and os.path.isfile(run_json_beside(args.ledgers[0])):
         value = _read_json(run_json_beside(args.ledgers[0])).get("budget_usd")
         budget = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     jobs = sorted({e["job"] for e in entries})
     title = f"Cost ledger: {', '.join(jobs) if jobs else ', '.join(args.ledgers)}"
-    page = render_report(entries, title=title, budget_usd=budget)
+    if intents.files:
+        page = render_report(entries, title=title, budget_usd=budget, unresolved=intents.unresolved)
+    else:  # a ledger from before intents
+        page = render_report(entries, title=title, budget_usd=budget)
     write_atomic(args.output, page.encode("utf-8"))
     cost = sum(e["cost_usd"] for e in entries)
-    print(f"wrote {args.output}: {len(entries)} calls, {cost:.6f} USD")
+    unknown = f", {len(intents.unresolved)} more sent with no result ({UNKNOWN})" if intents.unresolved else ""
+    print(f"wrote {args.output}: {len(entries)} calls, {cost:.6f} USD{unknown}")
     return ExitCode.OK

@@ -8,12 +8,14 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from cmbagent_batch import watchdog
 from cmbagent_batch.cli.console import warn
 from cmbagent_batch.cli.options import RunOptions
 from cmbagent_batch.errors import ExitCode, SpecError, UsageError
 from cmbagent_batch.llm import local_model
 from cmbagent_batch.plan.analysis.cache import Cache
-from cmbagent_batch.plan.cached import cache_dir
+from cmbagent_batch.plan.cached import writable_cache_dir
+from cmbagent_batch.rundir.atomic import writable_dir
 from cmbagent_batch.rundir.layout import RunLock, set_aside
 from cmbagent_batch.spec.config import Config, effective_config
 from cmbagent_batch.spec.loader import load_spec
@@ -94,18 +96,21 @@ def _run_mpi(args: RunOptions, config: Config) -> int:
 def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) -> int:
     from cmbagent_batch.execute.prepare import prepare, why_rerun
     from cmbagent_batch.execute.progress import Progress
-    from cmbagent_batch.execute.run import execute
+    from cmbagent_batch.execute.run import disk_full_advice, execute
     from cmbagent_batch.rundir.layout import resolve_run_dir
     from cmbagent_batch.states import TaskState
 
     if problems := local_model.preflight(config.spec):
         raise SpecError(problems)
     run_dir = resolve_run_dir(config.spec)
+    # The places this run writes are checked before anything starts: one clear line, not a crash half way.
+    cache = Cache(writable_cache_dir(opts.spec, opts.cache_dir), warn)
     if opts.fresh and not opts.dry_run:
         old = set_aside(run_dir)
         if old:
             print(f"cmbagent-batch: the previous run directory is kept at {old}", file=sys.stderr)
-    cache = Cache(cache_dir(opts.spec, opts.cache_dir), warn)
+    if not opts.dry_run:
+        writable_dir(run_dir, "run directory")
     prepared = prepare(config, cache, warn, run_dir=run_dir)
     if ranks is not None:  # rank 0 runs no task: a local model's server started for the analysis is done
         local_model.stop_all()
@@ -119,14 +124,20 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
         return ExitCode.OK
     os.makedirs(run_dir, exist_ok=True)
     lock = RunLock(run_dir)
-    lock.acquire()
+    lock.acquire(wait_for_dead=config.spec.execution.kill_grace + 30)
+    # Holds the lock too: a rerun cannot start while the tasks of this run, if it dies, are being ended.
+    dog = watchdog.start(config.spec.execution.kill_grace, keep_fds=(lock.fd,))
+    if dog.pid is not None:
+        lock.note(f"(its watchdog: pid {dog.pid})")
     try:
         total = len(prepared.dag.nodes)
         progress = (lambda sched: None) if opts.quiet else Progress(total)
         code, sched = execute(prepared, warn, progress, selected, ranks, walltime_grace=opts.walltime_grace,
                               walltime_file=opts.walltime_file)
     finally:
-        lock.release()
+        ending = dog.tracking > 0  # tasks left running (abandoned): the watchdog ends them, then lets the lock go
+        dog.close()
+        lock.release(unlock=not ending)
         local_model.stop_all()  # here, as os._exit below skips atexit
     counts = {s.value: n for s, n in sched.counts.items() if n}
     if not opts.quiet:
@@ -135,6 +146,8 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
         for r in sorted(sched.runs.values(), key=lambda r: r.id):
             if r.state is TaskState.FAILED:
                 print(f"  failed: {r.id} (attempt {r.attempts}): {r.reason}", file=sys.stderr)
+    if sched.disk_full is not None:
+        print(f"cmbagent-batch: stopped: {disk_full_advice(run_dir, sched.disk_full)}", file=sys.stderr)
     if sched.abandoned:
         # Python functions running in threads cannot be killed; do not wait for them at exit.
         sys.stdout.flush()

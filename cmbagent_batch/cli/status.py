@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from cmbagent_batch.cli.console import warn
@@ -11,7 +12,7 @@ from cmbagent_batch.cli.options import StatusOptions
 from cmbagent_batch.cli.slurm_status import slurm_lines, slurm_status
 from cmbagent_batch.errors import ExitCode, UsageError
 from cmbagent_batch.rundir.journal import replay
-from cmbagent_batch.rundir.layout import journal_paths, read_json, tail_lines
+from cmbagent_batch.rundir.layout import journal_paths, read_json, runner_gone, tail_lines
 from cmbagent_batch.states import TaskState
 
 # The states whose row says why and shows the end of the task's stderr.
@@ -33,7 +34,16 @@ def status(opts: StatusOptions) -> int:
             print("\n".join(slurm_lines(slurm)))
         return ExitCode.OK
     manifest = read_json(manifest_path)
-    history = replay(journal_paths(run_dir), warn)
+    journals = journal_paths(run_dir)
+    history = replay(journals, warn)
+    job_status, gone_since = manifest["status"], None
+    if job_status == "running" and runner_gone(run_dir):
+        manifest = read_json(manifest_path)  # it may have ended, and said so, since the first read
+        job_status = manifest["status"]
+    if job_status == "running" and runner_gone(run_dir):  # the runner died without a word (SIGKILL...)
+        gone_since = max([os.path.getmtime(p) for p in journals if os.path.exists(p)] or
+                         [os.path.getmtime(manifest_path)])
+        job_status = f"interrupted (runner gone since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(gone_since))})"
     rows = []
     explain: dict[str, str | None] = {}
     if opts.explain:
@@ -41,6 +51,8 @@ def status(opts: StatusOptions) -> int:
     for tid, t in sorted(manifest["tasks"].items()):
         h = history.get(tid)
         state = h.state.value if h else t["state"]
+        if gone_since is not None and state == TaskState.RUNNING.value:
+            state = TaskState.INTERRUPTED.value
         row = {"id": tid, "state": state, "attempts": h.attempts if h else t["attempts"], "rank": t.get("rank"),
                "wall_s": (h.record.get("wall_s") if h else None) or t.get("wall_s"), "work_dir": t["work_dir"]}
         if state in _TROUBLED:
@@ -51,11 +63,13 @@ def status(opts: StatusOptions) -> int:
         rows.append(row)
     ledger, budget = manifest.get("ledger"), manifest.get("budget_usd")
     if opts.format == "json":
-        print(json.dumps({"run_dir": run_dir, "job": manifest["job"], "status": manifest["status"],
+        print(json.dumps({"run_dir": run_dir, "job": manifest["job"],
+                          "status": "interrupted" if gone_since is not None else job_status,
+                          "runner_gone_since": gone_since,
                           "exit_code": manifest.get("exit_code"), "ledger": ledger, "budget_usd": budget,
                           "slurm": slurm, "tasks": rows}, indent=1))
         return ExitCode.OK
-    print(f"Job {manifest['job']} in {run_dir}: {manifest['status']}"
+    print(f"Job {manifest['job']} in {run_dir}: {job_status}"
           + (f", exit code {manifest['exit_code']}" if manifest.get("exit_code") is not None else ""))
     if slurm is not None:
         print("\n".join(slurm_lines(slurm)))

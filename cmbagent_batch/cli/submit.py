@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 
 def submit(opts: SubmitOptions) -> int:
+    from cmbagent_batch.plan.cached import writable_cache_dir
+    from cmbagent_batch.rundir.atomic import writable_dir
     from cmbagent_batch.rundir.layout import resolve_run_dir
     from cmbagent_batch.slurm import client, jobs
     from cmbagent_batch.slurm.script import JobScript, options, render, template_text
@@ -38,6 +40,9 @@ def submit(opts: SubmitOptions) -> int:
     for what, value in (("spec path", spec_path), ("run directory", run_dir)):
         if "\n" in value:
             raise UsageError(f"the {what} {value!r} holds a newline, which a job script cannot carry")
+    writable_cache_dir(opts.spec, opts.cache_dir)  # the places written, checked before anything is
+    if not opts.dry_run:
+        writable_dir(run_dir, "run directory")
     run_args = ["--run-dir", run_dir] + (["--cache-dir", os.path.abspath(opts.cache_dir)] if opts.cache_dir else [])
     job = JobScript(job_name=spec.job.name, spec=spec_path, run_dir=run_dir, work_dir=os.path.dirname(spec_path),
                     python=sys.executable, run_args=tuple(run_args), kill_grace=spec.execution.kill_grace)
@@ -122,6 +127,7 @@ def _note_in_manifest(run_dir: str, summary: dict[str, Any] | None) -> None:
 
 
 def cancel(opts: CancelOptions) -> int:
+    from cmbagent_batch.rundir.atomic import writable_dir
     from cmbagent_batch.slurm import client, jobs
 
     record = load_record(opts.run_dir)
@@ -133,6 +139,7 @@ def cancel(opts: CancelOptions) -> int:
     if info is not None and info.state not in client.ACTIVE_STATES:
         print(f"job {job_id} has already ended ({info.state}); nothing to cancel")
         return ExitCode.OK
+    writable_dir(jobs.slurm_dir(opts.run_dir), "Slurm directory")  # where the cancel is recorded
     client.cancel(job_id)
     jobs.add(opts.run_dir, "cancel", job_id)
     print(f"cancelled job {job_id}; `cmbagent-batch submit` continues the run later")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cmbagent_batch.backends import make_backend
+from cmbagent_batch.errors import DiskFullError, ExitCode
 from cmbagent_batch.execute.launch import Launcher
 from cmbagent_batch.execute.manifest import Recorder, manifest
 from cmbagent_batch.execute.prepare import Prepared, task_runs
@@ -23,6 +24,7 @@ from cmbagent_batch.execute.stop import exit_code, say_drain, stop_sources, stop
 from cmbagent_batch.ledger.costs import merge_ledger
 from cmbagent_batch.rundir.atomic import write_json_atomic
 from cmbagent_batch.rundir.journal import Journal
+from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS
 from cmbagent_batch.rundir.layout import journal_path
 from cmbagent_batch.spec import gcpause
 
@@ -53,20 +55,56 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
                       kill_grace=ex.kill_grace)
     sched = Scheduler(runs, pools, limits, options, Launcher(p, on_ranks=ranks is not None), Recorder(p, journal),
                       tick=progress, commit=journal.flush, on_drain=say_drain)
+    journal.on_full = lambda exc: sched.stop_on_full_disk(_what(exc))
     started = time.time()
     where = (backend.name, backend.processes)
     run_json = os.path.join(p.run_dir, "run.json")
-    write_json_atomic(run_json, manifest(p, p.run_id, started, None, runs, workers, backend=where))
+    try:
+        write_json_atomic(run_json, manifest(p, p.run_id, started, None, runs, workers, backend=where))
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        journal.close()
+        raise DiskFullError(f"{disk_full_advice(p.run_dir, _what(exc, run_json))}") from None
     gcpause.freeze_survivors()
     try:
         with stop_sources(sched.request_stop, walltime_grace, walltime_file):
             sched.run()
     finally:
         pools.shutdown(wait=sched.abandoned == 0)
-        journal.close()
+        try:
+            journal.close()
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            sched.disk_full = sched.disk_full or _what(exc)
+            warn(f"the last state changes could not be journaled ({_what(exc)}): the tasks they record run again")
     code = exit_code(sched.stop_reason, sched.counts)
+    if sched.disk_full is not None and not code:  # records lost: the tasks they record run again
+        code = ExitCode.FAILED
     ledger = merge_ledger(p.run_dir, warn)
-    write_json_atomic(run_json, manifest(p, p.run_id, started, time.time(), runs, workers, exit_code=code,
-                                         stop=stop_that_counts(sched.stop_reason, sched.counts), ledger=ledger,
-                                         backend=where))
+    try:
+        write_json_atomic(run_json, manifest(p, p.run_id, started, time.time(), runs, workers, exit_code=code,
+                                             stop=stop_that_counts(sched.stop_reason, sched.counts), ledger=ledger,
+                                             backend=where))
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        sched.disk_full = sched.disk_full or _what(exc, run_json)  # the journal holds the states; status reads it
+        code = code or ExitCode.FAILED
     return code, sched
+
+
+def _what(exc: OSError, path: str | None = None) -> str:
+    return f"{exc.filename or path or 'a file'}: {exc.strerror or exc}"
+
+
+def disk_full_advice(run_dir: str, what: str) -> str:
+    """What to say when the run directory's file system is full: which file system, what failed, and how
+    to continue."""
+    mount = os.path.abspath(run_dir)
+    while not os.path.ismount(mount) and os.path.dirname(mount) != mount:
+        mount = os.path.dirname(mount)
+    return (f"the file system holding {run_dir} (mounted at {mount}) is full or over its quota ({what}); "
+            "nothing new was started and the journal keeps every task that ended. Free space (or ask for "
+            "more quota), then run the same command again: it continues where this run stopped")

@@ -38,7 +38,7 @@ from cmbagent_batch.execute.admission import Admission, Clock, Unit
 from cmbagent_batch.execute.outcomes import outcomes_of
 from cmbagent_batch.execute.runs import DrainEvent, Limits, Options, Pools, TaskRun
 from cmbagent_batch.execute.stop import StopAction, StopControl
-from cmbagent_batch.states import DONE_STATES, FINAL_STATES, StopReason, TaskState
+from cmbagent_batch.states import DONE_STATES, FINAL_STATES, OutcomeReason, StopReason, TaskState
 
 
 class Scheduler:
@@ -75,6 +75,7 @@ class Scheduler:
         self._gates: dict[str, Gate] = {}  # gate of each running attempt that has one
         self._unsettled: list[Gate] = []  # gates of failed attempts, whose slots wait for a possible stop
         self.abandoned = 0  # attempts still running in threads when the run ended
+        self.disk_full: str | None = None  # what could not be written when the file system filled up
         self.host = socket.gethostname()
         self.counts = {s: 0 for s in TaskState}
 
@@ -92,6 +93,12 @@ class Scheduler:
         Callable from a signal handler: it only sets fields and wakes the scheduler thread."""
         self.stop.request(reason, drain)
         self._events.put(None)
+
+    def stop_on_full_disk(self, what: str) -> None:
+        """The run directory's file system is full (or the quota used up): ``what`` could not be written.
+        Stops the run (nothing new starts, the running attempts are ended); callable from any thread."""
+        self.disk_full = self.disk_full or what
+        self.request_stop(StopReason.DISK_FULL)
 
     def run(self) -> None:
         for r in self.runs.values():
@@ -277,6 +284,9 @@ class Scheduler:
             return
         r.outcome = outcome
         r.wall_s = outcome.wall_s or (self._clock() - r.started)
+        if outcome.reason is OutcomeReason.DISK_FULL:  # not the task's fault: the run stops
+            self.stop_on_full_disk(f"task {r.id}: {outcome.error}")
+            stop = self.stop.reason
         if outcome.ok:
             self.admission.observed(r)
             self._set(r, TaskState.SUCCEEDED, attempt=r.attempts)

@@ -25,7 +25,7 @@ from cmbagent_batch.execute.runs import DrainEvent, DrainStep
 from cmbagent_batch.states import DONE_STATES, FAILED_STATES, OutcomeReason, StopReason, TaskState
 
 # Outcomes that say the runner itself ended the attempt (or kept it from starting).
-_BY_THE_RUNNER = frozenset({OutcomeReason.TERMINATED_BY_RUNNER, OutcomeReason.NOT_STARTED})
+_BY_THE_RUNNER = frozenset({OutcomeReason.TERMINATED_BY_RUNNER, OutcomeReason.NOT_STARTED, OutcomeReason.DISK_FULL})
 # How a worker process ends when the job's processes are told to stop (Slurm signals all of them at the walltime).
 _STOP_SIGNALS = frozenset({-signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT})
 

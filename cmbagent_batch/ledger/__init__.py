@@ -5,6 +5,7 @@ package, e.g. the report, imports no other)::
 
     from cmbagent_batch.ledger.entry import make_entry      # the fields, checked
     from cmbagent_batch.ledger.journal import JournalWriter, next_call_id   # durable appends per rank
+    from cmbagent_batch.ledger.costs import CallRecorder    # intent before each call, entry after it
     from cmbagent_batch.ledger.meter import SpendMeter      # spent so far, for budgets
     from cmbagent_batch.ledger.merge import merge           # journals -> RUN_DIR/ledger.jsonl
 
@@ -14,6 +15,7 @@ package, e.g. the report, imports no other)::
 
 The offline commands (``cmbagent-batch ledger ...``, in ``cli/ledger.py``) read the files with
 ``reader.py``; ``verify.py``, ``summary.py``, ``export.py``, ``reprice.py`` and ``diff.py`` do one
-command's work each; ``chain.py`` is the hash chain, ``files.py`` the paths and fast file I/O. Nothing
-here imports an LLM client.
+command's work each; ``chain.py`` is the hash chain, ``files.py`` the paths and fast file I/O,
+``intents.py`` the calls announced before they are sent and their pairing with results. Nothing here
+imports an LLM client.
 """

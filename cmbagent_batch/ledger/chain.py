@@ -2,10 +2,10 @@
 
 A line is ``{"seq":N,"prev":"<hash of line N-1>",<the entry's fields in FIELDS order>,"hash":"<h>"}``
 where ``h`` is the sha256 of the line's bytes before ``,"hash":"``, and the first line's ``prev`` is
-64 zeros. A reader checks a line without re-serialising it: the start must be exactly
-``{"seq":N,"prev":"<previous hash>",`` and the hash of the bytes before the last ``,"hash":"`` must be
-the one written after it. A string value cannot hide a ``,"hash":"`` since JSON escapes its quotes.
-Everything here is pure.
+64 zeros (``ledger.intents.jsonl`` is chained the same way, with an intent's fields). A reader checks a
+line without re-serialising it: the start must be exactly ``{"seq":N,"prev":"<previous hash>",`` and the
+hash of the bytes before the last ``,"hash":"`` must be the one written after it. A string value cannot
+hide a ``,"hash":"`` since JSON escapes its quotes. Everything here is pure.
 """
 
 from __future__ import annotations
@@ -25,19 +25,22 @@ TAIL = len(HASH_MARK) + 64 + 2  # bytes of ,"hash":"<64 hex>"} at the end of a l
 _START = re.compile(rb'\{"seq":(\d+),"prev":"([0-9a-f]{64})",')
 
 
-def chain_line(seq: int, prev: str, entry: Mapping[str, Any]) -> tuple[bytes, str]:
-    """Line ``seq`` (newline included) holding ``entry`` after a line whose hash is ``prev``; and its hash."""
-    body = orjson.dumps({"seq": seq, "prev": prev, **{k: entry[k] for k in FIELDS}})
+def chain_line(seq: int, prev: str, entry: Mapping[str, Any],
+               fields: tuple[str, ...] = FIELDS) -> tuple[bytes, str]:
+    """Line ``seq`` (newline included) holding ``entry``'s ``fields`` after a line whose hash is ``prev``;
+    and its hash."""
+    body = orjson.dumps({"seq": seq, "prev": prev, **{k: entry[k] for k in fields}})
     prefix = body[:-1]
     digest = hashlib.sha256(prefix).hexdigest()
     return b"%s%s%s\"}\n" % (prefix, HASH_MARK, digest.encode("ascii")), digest
 
 
-def chain_lines(entries: Iterable[Mapping[str, Any]], seq: int = 0, prev: str = GENESIS) -> Iterator[bytes]:
+def chain_lines(entries: Iterable[Mapping[str, Any]], seq: int = 0, prev: str = GENESIS,
+                fields: tuple[str, ...] = FIELDS) -> Iterator[bytes]:
     """The lines holding ``entries``, continuing a chain of ``seq`` lines whose last hash is ``prev``."""
     for entry in entries:
         seq += 1
-        line, prev = chain_line(seq, prev, entry)
+        line, prev = chain_line(seq, prev, entry, fields)
         yield line
 
 

@@ -1,7 +1,8 @@
-"""From a model call to a ledger entry, appended to the rank's ledger journal as soon as the call ends.
+"""From a model call to a ledger entry, appended to the rank's ledger journal as soon as the call ends,
+after its intent, appended before it was sent (``intents.py``).
 
-Used by agent processes (every HTTP attempt, as it happens) and by dependency analysis (its calls, once
-the analysis ends). Imports neither ag2 nor openai.
+Used by agent processes and by dependency analysis, for every HTTP attempt as it happens. Imports
+neither ag2 nor openai.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from cmbagent_batch.errors import BatchError
 from cmbagent_batch.ledger.entry import ANALYSIS_AGENT, make_entry
-from cmbagent_batch.ledger.journal import JournalWriter, next_call_id
+from cmbagent_batch.ledger.intents import UNKNOWN, describe, endpoint_host, estimate_tokens, make_intent
+from cmbagent_batch.ledger.journal import IntentWriter, JournalWriter, next_call_id
 from cmbagent_batch.spec.model import JobSpec
 from cmbagent_batch.spec.pricing import Price, call_cost
 
@@ -51,11 +53,29 @@ class CallRecorder:
     cost_usd: float = 0.0
     entries: list[dict[str, Any]] = field(default_factory=list)
     _writer: Any = None
+    _intents: Any = None
+
+    def intend(self, *, started: str, url: str | None, prompt_chars: int) -> dict[str, Any]:
+        """Append the intent of the next call (durably), before it is sent, and return it: the call's
+        ``record`` gets it back, so that its entry has the intent's id and timestamp."""
+        self.calls += 1
+        intent = make_intent(
+            id=next_call_id(self.run_id, self.rank), job=self.job, run_id=self.run_id, source=self.source,
+            task=self.task, attempt=self.attempt, call=self.calls, rank=self.rank, host=self.host, pid=os.getpid(),
+            agent=self.agent, model=self.model.key, requested_model=self.model.model, endpoint=endpoint_host(url),
+            prompt_chars=prompt_chars, prompt_tokens_estimate=estimate_tokens(prompt_chars), timestamp=started,
+        )
+        if self._intents is None:
+            self._intents = IntentWriter(self.run_dir, self.rank)
+        self._intents.append(intent)
+        return intent
 
     def record(self, *, started: str, latency_s: float, status: str, error: str | None = None,
                reported_model: str | None = None, prompt_tokens: int = 0, cached_prompt_tokens: int = 0,
-               completion_tokens: int = 0, reasoning_tokens: int = 0) -> dict[str, Any]:
-        """Append one call to the ledger journal (durably) and return its entry. Counts an endpoint reports
+               completion_tokens: int = 0, reasoning_tokens: int = 0,
+               intent: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Append one call to the ledger journal (durably) and return its entry: the result of ``intent``
+        (its id, number and timestamp), or of a call that had none. Counts an endpoint reports
         inconsistently (cached above prompt, reasoning above completion) are capped, with a warning."""
         if cached_prompt_tokens > prompt_tokens or reasoning_tokens > completion_tokens:
             print(f"warning: the endpoint reported {cached_prompt_tokens} cached of {prompt_tokens} prompt tokens "
@@ -63,12 +83,16 @@ class CallRecorder:
                   "parts at their totals", file=sys.stderr)
             cached_prompt_tokens = min(cached_prompt_tokens, prompt_tokens)
             reasoning_tokens = min(reasoning_tokens, completion_tokens)
-        self.calls += 1
+        if intent is None:
+            self.calls += 1
+            call_id, number = next_call_id(self.run_id, self.rank), self.calls
+        else:
+            call_id, number, started = intent["id"], intent["call"], intent["timestamp"]
         price = self.model.price
         cost = call_cost(price, prompt_tokens, cached_prompt_tokens, completion_tokens)
         entry = make_entry(
-            id=next_call_id(self.run_id, self.rank), job=self.job,
-            run_id=self.run_id, source=self.source, task=self.task, attempt=self.attempt, call=self.calls,
+            id=call_id, job=self.job,
+            run_id=self.run_id, source=self.source, task=self.task, attempt=self.attempt, call=number,
             rank=self.rank, host=self.host, pid=os.getpid(), agent=self.agent, model=self.model.key,
             requested_model=self.model.model, reported_model=reported_model, prompt_tokens=prompt_tokens,
             cached_prompt_tokens=cached_prompt_tokens, completion_tokens=completion_tokens,
@@ -83,9 +107,11 @@ class CallRecorder:
         return entry
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        for name in ("_intents", "_writer"):
+            writer = getattr(self, name)
+            if writer is not None:
+                setattr(self, name, None)
+                writer.close()
 
 
 class ModelCall(Protocol):
@@ -111,11 +137,26 @@ class ModelCall(Protocol):
     def reasoning_tokens(self) -> int: ...
 
 
-def analysis_recorder(run_dir: str, spec: JobSpec, run_id: str, host: str) -> Callable[[Sequence[ModelCall]], None]:
-    """A ``record_calls`` for ``analyse``: analysis calls (``LlmCall``s) into rank 0's ledger journal."""
-    made: list[CallRecorder] = []
+@runtime_checkable
+class ModelIntent(Protocol):
+    """A model call about to be sent (``plan.analysis.llm.LlmIntent`` is one)."""
 
-    def record(calls: Sequence[ModelCall]) -> None:
+    @property
+    def started_at(self) -> str: ...
+    @property
+    def base_url(self) -> str | None: ...
+    @property
+    def prompt_chars(self) -> int: ...
+
+
+def analysis_recorder(run_dir: str, spec: JobSpec, run_id: str,
+                      host: str) -> Callable[[Sequence[ModelCall | ModelIntent]], None]:
+    """A ``record_calls`` for ``analyse``: analysis calls (``LlmCall``s) into rank 0's ledger journal, each
+    after its intent (an ``LlmIntent``, given before the call is sent)."""
+    made: list[CallRecorder] = []
+    sent: dict[str, dict[str, Any]] = {}  # intents waiting for their call, by the time it was sent
+
+    def record(calls: Sequence[ModelCall | ModelIntent]) -> None:
         if not made:
             m = spec.llm.models[spec.analysis.model or spec.llm.default_model or ""]
             assert m.price is not None  # the loader refuses unpriced models
@@ -125,10 +166,14 @@ def analysis_recorder(run_dir: str, spec: JobSpec, run_id: str, host: str) -> Ca
         recorder = made[0]
         try:
             for c in calls:
+                if isinstance(c, ModelIntent):
+                    sent[c.started_at] = recorder.intend(started=c.started_at, url=c.base_url,
+                                                         prompt_chars=c.prompt_chars)
+                    continue
                 recorder.record(started=c.started_at, latency_s=c.latency_s, status=c.status, error=c.error,
                                 reported_model=c.reported_model, prompt_tokens=c.prompt_tokens,
                                 cached_prompt_tokens=c.cached_prompt_tokens, completion_tokens=c.completion_tokens,
-                                reasoning_tokens=c.reasoning_tokens)
+                                reasoning_tokens=c.reasoning_tokens, intent=sent.pop(c.started_at, None))
         finally:
             recorder.close()
 
@@ -176,4 +221,6 @@ def merge_ledger(run_dir: str, warn: Callable[[str], None]) -> dict[str, Any] | 
         return None
     for problem in result.problems:
         warn(f"ledger: {problem}")
+    for intent in result.unresolved:
+        warn(f"ledger: a call was sent and no result recorded ({UNKNOWN}): {describe(intent)}")
     return result.manifest() if result.entries else None

@@ -2,7 +2,9 @@
 
     RUN_DIR/
       ledger.jsonl               the merged, hash-chained ledger (``chain.py``)
+      ledger.intents.jsonl       the merged intents, chained the same way (``intents.py``)
       ledger/rank-NNNN.jsonl     a rank's journal: entries appended as calls end (``journal.py``)
+      ledger/intents-NNNN.jsonl  a rank's intents: appended before each call is sent
       ledger/merge.lock          held by ``merge``
 
 Files are read in large chunks and split into lines here, so a 10^6-line ledger streams through in
@@ -18,6 +20,7 @@ from typing import IO
 from cmbagent_batch.errors import LedgerError
 
 LEDGER_FILE = "ledger.jsonl"
+INTENTS_FILE = "ledger.intents.jsonl"
 JOURNAL_DIR = "ledger"
 _CHUNK = 1 << 23  # bytes read at once
 
@@ -36,12 +39,40 @@ def journal_path(run_dir: str, rank: int) -> str:
 
 def journal_paths(run_dir: str) -> list[str]:
     """Every rank journal of the run, in rank order."""
+    return _per_rank(run_dir, "rank-")
+
+
+def _per_rank(run_dir: str, prefix: str) -> list[str]:
+    """The files ``PREFIXNNNN.jsonl`` of the ledger's journal directory, in rank order."""
     directory = journal_dir(run_dir)
     try:
-        names = sorted(n for n in os.listdir(directory) if n.startswith("rank-") and n.endswith(".jsonl"))
+        names = sorted(n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".jsonl"))
     except FileNotFoundError:
         return []
     return [os.path.join(directory, n) for n in names]
+
+
+def intents_path(run_dir: str) -> str:
+    return os.path.join(run_dir, INTENTS_FILE)
+
+
+def intents_journal_path(run_dir: str, rank: int) -> str:
+    return os.path.join(journal_dir(run_dir), f"intents-{rank:04d}.jsonl")
+
+
+def intents_journal_paths(run_dir: str) -> list[str]:
+    """Every rank's intents journal, in rank order."""
+    return _per_rank(run_dir, "intents-")
+
+
+def intents_beside(ledger: str) -> str:
+    """The intents file that goes with a ledger file: ``ledger.intents.jsonl`` for ``ledger.jsonl`` (any
+    ``X.jsonl``: ``X.intents.jsonl``), ``intents-NNNN.jsonl`` for a rank journal ``rank-NNNN.jsonl``."""
+    directory, name = os.path.split(ledger)
+    if name.startswith("rank-") and name.endswith(".jsonl"):
+        return os.path.join(directory, "intents-" + name[len("rank-"):])
+    stem = name[:-len(".jsonl")] if name.endswith(".jsonl") else name
+    return os.path.join(directory, stem + ".intents.jsonl")
 
 
 def resolve(path: str) -> str:

@@ -21,7 +21,8 @@ from typing import Any
 import orjson
 
 from cmbagent_batch.ledger.entry import FIELDS, call_id
-from cmbagent_batch.ledger.files import journal_path
+from cmbagent_batch.ledger.files import intents_journal_path, journal_path
+from cmbagent_batch.ledger.intents import INTENT_FIELDS
 from cmbagent_batch.rundir.jsonl import JsonlWriter
 
 _calls = itertools.count(1)
@@ -57,9 +58,10 @@ class JournalWriter(JsonlWriter):
     """
 
     record_name = "ledger entry"
+    single_writer = False  # the agent processes of a rank append to the same file
 
-    def __init__(self, run_dir: str, rank: int) -> None:
-        super().__init__(journal_path(run_dir, rank), sync_interval=0.0)
+    def __init__(self, run_dir: str, rank: int, path: str | None = None) -> None:
+        super().__init__(path or journal_path(run_dir, rank), sync_interval=0.0)
 
     def encode_line(self, record: Mapping[str, Any]) -> bytes:
         return encode_entry(record)
@@ -83,6 +85,19 @@ class JournalWriter(JsonlWriter):
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = self._open()
+
+
+class IntentWriter(JournalWriter):
+    """Appends intents (``intents.make_intent``) to ``RUN_DIR/ledger/intents-NNNN.jsonl``, the same way:
+    one write and an fsync each, share-locked against ``merge``."""
+
+    record_name = "ledger intent"
+
+    def __init__(self, run_dir: str, rank: int) -> None:
+        super().__init__(run_dir, rank, intents_journal_path(run_dir, rank))
+
+    def encode_line(self, record: Mapping[str, Any]) -> bytes:
+        return orjson.dumps({k: record[k] for k in INTENT_FIELDS}, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def parse_line(line: bytes) -> tuple[Any, str | None]:

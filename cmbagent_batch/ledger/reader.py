@@ -4,7 +4,8 @@ Any file of entries reads: the chained ``ledger.jsonl`` (its ``seq``, ``prev`` a
 along), a rank journal, or a run directory (its ledger.jsonl). The first entry of each file is checked
 in full, so a file that is not a ledger is refused at its first line; later lines are checked only as
 far as the command uses them (``consume`` turns a KeyError, TypeError or ValueError into an
-error naming the line), which keeps 10^6 lines to seconds.
+error naming the line), which keeps 10^6 lines to seconds. Given an ``Intents``, a reader also reads
+the intents file beside each ledger file and pairs its intents with the entries (``intents.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import orjson
 from cmbagent_batch.errors import LedgerError
 from cmbagent_batch.ledger.entry import entry_problem
 from cmbagent_batch.ledger.files import Lines, resolve
+from cmbagent_batch.ledger.intents import Intents
 
 _NOT_JSON = "not a JSON object: a ledger holds one entry per line"
 
@@ -25,14 +27,18 @@ _NOT_JSON = "not a JSON object: a ledger holds one entry per line"
 class EntryReader:
     """The entries of one ledger file; ``line`` is the number of the last one given."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, intents: Intents | None = None) -> None:
         self.path = resolve(path)
         self.line = 0
         self.entry: Any = None
+        self.intents = intents
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         lines = Lines(self.path)
         loads = orjson.loads
+        intents = self.intents
+        if intents is not None:
+            intents.open(self.path)
         for raw in lines:
             self.line += 1
             try:
@@ -41,10 +47,14 @@ class EntryReader:
                 raise self.error(_NOT_JSON) from None
             if self.line == 1 or type(self.entry) is not dict:
                 self.check()
+            if intents is not None and intents.pending:
+                intents.see(self.entry)
             yield self.entry
         if lines.tail:
             self.line += 1
             raise self.error("incomplete last line: the file ends in the middle of an entry")
+        if intents is not None:
+            intents.close()
 
     def check(self) -> None:
         """Refuse the current entry unless it is a whole ledger entry."""
@@ -61,10 +71,12 @@ class EntryReader:
         return LedgerError(f"{self.path}:{self.line}: {message}")
 
 
-def consume(paths: Iterable[str], use: Callable[[Iterable[dict[str, Any]]], object]) -> None:
-    """Give ``use`` the entries of each file in turn; an entry it cannot use becomes a FILE:LINE error."""
+def consume(paths: Iterable[str], use: Callable[[Iterable[dict[str, Any]]], object],
+            intents: Intents | None = None) -> None:
+    """Give ``use`` the entries of each file in turn; an entry it cannot use becomes a FILE:LINE error.
+    With ``intents``, the intents beside each file are paired with its entries there."""
     for path in paths:
-        reader = EntryReader(path)
+        reader = EntryReader(path, intents)
         try:
             use(reader)
         except (KeyError, TypeError, ValueError):

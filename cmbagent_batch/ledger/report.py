@@ -1,8 +1,10 @@
 """The ``ledger report`` page: one self-contained HTML document made from ledger entries.
 
-Pure: no I/O, no clock, standard library only. The page fetches nothing (inline CSS, charts as inline
-SVG, no script; a Content-Security-Policy says so to the browser too). Every string that comes from the
-ledger is HTML-escaped. Figures a test or a script may read carry ``id`` and ``data-value``.
+Pure: no I/O, no clock, standard library only. The page fetches nothing (inline CSS, charts as inline SVG, no script; a
+Content-Security-Policy says so to the browser too). Every string that comes from the ledger is
+HTML-escaped. Figures a test or a script may read carry ``id`` and ``data-value``. Calls sent with no
+result recorded (unresolved intents) get a card and a table of their own, marked ``unknown: possibly
+billed``; a ledger from before intents renders as it always has.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ MAX_CHART_POINTS = 2000  # the cumulative cost line, whatever the number of call
 MAX_GROUP_ROWS = 200  # rows of a breakdown table; the rest is summed in one line
 MAX_FAILED_ROWS = 500  # latest failed calls listed
 MAX_ERROR_CHARS = 400  # of one error message
+UNKNOWN = "unknown: possibly billed"  # intents.UNKNOWN, spelled out: this module imports only the standard library
 
 _CSS = """
 :root{--fg:#1f2933;--muted:#616e7c;--line:#e4e7eb;--bg:#f5f7fa;--accent:#2f6fdf;--bad:#c62828}
@@ -244,6 +247,26 @@ def _failed_table(failed: list[tuple[datetime | None, Entry]]) -> str:
             f'<tbody>{"".join(rows)}</tbody></table></section>')
 
 
+def _unresolved_table(unresolved: list[Entry]) -> str:
+    rows = []
+    for i in unresolved[:MAX_FAILED_ROWS]:
+        task = "(analysis)" if i.get("task") is None else i["task"]
+        cells = (_show_time(_time(i.get("timestamp")), i.get("timestamp")), task, i.get("attempt") or "",
+                 i.get("agent") or "", i.get("requested_model") or "", i.get("endpoint") or "")
+        rows.append("".join(f"<td>{_esc(c)}</td>" for c in cells)
+                    + f'<td class="n">{_int(i.get("prompt_chars")):,}</td>'
+                    f'<td class="n">{_int(i.get("prompt_tokens_estimate")):,}</td><td class="err">{_esc(UNKNOWN)}</td>')
+    if len(unresolved) > MAX_FAILED_ROWS:
+        rows.append(f'<td colspan="9">and {len(unresolved) - MAX_FAILED_ROWS:,} more</td>')
+    if not rows:
+        rows.append('<td colspan="9">every call sent has its result</td>')
+    head = "".join(f"<th>{h}</th>" for h in ("time (UTC)", "task", "attempt", "agent", "model", "endpoint"))
+    head += '<th class="n">prompt characters</th><th class="n">~prompt tokens</th><th>cost</th>'
+    return (f'<section id="unresolved-calls"><h2>Sent with no result ({len(unresolved):,}): {_esc(UNKNOWN)}</h2>'
+            f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(f"<tr>{r}</tr>" for r in rows)}</tbody>'
+            "</table></section>")
+
+
 def _card(label: str, ident: str, data_value: object, shown: str, detail: str = "", css: str = "") -> str:
     """``detail`` is HTML, already escaped."""
     return (f'<div class="card"><div class="label">{_esc(label)}</div><div class="value {css}" id="{ident}" '
@@ -254,11 +277,14 @@ def _num(ident: str, n: int) -> str:
     return f'<span id="{ident}" data-value="{n}">{n:,}</span>'
 
 
-def render_report(entries: list[Entry], *, title: str, budget_usd: float | None) -> str:
+def render_report(entries: list[Entry], *, title: str, budget_usd: float | None,
+                  unresolved: list[Entry] | None = None) -> str:
     """A complete HTML document summing up ``entries`` (ledger records, in any order): totals, breakdowns
     by requested model, agent and task, cumulative cost over time and the latest failed calls.
 
-    ``budget_usd`` is the job's budget, or ``None`` for "no budget set". Nothing in the page is fetched.
+    ``budget_usd`` is the job's budget, or ``None`` for "no budget set". ``unresolved`` are the intents with
+    no result, or ``None`` when the ledgers have no intents (then the page is as it was before intents).
+    Nothing in the page is fetched.
     """
     costs = [float(e.get("cost_usd") or 0.0) for e in entries]
     total_cost = math.fsum(costs)
@@ -284,6 +310,11 @@ def render_report(entries: list[Entry], *, title: str, budget_usd: float | None)
               f'<div class="kv"><span>ok</span>{_num("calls-ok", len(entries) - errors)}'
               f'<span>error</span>{_num("calls-error", errors)}</div>'),
     ]
+    if unresolved is not None:
+        chars = sum(_int(i.get("prompt_chars")) for i in unresolved)
+        cards.append(_card("sent, no result", "unresolved", len(unresolved), f"{len(unresolved):,}",
+                           f"{_esc(UNKNOWN)}: not in the total cost; {chars:,} prompt characters"
+                           if unresolved else "every call sent has its result", "over" if unresolved else ""))
     if budget_usd is None:
         cards.append(_card("budget used", "budget-used", "", "no budget set"))
     else:
@@ -319,5 +350,7 @@ def render_report(entries: list[Entry], *, title: str, budget_usd: float | None)
         f"<section><h2>Cumulative cost</h2>{_cost_chart([t for t, _ in timed], cumulative, budget_usd)}</section>\n"
         f'<div class="grid">{_group_table("by-model", "By model", by_model, total_cost)}'
         f'{_group_table("by-agent", "By agent", by_agent, total_cost)}</div>\n'
-        f'{_group_table("by-task", "By task", by_task, total_cost)}\n{_failed_table(failed)}\n</body></html>\n'
+        f'{_group_table("by-task", "By task", by_task, total_cost)}\n{_failed_table(failed)}\n'
+        + ("" if unresolved is None else _unresolved_table(unresolved) + "\n")
+        + "</body></html>\n"
     )

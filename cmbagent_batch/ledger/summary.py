@@ -1,6 +1,8 @@
 """``ledger summarize``: calls, tokens and cost per model, task, agent, rank, attempt or day.
 
-One pass over the entries, a few dict operations each; nothing but the groups is kept.
+One pass over the entries, a few dict operations each; nothing but the groups is kept. Calls sent with no
+result recorded (unresolved intents, ``intents.py``) are not in the groups, whose cost they would make
+look known: they are counted apart, as ``unknown: possibly billed``, when the ledgers have intents.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from collections.abc import Callable, Iterable
 from operator import itemgetter
 from typing import Any
 
+from cmbagent_batch.ledger.intents import INTENT_FIELDS, UNKNOWN, Intents, describe
 from cmbagent_batch.ledger.tables import csv_text, text_table
 
 # --by -> the key's field names in the output, and how an entry gives its key
@@ -23,6 +26,7 @@ GROUPINGS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], Any]]] = 
 COUNTS = ("calls", "errors", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "reasoning_tokens")
 SHORT = ("calls", "errors", "prompt", "cached", "completion", "reasoning")  # table headers: tokens understood
 JSON_COUNTS = ("calls", "prompt_tokens", "completion_tokens")
+LISTED = 20  # unresolved calls listed one a line in the text output
 
 
 class Summary:
@@ -83,6 +87,28 @@ class Summary:
 
     def csv(self) -> str:
         return csv_text([*self.names, *COUNTS, "cost_usd"], self.rows()[:-1])
+
+
+def unresolved_json(intents: Intents) -> dict[str, Any]:
+    """What the JSON output adds when the ledgers have intents: how many, how many have no result, and those."""
+    unresolved = intents.unresolved
+    return {"intents": intents.count, "unresolved": len(unresolved), "unresolved_cost": UNKNOWN if unresolved else None,
+            "unresolved_calls": [{k: i[k] for k in INTENT_FIELDS} for i in unresolved]}
+
+
+def unresolved_text(intents: Intents, after_table: bool = True) -> str:
+    """What the table output (and ``verify``, ``after_table`` false) adds when the ledgers have intents: the
+    unresolved count, then those calls."""
+    unresolved = intents.unresolved
+    if not unresolved:
+        return f"unresolved: 0 (every one of {intents.count:,} calls sent has its result)\n"
+    chars = sum(i["prompt_chars"] for i in unresolved)
+    lines = [f"unresolved: {len(unresolved):,} call{'s' if len(unresolved) != 1 else ''} sent with no result "
+             f"recorded, {UNKNOWN} ({chars:,} prompt characters{'; not in the table above' if after_table else ''})"]
+    lines.extend(f"  {describe(i)}" for i in unresolved[:LISTED])
+    if len(unresolved) > LISTED:
+        lines.append(f"  ... and {len(unresolved) - LISTED:,} more (--format json lists them all)")
+    return "\n".join(lines) + "\n"
 
 
 def _order(value: Any) -> tuple[bool, str, Any]:

@@ -3,15 +3,23 @@
 The chain alone shows an edited, deleted, moved or inserted line and a cut in the middle of a line.
 A cut at a line boundary leaves a shorter chain that is whole; only a head hash and entry count kept
 elsewhere (``run.json``'s ``ledger`` record, or given on the command line) show it.
+
+The intents file beside the ledger (``intents.py``) is a chain of its own, checked the same way; its
+intents that were not paired when merged are looked for in the ledger, and those still without a result
+are the calls possibly billed. No record anchors it: a cut at one of its line boundaries would not show.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
+import orjson
+
 from cmbagent_batch.ledger.chain import GENESIS, HASH_MARK, TAIL, line_problem
-from cmbagent_batch.ledger.files import Lines
+from cmbagent_batch.ledger.files import Lines, intents_beside
+from cmbagent_batch.ledger.intents import Intents
 
 _MARK = len(HASH_MARK)
 
@@ -80,3 +88,25 @@ def anchor_problem(verdict: Verdict, anchor: Anchor) -> str | None:
         return (f"line {anchor.entries} has hash {verdict.at_anchor} where {anchor.source} records head "
                 f"{anchor.head}: the ledger was rewritten")
     return None
+
+
+def check_intents(ledger: str) -> tuple[str, Verdict, Intents] | None:
+    """The intents file beside ``ledger``, its chain's verdict, and (when intact) its intents paired with
+    the ledger's entries; None when there is no intents file (a ledger from before intents)."""
+    path = intents_beside(ledger)
+    if not os.path.isfile(path):
+        return None
+    verdict = check_chain(path)
+    intents = Intents()
+    if verdict.intact:
+        intents.open(ledger)
+        if intents.pending:  # merged unpaired: a result may have come in a later merge
+            for line in Lines(ledger):
+                try:
+                    intents.see(orjson.loads(line))
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    continue  # the chain is intact: a line that is no entry was written so, and pairs nothing
+                if not intents.pending:
+                    break
+        intents.close()
+    return path, verdict, intents

@@ -18,6 +18,7 @@ from cmbagent_batch.plan.analysis.cache import Cache, digest
 from cmbagent_batch.plan.analysis.deps import ANALYSIS_VERSION, analyse
 from cmbagent_batch.plan.analysis.llm_reply import PROMPT_VERSION
 from cmbagent_batch.plan.build import build_dag, make_plan
+from cmbagent_batch.rundir.atomic import writable_dir
 from cmbagent_batch.rundir.layout import resolve_run_dir, server_logs
 from cmbagent_batch.spec.config import ENV_VARS, SWITCHES, Flags, effective_config
 from cmbagent_batch.spec.loader import load_spec_bytes
@@ -34,6 +35,12 @@ def cache_dir(spec_path: str, flag: str | None) -> str:
     if chosen is not None and not chosen.strip():
         raise UsageError(f"environment variable CMBAGENT_CACHE_DIR={chosen!r}: expected a non-empty value")
     return chosen or os.path.join(os.path.dirname(os.path.abspath(spec_path)), ".cmbagent-batch", "cache")
+
+
+def writable_cache_dir(spec_path: str, flag: str | None) -> str:
+    """``cache_dir``, made if missing and checked writable, else ``UsageError`` naming it: checked by every
+    command that may write to it (``plan``, ``run``, ``submit``) before an analysis is made or a task starts."""
+    return writable_dir(cache_dir(spec_path, flag), "cache directory")
 
 
 def plan_key(raw: bytes, spec_path: str, flags: Flags) -> str:
@@ -97,7 +104,7 @@ def cached_plan(spec_path: str, flags: Flags, cache_flag: str | None, warn: Warn
     """The plan of a spec file: from the cache when the file (and what overrides it) is unchanged, else
     made (an uncached LLM analysis is then made too, or raises ``AnalysisError`` with ``offline``)."""
     raw = read_spec_bytes(spec_path)
-    cache = Cache(cache_dir(spec_path, cache_flag), warn)
+    cache = Cache(writable_cache_dir(spec_path, cache_flag), warn)
     key = plan_key(raw, spec_path, flags)
     plan: Plan | None = None if refresh else cache.get("plan", key)
     if plan is not None:
@@ -126,7 +133,7 @@ def job_estimate(spec: JobSpec, spec_path: str, cache_flag: str | None, warn: Wa
 
     prompt_chars = None
     if "llm" in spec.analysis.sources:
-        cache = Cache(cache_dir(spec_path, cache_flag), warn)
+        cache = Cache(writable_cache_dir(spec_path, cache_flag), warn)
         try:
             analyse(spec, cache, refresh=False, warn=warn, offline=True)
         except AnalysisError:

@@ -2,6 +2,8 @@
 
 ``atomic_output`` streams into the new file (a ledger export of 10^6 entries); ``write_atomic`` and
 ``write_json_atomic`` write what is already in memory. A reader sees the old file or the whole new one.
+``writable_dir`` and ``writable_output`` check a place before a command starts, so that a place that
+cannot be written is a usage error naming it, not a crash half way.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
+
+from cmbagent_batch.errors import UsageError
 
 _INDENTED_TASKS = 1000  # a manifest of more tasks is written without indent (json's slow pure-Python path)
 
@@ -57,3 +61,56 @@ def fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def writable_dir(directory: str, what: str) -> str:
+    """``directory``, made (with its parents) if missing, once a file could be created in it and removed;
+    else ``UsageError``: "cannot write the WHAT DIRECTORY: REASON" (a read-only file system, no
+    permission, a path below a file...)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        _probe(directory)
+    except OSError as exc:
+        raise UsageError(f"cannot write the {what} {directory}: {_reason(directory, exc, directory)}") from None
+    return directory
+
+
+def writable_output(path: str, flag: str = "-o") -> str:
+    """``path``, once a file could be created beside it (as ``atomic_output`` does); a missing directory
+    is not made. Else ``UsageError``: "cannot write -o PATH: REASON"."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write {flag} {path}: it is a directory")
+    if not os.path.isdir(directory):  # missing, or a file (or below one): said, never made
+        blocker = _deepest_existing(directory)
+        why = f"the directory {directory} does not exist" if os.path.isdir(blocker) else f"{blocker} is not a directory"
+        raise UsageError(f"cannot write {flag} {path}: {why}")
+    try:
+        _probe(directory)
+    except OSError as exc:
+        raise UsageError(f"cannot write {flag} {path}: {_reason(directory, exc, path)}") from None
+    return path
+
+
+def _probe(directory: str) -> None:
+    """Create a file in ``directory`` and remove it (OSError if either cannot be done)."""
+    fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _deepest_existing(path: str) -> str:
+    """``path`` or the nearest of its parents that exists (a path below a file does not)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _reason(directory: str, exc: OSError, named: str) -> str:
+    """Why ``directory`` cannot be written, in words for a message that names ``named``: the OS's reason
+    ("Read-only file system"), or which path is a file where a directory should be."""
+    blocker = _deepest_existing(directory)
+    if not os.path.isdir(blocker):
+        return "it is not a directory" if blocker == os.path.abspath(named) else f"{blocker} is not a directory"
+    return exc.strerror or str(exc)

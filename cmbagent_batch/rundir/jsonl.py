@@ -18,17 +18,37 @@ Two modes:
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import orjson
 
 _W = TypeVar("_W", bound="JsonlWriter")
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full file system, a quota used up
+RESERVE = 256 * 1024  # bytes kept allocated beyond a journal's end: the records of a stop on a full disk
+_FALLOC_FL_KEEP_SIZE = 1
 _GATHER_S = 0.005  # buffered: records reach the file at most this long after a flush, plus the write itself
+
+
+def _load_fallocate() -> Any:
+    """libc's ``fallocate`` (Linux), or None."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # this process's own symbols: libc's among them
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    return fallocate
+
+
+_fallocate = _load_fallocate()
 
 
 def encode(record: Mapping[str, Any]) -> bytes:
@@ -40,11 +60,19 @@ def encode(record: Mapping[str, Any]) -> bytes:
 class JsonlWriter:
     """Appends JSON records, one a line, to ``path`` (created with its directory); safe across threads.
 
-    ``close`` writes and fsyncs everything; it raises the ``OSError`` a buffered writer met meanwhile
-    (a full disk does not stop a run, it is reported at the end). A direct ``append`` raises its own.
+    ``close`` writes and fsyncs everything; it raises the ``OSError`` a buffered writer met meanwhile.
+    A direct ``append`` raises its own.
+
+    A full file system (ENOSPC, or EDQUOT: a quota used up) loses nothing that was appended: a record
+    written in part is cut off again, and what could not be written is kept and written by the next
+    flush (``full`` says the error meanwhile; ``on_full``, called once, lets the owner stop the run).
+    And the file keeps ``RESERVE`` bytes allocated beyond its end (``fallocate`` with KEEP_SIZE, where the
+    file system has it): when that reserve can no longer be renewed, ``on_full`` is told while the journal
+    can still record every state change of the stop, so no task that ended is lost and runs again.
     """
 
     record_name = "journal record"  # what a line is, in the message of a short write
+    single_writer = True  # no other process appends to the file (a record written in part can be cut off)
 
     def __init__(self, path: str, *, sync_interval: float = 1.0, buffered: bool = False) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -52,9 +80,15 @@ class JsonlWriter:
         self._sync_interval = sync_interval
         self._lock = threading.Lock()  # guards the descriptor (direct) or the hand-over (buffered)
         self._fd: int | None = self._open()
+        self._reserved = 0  # the file's size up to which blocks are allocated (0: none, or not supported)
+        self._reserve(os.fstat(self._fd).st_size)
         self._synced = float("-inf")  # the first write is synced at once
         self._unsynced = False
         self._error: OSError | None = None
+        self.full: OSError | None = None  # ENOSPC or EDQUOT met, and what it could not write still kept
+        self.on_full: Callable[[OSError], None] | None = None
+        self._unwritten = b""  # buffered: what a full file system refused, written first next time
+        self._torn = False  # a short write left part of a record that could not be cut off
         # buffered: appended, not handed to the writer thread yet. A deque, whose append and popleft are
         # atomic: any thread may append without the lock, which would double the cost of an append.
         self._queued: deque[bytes] = deque()
@@ -101,7 +135,8 @@ class JsonlWriter:
             self._closing = True
             self._work.set()
             self._writer.join()
-        rest = self._take_handed()  # anything handed over while the writer was ending
+        rest = self._unwritten + self._take_handed()  # what is left, or was handed over while the writer ended
+        self._unwritten = b""
         with self._lock:
             if self._fd is None:
                 return
@@ -109,6 +144,8 @@ class JsonlWriter:
                 if rest:
                     self._write(rest)
                 self._sync()
+            except OSError as exc:
+                self._error = self._error or exc
             finally:
                 os.close(self._fd)
                 self._fd = None
@@ -128,10 +165,50 @@ class JsonlWriter:
         """One ``write`` of whole lines; a subclass may wrap it (the ledger takes a shared flock)."""
         if self._fd is None:
             raise ValueError(f"{self.path}: the journal writer is closed")
-        written = os.write(self._fd, data)
+        if self._torn:  # a record was left in part: start on a line of our own
+            data = b"\n" + data
+        try:
+            written = os.write(self._fd, data)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                exc.filename = exc.filename or self.path
+            raise
         self._unsynced = True
-        if written != len(data):  # a full disk: readers skip the torn line and say so
-            raise OSError(f"{self.path}: wrote {written} of {len(data)} bytes of a {self.record_name}")
+        self._torn = False
+        end = os.lseek(self._fd, 0, os.SEEK_CUR)  # O_APPEND: the end of this write (no metadata round trip)
+        if written != len(data):  # the file system filled up within this write
+            self._cut(end - written, written)
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote {written} of {len(data)} bytes "
+                                        f"of a {self.record_name})", self.path)
+        if self._reserved and end > self._reserved - RESERVE // 2:
+            self._reserve(end)
+
+    def _reserve(self, size: int) -> None:
+        """Allocate ``RESERVE`` bytes beyond ``size`` (the file's size does not change). On a full file
+        system, tell ``on_full`` (once) while what is still reserved takes the records of the stop."""
+        if _fallocate is None or self._fd is None:
+            return
+        if _fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, size, RESERVE) == 0:
+            self._reserved = size + RESERVE
+            return
+        err = ctypes.get_errno()
+        if err in DISK_FULL_ERRNOS and self._reserved:
+            self._reserved = 0  # no retry: the writes themselves say when there is room again
+            exc = OSError(err, f"{os.strerror(err)} (the journal's reserve could not be renewed)", self.path)
+            if self.full is None and self.on_full is not None:
+                self.on_full(exc)
+
+    def _cut(self, before: int, written: int) -> None:
+        """Take back the part of a record a short write left, in a file no other process appends to;
+        elsewhere (or if that fails) the next write starts on a new line, and readers skip the torn one."""
+        assert self._fd is not None
+        if self.single_writer and os.fstat(self._fd).st_size == before + written:
+            try:
+                os.ftruncate(self._fd, before)
+                return
+            except OSError:
+                pass
+        self._torn = True
 
     def _sync(self) -> None:
         if self._unsynced and self._fd is not None:
@@ -152,11 +229,30 @@ class JsonlWriter:
                 time.sleep(_GATHER_S)  # what else comes meanwhile goes in the same write (one wake-up)
             self._work.clear()
             try:
-                if data := self._take_handed():
-                    self._write(data)
+                data = self._unwritten + self._take_handed()
+                self._unwritten = b""
+                if data:
+                    self._write_or_keep(data)
                 if self._closing or time.monotonic() - self._synced >= self._sync_interval:
                     self._sync()
-            except OSError as exc:  # a full disk: reported by close(), the run goes on
+            except OSError as exc:  # reported by close()
                 self._error = self._error or exc
+                if exc.errno in DISK_FULL_ERRNOS and self.full is None:  # say, fsync on NFS or over a quota
+                    self.full = exc
+                    if self.on_full is not None:
+                        self.on_full(exc)
             if self._closing:
                 return
+
+    def _write_or_keep(self, data: bytes) -> None:
+        """Write ``data``; on a full file system keep it for the next try and tell ``on_full`` (once)."""
+        try:
+            self._write(data)
+            self.full = None
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            self._unwritten = data
+            first, self.full = self.full is None, exc
+            if first and self.on_full is not None:
+                self.on_full(exc)

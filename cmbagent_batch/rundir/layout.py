@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from typing import Any
 
@@ -80,27 +81,90 @@ class RunLock:
         self.path = os.path.join(run_dir, ".lock")
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    @property
+    def fd(self) -> int:
+        assert self._fd is not None, "the lock is not held"
+        return self._fd
+
+    def acquire(self, wait_for_dead: float = 0.0) -> None:
+        """Take the lock, or raise ``UsageError`` naming its holder. When the holder is a run on this host
+        that is gone, its watchdog holds the lock while it ends that run's tasks: wait for it, up to
+        ``wait_for_dead`` seconds (and say so)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise UsageError(
-                f"run directory {os.path.dirname(self.path)} is in use by {holder}; "
-                "wait for that run to end, or use another --run-dir"
-            ) from None
+        deadline = time.monotonic() + wait_for_dead
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+                if not _gone(holder) or time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise UsageError(
+                        f"run directory {os.path.dirname(self.path)} is in use by {holder}; "
+                        "wait for that run to end, or use another --run-dir"
+                    ) from None
+                if not said:
+                    print(f"cmbagent-batch: the run that held {os.path.dirname(self.path)} ({holder}) is gone; "
+                          "waiting for its tasks to be ended", file=sys.stderr)
+                    said = True
+                time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         self._fd = fd
 
-    def release(self) -> None:
+    def note(self, text: str) -> None:
+        """Add ``text`` to what the lock file says of its holder (say, the watchdog that holds it too)."""
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.write(self._fd, f" {text}".encode())
+
+    def release(self, unlock: bool = True) -> None:
+        """Let the lock go. ``unlock=False``: only close this process's descriptor, so that a process that
+        shares the lock (the watchdog ending tasks still running) holds it until it is done."""
+        if self._fd is not None:
+            if unlock:
+                os.ftruncate(self._fd, 0)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _gone(holder: str) -> bool:
+    """Whether the holder a lock file names ("pid N on HOST since ...") is a process of this host that
+    no longer runs."""
+    parts = holder.split()
+    if len(parts) < 4 or parts[0] != "pid" or not parts[1].isdigit() or parts[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def runner_gone(run_dir: str) -> bool:
+    """Whether the run that last held RUN_DIR's lock is known to be gone: nobody holds the lock (not the
+    run, nor its watchdog ending its tasks), and the lock file names a dead process of this host, or
+    nothing (released). A holder on another host, whose lock may be local to its node, is not judged."""
+    try:
+        fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # held, or a file system without locks: not known to be gone
+            return False
+        try:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return not holder or _gone(holder)
+    finally:
+        os.close(fd)
 
 
 def set_aside(run_dir: str) -> str | None:
@@ -113,8 +177,11 @@ def set_aside(run_dir: str) -> str | None:
         n += 1
         target = f"{run_dir.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
     probe = RunLock(run_dir)
-    if os.path.exists(probe.path):
-        probe.acquire()  # refuse to move a directory another run is using
-        probe.release()
-    os.rename(run_dir, target)
+    try:
+        if os.path.exists(probe.path):
+            probe.acquire(wait_for_dead=60)  # refuse to move a directory another run is using
+            probe.release()
+        os.rename(run_dir, target)
+    except OSError as exc:  # a read-only file system, no permission: nothing has started yet
+        raise UsageError(f"cannot move the run directory {run_dir} aside (--fresh): {exc.strerror or exc}") from None
     return target

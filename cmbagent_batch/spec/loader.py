@@ -24,7 +24,7 @@ from cmbagent_batch.spec.model import (
     freeze,
 )
 from cmbagent_batch.spec.pricing import SPEC_TABLE, Price, builtin_table, lookup
-from cmbagent_batch.spec.yamldata import json_path
+from cmbagent_batch.spec.yamldata import json_path, name_tasks
 from cmbagent_batch.spec.yamlio import Document, parse_yaml, read_bytes
 
 # A matrix entry broken the same way in every expansion is reported this many times, then summed up.
@@ -58,7 +58,7 @@ def _load(raw: bytes, path: str) -> JobSpec:
                  + checks.check_execution(data))
     problems += _locate(doc, findings)
     if problems:
-        raise SpecError(_dedupe(problems))
+        raise SpecError(name_tasks(_dedupe(problems), data))
     return _build(doc, hashlib.sha256(raw).hexdigest(), expanded, deps)
 
 

@@ -7,6 +7,7 @@ aliases expand beyond ``MAX_EXPANSION_RATIO`` is refused before anything walks i
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, cast
@@ -96,6 +97,27 @@ def json_path(path: Iterator[Any] | tuple[Any, ...] | list[Any]) -> str:
         else:
             out.append("[" + repr(str(step)) + "]")
     return "".join(out)
+
+
+_IN_TASK = re.compile(r"\$\.tasks\[(\d+)\](.*)")
+
+
+def name_tasks(problems: list[Problem], data: Any) -> list[Problem]:
+    """``problems``, each one inside a task entry (``$.tasks[N]...``) naming that entry's id as written
+    (a matrix entry's id template, ``gen-{i}``) when it has one; a problem with the id itself quotes it."""
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(tasks, list):
+        return problems
+    out = []
+    for p in problems:
+        found = _IN_TASK.match(p.path)
+        if found and found.group(2) != ".id" and int(found.group(1)) < len(tasks):
+            entry = tasks[int(found.group(1))]
+            tid = entry.get("id") if isinstance(entry, dict) else None
+            if isinstance(tid, str) and tid:
+                p = dataclasses.replace(p, task=tid)
+        out.append(p)
+    return out
 
 
 def check_expansion(root: Node, file: str) -> None:

@@ -25,7 +25,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from cmbagent_batch.errors import Problem, SpecError
-from cmbagent_batch.spec.yamldata import MERGE, CoreResolver, check_expansion, construct, merge_sources
+from cmbagent_batch.spec.yamldata import MERGE, CoreResolver, check_expansion, construct, merge_sources, name_tasks
 
 MAX_SPEC_BYTES = 256 * 1024 * 1024
 
@@ -187,7 +187,7 @@ def parse_yaml(raw: bytes, file: str) -> Document:
         check_expansion(root, file)
     data, problems = construct(root, file)
     if problems:
-        raise SpecError(problems)
+        raise SpecError(name_tasks(problems, data))
     return Document(file, data, root)
 
 

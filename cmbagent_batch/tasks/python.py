@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
 from cmbagent_batch.attempt import Outcome, Payload, TaskContext
+from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS
+from cmbagent_batch.states import OutcomeReason
 from cmbagent_batch.tasks.returns import encode
 from cmbagent_batch.tasks.shell import task_environment
 
@@ -47,11 +49,13 @@ _path_lock = threading.Lock()
 class _Failed(Exception):
     """An attempt failed: ``error`` is the one-line reason, ``trace`` the worker traceback (if any)."""
 
-    def __init__(self, error: str, trace: str | None = None, timed_out: bool = False) -> None:
+    def __init__(self, error: str, trace: str | None = None, timed_out: bool = False,
+                 reason: OutcomeReason | None = None) -> None:
         super().__init__(error)
         self.error = error
         self.trace = trace
         self.timed_out = timed_out
+        self.reason = reason
 
 
 class _Timeout(BaseException):
@@ -66,17 +70,17 @@ def run_python(payload: Payload, ctx: TaskContext, chdir: bool) -> Outcome:
     """
     started = time.perf_counter()
     cpu_before = _cpu(chdir)
-    result_file = error = trace = None
+    result_file = error = trace = reason = None
     timed_out = False
     try:
         result_file = _attempt(payload, ctx, chdir)
     except _Failed as failed:
-        error, trace, timed_out = failed.error, failed.trace, failed.timed_out
+        error, trace, timed_out, reason = failed.error, failed.trace, failed.timed_out, failed.reason
     except BaseException as exc:  # noqa: BLE001 - a fault of this runner: still an Outcome, never an exception
         error, trace = f"python runner failed: {_one_line(exc)}", _format(exc)
     return Outcome(ok=error is None, error=error, traceback=trace, timed_out=timed_out,
                    wall_s=time.perf_counter() - started, cpu_s=_cpu(chdir) - cpu_before,
-                   peak_rss_mb=_peak_rss_mb() if chdir else 0.0, result_file=result_file)
+                   peak_rss_mb=_peak_rss_mb() if chdir else 0.0, result_file=result_file, reason=reason)
 
 
 def _attempt(payload: Payload, ctx: TaskContext, chdir: bool) -> str | None:
@@ -295,7 +299,9 @@ def _write_return(value: Any, ctx: TaskContext) -> str:
         if notes:
             _log_notes(ctx, notes)
     except OSError as exc:
-        raise _Failed(f"cannot write the return value to {exc.filename or path}: {exc.strerror or exc}") from None
+        full = OutcomeReason.DISK_FULL if exc.errno in DISK_FULL_ERRNOS else None
+        raise _Failed(f"cannot write the return value to {exc.filename or path}: {exc.strerror or exc}",
+                      reason=full) from None
     return path
 
 

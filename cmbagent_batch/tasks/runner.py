@@ -15,6 +15,8 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from cmbagent_batch.attempt import WORK_SUBDIRS, Attempt, Gate, Outcome, Payload, Stopped, TaskContext
+from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS
+from cmbagent_batch.states import OutcomeReason
 from cmbagent_batch.tasks.agent import launch as agent
 from cmbagent_batch.tasks.python import run_python
 from cmbagent_batch.tasks.returns import ARRAYS_DIR
@@ -76,7 +78,7 @@ def _attempt(attempt: Attempt, gate: Gate | None, made: bool) -> Outcome:
         prepare(ctx, SUBDIRS_UP_FRONT.get(payload.kind, WORK_SUBDIRS), made)
         stage_inputs(ctx, attempt.links)
     except (OSError, ValueError) as exc:
-        return Outcome(ok=False, error=f"cannot prepare the work directory {ctx.work_dir}: {exc}")
+        return _failed(f"cannot prepare the work directory {ctx.work_dir}", exc)
     ready: ShellLaunch | Outcome | None = None
     if payload.kind == "shell":
         ready = ShellLaunch.prepare(payload, ctx, base_env, seen)
@@ -92,8 +94,20 @@ def _attempt(attempt: Attempt, gate: Gate | None, made: bool) -> Outcome:
         return Outcome.because(exc.reason)
     except OutputError as exc:  # an output removed between the check and publish
         return Outcome(ok=False, error=str(exc))
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            return _failed(f"cannot publish the outputs of {ctx.task_id}", exc)
+        return Outcome(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
     except Exception as exc:  # noqa: BLE001 - a bug or an OS error on the worker: report it with its place
         return Outcome(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+
+
+def _failed(what: str, exc: Exception) -> Outcome:
+    """An attempt the runner could not prepare or wrap up; a full file system says so (the run stops)."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return Outcome(ok=False, error=f"{what}: {exc.strerror}{where}", reason=OutcomeReason.DISK_FULL)
+    return Outcome(ok=False, error=f"{what}: {exc}")
 
 
 def _start(ready: ShellLaunch | None, gate: Gate | None) -> Any:
@@ -137,6 +151,15 @@ def _run(payload: Payload, ctx: TaskContext, chdir: bool, kill_grace: float, rea
             gate.leave(ok)
 
 
+def _full(path: str) -> bool:
+    """Whether the file system holding ``path`` is full: less than 1 MiB, or 1% of it, left for us."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < min(1 << 20, st.f_blocks * st.f_frsize // 100)
+
+
 def _return_files(result_file: str, work_dir: str, declared: list[str]) -> list[str]:
     """``return.json`` (``RUN_DIR/outputs/TASK/return.json`` once published) and the directory of its large
     arrays if it has one; not again if the task declares them as outputs too."""
@@ -150,6 +173,9 @@ def _wrap_up(ctx: TaskContext, keep: Collection[str], outcome: Outcome, outputs:
              found: list[str]) -> Outcome:
     """Publish a success's outputs and apply retention; measure what is left in either case."""
     if not outcome.ok:
+        if outcome.reason is None and _full(ctx.work_dir):  # say, a script's write failed: not its own fault
+            outcome = dataclasses.replace(outcome, reason=OutcomeReason.DISK_FULL,
+                                          error=f"{outcome.error} (its file system is full)")
         return dataclasses.replace(outcome, work_bytes=tree_size(ctx.work_dir))
     published = os.path.join(ctx.run_dir, "outputs", ctx.task_id)
     output_bytes = 0

@@ -22,11 +22,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from cmbagent_batch import watchdog
 from cmbagent_batch.attempt import Outcome, Payload, TaskContext
+from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS
 from cmbagent_batch.states import OutcomeReason
 
 _POLL_S = 0.05
-_HAVE_PROC = os.path.isdir("/proc/self")
 
 
 class _Group:
@@ -127,7 +128,9 @@ class ShellLaunch:
                 for log in (out, err):
                     log.write(f"# attempt {ctx.attempt}\n".encode())
             except OSError as exc:
-                return Outcome(ok=False, error=f"cannot write the logs in {ctx.logs_dir}: {exc.strerror or exc}")
+                full = OutcomeReason.DISK_FULL if exc.errno in DISK_FULL_ERRNOS else None
+                return Outcome(ok=False, error=f"cannot write the logs in {ctx.logs_dir}: {exc.strerror or exc}",
+                               reason=full)
             stack.pop_all()
         return cls(payload, ctx, argv, env, out, err, terminations() if seen is None else seen)
 
@@ -181,6 +184,7 @@ def terminate_all(grace: float) -> int:
 def _supervise(proc: subprocess.Popen[bytes], timeout: float | None, grace: float, seen: int,
                started: float, registered: Callable[[], None]) -> Outcome:
     group = _Group(proc.pid)
+    watchdog.track(group.pgid)  # ended by the watchdog if this process dies first
     with _lock:
         _running[group.pgid] = group
         if _terminations != seen:  # terminate_all ran between our Popen and this registration
@@ -209,6 +213,7 @@ def _supervise(proc: subprocess.Popen[bytes], timeout: float | None, grace: floa
         with _lock:
             group.closed = True
             del _running[group.pgid]
+        watchdog.untrack(group.pgid)
     code = proc.returncode
     rss_unit = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     reason: OutcomeReason | None = None
@@ -273,21 +278,7 @@ def _alive(pgids: set[int]) -> set[int]:
             pass
         except PermissionError:
             live.add(pgid)
-    if not live or not _HAVE_PROC:
-        return live
-    running: set[int] = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()  # state, ppid, pgrp, ... (the name may hold spaces)
-        if fields[0] not in (b"Z", b"X"):
-            running.add(int(fields[2]))
-    return live & running
+    return watchdog.live_groups(live) if live else live
 
 
 def _signal_name(number: int) -> str:

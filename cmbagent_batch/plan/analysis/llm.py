@@ -2,7 +2,8 @@
 
 The prompt and the checking of replies are pure functions in ``llm_reply``; this module is the I/O around
 them: the ``openai`` client (imported only when analysis runs), our own retry loop so that every HTTP
-attempt is recorded as an ``LlmCall`` (failed attempts cost money too), the fall back from ``json_schema``
+attempt is announced as an ``LlmIntent`` before it is sent and recorded as an ``LlmCall`` when it ends
+(failed attempts cost money too), the fall back from ``json_schema``
 to ``json_object`` replies, and bounded fix rounds. A local model (``provider: local``, llama.cpp's server,
 which answers ``json_schema`` with a 500) is asked for ``json_object`` with the schema attached, which its
 grammar sampling enforces. It never falls back silently to a guessed graph: a
@@ -11,6 +12,7 @@ reply that stays unusable is an ``AnalysisError`` listing what was wrong.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -40,7 +42,7 @@ from cmbagent_batch.plan.analysis.llm_reply import (
 from cmbagent_batch.plan.dag import Edge
 from cmbagent_batch.spec.model import ModelSpec, TaskSpec
 
-__all__ = ["PROMPT_VERSION", "LlmAnalysis", "LlmCall", "backoff_delay", "infer_edges"]
+__all__ = ["PROMPT_VERSION", "LlmAnalysis", "LlmCall", "LlmIntent", "backoff_delay", "infer_edges"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,17 @@ class LlmCall:
 
 
 @dataclass(frozen=True)
+class LlmIntent:
+    """One HTTP attempt about to be sent: the ledger writes it down first, so that a process killed while
+    it waits for the answer leaves a trace. Its ``LlmCall`` has the same ``started_at``."""
+
+    requested_model: str
+    base_url: str
+    prompt_chars: int  # characters of the messages and the response format sent
+    started_at: str  # ISO-8601 UTC
+
+
+@dataclass(frozen=True)
 class LlmAnalysis:
     """The edges the model added, and what it took to get them."""
 
@@ -72,10 +85,11 @@ class LlmAnalysis:
 def infer_edges(tasks: Sequence[TaskSpec], known: Sequence[tuple[str, str]], model: ModelSpec, *,
                 ask_about: Collection[str] | None = None, max_fix_rounds: int = 2,
                 sleep: Callable[[float], None] = time.sleep,
-                on_call: Callable[[LlmCall], None] | None = None,
+                on_call: Callable[[LlmCall | LlmIntent], None] | None = None,
                 base_url: Callable[[], str] | None = None) -> LlmAnalysis:
     """Ask ``model`` for the dependencies between ``tasks`` that ``known`` (src, dst) pairs lack.
-    ``on_call`` is told of every HTTP attempt as soon as it ends (for the cost ledger). ``base_url``, when
+    ``on_call`` is told of every HTTP attempt right before it is sent (an ``LlmIntent``) and as soon as it
+    ends (an ``LlmCall``), for the cost ledger. ``base_url``, when
     given, is called right before the first request for the endpoint's URL (a local model's server starts
     then); a BatchError from it fails the analysis.
 
@@ -147,7 +161,7 @@ class _Endpoint:
 
     def __init__(self, openai: Any, client: Any, model: ModelSpec, key: str, key_env: str,
                  sleep: Callable[[float], None], schema: dict[str, Any],
-                 on_call: Callable[[LlmCall], None] | None = None) -> None:
+                 on_call: Callable[[LlmCall | LlmIntent], None] | None = None) -> None:
         self.openai = openai
         self.on_call = on_call
         self.client = client
@@ -170,6 +184,12 @@ class _Endpoint:
             return {"type": "json_object", "schema": self.schema} if self.local else {"type": "json_object"}
         return {"type": "json_schema",
                 "json_schema": {"name": "task_dependencies", "strict": True, "schema": self.schema}}
+
+    def _announce(self, started: str, messages: list[dict[str, str]]) -> None:
+        """Tell the ledger of an attempt about to be sent (before it is sent)."""
+        if self.on_call is not None:
+            size = sum(len(str(m.get("content") or "")) for m in messages) + len(json.dumps(self._format()))
+            self.on_call(LlmIntent(self.model.model, self.url, size, started))
 
     def _record(self, started: str, t0: float, response: Any = None, error: str | None = None) -> None:
         usage = getattr(response, "usage", None)
@@ -203,6 +223,7 @@ class _Endpoint:
         last: tuple[str, str]  # what went wrong, details: for the message when retries run out
         while True:
             started = utc_now()
+            self._announce(started, messages)
             t0 = time.perf_counter()
             wait_for: float | None = None
             fatal: str | None = None  # a status that no retry will change

@@ -3,8 +3,10 @@
 ``on_llm_call`` wraps one call of the agent's loop. Before each HTTP attempt the job's and the task's
 spending is read from the ledger files (``BudgetSpent`` when a cap is reached); the attempt is retried
 on 408/409/429/5xx, timeouts and connection errors (the openai client's own retries are off, so that none
-goes unrecorded); every attempt, whatever happened to it, is appended to the rank's ledger journal as it
-ends. A SIGTERM while a call waits for its answer records that call too (tokens unknown).
+goes unrecorded); every attempt is announced in the ledger (its intent, with the prompt's size) before it
+is sent and, whatever happened to it, appended to the rank's ledger journal as it ends. A SIGTERM while a
+call waits for its answer records that call too (tokens unknown); after a SIGKILL only its intent is left, which
+the ledger shows as possibly billed.
 """
 
 from __future__ import annotations
@@ -34,16 +36,17 @@ class Calls:
         self.model = request["model"]
         self.url = self.model.get("base_url") or DEFAULT_URL
         self.answered = 0  # model calls answered: max_turns counts these
-        self.in_flight: tuple[str, float] | None = None  # (started, t0) while a call waits for its answer
+        self.in_flight: tuple[dict[str, Any], float] | None = None  # (intent, t0) while a call waits for its answer
         self.conversation: list[Any] = []  # the events of the last call and its answer, for the transcript
 
     def interrupted(self) -> None:
         """Record the call waiting for its answer, if any (from a SIGTERM handler)."""
         flight, self.in_flight = self.in_flight, None
         if flight is not None:
-            self.recorder.record(started=flight[0], latency_s=time.perf_counter() - flight[1], status="error",
+            intent, t0 = flight
+            self.recorder.record(started=intent["timestamp"], latency_s=time.perf_counter() - t0, status="error",
                                  error="interrupted while waiting for the endpoint (task timed out or the run "
-                                       "stopped); tokens unknown")
+                                       "stopped); tokens unknown", intent=intent)
 
     async def call(self, call_next: Any, events: Any, context: Any) -> Any:
         request, recorder = self.request, self.recorder
@@ -70,49 +73,69 @@ class Calls:
         """One HTTP attempt: the response, or (what went wrong as a function of the attempts made, the
         wait the server asked for) when it may be retried. Raises AgentFailure when it may not."""
         openai, redact, model = self.openai, self.redact, self.model
-        started, t0 = utc_now(), time.perf_counter()
-        self.in_flight = (started, t0)
+        intent = self.recorder.intend(started=utc_now(), url=self.url, prompt_chars=prompt_chars(events, context))
+        t0 = time.perf_counter()
+        self.in_flight = (intent, t0)
         try:
             response = await call_next(events, context)
         except openai.APIStatusError as exc:
             self.in_flight = None
             status, text = exc.status_code, server_message(exc, redact)
-            self._error(started, t0, f"{status}: {text}")
+            self._error(intent, t0, f"{status}: {text}")
             if not retryable(status):
                 raise AgentFailure(refusal(self.url, model["model"], self.key_env, status, text)) from None
             return (lambda n: f"failed after {n} attempts; last error: {status} {text}"), retry_after(exc.response.headers)
         except openai.APITimeoutError:
             self.in_flight = None
-            self._error(started, t0, f"timed out after {model['timeout']:g} s")
+            self._error(intent, t0, f"timed out after {model['timeout']:g} s")
             return (lambda n: f"did not answer within {model['timeout']:g} s, {n} attempts"), None
         except openai.APIConnectionError as exc:
             self.in_flight = None
             cause = redact(str(exc.__cause__ or exc))
-            self._error(started, t0, f"connection error: {cause}")
+            self._error(intent, t0, f"connection error: {cause}")
             return (lambda n: f"could not be reached after {n} attempts: {cause}"), None
         except Exception as exc:  # noqa: BLE001 - an answer the client or AG2 could not read still costs
             self.in_flight = None
             what = redact(f"{type(exc).__name__}: {exc}")[:500]
-            self._error(started, t0, f"unreadable answer: {what}")
+            self._error(intent, t0, f"unreadable answer: {what}")
             raise AgentFailure(f"LLM endpoint {self.url} sent an answer that could not be read for model "
                                f"'{model['model']}': {what}") from None
         self.in_flight = None
-        self._ok(started, t0, response)
+        self._ok(intent, t0, response)
         return response
 
-    def _error(self, started: str, t0: float, error: str) -> None:
-        self.recorder.record(started=started, latency_s=time.perf_counter() - t0, status="error", error=error)
+    def _error(self, intent: dict[str, Any], t0: float, error: str) -> None:
+        self.recorder.record(started=intent["timestamp"], latency_s=time.perf_counter() - t0, status="error",
+                             error=error, intent=intent)
 
-    def _ok(self, started: str, t0: float, response: Any) -> None:
+    def _ok(self, intent: dict[str, Any], t0: float, response: Any) -> None:
         usage = response.usage
         if not usage:
-            print(f"warning: the endpoint reported no token usage for model call {self.recorder.calls + 1}; "
+            print(f"warning: the endpoint reported no token usage for model call {intent['call']}; "
                   "it is in the ledger with 0 tokens and $0", file=sys.stderr)
-        self.recorder.record(started=started, latency_s=time.perf_counter() - t0, status="ok",
-                             reported_model=response.model, prompt_tokens=int(usage.prompt_tokens or 0),
+        self.recorder.record(started=intent["timestamp"], latency_s=time.perf_counter() - t0, status="ok",
+                             intent=intent, reported_model=response.model, prompt_tokens=int(usage.prompt_tokens or 0),
                              cached_prompt_tokens=int(usage.cache_read_input_tokens or 0),
                              completion_tokens=int(usage.completion_tokens or 0),
                              reasoning_tokens=int(usage.thinking_tokens or 0))
+
+
+def prompt_chars(events: Any, context: Any) -> int:
+    """Characters of what a model call sends: the system prompt and each event's text, tool calls and tool
+    results (the request's size without the JSON around it and the tool schemas; counted, not serialised)."""
+    total = sum(len(str(p)) for p in getattr(context, "prompt", None) or ())
+    for event in events:
+        for part in getattr(event, "parts", None) or ():
+            total += len(str(getattr(part, "content", None) or getattr(part, "text", None) or ""))
+        content = getattr(event, "content", None)
+        if isinstance(content, str):
+            total += len(content)
+        calls = getattr(event, "tool_calls", None)
+        for call in getattr(calls, "calls", calls) or ():
+            total += len(str(getattr(call, "name", ""))) + len(str(getattr(call, "arguments", "")))
+        for result in getattr(event, "results", None) or ():
+            total += len(str(getattr(result, "result", result)))
+    return total
 
 
 def ledger_middleware(calls: Calls) -> Any:

@@ -84,7 +84,8 @@ def _terminated(signum: int, request: dict[str, Any], holder: list[Calls], redac
 
 def _die_with_runner() -> None:
     """An agent whose runner died (kill -9, node failure) stops at once, with the code it runs: nobody
-    would record what it spends. The call in flight, if any, is lost with it."""
+    would record what it spends. The call in flight, if any, keeps only its intent: the ledger shows it as
+    possibly billed."""
     parent = os.getppid()
 
     def watch() -> None:
