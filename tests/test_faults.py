@@ -126,37 +126,55 @@ def test_a_sigkilled_runner_leaves_no_task_alive_and_status_says_so(tmp_path: Pa
     assert_rerun_completes_once(tmp_path, execution)
 
 
-def test_a_rerun_waits_for_the_tasks_of_a_dead_run_to_end(tmp_path: Path) -> None:
-    """A task that takes its time to die on SIGTERM: the rerun started right after the SIGKILL waits for
-    it, and its work directory is never written by two attempts at once."""
-    write_spec(tmp_path, """
+@pytest.mark.parametrize("backend", ["local", pytest.param("mpi", marks=pytest.mark.skipif(
+    MPIEXEC is None, reason="mpiexec not installed"))])
+def test_a_rerun_waits_for_the_tasks_of_a_dead_run_to_end(tmp_path: Path, backend: str) -> None:
+    """A task that takes its time to die on SIGTERM: the rerun started right after the SIGKILL of the
+    runner (of rank 0, under MPI: its task runs on a worker rank) waits for it, and its work directory is
+    never written by two attempts at once."""
+    write_spec(tmp_path, f"""
         version: 1
-        job: {name: stubborn}
-        execution: {kill_grace: 3}
+        job: {{name: stubborn}}
+        execution: {{backend: {backend}, kill_grace: 3}}
         tasks:
           - id: stubborn
             kind: shell
             run: |
               trap 'echo "term $MARK" >> log.txt' TERM
               echo "start $MARK" >> log.txt
-              for i in $(seq "${NAPS:-600}"); do sleep 0.1; done
+              for i in $(seq "${{NAPS:-600}}"); do sleep 0.1; done
               echo "end $MARK" >> log.txt
               cp log.txt out.txt
             outputs: [out.txt]
     """)
+    launcher = (MPIEXEC, "-n", "3") if backend == "mpi" and MPIEXEC else ()
     run_dir = tmp_path / "runs" / "stubborn"
-    proc = background(tmp_path, env={"MARK": "first"})
-    log = run_dir / "ranks" / "rank-0000" / "tasks" / "stubborn" / "log.txt"
-    wait_until("the task runs", log.exists, limit=60)
-    os.kill(proc.pid, signal.SIGKILL)
+    proc = background(tmp_path, launcher, env={"MARK": "first"})
+
+    def logs() -> list[Path]:  # on rank 0 locally, on a worker rank under MPI
+        return list(run_dir.glob("ranks/rank-*/tasks/stubborn/log.txt"))
+
+    wait_until("the task runs", logs, limit=90)
+    (log,) = logs()
+    victim = rank_zero(proc) if launcher else proc.pid
+    os.kill(victim, signal.SIGKILL)
     proc.wait(timeout=60)
     env = dict(run_env(tmp_path), NAPS="3", MARK="second")
-    result = cli(tmp_path, "run", "job.yaml", env=env, timeout=120)
+    result = cli(tmp_path, "run", "job.yaml", env=env, timeout=120, launcher=launcher)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "is gone; waiting for its tasks to be ended" in result.stderr
     assert (run_dir / "outputs" / "stubborn" / "out.txt").read_text().split("\n")[:2] == ["start second", "end second"]
-    old = (run_dir / "ranks" / "rank-0000" / "superseded" / "stubborn" / "log.txt").read_text()
+    old = (log.parent.parent.parent / "superseded" / "stubborn" / "log.txt").read_text()
     assert old.split("\n")[:3] == ["start first", "term first", ""]  # ended before the rerun began
+
+
+def rank_zero(proc: subprocess.Popen[bytes]) -> int:
+    """The pid of rank 0 (it holds the run directory's lock) among the ranks ``mpiexec`` started."""
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "run" in p.cmdline() and any(f.path.endswith("/.lock") for f in p.open_files()):
+                return p.pid  # not its watchdog, which holds the lock too
+    raise AssertionError("no rank holds the lock")
 
 
 @pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed")
@@ -171,10 +189,9 @@ def test_a_sigkilled_mpi_rank_ends_the_job_and_every_task(tmp_path: Path, victim
                     if "cmbagent_batch" in " ".join(p.cmdline()) and "run" in p.cmdline()),
                    key=lambda p: p.create_time())
     assert len(ranks) >= 3, ranks
-    # Rank 0 holds the run directory's lock; the worker ranks do not.
-    rank0 = next(p for p in ranks if any(f.path.endswith("/.lock") for f in p.open_files()))
-    target = rank0 if victim == "rank 0" else next(p for p in ranks if p.pid != rank0.pid)
-    pids = kill_when_running(tmp_path, proc, target.pid)
+    rank0 = rank_zero(proc)
+    target = rank0 if victim == "rank 0" else next(p.pid for p in ranks if p.pid != rank0)
+    pids = kill_when_running(tmp_path, proc, target)
     wait_until("no task process left", lambda: not live(pids), limit=20)
     assert not live([p.pid for p in ranks])
     time.sleep(0.5)

@@ -126,7 +126,9 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
     lock = RunLock(run_dir)
     lock.acquire(wait_for_dead=config.spec.execution.kill_grace + 30)
     # Holds the lock too: a rerun cannot start while the tasks of this run, if it dies, are being ended.
-    dog = watchdog.start(config.spec.execution.kill_grace, keep_fds=(lock.fd,))
+    # Under MPI the worker ranks' watchdogs end their tasks: rank 0's keeps the lock until they are done.
+    grace = config.spec.execution.kill_grace
+    dog = watchdog.start(grace, keep_fds=(lock.fd,), linger=grace + 2 if ranks is not None else 0.0)
     if dog.pid is not None:
         lock.note(f"(its watchdog: pid {dog.pid})")
     try:
