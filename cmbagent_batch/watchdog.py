@@ -19,8 +19,9 @@ A pipe and a process work everywhere. The one case a watchdog cannot cover is it
 unlikely: it is small, it ignores the signals a terminal or ``kill`` of the runner's group send, and it
 lives outside that group.
 
-The watchdog can also hold the run directory's lock (the same open file, inherited): a rerun cannot take
-the directory while the tasks of a run that died are still being ended.
+The watchdog can also hold a lock (the same open file, inherited): the runner's holds the run directory's
+lock, an MPI worker rank's a shared lock on ``RUN_DIR/.tasks.lock``, so that a rerun can neither take the
+directory nor start a task while the tasks of a run that died are still being ended.
 
 A group id cannot be reused while any process of the group lives, so signalling a registered group
 reaches only what the task started, unless the whole group ended and its id went to a new process: a
@@ -48,14 +49,14 @@ class Watchdog:
     """This process's watchdog, seen from here: ``track`` and ``untrack`` process groups. Closing the
     pipe (``close``, or this process dying) makes it end the groups still tracked."""
 
-    def __init__(self, grace: float, keep_fds: Sequence[int] = (), linger: float = 0.0) -> None:
+    def __init__(self, grace: float, keep_fds: Sequence[int] = ()) -> None:
         self.grace = grace
         self.tracking = 0  # groups tracked and not untracked yet
         self._proc: subprocess.Popen[bytes] | None = None
         self._broken = True
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "cmbagent_batch.watchdog", f"{grace:g}", f"{linger:g}"], stdin=subprocess.PIPE,
+                [sys.executable, "-m", "cmbagent_batch.watchdog", f"{grace:g}"], stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                 pass_fds=tuple(keep_fds), close_fds=True)
         except OSError as exc:  # say, a process limit on a login node: the run goes on, unwatched
@@ -110,14 +111,13 @@ _lock = threading.Lock()
 _current: Watchdog | None = None
 
 
-def start(grace: float, keep_fds: Sequence[int] = (), linger: float = 0.0) -> Watchdog:
+def start(grace: float, keep_fds: Sequence[int] = ()) -> Watchdog:
     """Start this process's watchdog, or return the one running (a closed or broken one is replaced).
-    ``linger``: seconds it keeps ``keep_fds`` (the run lock) open after this process is gone, while other
-    processes' watchdogs end their tasks (rank 0's, for the worker ranks')."""
+    ``keep_fds``: descriptors it keeps open until it is done (a lock it then holds too)."""
     global _current
     with _lock:
         if _current is None or not _current.usable:
-            _current = Watchdog(grace, keep_fds, linger)
+            _current = Watchdog(grace, keep_fds)
         return _current
 
 
@@ -201,7 +201,6 @@ def _end(groups: dict[int, int], grace: float) -> None:
 
 def main(argv: Sequence[str]) -> int:
     grace = float(argv[0]) if argv else 5.0
-    linger = float(argv[1]) if len(argv) > 1 else 0.0
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)  # it follows its pipe, not the signals sent to the runner
     groups: dict[int, int] = {}  # pgid -> its leader's start time (-1: unknown, it was gone already)
@@ -227,10 +226,8 @@ def main(argv: Sequence[str]) -> int:
                 groups[pgid] = -1 if started is None else started
             elif line.startswith(b"-"):
                 groups.pop(int(line[1:]), None)
-    gone = time.monotonic()
     if groups:
         _end(groups, grace)
-    time.sleep(max(0.0, gone + linger - time.monotonic()))  # the lock (if held) stays held meanwhile
     return 0
 
 

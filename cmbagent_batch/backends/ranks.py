@@ -21,9 +21,11 @@ call, so that short tasks are sent far ahead and a long task does not keep many 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +38,7 @@ from cmbagent_batch.backends.mpi.executor import RankExecutor
 from cmbagent_batch.backends.processes import WorkerProcesses
 from cmbagent_batch.backends.slots import SlotGate, Slots
 from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS, JsonlWriter
-from cmbagent_batch.rundir.layout import journal_path, work_dir
+from cmbagent_batch.rundir.layout import hold_tasks_lock, journal_path, work_dir
 from cmbagent_batch.states import OutcomeReason, TaskState
 from cmbagent_batch.tasks.runner import make_work_dirs, run_attempt
 from cmbagent_batch.tasks.shell import terminate_all
@@ -67,7 +69,6 @@ def serve_worker_rank(comm: Any, rank: int, ex: ExecutionSpec) -> None:
     from cmbagent_batch.backends.mpi.worker import serve
 
     this = install(rank, ex.tasks_per_rank)
-    dog = watchdog.start(ex.kill_grace)  # this rank's tasks end with it, however it dies
     stop = this.stopper(ex.kill_grace)
     # Rank 0 decides; on SIGINT and SIGTERM this rank only ends its tasks. srun passes Slurm's walltime
     # warning (SIGUSR1) to every rank: here it does nothing, as a hold or a stop comes from rank 0 (a
@@ -78,7 +79,6 @@ def serve_worker_rank(comm: Any, rank: int, ex: ExecutionSpec) -> None:
         serve(comm, worker_threads(ex.tasks_per_rank), on_stop=stop, on_hold=this.hold, on_signal=on_signal)
     finally:
         this.close()
-        dog.close()
 
 
 # --- rank 0 -----------------------------------------------------------------------------------------
@@ -174,6 +174,8 @@ class RankWorker:
         self.processes = WorkerProcesses(tasks_per_rank, self.slots)
         self._journals: dict[str, JsonlWriter] = {}  # run directory -> this rank's journal in it
         self._journals_lock = threading.Lock()
+        self._dog: watchdog.Watchdog | None = None  # started with the rank's first task
+        self._tasks_lock: int | None = None  # its shared lock on RUN_DIR/.tasks.lock
 
     def run(self, attempt: Attempt, made: bool = False) -> Outcome:
         """``run_attempt`` behind this rank's gate, at the attempt's place in line (its priority). Raises
@@ -227,16 +229,40 @@ class RankWorker:
             for journal in self._journals.values():
                 journal.close()
             self._journals.clear()
+            if self._dog is not None:
+                ending = self._dog.tracking > 0  # tasks left running: the watchdog ends them, then unlocks
+                self._dog.close()
+                if self._tasks_lock is not None:
+                    if not ending:
+                        fcntl.flock(self._tasks_lock, fcntl.LOCK_UN)
+                    os.close(self._tasks_lock)
+                    self._tasks_lock = None
+                self._dog = None
 
     def _moved(self, attempt: Attempt) -> Attempt:
         """The attempt with its context moved to this rank's work directory (and, but for python tasks,
         this rank's environment)."""
+        if self._dog is None:
+            self._watch(attempt.ctx.run_dir, attempt.kill_grace)
         ctx = attempt.ctx
         ctx = TaskContext(ctx.task_id, ctx.run_dir, work_dir(ctx.run_dir, self.rank, ctx.task_id), self.rank,
                           ctx.attempt, self.host, ctx.matrix)
         env = self.env if attempt.payload.kind != "python" else attempt.env
         return Attempt(attempt.payload, ctx, attempt.links, env, attempt.chdir, attempt.keep, attempt.kill_grace,
                        attempt.missing, attempt.priority, attempt.journal)
+
+    def _watch(self, run_dir: str, grace: float) -> None:
+        """Before this rank's first task: its watchdog, holding a shared lock on RUN_DIR/.tasks.lock, so
+        that the rank's tasks end with it however it dies, and a new run waits until they have."""
+        with self._journals_lock:
+            if self._dog is not None:
+                return
+            try:
+                self._tasks_lock = hold_tasks_lock(run_dir)
+            except OSError as exc:
+                print(f"cmbagent-batch: rank {self.rank}: warning: cannot lock {run_dir}/.tasks.lock "
+                      f"({exc.strerror or exc}): a rerun will not wait for this rank's tasks", file=sys.stderr)
+            self._dog = watchdog.start(grace, keep_fds=() if self._tasks_lock is None else (self._tasks_lock,))
 
     def _gate(self, attempt: Attempt) -> SlotGate:
         """Its place in line for this rank's slots (an attempt run in this process)."""

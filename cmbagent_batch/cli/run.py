@@ -16,7 +16,7 @@ from cmbagent_batch.llm import local_model
 from cmbagent_batch.plan.analysis.cache import Cache
 from cmbagent_batch.plan.cached import writable_cache_dir
 from cmbagent_batch.rundir.atomic import writable_dir
-from cmbagent_batch.rundir.layout import RunLock, set_aside
+from cmbagent_batch.rundir.layout import RunLock, set_aside, wait_for_earlier_tasks
 from cmbagent_batch.spec.config import Config, effective_config
 from cmbagent_batch.spec.loader import load_spec
 
@@ -126,9 +126,9 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
     lock = RunLock(run_dir)
     lock.acquire(wait_for_dead=config.spec.execution.kill_grace + 30)
     # Holds the lock too: a rerun cannot start while the tasks of this run, if it dies, are being ended.
-    # Under MPI the worker ranks' watchdogs end their tasks: rank 0's keeps the lock until they are done.
     grace = config.spec.execution.kill_grace
-    dog = watchdog.start(grace, keep_fds=(lock.fd,), linger=grace + 2 if ranks is not None else 0.0)
+    wait_for_earlier_tasks(run_dir, grace + 30)  # an MPI worker rank's watchdog ending a dead run's tasks
+    dog = watchdog.start(grace, keep_fds=(lock.fd,))
     if dog.pid is not None:
         lock.note(f"(its watchdog: pid {dog.pid})")
     try:

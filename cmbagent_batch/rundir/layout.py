@@ -130,6 +130,48 @@ class RunLock:
             self._fd = None
 
 
+TASKS_LOCK = ".tasks.lock"  # shared by the watchdogs of MPI worker ranks while they have tasks
+
+
+def hold_tasks_lock(run_dir: str) -> int:
+    """A shared ``flock`` on RUN_DIR/.tasks.lock (its descriptor), for an MPI worker rank and its watchdog
+    to hold while the rank has tasks: the watchdog keeps it until it has ended them, even after the rank
+    was killed, and a new run waits for it (``wait_for_earlier_tasks``)."""
+    fd = os.open(os.path.join(run_dir, TASKS_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def wait_for_earlier_tasks(run_dir: str, limit: float) -> None:
+    """Wait (saying so) while a watchdog of an earlier run's MPI worker rank, on any node that shares the
+    lock, still ends that run's tasks; ``UsageError`` after ``limit`` seconds."""
+    path = os.path.join(run_dir, TASKS_LOCK)
+    if not os.path.exists(path):
+        return
+    fd = os.open(path, os.O_RDWR)
+    deadline = time.monotonic() + limit
+    said = False
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise UsageError(f"tasks of an earlier run in {run_dir} are still being ended (a watchdog "
+                                     f"holds {path}); wait for them, or use another --run-dir") from None
+                if not said:
+                    print(f"cmbagent-batch: tasks of an earlier run in {run_dir} are still being ended; waiting",
+                          file=sys.stderr)
+                    said = True
+                time.sleep(0.1)
+            except OSError:
+                return  # a file system without locks: nothing to wait for that can be known
+    finally:
+        os.close(fd)
+
+
 def _gone(holder: str) -> bool:
     """Whether the holder a lock file names ("pid N on HOST since ...") is a process of this host that
     no longer runs."""
