@@ -17,12 +17,14 @@ import textwrap
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from tests.helpers.cli import COMMAND, cli, wait_until, write_spec
-from tests.helpers.mpi_run import MPIEXEC, run_env
+from tests.helpers.mpi_run import MPIEXEC, run_env, usage
+from tests.helpers.scripted_llm import Delay, Reply, ScriptedLLM
 
 pytestmark = pytest.mark.slow  # runs, each a CLI in a subprocess
 
@@ -232,12 +234,19 @@ def test_a_full_disk_stops_the_run_and_a_rerun_with_space_resumes_it(tmp_path: P
         subprocess.run(["umount", "-l", str(runs)], check=False)
 
 
-def layered_dag(tmp_path: Path, side: Path, levels: int = 10, width: int = 20) -> None:
-    """A 200-task DAG: each task depends on two of the level before, sleeps a little, fails its first
-    attempt one time in five (``retries: 2``), and appends its id to ``side`` as its last act."""
+AGENTS = 10  # agent tasks among the DAG's 200, each one model call (to the scripted endpoint)
+
+
+def layered_dag(tmp_path: Path, side: Path, url: str, levels: int = 10, width: int = 20) -> None:
+    """A 200-task DAG: each task depends on two of the level before. Shell tasks sleep a little, fail their
+    first attempt one time in five (``retries: 2``) and append their id to ``side`` as their last act; the
+    first ``AGENTS`` tasks of level 5 are agent tasks whose model call takes 0.3 s."""
     rng = random.Random(7)
     lines = ["version: 1", "job: {name: brutal}", "execution: {max_workers: 4, retries: 2, retry_backoff: 0, "
-             "kill_grace: 1}", "tasks:"]
+             "kill_grace: 1}",
+             "llm:", "  default_model: m", "  models:", "    m:", "      model: test-model",
+             f"      base_url: {url}", "      api_key_env: TEST_LLM_KEY", "      timeout: 30",
+             "      max_retries: 0", "      price: {prompt_per_1m: 1.0, completion_per_1m: 2.0}", "tasks:"]
     for lv in range(levels):
         for i in range(width):
             tid = f"l{lv:02d}-{i:02d}"
@@ -245,28 +254,41 @@ def layered_dag(tmp_path: Path, side: Path, levels: int = 10, width: int = 20) -
             flaky = rng.random() < 0.2
             fail = '[ "$CMBAGENT_ATTEMPT" = 1 ] && exit 3; ' if flaky else ""
             run = f"sleep 0.{rng.randrange(1, 3)}{rng.randrange(10)}; {fail}echo {tid} >> {side}; echo {tid} > out.txt"
+            if lv == 5 and i < AGENTS:
+                lines.append(f"  - {{id: {tid}, kind: agent, agent: researcher, instructions: 'SUM: {tid}', "
+                             f"outputs: [out.txt], depends_on: {deps}}}")
+                continue
             lines.append(f"  - {{id: {tid}, kind: shell, run: '{run}', outputs: [out.txt], depends_on: {deps}}}")
     (tmp_path / "job.yaml").write_text("\n".join(lines) + "\n")
 
 
-def succeeded_in_journal(run_dir: Path) -> set[str]:
+def journal_records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "journal" / "rank-0000.jsonl"
-    if not path.exists():
-        return set()
-    done = set()
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a torn last line
-        if record.get("state") == "succeeded":
-            done.add(record["task"])
-    return done
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):  # a torn last line
+            records.append(json.loads(line))
+    return records
+
+
+def succeeded_in_journal(run_dir: Path) -> set[str]:
+    return {r["task"] for r in journal_records(run_dir) if r.get("state") == "succeeded"}
 
 
 def test_sigkills_at_random_moments_never_rerun_a_journaled_success(tmp_path: Path) -> None:
+    with ScriptedLLM(lambda body: Delay(0.3, Reply(answer(body), usage=usage(20, 5)))) as srv:
+        sigkills_at_random_moments(tmp_path, srv.base_url)
+
+
+def answer(body: Any) -> str:
+    """The agent's answer: its task id, as the shell tasks write theirs."""
+    text = json.dumps(body)
+    return text[text.index("SUM: ") + 5:].split("\\", 1)[0].split('"', 1)[0].strip()
+
+
+def sigkills_at_random_moments(tmp_path: Path, url: str) -> None:
     side = tmp_path / "side.txt"
-    layered_dag(tmp_path, side)
+    layered_dag(tmp_path, side, url)
     run_dir = tmp_path / "runs" / "brutal"
     rng = random.Random(11)
     for _ in range(5):
@@ -283,12 +305,21 @@ def test_sigkills_at_random_moments_never_rerun_a_journaled_success(tmp_path: Pa
         status = cli(tmp_path, "status", str(run_dir)).stdout
         if status:
             assert " running" not in status, status
-    final = cli(tmp_path, "run", "job.yaml", "--quiet", timeout=180)
+        if (run_dir / "ledger.jsonl").exists():
+            verify = cli(tmp_path, "ledger", "verify", str(run_dir / "ledger.jsonl"))
+            assert verify.returncode == 0, verify.stdout + verify.stderr
+    final = cli(tmp_path, "run", "job.yaml", "--quiet", env=run_env(tmp_path), timeout=180)
     assert final.returncode == 0, final.stdout + final.stderr
     assert succeeded_in_journal(run_dir) == {f"l{lv:02d}-{i:02d}" for lv in range(10) for i in range(20)}
+    successes = Counter(r["task"] for r in journal_records(run_dir) if r.get("state") == "succeeded")
+    assert set(successes.values()) == {1}, successes.most_common(3)  # every task succeeded exactly once
     manifest = json.loads((run_dir / "run.json").read_text())
     assert {t["state"] for t in manifest["tasks"].values()} <= {"succeeded", "skipped"}
-    assert len(Counter(side.read_text().split())) == 200
+    assert len(Counter(side.read_text().split())) == 200 - AGENTS
+    verify = cli(tmp_path, "ledger", "verify", str(run_dir / "ledger.jsonl"))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    calls = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert {c["task"] for c in calls if c["status"] == "ok"} == {f"l05-{i:02d}" for i in range(AGENTS)}
     for tid in manifest["tasks"]:  # each output comes from one whole attempt
         assert (run_dir / "outputs" / tid / "out.txt").read_text().strip() == tid
     assert not task_processes(tmp_path)

@@ -250,6 +250,10 @@ class _Ran:
 
 
 _live: set[_Worker] = set()  # workers not closed yet: ended at exit, before multiprocessing joins them
+# A forkserver child's exit status is read once from its sentinel, and ``Process.start`` reads those of
+# every other child (``multiprocessing.process._cleanup``): two threads reading one at once leave one of
+# them with 255 instead of, say, -9 (SIGKILL). Starts, joins and exit codes go one thread at a time.
+_reaping = threading.Lock()
 
 
 class _Worker:
@@ -268,7 +272,8 @@ class _Worker:
         shared = context.RawArray("d", 2)
         # Not a daemon: a python task may start processes of its own (multiprocessing.Pool, ...).
         process = context.Process(target=_serve_calls, args=(child, held, shared), name="python-worker")
-        process.start()
+        with _reaping:
+            process.start()
         child.close()
         watchdog.track(process.pid)  # it leads its own group: ended by the watchdog if this process dies
         worker = cls(process, parent, shared)
@@ -312,7 +317,7 @@ class _Worker:
         """It died or must die: end its process group (what its tasks started too), read what it reported
         before, and find the attempt it was running."""
         self.signal(signal.SIGKILL)  # before it is reaped: its group id cannot have been reused yet
-        self.process.join(5)
+        self._join()
         try:
             while len(outcomes) < len(attempts) and self.conn.poll(0):
                 outcomes += self.conn.recv()
@@ -323,6 +328,10 @@ class _Worker:
         if running is not None and running < len(outcomes):
             running = None  # it reported that one after all
         return _Ran(outcomes, gone=True, running=running, started=progress >= 0)
+
+    def _join(self) -> None:
+        with _reaping:
+            self.process.join(5)
 
     def signal(self, signum: int) -> None:
         pid = self.process.pid
@@ -337,7 +346,8 @@ class _Worker:
                 pass
 
     def exitcode(self) -> int | None:
-        code = self.process.exitcode
+        with _reaping:
+            code = self.process.exitcode
         return int(code) if code is not None else None
 
     def death(self) -> str:
@@ -363,7 +373,7 @@ class _Worker:
         self.conn.close()
         wait([self.process.sentinel], 2)
         self.signal(signal.SIGKILL)
-        self.process.join(5)
+        self._join()
         watchdog.untrack(self.process.pid)
 
 
