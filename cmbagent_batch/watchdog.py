@@ -93,9 +93,12 @@ class Watchdog:
             print(f"cmbagent-batch: warning: the watchdog (pid {self.pid}) is gone: tasks of this "
                   "process will not be ended if it is killed", file=sys.stderr)
 
-    def close(self) -> None:
-        """This process is ending normally: the watchdog ends what is still tracked and exits."""
+    def close(self) -> bool:
+        """This process is ending normally: the watchdog ends what is still tracked and exits. True when
+        something was still tracked: then a lock it shares must stay held (closed, not unlocked) until it
+        has ended that and exits."""
         global _current
+        ending = self.tracking > 0
         with _lock:
             if _current is self:
                 _current = None
@@ -105,6 +108,7 @@ class Watchdog:
                 self._proc.stdin.close()
             except OSError:
                 pass
+        return ending
 
 
 _lock = threading.Lock()

@@ -308,6 +308,7 @@ def sigkills_at_random_moments(tmp_path: Path, url: str) -> None:
         if (run_dir / "ledger.jsonl").exists():
             verify = cli(tmp_path, "ledger", "verify", str(run_dir / "ledger.jsonl"))
             assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert len(succeeded_in_journal(run_dir)) < 200  # the kills came while there was work left
     final = cli(tmp_path, "run", "job.yaml", "--quiet", env=run_env(tmp_path), timeout=180)
     assert final.returncode == 0, final.stdout + final.stderr
     assert succeeded_in_journal(run_dir) == {f"l{lv:02d}-{i:02d}" for lv in range(10) for i in range(20)}

@@ -230,8 +230,7 @@ class RankWorker:
                 journal.close()
             self._journals.clear()
             if self._dog is not None:
-                ending = self._dog.tracking > 0  # tasks left running: the watchdog ends them, then unlocks
-                self._dog.close()
+                ending = self._dog.close()  # tasks left running: the watchdog ends them, then unlocks
                 if self._tasks_lock is not None:
                     if not ending:
                         fcntl.flock(self._tasks_lock, fcntl.LOCK_UN)

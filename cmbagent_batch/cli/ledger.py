@@ -255,12 +255,13 @@ def report(args: LedgerReportOptions) -> int:
         budget = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     jobs = sorted({e["job"] for e in entries})
     title = f"Cost ledger: {', '.join(jobs) if jobs else ', '.join(args.ledgers)}"
+    unresolved = intents.unresolved
     if intents.files:
-        page = render_report(entries, title=title, budget_usd=budget, unresolved=intents.unresolved)
+        page = render_report(entries, title=title, budget_usd=budget, unresolved=unresolved)
     else:  # a ledger from before intents
         page = render_report(entries, title=title, budget_usd=budget)
     write_atomic(args.output, page.encode("utf-8"))
     cost = sum(e["cost_usd"] for e in entries)
-    unknown = f", {len(intents.unresolved)} more sent with no result ({UNKNOWN})" if intents.unresolved else ""
+    unknown = f", {len(unresolved)} more sent with no result ({UNKNOWN})" if unresolved else ""
     print(f"wrote {args.output}: {len(entries)} calls, {cost:.6f} USD{unknown}")
     return ExitCode.OK

@@ -137,9 +137,7 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
         code, sched = execute(prepared, warn, progress, selected, ranks, walltime_grace=opts.walltime_grace,
                               walltime_file=opts.walltime_file)
     finally:
-        ending = dog.tracking > 0  # tasks left running (abandoned): the watchdog ends them, then lets the lock go
-        dog.close()
-        lock.release(unlock=not ending)
+        lock.release(unlock=not dog.close())  # tasks left running: the watchdog ends them, then lets it go
         local_model.stop_all()  # here, as os._exit below skips atexit
     counts = {s.value: n for s, n in sched.counts.items() if n}
     if not opts.quiet:

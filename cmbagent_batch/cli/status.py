@@ -36,14 +36,14 @@ def status(opts: StatusOptions) -> int:
     manifest = read_json(manifest_path)
     journals = journal_paths(run_dir)
     history = replay(journals, warn)
-    job_status, gone_since = manifest["status"], None
-    if job_status == "running" and runner_gone(run_dir):
+    gone_since = None
+    if manifest["status"] == "running" and runner_gone(run_dir):
         manifest = read_json(manifest_path)  # it may have ended, and said so, since the first read
-        job_status = manifest["status"]
-    if job_status == "running" and runner_gone(run_dir):  # the runner died without a word (SIGKILL...)
-        gone_since = max([os.path.getmtime(p) for p in journals if os.path.exists(p)] or
-                         [os.path.getmtime(manifest_path)])
-        job_status = f"interrupted (runner gone since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(gone_since))})"
+        if manifest["status"] == "running":  # no: the runner died without a word (SIGKILL...)
+            gone_since = max([os.path.getmtime(p) for p in journals if os.path.exists(p)] or
+                             [os.path.getmtime(manifest_path)])
+    job_status = manifest["status"] if gone_since is None else \
+        f"interrupted (runner gone since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(gone_since))})"
     rows = []
     explain: dict[str, str | None] = {}
     if opts.explain:

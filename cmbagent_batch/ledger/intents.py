@@ -25,7 +25,7 @@ import orjson
 
 from cmbagent_batch.errors import LedgerError
 from cmbagent_batch.ledger.chain import TAIL
-from cmbagent_batch.ledger.entry import SOURCES, entry_problem
+from cmbagent_batch.ledger.entry import FIELDS, entry_problem
 from cmbagent_batch.ledger.files import Lines, intents_beside
 
 INTENT_FIELDS: tuple[str, ...] = (
@@ -37,8 +37,7 @@ UNKNOWN = "unknown: possibly billed"  # what an unresolved intent's cost is, whe
 CHARS_PER_TOKEN = 4  # the estimate ``plan --estimate`` uses too
 
 _PAIRED = b'"paired":true'
-_SHARED = ("id", "job", "run_id", "source", "task", "attempt", "call", "rank", "host", "pid", "agent", "model",
-           "requested_model", "timestamp")  # checked as a ledger entry checks them
+_SHARED = tuple(f for f in INTENT_FIELDS if f in FIELDS)  # checked as a ledger entry checks them
 
 
 def endpoint_host(url: str | None) -> str:
@@ -59,11 +58,10 @@ def estimate_tokens(chars: int) -> int:
 
 def make_intent(**fields: Any) -> dict[str, Any]:
     """An intent with exactly the ``INTENT_FIELDS``, in their order; ValueError saying what is wrong."""
-    missing = [f for f in INTENT_FIELDS if f not in fields]
     unknown = sorted(set(fields) - set(INTENT_FIELDS))
-    if missing or unknown:
-        raise ValueError(f"ledger intent: missing {missing}, unknown {unknown}; valid: {', '.join(INTENT_FIELDS)}")
-    intent = {f: fields[f] for f in INTENT_FIELDS}
+    if unknown:  # a missing field is said by ``intent_problem``
+        raise ValueError(f"ledger intent: unknown {unknown}; valid: {', '.join(INTENT_FIELDS)}")
+    intent = {f: fields[f] for f in INTENT_FIELDS if f in fields}
     problem = intent_problem(intent)
     if problem is not None:
         raise ValueError(f"ledger intent: {problem}")
@@ -85,8 +83,6 @@ def intent_problem(intent: Any) -> str | None:
     problem = entry_problem(stand_in)
     if problem is not None:
         return problem
-    if intent["source"] not in SOURCES:
-        return f"source: expected one of {', '.join(SOURCES)}, got {intent['source']!r}"
     if not isinstance(intent["endpoint"], str):
         return f"endpoint: expected a string, got {intent['endpoint']!r}"
     for name in ("prompt_chars", "prompt_tokens_estimate"):

@@ -59,6 +59,9 @@ class JournalWriter(JsonlWriter):
 
     record_name = "ledger entry"
     single_writer = False  # the agent processes of a rank append to the same file
+    # No reserve: a ledger writer is opened per agent process and per analysis batch, and a full disk stops
+    # the run through the state journal's reserve; a ledger append that fails then fails its call loudly.
+    reserves = False
 
     def __init__(self, run_dir: str, rank: int, path: str | None = None) -> None:
         super().__init__(path or journal_path(run_dir, rank), sync_interval=0.0)

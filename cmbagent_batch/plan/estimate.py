@@ -8,14 +8,13 @@ to the task's retries with the same cost.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from cmbagent_batch.ledger.intents import CHARS_PER_TOKEN, estimate_tokens  # one rule, here and in the ledger
 from cmbagent_batch.spec.model import JobSpec, TaskSpec
 from cmbagent_batch.spec.pricing import call_cost
 
-CHARS_PER_TOKEN = 4.0
 SYSTEM_TOKENS = 150  # the agent's system prompt around the instructions
 REPLY_TOKENS = 400  # completion tokens of one turn
 TOOL_OUTPUT_TOKENS = 600  # what one code execution adds to the context
@@ -45,7 +44,7 @@ class Line:
 
 
 def tokens(text: str) -> int:
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
+    return estimate_tokens(len(text))
 
 
 def agent_line(spec: JobSpec, task: TaskSpec) -> Line:
@@ -66,7 +65,7 @@ def agent_line(spec: JobSpec, task: TaskSpec) -> Line:
 def analysis_line(spec: JobSpec, prompt_chars: int) -> Line:
     model = spec.llm.models[spec.analysis.model or spec.llm.default_model or ""]
     assert model.price is not None
-    cost = call_cost(model.price, math.ceil(prompt_chars / CHARS_PER_TOKEN), 0,
+    cost = call_cost(model.price, estimate_tokens(prompt_chars), 0,
                      ANALYSIS_REPLY_TOKENS_PER_TASK * len(spec.tasks))
     return Line(None, model.name, 1, 1, cost, cost)
 

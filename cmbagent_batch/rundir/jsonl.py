@@ -65,7 +65,7 @@ class JsonlWriter:
 
     A full file system (ENOSPC, or EDQUOT: a quota used up) loses nothing that was appended: a record
     written in part is cut off again, and what could not be written is kept and written by the next
-    flush (``full`` says the error meanwhile; ``on_full``, called once, lets the owner stop the run).
+    flush (``on_full``, called once, lets the owner stop the run).
     And the file keeps ``RESERVE`` bytes allocated beyond its end (``fallocate`` with KEEP_SIZE, where the
     file system has it): when that reserve can no longer be renewed, ``on_full`` is told while the journal
     can still record every state change of the stop, so no task that ended is lost and runs again.
@@ -73,6 +73,7 @@ class JsonlWriter:
 
     record_name = "journal record"  # what a line is, in the message of a short write
     single_writer = True  # no other process appends to the file (a record written in part can be cut off)
+    reserves = True  # keeps ``RESERVE`` bytes allocated: a state journal, which must record a stop
 
     def __init__(self, path: str, *, sync_interval: float = 1.0, buffered: bool = False) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -81,12 +82,13 @@ class JsonlWriter:
         self._lock = threading.Lock()  # guards the descriptor (direct) or the hand-over (buffered)
         self._fd: int | None = self._open()
         self._reserved = 0  # the file's size up to which blocks are allocated (0: none, or not supported)
-        self._reserve(os.fstat(self._fd).st_size)
+        if self.reserves:
+            self._reserve(os.fstat(self._fd).st_size)
         self._synced = float("-inf")  # the first write is synced at once
         self._unsynced = False
         self._error: OSError | None = None
-        self.full: OSError | None = None  # ENOSPC or EDQUOT met, and what it could not write still kept
         self.on_full: Callable[[OSError], None] | None = None
+        self._told_full = False
         self._unwritten = b""  # buffered: what a full file system refused, written first next time
         self._torn = False  # a short write left part of a record that could not be cut off
         # buffered: appended, not handed to the writer thread yet. A deque, whose append and popleft are
@@ -194,9 +196,14 @@ class JsonlWriter:
         err = ctypes.get_errno()
         if err in DISK_FULL_ERRNOS and self._reserved:
             self._reserved = 0  # no retry: the writes themselves say when there is room again
-            exc = OSError(err, f"{os.strerror(err)} (the journal's reserve could not be renewed)", self.path)
-            if self.full is None and self.on_full is not None:
-                self.on_full(exc)
+            self._tell_full(OSError(err, f"{os.strerror(err)} (the journal's reserve could not be renewed)",
+                                    self.path))
+
+    def _tell_full(self, exc: OSError) -> None:
+        """Tell ``on_full`` that the file system is full, once."""
+        if not self._told_full and self.on_full is not None:
+            self._told_full = True
+            self.on_full(exc)
 
     def _cut(self, before: int, written: int) -> None:
         """Take back the part of a record a short write left, in a file no other process appends to;
@@ -237,10 +244,8 @@ class JsonlWriter:
                     self._sync()
             except OSError as exc:  # reported by close()
                 self._error = self._error or exc
-                if exc.errno in DISK_FULL_ERRNOS and self.full is None:  # say, fsync on NFS or over a quota
-                    self.full = exc
-                    if self.on_full is not None:
-                        self.on_full(exc)
+                if exc.errno in DISK_FULL_ERRNOS:  # say, fsync on NFS or over a quota
+                    self._tell_full(exc)
             if self._closing:
                 return
 
@@ -248,11 +253,8 @@ class JsonlWriter:
         """Write ``data``; on a full file system keep it for the next try and tell ``on_full`` (once)."""
         try:
             self._write(data)
-            self.full = None
         except OSError as exc:
             if exc.errno not in DISK_FULL_ERRNOS:
                 raise
             self._unwritten = data
-            first, self.full = self.full is None, exc
-            if first and self.on_full is not None:
-                self.on_full(exc)
+            self._tell_full(exc)

@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cmbagent_batch.errors import UsageError
@@ -91,25 +92,22 @@ class RunLock:
         that is gone, its watchdog holds the lock while it ends that run's tasks: wait for it, up to
         ``wait_for_dead`` seconds (and say so)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + wait_for_dead
-        said = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-                if not _gone(holder) or time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise UsageError(
-                        f"run directory {os.path.dirname(self.path)} is in use by {holder}; "
-                        "wait for that run to end, or use another --run-dir"
-                    ) from None
-                if not said:
-                    print(f"cmbagent-batch: the run that held {os.path.dirname(self.path)} ({holder}) is gone; "
-                          "waiting for its tasks to be ended", file=sys.stderr)
-                    said = True
-                time.sleep(0.1)
+        run_dir = os.path.dirname(self.path)
+
+        def holder() -> str:
+            return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+
+        def worth_waiting() -> str | None:
+            held_by = holder()
+            if not _gone(held_by):
+                return None
+            return f"the run that held {run_dir} ({held_by}) is gone; waiting for its tasks to be ended"
+
+        if not _take(fd, wait_for_dead, worth_waiting):
+            held_by = holder()
+            os.close(fd)
+            raise UsageError(f"run directory {run_dir} is in use by {held_by}; wait for that run to end, or use "
+                             "another --run-dir")
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         self._fd = fd
@@ -149,27 +147,34 @@ def wait_for_earlier_tasks(run_dir: str, limit: float) -> None:
     if not os.path.exists(path):
         return
     fd = os.open(path, os.O_RDWR)
+    try:
+        taken = _take(fd, limit, lambda: f"tasks of an earlier run in {run_dir} are still being ended; waiting")
+    except OSError:
+        return  # a file system without locks: nothing to wait for that can be known
+    finally:
+        os.close(fd)  # an exclusive lock taken here goes with it
+    if not taken:
+        raise UsageError(f"tasks of an earlier run in {run_dir} are still being ended (a watchdog holds {path}); "
+                         "wait for them, or use another --run-dir")
+
+
+def _take(fd: int, limit: float, worth_waiting: Callable[[], str | None]) -> bool:
+    """An exclusive ``flock`` on ``fd``. While another process holds it, wait (up to ``limit`` seconds)
+    as long as ``worth_waiting()`` says why (said once); False when it does not, or the time is up."""
     deadline = time.monotonic() + limit
     said = False
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise UsageError(f"tasks of an earlier run in {run_dir} are still being ended (a watchdog "
-                                     f"holds {path}); wait for them, or use another --run-dir") from None
-                if not said:
-                    print(f"cmbagent-batch: tasks of an earlier run in {run_dir} are still being ended; waiting",
-                          file=sys.stderr)
-                    said = True
-                time.sleep(0.1)
-            except OSError:
-                return  # a file system without locks: nothing to wait for that can be known
-    finally:
-        os.close(fd)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            why = worth_waiting()
+            if why is None or time.monotonic() >= deadline:
+                return False
+            if not said:
+                print(f"cmbagent-batch: {why}", file=sys.stderr)
+                said = True
+            time.sleep(0.1)
 
 
 def _gone(holder: str) -> bool:
