@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any
 
 MISSING_MPI4PY = "the MPI backend needs mpi4py: pip install 'cmbagent-batch[mpi]'"
@@ -72,6 +72,13 @@ class JobsRecordError(UsageError, ValueError):
     JSON decoder's refusal of a file that is not JSON, so a reader handles both alike."""
 
 
+class Severity(Enum):
+    """How bad a problem is: an error stops the command (exit 2); a warning is printed and it goes on."""
+
+    ERROR = "error"
+    WARNING = "warning"
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     """One thing wrong with a spec, located in its file."""
@@ -82,12 +89,14 @@ class Problem:
     path: str  # JSON path, e.g. "$.tasks[3].depends_on[0]"
     message: str
     task: str | None = None  # the id of the task entry the path is in, as written (a matrix entry's template)
+    severity: Severity = Severity.ERROR
 
     def __str__(self) -> str:
+        message = self.message if self.severity is Severity.ERROR else f"warning: {self.message}"
         if self.line is None:
-            return f"{self.file}: {self.message}"
+            return f"{self.file}: {message}"
         where = self.path if self.task is None else f"{self.path} (task {self.task!r})"
-        return f"{self.file}:{self.line}:{self.column}: {where}: {self.message}"
+        return f"{self.file}:{self.line}:{self.column}: {where}: {message}"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -96,6 +105,7 @@ class Problem:
             "column": self.column,
             "path": self.path,
             "task": self.task,
+            "severity": self.severity.value,
             "message": self.message,
         }
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from enum import Enum
+from types import MappingProxyType
 
 from cmbagent_batch.errors import ExitCode
 
@@ -12,8 +16,12 @@ class TaskState(str, Enum):
 
     PENDING = "pending"
     """Waiting for its dependencies, a worker or resources."""
+    QUEUED = "queued"
+    """Handed to a worker ahead of a free slot (or behind another task of its batch), not started yet.
+    The scheduler's alone, never journaled: a stop that keeps it from starting ends it not run."""
     RUNNING = "running"
-    """An attempt is running."""
+    """Its attempt has started: a process or thread runs the task now (of a batch of tiny tasks, which a
+    worker runs one after the other, the first counts as running until the batch ends)."""
     RETRYING = "retrying"
     """An attempt failed; the next one waits out its backoff."""
     SUCCEEDED = "succeeded"
@@ -27,7 +35,8 @@ class TaskState(str, Enum):
     CANCELLED = "cancelled"
     """Not run because the job stopped launching (fail-fast)."""
     INTERRUPTED = "interrupted"
-    """Running or waiting when the job was interrupted (signal); it runs again on the next run."""
+    """Running, or handed over to a worker, when the job was interrupted (signal); it runs again on the
+    next run."""
     BUDGET_EXCEEDED = "budget_exceeded"
     """Not run, or stopped, because the LLM budget was spent."""
 
@@ -45,6 +54,68 @@ FINAL_STATES = frozenset(
 )
 DONE_STATES = frozenset({TaskState.SUCCEEDED, TaskState.SKIPPED})
 FAILED_STATES = frozenset({TaskState.FAILED, TaskState.UPSTREAM_FAILED, TaskState.BUDGET_EXCEEDED})
+# Tasks a run left to do: a rerun (or a Slurm requeue) continues them.
+LEFT_STATES = frozenset({TaskState.PENDING, TaskState.QUEUED, TaskState.RUNNING, TaskState.RETRYING,
+                         TaskState.INTERRUPTED})
+
+# The order a tally names states in: what happens now, then how tasks ended.
+_TOLD = (TaskState.RUNNING, TaskState.QUEUED, TaskState.RETRYING, TaskState.PENDING, TaskState.SUCCEEDED,
+         TaskState.SKIPPED, TaskState.FAILED, TaskState.UPSTREAM_FAILED, TaskState.BUDGET_EXCEEDED,
+         TaskState.CANCELLED, TaskState.INTERRUPTED)
+_BY_VALUE = {s.value: s for s in TaskState}
+
+
+@dataclass(frozen=True)
+class Tally:
+    """How many tasks are in each state. The progress line, ``status``, the run's last line, the Slurm
+    job's log and ``run.json`` all say it through ``text`` (or ``to_json``), so their words and numbers
+    agree: each state by its own name, none lumped into another."""
+
+    counts: Mapping[TaskState, int]
+
+    @classmethod
+    def of(cls, states: Iterable[TaskState]) -> Tally:
+        """The tally of tasks in ``states`` (one item per task)."""
+        return cls(MappingProxyType(dict(Counter(states))))
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[TaskState, int]) -> Tally:
+        """A copy of counts kept elsewhere (the scheduler's, updated at each state change)."""
+        return cls(MappingProxyType({s: n for s, n in counts.items() if n}))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, int]) -> Tally:
+        """``run.json``'s "counts"; a state this version does not know (a newer one wrote it) counts as
+        interrupted, as the journal's replay reads it."""
+        counts: Counter[TaskState] = Counter()
+        for name, n in data.items():
+            counts[_BY_VALUE.get(name, TaskState.INTERRUPTED)] += int(n)
+        return cls(MappingProxyType(dict(counts)))
+
+    def __getitem__(self, state: TaskState) -> int:
+        return self.counts.get(state, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def done(self) -> int:
+        """Succeeded, in this run or an earlier one."""
+        return self[TaskState.SUCCEEDED] + self[TaskState.SKIPPED]
+
+    @property
+    def left(self) -> int:
+        """Not run to an end yet: a rerun (or a requeue) continues them."""
+        return sum(self[s] for s in LEFT_STATES)
+
+    def text(self) -> str:
+        """``8 succeeded, 1 failed, 1 upstream_failed, 7 cancelled``: every state with tasks, by its name."""
+        return ", ".join(f"{self[s]} {s.value}" for s in _TOLD if self[s]) or "no tasks"
+
+    def to_json(self) -> dict[str, int]:
+        """The states with tasks, by name (sorted), as ``run.json`` and ``status --format json`` say."""
+        return {s.value: n for s, n in sorted(self.counts.items(), key=lambda item: item[0].value) if n}
 
 
 class OutcomeReason(str, Enum):

@@ -252,9 +252,11 @@ def test_a_missing_key_is_named(tmp_path: Path) -> None:
     with ScriptedLLM([]) as srv:
         result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, ONE_AGENT)), key=None)
         assert srv.completions == []
-    assert result.returncode == 1
-    reason = json.loads((tmp_path / "runs" / "agents" / "run.json").read_text())["tasks"]["solo"]["reason"]
-    assert reason == "agent task with model 'm' needs an API key in $TEST_LLM_KEY, which is not set"
+    assert result.returncode == 2  # refused before any task runs: the preflight
+    assert result.stderr.splitlines()[0].endswith(
+        "$.llm.models.m.api_key_env: model 'm': its API key variable TEST_LLM_KEY is not set here "
+        "(agent task 'solo' uses it)")
+    assert not (tmp_path / "runs" / "agents").exists()
 
 
 def test_timeouts_are_retried_then_reported(tmp_path: Path) -> None:
@@ -294,12 +296,12 @@ def test_a_spent_job_budget_starts_no_new_llm_work(tmp_path: Path) -> None:
     assert states(run_dir) == {"first": "succeeded", "second": "budget_exceeded", "after": "upstream_failed"}
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["tasks"]["second"]["reason"] == (
-        "not started: the job's LLM budget is spent: $0.0100 of job.budget_usd $0.0050")
+        "not started: the job's LLM budget is spent: $0.01 of job.budget_usd $0.005")
     assert manifest["tasks"]["after"]["reason"] == "upstream task 'second' stopped: LLM budget spent"
     status = run(tmp_path, "status", str(run_dir)).stdout
     assert "  second  budget_exceeded" in status
     assert "      not started: the job's LLM budget is spent" in status
-    assert "LLM cost: $0.0100 over 1 model calls, 200.0% of job.budget_usd $0.0050 (ledger: " in status
+    assert "LLM cost: $0.01 over 1 model calls, 200.0% of job.budget_usd $0.005 (ledger: " in status
 
 
 def test_a_running_agent_stops_at_its_next_call_when_its_task_budget_is_spent(tmp_path: Path) -> None:
@@ -313,7 +315,7 @@ def test_a_running_agent_stops_at_its_next_call_when_its_task_budget_is_spent(tm
     run_dir = tmp_path / "runs" / "agents"
     assert states(run_dir) == {"solo": "budget_exceeded"}
     reason = json.loads((run_dir / "run.json").read_text())["tasks"]["solo"]["reason"]
-    assert reason == "stopped before model call 2: the task's LLM budget is spent: $0.0020 of budget_usd $0.0010"
+    assert reason == "stopped before model call 2: the task's LLM budget is spent: $0.002 of budget_usd $0.001"
     assert len(ledger(run_dir)) == 1
     assert "run_shell" in (run_dir / "ranks/rank-0000/tasks/solo/chats/transcript.jsonl").read_text()
 

@@ -77,9 +77,9 @@ def test_invalid_spec_json(specs: Path) -> None:
     r = cli(specs, "validate", "--format", "json", "bad.yaml")
     assert (r.returncode, r.stderr) == (2, "")
     assert json.loads(r.stdout) == [
-        {"file": "bad.yaml", "line": 1, "column": 10, "path": "$.version", "task": None,
+        {"file": "bad.yaml", "line": 1, "column": 10, "path": "$.version", "task": None, "severity": "error",
          "message": "expected 1, got the number 2"},
-        {"file": "bad.yaml", "line": 6, "column": 11, "path": "$.tasks[0].kind", "task": "a",
+        {"file": "bad.yaml", "line": 6, "column": 11, "path": "$.tasks[0].kind", "task": "a", "severity": "error",
          "message": "the string 'shel' is not one of: shell, python, agent (did you mean 'shell'?)"},
     ]
 
@@ -115,7 +115,7 @@ def test_several_files_json(specs: Path) -> None:
     assert r.returncode == 2
     assert json.loads(r.stdout) == [
         {"file": "missing.yaml", "line": None, "column": None, "path": "$", "task": None,
-         "message": "no such file"},
+         "severity": "error", "message": "no such file"},
     ]
 
 
@@ -151,7 +151,8 @@ def test_help_on_every_subcommand(tmp_path: Path, command: str) -> None:
 def test_unknown_flag(specs: Path) -> None:
     r = cli(specs, "validate", "--bogus", "ok.yaml")
     assert (r.returncode, r.stdout) == (2, "")
-    assert r.stderr.splitlines()[-1] == "cmbagent-batch: error: unrecognized arguments: --bogus"
+    assert r.stderr.splitlines()[-2:] == ["cmbagent-batch validate: error: unknown option --bogus",
+                                          "valid options: --help/-h, --format"]
 
 
 def test_no_command(tmp_path: Path) -> None:

@@ -67,12 +67,14 @@ FULL_CONFIG = {
     "execution.max_workers": {"value": 3, "source": "spec line 9"},
     "execution.memory_safety_fraction": {"value": 0.5, "source": "spec line 15"},
     "execution.mode": {"value": "sequential", "source": "spec line 8"},
+    "execution.path": {"value": "interpreter", "source": "default"},
     "execution.retries": {"value": 2, "source": "spec line 12"},
     "execution.rerun_on": {"value": ["spec", "inputs", "code"], "source": "default"},
     "execution.retry_backoff": {"value": 1.0, "source": "default"},
     "execution.task_timeout": {"value": 60, "source": "spec line 11"},
     "execution.tasks_per_rank": {"value": 4, "source": "spec line 16"},
     "job.budget_usd": {"value": 2.5, "source": "spec line 5"},
+    "job.keep_superseded": {"value": 3, "source": "default"},
     "job.run_dir": {"value": "out/cfg", "source": "spec line 4"},
     "llm.default_model": {"value": "mini", "source": "spec line 18"},
 }
@@ -102,12 +104,14 @@ SMALL_CONFIG = {
     "execution.max_workers": {"value": 3, "source": "spec line 5"},
     "execution.memory_safety_fraction": {"value": 0.8, "source": "default"},
     "execution.mode": {"value": "auto", "source": "default"},
+    "execution.path": {"value": "interpreter", "source": "default"},
     "execution.retries": {"value": 0, "source": "default"},
     "execution.rerun_on": {"value": ["spec", "inputs", "code"], "source": "default"},
     "execution.retry_backoff": {"value": 1.0, "source": "default"},
     "execution.task_timeout": {"value": None, "source": "default"},
     "execution.tasks_per_rank": {"value": 1, "source": "default"},
     "job.budget_usd": {"value": None, "source": "default"},
+    "job.keep_superseded": {"value": 3, "source": "default"},
     "job.run_dir": {"value": "runs/small", "source": "default"},
     "llm.default_model": {"value": None, "source": "default"},
 }
@@ -202,12 +206,14 @@ def test_text_output(home: Path, small: Path) -> None:
         "execution.max_workers             3                         spec line 5\n"
         "execution.memory_safety_fraction  0.8                       default\n"
         "execution.mode                    auto                      default\n"
+        "execution.path                    interpreter               default\n"
         'execution.rerun_on                ["spec", "inputs", "code"]  default\n'
         "execution.retries                 0                         default\n"
         "execution.retry_backoff           1.0                       default\n"
         "execution.task_timeout            null                      default\n"
         "execution.tasks_per_rank          1                         default\n"
         "job.budget_usd                    null                      default\n"
+        "job.keep_superseded               3                         default\n"
         "job.run_dir                       runs/small                default\n"
         "llm.default_model                 null                      default\n")
 
@@ -234,7 +240,9 @@ ENV_CASES = {
     "CMBAGENT_KEEP_GOING": ("off", "execution.keep_going", False),
     "CMBAGENT_MAX_MEMORY_MB": (" 4096 ", "execution.max_memory_mb", 4096),
     "CMBAGENT_TASKS_PER_RANK": ("8", "execution.tasks_per_rank", 8),
+    "CMBAGENT_PATH": ("inherit", "execution.path", "inherit"),
     "CMBAGENT_RUN_DIR": ("/scratch/runs", "job.run_dir", "/scratch/runs"),
+    "CMBAGENT_KEEP_SUPERSEDED": ("0", "job.keep_superseded", 0),
     "CMBAGENT_CACHE_DIR": ("/scratch/cache", "analysis.cache_dir", "/scratch/cache"),
 }
 
@@ -340,7 +348,9 @@ MALFORMED = [
     ("CMBAGENT_KEEP_GOING", "2", BOOL_WORDS),
     ("CMBAGENT_MAX_MEMORY_MB", "1.5", "expected a whole number"),
     ("CMBAGENT_TASKS_PER_RANK", "0", "expected a number of at least 1"),
+    ("CMBAGENT_PATH", "venv", "expected one of interpreter, inherit"),
     ("CMBAGENT_RUN_DIR", "  ", "expected a non-empty value"),
+    ("CMBAGENT_KEEP_SUPERSEDED", "-1", "expected a number of at least 0"),
     ("CMBAGENT_CACHE_DIR", "", "expected a non-empty value"),
     ("CMBAGENT_ENABLE_PARALLEL", "2", BOOL_WORDS),
     ("CMBAGENT_AUTO_DETECT_DEPS", "maybe", BOOL_WORDS),

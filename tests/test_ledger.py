@@ -18,12 +18,12 @@ import orjson
 import pytest
 
 from cmbagent_batch.ledger.chain import GENESIS, chain_lines
-from cmbagent_batch.ledger.entry import FIELDS, make_entry
+from cmbagent_batch.ledger.entry import FIELDS, OPTIONAL_FIELDS, make_entry
 from cmbagent_batch.ledger.files import journal_path, ledger_path
 from cmbagent_batch.ledger.journal import JournalWriter, next_call_id, read_journal
 from cmbagent_batch.ledger.merge import merge
 from cmbagent_batch.ledger.meter import SpendMeter
-from cmbagent_batch.ledger.verify import check_chain
+from cmbagent_batch.ledger.verify import read_chain
 from cmbagent_batch.spec.pricing import Price
 from tests.helpers.ledger_entries import PRICE, entry
 
@@ -51,7 +51,10 @@ def test_an_entry_has_every_field_in_order_and_matches_its_schema() -> None:
     jsonschema.Draft202012Validator(schema).validate(made)
     jsonschema.Draft202012Validator(schema).validate(entry(4, task=None))
     assert schema["required"] == list(FIELDS)
-    assert list(schema["properties"]) == ["seq", "prev", *FIELDS, "hash"]  # the order of a merged line
+    assert list(schema["properties"]) == ["seq", "prev", *FIELDS, *OPTIONAL_FIELDS, "hash"]  # a merged line's order
+    dated = entry(5, price_table_date="2025-08-15")
+    assert tuple(dated) == (*FIELDS, "price_table_date")
+    jsonschema.Draft202012Validator(schema).validate(dated)
     assert all(p.get("description") for p in schema["properties"].values())
     chained = {"seq": 1, "prev": "0" * 64, **made, "hash": "a" * 64}
     jsonschema.Draft202012Validator(schema).validate(chained)
@@ -81,7 +84,8 @@ def test_make_entry_takes_a_price_and_makes_numbers_floats() -> None:
      "timestamp: expected ISO-8601 UTC like 2026-11-27T23:00:00.123+00:00, got '2026-11-27 23:00'"),
     ({"price": {"prompt_per_1m": 1}}, ("price: expected an object with prompt_per_1m, cached_prompt_per_1m, "
                                        "completion_per_1m, got {'prompt_per_1m': 1}")),
-    ({"colour": "red"}, "unknown ledger entry field(s) colour; valid: " + ", ".join(FIELDS)),
+    ({"colour": "red"}, "unknown ledger entry field(s) colour; valid: " + ", ".join(FIELDS) + ", price_table_date"),
+    ({"price_table_date": 20250815}, "price_table_date: expected a string or null, got 20250815"),
 ])
 def test_make_entry_says_what_is_wrong(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError) as info:
@@ -116,7 +120,7 @@ def test_a_chain_verifies_intact() -> None:
 
 def test_an_empty_ledger_is_intact(tmp_path: Path) -> None:
     (tmp_path / "ledger.jsonl").write_bytes(b"")
-    verdict = check_chain(str(tmp_path / "ledger.jsonl"))
+    verdict = read_chain(str(tmp_path / "ledger.jsonl"))
     assert (verdict.intact, verdict.entries, verdict.head) == (True, 0, GENESIS)
 
 
@@ -170,7 +174,7 @@ def test_merging_while_processes_append_loses_and_repeats_nothing(tmp_path: Path
     ids = [e["id"] for e in ledger_entries(tmp_path)]
     assert sorted(ids) == sorted(f"run-1/0/{t}/{n}" for t in range(4) for n in range(1, 101))
     assert (result.entries, result.cost_usd, result.problems) == (400, 200.0, ())
-    assert check_chain(ledger_path(str(tmp_path))).intact
+    assert read_chain(ledger_path(str(tmp_path))).intact
 
 
 def journal_path_bytes(run_dir: Path, rank: int = 0) -> bytes:
@@ -240,7 +244,7 @@ def test_reruns_append_to_the_same_chain(tmp_path: Path) -> None:
     second = merge(str(tmp_path))
     assert (second.entries, second.added) == (3, 1)
     assert ledger_entries(tmp_path)[2]["prev"] == first.head
-    assert check_chain(ledger_path(str(tmp_path))).intact
+    assert read_chain(ledger_path(str(tmp_path))).intact
 
 
 def test_merge_after_a_crash_before_the_journals_were_removed_adds_nothing_twice(tmp_path: Path) -> None:
@@ -271,7 +275,7 @@ def test_merge_after_a_crash_in_the_middle_of_its_write_repairs_the_tail(tmp_pat
     assert result.problems == (("ledger.jsonl:3: incomplete last line removed (a merge was killed while writing "
                                 "it; its entries are merged again from the journals)"),)
     assert ledger.read_bytes() == data
-    assert check_chain(str(ledger)).intact
+    assert read_chain(str(ledger)).intact
 
 
 def test_one_id_with_different_content_is_two_calls(tmp_path: Path) -> None:
@@ -297,7 +301,7 @@ def test_two_runs_of_merge_at_once_keep_one_chain(tmp_path: Path) -> None:
         journal(tmp_path, rank, [entry(n, rank=rank) for n in range(1, 51)])
     finish(start(merge, *[(str(tmp_path),)] * 3))
     assert len(ledger_entries(tmp_path)) == 400
-    assert check_chain(ledger_path(str(tmp_path))).intact
+    assert read_chain(ledger_path(str(tmp_path))).intact
 
 
 # --- the spend meter ---

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,23 +71,26 @@ def test_summarize_json_is_the_sums_by_hand(tmp_path: Path, capsys: pytest.Captu
     (tmp_path / "b.jsonl").write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in entries[25:]))  # a journal
     code, out, err = run(capsys, "summarize", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"),
                          "--by", by, "--format", "json")
-    assert (code, err) == (0, "")
+    unchained = f"{tmp_path / 'b.jsonl'}:1: not a chained ledger line (it does not start with seq and prev)"
+    assert (code, err) == (0, f"UNVERIFIED: {unchained}\n")  # a journal has no chain
+    counts = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens", "reasoning_tokens")
     expected: dict[str, dict[str, Any]] = {}
     for e in entries:
         key = KEYS[by](e)
-        g = expected.setdefault(json.dumps(key), {"key": key, "calls": 0, "prompt_tokens": 0,
-                                                  "completion_tokens": 0, "cost_usd": 0.0})
+        g = expected.setdefault(json.dumps(key), {"key": key, "calls": 0, "errors": 0, **dict.fromkeys(counts, 0),
+                                                  "cost_usd": []})
         g["calls"] += 1
-        g["prompt_tokens"] += e["prompt_tokens"]
-        g["completion_tokens"] += e["completion_tokens"]
-        g["cost_usd"] += e["cost_usd"]
-    total_cost = 0.0
-    for e in entries:
-        total_cost += e["cost_usd"]
+        g["errors"] += e["status"] == "error"
+        for c in counts:
+            g[c] += e[c]
+        g["cost_usd"].append(e["cost_usd"])
+    for g in expected.values():
+        g["cost_usd"] = math.fsum(g["cost_usd"])  # the sum correctly rounded, whatever the order
     printed = json.loads(out)
-    assert printed["total"] == {"calls": 40, "prompt_tokens": sum(e["prompt_tokens"] for e in entries),
-                                "completion_tokens": sum(e["completion_tokens"] for e in entries),
-                                "cost_usd": total_cost}
+    assert (printed["verified"], printed["unverified_reason"]) == (False, unchained)
+    assert printed["total"] == {"calls": 40, "errors": sum(e["status"] == "error" for e in entries),
+                                **{c: sum(e[c] for e in entries) for c in counts},
+                                "cost_usd": math.fsum(e["cost_usd"] for e in entries)}
     assert sorted(printed["groups"], key=lambda g: json.dumps(g["key"])) == \
         sorted(expected.values(), key=lambda g: json.dumps(g["key"]))
     costs = [g["cost_usd"] for g in printed["groups"]]
@@ -101,9 +105,9 @@ def test_summarize_table_and_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert out == textwrap.dedent("""\
         model        calls  errors  prompt  cached  completion  reasoning  cost_usd
         -----------  -----  ------  ------  ------  ----------  ---------  --------
-        gpt-4.1          1       1   1,002     100         202          2  1.250000
-        gpt-4o-mini      2       0   2,004     200         404          4  0.750000
-        TOTAL            3       1   3,006     300         606          6  2.000000
+        gpt-4.1          1       1   1,002     100         202          2     $1.25
+        gpt-4o-mini      2       0   2,004     200         404          4     $0.75
+        TOTAL            3       1   3,006     300         606          6     $2.00
         """)
     code, out, _ = run(capsys, "summarize", str(tmp_path), "--by", "attempt", "--format", "csv")
     assert out == textwrap.dedent("""\
@@ -116,7 +120,9 @@ def test_summarize_of_an_empty_ledger(tmp_path: Path, capsys: pytest.CaptureFixt
     (tmp_path / "ledger.jsonl").write_bytes(b"")
     code, out, _ = run(capsys, "summarize", str(tmp_path / "ledger.jsonl"), "--format", "json")
     assert code == 0
-    assert json.loads(out) == {"total": {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0},
+    assert json.loads(out) == {"verified": True, "unverified_reason": None,
+                               "total": {"calls": 0, "errors": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+                                         "completion_tokens": 0, "reasoning_tokens": 0, "cost_usd": 0.0},
                                "groups": []}
 
 
@@ -243,11 +249,15 @@ def test_verify_with_entries_added_after_run_json(chained: tuple[Path, list[byte
 
 
 def test_verify_of_a_file_that_is_no_chain(tmp_path: Path) -> None:
-    (tmp_path / "rank-0000.jsonl").write_bytes(orjson.dumps(entry(1)) + b"\n")
-    r = command(tmp_path, "verify", "rank-0000.jsonl")
+    (tmp_path / "entries.jsonl").write_bytes(orjson.dumps(entry(1)) + b"\n")
+    r = command(tmp_path, "verify", "entries.jsonl")
     assert (r.returncode, r.stdout) == (2, "")
-    assert r.stderr == ("cmbagent-batch: error: rank-0000.jsonl:1: not a chained ledger line "
+    assert r.stderr == ("cmbagent-batch: error: entries.jsonl:1: not a chained ledger line "
                         "(it does not start with seq and prev)\n")
+    (tmp_path / "rank-0000.jsonl").write_bytes(orjson.dumps(entry(1)) + b"\n")  # a rank journal, named so
+    r = command(tmp_path, "verify", "rank-0000.jsonl")
+    assert (r.returncode, r.stderr) == (2, "cmbagent-batch: error: rank-0000.jsonl: a rank journal has no chain to "
+                                           "verify\n")
 
 
 def test_verify_flags_go_together(chained: tuple[Path, list[bytes]]) -> None:
@@ -297,6 +307,7 @@ def test_reprice_compares_old_and_new_cost_by_model(tmp_path: Path, capsys: pyte
     mini = (1001 + 1003 + 2 * (201 + 203)) / 1e6  # cached tokens at the prompt price
     big = (1002 - 100) * 10.0 / 1e6
     assert (code, json.loads(out)) == (0, {
+        "verified": True, "unverified_reason": None,
         "prices": "negotiated-2026",
         "total": {"calls": 3, "old_cost_usd": 1.501, "new_cost_usd": pytest.approx(mini + big)},
         "groups": [  # most expensive at the new prices first
@@ -353,7 +364,7 @@ def test_diff_of_the_same_calls_in_another_chain_is_identical(tmp_path: Path) ->
     write_chain(tmp_path / "a.jsonl", entries)
     write_chain(tmp_path / "b.jsonl", entries[::-1])
     r = command(tmp_path, "diff", "a.jsonl", "b.jsonl")
-    assert (r.returncode, r.stdout, r.stderr) == (0, "identical: 3 calls, 0.003000 USD\n", "")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "identical: 3 calls, $0.003\n", "")
 
 
 def test_diff_lists_what_differs(tmp_path: Path) -> None:
@@ -368,9 +379,9 @@ def test_diff_lists_what_differs(tmp_path: Path) -> None:
 
         model        calls_a  calls_b  cost_a_usd  cost_b_usd  change_usd
         -----------  -------  -------  ----------  ----------  ----------
-        gpt-4.1            0        1    0.000000    0.001000    0.001000
-        gpt-4o-mini        3        2    0.003000    0.501000    0.498000
-        TOTAL              3        3    0.003000    0.502000    0.499000
+        gpt-4.1            0        1       $0.00      $0.001      $0.001
+        gpt-4o-mini        3        2      $0.003      $0.501      $0.498
+        TOTAL              3        3      $0.003      $0.502      $0.499
 
         only in A: 1 call
           run-1/0/4242/2 @ {ts[0]}
@@ -393,17 +404,20 @@ def test_report_writes_the_page_with_the_budget_of_run_json(tmp_path: Path, caps
 
     seen: dict[str, Any] = {}
 
-    def render(entries: list[dict[str, Any]], *, title: str, budget_usd: float | None) -> str:
-        seen.update(entries=entries, title=title, budget=budget_usd)
+    def render(entries: list[dict[str, Any]], *, title: str, budget_usd: float | None, unresolved: Any,
+               chains: Any, table_dates: Any) -> str:
+        seen.update(entries=entries, title=title, budget=budget_usd, unresolved=unresolved,
+                    verified=[c.verified for c in chains])
         return "<!doctype html><title>t</title>"
 
     monkeypatch.setattr(report, "render_report", render)
     write_chain(tmp_path / "ledger.jsonl", [entry(1), entry(2)])
     (tmp_path / "run.json").write_text(json.dumps({"budget_usd": 12.5}))
     code, out, _ = run(capsys, "report", str(tmp_path), "-o", str(tmp_path / "r.html"))
-    assert (code, out) == (0, f"wrote {tmp_path / 'r.html'}: 2 calls, 0.002000 USD\n")
+    assert (code, out) == (0, f"wrote {tmp_path / 'r.html'}: 2 calls, $0.002\n")
     assert (tmp_path / "r.html").read_text() == "<!doctype html><title>t</title>"
-    assert seen == {"entries": [entry(1), entry(2)], "title": "Cost ledger: demo", "budget": 12.5}
+    assert seen == {"entries": [entry(1), entry(2)], "title": "Cost ledger: demo", "budget": 12.5,
+                    "unresolved": None, "verified": [True]}
     run(capsys, "report", str(tmp_path), "-o", str(tmp_path / "r.html"), "--budget", "3")
     assert seen["budget"] == 3.0
 

@@ -6,7 +6,6 @@ client over HTTP against the scripted server; and a ledger from before intents, 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -48,24 +47,30 @@ def lines_of(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-# --- a ledger from before intents: read, summarized, verified and reported as before ---------------------
+# --- a ledger from before intents: read, summarized, verified and reported ------------------------------
 
-# What the commands printed for this ledger before intents existed (the code of the commit before them).
+# What the commands print for this ledger: the figures they printed before intents existed (the code of the
+# commit before them), with money, counts and the chain's status as they are shown since.
 BEFORE_INTENTS = {
     'summarize-table': (
         'model        calls  errors  prompt  cached  completion  reasoning  cost_usd\n'
         '-----------  -----  ------  ------  ------  ----------  ---------  --------\n'
-        'gpt-4o-mini     15       2  15,240   1,500       3,240         44  0.240000\n'
-        'gpt-4.1         15       2  15,225   1,500       3,225         43  0.225000\n'
-        'TOTAL           30       4  30,465   3,000       6,465         87  0.465000\n'
+        'gpt-4o-mini     15       2  15,240   1,500       3,240         44     $0.24\n'
+        'gpt-4.1         15       2  15,225   1,500       3,225         43    $0.225\n'
+        'TOTAL           30       4  30,465   3,000       6,465         87    $0.465\n'
     ),
     'summarize-json': (
         '{\n'
+        '  "verified": true,\n'
+        '  "unverified_reason": null,\n'
         '  "total": {\n'
         '    "calls": 30,\n'
+        '    "errors": 4,\n'
         '    "prompt_tokens": 30465,\n'
+        '    "cached_prompt_tokens": 3000,\n'
         '    "completion_tokens": 6465,\n'
-        '    "cost_usd": 0.4650000000000002\n'
+        '    "reasoning_tokens": 87,\n'
+        '    "cost_usd": 0.465\n'
         '  },\n'
         '  "groups": [\n'
         '    {\n'
@@ -73,8 +78,11 @@ BEFORE_INTENTS = {
         '        "model": "gpt-4o-mini"\n'
         '      },\n'
         '      "calls": 15,\n'
+        '      "errors": 2,\n'
         '      "prompt_tokens": 15240,\n'
+        '      "cached_prompt_tokens": 1500,\n'
         '      "completion_tokens": 3240,\n'
+        '      "reasoning_tokens": 44,\n'
         '      "cost_usd": 0.24\n'
         '    },\n'
         '    {\n'
@@ -82,8 +90,11 @@ BEFORE_INTENTS = {
         '        "model": "gpt-4.1"\n'
         '      },\n'
         '      "calls": 15,\n'
+        '      "errors": 2,\n'
         '      "prompt_tokens": 15225,\n'
+        '      "cached_prompt_tokens": 1500,\n'
         '      "completion_tokens": 3225,\n'
+        '      "reasoning_tokens": 43,\n'
         '      "cost_usd": 0.225\n'
         '    }\n'
         '  ]\n'
@@ -97,19 +108,16 @@ BEFORE_INTENTS = {
     'summarize-task': (
         'task   calls  errors  prompt  cached  completion  reasoning  cost_usd\n'
         '-----  -----  ------  ------  ------  ----------  ---------  --------\n'
-        'sim-1      8       1   8,120     800       1,720         22  0.120000\n'
-        'sim-3      7       1   7,105     700       1,505         21  0.105000\n'
-        'sim-0      6       1   6,092     600       1,292         15  0.092000\n'
-        'sim-2      6       1   6,088     600       1,288         18  0.088000\n'
-        '-          3       0   3,060     300         660         11  0.060000\n'
-        'TOTAL     30       4  30,465   3,000       6,465         87  0.465000\n'
+        'sim-1      8       1   8,120     800       1,720         22     $0.12\n'
+        'sim-3      7       1   7,105     700       1,505         21    $0.105\n'
+        'sim-0      6       1   6,092     600       1,292         15    $0.092\n'
+        'sim-2      6       1   6,088     600       1,288         18    $0.088\n'
+        '-          3       0   3,060     300         660         11     $0.06\n'
+        'TOTAL     30       4  30,465   3,000       6,465         87    $0.465\n'
     ),
     'verify': (
         'intact: 30 entries, head 58b14cf665629dc3498fa859d42471b67975f332706eced377d0ab3d64e2eef2\n'
         'matches run.json: 30 entries, head 58b14cf665629dc3498fa859d42471b67975f332706eced377d0ab3d64e2eef2\n'
-    ),
-    'report': (
-        '763628e8be7b0eaf90feac711da364fb2e0135c756ac4074c977b00541c16ed3'
     ),
 }
 
@@ -132,8 +140,11 @@ def test_a_ledger_from_before_intents_reads_as_it_did(tmp_path: Path) -> None:
         assert ledger_cli("summarize", str(run), "--format", fmt) == (0, BEFORE_INTENTS[f"summarize-{fmt}"])
     assert ledger_cli("summarize", str(run / "ledger.jsonl"), "--by", "task") == (0, BEFORE_INTENTS["summarize-task"])
     assert ledger_cli("verify", str(run)) == (0, BEFORE_INTENTS["verify"])
-    code, _ = ledger_cli("report", str(run), "-o", str(tmp_path / "r.html"))
-    assert (code, hashlib.sha256((tmp_path / "r.html").read_bytes()).hexdigest()) == (0, BEFORE_INTENTS["report"])
+    code, out = ledger_cli("report", str(run), "-o", str(tmp_path / "r.html"))
+    assert (code, out) == (0, f"wrote {tmp_path / 'r.html'}: 30 calls, $0.465\n")
+    page = (tmp_path / "r.html").read_text()
+    assert 'id="unresolved"' not in page and 'id="unverified"' not in page  # no intents, and a whole chain
+    assert page.count("<td class=\"price-date\">2025-08-15</td>") == 2  # its two models, the shipped table's date
     assert sorted(p.name for p in run.iterdir()) == ["ledger.jsonl", "run.json"]  # nothing written beside it
 
 
@@ -201,8 +212,8 @@ def test_a_result_merged_after_its_intent_resolves_it(tmp_path: Path) -> None:
     code, out = ledger_cli("summarize", str(tmp_path))
     assert code == 0 and out.endswith("unresolved: 0 (every one of 1 calls sent has its result)\n")
     code, out = ledger_cli("verify", str(tmp_path))
-    assert code == 0 and "intents intact: 1 intents, head " in out and out.endswith("unresolved: 0 (every one "
-                                                                                     "of 1 calls sent has its result)\n")
+    assert code == 0 and "intents intact: 1 intents, head " in out
+    assert out.endswith("unresolved: 0 (every one of 1 calls sent has its result)\n")
 
 
 def test_merge_killed_after_the_intents_were_appended_adds_none_twice(tmp_path: Path) -> None:

@@ -148,8 +148,8 @@ def test_every_ledger_string_is_escaped() -> None:
     escaped_script, escaped_attribute = "&lt;script&gt;alert(1)&lt;/script&gt;", "&quot;onmouseover=alert(2) x=&quot;"
     # title (twice), job, by-task, failed task, failed error
     assert page.count(escaped_script) == 6
-    # by-model, by-agent, failed agent and model, failed error, title (twice)
-    assert page.count(escaped_attribute) == 7
+    # by-model, by-agent, price tables' model, failed agent and model, failed error, title (twice)
+    assert page.count(escaped_attribute) == 8
 
 
 def test_empty_ledger() -> None:

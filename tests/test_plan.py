@@ -322,7 +322,8 @@ def test_a_removed_task_drops_its_llm_edges_without_a_request(home: Path) -> Non
         spec = write(home / "job.yaml", data)
         plan_json(home, spec)
         data["tasks"] = [t for t in data["tasks"] if t["id"] != "literature"]
-        write(spec, data)  # report still reads literature.md, which nothing writes now
+        write(spec, data)  # report still reads literature.md, which nothing writes now: it is beside the spec
+        (home / "literature.md").write_text("notes\n")
         shrunk = plan_json(home, spec)
         assert len(srv.requests) == 1
     a = shrunk["analysis"]
@@ -733,6 +734,7 @@ THREE_REPLY = {"edges": [{"from": "fetch", "to": "report", "type": "data",
 def test_text_dot_and_mermaid_show_every_edge_with_its_source(home: Path) -> None:
     with ScriptedLLM([Reply(THREE_REPLY)]) as srv:
         spec = write(home / "three.yaml", three_tasks(srv.base_url))
+        (home / "pipeline.py").write_text("def clean():\n    pass\n")  # its call must resolve
         text = plan(home, spec)
         dot = plan(home, spec, "--format", "dot")
         mermaid = plan(home, spec, "--format", "mermaid")

@@ -584,7 +584,7 @@ def test_editing_a_task_reruns_it_and_its_dependents_only(tmp_path: Path) -> Non
         "a": "skip (up to date)", "b": "run (its spec changed)", "c": "run (upstream changed: b)",
         "d": "skip (up to date)"}
     text = cli(tmp_path, "status", str(run_dir), "--explain")
-    assert [line.split("next: ")[1] for line in text.stdout.splitlines()[1:]] == [
+    assert [line.split("next: ")[1] for line in text.stdout.splitlines()[2:]] == [
         "skip (up to date)", "run (its spec changed)", "run (upstream changed: b)", "skip (up to date)"]
     dry = cli(tmp_path, "run", "job.yaml", "--dry-run")
     assert dry.returncode == 0
@@ -876,6 +876,7 @@ def test_status_shows_the_reason_and_the_stderr_tail_of_a_failed_task(tmp_path: 
     lines = [re.sub(r" +\d+\.\d\ds$", " <wall>", line) for line in res.stdout.splitlines()]
     assert lines == [
         f"Job st in {run_dir}: finished, exit code 1",
+        "2 tasks: 1 succeeded, 1 failed",
         "  bad  failed          attempts 1 <wall>",
         "      exit code 4",
         "      | err line 3",
@@ -891,5 +892,6 @@ def test_status_shows_the_reason_and_the_stderr_tail_of_a_failed_task(tmp_path: 
 
 def test_status_of_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
     res = cli(tmp_path, "status", str(tmp_path))
-    message = f"cmbagent-batch: error: {tmp_path} is not a run directory (no run.json)\n"
+    message = (f"cmbagent-batch: error: {tmp_path} is not a run directory (no run.json); status takes RUN_DIR, a run "
+               "directory (with run.json), or SPEC, a job spec (its run directory, as run finds it)\n")
     assert (res.returncode, res.stderr) == (2, message)

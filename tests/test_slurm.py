@@ -72,7 +72,9 @@ def test_a_submitted_job_runs_the_dag_on_three_ranks(tmp_path: Path, slurm_conf:
     status = cli(tmp_path, slurm_conf, "status", str(run_dir))
     assert status.returncode == 0, status.stderr
     assert f"Slurm job {job_id}: COMPLETED" in status.stdout
-    assert str(run_dir / "slurm" / f"slurm-{job_id}.out") in status.stdout
+    log = run_dir / "slurm" / f"slurm-{job_id}.log"
+    assert f"  log: {log}" in status.stdout.splitlines()
+    assert "13/13 done" in log.read_text()  # the progress lines (stderr) are in the one log
     status_json = json.loads(cli(tmp_path, slurm_conf, "status", str(run_dir), "--format", "json").stdout)
     assert status_json["slurm"]["state"] == "COMPLETED" and status_json["slurm"]["requeues"] == 0
 

@@ -13,21 +13,22 @@ from cmbagent_batch.slurm import client, jobs, walltime
 from cmbagent_batch.slurm.walltime import Decision, decide
 
 STOPPED = {"stop_reason": "SIGUSR1", "counts": {"succeeded": 3, "interrupted": 1, "pending": 4}}
+TASKS = "(4 pending, 3 succeeded, 1 interrupted)"  # STOPPED's counts, as the run's last line says them
+LIMIT = "5 tasks left " + TASKS + ", but the job was requeued {n} times already (limit {n}); continue with " \
+        "`cmbagent-batch submit`"
 
 
 @pytest.mark.parametrize(("code", "manifest", "done", "limit", "expected"), [
     (0, {"stop_reason": None, "counts": {"succeeded": 8}}, 0, 3,
-     Decision("end", "the run ended with exit code 0, not a walltime stop")),
-    (1, STOPPED, 0, 3, Decision("end", "the run ended with exit code 1, not a walltime stop")),
+     Decision("end", "the run finished (8 succeeded); nothing to requeue")),
+    (1, STOPPED, 0, 3, Decision("end", f"the run ended with exit code 1 {TASKS}; only a walltime stop is requeued")),
     (138, None, 0, 3, Decision("end", "exit code 138 but run.json records no walltime stop")),
     (138, {"stop_reason": "SIGUSR1", "counts": {"succeeded": 8}}, 0, 3,
-     Decision("end", "the walltime stop came after the last task")),
-    (138, STOPPED, 0, 3, Decision("requeue", "5 tasks left; requeue 1 of 3")),
-    (138, STOPPED, 2, 3, Decision("requeue", "5 tasks left; requeue 3 of 3")),
-    (138, STOPPED, 3, 3, Decision("limit", "5 tasks left, but the job was requeued 3 times already (limit 3); "
-                                           "continue with `cmbagent-batch submit`")),
-    (138, STOPPED, 0, 0, Decision("limit", "5 tasks left, but the job was requeued 0 times already (limit 0); "
-                                           "continue with `cmbagent-batch submit`")),
+     Decision("end", "the walltime stop came after the last task (8 succeeded)")),
+    (138, STOPPED, 0, 3, Decision("requeue", f"5 tasks left {TASKS}; requeue 1 of 3")),
+    (138, STOPPED, 2, 3, Decision("requeue", f"5 tasks left {TASKS}; requeue 3 of 3")),
+    (138, STOPPED, 3, 3, Decision("limit", LIMIT.format(n=3))),
+    (138, STOPPED, 0, 0, Decision("limit", LIMIT.format(n=0))),
 ], ids=["success", "failure", "no-manifest", "nothing-left", "first", "last", "limit", "no-requeue"])
 def test_decide(code: int, manifest: dict[str, Any] | None, done: int, limit: int, expected: Decision) -> None:
     assert decide(code, manifest, done, limit) == expected
@@ -51,7 +52,7 @@ def test_a_walltime_stop_requeues_and_records_it(tmp_path: Path, monkeypatch: py
     record = jobs.load(str(run_dir))
     assert record is not None
     assert [e["event"] for e in record["events"]] == ["submit", "requeue"] and jobs.requeues(record) == 1
-    assert capsys.readouterr().err == ("cmbagent-batch: job 41: 5 tasks left; requeue 1 of 2\n"
+    assert capsys.readouterr().err == (f"cmbagent-batch: job 41: 5 tasks left {TASKS}; requeue 1 of 2\n"
                                        "cmbagent-batch: job 41 requeued\n")
     walltime.after_step(str(run_dir), "41", 138, 2)
     walltime.after_step(str(run_dir), "41", 138, 2)  # the limit: no third requeue

@@ -333,10 +333,13 @@ def test_sigusr1_with_a_grace_lets_running_tasks_finish_and_a_rerun_completes(
     m = manifest(run_dir)
     assert (m["status"], m["stop_reason"], m["exit_code"]) == ("interrupted", "SIGUSR1", 138)
     states = {tid: t["state"] for tid, t in m["tasks"].items()}
-    assert states == {tid: "succeeded" if tid in ran else "pending" for tid in states}
+    held = {f"a-{i}" for i in range(1, 7)} - ran  # handed over ahead of a slot, held back at their gate
+    assert states == {tid: "succeeded" if tid in ran else "interrupted" if tid in held else "pending" for tid in states}
     assert {t["attempts"] for tid, t in m["tasks"].items() if tid not in ran} == {0}  # held back: not counted
+    assert {m["tasks"][tid]["reason"] for tid in held} == {"not run: the job stopped (SIGUSR1)"}
     records = journal(run_dir)
-    assert {(r["task"], r["state"]) for r in records} == {(t, s) for t in ran for s in ("running", "succeeded")}
+    assert {(r["task"], r["state"]) for r in records} == (
+        {(t, s) for t in ran for s in ("running", "succeeded")} | {(t, "interrupted") for t in held})
 
     res = cli(tmp_path, "run", "job.yaml", "--quiet")
     assert res.returncode == 0, res.stderr
@@ -456,11 +459,11 @@ def test_sigusr1_to_every_rank_with_a_grace_lets_the_workers_tasks_finish(tmp_pa
             p.send_signal(signal.SIGUSR1)
         wait_until("the drain starts", lambda: HOLD_2_FOR_30 in err_path.read_text())
         # The hold reaches the workers a moment after rank 0 says so: a task ending in between would let
-        # one sent ahead to its rank start. Release the running tasks once the held ones are back: of the
-        # other four a-* tasks, one sent ahead to each worker (prepared there, at the gate) comes back
-        # interrupted; the two queued on rank 0 never counted as running and stay pending.
+        # one sent ahead to its rank start. Release the running tasks once the held ones are back: the
+        # other four a-* tasks, one sent ahead to each worker (prepared there, at the gate) and two queued
+        # on rank 0, end not run (interrupted).
         wait_until("the tasks sent ahead are held back", lambda: sum(
-            r["state"] == "interrupted" for r in journal(run_dir)) == 2)
+            r["state"] == "interrupted" for r in journal(run_dir)) == 4)
         release.touch()
         assert proc.wait(timeout=60) == 138, err_path.read_text()
     finally:
@@ -475,11 +478,11 @@ def test_sigusr1_to_every_rank_with_a_grace_lets_the_workers_tasks_finish(tmp_pa
     assert {m["tasks"][tid]["rank"] for tid in ran} == {1, 2}
     states = {tid: t["state"] for tid, t in m["tasks"].items()}
     assert {tid for tid, s in states.items() if s == "succeeded"} == ran
-    # held back, nothing failed: 2 ran, 2 sent ahead came back, 2 queued on rank 0 and "final" wait
-    assert Counter(states.values()) == {"succeeded": 2, "interrupted": 2, "pending": 3}
+    # held back, nothing failed: 2 ran, 2 sent ahead and 2 queued on rank 0 came back, "final" waits
+    assert Counter(states.values()) == {"succeeded": 2, "interrupted": 4, "pending": 1}
     for t in m["tasks"].values():
-        if t["state"] == "interrupted":  # sent ahead to a worker
-            assert t["reason"] == "cancelled before it started (SIGUSR1)", t
+        if t["state"] == "interrupted":  # handed over, held back
+            assert (t["reason"], t["attempts"]) == ("not run: the job stopped (SIGUSR1)", 0), t
 
     res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -18,7 +18,7 @@ from typing import Any
 
 from cmbagent_batch.attempt import Attempt, Gate
 from cmbagent_batch.backends.processes import WorkerProcesses
-from cmbagent_batch.backends.slots import Slots
+from cmbagent_batch.backends.slots import Slots, StartNotice
 from cmbagent_batch.tasks.runner import run_attempt, run_attempts
 from cmbagent_batch.tasks.shell import terminate_all
 
@@ -41,14 +41,17 @@ class LocalPools:
         return self.processes if self._in_processes(kind) else self.threads
 
     def gate(self, kind: str, on_start: Callable[[], None]) -> Gate | None:
-        # A process pool runs one attempt per worker process: what is handed over waits in its queue.
-        return None if self._in_processes(kind) else self.slots.gate(on_start)
+        # A process pool runs one attempt per worker process: what is handed over waits in its queue, and
+        # a worker reports when it begins one (a batch: its first).
+        return StartNotice(on_start) if self._in_processes(kind) else self.slots.gate(on_start)
 
     def submit(self, executor: Executor, attempts: Sequence[Attempt], gate: Gate | None) -> Future[Any]:
-        """Hand one attempt (with its gate) or a batch of them (none has a gate) to ``executor``; the
-        future's result is the attempt's ``Outcome``, or the batch's list of them."""
+        """Hand one attempt or a batch of them (python tasks in worker processes) to ``executor``, with the
+        submission's gate; the future's result is the attempt's ``Outcome``, or the batch's list of them."""
         if executor is self.processes:
-            return self.processes.submit_attempts(attempts, max(a.priority for a in attempts), len(attempts) == 1)
+            on_start = gate.on_start if isinstance(gate, StartNotice) else None
+            return self.processes.submit_attempts(attempts, max(a.priority for a in attempts), len(attempts) == 1,
+                                                  on_start)
         if len(attempts) == 1:
             return executor.submit(run_attempt, attempts[0], gate)
         return executor.submit(run_attempts, attempts)

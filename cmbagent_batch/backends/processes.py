@@ -31,7 +31,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -59,6 +59,7 @@ class _Call:
     attempts: Sequence[Attempt] = field(compare=False)
     future: Future[Any] = field(compare=False)
     single: bool = field(compare=False)  # the future's result is the one outcome, not a list
+    on_start: Callable[[], None] | None = field(compare=False, default=None)  # called as a worker begins it
 
 
 class WorkerProcesses(Executor):
@@ -88,9 +89,10 @@ class WorkerProcesses(Executor):
         self._terminating = False
 
     def submit_attempts(self, attempts: Sequence[Attempt], priority: float = 0.0, single: bool = False,
-                        ) -> Future[Any]:
+                        on_start: Callable[[], None] | None = None) -> Future[Any]:
         """Run ``attempts`` one after the other on one worker; the future's result is their outcomes (the
-        outcome when ``single``). It is cancelled if a hold or a stop comes before a worker takes it."""
+        outcome when ``single``). It is cancelled if a hold or a stop comes before a worker takes it.
+        ``on_start`` is called (on a thread of this pool) when a worker process begins the first."""
         future: Future[Any] = Future()
         with self._lock:
             if self._holding:  # nothing starts after a hold
@@ -100,7 +102,7 @@ class WorkerProcesses(Executor):
                 raise RuntimeError("cannot run attempts after shutdown")
             if len(self._threads) < self.workers:
                 self._start_threads()
-            heapq.heappush(self._queue, _Call((-priority, next(self._order)), attempts, future, single))
+            heapq.heappush(self._queue, _Call((-priority, next(self._order)), attempts, future, single, on_start))
             self._lock.notify()
         return future
 
@@ -161,7 +163,7 @@ class WorkerProcesses(Executor):
                     if gate is not None:
                         gate.enter()
                     try:
-                        outcomes = self._run(index, call.attempts)
+                        outcomes = self._run(index, call.attempts, call.on_start)
                     finally:
                         if gate is not None:
                             gate.leave(True)
@@ -176,8 +178,10 @@ class WorkerProcesses(Executor):
             if worker is not None:
                 worker.close()
 
-    def _run(self, index: int, attempts: Sequence[Attempt]) -> list[Outcome]:
-        """Run ``attempts`` on this thread's worker (a fresh one after a death), one outcome each."""
+    def _run(self, index: int, attempts: Sequence[Attempt], on_start: Callable[[], None] | None = None,
+             ) -> list[Outcome]:
+        """Run ``attempts`` on this thread's worker (a fresh one after a death), one outcome each;
+        ``on_start`` is called as the worker is sent the first."""
         outcomes: list[Outcome] = []
         while len(outcomes) < len(attempts):
             rest = attempts[len(outcomes):]
@@ -197,6 +201,9 @@ class WorkerProcesses(Executor):
             self._worker[index] = worker
             with self._lock:
                 self._running[index] = worker
+            if on_start is not None:
+                on_start()
+                on_start = None
             try:
                 ran = worker.run(rest)
             finally:

@@ -12,8 +12,9 @@ A worker rank runs ``execution.tasks_per_rank`` attempts at once, as the local t
 with ``PREPARED`` more threads than that, whose attempts make their work directory and log files and then
 wait at the rank's gate (``backends.slots.Slots``) for a slot, the most urgent first (the attempt carries
 its task's priority). Rank 0 sends each worker up to ``CALLS_AHEAD`` calls beyond its threads, and queues more,
-most urgent first, so that a slot that frees starts a prepared attempt at once; an attempt counts as
-running from when it is sent (what waits in rank 0's queue is not running). How many a worker holds
+most urgent first, so that a slot that frees starts a prepared attempt at once. A call counts as running
+when its attempt (a batch: the first) gets a slot on its worker, which tells rank 0 so
+(``mpi.worker.start_reporter``); until then it is queued. How many a worker holds
 beyond its slots follows the pace (``mpi.slots.Pace``): about ``COVER`` seconds of work, at least one
 call, so that short tasks are sent far ahead and a long task does not keep many waiting behind it.
 """
@@ -35,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 from cmbagent_batch import watchdog
 from cmbagent_batch.attempt import Attempt, Gate, Outcome, TaskContext
 from cmbagent_batch.backends.mpi.executor import RankExecutor
+from cmbagent_batch.backends.mpi.worker import start_reporter
 from cmbagent_batch.backends.processes import WorkerProcesses
-from cmbagent_batch.backends.slots import SlotGate, Slots
+from cmbagent_batch.backends.slots import SlotGate, Slots, StartNotice
 from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS, JsonlWriter
 from cmbagent_batch.rundir.layout import hold_tasks_lock, journal_path, work_dir
 from cmbagent_batch.states import OutcomeReason, TaskState
@@ -98,17 +100,15 @@ class RankPools:
         return self.executor
 
     def gate(self, kind: str, on_start: Callable[[], None]) -> Gate:
-        return _Sent(on_start)
+        return StartNotice(on_start)
 
     def submit(self, executor: Executor, attempts: Sequence[Attempt], gate: Gate | None) -> Future[Any]:
         """Queue one attempt (``on_rank``) or a batch (``batch_on_rank``) on rank 0's executor, the most
-        urgent first (a batch as its most urgent member). A single attempt counts as started when it is
-        sent to a worker (its ``_Sent`` gate stays here); a batch from the hand-over."""
-        if len(attempts) == 1:
-            on_sent = gate.on_start if isinstance(gate, _Sent) else None
-            return self.executor.submit_call(on_rank, (attempts[0],), priority=attempts[0].priority,
-                                             on_sent=on_sent)
-        return self.executor.submit_call(batch_on_rank, (attempts,), priority=max(a.priority for a in attempts))
+        urgent first (a batch as its most urgent member). It counts as started when its worker says its
+        attempt (a batch: the first) got a slot there (the gate, a ``StartNotice``, stays here)."""
+        call, args = (on_rank, (attempts[0],)) if len(attempts) == 1 else (batch_on_rank, (attempts,))
+        return self.executor.submit_call(call, args, priority=max(a.priority for a in attempts),
+                                         on_started=gate.on_start if isinstance(gate, StartNotice) else None)
 
     def batches(self, kind: str) -> bool:
         return True  # a round trip to another rank: tiny tasks go in batches
@@ -124,28 +124,6 @@ class RankPools:
 
     def shutdown(self, wait: bool = True) -> None:
         pass  # the executor is shut down by whoever made it (``mpi.run_in_world``)
-
-
-class _Sent:
-    """Rank 0's side of a single attempt's gate: the attempt counts as started (``on_start``) when rank 0
-    sends it to a worker, not while it waits in rank 0's queue. The worker's own gate is what holds it
-    there until a slot is free. It never leaves rank 0 (``RankPools.submit`` passes ``on_start`` to the
-    executor, not the gate) and nothing enters or leaves it: only the scheduler's ``settle``."""
-
-    def __init__(self, on_start: Callable[[], None]) -> None:
-        self.on_start = on_start
-
-    def enter(self, start: Callable[[], Any] | None = None) -> Any:
-        raise AssertionError("a rank 0 gate is never entered: the worker rank's gate is")
-
-    def leave(self, ok: bool) -> None:
-        pass
-
-    def withdraw(self) -> None:
-        pass
-
-    def settle(self) -> None:
-        pass  # the worker gave the slot back itself (``RankWorker._gated``)
 
 
 # --- a worker rank ----------------------------------------------------------------------------------
@@ -182,12 +160,13 @@ class RankWorker:
         ``CancelledError`` when a stop or a hold kept it from starting (nothing is journaled: it did not
         run)."""
         moved = self._moved(attempt)
+        started = start_reporter()
         if moved.chdir:
-            outcome = self.processes.submit_attempts([moved], moved.priority, single=True).result()
+            outcome = self.processes.submit_attempts([moved], moved.priority, True, started).result()
             if outcome.reason is OutcomeReason.NOT_STARTED:
                 raise CancelledError("held back: the run is stopping")
             return self._finished(moved, outcome)
-        gate = self._gate(moved)
+        gate = self._gate(moved, started)
         outcome = self._gated(moved, gate, made)
         if gate.refused:
             raise CancelledError("held back at its rank's gate: the run is stopping")
@@ -195,12 +174,13 @@ class RankWorker:
 
     def run_batch(self, attempts: Sequence[Attempt]) -> list[Outcome]:
         """Several tiny attempts in one round trip, their directories made in one burst; those a stop or a
-        hold kept from starting are not journaled."""
+        hold kept from starting are not journaled. Rank 0 hears when the first starts."""
+        started = start_reporter()
         if attempts and attempts[0].chdir:  # python tasks in worker processes (a batch is of one kind)
             sent = [self._moved(a) for a in attempts]
-            ran = self.processes.submit_attempts(sent, max(a.priority for a in sent)).result()
+            ran = self.processes.submit_attempts(sent, max(a.priority for a in sent), on_start=started).result()
             return [o if o.reason is OutcomeReason.NOT_STARTED else self._finished(a, o) for a, o in zip(sent, ran)]
-        moved = [(a, self._gate(a)) for a in map(self._moved, attempts)]
+        moved = [(a, self._gate(a, started)) for a in map(self._moved, attempts)]
         made = make_work_dirs([a for a, _gate in moved])
         outcomes = [self._gated(a, gate, a.ctx.work_dir in made) for a, gate in moved]
         return [o if gate.refused else self._finished(a, o) for (a, gate), o in zip(moved, outcomes)]
@@ -263,9 +243,9 @@ class RankWorker:
                       f"({exc.strerror or exc}): a rerun will not wait for this rank's tasks", file=sys.stderr)
             self._dog = watchdog.start(grace, keep_fds=() if self._tasks_lock is None else (self._tasks_lock,))
 
-    def _gate(self, attempt: Attempt) -> SlotGate:
+    def _gate(self, attempt: Attempt, on_start: Callable[[], None]) -> SlotGate:
         """Its place in line for this rank's slots (an attempt run in this process)."""
-        return self.slots.gate(_nothing, attempt.priority)
+        return self.slots.gate(on_start, attempt.priority)
 
     @staticmethod
     def _gated(attempt: Attempt, gate: SlotGate, made: bool) -> Outcome:
@@ -339,4 +319,4 @@ def batch_on_rank(attempts: Sequence[Attempt]) -> list[Outcome]:
 
 
 def _nothing() -> None:
-    pass  # a worker's attempt counts as running from when rank 0 sent it (``_Sent``)
+    pass

@@ -1,6 +1,7 @@
 """A pool's slots: at most ``n`` attempts execute at once; the others wait at their gate.
 
 Used by the local thread pool (``backends.local``) and by each MPI worker rank (``backends.ranks``).
+``StartNotice`` is the gate of a pool with no slot in this process, which reports starts itself.
 """
 
 from __future__ import annotations
@@ -151,3 +152,24 @@ class SlotGate:
         if self._kept:
             self._kept = False
             self._slots._release()
+
+
+class StartNotice:
+    """The gate of a submission to a pool that reports its start itself (worker processes, worker ranks):
+    it carries the scheduler's ``on_start`` to the pool, which calls it when a worker begins the
+    submission. Nothing enters it: the pool has no slot to wait for in this process."""
+
+    def __init__(self, on_start: Callable[[], None]) -> None:
+        self.on_start = on_start
+
+    def enter(self, start: Callable[[], Any] | None = None) -> Any:
+        raise AssertionError("a start notice is never entered: the pool reports the start itself")
+
+    def leave(self, ok: bool) -> None:
+        pass
+
+    def withdraw(self) -> None:
+        pass
+
+    def settle(self) -> None:
+        pass  # no slot is kept here for a failure

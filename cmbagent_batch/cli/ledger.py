@@ -1,11 +1,12 @@
 """``cmbagent-batch ledger ...``: offline commands on cost ledgers (summarize, verify, export, reprice,
 diff, report). They need only the core install and import no LLM client; each imports its module
-when it runs, so the CLI starts fast.
+when it runs, so the CLI starts fast. ``summarize``, ``report`` and ``reprice`` verify each chain as they
+read it and say ``UNVERIFIED: <why>`` first when one does not verify; ``reprice -o`` refuses to write a
+freshly chained copy of a ledger that does not verify.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import IO, TYPE_CHECKING, Any
@@ -19,10 +20,10 @@ from cmbagent_batch.cli.options import (
     LedgerSummarizeOptions,
     LedgerVerifyOptions,
 )
-from cmbagent_batch.errors import ExitCode, UsageError
+from cmbagent_batch.errors import ExitCode
 
 if TYPE_CHECKING:
-    from cmbagent_batch.ledger.verify import Anchor
+    from cmbagent_batch.ledger.verdict import ChainStatus
 
 
 def ledger(opts: LedgerOptions) -> int:
@@ -45,100 +46,90 @@ def ledger(opts: LedgerOptions) -> int:
 def summarize(args: LedgerSummarizeOptions) -> int:
     import orjson
 
+    from cmbagent_batch.ledger.check import verification_json
     from cmbagent_batch.ledger.intents import Intents
     from cmbagent_batch.ledger.reader import consume
     from cmbagent_batch.ledger.summary import Summary, unresolved_json, unresolved_text
 
     summary = Summary(args.by)
     intents = Intents()
-    consume(args.ledgers, summary.add_all, intents)
+    chains = consume(args.ledgers, summary.add_all, intents, verify=True)
     if args.format == "json":
-        data = summary.to_json()
+        data = {**verification_json(chains), **summary.to_json()}
         if intents.files:  # ledgers from before intents print as they did
             data.update(unresolved_json(intents))
+        _warn_unverified(chains, on_stdout=False)
         sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
-    elif args.format == "csv":
+    elif args.format == "csv":  # stdout stays CSV
+        _warn_unverified(chains, on_stdout=False)
         sys.stdout.write(summary.csv())
     else:
+        _warn_unverified(chains, on_stdout=True)
         sys.stdout.write(summary.table() + (unresolved_text(intents) if intents.files else ""))
     return ExitCode.OK
 
 
+def _warn_unverified(chains: list[ChainStatus], on_stdout: bool) -> None:
+    """``UNVERIFIED: <why>`` for each chain that did not verify: on stderr, and (``on_stdout``) first on stdout
+    too, unless both are the same terminal, where it would show twice."""
+    from cmbagent_batch.ledger.check import unverified_lines
+
+    text = "".join(f"{line}\n" for line in unverified_lines(chains))
+    if not text:
+        return
+    if on_stdout and not _same_terminal(sys.stdout, sys.stderr):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def _same_terminal(a: IO[str], b: IO[str]) -> bool:
+    """Whether ``a`` and ``b`` write to one terminal (the same device and inode)."""
+    try:
+        fa, fb = a.fileno(), b.fileno()
+        if not (os.isatty(fa) and os.isatty(fb)):
+            return False
+        sa, sb = os.fstat(fa), os.fstat(fb)
+    except (OSError, ValueError):  # io.UnsupportedOperation (no file descriptor) is a ValueError and OSError
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def verify(args: LedgerVerifyOptions) -> int:
     from cmbagent_batch.errors import LedgerError
-    from cmbagent_batch.ledger.files import resolve
+    from cmbagent_batch.ledger.chain import NOT_CHAINED
+    from cmbagent_batch.ledger.check import JOURNAL, anchor_note, first_problem
+    from cmbagent_batch.ledger.files import is_journal, resolve
+    from cmbagent_batch.ledger.intents import Intents
     from cmbagent_batch.ledger.summary import unresolved_text
-    from cmbagent_batch.ledger.verify import anchor_problem, check_chain, check_intents
+    from cmbagent_batch.ledger.verify import read_chain, recorded_anchor
 
     path = resolve(args.ledger)
-    anchor, why_none = _anchor(args, path)
-    verdict = check_chain(path, anchor.entries if anchor else 0)
-    if verdict.bad_line == 1 and (verdict.problem or "").startswith("not a chained ledger line"):
+    if is_journal(path):
+        raise LedgerError(f"{path}: {JOURNAL}")
+    anchor, why_none = recorded_anchor(path, args.run_json, args.head, args.entries)
+    intents = Intents()
+    intents.open(path)  # the intents file beside, scanned and its chain checked in one read
+    verdict = read_chain(path, anchor.entries if anchor else 0, intents)  # pairs them as it goes
+    intents.close()
+    if verdict.bad_line == 1 and (verdict.problem or "").startswith(NOT_CHAINED):
         raise LedgerError(f"{path}:1: {verdict.problem}")
-    if not verdict.intact:
-        print(f"{path}:{verdict.bad_line}: {verdict.problem}")
-        return ExitCode.FAILED
-    problem = anchor_problem(verdict, anchor) if anchor else None
+    problem = first_problem(path, verdict, anchor, None)
     if problem:
-        print(f"{path}: {problem}")
+        print(problem)
         return ExitCode.FAILED
     print(f"intact: {verdict.entries} entries, head {verdict.head}")
-    if anchor is None:
-        print(f"no head hash to compare with{why_none}: a cut at a line boundary would not show")
-    elif verdict.entries == anchor.entries:
-        print(f"matches {anchor.source}: {anchor.entries} entries, head {anchor.head}")
-    else:
-        added = verdict.entries - anchor.entries
-        print(f"matches {anchor.source} at line {anchor.entries} (head {anchor.head}); "
-              f"{added} {'entry was' if added == 1 else 'entries were'} added after it")
-    checked = check_intents(path)
+    print(anchor_note(verdict, anchor, why_none))
+    checked = intents.chains.get(path)
     if checked is not None:
-        intents_file, chain, intents = checked
+        intents_file, chain = checked
         if not chain.intact:
-            print(f"{intents_file}:{chain.bad_line}: {chain.problem}")
+            print(first_problem(path, verdict, None, checked))
             return ExitCode.FAILED
         print(f"intents intact: {chain.entries} intents, head {chain.head} ({os.path.basename(intents_file)})")
         sys.stdout.write(unresolved_text(intents, after_table=False))
     return ExitCode.OK
-
-
-def _anchor(args: LedgerVerifyOptions, path: str) -> tuple[Anchor | None, str]:
-    """The recorded end to compare with, or None and why there is none (worded for the output)."""
-    from cmbagent_batch.ledger.reader import run_json_beside
-    from cmbagent_batch.ledger.verify import Anchor
-
-    if (args.head is None) != (args.entries is None):
-        raise UsageError("--head and --entries go together")
-    if args.head is not None and args.entries is not None:
-        if len(args.head) != 64 or set(args.head) - set("0123456789abcdef"):
-            raise UsageError(f"--head: expected 64 lowercase hex digits, got {args.head!r}")
-        return Anchor(args.entries, args.head, "--head/--entries"), ""
-    given = args.run_json is not None
-    run_json = args.run_json if args.run_json is not None else run_json_beside(path)
-    if not given and not os.path.isfile(run_json):
-        return None, " (no run.json beside the ledger; give --run-json FILE or --head HASH --entries N)"
-    record = _read_json(run_json).get("ledger")
-    name = os.path.basename(path)
-    if not isinstance(record, dict) or not isinstance(record.get("entries"), int) \
-            or not isinstance(record.get("head"), str):
-        if given:
-            raise UsageError(f"{run_json}: no ledger record (entries and head) to compare with")
-        return None, " (run.json beside it records no ledger)"
-    if not given and record.get("file", name) != name:
-        return None, f" (run.json beside it records {record.get('file')}, not {name})"
-    return Anchor(record["entries"], record["head"], "run.json"), ""
-
-
-def _read_json(path: str) -> Any:
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
-    except ValueError as exc:
-        raise UsageError(f"{path}: not valid JSON ({exc})") from None
-    return data if isinstance(data, dict) else {}
 
 
 def export(args: LedgerExportOptions) -> int:
@@ -169,6 +160,7 @@ def reprice(args: LedgerRepriceOptions) -> int:
     import orjson
 
     from cmbagent_batch.errors import LedgerError, UsageError
+    from cmbagent_batch.ledger.check import verification_json
     from cmbagent_batch.ledger.files import resolve
     from cmbagent_batch.ledger.reader import consume
     from cmbagent_batch.ledger.reprice import Repricer
@@ -188,13 +180,19 @@ def reprice(args: LedgerRepriceOptions) -> int:
         raise UsageError(f"-o {args.output}: that is the ledger being repriced; write the new one elsewhere")
     with atomic_output(args.output) if args.output else contextlib.nullcontext() as out:
         repricer = Repricer(table, out)
-        consume([source], repricer.add_all)
+        chains = consume([source], repricer.add_all, verify=True)
+        refused = bool(args.output) and not chains[0].verified
+        _warn_unverified(chains, on_stdout=args.format == "table" and not refused)
+        if refused:  # raised inside the block: the new file is not written
+            raise UsageError(f"-o {args.output}: {source} does not verify, and a repriced copy, chained afresh, "
+                             "would hide that: nothing written")
         if repricer.missing:
             names = sorted(repricer.missing)
             raise LedgerError(f"{args.prices}: no price for {len(names)} model{'s' if len(names) != 1 else ''} "
                               f"of the ledger: {', '.join(names)}")
     if args.format == "json":
-        sys.stdout.buffer.write(orjson.dumps(repricer.to_json(), option=orjson.OPT_INDENT_2) + b"\n")
+        data = {**verification_json(chains), **repricer.to_json()}
+        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
     elif args.format == "csv":
         sys.stdout.write(repricer.csv())
     else:
@@ -214,6 +212,7 @@ def diff(args: LedgerDiffOptions) -> int:
         listing,
         model_table,
     )
+    from cmbagent_batch.ledger.money import usd
     from cmbagent_batch.ledger.reader import consume
 
     a, b = Side(), Side()
@@ -221,8 +220,7 @@ def diff(args: LedgerDiffOptions) -> int:
     consume([args.b], b.add_all)
     found = compare(a, b)
     if found.identical:
-        cost = sum(m[1] for m in a.models.values())
-        print(f"identical: {len(a.digests)} calls, {cost:.6f} USD")
+        print(f"identical: {len(a.digests)} calls, {usd(a.cost_usd)}")
         return ExitCode.OK
     shown = found.changed[:SHOWN]
     in_a, in_b = Picker(shown), Picker(shown)
@@ -238,30 +236,35 @@ def diff(args: LedgerDiffOptions) -> int:
 
 
 def report(args: LedgerReportOptions) -> int:
-    from cmbagent_batch.ledger.entry import FIELDS
-    from cmbagent_batch.ledger.reader import consume, run_json_beside
+    import math
+
+    from cmbagent_batch.ledger.entry import entry_fields
+    from cmbagent_batch.ledger.intents import UNKNOWN, Intents
+    from cmbagent_batch.ledger.money import usd
+    from cmbagent_batch.ledger.reader import consume
     from cmbagent_batch.ledger.report import render_report
     from cmbagent_batch.rundir.atomic import writable_output, write_atomic
+    from cmbagent_batch.spec.pricing import builtin_table
 
     writable_output(args.output)
-    from cmbagent_batch.ledger.intents import UNKNOWN, Intents
-
     entries: list[dict[str, Any]] = []
     intents = Intents()
-    consume(args.ledgers, lambda reader: entries.extend({k: e[k] for k in FIELDS} for e in reader), intents)
+    chains = consume(args.ledgers, lambda reader: entries.extend(entry_fields(e) for e in reader), intents,
+                     verify=True)
     budget = args.budget
-    if budget is None and len(args.ledgers) == 1 and os.path.isfile(run_json_beside(args.ledgers[0])):
-        value = _read_json(run_json_beside(args.ledgers[0])).get("budget_usd")
+    if budget is None and len(chains) == 1 and chains[0].run_json is not None:  # as read to verify the chain
+        value = chains[0].run_json.get("budget_usd")
         budget = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     jobs = sorted({e["job"] for e in entries})
     title = f"Cost ledger: {', '.join(jobs) if jobs else ', '.join(args.ledgers)}"
     unresolved = intents.unresolved
-    if intents.files:
-        page = render_report(entries, title=title, budget_usd=budget, unresolved=unresolved)
-    else:  # a ledger from before intents
-        page = render_report(entries, title=title, budget_usd=budget)
+    shipped = builtin_table()
+    page = render_report(entries, title=title, budget_usd=budget,
+                         unresolved=unresolved if intents.files else None,  # None: a ledger from before intents
+                         chains=chains, table_dates={shipped.id: shipped.date} if shipped.date else {})
     write_atomic(args.output, page.encode("utf-8"))
-    cost = sum(e["cost_usd"] for e in entries)
+    cost = math.fsum(e["cost_usd"] for e in entries)
     unknown = f", {len(unresolved)} more sent with no result ({UNKNOWN})" if unresolved else ""
-    print(f"wrote {args.output}: {len(entries)} calls, {cost:.6f} USD{unknown}")
+    _warn_unverified(chains, on_stdout=True)
+    print(f"wrote {args.output}: {len(entries)} calls, {usd(cost)}{unknown}")
     return ExitCode.OK

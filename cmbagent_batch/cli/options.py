@@ -43,7 +43,8 @@ class PlanOptions:
 class RunOptions:
     spec: str
     fresh: bool
-    only: tuple[str, ...] | None
+    only: tuple[str, ...] | None  # task ids or globs
+    prune_superseded: bool  # remove RUN_DIR/superseded/ first, whatever job.keep_superseded says
     dry_run: bool
     quiet: bool
     walltime_grace: float

@@ -7,9 +7,14 @@ options (``cli/options.py``); no command sees the Namespace.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+import re
+import sys
+import textwrap
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cmbagent_batch import __version__
 from cmbagent_batch.cli import options as o
@@ -17,9 +22,102 @@ from cmbagent_batch.cli import options as o
 if TYPE_CHECKING:
     from cmbagent_batch.spec.config import Flags
 
-    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+    Subparsers = argparse._SubParsersAction["Parser"]
 
 T = TypeVar("T")
+_NUMBER_OR_STDIN = re.compile(r"-(?:\d+\.?\d*|\.\d+)?")  # "-5", "-0.5", "-": arguments, not options
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors say what was meant, for every command and subcommand (each
+    subparser is one of these): an unknown option gets the command's own usage, a did-you-mean and the
+    list of its valid options; an unknown command or choice gets a did-you-mean. Exit 2, as argparse's.
+
+    No option is abbreviated (``--p`` is not ``--prune-superseded``): a prefix gets the did-you-mean instead.
+    ``hints`` maps an option to what to say when arguments are left over after it was given (``--only a b
+    SPEC``: the option takes one value). ``passthrough`` names the option that hands options on to another
+    program (``--sbatch-arg``): an unknown long option close to none of ours is shown passed that way.
+    """
+
+    def __init__(self, *args: Any, hints: Mapping[str, str] | None = None, passthrough: Passthrough | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+        self.hints = dict(hints or {})
+        self.passthrough = passthrough
+
+    def parse_known_args(self, args: Iterable[str] | None = None, namespace: Any = None) -> tuple[Any, list[str]]:
+        """As argparse's, but an argument it does not know is an error here, in this (sub)command's usage,
+        not later in the top level's."""
+        given = list(args) if args is not None else sys.argv[1:]
+        parsed, extras = super().parse_known_args(given, namespace)
+        if extras:
+            self.error(self._leftover_message(extras, given))
+        return parsed, extras
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        choices = action.choices
+        if choices is None or value in choices:
+            return
+        shown = [str(c) for c in choices if not str(c).startswith("_")]  # _after-step is not for people
+        hint = did_you_mean(str(value), shown, quote=True)
+        if isinstance(action, argparse._SubParsersAction):
+            raise argparse.ArgumentError(None, f"unknown command {value!r}{hint}; the commands are: {', '.join(shown)}")
+        raise argparse.ArgumentError(action, f"invalid choice: {value!r}{hint}; choose from {', '.join(shown)}")
+
+    def _leftover_message(self, extras: list[str], given: list[str]) -> str:
+        """What is wrong with the arguments left over: unknown options (a value after one is taken as its
+        value, not reported), else arguments too many. Whatever follows ``--`` is an argument, not an option."""
+        end = given.index("--") if "--" in given else len(given)
+        options = given[:end]
+        unknown = [a.split("=", 1)[0] for a in extras
+                   if a in options and a.startswith("-") and not _NUMBER_OR_STDIN.fullmatch(a)]
+        if not unknown:
+            lines = [f"unexpected argument{'s' if len(extras) > 1 else ''}: {' '.join(extras)}"]
+            if not set(extras) <= set(given[end:]):  # not only what was given after --
+                lines += [hint for option, hint in self.hints.items()
+                          if any(a == option or a.startswith(option + "=") for a in options)]
+            return "\n".join(lines)
+        actions = [a for a in self._actions if a.option_strings and a.help != argparse.SUPPRESS]
+        longs = [o for a in actions for o in a.option_strings if o.startswith("--")]
+        lines = [f"unknown option {o}{did_you_mean(o, longs) or self._passed_on(o, extras, given)}"
+                 for o in dict.fromkeys(unknown)]
+        names = ["/".join(sorted(a.option_strings, key=lambda o: (not o.startswith("--"), o))) for a in actions]
+        return "\n".join(lines) + "\n" + textwrap.fill(f"valid options: {', '.join(names)}", width=100,
+                                                        subsequent_indent="  ", break_on_hyphens=False)
+
+    def _passed_on(self, option: str, extras: list[str], given: list[str]) -> str:
+        """`` (pass sbatch options as --sbatch-arg=--gres=gpu:1)`` for an unknown long option, with the value
+        given to it (``--gres=gpu:1``, or ``--gres gpu:1`` when gpu:1 was left over); '' without a passthrough."""
+        if self.passthrough is None or not option.startswith("--"):
+            return ""
+        at = next(i for i, a in enumerate(given) if a == option or a.startswith(option + "="))
+        written = given[at]
+        after = given[at + 1] if at + 1 < len(given) else None
+        if "=" not in written and after is not None and after in extras and not after.startswith("-"):
+            written = f"{option}={after}"
+        return f" (pass {self.passthrough.what} options as {self.passthrough.flag}={written})"
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """An option that hands options on to another program: ``--sbatch-arg`` for sbatch."""
+
+    what: str  # the program, as the message names it
+    flag: str
+
+
+def did_you_mean(word: str, candidates: Iterable[str], *, quote: bool = False) -> str:
+    """`` (did you mean X?)`` for the candidate ``word`` begins, when only one does (``--dry`` and ``-d``:
+    ``--dry-run``), else for the closest ('' when none is close). Options are compared without their dashes."""
+    by_name = {c.lstrip("-"): c for c in candidates}
+    name = word.lstrip("-")
+    close = [c for n, c in by_name.items() if name and n.startswith(name)]
+    if len(close) != 1:  # one letter wrong in two (--bi for --by) is close too
+        cutoff = 0.5 if len(name) <= 2 else 0.6
+        close = [by_name[n] for n in difflib.get_close_matches(name, by_name, n=1, cutoff=cutoff)]
+    if not close:
+        return ""
+    return f" (did you mean {close[0]!r}?)" if quote else f" (did you mean {close[0]}?)"
 
 
 def _usage(parse: Callable[[str], T], text: str) -> T:
@@ -75,6 +173,19 @@ FLAG_SETTINGS = {
 }
 
 
+# A comma outside [...]: "sim-[1,2]" is one glob (task ids hold no commas).
+_PATTERN_SEP = re.compile(r",(?![^\[]*\])")
+RUN_HINTS = {"--only": "--only takes one value: give several tasks as --only a,b or as --only a --only b"}
+
+
+def task_patterns(text: str) -> list[str]:
+    """``--only``'s value: task ids or globs, comma-separated."""
+    patterns = [p.strip() for p in _PATTERN_SEP.split(text)]
+    if not all(patterns):
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty task name (write --only a,b)")
+    return patterns
+
+
 def _add_overrides(p: argparse.ArgumentParser) -> None:
     """Flags that override the spec and CMBAGENT_* variables (shared by config, plan and run)."""
     g = p.add_argument_group("overrides (win over the spec and CMBAGENT_* variables)")
@@ -105,7 +216,7 @@ def flags(args: argparse.Namespace) -> Flags:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cmbagent-batch",
         description="Declarative, YAML-driven batch runner for HPC: shell, Python and LLM-agent tasks.",
     )
@@ -138,14 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(options=lambda a: o.PlanOptions(a.spec, a.format, a.refresh_analysis, a.estimate, a.cache_dir,
                                                    flags(a)))
 
-    p = sub.add_parser("run", help="run the job's tasks on this machine (resumes an earlier run)",
+    p = sub.add_parser("run", help="run the job's tasks on this machine (resumes an earlier run)", hints=RUN_HINTS,
                        description="Run the job: dependency-driven, resumable. Exit 0 when every task "
                                    "succeeded, 1 when some failed, 2 for a bad spec or flag, "
                                    "130/143/138 when interrupted by SIGINT/SIGTERM/SIGUSR1.")
     p.add_argument("spec", metavar="SPEC", help="job spec YAML file")
     p.add_argument("--fresh", action="store_true", help="start over: the old run directory is kept aside")
-    p.add_argument("--only", nargs="+", metavar="TASK", default=None,
-                   help="run only these tasks (globs allowed) and the dependencies they still need")
+    p.add_argument("--prune-superseded", action="store_true",
+                   help="first remove every earlier output set kept in RUN_DIR/superseded/ (without it, each run "
+                        "keeps the newest job.keep_superseded per task, 3 by default)")
+    p.add_argument("--only", action="extend", type=task_patterns, metavar="TASK[,TASK...]", default=None,
+                   help="run only these tasks (globs allowed; repeat the flag or join tasks with commas) and "
+                        "the dependencies they still need")
     p.add_argument("--dry-run", action="store_true", help="say what would run and why; run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--walltime-grace", type=grace_seconds, default=0.0, metavar="SECONDS",
@@ -161,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the state of every task of a run",
                        description="Show each task's state, attempts, duration and, for failures, the last "
                                    "lines of its stderr.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p.add_argument("run_dir", metavar="RUN_DIR|SPEC",
+                   help="the run directory, or a job spec (its run directory, found as run finds it)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     p.add_argument("--explain", action="store_true",
                    help="say whether each task will run next time, and why (compares with the spec file now)")
@@ -179,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_options(a: argparse.Namespace) -> o.RunOptions:
     return o.RunOptions(spec=a.spec, fresh=a.fresh, only=tuple(a.only) if a.only is not None else None,
-                        dry_run=a.dry_run, quiet=a.quiet, walltime_grace=a.walltime_grace,
-                        walltime_file=a.walltime_file, cache_dir=a.cache_dir, flags=flags(a))
+                        prune_superseded=a.prune_superseded, dry_run=a.dry_run, quiet=a.quiet,
+                        walltime_grace=a.walltime_grace, walltime_file=a.walltime_file, cache_dir=a.cache_dir,
+                        flags=flags(a))
 
 
 def parse(argv: list[str] | None) -> o.Options:
@@ -222,7 +339,7 @@ def _add_ledger(sub: Subparsers) -> None:
 
     r = cmds.add_parser("reprice", help="the same calls priced with another price table",
                         description="Recompute every call's cost with another price table (the format of "
-                                    "the shipped cmbagent_batch/prices/table.json) and compare by model.")
+                                    "the shipped cmbagent_batch/spec/prices/table.json) and compare by model.")
     r.add_argument("ledger", metavar="LEDGER", help="ledger file or run directory")
     r.add_argument("--prices", required=True, metavar="FILE", help="price table, JSON or YAML")
     r.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
@@ -251,7 +368,7 @@ SUBMIT_FLAGS = ("nodes", "ntasks_per_node", "cpus_per_task", "time", "partition"
 
 def _add_slurm(sub: Subparsers) -> None:
     p = sub.add_parser(
-        "submit", help="write the job's sbatch script, submit it, and print the job id",
+        "submit", passthrough=Passthrough("sbatch", "--sbatch-arg"), help="write the job's sbatch script, submit it, and print the job id",
         description="Render the job's sbatch script from the spec's slurm: section and these flags (flags "
                     "win), write it into the run directory and submit it with sbatch. The job runs "
                     "`cmbagent-batch run --backend mpi` under srun, stops cleanly before its walltime and "

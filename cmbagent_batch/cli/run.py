@@ -9,16 +9,18 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from cmbagent_batch import watchdog
-from cmbagent_batch.cli.console import warn
+from cmbagent_batch.cli.console import problem, warn
 from cmbagent_batch.cli.options import RunOptions
-from cmbagent_batch.errors import ExitCode, SpecError, UsageError
+from cmbagent_batch.errors import BatchError, ExitCode, UsageError
 from cmbagent_batch.llm import local_model
+from cmbagent_batch.plan import preflight
 from cmbagent_batch.plan.analysis.cache import Cache
-from cmbagent_batch.plan.cached import writable_cache_dir
-from cmbagent_batch.rundir.atomic import writable_dir
+from cmbagent_batch.plan.cached import cache_dir, writable_cache_dir
+from cmbagent_batch.rundir.atomic import missing_dirs, remove_empty, writable_dir
 from cmbagent_batch.rundir.layout import RunLock, set_aside, wait_for_earlier_tasks
 from cmbagent_batch.spec.config import Config, effective_config
 from cmbagent_batch.spec.loader import load_spec
+from cmbagent_batch.tasks.shell import use_task_path
 
 if TYPE_CHECKING:
     from cmbagent_batch.backends.mpi.executor import RankExecutor
@@ -32,6 +34,15 @@ def mpi_ranks() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 1
+
+
+def mpi_rank() -> int:
+    """This process's rank in its MPI job, from the launcher's environment (0: not under MPI)."""
+    if mpi_ranks() > 1:
+        for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+            if os.environ.get(var, "").isdigit():
+                return int(os.environ[var])
+    return 0
 
 
 def resolve_backend(backend: str) -> str:
@@ -60,7 +71,13 @@ def _select(prepared: Prepared, only: Sequence[str]) -> set[str]:
 
 
 def run(opts: RunOptions) -> int:
-    config = effective_config(load_spec(opts.spec), os.environ, opts.flags)
+    try:
+        config = effective_config(load_spec(opts.spec), os.environ, opts.flags)
+    except BatchError as exc:
+        if mpi_rank() > 0:  # every rank finds it; rank 0 says it, once
+            return exc.exit_code
+        raise
+    use_task_path(config.spec.execution.path)  # on every rank, before anything that tasks inherit starts
     if resolve_backend(config.spec.execution.backend) == "mpi":
         return _run_mpi(opts, config)
     return _run(opts, config)
@@ -97,24 +114,34 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
     from cmbagent_batch.execute.prepare import prepare, why_rerun
     from cmbagent_batch.execute.progress import Progress
     from cmbagent_batch.execute.run import disk_full_advice, execute
-    from cmbagent_batch.rundir.layout import resolve_run_dir
-    from cmbagent_batch.states import TaskState
+    from cmbagent_batch.rundir.layout import prune_superseded, resolve_run_dir
+    from cmbagent_batch.states import Tally, TaskState
 
-    if problems := local_model.preflight(config.spec):
-        raise SpecError(problems)
+    # Inputs are checked once the tasks to launch are known: one up to date needs its inputs no more.
+    preflight.check(config.spec, cache_dir(opts.spec, opts.cache_dir),
+                    preflight.Checks(os.environ, problem, inputs=False))
     run_dir = resolve_run_dir(config.spec)
     # The places this run writes are checked before anything starts: one clear line, not a crash half way.
     cache = Cache(writable_cache_dir(opts.spec, opts.cache_dir), warn)
     if opts.fresh and not opts.dry_run:
+        if not opts.only:  # every task runs again: a refusal must come before the old run is moved aside
+            preflight.check_launched_inputs(config.spec, None, [t.id for t in config.spec.tasks])
         old = set_aside(run_dir)
         if old:
             print(f"cmbagent-batch: the previous run directory is kept at {old}", file=sys.stderr)
+    made = missing_dirs(run_dir)
     if not opts.dry_run:
         writable_dir(run_dir, "run directory")
     prepared = prepare(config, cache, warn, run_dir=run_dir)
     if ranks is not None:  # rank 0 runs no task: a local model's server started for the analysis is done
         local_model.stop_all()
-    selected = _select(prepared, opts.only) if opts.only else None
+    try:
+        selected = _select(prepared, opts.only) if opts.only else None
+        preflight.check_launched_inputs(config.spec, prepared.sources, [
+            tid for tid in prepared.dag.nodes if (selected is None or tid in selected) and why_rerun(prepared, tid)])
+    except BatchError:
+        remove_empty(made)  # a refused run leaves no empty run directory behind
+        raise
     if opts.dry_run:
         for tid in prepared.dag.topological_order():
             why = why_rerun(prepared, tid)
@@ -125,6 +152,10 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
     os.makedirs(run_dir, exist_ok=True)
     lock = RunLock(run_dir)
     lock.acquire(wait_for_dead=config.spec.execution.kill_grace + 30)
+    keep = 0 if opts.prune_superseded else config.spec.job.keep_superseded  # superseded/ stays bounded
+    why = "--prune-superseded" if opts.prune_superseded else f"the newest {keep} of each task kept: job.keep_superseded"
+    for line in prune_superseded(run_dir, keep).lines(why):
+        print(line, file=sys.stderr)
     # Holds the lock too: a rerun cannot start while the tasks of this run, if it dies, are being ended.
     grace = config.spec.execution.kill_grace
     wait_for_earlier_tasks(run_dir, grace + 30)  # an MPI worker rank's watchdog ending a dead run's tasks
@@ -139,10 +170,8 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
     finally:
         lock.release(unlock=not dog.close())  # tasks left running: the watchdog ends them, then lets it go
         local_model.stop_all()  # here, as os._exit below skips atexit
-    counts = {s.value: n for s, n in sched.counts.items() if n}
     if not opts.quiet:
-        print(f"cmbagent-batch: {', '.join(f'{n} {s}' for s, n in counts.items())}; run directory {run_dir}",
-              file=sys.stderr)
+        print(f"cmbagent-batch: {Tally.from_counts(sched.counts).text()}; run directory {run_dir}", file=sys.stderr)
         for r in sorted(sched.runs.values(), key=lambda r: r.id):
             if r.state is TaskState.FAILED:
                 print(f"  failed: {r.id} (attempt {r.attempts}): {r.reason}", file=sys.stderr)

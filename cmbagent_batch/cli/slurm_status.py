@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from cmbagent_batch.errors import SlurmError, UsageError
@@ -21,13 +20,14 @@ def load_record(run_dir: str) -> dict[str, Any] | None:
 def slurm_status(run_dir: str) -> dict[str, Any] | None:
     """The Slurm side of ``status``: the job, its state now (scontrol, else sacct), requeues, logs."""
     from cmbagent_batch.slurm import client, jobs
+    from cmbagent_batch.slurm.script import job_logs
 
     summary = jobs.summary(load_record(run_dir))
     if summary is None:
         return None
     job_id = summary["job_id"]
     out = {k: summary[k] for k in ("job_id", "requeues", "requeue_max", "jobs")}
-    out["logs"] = [os.path.join(jobs.slurm_dir(run_dir), f"slurm-{job_id}.{ext}") for ext in ("out", "err")]
+    out["logs"] = job_logs(jobs.slurm_dir(run_dir), job_id) if job_id is not None else []
     if job_id is None:
         return out
     try:
@@ -46,8 +46,8 @@ def slurm_status(run_dir: str) -> dict[str, Any] | None:
                       ("Elapsed", "run_time")):
         if f.get(key) not in (None, "", "None", "(null)"):
             out[name] = f[key]
-    if f.get("StdOut"):
-        out["logs"] = [f["StdOut"], f.get("StdErr", f["StdOut"])]
+    if f.get("StdOut"):  # where Slurm says the job writes
+        out["logs"] = list(dict.fromkeys((f["StdOut"], f.get("StdErr", f["StdOut"]))))
     return out
 
 
@@ -70,5 +70,6 @@ def slurm_lines(s: dict[str, Any]) -> list[str]:
     if len(s["jobs"]) > 1:
         detail.append(f"jobs {', '.join(s['jobs'])}")
     lines.append("  " + "; ".join(detail))
-    lines.append(f"  logs: {s['logs'][0]}" + (f" {s['logs'][1]}" if s['logs'][1] != s['logs'][0] else ""))
+    if s["logs"]:
+        lines.append(f"  log{'s' if len(s['logs']) > 1 else ''}: {' '.join(s['logs'])}")
     return lines

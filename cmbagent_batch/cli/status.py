@@ -1,32 +1,40 @@
-"""``cmbagent-batch status``: each task's state, attempts, duration and, for failures, its stderr's end."""
+"""``cmbagent-batch status``: each task's state, attempts, duration and, for failures, its stderr's end.
+It takes the run directory, or the job spec whose run directory to show."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
 from cmbagent_batch.cli.console import warn
 from cmbagent_batch.cli.options import StatusOptions
 from cmbagent_batch.cli.slurm_status import slurm_lines, slurm_status
-from cmbagent_batch.errors import ExitCode, UsageError
+from cmbagent_batch.errors import ExitCode, SpecError, UsageError
 from cmbagent_batch.rundir.journal import replay
 from cmbagent_batch.rundir.layout import journal_paths, read_json, runner_gone, tail_lines
-from cmbagent_batch.states import TaskState
+from cmbagent_batch.states import Tally, TaskState
 
 # The states whose row says why and shows the end of the task's stderr.
 _TROUBLED = frozenset({TaskState.FAILED, TaskState.INTERRUPTED, TaskState.CANCELLED, TaskState.UPSTREAM_FAILED,
                        TaskState.BUDGET_EXCEEDED})
+TAIL = 5  # lines of a troubled task's stderr shown
+_ATTEMPT_HEADER = re.compile(r"# attempt (\d+)")  # what each attempt writes first in the task's logs
+_FORMS = "status takes RUN_DIR, a run directory (with run.json), or SPEC, a job spec (its run directory, as run finds it)"
 
 
 def status(opts: StatusOptions) -> int:
-    run_dir = opts.run_dir
+    run_dir, spec = run_dir_of(opts.run_dir)
     manifest_path = os.path.join(run_dir, "run.json")
     slurm = slurm_status(run_dir)
     if not os.path.isfile(manifest_path):
         if slurm is None:
-            raise UsageError(f"{run_dir} is not a run directory (no run.json)")
+            if spec is not None:
+                raise UsageError(f"{run_dir}, the run directory of {spec}, holds no run yet (no run.json); "
+                                 f"`cmbagent-batch run {spec}` starts one")
+            raise UsageError(f"{run_dir} is not a run directory (no run.json); {_FORMS}")
         if opts.format == "json":
             print(json.dumps({"run_dir": run_dir, "status": "submitted", "slurm": slurm, "tasks": []}, indent=1))
         else:
@@ -57,27 +65,31 @@ def status(opts: StatusOptions) -> int:
                "wall_s": (h.record.get("wall_s") if h else None) or t.get("wall_s"), "work_dir": t["work_dir"]}
         if state in _TROUBLED:
             row["reason"] = (h.record.get("reason") or h.record.get("error")) if h else t.get("reason")
-            row["stderr_tail"] = tail_lines(os.path.join(t["work_dir"], "logs", "stderr.log"), 5)
+            row["stderr_tail"] = stderr_tail(os.path.join(t["work_dir"], "logs", "stderr.log"), row["attempts"])
         if opts.explain:
             row["next_run"] = "skip (up to date)" if explain.get(tid) is None else f"run ({explain[tid]})"
         rows.append(row)
     ledger, budget = manifest.get("ledger"), manifest.get("budget_usd")
+    tally = Tally.of(TaskState(r["state"]) for r in rows)
     if opts.format == "json":
         print(json.dumps({"run_dir": run_dir, "job": manifest["job"],
                           "status": "interrupted" if gone_since is not None else job_status,
                           "runner_gone_since": gone_since,
                           "exit_code": manifest.get("exit_code"), "ledger": ledger, "budget_usd": budget,
-                          "slurm": slurm, "tasks": rows}, indent=1))
+                          "slurm": slurm, "counts": tally.to_json(), "tasks": rows}, indent=1))
         return ExitCode.OK
     print(f"Job {manifest['job']} in {run_dir}: {job_status}"
           + (f", exit code {manifest['exit_code']}" if manifest.get("exit_code") is not None else ""))
+    print(f"{tally.total} task{'' if tally.total == 1 else 's'}: {tally.text()}")
     if slurm is not None:
         print("\n".join(slurm_lines(slurm)))
     if ledger or budget is not None:
         cost = ledger["cost_usd"] if ledger else 0.0
-        line = f"LLM cost: ${cost:.4f} over {ledger['entries'] if ledger else 0} model calls"
+        from cmbagent_batch.ledger.money import usd
+
+        line = f"LLM cost: {usd(cost)} over {ledger['entries'] if ledger else 0} model calls"
         if budget is not None:
-            line += f", {100 * cost / budget:.1f}% of job.budget_usd ${budget:.4f}" if budget else ", budget $0"
+            line += f", {100 * cost / budget:.1f}% of job.budget_usd {usd(budget)}" if budget else ", budget $0"
         print(line + (f" (ledger: {os.path.join(run_dir, ledger['file'])})" if ledger else ""))
     width = max((len(r["id"]) for r in rows), default=4)
     for r in rows:
@@ -91,6 +103,38 @@ def status(opts: StatusOptions) -> int:
         for tail in r.get("stderr_tail") or []:
             print(f"      | {tail}")
     return ExitCode.OK
+
+
+def run_dir_of(given: str) -> tuple[str, str | None]:
+    """The run directory ``status`` shows, and the spec it was found from: RUN_DIR as given, or that of
+    the job spec SPEC, found as ``run`` finds it (job.run_dir, CMBAGENT_RUN_DIR)."""
+    if os.path.isdir(given):
+        return given, None
+    if not os.path.exists(given):
+        raise UsageError(f"{given}: no such file or directory; {_FORMS}")
+    from cmbagent_batch.rundir.layout import resolve_run_dir
+    from cmbagent_batch.spec.config import effective_config
+    from cmbagent_batch.spec.loader import load_spec
+
+    try:
+        spec = load_spec(given)
+    except SpecError as exc:
+        n = len(exc.problems)
+        raise UsageError(f"{given} is neither a run directory nor a valid job spec ({n} problem{'s' if n != 1 else ''}: "
+                         f"`cmbagent-batch validate {given}` lists {'them' if n != 1 else 'it'}); {_FORMS}") from None
+    return resolve_run_dir(effective_config(spec, os.environ, {}).spec), given
+
+
+def stderr_tail(path: str, attempts: int) -> list[str]:
+    """The last lines of a task's stderr log that its journaled attempts wrote: none for a task that
+    never ran, and not the header of an attempt that a stop kept from starting (it was handed over, and
+    its logs opened, but it is not counted)."""
+    if attempts == 0:
+        return []
+    lines = tail_lines(path, TAIL + 1)
+    stale = next((i for i, line in enumerate(lines)
+                  if (m := _ATTEMPT_HEADER.fullmatch(line)) and int(m[1]) > attempts), len(lines))
+    return lines[:stale][-TAIL:]
 
 
 def _explanations(manifest: dict[str, Any], run_dir: str) -> dict[str, str | None]:

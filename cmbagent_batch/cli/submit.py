@@ -3,15 +3,17 @@ has ended)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from cmbagent_batch.cli.console import warn
+from cmbagent_batch.cli.console import problem, warn
 from cmbagent_batch.cli.options import AfterStepOptions, CancelOptions, SubmitOptions
 from cmbagent_batch.cli.slurm_status import load_record
-from cmbagent_batch.errors import ExitCode, UsageError
+from cmbagent_batch.errors import BatchError, ExitCode, UsageError
 
 if TYPE_CHECKING:
     from cmbagent_batch.slurm.script import SbatchOptions
@@ -20,11 +22,12 @@ if TYPE_CHECKING:
 
 
 def submit(opts: SubmitOptions) -> int:
-    from cmbagent_batch.plan.cached import writable_cache_dir
-    from cmbagent_batch.rundir.atomic import writable_dir
+    from cmbagent_batch.plan.cached import cache_dir, writable_cache_dir
+    from cmbagent_batch.plan.preflight import Checks, check
+    from cmbagent_batch.rundir.atomic import write_new
     from cmbagent_batch.rundir.layout import resolve_run_dir
     from cmbagent_batch.slurm import client, jobs
-    from cmbagent_batch.slurm.script import JobScript, options, render, template_text
+    from cmbagent_batch.slurm.script import JobScript, log_path, options, render, template_text
     from cmbagent_batch.spec import load_spec
     from cmbagent_batch.spec.config import effective_config
 
@@ -34,6 +37,7 @@ def submit(opts: SubmitOptions) -> int:
     if opts.cache_dir:
         flags["analysis.cache_dir"] = (os.path.abspath(opts.cache_dir), "--cache-dir")
     spec = effective_config(load_spec(opts.spec), os.environ, flags).spec
+    check(spec, cache_dir(opts.spec, opts.cache_dir), Checks(os.environ, problem, submitting=True))  # before the queue
     sbatch = options(dataclasses.asdict(spec.slurm), dataclasses.asdict(opts.slurm))
     run_dir = os.path.abspath(resolve_run_dir(spec))
     spec_path = os.path.abspath(opts.spec)
@@ -41,11 +45,9 @@ def submit(opts: SubmitOptions) -> int:
         if "\n" in value:
             raise UsageError(f"the {what} {value!r} holds a newline, which a job script cannot carry")
     writable_cache_dir(opts.spec, opts.cache_dir)  # the places written, checked before anything is
-    if not opts.dry_run:
-        writable_dir(run_dir, "run directory")
     run_args = ["--run-dir", run_dir] + (["--cache-dir", os.path.abspath(opts.cache_dir)] if opts.cache_dir else [])
     job = JobScript(job_name=spec.job.name, spec=spec_path, run_dir=run_dir, work_dir=os.path.dirname(spec_path),
-                    python=sys.executable, run_args=tuple(run_args), kill_grace=spec.execution.kill_grace)
+                    python=os.path.abspath(sys.executable), run_args=tuple(run_args), kill_grace=spec.execution.kill_grace)
     text = render(template_text(), sbatch, job)
     if opts.dry_run:
         _warn_ranks(sbatch)
@@ -53,24 +55,61 @@ def submit(opts: SubmitOptions) -> int:
         _summary(opts, spec, flags, offline=True)
         print(f"cmbagent-batch: not submitted (--dry-run); the script would go to {run_dir}/slurm/", file=sys.stderr)
         return ExitCode.OK
-    record = jobs.load(run_dir)
-    _refuse_if_active(record, run_dir)
-    _warn_ranks(sbatch)
-    _summary(opts, spec, flags, offline=False)  # an uncached LLM analysis runs now, not on a compute node
-    n = sum(1 for e in (record or {"events": []})["events"] if e["event"] == "submit") + 1
-    script = os.path.join(jobs.slurm_dir(run_dir), f"job-{n:03d}.sbatch")
-    os.makedirs(jobs.slurm_dir(run_dir), exist_ok=True)
-    with open(script, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(script, 0o755)
-    job_id = client.sbatch(script)
+    with _undone_if_refused(run_dir) as written:
+        record = jobs.load(run_dir)
+        _refuse_if_active(record, run_dir)
+        _warn_ranks(sbatch)
+        _summary(opts, spec, flags, offline=False)  # an uncached LLM analysis runs now, not on a compute node
+        n = sum(1 for e in (record or {"events": []})["events"] if e["event"] == "submit") + 1
+        while True:  # a script left by an earlier submit is never taken over: the next number is
+            script = os.path.join(jobs.slurm_dir(run_dir), f"job-{n:03d}.sbatch")
+            try:
+                write_new(script, text.encode("utf-8"), executable=True)
+                break
+            except FileExistsError:
+                n += 1
+        written.append(script)
+        job_id = client.sbatch(script)
     record = jobs.add(run_dir, "submit", job_id, script=script, requeue_max=sbatch.requeue,
                       options={k: v for k, v in dataclasses.asdict(sbatch).items() if v not in (None, ())})
     _note_in_manifest(run_dir, jobs.summary(record))
     print(job_id)
-    print(f"cmbagent-batch: submitted job {job_id}; script {script}; logs {jobs.slurm_dir(run_dir)}/slurm-{job_id}"
-          f".out|.err; `cmbagent-batch status {run_dir}` follows it", file=sys.stderr)
+    print(f"cmbagent-batch: submitted job {job_id}; script {script}; log {log_path(jobs.slurm_dir(run_dir), job_id)}; "
+          f"`cmbagent-batch status {run_dir}` follows it", file=sys.stderr)
     return ExitCode.OK
+
+
+@contextlib.contextmanager
+def _undone_if_refused(run_dir: str) -> Iterator[list[str]]:
+    """Make RUN_DIR/slurm (the run directory checked writable) for the block, which lists the files it
+    writes. When the job is refused (a check, the plan or sbatch fails with exit 2), those files are
+    removed, and so are the directories made here, each if it holds nothing else: a refused submit leaves
+    no empty run directory. A failure whose outcome is unknown (sbatch did not answer) leaves everything,
+    as the job may run."""
+    from cmbagent_batch.rundir.atomic import missing_dirs, remove_empty, writable_dir
+    from cmbagent_batch.slurm.jobs import slurm_dir
+
+    made = missing_dirs(slurm_dir(run_dir))
+    writable_dir(run_dir, "run directory")
+    os.makedirs(slurm_dir(run_dir), exist_ok=True)
+    written: list[str] = []
+    try:
+        yield written
+    except BatchError as exc:
+        if exc.exit_code == ExitCode.USAGE:
+            removed = [p for p in written if _removed(p)] + remove_empty(made)
+            if removed:  # the last is the highest: what it held is gone with it
+                print(f"cmbagent-batch: not submitted; removed {removed[-1]}, which this submit had made",
+                      file=sys.stderr)
+        raise
+
+
+def _removed(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except OSError:  # gone already
+        return False
+    return True
 
 
 def _warn_ranks(sbatch: SbatchOptions) -> None:

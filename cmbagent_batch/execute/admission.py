@@ -32,6 +32,7 @@ class Unit:
     cpus: int
     memory_mb: float
     batch: bool
+    started: bool = False  # the pool reported that it started (its attempt, or its batch's first)
 
 
 class Admission:

@@ -14,7 +14,7 @@ from cmbagent_batch.execute.runs import TaskRun
 from cmbagent_batch.plan.analysis.cache import digest
 from cmbagent_batch.rundir.journal import Journal
 from cmbagent_batch.rundir.layout import work_dir
-from cmbagent_batch.states import StopReason, TaskState
+from cmbagent_batch.states import StopReason, Tally, TaskState
 
 
 class Recorder:
@@ -82,9 +82,6 @@ def manifest(p: Prepared, run_id: str, started: float, ended: float | None, runs
             "reason": r.reason or None,
             "fingerprint": p.fps[tid].value,
         }
-    counts: dict[str, int] = {}
-    for t in tasks.values():
-        counts[t["state"]] = counts.get(t["state"], 0) + 1
     return {
         "format": 1,
         "run_id": run_id,
@@ -100,14 +97,13 @@ def manifest(p: Prepared, run_id: str, started: float, ended: float | None, runs
         "status": "running" if ended is None else ("interrupted" if stop is not None and stop.interrupts else "finished"),
         "stop_reason": None if stop is None else stop.value,
         "exit_code": exit_code,
-        "counts": dict(sorted(counts.items())),
+        "counts": Tally.of(r.state for r in runs.values()).to_json(),
         "analysis": p.analysis,
         "budget_usd": p.spec.job.budget_usd,
         "ledger": ledger,
         "slurm": _slurm(p.run_dir),
         "tasks": tasks,
     }
-
 
 
 def _slurm(run_dir: str) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from cmbagent_batch.execute.runs import TaskRun
 from cmbagent_batch.ledger.costs import analysis_recorder, job_budget_spent
 from cmbagent_batch.plan.analysis.cache import Cache
 from cmbagent_batch.plan.analysis.deps import analyse
-from cmbagent_batch.plan.analysis.files import input_sources
+from cmbagent_batch.plan.analysis.files import Sources, input_sources
 from cmbagent_batch.plan.build import build_dag
 from cmbagent_batch.plan.dag import Dag
 from cmbagent_batch.plan.fingerprint import Fingerprints, fingerprints
@@ -38,7 +38,7 @@ class Prepared:
     run_dir: str
     fps: Fingerprints
     history: dict[str, TaskHistory]
-    sources: dict[str, list[tuple[str, list[tuple[str, str]]]]]
+    sources: Sources
     analysis: dict[str, Any]
     run_id: str  # of the run about to start; analysis calls made while preparing it are ledgered under it
 

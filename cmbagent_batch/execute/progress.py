@@ -1,20 +1,20 @@
-"""Progress of a run on stderr: a live bar on a terminal, a line every few seconds in a log (Slurm)."""
+"""Progress of a run on stderr: a live bar on a terminal, a line every few seconds in a log (Slurm), and
+the last line when the run ends."""
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
 from typing import IO, TYPE_CHECKING
 
-from cmbagent_batch.states import TaskState
+from cmbagent_batch.states import Tally, TaskState
 
 if TYPE_CHECKING:
     from cmbagent_batch.execute.scheduler import Scheduler
 
 
 class Progress:
-    """The scheduler's ``tick``: shows its counts, at most every ``interval`` seconds and at the end."""
+    """The scheduler's ``tick``: shows its tally, at most every ``interval`` seconds and at the end."""
 
     def __init__(self, total: int, stream: IO[str] | None = None, interval: float | None = None) -> None:
         self.stream = stream or sys.stderr
@@ -25,33 +25,30 @@ class Progress:
         self._last = 0.0
         self._shown = ""
 
-    def line(self, counts: Mapping[TaskState, int]) -> str:
-        done = counts[TaskState.SUCCEEDED] + counts[TaskState.SKIPPED]
-        failed = sum(counts[s] for s in (TaskState.FAILED, TaskState.UPSTREAM_FAILED, TaskState.CANCELLED,
-                                         TaskState.INTERRUPTED, TaskState.BUDGET_EXCEEDED))
-        running = counts[TaskState.RUNNING]
-        pending = counts[TaskState.PENDING] + counts[TaskState.RETRYING]
+    def line(self, tally: Tally, finished: bool = False) -> str:
+        """``8/17 done: 2 running, 3 queued, 4 pending, 8 succeeded; 0:03 elapsed, ETA 0:04``: each state by
+        the name the run's last line and ``status`` give it."""
+        done = tally.done
         elapsed = time.monotonic() - self.start
-        ran = max(done - counts[TaskState.SKIPPED], 0)
-        eta = ""
-        if ran and pending + running:
-            eta = f", ETA {_clock(elapsed / ran * (pending + running))}"
-        text = (f"{done}/{self.total} done, {running} running, {failed} failed, {pending} pending, "
-                f"{_clock(elapsed)} elapsed{eta}")
+        ahead = sum(tally[s] for s in (TaskState.RUNNING, TaskState.QUEUED, TaskState.PENDING, TaskState.RETRYING))
+        ran = tally[TaskState.SUCCEEDED]
+        eta = f", ETA {_clock(elapsed / ran * ahead)}" if ran and ahead and not finished else ""
+        text = f"{done}/{self.total} done: {tally.text()}; {_clock(elapsed)} elapsed{eta}"
         if self.tty:
             width = 24
-            filled = int(width * (done + failed) / self.total) if self.total else width
+            ended = self.total - ahead
+            filled = int(width * ended / self.total) if self.total else width
             text = "[" + "#" * filled + "." * (width - filled) + "] " + text
         return text
 
     def __call__(self, sched: Scheduler) -> None:
         now = time.monotonic()
-        finished = not any(sched.counts[s] for s in (TaskState.RUNNING, TaskState.PENDING, TaskState.RETRYING))
+        finished = sched.finished
         if now - self._last < self.interval and not finished:
             return
         self._last = now
-        text = self.line(sched.counts)
-        if text == self._shown:
+        text = self.line(Tally.from_counts(sched.counts), finished)
+        if text == self._shown and not finished:
             return
         self._shown = text
         if self.tty:

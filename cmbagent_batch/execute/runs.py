@@ -20,11 +20,12 @@ class Pools(Protocol):
     def executor_for(self, kind: str) -> Executor: ...
 
     def gate(self, kind: str, on_start: Callable[[], None]) -> Gate | None:
-        """Where an attempt of ``kind`` waits for a free slot; it calls ``on_start`` when it gets one.
-        None: the attempt counts as started when it is submitted."""
+        """What reports that a submission of ``kind`` really started, by calling ``on_start`` once: where
+        its attempt waits for a free slot, or what the worker that begins it (its first, for a batch)
+        reports back through. None: it counts as started when it is submitted."""
 
     def submit(self, executor: Executor, attempts: Sequence[Attempt], gate: Gate | None) -> Future[Any]:
-        """Hand one attempt (with its gate) or a batch of them (no gate) to ``executor``, with whatever
+        """Hand one attempt or a batch of them, with the submission's gate, to ``executor``, with whatever
         runs them there; the result is the attempt's ``Outcome``, or the batch's list of them."""
 
     def batches(self, kind: str) -> bool:

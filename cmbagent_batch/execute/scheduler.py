@@ -12,12 +12,15 @@ not started, and lets the running attempts go on until the drain's deadline, whe
 (``stop.StopControl``).
 
 Two things keep workers busy when tasks are tiny or many. Attempts may be handed over ahead of a free
-worker (``Limits.prefetch_kinds``): a thread pool then holds them behind a gate (a slot semaphore) and
-each reports when it really starts (on a deque this thread drains whenever it wakes, before any end),
-which is when it is journaled ``running``, with that time (under MPI: when rank 0 sends it to a worker).
-And where a round trip to a worker costs more than a task (a process pool), ready attempts of tasks whose
-observed duration is short go over in batches of about ``BATCH_SECONDS`` of work; those count as
-running from the hand-over.
+worker (``Limits.prefetch_kinds``), and where a round trip to a worker costs more than a task (a process
+pool, MPI ranks), ready attempts of tasks whose observed duration is short go over in batches of about
+``BATCH_SECONDS`` of work, which a worker runs one after the other. What is handed over is ``queued``
+until the pool reports that it really started (its gate gave it a slot, a worker process or rank began
+it; on a deque this thread drains whenever it wakes, before any end): it is journaled ``running`` then,
+with that time, while fewer than ``max_workers`` are (a worker may start its next attempt before this
+thread has the last one's end: that start waits for it). A batch reports its start once: its first
+attempt is the running one until the batch ends, and the others are journaled running, with their own
+start time, as their ends come in. So ``running`` never counts more attempts than the workers run.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from cmbagent_batch.execute.outcomes import outcomes_of
 from cmbagent_batch.execute.runs import DrainEvent, Limits, Options, Pools, TaskRun
 from cmbagent_batch.execute.stop import StopAction, StopControl
 from cmbagent_batch.states import DONE_STATES, FINAL_STATES, OutcomeReason, StopReason, TaskState
+
+# Outcomes of attempts of a batch that a stop kept from starting (its worker held them back).
+_HELD_BACK = frozenset({OutcomeReason.NOT_STARTED, OutcomeReason.CANCELLED})
 
 
 class Scheduler:
@@ -70,14 +76,16 @@ class Scheduler:
         self._starts: deque[tuple[str, int, float]] = deque()  # (task, attempt, time.time()), by pool threads
         self._timers: list[tuple[float, str]] = []
         self._units: dict[Future[Any], Unit] = {}  # submitted and not yet handled
-        self._running: dict[str, Future[Any]] = {}  # task -> the submission holding its attempt
-        self._starting: dict[str, TaskContext] = {}  # submitted behind a gate, not started yet
-        self._gates: dict[str, Gate] = {}  # gate of each running attempt that has one
+        self._running: dict[str, Future[Any]] = {}  # task -> the submission holding its attempt (queued or running)
+        self._starting: dict[str, TaskContext] = {}  # queued: handed over, not counted as running yet
+        self._reported: dict[str, float] = {}  # of those, started (when), waiting for room among max_workers
+        self._gates: dict[str, Gate] = {}  # gate of each submission, under its first task
         self._unsettled: list[Gate] = []  # gates of failed attempts, whose slots wait for a possible stop
         self.abandoned = 0  # attempts still running in threads when the run ended
         self.disk_full: str | None = None  # what could not be written when the file system filled up
         self.host = socket.gethostname()
         self.counts = {s: 0 for s in TaskState}
+        self.finished = False  # set before the last tick
 
     # --- public ------------------------------------------------------------------------------------
 
@@ -124,6 +132,7 @@ class Scheduler:
         self._settle()
         self._finish_unlaunched()
         self._commit()
+        self.finished = True
         self._tick(self)
 
     # --- stopping ----------------------------------------------------------------------------------
@@ -136,27 +145,30 @@ class Scheduler:
             if action is StopAction.HOLD:
                 self.pools.hold()
             self._drain_starts()
-            self._on_drain(self.stop.event(action, self._running_now()))
+            self._on_drain(self.stop.event(action, self.counts[TaskState.RUNNING]))
             if action is StopAction.HOLD:
                 return
         self.pools.terminate_running(self.options.kill_grace)
 
-    def _running_now(self) -> int:
-        """Attempts running now: one per submission holding a started attempt (a batch runs one at a
-        time), at most one per worker (attempts without a gate count as started from the hand-over, and
-        some wait ahead of a free worker)."""
-        units = {id(f) for tid, f in self._running.items() if tid not in self._starting}
-        return min(len(units), self.limits.max_workers)
-
     def _abandon_running(self) -> None:
-        """Attempts that outlived the stop (python functions in threads cannot be killed)."""
+        """Attempts that outlived the stop (python functions in threads cannot be killed); those that had
+        not started end not run, uncharged."""
         reason = self._stop_value()
+        self._drain_starts()
         for tid in sorted(self._running):
             r = self.runs[tid]
+            if tid in self._reported:
+                self._started(r, self._starting.pop(tid), self._reported.pop(tid))
+            if r.state is TaskState.QUEUED:
+                self._held_back(r)
+                continue
             r.reason = f"still running when the job stopped ({reason}); abandoned"
             self._set(r, self.stop.final_state, attempt=r.attempts, reason=r.reason)
-        self.abandoned = len(self._running)
+            self.abandoned += 1
         self._running.clear()
+        self._starting.clear()
+        self._reported.clear()
+        self._gates.clear()
         self._units.clear()
         self.admission.units = 0
 
@@ -176,10 +188,14 @@ class Scheduler:
     # --- state changes -----------------------------------------------------------------------------
 
     def _set(self, r: TaskRun, state: TaskState, **extra: Any) -> None:
+        self._move(r, state)
+        self._record(r, extra)
+
+    def _move(self, r: TaskRun, state: TaskState) -> None:
+        """A change that is not journaled (to queued; a retry back to pending): the counts follow it."""
         self.counts[r.state] -= 1
         self.counts[state] += 1
         r.state = state
-        self._record(r, extra)
 
     def _settle(self) -> None:
         """Free the slots that failed attempts kept: after a stop was requested and acted on, if any."""
@@ -194,13 +210,12 @@ class Scheduler:
     def _submit(self, members: list[TaskRun]) -> None:
         first = members[0]
         attempts = []
-        gate = None
         for r in members:
             r.attempts += 1
             r.started = self._clock()
-            if len(members) == 1:
-                gate = self.pools.gate(r.kind, functools.partial(self._gate_passed, r.id, r.attempts))
             attempts.append(self._prepare(r))
+        # A submission reports its start once: its attempt's, or its batch's first attempt's.
+        gate = self.pools.gate(first.kind, functools.partial(self._gate_passed, first.id, first.attempts))
         executor = self.pools.executor_for(first.kind)
         future = self.pools.submit(executor, attempts, gate)
         batch = len(members) > 1
@@ -210,11 +225,13 @@ class Scheduler:
         self.admission.admitted(unit)
         for r, attempt in zip(members, attempts):
             self._running[r.id] = future
-            if gate is None:
-                self._started(r, attempt.ctx, time.time())
-            else:
-                self._starting[r.id] = attempt.ctx
-                self._gates[r.id] = gate
+            self._starting[r.id] = attempt.ctx
+            self._move(r, TaskState.QUEUED)
+        if gate is None:  # it counts as started when handed over
+            self._gate_passed(first.id, first.attempts)
+            self._drain_starts()
+        else:
+            self._gates[first.id] = gate
         future.add_done_callback(self._events.put)
 
     def _started(self, r: TaskRun, ctx: TaskContext, t: float) -> None:
@@ -223,8 +240,8 @@ class Scheduler:
                   t=t)
 
     def _gate_passed(self, tid: str, attempt: int) -> None:
-        """An attempt got its slot (called on the thread that gave it one): noted with the time, which its
-        ``running`` record says, however late this thread journals it."""
+        """An attempt started (called on the thread that saw it: a slot was given, a worker began it):
+        noted with the time, which its ``running`` record says, however late this thread journals it."""
         self._starts.append((tid, attempt, time.time()))
 
     # --- completions -------------------------------------------------------------------------------
@@ -253,14 +270,28 @@ class Scheduler:
                 return
 
     def _drain_starts(self) -> None:
-        """Attempts that got their slot since the last look (they do not wake this thread: each would
-        cost a thread switch per task, and nothing waits on them)."""
+        """Attempts that started since the last look (they do not wake this thread: each would cost a
+        thread switch per task, and nothing waits on them)."""
         while self._starts:
             tid, attempt, t = self._starts.popleft()
-            r = self.runs[tid]
-            ctx = self._starting.pop(tid, None)
-            if ctx is not None and r.attempts == attempt:
-                self._started(r, ctx, t)
+            future = self._running.get(tid)
+            if future is None or self.runs[tid].attempts != attempt or tid not in self._starting:
+                continue  # a start reported late, for an attempt already handled
+            self._units[future].started = True
+            self._reported[tid] = t
+        self._count_starts()
+
+    def _count_starts(self) -> None:
+        """Journal the reported starts as running, the earliest first, while fewer than ``max_workers``
+        run. A worker may start its next attempt before this thread has its last one's end (a thread's
+        slot is free once the task's code is done, before it publishes; a worker rank answers after it
+        journals): that start waits here for the end, so no worker counts twice. Its record keeps the
+        time it started."""
+        room = self.limits.max_workers - self.counts[TaskState.RUNNING]
+        while room > 0 and self._reported:
+            tid = next(iter(self._reported))
+            self._started(self.runs[tid], self._starting.pop(tid), self._reported.pop(tid))
+            room -= 1
 
     def _finish(self, future: Future[Any]) -> None:
         unit = self._units.get(future)
@@ -270,18 +301,26 @@ class Scheduler:
         del self._units[future]
         self.admission.released(unit)
         for tid, outcome in zip(unit.members, outcomes):
-            self._done(self.runs[tid], outcome, not_started)
+            self._done(self.runs[tid], outcome, not_started, unit.started)
+        self._count_starts()  # ends make room
 
-    def _done(self, r: TaskRun, outcome: Outcome, not_started: bool = False) -> None:
+    def _done(self, r: TaskRun, outcome: Outcome, not_started: bool, unit_started: bool) -> None:
         del self._running[r.id]
-        never_started = self._starting.pop(r.id, None) is not None
+        queued = self._starting.pop(r.id, None)  # not counted as running yet
         gate = self._gates.pop(r.id, None)
         if gate is not None and not outcome.ok:
             self._unsettled.append(gate)
         stop = self.stop.reason
-        if never_started and stop:  # handed over, then held back by the stop: it did not run
-            r.attempts -= 1
-            return
+        if queued is not None:
+            started = self._reported.pop(r.id, None)
+            if started is not None:  # it started, and waited for room among the running
+                self._started(r, queued, started)
+            elif unit_started and not not_started and outcome.reason not in _HELD_BACK:
+                # later in a batch that started: it ran, and its start is known now
+                self._started(r, queued, time.time() - outcome.wall_s)
+            elif stop:  # handed over, then held back by the stop: it did not run
+                self._held_back(r)
+                return
         r.outcome = outcome
         r.wall_s = outcome.wall_s or (self._clock() - r.started)
         if outcome.reason is OutcomeReason.DISK_FULL:  # not the task's fault: the run stops
@@ -317,6 +356,13 @@ class Scheduler:
         if not self.options.keep_going:
             self.request_stop(StopReason.FAIL_FAST)
 
+    def _held_back(self, r: TaskRun) -> None:
+        """A stop kept a handed-over attempt from starting: it is not charged, and the task ends as the stop
+        says (cancelled by fail-fast, else interrupted: a rerun runs it)."""
+        r.attempts -= 1
+        r.reason = f"not run: the job stopped ({self._stop_value()})"
+        self._set(r, self.stop.final_state, reason=r.reason)
+
     def _block_dependents(self, root: TaskRun) -> None:
         stack = list(root.dependents)
         while stack:
@@ -334,8 +380,6 @@ class Scheduler:
             _, tid = heapq.heappop(self._timers)
             r = self.runs[tid]
             if r.state is TaskState.RETRYING and not self.stop.reason:
-                self.counts[r.state] -= 1
-                r.state = TaskState.PENDING
-                self.counts[r.state] += 1
+                self._move(r, TaskState.PENDING)
                 self.admission.push(r)
 

@@ -14,8 +14,12 @@ package, e.g. the report, imports no other)::
     manifest["ledger"] = merge(run_dir).manifest()
 
 The offline commands (``cmbagent-batch ledger ...``, in ``cli/ledger.py``) read the files with
-``reader.py``; ``verify.py``, ``summary.py``, ``export.py``, ``reprice.py`` and ``diff.py`` do one
-command's work each; ``chain.py`` is the hash chain, ``files.py`` the paths and fast file I/O,
-``intents.py`` the calls announced before they are sent and their pairing with results. Nothing here
-imports an LLM client.
+``reader.py``, which checks each chain as it reads (``check.FileCheck``); ``verify.py``, ``summary.py``,
+``export.py``, ``reprice.py``, ``diff.py`` and ``report.py`` (with ``provenance.py``: the chains' status and
+the price tables on the page) do one command's work each; ``chain.py`` is the hash chain and its line-by-line
+check, ``check.py`` a file's chain against the end its run.json records and how what is wrong is worded,
+``verdict.py`` what a check found, ``files.py`` the paths and fast file I/O, ``intents.py`` the calls
+announced before they are sent and their pairing with results, ``money.py`` how an amount is shown and
+summed.
+Nothing here imports an LLM client.
 """

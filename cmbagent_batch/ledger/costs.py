@@ -17,8 +17,9 @@ from cmbagent_batch.errors import BatchError
 from cmbagent_batch.ledger.entry import ANALYSIS_AGENT, make_entry
 from cmbagent_batch.ledger.intents import UNKNOWN, describe, endpoint_host, estimate_tokens, make_intent
 from cmbagent_batch.ledger.journal import IntentWriter, JournalWriter, next_call_id
+from cmbagent_batch.ledger.money import usd
 from cmbagent_batch.spec.model import JobSpec
-from cmbagent_batch.spec.pricing import Price, call_cost
+from cmbagent_batch.spec.pricing import Price, builtin_table, call_cost
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class Priced:
     @classmethod
     def from_request(cls, model: dict[str, Any]) -> Priced:
         return cls(model["name"], model["model"], Price(**model["price"]), model["price_table"])
+
+    @property
+    def price_table_date(self) -> str | None:
+        """The date of the price table: the shipped table's; None for a price set in the spec."""
+        table = builtin_table()
+        return (table.date or None) if self.price_table == table.id else None
 
 
 @dataclass
@@ -97,7 +104,8 @@ class CallRecorder:
             requested_model=self.model.model, reported_model=reported_model, prompt_tokens=prompt_tokens,
             cached_prompt_tokens=cached_prompt_tokens, completion_tokens=completion_tokens,
             reasoning_tokens=reasoning_tokens, cost_usd=cost, price_table=self.model.price_table, price=price,
-            status=status, error=error, latency_s=round(latency_s, 6), timestamp=started,
+            price_table_date=self.model.price_table_date, status=status, error=error, latency_s=round(latency_s, 6),
+            timestamp=started,
         )
         if self._writer is None:
             self._writer = JournalWriter(self.run_dir, self.rank)
@@ -194,13 +202,6 @@ def job_budget_spent(run_dir: str, spec: JobSpec) -> Callable[[], str | None]:
         return budget_spent_message("job", meter.total_usd, cap) if meter.total_usd >= cap else None
 
     return check
-
-
-def usd(value: float) -> str:
-    """Dollars for messages: 4 decimals, more for amounts below a cent (a $0.00001 cap is not "$0.0000")."""
-    if abs(value) >= 0.01 or round(value, 4) == value:
-        return f"${value:.4f}"
-    return f"${value:.8f}".rstrip("0")
 
 
 def budget_spent_message(scope: str, spent: float, cap: float) -> str:

@@ -1,6 +1,7 @@
 """One ledger entry: one model call (one HTTP attempt, successful or failed) as a flat dict.
 
-``FIELDS`` is the order every file writes them in; ``schemas/ledger-entry.schema.json`` documents each.
+``FIELDS`` is the order every file writes them in, then those of ``OPTIONAL_FIELDS`` an entry has (fields
+added since the first ledgers, which older entries lack); ``schemas/ledger-entry.schema.json`` documents each.
 ``make_entry`` builds an entry and checks it cheaply (ValueError naming the field); ``entry_problem``
 says what is wrong with a dict read back from a file, or None. Both are pure.
 """
@@ -21,12 +22,13 @@ FIELDS: tuple[str, ...] = (
     "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "reasoning_tokens",
     "cost_usd", "price_table", "price", "status", "error", "latency_s", "timestamp",
 )
+OPTIONAL_FIELDS: tuple[str, ...] = ("price_table_date",)
 PRICE_FIELDS: tuple[str, ...] = ("prompt_per_1m", "cached_prompt_per_1m", "completion_per_1m")
 SOURCES = ("agent", "analysis")
 STATUSES = ("ok", "error")
 ANALYSIS_AGENT = "dependency-analysis"  # the agent name of dependency-analysis calls
 
-_FIELD_SET = frozenset(FIELDS)
+_FIELD_SET = frozenset(FIELDS + OPTIONAL_FIELDS)
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:\+00:00|Z)")
 
 # field -> (allowed types, may be null, smallest value for numbers)
@@ -60,8 +62,14 @@ def price_dict(price: Price) -> dict[str, float | None]:
             "completion_per_1m": price.completion_per_1m}
 
 
+def entry_fields(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The entry's own fields, in the order files write them: ``FIELDS``, then the optional ones it has."""
+    return {**{k: entry[k] for k in FIELDS}, **{k: entry[k] for k in OPTIONAL_FIELDS if k in entry}}
+
+
 def make_entry(**fields: Any) -> dict[str, Any]:
-    """A ledger entry with exactly the ``FIELDS``, in their order; ValueError saying what is wrong.
+    """A ledger entry with exactly the ``FIELDS`` (and the ``OPTIONAL_FIELDS`` given), in their order;
+    ValueError saying what is wrong.
 
     ``price`` may be a ``Price``. Integers given for ``cost_usd`` and ``latency_s`` become floats, so
     every file spells them alike.
@@ -71,8 +79,9 @@ def make_entry(**fields: Any) -> dict[str, Any]:
         raise ValueError(f"ledger entry lacks {', '.join(missing)}")
     unknown = sorted(set(fields) - _FIELD_SET)
     if unknown:
-        raise ValueError(f"unknown ledger entry field(s) {', '.join(unknown)}; valid: {', '.join(FIELDS)}")
-    entry = {f: fields[f] for f in FIELDS}
+        raise ValueError(f"unknown ledger entry field(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(FIELDS + OPTIONAL_FIELDS)}")
+    entry = entry_fields(fields)
     for key in ("cost_usd", "latency_s"):
         if type(entry[key]) is int:
             entry[key] = float(entry[key])
@@ -99,6 +108,8 @@ def entry_problem(entry: Any) -> str | None:
         problem = _value_problem(entry[name], types, nullable, minimum)
         if problem:
             return f"{name}: {problem}"
+    if "price_table_date" in entry and (problem := _value_problem(entry["price_table_date"], _STR, True, None)):
+        return f"price_table_date: {problem}"
     return _price_problem(entry["price"]) or _enum_problem(entry) or _shape_problem(entry)
 
 

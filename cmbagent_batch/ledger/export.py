@@ -1,6 +1,7 @@
 """``ledger export``: the entries as CSV (price flattened into three columns) or as one JSON array.
 
-Only the entry's own fields are exported (``FIELDS``); the chain's ``seq``, ``prev`` and ``hash`` are not.
+Only the entry's own fields are exported (``FIELDS``, then ``OPTIONAL_FIELDS``: CSV has a column for each,
+empty where an older entry lacks it); the chain's ``seq``, ``prev`` and ``hash`` are not.
 Both writers stream: one entry in memory at a time.
 """
 
@@ -13,10 +14,10 @@ from typing import IO, Any
 
 import orjson
 
-from cmbagent_batch.ledger.entry import FIELDS, PRICE_FIELDS
+from cmbagent_batch.ledger.entry import FIELDS, OPTIONAL_FIELDS, PRICE_FIELDS, entry_fields
 
 CSV_COLUMNS: tuple[str, ...] = tuple(
-    c for f in FIELDS for c in ([f"price_{p}" for p in PRICE_FIELDS] if f == "price" else [f])
+    c for f in FIELDS + OPTIONAL_FIELDS for c in ([f"price_{p}" for p in PRICE_FIELDS] if f == "price" else [f])
 )
 
 
@@ -28,6 +29,7 @@ def csv_row(entry: dict[str, Any]) -> list[Any]:
             row.extend(entry["price"][p] for p in PRICE_FIELDS)
         else:
             row.append(entry[field])
+    row.extend(entry.get(field) for field in OPTIONAL_FIELDS)
     return ["" if v is None else v for v in row]
 
 
@@ -54,7 +56,7 @@ class Exporter:
         dumps, out = orjson.dumps, self._out
         for entry in entries:
             out.write(b"\n" if self.count == 0 else b",\n")
-            out.write(dumps({k: entry[k] for k in FIELDS}))
+            out.write(dumps(entry_fields(entry)))
             self.count += 1
 
     def close(self) -> None:

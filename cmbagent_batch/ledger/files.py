@@ -13,11 +13,12 @@ seconds without ever holding more than a chunk.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
-from cmbagent_batch.errors import LedgerError
+from cmbagent_batch.errors import LedgerError, UsageError
 
 LEDGER_FILE = "ledger.jsonl"
 INTENTS_FILE = "ledger.intents.jsonl"
@@ -73,6 +74,31 @@ def intents_beside(ledger: str) -> str:
         return os.path.join(directory, "intents-" + name[len("rank-"):])
     stem = name[:-len(".jsonl")] if name.endswith(".jsonl") else name
     return os.path.join(directory, stem + ".intents.jsonl")
+
+
+def is_journal(path: str) -> bool:
+    """Whether ``path`` is a rank's journal (of entries or of intents), which is not chained."""
+    name = os.path.basename(path)
+    return name.endswith(".jsonl") and name.startswith(("rank-", "intents-"))
+
+
+def run_json_beside(ledger: str) -> str:
+    """The run manifest that sits beside a ledger file (or inside a run directory), in the form the ledger's
+    path was given (relative stays relative), so that messages name both alike."""
+    directory = ledger if os.path.isdir(ledger) else os.path.dirname(ledger)
+    return os.path.join(directory, "run.json")
+
+
+def read_json_object(path: str) -> dict[str, Any]:
+    """The JSON object in ``path`` ({} when it holds another value); UsageError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise UsageError(f"{path}: not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
 
 
 def resolve(path: str) -> str:

@@ -24,9 +24,10 @@ from urllib.parse import urlsplit
 import orjson
 
 from cmbagent_batch.errors import LedgerError
-from cmbagent_batch.ledger.chain import TAIL
+from cmbagent_batch.ledger.chain import TAIL, ChainCheck
 from cmbagent_batch.ledger.entry import FIELDS, entry_problem
-from cmbagent_batch.ledger.files import Lines, intents_beside
+from cmbagent_batch.ledger.files import Lines, intents_beside, is_journal
+from cmbagent_batch.ledger.verdict import Verdict
 
 INTENT_FIELDS: tuple[str, ...] = (
     "id", "job", "run_id", "source", "task", "attempt", "call", "rank", "host", "pid", "agent",
@@ -99,14 +100,18 @@ def intent_key(record: Mapping[str, Any]) -> tuple[str, str]:
     return record["id"], record["timestamp"]
 
 
-def scan_intents(path: str) -> tuple[int, list[dict[str, Any]]]:
-    """How many intents ``path`` holds, and those not paired with a result when merged (every intent
-    of a journal). A line that is not an intent is a LedgerError naming ``FILE:LINE``."""
+def scan_intents(path: str) -> tuple[int, list[dict[str, Any]], Verdict | None]:
+    """How many intents ``path`` holds, those not paired with a result when merged (every intent of a
+    journal), and the verdict on the chain of a merged file (None for a journal, which has no chain), from
+    one read. A line that is not an intent is a LedgerError naming ``FILE:LINE``, unless the chain broke
+    at or before it: then the verdict says what is wrong."""
     lines = Lines(path)
+    check = None if is_journal(path) else ChainCheck()
     unpaired: list[dict[str, Any]] = []
     count = 0
     for number, line in enumerate(lines, 1):
         count += 1
+        chained = check is None or check.feed(line)
         end = len(line) - TAIL
         if end > 0 and line[end - len(_PAIRED):end] == _PAIRED:
             continue
@@ -116,25 +121,31 @@ def scan_intents(path: str) -> tuple[int, list[dict[str, Any]]]:
             intent = None
         problem = intent_problem(intent)
         if problem is not None:
+            if not chained:
+                continue
             raise LedgerError(f"{path}:{number}: not a ledger intent: {problem}")
         if not intent.get("paired"):
             unpaired.append(intent)
+    if check is not None:
+        return count, unpaired, check.end(lines.tail)
     if lines.tail:
         raise LedgerError(f"{path}:{lines.count + 1}: incomplete last line: the file ends in the middle of an intent")
-    return count, unpaired
+    return count, unpaired, None
 
 
 class Intents:
     """The intents beside the ledger files a command reads, paired with the entries it reads.
 
     ``open(ledger)`` before a file's entries, ``see(entry)`` for each (only while ``pending``), ``close()``
-    after them. Then ``files`` (intents files found), ``count`` (intents in them) and ``unresolved``
-    (intents with no result, in time order).
+    after them. Then ``files`` (intents files found), ``count`` (intents in them), ``unresolved``
+    (intents with no result, in time order) and ``chains`` (by ledger: its intents file and the verdict on
+    that file's chain, for a merged one).
     """
 
     def __init__(self) -> None:
         self.files = 0
         self.count = 0
+        self.chains: dict[str, tuple[str, Verdict]] = {}
         self.pending: dict[tuple[str, str], dict[str, Any]] = {}
         self._unresolved: list[dict[str, Any]] = []
 
@@ -142,7 +153,9 @@ class Intents:
         path = intents_beside(ledger)
         if not os.path.isfile(path):
             return
-        count, unpaired = scan_intents(path)
+        count, unpaired, verdict = scan_intents(path)
+        if verdict is not None:
+            self.chains[ledger] = (path, verdict)
         self.files += 1
         self.count += count
         self.pending = {intent_key(i): i for i in unpaired}

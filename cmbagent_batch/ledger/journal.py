@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from cmbagent_batch.ledger.entry import FIELDS, call_id
+from cmbagent_batch.ledger.entry import call_id, entry_fields
 from cmbagent_batch.ledger.files import intents_journal_path, journal_path
 from cmbagent_batch.ledger.intents import INTENT_FIELDS
 from cmbagent_batch.rundir.jsonl import JsonlWriter
@@ -42,9 +42,9 @@ def next_call_id(run_id: str, rank: int) -> str:
 
 
 def encode_entry(entry: Mapping[str, Any]) -> bytes:
-    """An entry as one journal line, newline included (fields in ``FIELDS`` order)."""
+    """An entry as one journal line, newline included (fields in file order, ``entry_fields``)."""
     try:
-        ordered = {k: entry[k] for k in FIELDS}
+        ordered = entry_fields(entry)
     except KeyError as exc:
         raise ValueError(f"ledger entry lacks {exc.args[0]}") from None
     return orjson.dumps(ordered, option=orjson.OPT_APPEND_NEWLINE)

@@ -25,7 +25,7 @@ import orjson
 
 from cmbagent_batch.errors import LedgerError
 from cmbagent_batch.ledger.chain import GENESIS, chain_lines, line_hash
-from cmbagent_batch.ledger.entry import FIELDS, entry_problem
+from cmbagent_batch.ledger.entry import FIELDS, entry_fields, entry_problem
 from cmbagent_batch.ledger.files import (
     INTENTS_FILE,
     LEDGER_FILE,
@@ -101,7 +101,7 @@ def merge(run_dir: str) -> MergeResult:
 
 @contextlib.contextmanager
 def _exclusive(lock_path: str) -> Iterator[None]:
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -138,7 +138,7 @@ def _journal_entries(journals: list[tuple[str, bytes]], problems: list[str],
 
 
 def _content(entry: dict[str, Any], fields: tuple[str, ...] = FIELDS) -> bytes:
-    return orjson.dumps({k: entry[k] for k in fields})
+    return orjson.dumps(entry_fields(entry) if fields is FIELDS else {k: entry[k] for k in fields})
 
 
 def _scan(path: str, new: dict[bytes, dict[str, Any]], problems: list[str], wanted: set[tuple[str, str]],
@@ -185,7 +185,7 @@ def _merge_intents(run_dir: str, intents: dict[bytes, dict[str, Any]], paired: s
     fresh = sorted(intents.values(), key=lambda i: (i["timestamp"], i["id"]))
     if fresh:
         marked = ({**i, "paired": intent_key(i) in paired} for i in fresh)
-        _append(path, b"".join(chain_lines(marked, seq, head, MERGED_FIELDS)))
+        _append(path, b"".join(chain_lines(marked, seq, head, MERGED_FIELDS, optional=())))
         if not existed:
             fsync_dir(run_dir)
     return fresh
@@ -222,7 +222,7 @@ def _cut(path: str, size: int) -> None:
 
 
 def _append(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         view = memoryview(data)
         while view:  # a regular file takes it all at once, short of a full disk

@@ -5,21 +5,24 @@ along), a rank journal, or a run directory (its ledger.jsonl). The first entry o
 in full, so a file that is not a ledger is refused at its first line; later lines are checked only as
 far as the command uses them (``consume`` turns a KeyError, TypeError or ValueError into an
 error naming the line), which keeps 10^6 lines to seconds. Given an ``Intents``, a reader also reads
-the intents file beside each ledger file and pairs its intents with the entries (``intents.py``).
+the intents file beside each ledger file and pairs its intents with the entries (``intents.py``). Asked to
+verify, it checks each file's chain (and its intents' chain, and its end against the run.json beside it)
+in the same pass, as ``ledger verify`` would (``check.FileCheck``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
 
 from cmbagent_batch.errors import LedgerError
+from cmbagent_batch.ledger.check import FileCheck
 from cmbagent_batch.ledger.entry import entry_problem
 from cmbagent_batch.ledger.files import Lines, resolve
 from cmbagent_batch.ledger.intents import Intents
+from cmbagent_batch.ledger.verdict import ChainStatus
 
 _NOT_JSON = "not a JSON object: a ledger holds one entry per line"
 
@@ -27,19 +30,25 @@ _NOT_JSON = "not a JSON object: a ledger holds one entry per line"
 class EntryReader:
     """The entries of one ledger file; ``line`` is the number of the last one given."""
 
-    def __init__(self, path: str, intents: Intents | None = None) -> None:
+    def __init__(self, path: str, intents: Intents | None = None, verify: bool = False) -> None:
         self.path = resolve(path)
         self.line = 0
         self.entry: Any = None
         self.intents = intents
+        self.verify = verify
+        self.status: ChainStatus | None = None  # with ``verify``, once every line was read
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         lines = Lines(self.path)
         loads = orjson.loads
         intents = self.intents
+        check = FileCheck(self.path) if self.verify else None
+        feed = None if check is None else check.feed
         if intents is not None:
             intents.open(self.path)
         for raw in lines:
+            if feed is not None:
+                feed(raw)
             self.line += 1
             try:
                 self.entry = loads(raw)
@@ -55,6 +64,8 @@ class EntryReader:
             raise self.error("incomplete last line: the file ends in the middle of an entry")
         if intents is not None:
             intents.close()
+        if check is not None:
+            self.status = check.status(intents)
 
     def check(self) -> None:
         """Refuse the current entry unless it is a whole ledger entry."""
@@ -72,18 +83,17 @@ class EntryReader:
 
 
 def consume(paths: Iterable[str], use: Callable[[Iterable[dict[str, Any]]], object],
-            intents: Intents | None = None) -> None:
+            intents: Intents | None = None, verify: bool = False) -> list[ChainStatus]:
     """Give ``use`` the entries of each file in turn; an entry it cannot use becomes a FILE:LINE error.
-    With ``intents``, the intents beside each file are paired with its entries there."""
+    With ``intents``, the intents beside each file are paired with its entries there. With ``verify``,
+    what each file's chain is found to be, in order (else [])."""
+    found: list[ChainStatus] = []
     for path in paths:
-        reader = EntryReader(path, intents)
+        reader = EntryReader(path, intents, verify)
         try:
             use(reader)
         except (KeyError, TypeError, ValueError):
             raise reader.bad_entry() from None
-
-
-def run_json_beside(ledger: str) -> str:
-    """The run manifest that sits beside a ledger file (or inside a run directory)."""
-    directory = ledger if os.path.isdir(ledger) else os.path.dirname(os.path.abspath(ledger))
-    return os.path.join(directory, "run.json")
+        if reader.status is not None:
+            found.append(reader.status)
+    return found

@@ -1,21 +1,26 @@
 """The ``ledger report`` page: one self-contained HTML document made from ledger entries.
 
-Pure: no I/O, no clock, standard library only. The page fetches nothing (inline CSS, charts as inline SVG, no script; a
+Pure: no I/O, no clock, standard library only (of the package, only the modules that import nothing else:
+``money``, ``verdict`` and ``provenance``). The page fetches nothing (inline CSS, charts as inline SVG, no script; a
 Content-Security-Policy says so to the browser too). Every string that comes from the ledger is
 HTML-escaped. Figures a test or a script may read carry ``id`` and ``data-value``. Calls sent with no
 result recorded (unresolved intents) get a card and a table of their own, marked ``unknown: possibly
-billed``; a ledger from before intents renders as it always has.
+billed``. Given the chains' statuses, the page says whether each file verified, with a red banner at the
+top when one did not, and its head hash; and it lists the price tables the entries were priced with.
 """
 
 from __future__ import annotations
 
-import html
 import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+
+from cmbagent_batch.ledger.money import Total, usd
+from cmbagent_batch.ledger.provenance import banner, chain_section, esc, price_rows, prices_section
+from cmbagent_batch.ledger.verdict import ChainStatus
 
 Entry = dict[str, Any]  # a ledger entry as read back: JSON data
 
@@ -57,21 +62,16 @@ svg{width:100%;height:auto;font-size:11px}
 .axis{stroke:#9aa5b1}.gridline{stroke:var(--line)}.tick{fill:var(--muted)}
 .cost{fill:none;stroke:var(--accent);stroke-width:2}.area{fill:var(--accent);opacity:.08}
 .budget{stroke:var(--bad);stroke-dasharray:6 4}.none{color:var(--muted)}
+.banner{background:var(--bad);color:#fff;font-weight:600;border-radius:8px;padding:12px 16px;margin:0 0 16px;
+ overflow-wrap:anywhere}
+td.ok{color:#2e7d32;font-weight:600}td.ok .note{color:var(--muted);font-weight:400;font-size:12px}
+td.hash{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;overflow-wrap:anywhere}
+td.wrap,td.name{overflow-wrap:anywhere}td.name{min-width:9em}
+table.groups th{white-space:normal}
+table.groups .bar{display:block;width:auto;max-width:60px;margin:3px 0 0 auto}
 """
 _FRACTION = re.compile(r"\.(\d+)")
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
-
-
-def _esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _usd(x: float) -> str:
-    return f"${x:,.2f}"
-
-
-def _usd_fine(x: float) -> str:
-    return f"${x:,.4f}" if x == 0 or abs(x) >= 0.01 else f"${x:.6f}"
 
 
 def _int(value: Any) -> int:
@@ -112,7 +112,11 @@ class _Group:
     errors: int = 0
     prompt: int = 0
     completion: int = 0
-    cost: float = 0.0
+    total: Total = field(default_factory=Total)
+
+    @property
+    def cost(self) -> float:
+        return self.total.value
 
 
 def _groups(entries: list[Entry], key: Callable[[Entry], str]) -> dict[str, _Group]:
@@ -123,7 +127,7 @@ def _groups(entries: list[Entry], key: Callable[[Entry], str]) -> dict[str, _Gro
         g.errors += e.get("status") == "error"
         g.prompt += _int(e.get("prompt_tokens"))
         g.completion += _int(e.get("completion_tokens"))
-        g.cost += float(e.get("cost_usd") or 0.0)
+        g.total.add(float(e.get("cost_usd") or 0.0))
     return out
 
 
@@ -133,22 +137,22 @@ def _group_table(ident: str, heading: str, groups: dict[str, _Group], total_cost
     for name, g in ranked[:MAX_GROUP_ROWS]:
         share = 100 * g.cost / total_cost if total_cost > 0 else 0.0
         rows.append(
-            f'<tr><td class="nowrap">{_esc(name)}</td><td class="n">{g.calls:,}</td><td class="n">{g.errors:,}</td>'
+            f'<tr><td class="name">{esc(name)}</td><td class="n">{g.calls:,}</td><td class="n">{g.errors:,}</td>'
             f'<td class="n">{g.prompt:,}</td><td class="n">{g.completion:,}</td>'
-            f'<td class="n" data-value="{g.cost!r}">{_usd_fine(g.cost)}</td>'
+            f'<td class="n" data-value="{g.cost!r}">{usd(g.cost)}</td>'
             f'<td class="n">{share:.1f}%<span class="bar"><span style="width:{min(share, 100):.1f}%">'
             f'</span></span></td></tr>')
     rest = ranked[MAX_GROUP_ROWS:]
     if rest:
-        cost = sum(g.cost for _, g in rest)
+        cost = Total.of(g.total for _, g in rest)
         rows.append(f'<tr class="more"><td colspan="5">and {len(rest):,} more</td>'
-                    f'<td class="n">{_usd_fine(cost)}</td><td></td></tr>')
+                    f'<td class="n">{usd(cost)}</td><td></td></tr>')
     if not rows:
         rows.append('<tr class="more"><td colspan="7">no calls recorded</td></tr>')
     head = "".join(f'<th class="n">{h}</th>' for h in ("calls", "errors", "prompt tokens",
                                                         "completion tokens", "cost", "share"))
-    return (f'<section id="{ident}"><h2>{_esc(heading)}</h2><table><thead><tr><th>name</th>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></section>')
+    return (f'<section id="{ident}"><h2>{esc(heading)}</h2><table class="groups">'
+            f'<thead><tr><th>name</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></section>')
 
 
 def _nice_step(span: float, ticks: int = 5) -> float:
@@ -203,21 +207,21 @@ def _cost_chart(times: list[float], cumulative: list[float], budget: float | Non
     while (y := k * ystep) <= ymax * (1 + 1e-9):
         parts.append(f'<line class="gridline" x1="{left}" x2="{w - right}" y1="{py(y):.1f}" y2="{py(y):.1f}"/>'
                      f'<text class="tick" x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">'
-                     f"{_esc(_axis_usd(y, ystep))}</text>")
+                     f"{esc(_axis_usd(y, ystep))}</text>")
         k += 1
     ticks, fmt = _time_ticks(t0, t1)
     for t in ticks:
         label = datetime.fromtimestamp(t, timezone.utc).strftime(fmt)
         parts.append(f'<line class="axis" x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{h - down}" y2="{h - down + 5}"/>'
                      f'<text class="tick" x="{px(t):.1f}" y="{h - down + 18}" text-anchor="middle">'
-                     f"{_esc(label)}</text>")
+                     f"{esc(label)}</text>")
     line = " ".join(f"{px(t):.1f},{py(c):.1f}" for t, c in zip(xs, ys))
     parts.append(f'<polygon class="area" points="{px(xs[0]):.1f},{h - down} {line} {px(xs[-1]):.1f},{h - down}"/>'
                  f'<polyline id="cost-line" class="cost" points="{line}" data-points="{len(xs)}"/>')
     if budget and budget <= ymax:
         parts.append(f'<line class="budget" x1="{left}" x2="{w - right}" y1="{py(budget):.1f}" y2="{py(budget):.1f}"/>'
                      f'<text class="tick" x="{w - right}" y="{py(budget) - 5:.1f}" text-anchor="end">'
-                     f"budget {_esc(_usd(budget))}</text>")
+                     f"budget {esc(usd(budget))}</text>")
     parts.append(f'<line class="axis" x1="{left}" x2="{left}" y1="{up}" y2="{h - down}"/>'
                  f'<line class="axis" x1="{left}" x2="{w - right}" y1="{h - down}" y2="{h - down}"/>'
                  f'<text class="tick" x="{left + pw / 2:.0f}" y="{h - 6}" text-anchor="middle">time (UTC)</text>'
@@ -236,8 +240,8 @@ def _failed_table(failed: list[tuple[datetime | None, Entry]]) -> str:
         task = "(analysis)" if e.get("task") is None else e["task"]
         attempt = "" if e.get("attempt") is None else e["attempt"]
         cells = (_show_time(t, e.get("timestamp")), task, attempt, e.get("agent") or "", e.get("requested_model") or "")
-        rows.append(f'<tr><td class="nowrap">{_esc(cells[0])}</td>' + "".join(f"<td>{_esc(c)}</td>" for c in cells[1:])
-                    + f'<td class="err">{_esc(error)}</td></tr>')
+        rows.append(f'<tr><td class="nowrap">{esc(cells[0])}</td>' + "".join(f"<td>{esc(c)}</td>" for c in cells[1:])
+                    + f'<td class="err">{esc(error)}</td></tr>')
     if len(latest) > MAX_FAILED_ROWS:
         rows.append(f'<tr class="more"><td colspan="6">and {len(latest) - MAX_FAILED_ROWS:,} more</td></tr>')
     if not rows:
@@ -253,24 +257,24 @@ def _unresolved_table(unresolved: list[Entry]) -> str:
         task = "(analysis)" if i.get("task") is None else i["task"]
         cells = (_show_time(_time(i.get("timestamp")), i.get("timestamp")), task, i.get("attempt") or "",
                  i.get("agent") or "", i.get("requested_model") or "", i.get("endpoint") or "")
-        rows.append("".join(f"<td>{_esc(c)}</td>" for c in cells)
+        rows.append("".join(f"<td>{esc(c)}</td>" for c in cells)
                     + f'<td class="n">{_int(i.get("prompt_chars")):,}</td>'
-                    f'<td class="n">{_int(i.get("prompt_tokens_estimate")):,}</td><td class="err">{_esc(UNKNOWN)}</td>')
+                    f'<td class="n">{_int(i.get("prompt_tokens_estimate")):,}</td><td class="err">{esc(UNKNOWN)}</td>')
     if len(unresolved) > MAX_FAILED_ROWS:
         rows.append(f'<td colspan="9">and {len(unresolved) - MAX_FAILED_ROWS:,} more</td>')
     if not rows:
         rows.append('<td colspan="9">every call sent has its result</td>')
     head = "".join(f"<th>{h}</th>" for h in ("time (UTC)", "task", "attempt", "agent", "model", "endpoint"))
     head += '<th class="n">prompt characters</th><th class="n">~prompt tokens</th><th>cost</th>'
-    return (f'<section id="unresolved-calls"><h2>Sent with no result ({len(unresolved):,}): {_esc(UNKNOWN)}</h2>'
+    return (f'<section id="unresolved-calls"><h2>Sent with no result ({len(unresolved):,}): {esc(UNKNOWN)}</h2>'
             f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(f"<tr>{r}</tr>" for r in rows)}</tbody>'
             "</table></section>")
 
 
 def _card(label: str, ident: str, data_value: object, shown: str, detail: str = "", css: str = "") -> str:
     """``detail`` is HTML, already escaped."""
-    return (f'<div class="card"><div class="label">{_esc(label)}</div><div class="value {css}" id="{ident}" '
-            f'data-value="{_esc(data_value)}">{_esc(shown)}</div><div class="detail">{detail}</div></div>')
+    return (f'<div class="card"><div class="label">{esc(label)}</div><div class="value {css}" id="{ident}" '
+            f'data-value="{esc(data_value)}">{esc(shown)}</div><div class="detail">{detail}</div></div>')
 
 
 def _num(ident: str, n: int) -> str:
@@ -278,13 +282,18 @@ def _num(ident: str, n: int) -> str:
 
 
 def render_report(entries: list[Entry], *, title: str, budget_usd: float | None,
-                  unresolved: list[Entry] | None = None) -> str:
+                  unresolved: list[Entry] | None = None, chains: Sequence[ChainStatus] | None = None,
+                  table_dates: Mapping[str, str] | None = None) -> str:
     """A complete HTML document summing up ``entries`` (ledger records, in any order): totals, breakdowns
-    by requested model, agent and task, cumulative cost over time and the latest failed calls.
+    by requested model, agent and task, cumulative cost over time, the price tables used and the latest
+    failed calls.
 
     ``budget_usd`` is the job's budget, or ``None`` for "no budget set". ``unresolved`` are the intents with
-    no result, or ``None`` when the ledgers have no intents (then the page is as it was before intents).
-    Nothing in the page is fetched.
+    no result, or ``None`` when the ledgers have no intents (then the page has no part about them).
+    ``chains`` are the statuses of the files the entries were read from (a red banner at the top when one
+    did not verify), or ``None`` when they were not checked. ``table_dates`` (price table id -> date, e.g. the
+    shipped table's) dates the tables of entries written before entries kept the date. Nothing in the page
+    is fetched.
     """
     costs = [float(e.get("cost_usd") or 0.0) for e in entries]
     total_cost = math.fsum(costs)
@@ -299,7 +308,7 @@ def render_report(entries: list[Entry], *, title: str, budget_usd: float | None,
         cumulative.append(running)
 
     cards = [
-        _card("total cost", "total-cost", repr(total_cost), _usd(total_cost), f"{len(entries):,} ledger entries"),
+        _card("total cost", "total-cost", repr(total_cost), usd(total_cost), f"{len(entries):,} ledger entries"),
         _card("tokens", "total-tokens", tokens["prompt"] + tokens["completion"],
               f"{tokens['prompt'] + tokens['completion']:,}",
               f'<div class="kv"><span>prompt</span>{_num("prompt-tokens", tokens["prompt"])}'
@@ -313,7 +322,7 @@ def render_report(entries: list[Entry], *, title: str, budget_usd: float | None,
     if unresolved is not None:
         chars = sum(_int(i.get("prompt_chars")) for i in unresolved)
         cards.append(_card("sent, no result", "unresolved", len(unresolved), f"{len(unresolved):,}",
-                           f"{_esc(UNKNOWN)}: not in the total cost; {chars:,} prompt characters"
+                           f"{esc(UNKNOWN)}: not in the total cost; {chars:,} prompt characters"
                            if unresolved else "every call sent has its result", "over" if unresolved else ""))
     if budget_usd is None:
         cards.append(_card("budget used", "budget-used", "", "no budget set"))
@@ -322,12 +331,12 @@ def render_report(entries: list[Entry], *, title: str, budget_usd: float | None,
         over = " over" if pct > 100 else ""
         meter = f'<div class="meter{over}"><span style="width:{min(pct, 100):.1f}%"></span></div>'
         cards.append(_card("budget used", "budget-used", repr(pct), f"{pct:.1f}%",
-                           f'{_usd(total_cost)} of <span id="budget" data-value="{budget_usd!r}">'
-                           f"{_usd(budget_usd)}</span>{meter}", "over" if over else ""))
+                           f'{usd(total_cost)} of <span id="budget" data-value="{budget_usd!r}">'
+                           f"{usd(budget_usd)}</span>{meter}", "over" if over else ""))
     if timed:
         first, last = timed[0][0], timed[-1][0]
-        span = (f'<div class="kv"><span>first</span><span id="time-first">{_esc(_show_time(first))}</span>'
-                f'<span>last</span><span id="time-last">{_esc(_show_time(last))}</span></div>')
+        span = (f'<div class="kv"><span>first</span><span id="time-first">{esc(_show_time(first))}</span>'
+                f'<span>last</span><span id="time-last">{esc(_show_time(last))}</span></div>')
         cards.append(_card("time span (UTC)", "time-span", last - first, _duration(last - first), span))
     else:
         cards.append(_card("time span", "time-span", "", "\u2014", "no timestamps"))
@@ -344,13 +353,17 @@ def render_report(entries: list[Entry], *, title: str, budget_usd: float | None,
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head>\n<body>"
-        f'<h1 id="title">{_esc(title)}</h1><p class="sub">{_esc(sub)}</p>'
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head>\n<body>"
+        + ("" if chains is None else banner(chains))
+        + f'<h1 id="title">{esc(title)}</h1><p class="sub">{esc(sub)}</p>'
         f'<div class="cards">{"".join(cards)}</div>\n'
-        f"<section><h2>Cumulative cost</h2>{_cost_chart([t for t, _ in timed], cumulative, budget_usd)}</section>\n"
+        + ("" if chains is None else chain_section(chains) + "\n")
+        + f"<section><h2>Cumulative cost</h2>{_cost_chart([t for t, _ in timed], cumulative, budget_usd)}</section>\n"
         f'<div class="grid">{_group_table("by-model", "By model", by_model, total_cost)}'
         f'{_group_table("by-agent", "By agent", by_agent, total_cost)}</div>\n'
-        f'{_group_table("by-task", "By task", by_task, total_cost)}\n{_failed_table(failed)}\n'
+        f'{_group_table("by-task", "By task", by_task, total_cost)}\n'
+        f"{prices_section(price_rows(entries, table_dates or {}))}\n"
+        f"{_failed_table(failed)}\n"
         + ("" if unresolved is None else _unresolved_table(unresolved) + "\n")
         + "</body></html>\n"
     )

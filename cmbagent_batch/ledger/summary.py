@@ -1,6 +1,7 @@
 """``ledger summarize``: calls, tokens and cost per model, task, agent, rank, attempt or day.
 
-One pass over the entries, a few dict operations each; nothing but the groups is kept. Calls sent with no
+One pass over the entries, a few dict operations each; nothing but the groups is kept. Costs are summed
+compensated (``money.Total``), so the order of the entries does not show in the figures. Calls sent with no
 result recorded (unresolved intents, ``intents.py``) are not in the groups, whose cost they would make
 look known: they are counted apart, as ``unknown: possibly billed``, when the ledgers have intents.
 """
@@ -12,6 +13,7 @@ from operator import itemgetter
 from typing import Any
 
 from cmbagent_batch.ledger.intents import INTENT_FIELDS, UNKNOWN, Intents, describe
+from cmbagent_batch.ledger.money import Total
 from cmbagent_batch.ledger.tables import csv_text, text_table
 
 # --by -> the key's field names in the output, and how an entry gives its key
@@ -25,7 +27,6 @@ GROUPINGS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], Any]]] = 
 }
 COUNTS = ("calls", "errors", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "reasoning_tokens")
 SHORT = ("calls", "errors", "prompt", "cached", "completion", "reasoning")  # table headers: tokens understood
-JSON_COUNTS = ("calls", "prompt_tokens", "completion_tokens")
 LISTED = 20  # unresolved calls listed one a line in the text output
 
 
@@ -35,43 +36,37 @@ class Summary:
     def __init__(self, by: str) -> None:
         self.by = by
         self.names, self._key = GROUPINGS[by]
-        self.groups: dict[Any, list[Any]] = {}  # key -> [*COUNTS, cost]
-        self.cost_usd = 0.0  # in entry order, like a sum by hand
+        self.groups: dict[Any, list[Any]] = {}  # key -> [*COUNTS, cost (a Total)]
 
     def add_all(self, entries: Iterable[dict[str, Any]]) -> None:
         key_of, groups = self._key, self.groups
-        total = self.cost_usd
         for e in entries:
             key = key_of(e)
             acc = groups.get(key)
             if acc is None:
-                acc = groups[key] = [0, 0, 0, 0, 0, 0, 0.0]
-            cost = e["cost_usd"]
+                acc = groups[key] = [0, 0, 0, 0, 0, 0, Total()]
             acc[0] += 1
             acc[1] += e["status"] == "error"
             acc[2] += e["prompt_tokens"]
             acc[3] += e["cached_prompt_tokens"]
             acc[4] += e["completion_tokens"]
             acc[5] += e["reasoning_tokens"]
-            acc[6] += cost
-            total += cost
-        self.cost_usd = total
+            acc[6].add(e["cost_usd"])
 
     def ordered(self) -> list[tuple[tuple[Any, ...], list[Any]]]:
-        """``(key values, sums)`` per group, most expensive first, then by key."""
-        keyed = [(k if isinstance(k, tuple) else (k,), v) for k, v in self.groups.items()]
+        """``(key values, sums)`` per group (the cost a float), most expensive first, then by key."""
+        keyed = [(k if isinstance(k, tuple) else (k,), [*v[:-1], v[-1].value]) for k, v in self.groups.items()]
         return sorted(keyed, key=lambda kv: (-kv[1][-1], [_order(v) for v in kv[0]]))
 
     def totals(self) -> list[Any]:
         sums = [sum(acc[i] for acc in self.groups.values()) for i in range(len(COUNTS))]
-        return [*sums, self.cost_usd]
+        return [*sums, Total.of(acc[-1] for acc in self.groups.values())]
 
     def to_json(self) -> dict[str, Any]:
-        """``{"total": {...}, "groups": [{"key": {...}, ...}]}`` with calls, tokens and cost."""
-        picked = [COUNTS.index(c) for c in JSON_COUNTS]
+        """``{"total": {...}, "groups": [{"key": {...}, ...}]}`` with every count (``COUNTS``) and the cost."""
 
         def sums(acc: list[Any]) -> dict[str, Any]:
-            return {**{COUNTS[i]: acc[i] for i in picked}, "cost_usd": acc[-1]}
+            return {**dict(zip(COUNTS, acc)), "cost_usd": acc[-1]}
 
         groups = [{"key": dict(zip(self.names, key)), **sums(acc)} for key, acc in self.ordered()]
         return {"total": sums(self.totals()), "groups": groups}

@@ -7,13 +7,15 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
+from cmbagent_batch.ledger.money import usd
+
 
 def cell(value: Any) -> str:
-    """How a value reads in a table: null is "-", money keeps 6 decimals, counts get separators."""
+    """How a value reads in a table: null is "-", a float is money (``money.usd``), counts get separators."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.6f}"
+        return usd(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)

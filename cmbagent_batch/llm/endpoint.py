@@ -13,7 +13,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+from cmbagent_batch.spec.variables import DEFAULT_KEY_ENV as DEFAULT_KEY_ENV
+
 LOCAL_KEY = "no-key-local-model"  # sent to a provider 'local' server, which checks none
 BACKOFF_BASE = 1.0  # seconds before the first retry; doubles each time
 BACKOFF_CAP = 30.0

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 
-from cmbagent_batch.errors import LocalModelError, Problem
+from cmbagent_batch.errors import LocalModelError
 from cmbagent_batch.rundir.layout import tail_lines
 from cmbagent_batch.spec.model import JobSpec, ModelSpec
 
@@ -70,18 +70,6 @@ def used(spec: JobSpec) -> list[ModelSpec]:
     if "llm" in spec.analysis.sources:
         names.add(spec.analysis.model or spec.llm.default_model or "")
     return [m for name, m in sorted(spec.llm.models.items()) if name in names and m.provider == "local"]
-
-
-def preflight(spec: JobSpec) -> list[Problem]:
-    """Why a local model of the job could not start here (not installed, no model file), found before
-    anything runs; each problem points at the model's ``model_path``, else its ``provider``."""
-    out = []
-    for m in used(spec):
-        why = missing(LocalModel.from_spec(m, spec.path))
-        if why is not None:
-            key = "model_path" if m.model_path is not None else "provider"
-            out.append(Problem(spec.path, m.line, m.column, f"$.llm.models.{m.name}.{key}", why))
-    return out
 
 
 def missing(model: LocalModel) -> str | None:

@@ -18,6 +18,7 @@ from cmbagent_batch.plan.analysis.cache import Cache, digest
 from cmbagent_batch.plan.analysis.deps import ANALYSIS_VERSION, analyse
 from cmbagent_batch.plan.analysis.llm_reply import PROMPT_VERSION
 from cmbagent_batch.plan.build import build_dag, make_plan
+from cmbagent_batch.plan.preflight import Checks, Needs, analysis_calls
 from cmbagent_batch.rundir.atomic import writable_dir
 from cmbagent_batch.rundir.layout import resolve_run_dir, server_logs
 from cmbagent_batch.spec.config import ENV_VARS, SWITCHES, Flags, effective_config
@@ -66,10 +67,15 @@ def read_spec_bytes(path: str) -> bytes:
 
 
 def compute_plan(raw: bytes, path: str, flags: Flags, cache: Cache, refresh: bool, warn: Warn,
-                 offline: bool = False) -> Plan:
+                 offline: bool = False, checks: Checks | None = None) -> tuple[Plan, Needs]:
+    """The plan, made (its LLM analysis too, unless cached), and what the job needs of where it runs;
+    ``checks`` of those needs are made before any analysis call."""
     from cmbagent_batch.ledger.costs import job_budget_spent, merge_ledger
 
     spec = effective_config(load_spec_bytes(raw, path), os.environ, flags).spec
+    needs = Needs.of(spec)
+    if checks is not None:
+        checks(needs, analysis_calls(spec, cache.root, refresh))
     run_dir = resolve_run_dir(spec)
     calls: list[object] = []
     try:
@@ -80,7 +86,7 @@ def compute_plan(raw: bytes, path: str, flags: Flags, cache: Cache, refresh: boo
         if calls:  # analysis calls cost money even when no run follows: merged into the ledger now
             merge_ledger(run_dir, warn)
     dag = build_dag(spec, analysis)
-    return make_plan(spec, analysis, dag)
+    return make_plan(spec, analysis, dag), needs
 
 
 def _ledger(spec: JobSpec, run_dir: str, made: list[object]) -> Callable[[Sequence[Any]], None]:
@@ -100,13 +106,20 @@ def _ledger(spec: JobSpec, run_dir: str, made: list[object]) -> Callable[[Sequen
 
 
 def cached_plan(spec_path: str, flags: Flags, cache_flag: str | None, warn: Warn, refresh: bool = False,
-                offline: bool = False) -> Plan:
+                offline: bool = False, checks: Checks | None = None) -> Plan:
     """The plan of a spec file: from the cache when the file (and what overrides it) is unchanged, else
-    made (an uncached LLM analysis is then made too, or raises ``AnalysisError`` with ``offline``)."""
+    made (an uncached LLM analysis is then made too, or raises ``AnalysisError`` with ``offline``).
+    ``checks``: the preflight, made first; a cached plan's is made from the needs cached with it."""
     raw = read_spec_bytes(spec_path)
     cache = Cache(writable_cache_dir(spec_path, cache_flag), warn)
     key = plan_key(raw, spec_path, flags)
     plan: Plan | None = None if refresh else cache.get("plan", key)
+    record = cache.get("needs", key) if plan is not None and checks is not None else None
+    needs = Needs.from_json(record, spec_path) if record is not None else None
+    if needs is not None and checks is not None:
+        checks(needs, lambda: False)  # the plan is cached: so is its analysis
+    elif checks is not None:
+        plan = None  # the needs are read from the spec, which then makes its plan
     if plan is not None:
         plan["from_cache"] = True
         a = plan["analysis"]
@@ -116,9 +129,10 @@ def cached_plan(spec_path: str, flags: Flags, cache_flag: str | None, warn: Warn
             a.update(cache="hit", requests=0, calls=[], cost_usd=0.0, prompt_tokens=0, completion_tokens=0,
                      cache_reason="unchanged spec file; plan and analysis reused")
         return plan
-    plan = compute_plan(raw, spec_path, flags, cache, refresh, warn, offline=offline)
+    plan, made = compute_plan(raw, spec_path, flags, cache, refresh, warn, offline=offline, checks=checks)
     if not plan["analysis"].get("fallback_used"):
         cache.put("plan", key, plan)
+        cache.put("needs", key, made.to_json())
     plan["from_cache"] = False
     return plan
 
@@ -129,14 +143,14 @@ def job_estimate(spec: JobSpec, spec_path: str, cache_flag: str | None, warn: Wa
     from cmbagent_batch.plan.analysis.deps import explicit_edges
     from cmbagent_batch.plan.analysis.files import file_edges
     from cmbagent_batch.plan.analysis.llm_reply import build_messages
-    from cmbagent_batch.plan.estimate import estimate
+    from cmbagent_batch.plan.estimate import Analysis, estimate
 
-    prompt_chars = None
-    if "llm" in spec.analysis.sources:
-        cache = Cache(writable_cache_dir(spec_path, cache_flag), warn)
-        try:
-            analyse(spec, cache, refresh=False, warn=warn, offline=True)
-        except AnalysisError:
-            known = {(e.src, e.dst) for e in explicit_edges(spec.tasks) + file_edges(spec.tasks)}
-            prompt_chars = sum(len(m["content"]) for m in build_messages(spec.tasks, known))
-    return estimate(spec, prompt_chars)
+    if "llm" not in spec.analysis.sources:
+        return estimate(spec, Analysis.NOT_USED)
+    cache = Cache(writable_cache_dir(spec_path, cache_flag), warn)
+    try:
+        analyse(spec, cache, refresh=False, warn=warn, offline=True)
+    except AnalysisError:
+        known = {(e.src, e.dst) for e in explicit_edges(spec.tasks) + file_edges(spec.tasks)}
+        return estimate(spec, Analysis.ONE_CALL, sum(len(m["content"]) for m in build_messages(spec.tasks, known)))
+    return estimate(spec, Analysis.CACHED)

@@ -3,15 +3,18 @@
 An estimate, not a quote: the assumptions are part of the result and printed with it. Token counts are
 guessed from text lengths; an agent's number of turns is between one and its ``max_turns``; the context
 grows by each turn's reply (and, with code execution, the code's output); a failed attempt is retried up
-to the task's retries with the same cost.
+to the task's retries with the same cost. The LLM dependency analysis is one of three things
+(``Analysis``), and the text says that one only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from cmbagent_batch.ledger.intents import CHARS_PER_TOKEN, estimate_tokens  # one rule, here and in the ledger
+from cmbagent_batch.ledger.money import usd
 from cmbagent_batch.spec.model import JobSpec, TaskSpec
 from cmbagent_batch.spec.pricing import call_cost
 
@@ -27,8 +30,30 @@ ASSUMPTIONS = (
     "low: one turn per agent task, no retry; high: max_turns turns, every attempt of the task's retries "
     "used; the context grows turn by turn",
     "no prompt caching (cached prompt tokens cost less: the real cost can only be lower on that count)",
-    f"dependency analysis not cached: one call, a reply of {ANALYSIS_REPLY_TOKENS_PER_TASK} tokens per task",
 )
+ANALYSIS_ASSUMPTION = (f"dependency analysis not cached: one call, a reply of {ANALYSIS_REPLY_TOKENS_PER_TASK} "
+                       "tokens per task")
+
+
+class Analysis(Enum):
+    """What the LLM dependency analysis adds to a job's LLM calls."""
+
+    NOT_USED = "not used"
+    """``analysis.sources`` has no ``llm``: no call."""
+    CACHED = "cached"
+    """Its answer for this spec is in the analysis cache: no call."""
+    ONE_CALL = "one call"
+    """Not cached: one call, estimated from the prompt it would send."""
+
+
+ANALYSIS_NO_CALL = {  # the line under the agent tasks' estimate when the analysis makes no call
+    Analysis.NOT_USED: "dependency analysis: not by LLM (analysis.sources has no llm), no call",
+    Analysis.CACHED: "dependency analysis: cached, no call",
+}
+NO_LLM_CALL = {  # the whole estimate of a job with no agent task, by what its analysis is
+    Analysis.NOT_USED: "no LLM calls: this job has no agent task and no LLM dependency analysis",
+    Analysis.CACHED: "no LLM calls: this job has no agent task, and its LLM dependency analysis is cached",
+}
 
 
 @dataclass(frozen=True)
@@ -70,10 +95,10 @@ def analysis_line(spec: JobSpec, prompt_chars: int) -> Line:
     return Line(None, model.name, 1, 1, cost, cost)
 
 
-def estimate(spec: JobSpec, analysis_prompt_chars: int | None) -> dict[str, Any]:
-    """The estimate as plain data; ``analysis_prompt_chars`` None: the analysis is cached (costs nothing)."""
+def estimate(spec: JobSpec, analysis: Analysis, analysis_prompt_chars: int = 0) -> dict[str, Any]:
+    """The estimate as plain data; ``analysis_prompt_chars`` is the prompt's length for ``Analysis.ONE_CALL``."""
     lines = [agent_line(spec, t) for t in spec.tasks if t.kind == "agent"]
-    if analysis_prompt_chars is not None:
+    if analysis is Analysis.ONE_CALL:
         lines.insert(0, analysis_line(spec, analysis_prompt_chars))
     low = sum(x.low_usd for x in lines)
     high = sum(x.high_usd for x in lines)
@@ -90,32 +115,35 @@ def estimate(spec: JobSpec, analysis_prompt_chars: int | None) -> dict[str, Any]
         "high_usd": min(high, budget) if budget is not None else high,
         "unbounded_high_usd": high,
         "budget_usd": budget,
-        "analysis_cached": analysis_prompt_chars is None,
+        "analysis": analysis.value,
+        "analysis_cached": analysis is not Analysis.ONE_CALL,  # as it always meant: the analysis makes no call
         "lines": [x.__dict__ for x in lines],
         "prices": prices,
-        "assumptions": list(ASSUMPTIONS),
+        "assumptions": [*ASSUMPTIONS, ANALYSIS_ASSUMPTION] if analysis is Analysis.ONE_CALL else list(ASSUMPTIONS),
     }
 
 
 def render(est: dict[str, Any]) -> str:
-    """The estimate as text for ``plan --estimate``."""
+    """The estimate as text for ``plan --estimate``: with no LLM call, one line saying why."""
     out = ["Cost estimate (USD, before running):"]
+    analysis = Analysis(est["analysis"])
+    if not est["lines"]:
+        return "\n".join([*out, f"  {NO_LLM_CALL[analysis]}"]) + "\n"
     width = max([len(x["task"] or "(dependency analysis)") for x in est["lines"]] + [4])
     out.append(f"  {'task':<{width}}  {'model':<12} {'calls':>9}  {'low':>10}  {'high':>10}")
     for x in est["lines"]:
         name = x["task"] or "(dependency analysis)"
         calls = f"{x['calls_low']}-{x['calls_high']}" if x["calls_low"] != x["calls_high"] else str(x["calls_low"])
-        out.append(f"  {name:<{width}}  {x['model']:<12} {calls:>9}  {x['low_usd']:>10.4f}  {x['high_usd']:>10.4f}")
-    if not est["lines"]:
-        out.append("  no LLM calls: no agent task, and the dependency analysis is cached or not used")
-    out.append(f"  total: ${est['low_usd']:.4f} to ${est['unbounded_high_usd']:.4f}")
+        out.append(f"  {name:<{width}}  {x['model']:<12} {calls:>9}  {usd(x['low_usd']):>10}  "
+                   f"{usd(x['high_usd']):>10}")
+    out.append(f"  total: {usd(est['low_usd'])} to {usd(est['unbounded_high_usd'])}")
     budget = est["budget_usd"]
     if budget is not None:
         verdict = ("the high estimate exceeds it: tasks may end budget_exceeded"
                    if est["unbounded_high_usd"] > budget else "within it")
-        out.append(f"  job.budget_usd: ${budget:.4f} ({verdict})")
-    if est["analysis_cached"]:
-        out.append("  dependency analysis: cached, no call")
+        out.append(f"  job.budget_usd: {usd(budget)} ({verdict})")
+    if analysis in ANALYSIS_NO_CALL:
+        out.append(f"  {ANALYSIS_NO_CALL[analysis]}")
     out.append("Prices used (USD per 1M tokens):")
     for name, p in est["prices"].items():
         cached = "prompt price" if p["cached_prompt_per_1m"] is None else f"{p['cached_prompt_per_1m']:g}"

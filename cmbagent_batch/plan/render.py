@@ -6,6 +6,8 @@ import json
 import re
 from typing import Any
 
+from cmbagent_batch.ledger.money import usd
+
 SHOW_IDS = 12  # ids listed per level in text; the rest are counted
 SHOW_EDGES = 40
 SOURCE_STYLE = {"explicit": "solid", "files": "dashed", "llm": "bold", "fallback": "dotted"}
@@ -55,7 +57,7 @@ def _analysis_line(a: dict[str, Any]) -> str:
         parts.append(f"cache {a['cache']}")
         parts.append(f"{a['requests']} request{'s' if a['requests'] != 1 else ''}")
         if a.get("cost_usd"):
-            parts.append(f"${a['cost_usd']:.6f}")
+            parts.append(usd(a["cost_usd"]))
     return "; ".join(parts)
 
 

@@ -4,6 +4,12 @@
 ``write_json_atomic`` write what is already in memory. A reader sees the old file or the whole new one.
 ``writable_dir`` and ``writable_output`` check a place before a command starts, so that a place that
 cannot be written is a usage error naming it, not a crash half way.
+
+Every file written here is created as ``open`` creates one (mode 0666, 0777 for a script), so the kernel
+gives it the mode the user's umask, or the directory's default ACL, allows; ``tempfile.mkstemp`` would
+make it 0600, which would keep a group from reading reports and run files. No file of a run holds a
+secret (an agent's API key is read from the environment by the agent process and redacted from its
+transcript), so none needs to be kept private.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -18,6 +25,32 @@ from typing import IO, Any
 from cmbagent_batch.errors import UsageError
 
 _INDENTED_TASKS = 1000  # a manifest of more tasks is written without indent (json's slow pure-Python path)
+_NEW = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+
+
+def _create_beside(path: str) -> tuple[int, str]:
+    """A new file of a random name in ``path``'s directory, created as ``open`` would (its descriptor, its
+    path). Raises OSError if it cannot be created."""
+    directory = os.path.dirname(os.path.abspath(path))
+    while True:
+        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}")
+        try:
+            return os.open(tmp, _NEW, 0o666), tmp
+        except FileExistsError:  # a name taken: draw another
+            continue
+
+
+def write_new(path: str, data: bytes, *, executable: bool = False) -> None:
+    """Create ``path`` (mode 0666, or 0777 for a script, less the umask or the default ACL) holding ``data``.
+    Raises FileExistsError if it exists: a file left there is never taken over."""
+    fd = os.open(path, _NEW, 0o777 if executable else 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    except BaseException:  # a disk full: no half script is left
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 @contextlib.contextmanager
@@ -27,8 +60,7 @@ def atomic_output(path: str) -> Iterator[IO[bytes]]:
 
     Raises OSError if the temporary file cannot be created beside ``path``.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -73,6 +105,27 @@ def writable_dir(directory: str, what: str) -> str:
     except OSError as exc:
         raise UsageError(f"cannot write the {what} {directory}: {_reason(directory, exc, directory)}") from None
     return directory
+
+
+def missing_dirs(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first: what making ``path`` would make."""
+    made = []
+    while not os.path.lexists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
+
+
+def remove_empty(directories: list[str]) -> list[str]:
+    """Remove each directory (deepest first) that holds nothing; those removed."""
+    removed = []
+    for d in directories:
+        try:
+            os.rmdir(d)
+        except OSError:  # gone already, or it holds something else
+            continue
+        removed.append(d)
+    return removed
 
 
 def writable_output(path: str, flag: str = "-o") -> str:

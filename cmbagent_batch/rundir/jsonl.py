@@ -103,7 +103,7 @@ class JsonlWriter:
             self._writer.start()
 
     def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # less the umask, as open() does
 
     def encode_line(self, record: Mapping[str, Any]) -> bytes:
         """``record`` as one line, newline included."""

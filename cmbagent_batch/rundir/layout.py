@@ -5,7 +5,8 @@
       journal/rank-NNNN.jsonl        state journal per rank (append-only)
       ranks/rank-NNNN/tasks/TASK/    work directories: data codebase logs outputs temp chats cost
       outputs/TASK/...               published outputs
-      superseded/TASK-<time>-<id>/   outputs of an earlier run of a task that ran again
+      superseded/TASK-<time>-<id>/   outputs of an earlier run of a task that ran again (the newest
+                                     job.keep_superseded of each task are kept: ``prune_superseded``)
       local-model/MODEL-rank-NNNN.log  output of the server of a local model (provider: local), per rank
       .lock                          held by the run using the directory
 """
@@ -15,10 +16,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
+import shutil
 import socket
+import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from cmbagent_batch.errors import UsageError
@@ -91,7 +96,7 @@ class RunLock:
         """Take the lock, or raise ``UsageError`` naming its holder. When the holder is a run on this host
         that is gone, its watchdog holds the lock while it ends that run's tasks: wait for it, up to
         ``wait_for_dead`` seconds (and say so)."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         run_dir = os.path.dirname(self.path)
 
         def holder() -> str:
@@ -135,7 +140,7 @@ def hold_tasks_lock(run_dir: str) -> int:
     """A shared ``flock`` on RUN_DIR/.tasks.lock (its descriptor), for an MPI worker rank and its watchdog
     to hold while the rank has tasks: the watchdog keeps it until it has ended them, even after the rank
     was killed, and a new run waits for it (``wait_for_earlier_tasks``)."""
-    fd = os.open(os.path.join(run_dir, TASKS_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(os.path.join(run_dir, TASKS_LOCK), os.O_RDWR | os.O_CREAT, 0o666)
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd
 
@@ -232,3 +237,93 @@ def set_aside(run_dir: str) -> str | None:
     except OSError as exc:  # a read-only file system, no permission: nothing has started yet
         raise UsageError(f"cannot move the run directory {run_dir} aside (--fresh): {exc.strerror or exc}") from None
     return target
+
+
+SUPERSEDED = "superseded"
+# An output set moved aside by a publish: TASK-<UTC time to the microsecond>-<8 random hex digits>
+_SET_ASIDE = re.compile(r"(?P<task>.+)-(?P<stamp>\d{8}T\d{12}Z)-[0-9a-f]{8}")
+_LISTED = 5  # names said in the message; the rest are counted
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What ``prune_superseded`` removed from RUN_DIR/superseded/, oldest first."""
+
+    directory: str
+    removed: tuple[str, ...]
+    size: int  # bytes of the files removed
+    failed: tuple[str, ...]  # "NAME: reason", for what could not be removed
+    unreadable: str | None = None  # why the directory could not be listed (a file named superseded...)
+
+    def lines(self, why: str) -> list[str]:
+        """What to tell the user (nothing when nothing was to be removed); ``why`` names the setting or flag."""
+        out = [f"cmbagent-batch: warning: cannot remove {self.directory}/{f}" for f in self.failed]
+        if self.unreadable:
+            out.append(f"cmbagent-batch: warning: cannot read {self.directory} ({self.unreadable}); no earlier output "
+                       "set was removed")
+        if self.removed:
+            names = ", ".join(self.removed[:_LISTED])
+            more = f" and {len(self.removed) - _LISTED} more" if len(self.removed) > _LISTED else ""
+            sets = "set" if len(self.removed) == 1 else "sets"
+            out.insert(0, f"cmbagent-batch: removed {len(self.removed)} earlier output {sets} ({self.size:,} bytes) "
+                          f"from {self.directory}, oldest first ({why}): {names}{more}")
+        return out
+
+
+def superseded_to_prune(names: Iterable[str], keep: int) -> list[str]:
+    """The entries of RUN_DIR/superseded/ beyond the newest ``keep`` of each task, oldest first. A name a
+    publish did not make (TASK-<time>-<id>) is never chosen."""
+    by_task: dict[str, list[tuple[str, str]]] = {}
+    for name in names:
+        if m := _SET_ASIDE.fullmatch(name):
+            by_task.setdefault(m["task"], []).append((m["stamp"], name))
+    old = [entry for sets in by_task.values() for entry in sorted(sets)[:max(0, len(sets) - keep)]]
+    return [name for _, name in sorted(old)]
+
+
+def prune_superseded(run_dir: str, keep: int) -> Pruned:
+    """Remove the output sets of RUN_DIR/superseded/ beyond the newest ``keep`` of each task, oldest first.
+    Call it with the run directory's lock held: a run publishing meanwhile would add to what is judged."""
+    directory = os.path.join(run_dir, SUPERSEDED)
+    removed: list[str] = []
+    failed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        names = []
+    except OSError as exc:  # a file named superseded, no permission: said, and the run goes on
+        return Pruned(directory, (), 0, (), unreadable=exc.strerror or str(exc))
+    size = 0
+    for name in superseded_to_prune(names, keep):
+        try:
+            size += _remove_tree(os.path.join(directory, name))
+            removed.append(name)
+        except OSError as exc:
+            failed.append(f"{name}: {exc.strerror or exc}")
+    return Pruned(directory, tuple(removed), size, tuple(failed))
+
+
+def _remove_tree(path: str) -> int:
+    """Remove ``path`` and what it holds; the bytes of its files (a hard link counted once per name). A
+    directory in it that a task made read-only is made writable first, as its owner may."""
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        os.unlink(path)
+        return info.st_size if stat.S_ISREG(info.st_mode) else 0
+    size = 0
+    _owner_may_write(path)
+    for top, dirs, files in os.walk(path):
+        for name in dirs:  # before the walk lists it
+            _owner_may_write(os.path.join(top, name))
+        for name in files:
+            entry = os.lstat(os.path.join(top, name))
+            size += entry.st_size if stat.S_ISREG(entry.st_mode) else 0
+    shutil.rmtree(path)
+    return size
+
+
+def _owner_may_write(path: str) -> None:
+    """Give a directory's owner read, write and search permission on it (a symlink is left alone)."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISDIR(mode) and mode & 0o700 != 0o700:
+        os.chmod(path, stat.S_IMODE(mode) | 0o700)

@@ -7,6 +7,7 @@ its arguments only, so golden files pin it down.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from collections.abc import Mapping
@@ -26,6 +27,9 @@ WALLTIME_EXIT = ExitCode.SIGUSR1  # what `run` exits with after a SIGUSR1 stop (
 # sbatch options that the script sets itself: an --sbatch-arg may not set them too.
 MANAGED = ("--output", "-o", "--error", "-e", "--open-mode", "--signal", "--job-name", "-J", "--parsable",
            "--wait", "-W", "--requeue", "--no-requeue", "--chdir", "-D")
+# The job's one log in RUN_DIR/slurm/ (%j: the job id): its stdout and stderr together (no --error), so the
+# progress lines, warnings and the final summary are in the order they came, in one place.
+LOG = "slurm-%j.log"
 
 
 SbatchOptions = SlurmSpec  # what the job asks Slurm for; None: left to the cluster's default
@@ -73,10 +77,20 @@ def _check(opts: SbatchOptions) -> None:
     for arg in opts.extra_directives + opts.sbatch_args:
         if not arg.startswith("-") or "\n" in arg:
             raise UsageError(f"sbatch option {arg!r}: expected one option such as --mail-type=END")
-        name = arg.split("=", 1)[0]
-        if name in MANAGED:
-            raise UsageError(f"sbatch option {arg!r}: cmbagent-batch sets {name} itself "
+        managed = _managed(arg)
+        if managed is not None:
+            what = "writes stderr to the --output log" if managed in ("--error", "-e") else f"sets {managed}"
+            raise UsageError(f"sbatch option {arg!r}: cmbagent-batch {what} itself "
                              "(see `cmbagent-batch submit --help`)")
+
+
+def _managed(arg: str) -> str | None:
+    """The managed option ``arg`` sets, as sbatch reads it: a long option by any prefix of its name
+    (``--err=x``), a short one with its value attached (``-ex.err``); None for any other option."""
+    if arg.startswith("--"):
+        name = arg.split("=", 1)[0]
+        return next((m for m in MANAGED if m.startswith("--") and len(name) > 2 and m.startswith(name)), None)
+    return arg[:2] if arg[:2] in MANAGED else None
 
 
 def walltime_grace(opts: SbatchOptions, kill_grace: float) -> int:
@@ -93,17 +107,30 @@ class JobScript:
     spec: str  # absolute path of the spec file
     run_dir: str  # absolute
     work_dir: str  # the directory the job starts in (the spec file's)
-    python: str  # the interpreter cmbagent-batch is installed in
+    python: str  # the interpreter of the cmbagent-batch that submits (sys.executable, symlinks not resolved)
     run_args: tuple[str, ...]  # after `python -m cmbagent_batch run SPEC`
     kill_grace: float
 
 
+def log_path(slurm_dir: str, job_id: str) -> str:
+    """Where job ``job_id`` writes its log (stdout and stderr, every requeue appended)."""
+    return f"{slurm_dir}/{LOG.replace('%j', job_id)}"
+
+
+def job_logs(slurm_dir: str, job_id: str) -> list[str]:
+    """The logs of job ``job_id``: its one log; a job submitted by an earlier version wrote two, .out and .err."""
+    log = log_path(slurm_dir, job_id)
+    older = [f"{slurm_dir}/slurm-{job_id}.{ext}" for ext in ("out", "err")]
+    if not os.path.exists(log) and any(os.path.exists(p) for p in older):
+        return older
+    return [log]
+
+
 def directives(opts: SbatchOptions, job: JobScript) -> list[str]:
     """The ``#SBATCH`` lines, in a fixed order; every value shell-quoted."""
-    logs = f"{job.run_dir}/slurm"
     pairs: list[tuple[str, Any]] = [
-        ("--job-name", job.job_name), ("--output", f"{logs}/slurm-%j.out"), ("--error", f"{logs}/slurm-%j.err"),
-        ("--open-mode", "append"),  # a requeued job adds to its logs
+        ("--job-name", job.job_name), ("--output", f"{job.run_dir}/slurm/{LOG}"),
+        ("--open-mode", "append"),  # a requeued job adds to its log
         ("--signal", f"B:USR1@{opts.signal_grace}"),
         ("--partition", opts.partition), ("--account", opts.account), ("--qos", opts.qos),
         ("--nodes", opts.nodes), ("--ntasks-per-node", opts.ntasks_per_node),
@@ -134,7 +161,6 @@ def render(template: str, opts: SbatchOptions, job: JobScript) -> str:
         "spec": job.spec,
         "run_dir": job.run_dir,
         "work_dir": shlex.quote(job.work_dir),
-        "bin_dir": shlex.quote(job.python.rsplit("/", 1)[0]),
         "signal_grace": str(opts.signal_grace),
         "walltime_grace": str(grace),
         "mpi": opts.mpi,

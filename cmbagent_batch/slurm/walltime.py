@@ -18,10 +18,7 @@ from cmbagent_batch.errors import SlurmError
 from cmbagent_batch.rundir.layout import read_json
 from cmbagent_batch.slurm import client, jobs
 from cmbagent_batch.slurm.script import WALLTIME_EXIT
-from cmbagent_batch.states import StopReason, TaskState
-
-# States of tasks a walltime stop left undone (a requeue continues them).
-LEFT_STATES = (TaskState.PENDING, TaskState.INTERRUPTED, TaskState.RETRYING, TaskState.RUNNING)
+from cmbagent_batch.states import StopReason, Tally
 
 
 @dataclass(frozen=True)
@@ -31,21 +28,25 @@ class Decision:
 
 
 def decide(step_exit: int, manifest: dict[str, Any] | None, requeues_done: int, requeue_max: int) -> Decision:
-    """What to do after the job step ended with ``step_exit``."""
+    """What to do after the job step ended with ``step_exit``; ``why`` says what the run's tasks came to,
+    as the run's last line does (``run.json``'s counts)."""
+    tally = Tally.from_json(manifest.get("counts") or {}) if manifest is not None else None
+    tasks = f" ({tally.text()})" if tally is not None else ""
     if step_exit != WALLTIME_EXIT:
-        return Decision("end", f"the run ended with exit code {step_exit}, not a walltime stop")
-    if manifest is None or manifest.get("stop_reason") != StopReason.SIGUSR1.value:
-        return Decision("end", "exit code 138 but run.json records no walltime stop")
-    counts = manifest.get("counts", {})
-    left = sum(counts.get(s.value, 0) for s in LEFT_STATES)
+        if step_exit == 0:
+            return Decision("end", f"the run finished{tasks}; nothing to requeue")
+        return Decision("end", f"the run ended with exit code {step_exit}{tasks}; only a walltime stop is requeued")
+    if tally is None or manifest is None or manifest.get("stop_reason") != StopReason.SIGUSR1.value:
+        return Decision("end", f"exit code {WALLTIME_EXIT} but run.json records no walltime stop{tasks}")
+    left = tally.left
     if left == 0:
-        return Decision("end", "the walltime stop came after the last task")
+        return Decision("end", f"the walltime stop came after the last task{tasks}")
+    stopped = f"{left} task{'s' if left != 1 else ''} left{tasks}"
     if requeues_done >= requeue_max:
-        return Decision("limit", f"{left} task{'s' if left != 1 else ''} left, but the job was requeued "
-                                 f"{requeues_done} time{'s' if requeues_done != 1 else ''} already (limit "
-                                 f"{requeue_max}); continue with `cmbagent-batch submit`")
-    return Decision("requeue", f"{left} task{'s' if left != 1 else ''} left; requeue {requeues_done + 1} "
-                               f"of {requeue_max}")
+        return Decision("limit", f"{stopped}, but the job was requeued {requeues_done} "
+                                 f"time{'s' if requeues_done != 1 else ''} already (limit {requeue_max}); "
+                                 "continue with `cmbagent-batch submit`")
+    return Decision("requeue", f"{stopped}; requeue {requeues_done + 1} of {requeue_max}")
 
 
 def after_step(run_dir: str, job_id: str, step_exit: int, requeue_max: int) -> int:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from cmbagent_batch.errors import Problem
 from cmbagent_batch.spec.matrix import Values, describe_values
 from cmbagent_batch.spec.model import Isolation, JobSpec, TaskSpec
-from cmbagent_batch.spec.pricing import builtin_table, lookup
+from cmbagent_batch.spec.pricing import builtin_table, closest, lookup
 
 TASK_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -43,6 +43,7 @@ class Finding:
     path: tuple[Any, ...]
     message: str
     key: bool = False  # locate at the key rather than the value
+    warning: bool = False  # the spec is still valid: the problem is said, and the command goes on
 
 
 @dataclass(slots=True)
@@ -171,7 +172,7 @@ def _check_one(t: Expanded) -> list[Finding]:
             for name in fields:
                 if name in data:
                     out.append(Finding(("tasks", t.index, name), f"{name!r} is for {other} tasks; this is a {kind} task", key=True))
-    for field in ("inputs", "outputs"):
+    for field in ("inputs", "late_inputs", "outputs"):
         for j, p in enumerate(data.get(field) or []):
             if isinstance(p, str):
                 why = path_problem(p, t.note())
@@ -291,15 +292,7 @@ def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
                                "{prompt_per_1m: 0, completion_per_1m: 0} (costs are never assumed to be $0)",
                                key=True))
         elif isinstance(entry.get("model"), str) and lookup(builtin_table(), entry["model"]) is None:
-            out.append(
-                Finding(
-                    ("llm", "models", name),
-                    f"model {name!r} ({entry['model']}) is not in the shipped price table "
-                    f"{builtin_table().id}: add price: {{prompt_per_1m: ..., completion_per_1m: ...}} "
-                    "(write 0 for a free model; costs are never assumed to be $0)",
-                    key=True,
-                )
-            )
+            out.append(_unpriced(name, entry["model"]))
     default = llm.get("default_model")
     if isinstance(default, str) and default not in models:
         out.append(Finding(("llm", "default_model"), f"model {default!r} is not defined in llm.models{hint(default, models)}"))
@@ -327,6 +320,20 @@ def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
                                "an agent task without code_execution writes one file, its final answer: declare "
                                "one output, or set code_execution: true so that its code can write more"))
     return out
+
+
+def _unpriced(name: str, model: str) -> Finding:
+    """A model that neither the spec nor the shipped table prices: a misspelling of a priced model is
+    pointed at its ``model`` with the name meant; any other name needs a price."""
+    table = builtin_table()
+    where = f"model {name!r} ({model}) is not in the shipped price table {table.id}"
+    price = "price: {prompt_per_1m: ..., completion_per_1m: ...}"
+    meant = closest(table, model)
+    if meant is not None:
+        return Finding(("llm", "models", name, "model"),
+                       f"{where} (did you mean {meant!r}?); a model it lacks needs {price}")
+    return Finding(("llm", "models", name),
+                   f"{where}: add {price} (write 0 for a free model; costs are never assumed to be $0)", key=True)
 
 
 def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from cmbagent_batch.errors import SpecError, UsageError
 from cmbagent_batch.spec.checks import check_python_timeouts
-from cmbagent_batch.spec.model import AnalysisSpec, ExecutionSpec, Isolation, JobSpec
+from cmbagent_batch.spec.model import AnalysisSpec, ExecutionSpec, Isolation, JobSpec, TaskPath
 from cmbagent_batch.spec.numbers import env_seconds, env_whole
 
 Parse = Callable[[str], Any]
@@ -53,6 +53,10 @@ def _isolation(text: str) -> Isolation:
     return Isolation(_choice(*(i.value for i in Isolation))(text))
 
 
+def _task_path(text: str) -> TaskPath:
+    return TaskPath(_choice(*(p.value for p in TaskPath))(text))
+
+
 def _process_pool(text: str) -> Isolation:
     """CMBAGENT_USE_PROCESS_POOL, the older spelling of CMBAGENT_ISOLATION: yes is process, no is thread."""
     return Isolation.from_process_pool(_bool(text))
@@ -82,7 +86,9 @@ ENV_VARS: dict[str, tuple[str, Parse]] = {
     "CMBAGENT_KEEP_GOING": ("execution.keep_going", _bool),
     "CMBAGENT_MAX_MEMORY_MB": ("execution.max_memory_mb", _positive_int),
     "CMBAGENT_TASKS_PER_RANK": ("execution.tasks_per_rank", _positive_int),
+    "CMBAGENT_PATH": ("execution.path", _task_path),
     "CMBAGENT_RUN_DIR": ("job.run_dir", _path),
+    "CMBAGENT_KEEP_SUPERSEDED": ("job.keep_superseded", _count),
     "CMBAGENT_CACHE_DIR": ("analysis.cache_dir", _path),
 }
 SWITCHES = ("CMBAGENT_ENABLE_PARALLEL", "CMBAGENT_AUTO_DETECT_DEPS", "CMBAGENT_USE_LLM_DEPS")

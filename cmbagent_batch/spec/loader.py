@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import posixpath
 from types import MappingProxyType
 from typing import Any
 
-from cmbagent_batch.errors import Problem, SpecError
+from cmbagent_batch.errors import Problem, Severity, SpecError
 from cmbagent_batch.spec import checks, gcpause, matrix, schema
 from cmbagent_batch.spec.model import (
     EMPTY,
@@ -20,6 +21,7 @@ from cmbagent_batch.spec.model import (
     ModelSpec,
     Resources,
     SlurmSpec,
+    TaskPath,
     TaskSpec,
     freeze,
 )
@@ -57,9 +59,12 @@ def _load(raw: bytes, path: str) -> JobSpec:
     findings += (task_findings + checks.check_models(data, expanded) + checks.check_slurm(data)
                  + checks.check_execution(data))
     problems += _locate(doc, findings)
-    if problems:
-        raise SpecError(name_tasks(_dedupe(problems), data))
-    return _build(doc, hashlib.sha256(raw).hexdigest(), expanded, deps)
+    if errors := [p for p in problems if p.severity is Severity.ERROR]:
+        raise SpecError(name_tasks(_dedupe(errors), data))
+    spec = _build(doc, hashlib.sha256(raw).hexdigest(), expanded, deps)
+    if problems:  # warnings only: the spec carries them to the preflight, which says them
+        spec = dataclasses.replace(spec, warnings=tuple(name_tasks(_dedupe(problems), data)))
+    return spec
 
 
 def _expand_tasks(data: dict[str, Any]) -> tuple[list[checks.Expanded], list[checks.Finding]]:
@@ -74,6 +79,8 @@ def _expand_tasks(data: dict[str, Any]) -> tuple[list[checks.Expanded], list[che
             continue  # the schema problems already say what is wrong with it
         items, problems = matrix.expand(entry)
         findings.extend(checks.Finding(("tasks", i, "matrix") + p.path, p.message) for p in problems)
+        findings.extend(checks.Finding(("tasks", i) + p.path, p.message, warning=p.warning)
+                        for p in matrix.unknown_placeholders(entry))
         total += len(items)
         if total > matrix.MAX_TASKS:
             findings.append(checks.Finding(("tasks", i), f"the job expands to over {matrix.MAX_TASKS:,} tasks"))
@@ -102,7 +109,8 @@ def _locate(doc: Document, findings: list[checks.Finding]) -> list[Problem]:
     out = []
     for f in findings:
         line, column = doc.locate(f.path, key=f.key)
-        out.append(Problem(doc.file, line, column, json_path(f.path), f.message))
+        out.append(Problem(doc.file, line, column, json_path(f.path), f.message,
+                           severity=Severity.WARNING if f.warning else Severity.ERROR))
     return out
 
 
@@ -144,7 +152,8 @@ def _build(doc: Document, sha256: str, expanded: list[checks.Expanded], deps: di
         path=doc.file,
         sha256=sha256,
         version=data["version"],
-        job=JobInfo(name=job["name"], run_dir=job.get("run_dir", f"runs/{job['name']}"), budget_usd=job.get("budget_usd")),
+        job=JobInfo(name=job["name"], run_dir=job.get("run_dir", f"runs/{job['name']}"), budget_usd=job.get("budget_usd"),
+                    **({"keep_superseded": int(job["keep_superseded"])} if "keep_superseded" in job else {})),
         execution=ExecutionSpec(**execution),
         llm=LlmSpec(default_model=default_model, models=MappingProxyType(models)),
         analysis=AnalysisSpec(
@@ -167,6 +176,8 @@ def _execution(values: dict[str, Any]) -> dict[str, Any]:
         out["isolation"] = Isolation(out["isolation"])
     elif "use_process_pool" in values:
         out["isolation"] = Isolation.from_process_pool(values["use_process_pool"])
+    if "path" in out:
+        out["path"] = TaskPath(out["path"])
     return out
 
 
@@ -227,7 +238,8 @@ def _task(t: checks.Expanded, depends_on: tuple[str, ...], default_model: str | 
         kind=kind,
         description=d.get("description", ""),
         depends_on=depends_on,
-        inputs=tuple(d.get("inputs", ())),
+        inputs=tuple(d.get("inputs", ())) + tuple(d.get("late_inputs", ())),
+        late_inputs=tuple(d.get("late_inputs", ())),
         outputs=tuple(d.get("outputs", ())),
         env=MappingProxyType({k: _env_value(v) for k, v in d["env"].items()}) if "env" in d else EMPTY,
         timeout=d.get("timeout"),

@@ -3,12 +3,14 @@
 Combinations are the cross product of the parameters in the order written, minus every combination
 matching an ``exclude`` entry, plus the ``include`` entries. ``{PARAM}`` is replaced by the value in
 every string of the entry (id, run, paths, env values, args...); in ``args`` a string that is
-exactly ``"{PARAM}"`` becomes the value itself, keeping its type. Nothing else changes: other braces, such
-as ``${HOME}`` or awk's ``{print $1}``, are left alone.
+exactly ``"{PARAM}"`` becomes the value itself, keeping its type. Other braces, such as ``${HOME}`` or
+awk's ``{print $1}``, are left alone; ``{NAME}`` with a name that is not a parameter is a mistake
+(``unknown_placeholders``), unless written ``{{NAME}}``, which gives a literal ``{NAME}``.
 """
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 import re
@@ -17,6 +19,19 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_TASKS = 2_000_000  # across the whole job, after expansion
+_NAMED = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)\}")  # looks like a placeholder; "${NAME}" is the shell's
+_ESCAPED = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")  # "{{NAME}}": a literal "{NAME}"
+_LATEX = re.compile(r"(?:\\[A-Za-z]+|[\^_}])\Z")  # before a brace: LaTeX's \\cmd{..}, x^{..}, x_{..}, {..}{..}
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters standing for an escaped name's braces meanwhile
+
+
+def _protect(text: str) -> str:
+    """``text`` with each ``{{NAME}}`` hidden from the placeholder patterns (``_release`` gives ``{NAME}``)."""
+    return _ESCAPED.sub(_OPEN + r"\1" + _CLOSE, text) if "{{" in text else text
+
+
+def _release(text: str) -> str:
+    return text.replace(_OPEN, "{").replace(_CLOSE, "}")
 
 Values = dict[str, Any]
 
@@ -25,6 +40,7 @@ Values = dict[str, Any]
 class MatrixProblem:
     path: tuple[Any, ...]  # relative to the task entry
     message: str
+    warning: bool = False  # the entry is still valid
 
 
 def format_value(value: Any) -> str:
@@ -90,16 +106,22 @@ def template(value: Any, names: list[str], *, keep_type: bool = False) -> Fill |
     """
     if not names:
         return None
-    # "${NAME}" is the shell's: only a "{NAME}" not preceded by "$" is a placeholder.
+    # "${NAME}" is the shell's: only a "{NAME}" not preceded by "$" is a placeholder ("{{NAME}}" is hidden).
     pattern = re.compile(r"(?<!\$)\{(" + "|".join(re.escape(n) for n in names) + r")\}")
     return _compile(value, pattern, keep_type)
 
 
 def _compile(value: Any, pattern: re.Pattern[str], keep_type: bool) -> Fill | None:
     if isinstance(value, str):
-        parts = pattern.split(value) if "{" in value else [value]
+        text = _protect(value)
+        parts = pattern.split(text) if "{" in text else [text]
+        if text is not value:
+            parts[0::2] = [_release(p) for p in parts[0::2]]
         if len(parts) == 1:
-            return None
+            if parts[0] == value:
+                return None
+            literal = parts[0]
+            return lambda texts, values: literal
         if keep_type and len(parts) == 3 and parts[0] == parts[2] == "":
             name = parts[1]
             return lambda texts, values: values[name]
@@ -126,6 +148,43 @@ def _compile(value: Any, pattern: re.Pattern[str], keep_type: bool) -> Fill | No
             return None
         return lambda texts, values: {k: f(texts, values) if f else v for k, f, v in fields}
     return None
+
+
+def unknown_placeholders(entry: dict[str, Any]) -> list[MatrixProblem]:
+    """Every ``{NAME}`` in a matrix entry's strings whose name is not a parameter: it stays as written. One
+    close to a parameter's name is a mistake (``{HO}`` for ``H0``): an error. Others are warnings, as braces
+    have other uses (awk's ``{print}``); LaTeX's (``C_\\ell^{TT}``, ``\\mathrm{dof}``) are left alone. Each
+    comes with the path to its string inside the entry."""
+    matrix = entry.get("matrix")
+    if not isinstance(matrix, dict):
+        return []
+    params = sorted({k for k in matrix if k not in ("include", "exclude")}
+                    | {k for e in matrix.get("include") or [] if isinstance(e, dict) for k in e})
+    out: list[MatrixProblem] = []
+    for path, text in _strings({k: v for k, v in entry.items() if k not in ("matrix", "id")}, ()):  # ids: checks.py
+        hidden = _protect(text)
+        names = [m.group(1) for m in _NAMED.finditer(hidden) if not _LATEX.search(hidden, 0, m.start())]
+        for name in dict.fromkeys(n for n in names if n not in params):
+            close = difflib.get_close_matches(name, params, n=1, cutoff=0.5) or [
+                p for p in params if p.lower() == name.lower()][:1]
+            if close:
+                out.append(MatrixProblem(path, f"unknown placeholder {{{name}}} (did you mean {{{close[0]}}}?): the "
+                                               f"matrix parameters are {', '.join(params)}; write {{{{{name}}}}} for "
+                                               f"a literal {{{name}}}"))
+            else:
+                out.append(MatrixProblem(path, f"{{{name}}} is not a matrix parameter ({', '.join(params)}), so it "
+                                               f"stays as written; write {{{{{name}}}}} to say so", warning=True))
+    return out
+
+
+def _strings(value: Any, path: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], str]]:
+    if isinstance(value, str):
+        return [(path, value)] if "{" in value else []
+    if isinstance(value, list):
+        return [found for i, v in enumerate(value) for found in _strings(v, path + (i,))]
+    if isinstance(value, dict):
+        return [found for k, v in value.items() for found in _strings(v, path + (k,))]
+    return []
 
 
 def expand(entry: dict[str, Any]) -> tuple[list[tuple[dict[str, Any], Values]], list[MatrixProblem]]:

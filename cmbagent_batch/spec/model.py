@@ -8,6 +8,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
+from cmbagent_batch.errors import Problem
 from cmbagent_batch.spec.pricing import Price
 
 EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -70,6 +71,7 @@ class JobInfo:
     name: str
     run_dir: str  # relative paths are relative to the spec file's directory
     budget_usd: float | None = None
+    keep_superseded: int = 3  # earlier output sets kept per task in RUN_DIR/superseded/, newest first
 
 
 class Isolation(str, Enum):
@@ -88,6 +90,17 @@ class Isolation(str, Enum):
         return cls.PROCESS if use_process_pool else cls.THREAD
 
 
+class TaskPath(str, Enum):
+    """The ``PATH`` tasks start with: ``execution.path``."""
+
+    INTERPRETER = "interpreter"
+    """The directory of the python running cmbagent-batch (a virtual environment's ``bin``, not resolved
+    through symlinks) first, then the runner's ``PATH``: a task's ``python`` is the runner's, on a laptop
+    as under ``submit``."""
+    INHERIT = "inherit"
+    """The runner's ``PATH`` as it was given."""
+
+
 @dataclass(frozen=True, slots=True)
 class ExecutionSpec:
     backend: str = "auto"  # auto | local | mpi
@@ -104,6 +117,7 @@ class ExecutionSpec:
     kill_grace: float = 5.0
     keep: tuple[str, ...] = ("data", "codebase", "logs", "outputs", "chats", "cost")  # removed after success: the rest
     rerun_on: tuple[str, ...] = ("spec", "inputs", "code")  # what, when changed, reruns a finished task
+    path: TaskPath = TaskPath.INTERPRETER  # the PATH tasks start with
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +168,8 @@ class TaskSpec:
     kind: str  # shell | python | agent
     description: str = ""
     depends_on: tuple[str, ...] = ()  # explicit dependencies (globs already expanded)
-    inputs: tuple[str, ...] = ()  # paths or globs, relative to the task's work directory
+    inputs: tuple[str, ...] = ()  # paths or globs, relative to the task's work directory (late_inputs included)
+    late_inputs: tuple[str, ...] = ()  # inputs that may appear only at run time: the preflight skips them
     outputs: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=_empty)
     timeout: float | None = None
@@ -204,6 +219,7 @@ class JobSpec:
     # "$.tasks[3].timeout" -> (line, column): the places a check of the effective configuration (after the
     # CMBAGENT_* variables and flags) may point at: every python entry, its timeout, execution.task_timeout
     places: Mapping[str, tuple[int, int]] = field(default_factory=_empty)
+    warnings: tuple[Problem, ...] = ()  # found as it was loaded; the preflight says them
 
     def task(self, task_id: str) -> TaskSpec:
         for t in self.tasks:

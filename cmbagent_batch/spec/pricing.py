@@ -6,6 +6,7 @@ price is never priced at $0: the spec loader refuses it, and ``lookup`` says "no
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
@@ -20,6 +21,10 @@ from typing import Any
 from cmbagent_batch.errors import PriceTableError
 
 SPEC_TABLE = "spec"  # the price_table of a price written in the spec itself
+# How alike a name and a table entry must be to suggest the entry (difflib's ratio): high enough that
+# gpt-3.5-turbo is not taken for gpt-5-nano. A new model one digit away from a priced one (gpt-4.5, gpt-4.1)
+# still gets the suggestion, so the message also says how to price a model the table lacks.
+CLOSE = 0.8
 
 # Suffixes an endpoint adds to a model name: dated snapshots and aliases.
 _VARIANT = re.compile(r"(?:[-@](?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4})|-latest)$")
@@ -78,6 +83,15 @@ def lookup(table: PriceTable, name: str) -> tuple[str, Price] | None:
     return None
 
 
+def closest(table: PriceTable, name: str) -> str | None:
+    """The table's model name that ``name`` is most likely a misspelling of, or None: compared without its
+    provider prefix and date suffix, ignoring case, and only when nearly the same (``gpt-4o-mni`` ->
+    ``gpt-4o-mini``)."""
+    by_lower = {model.lower(): model for model in table.models}
+    found = difflib.get_close_matches(candidates(name)[-1].lower(), list(by_lower), n=1, cutoff=CLOSE)
+    return by_lower[found[0]] if found else None
+
+
 def parse_table(data: Any, where: str) -> PriceTable:
     """A price table from parsed JSON/YAML; ``PriceTableError`` naming ``where`` and the bad entry otherwise."""
     if not isinstance(data, dict):
@@ -120,7 +134,7 @@ def parse_price(entry: Any, where: str) -> Price:
 
 @functools.cache
 def builtin_table() -> PriceTable:
-    """The price table shipped in the package (``cmbagent_batch/prices/table.json``)."""
+    """The price table shipped in the package (``cmbagent_batch/spec/prices/table.json``)."""
     text = resources.files("cmbagent_batch.spec.prices").joinpath("table.json").read_text(encoding="utf-8")
     return parse_table(json.loads(text), "the shipped price table")
 

@@ -206,6 +206,26 @@ def _yaml_error_text(exc: yaml.MarkedYAMLError, text: str) -> str:
     if context and cm is not None and (mark is None or (cm.line, cm.column) != (mark.line, mark.column)):
         context = f"{context} started at line {cm.line + 1}, column {cm.column + 1}"
     parts = [p for p in (context, problem) if p]
-    return "invalid YAML: " + (": ".join(parts) if parts else "cannot parse")
+    return "invalid YAML: " + (": ".join(parts) if parts else "cannot parse") + _flow_placeholder_hint(exc, text)
 
 
+_PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+_FLOW_ITEM = re.compile(r"(?:\{[A-Za-z_][A-Za-z0-9_]*\}|[^\s,\[\]{}])+")  # cls_{lmax}.txt, x_{a}_{b}
+_FLOW_KINDS = {"while parsing a flow sequence": "[...]", "while parsing a flow mapping": "{...}"}
+
+
+def _flow_placeholder_hint(exc: yaml.MarkedYAMLError, text: str) -> str:
+    """A hint when a ``{NAME}`` placeholder inside a flow collection is the error (``outputs:
+    [cls_{lmax}.txt]``: there ``{`` starts a flow mapping), else ''."""
+    kind = _FLOW_KINDS.get(exc.context or "")
+    mark = exc.problem_mark
+    if kind is None or mark is None:
+        return ""
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    found = next((m for m in _PLACEHOLDER.finditer(line) if m.start() <= mark.column <= m.end()), None)
+    if found is None:
+        return ""
+    item = next((m.group() for m in _FLOW_ITEM.finditer(line) if m.start() <= found.start() < m.end()), "")
+    example = f', as "{item}"' if item and '"' not in item and "\\" not in item else ""
+    return f" ({found.group()} inside {kind} is YAML flow syntax, not a placeholder: quote the value{example})"

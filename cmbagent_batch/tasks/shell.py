@@ -19,13 +19,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from cmbagent_batch import watchdog
 from cmbagent_batch.attempt import Outcome, Payload, TaskContext
 from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS
 from cmbagent_batch.states import OutcomeReason
+
+if TYPE_CHECKING:  # not imported at run time: agent and worker processes load this module, not the spec
+    from cmbagent_batch.spec.model import TaskPath
 
 _POLL_S = 0.05
 
@@ -46,8 +49,33 @@ _running: dict[int, _Group] = {}
 _terminations = 0  # bumped by terminate_all; a task registered just after a snapshot it missed stops itself
 
 
+def interpreter_first(path: str | None, directory: str) -> str:
+    """The value ``PATH`` (None: unset, the system default) with ``directory`` first; unchanged when it
+    already is (other places of ``directory`` in it stay, so nothing given is lost). Pure."""
+    current = os.defpath if path is None else path
+    first = current.split(os.pathsep, 1)[0]
+    if first and os.path.normpath(first) == os.path.normpath(directory):
+        return current
+    return directory + os.pathsep + current if current else directory
+
+
+def use_task_path(rule: TaskPath, environ: MutableMapping[str, str] = os.environ,
+                  executable: str = sys.executable) -> None:
+    """Give this runner's ``PATH`` the form ``rule`` (``execution.path``) asks of the tasks, once, before
+    anything starts: shell and agent tasks, python tasks' worker processes and what they start all
+    inherit it, on every rank. ``interpreter`` puts the directory of ``executable`` first, as the runner
+    was started (a virtual environment's ``bin/python`` is a symlink to the system python: not resolved,
+    or the task's ``python`` would be the system one); ``inherit`` leaves ``PATH`` as it is, and so does
+    an interpreter whose path Python does not know (``sys.executable`` empty)."""
+    from cmbagent_batch.spec.model import TaskPath
+
+    if rule is TaskPath.INTERPRETER and executable:
+        environ["PATH"] = interpreter_first(environ.get("PATH"), os.path.dirname(os.path.abspath(executable)))
+
+
 def task_environment(ctx: TaskContext, payload: Payload, base: Mapping[str, str]) -> dict[str, str]:
-    """``base`` plus the CMBAGENT_* variables of this attempt plus the task's own ``env`` (which wins)."""
+    """``base`` plus the CMBAGENT_* variables of this attempt plus the task's own ``env`` (which wins, whole:
+    ``env: {PATH: ...}`` replaces ``PATH``; ``$PATH`` in it is not expanded)."""
     env = dict(base)
     env.update(
         CMBAGENT_TASK_ID=ctx.task_id,

@@ -47,6 +47,7 @@ class RankFuture(Future[T]):
         super().__init__()
         self.rank: int | None = None
         self.host: str | None = None
+        self.on_started: Callable[[], None] | None = None  # called when its worker says it started
 
 
 @dataclass(slots=True, order=True)
@@ -54,7 +55,6 @@ class _Call:
     key: tuple[float, int]  # (-priority, call id): rank 0 sends the most urgent queued call first
     future: RankFuture[Any] = field(compare=False)
     payload: bytes = field(compare=False)  # call id + pickled (fn, args, kwargs)
-    on_sent: Callable[[], None] | None = field(compare=False, default=None)
 
     @property
     def id(self) -> int:
@@ -141,11 +141,12 @@ class RankExecutor(Executor):
         return self.submit_call(fn, args, kwargs, priority=priority)
 
     def submit_call(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *,
-                    priority: float = 0.0, on_sent: Callable[[], None] | None = None) -> RankFuture[T]:
-        """``submit_with_priority``; ``on_sent`` is called on the communication thread once the call has been
-        sent to its worker (not if it is cancelled first): it must be quick and must not raise."""
+                    priority: float = 0.0, on_started: Callable[[], None] | None = None) -> RankFuture[T]:
+        """``submit_with_priority``; ``on_started`` is called on the communication thread if the worker
+        says the call started (``worker.start_reporter``): it must be quick and must not raise."""
         self._check_open()
         future: RankFuture[T] = RankFuture()
+        future.on_started = on_started
         call_id = next(self._ids)
         try:
             payload = HEADER.pack(call_id) + pickle.dumps((fn, args, kwargs or {}), pickle.HIGHEST_PROTOCOL)
@@ -154,7 +155,7 @@ class RankExecutor(Executor):
             return future
         with self._lock:
             self._check_open()
-            self._inbox.put(_Call((-priority, call_id), future, payload, on_sent))
+            self._inbox.put(_Call((-priority, call_id), future, payload))
         return future
 
     def _check_open(self) -> None:
@@ -262,8 +263,6 @@ class RankExecutor(Executor):
             call.future.rank = rank
             self._in_flight[call.id] = call.future
             self._link.send(call.payload, rank, Tag.CALL)
-            if call.on_sent is not None:
-                call.on_sent()
             sent = True
         return sent
 
@@ -276,6 +275,11 @@ class RankExecutor(Executor):
                 self._hosts[rank] = data[HEADER.size:].decode()
                 continue
             (call_id,) = HEADER.unpack_from(data)
+            if tag == Tag.STARTED:  # its end follows: the call stays in flight
+                started = self._in_flight[call_id].on_started
+                if started is not None:
+                    started()
+                continue
             future = self._in_flight.pop(call_id)
             self._slots.give(rank)
             self._pace.ended(time.monotonic())

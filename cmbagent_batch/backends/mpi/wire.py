@@ -49,6 +49,8 @@ class Tag(IntEnum):
     """worker -> rank 0: call id + pickled failure (see ``failures.encode_failure``)."""
     NOT_STARTED = 204
     """worker -> rank 0: call id; a stop or a hold kept the call from starting."""
+    STARTED = 205
+    """worker -> rank 0: call id; the call's work has begun (``worker.start_reporter``). Before its end."""
 
 
 def load_mpi() -> ModuleType:

@@ -27,7 +27,7 @@ from typing import Any
 from cmbagent_batch.backends.mpi.failures import encode_failure
 from cmbagent_batch.backends.mpi.wire import HEADER, Link, PollWait, Tag, load_mpi
 
-_Outcome = tuple[Tag, bytes]  # RESULT or FAILURE, with the call id in front
+_Outcome = tuple[Tag, bytes]  # RESULT, FAILURE, NOT_STARTED or STARTED, with the call id in front
 
 
 def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None = None,
@@ -91,7 +91,8 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
                 outcome = _next(done)
             while outcome is not None:
                 link.send(outcome[1], 0, outcome[0])
-                running -= 1
+                if outcome[0] is not Tag.STARTED:  # a start is not an end
+                    running -= 1
                 busy = True
                 outcome = _next(done)
             link.progress()
@@ -134,9 +135,27 @@ def _next(done: queue.SimpleQueue[_Outcome | None]) -> _Outcome | None:
         return None
 
 
+_this_call = threading.local()  # on a pool thread: how its call tells rank 0 that it started
+
+
+def start_reporter() -> Callable[[], None]:
+    """For the call running on this thread: what tells rank 0, once, that its work has begun (say, its
+    attempt got a slot). Outside a call, it does nothing."""
+    put, head = getattr(_this_call, "started", (None, b""))
+    sent: list[bool] = []
+
+    def started() -> None:
+        if put is not None and not sent:
+            sent.append(True)
+            put((Tag.STARTED, head))
+
+    return started
+
+
 def _call(data: bytearray, put: Callable[[_Outcome], None]) -> None:
     """Run one call on a pool thread and queue its outcome, pickled, for the MPI thread."""
     head = bytes(data[:HEADER.size])
+    _this_call.started = (put, head)
     try:
         fn, args, kwargs = pickle.loads(memoryview(data)[HEADER.size:])
         value = fn(*args, **kwargs)

@@ -16,12 +16,15 @@ from cmbagent_batch.plan.dag import Edge
 from cmbagent_batch.spec.model import TaskSpec
 
 _GLOB = re.compile(r"[*?\[]")
+Sources = dict[str, list[tuple[str, list[tuple[str, str]]]]]
+"""For every task id, each declared input with the (producer id, produced path) pairs it matches."""
 
 
-def input_sources(tasks: Sequence[TaskSpec]) -> dict[str, list[tuple[str, list[tuple[str, str]]]]]:
+def input_sources(tasks: Sequence[TaskSpec]) -> Sources:
     """For every task, each declared input with the (producer id, produced path) pairs it matches.
 
     An input matched by no other task's outputs gets an empty list: it must come from outside the job.
+    A glob is matched once however many tasks read it (a sweep whose tasks all read ``data/*.fits``).
     """
     literal_out: dict[str, str] = {}  # output path -> producer id
     glob_out: list[tuple[str, str]] = []  # (output glob, producer id)
@@ -33,14 +36,17 @@ def input_sources(tasks: Sequence[TaskSpec]) -> dict[str, list[tuple[str, list[t
             else:
                 literal_out.setdefault(norm, task.id)
     literal_paths = sorted(literal_out)
-    out: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {}
+    globbed: dict[str, list[tuple[str, str]]] = {}
+    out: Sources = {}
     for task in tasks:
         entries = []
         for path in task.inputs:
             norm = posixpath.normpath(path)
             if _GLOB.search(norm):
-                matches = [(literal_out[p], p) for p in fnmatch.filter(literal_paths, norm)]
-                matches += [(pid, g) for g, pid in glob_out if g == norm]
+                if norm not in globbed:
+                    globbed[norm] = [(literal_out[p], p) for p in fnmatch.filter(literal_paths, norm)] + [
+                        (pid, g) for g, pid in glob_out if g == norm]
+                matches = globbed[norm]
             else:
                 matches = [(literal_out[norm], norm)] if norm in literal_out else []
                 matches += [(pid, norm) for g, pid in glob_out if fnmatch.fnmatchcase(norm, g)]
