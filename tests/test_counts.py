@@ -355,3 +355,28 @@ def test_after_a_step_that_finished_the_log_says_so_as_information(tmp_path: Pat
     res = cli(tmp_path, "_after-step", str(run_dir), "--exit-code", "0", "--requeue-max", "2", "--job-id", "41")
     assert (res.returncode, res.stderr) == (0, "cmbagent-batch: job 41: the run finished (1 succeeded); "
                                                "nothing to requeue\n")
+
+
+def test_after_a_runner_killed_without_a_word_the_log_counts_from_the_journal(
+        tmp_path: Path, runners: list[Runner]) -> None:
+    starts = tmp_path / "starts"
+    write_spec(tmp_path, f"""
+        version: 1
+        job: {{name: killed}}
+        execution: {{max_workers: 1}}
+        tasks:
+          - {{id: a, kind: shell, run: "true"}}
+          - {{id: b, kind: shell, run: "echo b >> {q(starts)}; sleep 60", depends_on: [a]}}
+          - {{id: c, kind: shell, run: "true", depends_on: [b]}}
+    """)
+    run_dir = tmp_path / "runs" / "killed"
+    first = Runner(tmp_path, "job.yaml")
+    runners.append(first)
+    wait_until("b runs", starts.exists, first)
+    os.killpg(first.proc.pid, signal.SIGKILL)  # the runner and its tasks: run.json still says "running"
+    first.wait()
+    res = cli(tmp_path, "_after-step", str(run_dir), "--exit-code", "137", "--requeue-max", "2", "--job-id", "41")
+    assert (res.returncode, res.stderr) == (137, "cmbagent-batch: job 41: the run ended with exit code 137 (2 pending, "
+                                                 "1 succeeded); only a walltime stop is requeued\n")
+    status = json.loads(cli(tmp_path, "status", "--format", "json", str(run_dir), check=True).stdout)
+    assert Tally.from_json(status["counts"]).text() == "2 pending, 1 succeeded"  # the same count as the log

@@ -431,7 +431,7 @@ def _serve_calls(conn: Connection, held: Any, shared: Any) -> None:
         for i, a in enumerate(attempts):
             shared[_PROGRESS] = 2 * i + 1
             grace[0] = a.kill_grace
-            if held.value:
+            if held.value and i > 0:  # the first was reported started as it was handed over: it runs
                 report.append(Outcome.because(OutcomeReason.NOT_STARTED))
             else:
                 report.append(run_attempt(a, None, a.ctx.work_dir in made))

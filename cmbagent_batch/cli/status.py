@@ -13,7 +13,7 @@ from cmbagent_batch.cli.console import warn
 from cmbagent_batch.cli.options import StatusOptions
 from cmbagent_batch.cli.slurm_status import slurm_lines, slurm_status
 from cmbagent_batch.errors import ExitCode, SpecError, UsageError
-from cmbagent_batch.rundir.journal import replay
+from cmbagent_batch.rundir.journal import current_state, replay
 from cmbagent_batch.rundir.layout import journal_paths, read_json, runner_gone, tail_lines
 from cmbagent_batch.states import Tally, TaskState
 
@@ -58,9 +58,7 @@ def status(opts: StatusOptions) -> int:
         explain = _explanations(manifest, os.path.abspath(run_dir))
     for tid, t in sorted(manifest["tasks"].items()):
         h = history.get(tid)
-        state = h.state.value if h else t["state"]
-        if gone_since is not None and state == TaskState.RUNNING.value:
-            state = TaskState.INTERRUPTED.value
+        state = current_state(t["state"], h, gone_since is not None).value
         row = {"id": tid, "state": state, "attempts": h.attempts if h else t["attempts"], "rank": t.get("rank"),
                "wall_s": (h.record.get("wall_s") if h else None) or t.get("wall_s"), "work_dir": t["work_dir"]}
         if state in _TROUBLED:

@@ -81,3 +81,11 @@ def replay(paths: list[str], warn: Callable[[str], None] | None = None) -> dict[
         attempts = max(prev.attempts if prev else 0, int(r.get("attempt", 0)))
         out[tid] = TaskHistory(state=state, attempts=attempts, record=r)
     return out
+
+
+def current_state(recorded: str, history: TaskHistory | None, runner_gone: bool) -> TaskState:
+    """A task's state now: its last journal record's, else the state run.json ``recorded``; a task still
+    running when its runner is gone (killed without a word) was interrupted. ``status`` and the Slurm
+    after-step count tasks with it, so both say the same after a SIGKILL."""
+    state = history.state if history is not None else TaskState(recorded)
+    return TaskState.INTERRUPTED if runner_gone and state is TaskState.RUNNING else state

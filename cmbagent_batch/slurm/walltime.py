@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cmbagent_batch.errors import SlurmError
-from cmbagent_batch.rundir.layout import read_json
+from cmbagent_batch.rundir.journal import current_state, replay
+from cmbagent_batch.rundir.layout import journal_paths, read_json
 from cmbagent_batch.slurm import client, jobs
 from cmbagent_batch.slurm.script import WALLTIME_EXIT
 from cmbagent_batch.states import StopReason, Tally
@@ -54,6 +55,10 @@ def after_step(run_dir: str, job_id: str, step_exit: int, requeue_max: int) -> i
     record = jobs.load(run_dir) or {"events": []}
     manifest_path = os.path.join(run_dir, "run.json")
     manifest = read_json(manifest_path) if os.path.exists(manifest_path) else None
+    if manifest is not None and manifest.get("status") == "running":  # its runner died without a word
+        history = replay(journal_paths(run_dir))
+        counts = Tally.of(current_state(t["state"], history.get(tid), True) for tid, t in manifest["tasks"].items())
+        manifest = {**manifest, "counts": counts.to_json()}
     d = decide(step_exit, manifest, jobs.requeues(record), requeue_max)
     say(f"job {job_id}: {d.why}")
     if d.action == "requeue":
