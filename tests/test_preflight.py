@@ -322,6 +322,9 @@ def test_a_sites_mpi_hidden_by_the_interpreters_directory_is_warned_about(tmp_pa
         "inherit, or call it by its full path"]
     r = cli(tmp_path, "validate", "job.yaml", env={**env, "CMBAGENT_PATH": "inherit"})
     assert (r.returncode, r.stderr) == (0, "")
+    (site.parent / "pyvenv.cfg").write_text("home = /usr/bin\n")  # another Python environment's: a wheel's MPI
+    r = cli(tmp_path, "validate", "job.yaml", env=env)
+    assert (r.returncode, r.stderr) == (0, "")
 
 
 @pytest.mark.slow

@@ -154,7 +154,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[Problem]:
 def shadowed_tools(environ: Mapping[str, str], executable: str) -> list[Problem]:
     """A warning when putting the interpreter's directory first on the tasks' ``PATH`` (``execution.path:
     interpreter``) hides a cluster's own MPI tools behind those of a virtual environment (the mpich wheel's):
-    a program built against the site's MPI needs the site's launcher."""
+    a program built against the site's MPI needs the site's launcher. Another virtual environment's tools
+    (a wheel's too) are not a site's."""
     directory = os.path.dirname(os.path.abspath(executable)) if executable else ""
     if not directory:
         return []
@@ -166,7 +167,7 @@ def shadowed_tools(environ: Mapping[str, str], executable: str) -> list[Problem]
         for place in environ.get("PATH", "").split(os.pathsep):
             other = os.path.join(place, tool)
             if place and os.path.normpath(place) != directory and os.access(other, os.X_OK) and \
-                    os.path.realpath(other) != os.path.realpath(mine):
+                    os.path.realpath(other) != os.path.realpath(mine) and not _python_environment(place):
                 ours.append(tool)
                 theirs = theirs or place
                 break
@@ -177,6 +178,11 @@ def shadowed_tools(environ: Mapping[str, str], executable: str) -> list[Problem]
                     f"interpreter), before those in {theirs}: a program built against that MPI needs its own "
                     "launcher; set execution.path: inherit, or call it by its full path",
                     severity=Severity.WARNING)]
+
+
+def _python_environment(bin_dir: str) -> bool:
+    """Whether ``bin_dir`` is another virtual environment's: its MPI tools are a wheel's, as ours are."""
+    return os.path.exists(os.path.join(os.path.dirname(os.path.abspath(bin_dir)), "pyvenv.cfg"))
 
 
 def locate(path: str, findings: list[Finding]) -> list[Problem]:
