@@ -13,7 +13,6 @@ from cmbagent_batch.cli.console import problem, warn
 from cmbagent_batch.cli.options import RunOptions
 from cmbagent_batch.errors import BatchError, ExitCode, UsageError
 from cmbagent_batch.llm import local_model
-from cmbagent_batch.plan import preflight
 from cmbagent_batch.plan.analysis.cache import Cache
 from cmbagent_batch.plan.cached import cache_dir, writable_cache_dir
 from cmbagent_batch.rundir.atomic import missing_dirs, remove_empty, writable_dir
@@ -114,6 +113,7 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
     from cmbagent_batch.execute.prepare import prepare, why_rerun
     from cmbagent_batch.execute.progress import Progress
     from cmbagent_batch.execute.run import disk_full_advice, execute
+    from cmbagent_batch.plan import preflight  # here: a worker rank never needs it
     from cmbagent_batch.rundir.layout import prune_superseded, resolve_run_dir
     from cmbagent_batch.states import Tally, TaskState
 
