@@ -1,7 +1,8 @@
 """Time ``cmbagent-batch run`` with the MPI backend: no-op python tasks against raw ``mpi4py.futures``, a
 heavy-tailed DAG against its lower bound, and makespans for 1, 2 and 4 worker ranks.
 
-Run as ``python bench/bench_mpi.py [--quick] [--runs N] [--only throughput|dag|scaling] [--against PYTHON]``
+Run as ``python bench/bench_mpi.py [--quick] [--runs N] [--only throughput|dag|scaling|rank0] [--against PYTHON]
+[--profile DIR]``
 with the interpreter of a venv where cmbagent-batch, mpi4py and an MPI (e.g. PyPI ``mpich``) are installed. Ours is
 always ``mpiexec -n N python -m cmbagent_batch run SPEC --quiet --run-dir FRESH --cache-dir FRESH`` with
 ``execution: {backend: mpi, tasks_per_rank: K}`` in the spec: rank 0 schedules, ranks 1..N-1 run the
@@ -20,19 +21,31 @@ this interpreter's directory first (Hydra starts the ranks through it).
    [1, 50] ms, seed 1) on 16 worker slots: 4 worker ranks x ``tasks_per_rank: 4`` (``mpiexec -n 5``;
    oversubscribed on a small machine, which is fine: the tasks sleep). Makespan is the journals' span
    (first ``running`` to last ``succeeded`` record, over every rank's journal); its lower bound is
-   max(critical path, total work / 16) over the wall times in ``run.json``; target at most 1.10x.
+   max(critical path, total work / 16) over the wall times in the journals; target at most 1.10x.
    For context: the slot time each task costs beyond its recorded wall, the delay from a worker's
    ``succeeded`` record to rank 0's, and the local backend's makespan on the same DAG (bench_run's command
    with ``--workers 16``, run after each MPI run).
 3. 64 independent shell tasks ``sleep 0.250`` with ``tasks_per_rank: 1`` on 1, 2 and 4 worker ranks
    (``mpiexec -n 2, 3, 5``): makespan (journal span), the ideal 64 x 0.25 s / ranks and the speed-up over
    1 rank. Context only: no target.
+4. Rank 0's own CPU time per task, in microseconds: 20,000 no-op python tasks (figure 1's spec, which
+   the scheduler sends in batches) and 5,000 shell tasks ``echo i > out.txt`` (bench_run's), each on 2 worker
+   ranks (``mpiexec -n 3``, ``tasks_per_rank: 1``). Rank 0 reads it itself: ``run.json``'s ``runner``
+   (``cpu_s``: getrusage(RUSAGE_SELF) user + system at the end of the run, over ``tasks_run``) or, for a
+   version that does not write it, the same getrusage taken as rank 0's command ends (``RANK0_WRAPPER``
+   in mpi_runs.py, through which every run of this figure starts). Whatever the allocation, rank 0 does
+   this work for every task, so 10^6 / (us per task) is the ceiling of tasks/s that any number of ranks can
+   reach; targets: at most 100 us per python task and 300 us per shell task. For context, the marginal
+   figure: (CPU of the N-task run - CPU of a 1-task run) / (N - 1), without start-up. ``--profile DIR``
+   adds one run of each under py-spy (``py-spy record --gil``, rank 0's GIL holder at 250 Hz; py-spy next
+   to this interpreter or on PATH, with ptrace rights), keeps the raw profiles in DIR and prints their top
+   lines.
 
 Each run of ours gets a fresh run directory and cache directory, and nothing is deleted before the end
 (see bench_run). Runs of ours and of the baseline alternate, as do the three rank counts, so a change in
 the machine's load hits all alike; figures are medians over ``--runs`` runs (default 3). Each run is
 checked: every task succeeded, ``run.json`` says backend ``mpi`` with the expected ranks, and every task
-ran on a worker rank. Rows marked "tasks per rank" show how evenly the worker ranks were used.
+ran on a worker rank (as the journals say). Rows marked "tasks per rank" show how evenly the worker ranks were used.
 ``--quick`` shrinks the sizes (500 no-op tasks, a 10 x 30 DAG, 16 sleep tasks) and runs everything once:
 a smoke run, whose absolute figures are not the targets'.
 
@@ -67,8 +80,11 @@ from mpi_runs import (
     OurRun,
     autogroup_note,
     find_mpiexec,
+    find_py_spy,
     fs_probe,
     mpi_spec,
+    profile_rank0,
+    profile_top,
     rank_cells,
     run_ours,
     sleep_tasks,
@@ -83,18 +99,22 @@ from runs import (
     layered_dag,
     lower_bound,
     python_spec,
-    read_manifest,
+    shell_spec,
+    task_walls,
 )
 from runs import run_ours as run_local
 from specgen import CommandFailed, Row, Sample, cpu_cell, secs, verdict
 
 THROUGHPUT_FRACTION_TARGET = 0.5  # ours / raw mpi4py.futures, tasks/s, at least
 MAKESPAN_RATIO_TARGET = 1.10  # makespan / lower bound, at most
+RANK0_US_TARGETS = {"python": 100.0, "shell": 300.0}  # rank 0's CPU per task, at most (microseconds)
 
 THROUGHPUT_RANKS = 2  # worker ranks, as the baseline's
 DAG_RANKS, DAG_TASKS_PER_RANK = 4, 4
 SCALING_RANKS = (1, 2, 4)
 SLEEP_MS = 250
+RANK0_RANKS = 2  # worker ranks
+PROFILE_LINES = 15
 
 # A command that has not ended after this long is killed (with its ranks) and reported as hung.
 TIME_LIMIT_S, QUICK_TIME_LIMIT_S = 900, 240
@@ -208,8 +228,7 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence[Mpi
             cp, work = lower_bound(tasks, walls, slots)
             _, local_dir = run_local(mpi.side, local_spec, fresh, specgen.bench_env(), n, workers=slots)
             first, last = journal_span(local_dir)
-            local_walls = {tid: float(t["wall_s"]) for tid, t in
-                           read_manifest(os.path.join(local_dir, "run.json"), ["run", local_spec])["tasks"].items()}
+            local_walls = task_walls(local_dir)
             g = got[mpi.side]
             for name, value in (("makespan", mine.span), ("cp", cp), ("work", work), ("bound", max(cp, work)),
                                 ("ratio", mine.span / max(cp, work)),
@@ -220,10 +239,7 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence[Mpi
             g["returns"].extend(mine.returns())
 
     med = statistics.median
-    commands = {side: Sample() for side in done}
-    for side, mines in done.items():
-        for mine in mines:
-            commands[side].add(mine.run)
+    commands = {side: _sample(mines) for side, mines in done.items()}
     figures: dict[Install, ab.Figures] = {side: {
         "DAG makespan": (med(g["makespan"]), secs), "DAG makespan / LB": (med(g["ratio"]), ab.times),
         "DAG slot time outside walls, per task": (med(g["outside"]), lambda x: f"{x * 1000:.1f} ms"),
@@ -268,7 +284,7 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence[Mpi
                  "compare the probe between runs of this benchmark")
     notes.append(f"DAG: bench_run's, shell tasks 'sleep 0.NNN' (bash -c), Pareto(1) clipped to [1, 50] ms, seed "
                  f"{DAG_SEED}, sum {sum(t.ms for t in tasks) / 1000:.1f} s; makespan = first 'running' to last "
-                 "'succeeded' record over all ranks' journals; LB from run.json wall_s (process start included)")
+                 "'succeeded' record over all ranks' journals; LB from the journals' wall_s (process start included)")
     notes.append("slot time outside its wall: what a slot spends per task beyond the attempt's recorded wall "
                  "(hand-over, the round trip, polling, waiting for a core); the local backend runs the same "
                  "spec with bench_run's command, after each MPI run")
@@ -332,6 +348,95 @@ def scaling_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence
 
 
 # ---------------------------------------------------------------------------------------------------
+# Figure 4: rank 0's CPU time per task
+
+
+def rank0_figures(rows: list[Row], notes: list[str], root: str, mpis: Sequence[Mpi], sizes: dict[str, int],
+                  runs: int, profile_dir: str | None) -> None:
+    fresh = Fresh(root)
+    spec_dir = fresh("rank0-spec")
+    specgen.write(spec_dir, "noop.py", NOOP_MODULE)
+    makers = {"python": python_spec, "shell": shell_spec}
+    specs = {kind: (specgen.write(spec_dir, f"{kind}.yaml", mpi_spec(makers[kind](n), 1)),
+                    specgen.write(spec_dir, f"{kind}1.yaml", mpi_spec(makers[kind](1), 1))) for kind, n in sizes.items()}
+    ranks = RANK0_RANKS + 1
+    label = f"median of {runs}" if runs > 1 else "1 run"
+    figures: dict[Install, ab.Figures] = {m.side: {} for m in mpis}
+    for kind, n in sizes.items():
+        spec, one = specs[kind]
+        for mpi in mpis:
+            run_ours(mpi, one, fresh, RANK0_RANKS, 1)  # warm-up, not counted
+        whole: dict[Install, list[OurRun]] = {m.side: [] for m in mpis}
+        single: dict[Install, list[OurRun]] = {m.side: [] for m in mpis}
+        for r in range(runs):
+            for mpi in ab.in_turn(mpis, r):
+                whole[mpi.side].append(run_ours(mpi, spec, fresh, RANK0_RANKS, n, rank0_cpu=True))
+                single[mpi.side].append(run_ours(mpi, one, fresh, RANK0_RANKS, 1, rank0_cpu=True))
+        what = "batched no-op python tasks" if kind == "python" else "shell tasks 'echo i > out.txt'"
+        for mpi in mpis:
+            side = mpi.side
+            cpus = [o.rank0.cpu_s for o in whole[side] if o.rank0]
+            per_task = statistics.median(o.rank0.us_per_task for o in whole[side] if o.rank0)
+            base = statistics.median(o.rank0.cpu_s for o in single[side] if o.rank0)
+            marginal = (statistics.median(cpus) - base) / max(n - 1, 1) * 1e6
+            figures[side][f"rank 0 CPU per {kind} task"] = (per_task, _us)
+            figures[side][f"rank 0 CPU per {kind} task, marginal"] = (marginal, _us)
+            if mpi is not mpis[0]:
+                continue
+            target = RANK0_US_TARGETS[kind]
+            sources = sorted({o.rank0.source for o in whole[side] + single[side] if o.rank0})
+            rows.append(Row(f"rank 0 CPU per task, {n:,} {what}, mpiexec -n {ranks} ({label})", _us(per_task),
+                            ratio=f"ceiling {1e6 / per_task:,.0f} tasks/s", target=f"<= {target:.0f} us",
+                            verdict=verdict(per_task <= target), cpu=cpu_cell(_sample(whole[side]))))
+            rows.append(Row("  rank 0 CPU over the whole run | 1-task run", f"{secs(statistics.median(cpus))} | "
+                            f"{secs(base)}", ratio=f"read from {' and '.join(sources)}"))
+            rows.append(Row("  marginal: (CPU - 1-task CPU) / (tasks - 1)", _us(marginal),
+                            ratio=f"ceiling {1e6 / marginal:,.0f} tasks/s" if marginal > 0 else "-"))
+            if runs > 1:
+                rows.append(Row("  per run: us per task", ", ".join(f"{o.rank0.us_per_task:,.0f}"
+                                                                      for o in whole[side] if o.rank0)))
+        if profile_dir is not None:
+            profile_rows(rows, notes, mpis[0], spec, fresh, n, kind, profile_dir)
+    ab.versus(rows, figures)
+    notes.append("rank 0 CPU: user + system seconds of rank 0's process (all its threads: the scheduler, the "
+                 "thread talking MPI, the journal's writer), from its start to the end of the run, over the tasks "
+                 "it ran: reading, checking and fingerprinting the spec, dispatch, two journals' records per "
+                 "task and run.json twice. Its bound on tasks/s holds for any number of worker ranks; the "
+                 "cpu column is the whole command's, all ranks")
+
+
+def profile_rows(rows: list[Row], notes: list[str], mpi: Mpi, spec: str, fresh: Fresh, n: int, kind: str,
+                 profile_dir: str) -> None:
+    """One run of ``spec`` with rank 0 under py-spy: its top lines, by function and by module."""
+    py_spy = find_py_spy(mpi.side)
+    if py_spy is None:
+        notes.append("--profile: no py-spy next to this interpreter or on PATH (pip install py-spy)")
+        return
+    os.makedirs(profile_dir, exist_ok=True)
+    raw = os.path.join(profile_dir, f"rank0-{kind}-{n}.txt")
+    cpu = profile_rank0(mpi, py_spy, spec, fresh, RANK0_RANKS, n, raw)
+    total, by_fn, by_module = profile_top(raw, PROFILE_LINES)
+    rows.append(Row(f"  py-spy of rank 0 ({total:,} samples, {cpu / n * 1e6:,.0f} us per task in that run): {raw}",
+                    "share"))
+    rows.extend(Row(f"    {name}", f"{share:.1%}") for share, name in by_fn)
+    rows.append(Row("  the same by module", "share"))
+    rows.extend(Row(f"    {name}", f"{share:.1%}") for share, name in by_module)
+    notes.append(f"py-spy ({kind}): each sample counted once, for the innermost cmbagent_batch function on the "
+                 "stack of the thread holding the GIL (the library code it called charged to it)")
+
+
+def _us(us: float) -> str:
+    return f"{us:,.0f} us"
+
+
+def _sample(done: list[OurRun]) -> Sample:
+    sample = Sample()
+    for one in done:
+        sample.add(one.run)
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 
@@ -340,11 +445,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="small sizes (500 no-op tasks, 10x30 DAG, 16 sleeps), one run each: a smoke run")
     parser.add_argument("--runs", type=int, metavar="N", help="runs of each figure (default 3, quick 1)")
-    parser.add_argument("--only", choices=("throughput", "dag", "scaling"), action="append",
-                        help="run only this figure (repeatable); default: all three")
+    parser.add_argument("--only", choices=("throughput", "dag", "scaling", "rank0"), action="append",
+                        help="run only this figure (repeatable); default: all four")
     parser.add_argument("--against", metavar="PYTHON",
                         help="also make every run of ours with the cmbagent-batch, python and mpiexec of this "
                              "python's venv, in turn with this one's, and report each figure of both and new / old")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="figure 4: also profile rank 0 with py-spy, one run of each kind, raw profiles in DIR")
     args = parser.parse_args()
     sides, versus_notes = ab.installs(args.against)
     quick = args.quick
@@ -359,6 +466,7 @@ def main() -> int:
         mpis.append(Mpi(exe, side.env(specgen.bench_env()), QUICK_TIME_LIMIT_S if quick else TIME_LIMIT_S, side))
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     n_python, n_sleep = (500, 16) if quick else (20_000, 64)
+    rank0_sizes = {"python": 500, "shell": 200} if quick else {"python": 20_000, "shell": 5_000}
     levels, width = (10, 30) if quick else (30, 100)
     with specgen.TempDir() as tmp:
         steps: dict[str, tuple[str, specgen.Step]] = {
@@ -368,6 +476,9 @@ def main() -> int:
                     lambda r, nt: dag_figures(r, nt, tmp, mpis, levels, width, runs)),
             "scaling": (f"3. {n_sleep} sleep tasks on {', '.join(map(str, SCALING_RANKS))} worker ranks",
                         lambda r, nt: scaling_figures(r, nt, tmp, mpis, n_sleep, runs)),
+            "rank0": (f"4. rank 0's CPU per task: {rank0_sizes['python']:,} python and {rank0_sizes['shell']:,} "
+                      f"shell tasks, {RANK0_RANKS} worker ranks",
+                      lambda r, nt: rank0_figures(r, nt, tmp, mpis, rank0_sizes, runs, args.profile)),
         }
         sections, failed = specgen.run_sections(steps, args.only, settled=not quick)
     notes = [f"mpiexec: {' | '.join(m.mpiexec for m in mpis)}; {versions()}",

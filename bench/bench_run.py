@@ -23,7 +23,7 @@ where cmbagent-batch is installed. Every figure is set beside a baseline measure
    the previous level; durations Pareto(alpha=1) rounded to whole ms and clipped to [1, 50] ms; seed 1)
    with ``--workers 16``. Makespan is the span of the run's journal: first ``running`` record to last
    ``succeeded`` record. Its lower bound is max(critical path, total work / 16) over the wall times the
-   run recorded (``run.json`` ``tasks.*.wall_s``: bash start-up included, as it is in the makespan);
+   run recorded (each task's ``wall_s`` in the journals: bash start-up included, as in the makespan);
    target at most 1.05x. Beside it, a level-barrier scheduler: a ``ThreadPoolExecutor(16)`` in this
    process running the same ``bash -c 'sleep ...'`` commands level by level, waiting for each level to
    end before starting the next; its makespan over ours is printed for context.
@@ -74,9 +74,9 @@ from runs import (
     level_barrier,
     lower_bound,
     python_spec,
-    read_manifest,
     run_ours,
     shell_spec,
+    task_walls,
 )
 from specgen import CommandFailed, Row, Sample, cpu_cell, secs, verdict
 
@@ -309,8 +309,7 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str
     for r in range(runs):
         for side in ab.in_turn(sides, r):
             run, run_dir = run_ours(side, spec, fresh, env, n, workers=DAG_WORKERS)
-            manifest = read_manifest(os.path.join(run_dir, "run.json"), ["run", spec])
-            walls = {tid: float(t["wall_s"]) for tid, t in manifest["tasks"].items()}
+            walls = task_walls(run_dir)
             first, last = journal_span(run_dir)
             cp, work = lower_bound(tasks, walls, DAG_WORKERS)
             for name, value in (("makespan", last - first), ("cp", cp), ("work", work), ("bound", max(cp, work)),
@@ -349,7 +348,7 @@ def dag_figures(rows: list[Row], notes: list[str], root: str, env: dict[str, str
     ab.versus(rows, figures)
     notes.append(f"DAG: shell tasks 'sleep 0.NNN' (bash -c), durations Pareto(1) clipped to [1, 50] ms, "
                  f"seed {DAG_SEED}, sum {sum(t.ms for t in tasks) / 1000:.1f} s; makespan = first 'running' "
-                 "to last 'succeeded' journal record; LB from run.json wall_s (process start included)")
+                 "to last 'succeeded' journal record; LB from the journals' wall_s (process start included)")
     notes.append("level barrier: the same bash -c commands from this benchmark process, timed from the "
                  "first submit to the last level's end (no spec, journal or work directories); cpu column: "
                  "our whole command / the barrier's process and children")

@@ -21,6 +21,8 @@ import specgen
 from ab import Install
 from specgen import CommandFailed
 
+from cmbagent_batch.rundir.runview import run_tasks
+
 DAG_SEED = 1
 
 NOOP_MODULE = "def run():\n    return None\n"
@@ -129,6 +131,11 @@ def read_manifest(path: str, cmd: list[str]) -> dict[str, Any]:
     return data
 
 
+def task_walls(run_dir: str) -> dict[str, float]:
+    """Each task's wall time, as the run recorded it (``runview.run_tasks``: run.json lists no tasks)."""
+    return {tid: float(t["wall_s"]) for tid, t in run_tasks(run_dir).items()}
+
+
 def count_outputs(directory: str) -> int:
     d = os.path.join(directory, "d")
     return sum(1 for name in os.listdir(d) if os.path.isfile(os.path.join(d, name, "out.txt"))) \
@@ -143,7 +150,7 @@ def journal_span(run_dir: str) -> tuple[float, float]:
     """(first ``running`` time, last ``succeeded`` time) over the run's journals."""
     first, last = float("inf"), float("-inf")
     directory = os.path.join(run_dir, "journal")
-    for name in sorted(os.listdir(directory)):
+    for name in sorted(n for n in os.listdir(directory) if n.endswith(".jsonl")):  # the journals, not their index
         with open(os.path.join(directory, name), encoding="utf-8") as fh:
             for line in fh:
                 rec = json.loads(line)

@@ -316,3 +316,97 @@ class TempDir:
 
     def __exit__(self, *exc: object) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands that may not end, and what a run directory holds
+
+_LIMITED_WRAPPER = r"""
+import json, os, resource, signal, subprocess, sys, time
+out, limit, grace, cmd = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
+t0 = time.perf_counter()
+proc = subprocess.Popen(cmd, start_new_session=True)
+try:
+    rc = proc.wait(limit)
+except subprocess.TimeoutExpired:
+    rc = None
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+wall = time.perf_counter() - t0
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(out, "w") as fh:
+    json.dump({"rc": rc, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "maxrss": ru.ru_maxrss}, fh)
+"""
+KILL_GRACE_S = 60.0  # after SIGTERM at the time limit, before SIGKILL
+
+
+def run_limited(cmd: Sequence[str], *, cwd: str, env: dict[str, str], limit: float, expect: int | None = 0,
+                stdout_path: str | None = None) -> Run | None:
+    """``run_once`` with a time limit: None when ``cmd`` ran longer than ``limit`` seconds (its process
+    group then gets SIGTERM, and SIGKILL ``KILL_GRACE_S`` later). ``expect=None`` accepts any exit code."""
+    fd, report = tempfile.mkstemp(prefix="bench-", suffix=".json", dir=cwd)
+    os.close(fd)
+    try:
+        with open(stdout_path or os.devnull, "wb") as out:
+            proc = subprocess.run([sys.executable, "-I", "-S", "-c", _LIMITED_WRAPPER, report, str(limit),
+                                   str(KILL_GRACE_S), *cmd], cwd=cwd, env=env, stdout=out,
+                                  stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        with open(report, encoding="utf-8") as fh:
+            result = json.load(fh) if proc.returncode == 0 else None
+    except (OSError, ValueError):
+        result = None
+    finally:
+        os.unlink(report)
+    if result is not None and result["rc"] is None:
+        return None
+    if result is None or (expect is not None and result["rc"] != expect):
+        rc = "?" if result is None else result["rc"]
+        tail = proc.stderr.decode(errors="replace")[-2000:]
+        raise CommandFailed(f"{' '.join(cmd)}\n  exited {rc}, expected {expect}; stderr ends with:\n{tail}")
+    return Run(result["wall"], result["cpu"], result["maxrss"] * _RSS_UNIT)
+
+
+@dataclass(frozen=True)
+class Census:
+    """What a directory tree costs a file system: its inodes, bytes and fullest directory."""
+
+    inodes: int  # distinct inodes below the root (the root itself not counted; hard links count once)
+    bytes: int  # apparent size of its regular files
+    largest: int  # entries of its fullest directory (the root included)
+    largest_path: str  # that directory, relative to the root
+
+
+def census(root: str) -> Census:
+    """Walk ``root`` (without following symbolic links) and count what it holds."""
+    inodes: set[tuple[int, int]] = set()
+    size = largest = 0
+    largest_path = "."
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        entries = 0
+        with os.scandir(directory) as it:
+            for entry in it:
+                entries += 1
+                st = entry.stat(follow_symlinks=False)
+                if (st.st_dev, st.st_ino) in inodes:
+                    continue
+                inodes.add((st.st_dev, st.st_ino))
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    size += st.st_size
+        if entries > largest:
+            largest, largest_path = entries, os.path.relpath(directory, root)
+    return Census(len(inodes), size, largest, largest_path)
+
+
+def tree_bytes(path: str) -> int | None:
+    """Apparent size of the file ``path``, or of the regular files below the directory; None if absent."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return census(path).bytes if os.path.isdir(path) else None

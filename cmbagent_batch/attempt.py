@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -10,6 +11,13 @@ from typing import Any, Protocol
 from cmbagent_batch.states import OutcomeReason
 
 WORK_SUBDIRS = ("data", "codebase", "logs", "outputs", "temp", "chats", "cost")
+
+
+class Sharding(enum.Enum):
+    """How a run directory places each task's directories (RUN_DIR/layout.json says which: ``rundir.layout``)."""
+
+    FLAT = "flat"  # RUN_DIR/outputs/TASK: run directories made before shards
+    SHARDED = "sharded"  # RUN_DIR/outputs/S/TASK, S the task's shard
 
 
 class Stopped(Exception):
@@ -49,11 +57,12 @@ class TaskContext:
 
     task_id: str
     run_dir: str  # absolute
-    work_dir: str  # absolute: RUN_DIR/ranks/rank-NNNN/tasks/TASK
+    work_dir: str  # absolute: RUN_DIR/ranks/rank-NNNN/tasks/S/TASK
     rank: int
     attempt: int  # 1-based
     host: str
     matrix: dict[str, Any] = field(default_factory=dict)
+    sharding: Sharding = Sharding.FLAT  # the run directory's: where the task's outputs are published
 
     def sub(self, name: str) -> str:
         """A subdirectory of the work directory: data, codebase, logs, outputs, temp, chats, cost.
@@ -108,11 +117,11 @@ class Outcome:
     result_file: str | None = None  # python: where the JSON of the return value went
     worker_died: bool = False  # the worker process running it died (``backends.processes``)
     work_bytes: int | None = None  # bytes left in the work directory when the attempt ended
-    output_bytes: int | None = None  # bytes published under RUN_DIR/outputs/TASK
+    output_bytes: int | None = None  # bytes published under RUN_DIR/outputs/S/TASK
     budget_exceeded: bool = False  # agent tasks: stopped, or not started, because an LLM budget was spent
-    rank: int | None = None  # MPI backend: the rank that ran the attempt, its host and work directory
+    rank: int | None = None  # MPI backend: the rank that ran the attempt and its host
     host: str | None = None
-    work_dir: str | None = None
+    work_dir: str | None = None  # where the attempt ran (set by the runner)
     reason: OutcomeReason | None = None  # why it ended, where the runner decides on it (``error`` says it)
 
     @classmethod

@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 
 from tests.helpers.cli import Runner, clean_env, cli, wait_until
+from tests.helpers.runs import published, read_run, work_dir
 from tests.helpers.scripted_llm import Delay, HttpError, Raw, Reply, ScriptedLLM
 
 pytest.importorskip("ag2", reason="agent tasks need the 'agents' extra (ag2)")
@@ -75,7 +76,7 @@ def journal_entries(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def states(run_dir: Path) -> dict[str, str]:
-    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest = read_run(run_dir)
     return {tid: t["state"] for tid, t in manifest["tasks"].items()}
 
 
@@ -152,12 +153,12 @@ def test_agent_job_runs_and_its_ledger_reconciles_to_the_cent(tmp_path: Path) ->
     run_dir = tmp_path / "runs" / "agents"
     assert states(run_dir) == {"plan": "succeeded", "compute": "succeeded", "check": "succeeded"}
     # what each agent produced, published
-    assert (run_dir / "outputs" / "plan" / "plan.md").read_text() == "1. compute spectra\n2. fit"
-    assert (run_dir / "outputs" / "compute" / "spectra.txt").read_text() == "C_ell\n"
-    assert (run_dir / "outputs" / "check" / "checked.txt").read_text() == "C_ell\n"
-    work = run_dir / "ranks" / "rank-0000" / "tasks"
-    assert (work / "compute" / "outputs" / "answer.md").read_text() == "spectra computed"
-    transcript = (work / "compute" / "chats" / "transcript.jsonl").read_text()
+    assert (published(run_dir, "plan") / "plan.md").read_text() == "1. compute spectra\n2. fit"
+    assert (published(run_dir, "compute") / "spectra.txt").read_text() == "C_ell\n"
+    assert (published(run_dir, "check") / "checked.txt").read_text() == "C_ell\n"
+    work = work_dir(run_dir, "compute")
+    assert (work / "outputs" / "answer.md").read_text() == "spectra computed"
+    transcript = (work / "chats" / "transcript.jsonl").read_text()
     assert "run_python" in transcript and "DENIED ../escape.txt PermissionError" in transcript
     # the ledger: every call, priced by hand, totals to the cent
     entries = ledger(run_dir)
@@ -195,7 +196,7 @@ def test_code_execution_writes_inside_codebase_and_nowhere_else(tmp_path: Path, 
         result = run(tmp_path, "run", str(spec(tmp_path, srv.base_url, TASKS)))
         sent_back = [r for b in srv.completions for r in tool_results(b)]
     assert result.returncode == 0, result.stderr
-    codebase = tmp_path / "runs" / "agents" / "ranks" / "rank-0000" / "tasks" / "compute" / "codebase"
+    codebase = work_dir(tmp_path / "runs" / "agents", "compute") / "codebase"
     assert (codebase / "spectra.txt").read_text() == "C_ell\n"
     assert not (codebase.parent / "escape.txt").exists()
     assert list(outside.iterdir()) == []
@@ -240,7 +241,7 @@ def test_401_fails_at_once_with_a_clear_message(tmp_path: Path) -> None:
         assert len(srv.completions) == 1
     assert result.returncode == 1
     run_dir = tmp_path / "runs" / "agents"
-    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest = read_run(run_dir)
     reason = manifest["tasks"]["solo"]["reason"]
     assert reason == (f"LLM endpoint {srv.base_url} rejected the API key (401) for model 'test-model'; "
                       "check $TEST_LLM_KEY")
@@ -267,7 +268,7 @@ def test_timeouts_are_retried_then_reported(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "agents"
     entries = ledger(run_dir)
     assert [(e["status"], e["error"]) for e in entries] == [("error", "timed out after 0.5 s")] * 2
-    reason = json.loads((run_dir / "run.json").read_text())["tasks"]["solo"]["reason"]
+    reason = read_run(run_dir)["tasks"]["solo"]["reason"]
     assert reason == f"LLM endpoint {srv.base_url} did not answer within 0.5 s, 2 attempts (model 'test-model')"
 
 
@@ -294,7 +295,7 @@ def test_a_spent_job_budget_starts_no_new_llm_work(tmp_path: Path) -> None:
     assert result.returncode == 1
     run_dir = tmp_path / "runs" / "agents"
     assert states(run_dir) == {"first": "succeeded", "second": "budget_exceeded", "after": "upstream_failed"}
-    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest = read_run(run_dir)
     assert manifest["tasks"]["second"]["reason"] == (
         "not started: the job's LLM budget is spent: $0.01 of job.budget_usd $0.005")
     assert manifest["tasks"]["after"]["reason"] == "upstream task 'second' stopped: LLM budget spent"
@@ -314,10 +315,10 @@ def test_a_running_agent_stops_at_its_next_call_when_its_task_budget_is_spent(tm
     assert result.returncode == 1
     run_dir = tmp_path / "runs" / "agents"
     assert states(run_dir) == {"solo": "budget_exceeded"}
-    reason = json.loads((run_dir / "run.json").read_text())["tasks"]["solo"]["reason"]
+    reason = read_run(run_dir)["tasks"]["solo"]["reason"]
     assert reason == "stopped before model call 2: the task's LLM budget is spent: $0.002 of budget_usd $0.001"
     assert len(ledger(run_dir)) == 1
-    assert "run_shell" in (run_dir / "ranks/rank-0000/tasks/solo/chats/transcript.jsonl").read_text()
+    assert "run_shell" in (work_dir(run_dir, "solo") / "chats/transcript.jsonl").read_text()
 
 
 def test_kill_9_mid_job_keeps_completed_calls_and_a_rerun_completes_the_chain(tmp_path: Path,
@@ -379,7 +380,7 @@ def test_a_rerun_publishes_the_new_answer_not_the_old_one(tmp_path: Path) -> Non
         assert run(tmp_path, "run", str(path)).returncode == 0
         path.write_text(path.read_text().replace("SOLO: summarise", "SOLO: summarise again"))
         assert run(tmp_path, "run", str(path)).returncode == 0
-    assert (tmp_path / "runs" / "agents" / "outputs" / "solo" / "summary.md").read_text() == "SECOND ANSWER"
+    assert (published(tmp_path / "runs" / "agents", "solo") / "summary.md").read_text() == "SECOND ANSWER"
 
 
 def test_the_cmb_example_runs_end_to_end_against_an_endpoint(tmp_path: Path) -> None:
@@ -408,11 +409,11 @@ def test_the_cmb_example_runs_end_to_end_against_an_endpoint(tmp_path: Path) -> 
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = tmp_path / "runs" / "cmb-agents"
     assert set(states(run_dir).values()) == {"succeeded"}
-    assert (run_dir / "outputs" / "report" / "report.md").read_text() == "Final answer."
-    assert (run_dir / "outputs" / "camb-spectra" / "spectra.npz").read_text() == "result"
+    assert (published(run_dir, "report") / "report.md").read_text() == "Final answer."
+    assert (published(run_dir, "camb-spectra") / "spectra.npz").read_text() == "result"
     entries = ledger(run_dir)
     assert {e["source"] for e in entries} == {"agent", "analysis"}
-    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest = read_run(run_dir)
     assert manifest["ledger"]["cost_usd"] == pytest.approx(sum(e["cost_usd"] for e in entries))
 
 
@@ -425,7 +426,7 @@ def test_a_call_cut_by_the_task_timeout_is_in_the_ledger(tmp_path: Path) -> None
     [entry] = ledger(run_dir)
     assert entry["status"] == "error" and entry["prompt_tokens"] == 0 and entry["cost_usd"] == 0.0
     assert entry["error"].startswith("interrupted while waiting for the endpoint")
-    assert json.loads((run_dir / "run.json").read_text())["tasks"]["solo"]["reason"].startswith(
+    assert read_run(run_dir)["tasks"]["solo"]["reason"].startswith(
         "timed out after 2 s (process group killed) (agent process; see ")
 
 
@@ -465,7 +466,7 @@ def test_inconsistent_usage_is_capped_and_still_ledgered(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr
     [entry] = ledger(tmp_path / "runs" / "agents")
     assert (entry["prompt_tokens"], entry["cached_prompt_tokens"], entry["reasoning_tokens"]) == (100, 100, 10)
-    log = (tmp_path / "runs/agents/ranks/rank-0000/tasks/solo/logs/stderr.log").read_text()
+    log = (work_dir(tmp_path / "runs/agents", "solo") / "logs/stderr.log").read_text()
     assert "the ledger caps the parts at their totals" in log
 
 
@@ -476,7 +477,7 @@ def test_an_unreadable_answer_is_ledgered_and_fails_clearly(tmp_path: Path) -> N
     run_dir = tmp_path / "runs" / "agents"
     [entry] = ledger(run_dir)
     assert entry["status"] == "error" and entry["error"].startswith("unreadable answer: ")
-    reason = json.loads((run_dir / "run.json").read_text())["tasks"]["solo"]["reason"]
+    reason = read_run(run_dir)["tasks"]["solo"]["reason"]
     assert reason.startswith(f"LLM endpoint {srv.base_url} sent an answer that could not be read for model "
                              "'test-model': ")
     assert "Traceback" not in result.stderr
@@ -494,10 +495,10 @@ def test_max_turns_stops_an_agent_that_never_finishes(tmp_path: Path) -> None:
         assert len(srv.completions) == 2
     assert result.returncode == 1
     run_dir = tmp_path / "runs" / "agents"
-    assert json.loads((run_dir / "run.json").read_text())["tasks"]["solo"]["reason"] == (
+    assert read_run(run_dir)["tasks"]["solo"]["reason"] == (
         "the agent did not finish within max_turns=2 model turns")
     assert len(ledger(run_dir)) == 2
-    transcript = (run_dir / "ranks/rank-0000/tasks/solo/chats/transcript.jsonl").read_text()
+    transcript = (work_dir(run_dir, "solo") / "chats/transcript.jsonl").read_text()
     assert transcript.count("run_shell") >= 2  # kept although the attempt failed
 
 
@@ -514,8 +515,8 @@ def test_glob_outputs_made_by_code_are_published_and_background_code_does_not_ou
         [sent_back] = [r for b in srv.completions for r in tool_results(b)]
     assert result.returncode == 0, result.stderr
     assert sent_back == "exit code 0\nstarted\n"
-    published = tmp_path / "runs" / "agents" / "outputs" / "solo" / "plots"
-    assert sorted(p.name for p in published.iterdir()) == ["a.txt", "b.txt"]
+    plots = published(tmp_path / "runs" / "agents", "solo") / "plots"
+    assert sorted(p.name for p in plots.iterdir()) == ["a.txt", "b.txt"]
     assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "987654"]]
 
 

@@ -45,3 +45,13 @@ def test_mpi_bench_script_runs_quick(args: list[str], tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ERROR" not in r.stdout
     assert "figure" in r.stdout
+
+
+def test_scale_bench_runs_quick(tmp_path: Path) -> None:
+    """The CI smoke run of the scale benchmark: the 10^4 size, with 10^3 for one growth step."""
+    r = subprocess.run([sys.executable, str(BENCH / "bench_scale.py"), "--quick", "--runs", "1"],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ERROR" not in r.stdout + r.stderr
+    assert "\n10,000 no-op python tasks, process pool of 2\n" in r.stdout
+    assert "\ngrowth: no-op python tasks, process pool of 2\n" in r.stdout

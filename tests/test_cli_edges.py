@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.cli import clean_env, cli, write_spec
+from tests.helpers.runs import published, work_dir
 
 JOB = """\
 version: 1
@@ -51,8 +52,8 @@ def error_lines(result: subprocess.CompletedProcess[str], command: str) -> str:
 def test_only_before_the_spec_runs_that_task(tmp_path: Path, job: Path) -> None:
     result = cli(tmp_path, "run", "--only", "flaky", "job.yaml", "--quiet")
     assert (result.returncode, result.stderr) == (0, "")
-    assert (tmp_path / "runs" / "edges" / "outputs" / "flaky" / "out.txt").read_text() == "flaky\n"
-    assert not (tmp_path / "runs" / "edges" / "ranks" / "rank-0000" / "tasks" / "other").exists()
+    assert (published(tmp_path / "runs" / "edges", "flaky") / "out.txt").read_text() == "flaky\n"
+    assert not work_dir(tmp_path / "runs" / "edges", "other").exists()
 
 
 @pytest.mark.parametrize("only", [["--only", "flaky,sim-*"], ["--only", "flaky", "--only", "sim-*"],
@@ -123,7 +124,7 @@ def test_every_unknown_option_is_named_with_its_own_hint(tmp_path: Path, job: Pa
     (["validate", "job.yaml", "--formats", "json"], "validate",
      "unknown option --formats (did you mean --format?)\nvalid options: --help/-h, --format\n"),
     (["status", "runs/edges", "--explian"], "status",
-     "unknown option --explian (did you mean --explain?)\nvalid options: --help/-h, --format, --explain\n"),
+     "unknown option --explian (did you mean --explain?)\nvalid options: --help/-h, --format, --explain, --all\n"),
     (["ledger", "summarize", "ledger.jsonl", "--bi", "task"], "ledger summarize",
      "unknown option --bi (did you mean --by?)\nvalid options: --help/-h, --by, --format\n"),
     (["ledger", "report", "ledger.jsonl", "-o", "r.html", "--budjet", "1"], "ledger report",
@@ -169,7 +170,7 @@ def test_what_follows_a_double_dash_is_an_argument_not_an_option(tmp_path: Path,
     assert error_lines(result, "run") == "cmbagent-batch run: error: unexpected argument: --dry-run\n"
     result = cli(tmp_path, "run", "--only", "flaky", "--quiet", "--", "job.yaml")
     assert (result.returncode, result.stderr) == (0, "")
-    assert (tmp_path / "runs" / "edges" / "outputs" / "flaky" / "out.txt").read_text() == "flaky\n"
+    assert (published(tmp_path / "runs" / "edges", "flaky") / "out.txt").read_text() == "flaky\n"
 
 
 TOP_USAGE = "usage: cmbagent-batch [-h] [--version] COMMAND ...\n"

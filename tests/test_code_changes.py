@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.cli import cli, q, write_spec
+from tests.helpers.runs import published
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +122,7 @@ def test_an_edit_to_a_helper_module_the_callable_imports_counts(tmp_path: Path) 
         "other": "skip (up to date)", "summary": "run (upstream changed: camb-64, camb-67)"}
     run(tmp_path)
     assert counts(side) == {"camb-64": 2, "camb-67": 2, "other": 1, "summary": 2}
-    result = json.loads((tmp_path / "runs" / "cosmo" / "outputs" / "camb-64").rglob("return.json").__next__()
+    result = json.loads(published(tmp_path / "runs" / "cosmo", "camb-64").rglob("return.json").__next__()
                         .read_text())
     assert result == {"h0": 64, "cl": 192}
 

@@ -26,6 +26,7 @@ from cmbagent_batch.states import Tally, TaskState
 from tests.helpers.cli import COMMAND, Runner, clean_env, cli, journal, q, wait_until, write_spec
 from tests.helpers.fake_scheduler import FakePools, Job
 from tests.helpers.mpi_run import MPIEXEC, run_env
+from tests.helpers.runs import read_run, work_dir
 
 needs_mpi = pytest.mark.skipif(MPIEXEC is None or importlib.util.find_spec("mpi4py") is None,
                                reason="MPI tests need mpiexec and mpi4py: pip install 'cmbagent-batch[mpi]'")
@@ -142,7 +143,7 @@ def test_after_a_failure_the_progress_line_the_last_line_status_and_run_json_say
     assert re.fullmatch(rf"1/9 done: {TOLD}; 0:0\d elapsed", progress[-1]), progress
     assert res.stderr.splitlines()[-2:] == [f"cmbagent-batch: {TOLD}; run directory {run_dir}",
                                             "  failed: bad (attempt 1): exit code 3"]
-    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest = read_run(run_dir)
     counts = {"cancelled": 6, "failed": 1, "succeeded": 1, "upstream_failed": 1}
     assert manifest["counts"] == counts
 
@@ -152,7 +153,7 @@ def test_after_a_failure_the_progress_line_the_last_line_status_and_run_json_say
 
     # A cancelled task that never ran shows no stderr: its log holds only the header its attempt wrote
     # when it was handed over, and that attempt is not counted.
-    assert (run_dir / "ranks" / "rank-0000" / "tasks" / "ok-1" / "logs" / "stderr.log").read_text() == "# attempt 1\n"
+    assert (work_dir(run_dir, "ok-1") / "logs" / "stderr.log").read_text() == "# attempt 1\n"
     at = text.index("  ok-1     cancelled       attempts 0          -")
     assert text[at:at + 3] == ["  ok-1     cancelled       attempts 0          -",
                                "      not run: the job stopped (fail-fast)",

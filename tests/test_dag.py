@@ -337,3 +337,13 @@ def test_topological_order_puts_dependencies_first() -> None:
         assert level_of[task] == (1 + max(level_of[p] for p in deps) if deps else 0)
         assert set(d.ancestors(task)) >= set(deps)
         assert all(task in d.dependents(p) for p in deps)
+
+
+def test_levels_and_weights_by_task_in_id_order() -> None:
+    dag = Dag(["c", "a", "b", "lonely"], [Edge("a", "b", "order", "explicit", "r"), Edge("b", "c", "order", "explicit", "r")],
+              {"c": 2.5})
+    assert dag.level_numbers() == [0, 1, 2, 0]
+    assert dag.weights() == [1.0, 1.0, 2.5, 1.0]
+    assert dag.levels() == [["a", "lonely"], ["b"], ["c"]]
+    assert (dag.dependencies("lonely"), dag.dependents("lonely"), dag.dependents("a")) == ((), (), ("b",))
+    assert dag.ancestors("c") == ("a", "b") and dag.descendants("a") == ("b", "c")

@@ -24,6 +24,7 @@ import pytest
 
 from tests.helpers.cli import COMMAND, cli, wait_until, write_spec
 from tests.helpers.mpi_run import MPIEXEC, run_env, usage
+from tests.helpers.runs import kept_work_dir, published, read_run, work_dir
 from tests.helpers.scripted_llm import Delay, Reply, ScriptedLLM
 
 pytestmark = pytest.mark.slow  # runs, each a CLI in a subprocess
@@ -97,14 +98,14 @@ def assert_rerun_completes_once(tmp_path: Path, execution: str, launcher: tuple[
     run_dir = job(tmp_path, 0.2, execution)
     result = cli(tmp_path, "run", "job.yaml", "--quiet", env=run_env(tmp_path), launcher=launcher, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
-    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest = read_run(run_dir)
     assert manifest["tasks"]["quick"]["attempts"] == 1
     for tid in ("sh-1", "sh-2"):
         attempt = manifest["tasks"][tid]["attempts"]
-        assert (run_dir / "outputs" / tid / "out.txt").read_text().strip() == str(attempt)
+        assert (published(run_dir, tid) / "out.txt").read_text().strip() == str(attempt)
     for tid in ("py-1", "py-2"):
         attempt = manifest["tasks"][tid]["attempts"]
-        assert json.loads((run_dir / "outputs" / tid / "return.json").read_text()) == str(attempt)
+        assert json.loads((published(run_dir, tid) / "return.json").read_text()) == str(attempt)
 
 
 def kill_when_running(tmp_path: Path, proc: subprocess.Popen[bytes], victim: int | None = None) -> list[int]:
@@ -119,7 +120,7 @@ def test_a_sigkilled_runner_leaves_no_task_alive_and_status_says_so(tmp_path: Pa
     execution = "{max_workers: 5, kill_grace: 2}"
     run_dir = job(tmp_path, 60, execution)
     proc = background(tmp_path)
-    wait_until("quick succeeded", lambda: (run_dir / "outputs" / "quick" / "out.txt").exists(), limit=60)
+    wait_until("quick succeeded", lambda: (published(run_dir, "quick") / "out.txt").exists(), limit=60)
     pids = kill_when_running(tmp_path, proc)
     wait_until("no task process left", lambda: not live(pids), limit=15)
     status = cli(tmp_path, "status", str(run_dir), check=True).stdout
@@ -153,11 +154,11 @@ def test_a_rerun_waits_for_the_tasks_of_a_dead_run_to_end(tmp_path: Path, backen
     run_dir = tmp_path / "runs" / "stubborn"
     proc = background(tmp_path, launcher, env={"MARK": "first"})
 
-    def logs() -> list[Path]:  # on rank 0 locally, on a worker rank under MPI
-        return list(run_dir.glob("ranks/rank-*/tasks/stubborn/log.txt"))
+    def logs() -> dict[int, Path]:  # by rank: on rank 0 locally, on a worker rank under MPI
+        return {r: log for r in range(3) if (log := work_dir(run_dir, "stubborn", r) / "log.txt").exists()}
 
     wait_until("the task runs", logs, limit=90)
-    (log,) = logs()
+    ((rank, _),) = logs().items()
     victim = rank_zero(proc) if launcher else proc.pid
     os.kill(victim, signal.SIGKILL)
     proc.wait(timeout=60)
@@ -167,8 +168,8 @@ def test_a_rerun_waits_for_the_tasks_of_a_dead_run_to_end(tmp_path: Path, backen
     # Locally the dead runner's watchdog holds the run's lock; under MPI the worker rank's holds .tasks.lock.
     waited = "is gone; waiting for its tasks to be ended" if not launcher else "are still being ended; waiting"
     assert waited in result.stderr, result.stderr
-    assert (run_dir / "outputs" / "stubborn" / "out.txt").read_text().split("\n")[:2] == ["start second", "end second"]
-    old = (log.parent.parent.parent / "superseded" / "stubborn" / "log.txt").read_text()
+    assert (published(run_dir, "stubborn") / "out.txt").read_text().split("\n")[:2] == ["start second", "end second"]
+    old = (kept_work_dir(run_dir, "stubborn", rank) / "log.txt").read_text()
     assert old.split("\n")[:3] == ["start first", "term first", ""]  # ended before the rerun began
 
 
@@ -188,7 +189,7 @@ def test_a_sigkilled_mpi_rank_ends_the_job_and_every_task(tmp_path: Path, victim
     execution = "{backend: mpi, tasks_per_rank: 3, kill_grace: 2}"
     run_dir = job(tmp_path, 60, execution)
     proc = background(tmp_path, (MPIEXEC, "-n", "3"))
-    wait_until("quick succeeded", lambda: (run_dir / "outputs" / "quick" / "out.txt").exists(), limit=90)
+    wait_until("quick succeeded", lambda: (published(run_dir, "quick") / "out.txt").exists(), limit=90)
     ranks = sorted((p for p in psutil.Process(proc.pid).children(recursive=True)
                     if "cmbagent_batch" in " ".join(p.cmdline()) and "run" in p.cmdline()),
                    key=lambda p: p.create_time())
@@ -314,7 +315,7 @@ def sigkills_at_random_moments(tmp_path: Path, url: str) -> None:
     assert succeeded_in_journal(run_dir) == {f"l{lv:02d}-{i:02d}" for lv in range(10) for i in range(20)}
     successes = Counter(r["task"] for r in journal_records(run_dir) if r.get("state") == "succeeded")
     assert set(successes.values()) == {1}, successes.most_common(3)  # every task succeeded exactly once
-    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest = read_run(run_dir)
     assert {t["state"] for t in manifest["tasks"].values()} <= {"succeeded", "skipped"}
     assert len(Counter(side.read_text().split())) == 200 - AGENTS
     verify = cli(tmp_path, "ledger", "verify", str(run_dir / "ledger.jsonl"))
@@ -322,7 +323,7 @@ def sigkills_at_random_moments(tmp_path: Path, url: str) -> None:
     calls = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     assert {c["task"] for c in calls if c["status"] == "ok"} == {f"l05-{i:02d}" for i in range(AGENTS)}
     for tid in manifest["tasks"]:  # each output comes from one whole attempt
-        assert (run_dir / "outputs" / tid / "out.txt").read_text().strip() == tid
+        assert (published(run_dir, tid) / "out.txt").read_text().strip() == tid
     assert not task_processes(tmp_path)
 
 

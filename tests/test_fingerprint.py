@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from cmbagent_batch.plan.analysis.deps import analyse
+from cmbagent_batch.plan.analysis.files import input_sources
+from cmbagent_batch.plan.build import build_dag
+from cmbagent_batch.plan.dag import Dag
 from cmbagent_batch.plan.fingerprint import CodeFiles, fingerprints
+from cmbagent_batch.plan.specdigest import spec_digest
 from cmbagent_batch.spec.loader import load_spec_bytes
+from cmbagent_batch.spec.model import JobSpec
 
 
 def chain(n: int) -> tuple[dict, dict]:
@@ -94,3 +100,96 @@ def test_the_code_part_changes_with_the_bytes_and_reaches_dependents(tmp_path: P
     assert [before["a"].spec, before["a"].deps, before["b"].deps] == [after["a"].spec, after["a"].deps,
                                                                        after["b"].deps]
     assert before["a"].hashes.keys() == {"helpers.py", "deeper.py"}
+
+
+GOLDEN_SPEC = """\
+version: 1
+job: {name: golden}
+tasks:
+  - id: prep
+    kind: shell
+    run: bash prep.sh > data.txt
+    inputs: [prep.sh]
+    outputs: [data.txt]
+  - id: sim-{n}-{flag}-{x}
+    kind: python
+    call: noop:run
+    depends_on: [prep]
+    args: {n: "{n}", flag: "{flag}", x: "{x}", text: "n={n} ünï", nested: [1, {k: "{x}"}]}
+    env: {N: "{n}"}
+    inputs: [data.txt]
+    outputs: ["out_{n}_{flag}_{x}.json"]
+    matrix:
+      n: [1, 30]
+      flag: [true, false]
+      x: [0.5, "s"]
+      exclude: [{n: 30, flag: true}]
+      include: [{n: 99, flag: false, x: inc}]
+  - id: plain-{a}
+    kind: python
+    call: noop:run
+    timeout: 30
+    matrix: {a: [1, 2.5, "z"]}
+  - id: sum
+    kind: shell
+    run: cat out_*.json
+    depends_on: ["sim-*"]
+    inputs: ["out_*.json"]
+  - id: ask-{lmax}
+    kind: agent
+    model: mini
+    description: explains {lmax}
+    instructions: say {lmax}
+    matrix: {lmax: [10, 20]}
+llm:
+  models:
+    mini: {model: gpt-4o-mini}
+"""
+# As journaled by every earlier version: a changed value reruns every finished task of every run directory.
+GOLDEN = {
+    "ask-10": "42f58cc9b0672fa36abbe5baa9e48c45f88cebd7a6dbc8b654e253512eeaf68d",
+    "ask-20": "61f84df3f3a963f5209d47b9b9f37f0e301bb0501d4357c16998c272d962f3da",
+    "plain-1": "2880967cb0c496341282bbda1c0a17cfcb927a5a4a428dc72167c57d46de3253",
+    "plain-2.5": "05bbaaf75bbcfb45947ee8e2f9872610f054db9634e8eed3f20d48aa17eddc33",
+    "plain-z": "aedcfefe6f85f36eb643d5c3d39e3a666bd27ed0856087a5f72a2f6077153453",
+    "prep": "e91e743fb32fab4d44f31e602622b5f5e65721dfbe8c8ccc80c0bf491f590127",
+    "sim-1-false-0.5": "c0a9372d59aac133b970f9e61eeb90d1a4b97e7eda2fcedd7f45f151da33d13b",
+    "sim-1-false-s": "b457680862b42394e60f7086993292ab7885d0b2d4714311908671828715d3dd",
+    "sim-1-true-0.5": "755646c88f76cad079f431a0d08598ff676aa891ffeca4be283ca16868658a19",
+    "sim-1-true-s": "e7a7ba63e32d0b02a2540f6f89dfbb965f857282f14c16a6063b587b964a4e9a",
+    "sim-30-false-0.5": "5925d9a84b55d814aa5e6f868cfca6301b945a3eca26db02ae92e5779d56612d",
+    "sim-30-false-s": "14d11ff821c4c6f0e0fb9f3f9b3d7c52d671d72ce4fbc11827bab0a6c2cbe474",
+    "sim-99-false-inc": "c0cbba3f0ccf140939904d95b1a09b25b297a467c9946ce4e74bc198f88fcfc4",
+    "sum": "d74dec3a0a05b6f74354dd9b34cc69130980b5e506b843f480fd53db49c9fa72",
+}
+
+
+def golden_job(tmp_path: Path) -> tuple[JobSpec, Dag, dict[str, list[str]]]:
+    (tmp_path / "job.yaml").write_text(GOLDEN_SPEC)
+    (tmp_path / "noop.py").write_text("def run(**kw):\n    return None\n")
+    spec = load_spec_bytes(GOLDEN_SPEC.encode(), str(tmp_path / "job.yaml"))
+    dag = build_dag(spec, analyse(spec, None, refresh=False, warn=print))
+    external = {tid: [p for p, matches in entries if not matches] for tid, entries in input_sources(spec.tasks).items()}
+    return spec, dag, external
+
+
+def test_fingerprints_are_the_values_earlier_versions_journaled(tmp_path: Path) -> None:
+    spec, dag, external = golden_job(tmp_path)
+    by_id = fingerprints({t.id: t for t in spec.tasks}, {t: dag.dependencies(t) for t in dag.nodes}, external,
+                         str(tmp_path))
+    compact = fingerprints(spec.tasks, dag, external, str(tmp_path))
+    assert {tid: by_id[tid].value for tid in dag.nodes} == GOLDEN
+    assert {tid: compact[tid].value for tid in reversed(dag.nodes)} == GOLDEN  # dependents first
+    assert [compact[t].to_dict() for t in dag.nodes] == [by_id[t].to_dict() for t in dag.nodes]
+    assert [compact[t].spec for t in dag.nodes] == [spec_digest(spec.task(t)) for t in dag.nodes]
+
+
+def test_a_fingerprint_asked_for_again_is_the_same(tmp_path: Path) -> None:
+    spec, dag, external = golden_job(tmp_path)
+    fps = fingerprints(spec.tasks, dag, external, str(tmp_path))
+    first = {tid: fps[tid] for tid in dag.nodes}
+    assert all(fps[tid] == first[tid] for tid in dag.nodes)
+    assert list(fps) == [t.id for t in spec.tasks] and len(fps) == 14
+    assert fps["sim-1-true-s"].hashes == {"noop.py": first["plain-1"].hashes["noop.py"]}
+    with pytest.raises(KeyError):
+        fps["nope"]

@@ -20,6 +20,7 @@ from cmbagent_batch.backends.processes import WorkerProcesses
 from cmbagent_batch.states import OutcomeReason
 from tests.helpers.cli import clean_env, cli, write_spec
 from tests.helpers.mpi_run import MPIEXEC, manifest, mpirun
+from tests.helpers.runs import published, work_dir
 
 pytestmark = pytest.mark.slow  # runs, each a CLI in a subprocess
 
@@ -118,7 +119,7 @@ def test_a_segfault_fails_its_task_by_name_and_the_others_succeed(tmp_path: Path
     assert tasks["crash"]["reason"] == "worker died: SIGSEGV", tasks["crash"]
     assert [tasks[f"ok-{i}"]["state"] for i in range(1, 5)] == ["succeeded"] * 4
     for i in range(1, 5):  # their return values were published
-        assert json.loads((run_dir / "outputs" / f"ok-{i}" / "return.json").read_text())["n"] in (i, str(i))
+        assert json.loads((published(run_dir, f"ok-{i}") / "return.json").read_text())["n"] in (i, str(i))
 
 
 def test_a_dead_worker_is_retried_per_retries(tmp_path: Path) -> None:
@@ -136,7 +137,7 @@ def test_a_dead_worker_is_retried_per_retries(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     tasks = tasks_of(run_dir)
     assert tasks["flaky"]["state"] == "succeeded" and tasks["flaky"]["attempts"] == 2, tasks["flaky"]
-    assert json.loads((run_dir / "outputs" / "flaky" / "return.json").read_text()) == "second time lucky"
+    assert json.loads((published(run_dir, "flaky") / "return.json").read_text()) == "second time lucky"
     assert tasks["crash"]["state"] == "failed" and tasks["crash"]["attempts"] == 3, tasks["crash"]
     assert tasks["crash"]["reason"] == "worker died: SIGSEGV"
 
@@ -192,8 +193,8 @@ def test_a_task_that_changes_directory_or_environment_touches_no_other(tmp_path:
           depends_on: [wander]
     """, "{max_workers: 1}")  # one worker process: the second task runs where the first one ran
     cli(tmp_path, "run", "job.yaml", "--quiet", check=True)
-    stayed = json.loads((run_dir / "outputs" / "stay" / "return.json").read_text())
-    assert stayed == {"cwd": str(run_dir / "ranks" / "rank-0000" / "tasks" / "stay"), "wandered": None}
+    stayed = json.loads((published(run_dir, "stay") / "return.json").read_text())
+    assert stayed == {"cwd": str(work_dir(run_dir, "stay")), "wandered": None}
 
 
 @pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed")
@@ -245,7 +246,7 @@ def test_a_task_may_start_processes_of_its_own(tmp_path: Path) -> None:
           args: {n: 4}
     """, "{}")
     cli(tmp_path, "run", "job.yaml", "--quiet", check=True)
-    assert json.loads((run_dir / "outputs" / "pool" / "return.json").read_text()) == 10
+    assert json.loads((published(run_dir, "pool") / "return.json").read_text()) == 10
 
 
 def test_a_dead_worker_is_seen_at_once_and_what_its_task_started_ends_with_it(tmp_path: Path) -> None:

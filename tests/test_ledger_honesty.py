@@ -26,6 +26,7 @@ from cmbagent_batch.ledger.verdict import ChainStatus
 from cmbagent_batch.spec import pricing
 from tests.helpers.cli import cli
 from tests.helpers.ledger_entries import entry, head_of, write_chain
+from tests.helpers.runs import read_run
 from tests.test_ledger_report import HAND, find_chromium, realistic, run_chromium
 
 EDITED = "the hash does not match the line: the entry was edited"
@@ -192,7 +193,7 @@ def test_report_and_summarize_agree_on_a_run_json_that_is_no_json(tmp_path: Path
 ])
 def test_a_malformed_ledger_record_is_blamed_on_run_json(tmp_path: Path, record: Any, problem: str) -> None:
     run, _ = run_dir(tmp_path, [entry(1), entry(2)])
-    manifest = json.loads((run / "run.json").read_text())
+    manifest = read_run(run)
     if isinstance(record, dict):
         manifest["ledger"].update(record)
         if record.get("entries") == "absent":

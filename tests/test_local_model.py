@@ -33,6 +33,7 @@ from cmbagent_batch.spec import load_spec
 from cmbagent_batch.spec.pricing import Price
 from tests.helpers.cli import COMMAND, clean_env, wait_until
 from tests.helpers.cli import cli as run_cli
+from tests.helpers.runs import published, read_run
 
 pytestmark = pytest.mark.slow  # the local model's server, under the CLI and under mpiexec
 
@@ -206,7 +207,7 @@ def test_llm_quickstart_runs_offline_and_a_rerun_hits_the_analysis_cache(smol: L
     res, pid = cli(tmp_path, "run", str(spec), "--run-dir", str(first), "--cache-dir", str(cache), "--quiet")
     assert res.returncode == 0, res.stderr
     assert servers_of(pid) == []
-    manifest = json.loads((first / "run.json").read_text())
+    manifest = read_run(first)
     assert {t["state"] for t in manifest["tasks"].values()} == {"succeeded"}
     analysis = manifest["analysis"]
     assert (analysis["model"], analysis["cache"], analysis["mode"], analysis["fallback_used"]) == (
@@ -218,7 +219,7 @@ def test_llm_quickstart_runs_offline_and_a_rerun_hits_the_analysis_cache(smol: L
         assert (e["status"], e["model"], e["requested_model"], e["cost_usd"], e["price_table"]) == (
             "ok", "smol", "smollm2-135m-instruct", 0, "spec")
         assert e["prompt_tokens"] > 0 and e["completion_tokens"] > 0
-    assert (first / "outputs" / "explain" / "explanation.md").read_text().strip()
+    assert (published(first, "explain") / "explanation.md").read_text().strip()
     assert "Uvicorn running on http://127.0.0.1:" in (first / "local-model" / "smol-rank-0000.log").read_text()
     verify, _ = cli(tmp_path, "ledger", "verify", str(first / "ledger.jsonl"))
     assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -226,7 +227,7 @@ def test_llm_quickstart_runs_offline_and_a_rerun_hits_the_analysis_cache(smol: L
     res, pid = cli(tmp_path, "run", str(spec), "--run-dir", str(second), "--cache-dir", str(cache), "--quiet")
     assert res.returncode == 0, res.stderr
     assert servers_of(pid) == []
-    analysis = json.loads((second / "run.json").read_text())["analysis"]
+    analysis = read_run(second)["analysis"]
     assert (analysis["cache"], analysis["requests"]) == ("hit", 0)
     assert {e["source"] for e in ledger(second)} == {"agent"}
 

@@ -11,6 +11,7 @@ import pytest
 from cmbagent_batch.spec import JobSpec, load_spec
 from cmbagent_batch.spec.matrix import (
     MAX_TASKS,
+    Grid,
     MatrixProblem,
     combinations,
     describe_values,
@@ -394,3 +395,82 @@ tasks:
     )
     assert len(spec.tasks) == 100_000
     assert len({t.id for t in spec.tasks}) == 100_000
+
+
+# --- the tasks held compactly ------------------------------------------------------------------
+
+SWEEP = """\
+version: 1
+job:
+  name: sweep
+tasks:
+  - id: prep
+    kind: shell
+    run: echo prep
+  - id: sim-{n}-{fast}
+    kind: shell
+    run: echo {n}
+    depends_on: [prep]
+    outputs: [out.txt]
+    matrix:
+      n: [1, 2, 3]
+      fast: [true, false]
+      exclude: [{n: 2, fast: false}]
+      include: [{n: 9, fast: true}]
+  - id: calc-{n}
+    kind: python
+    call: json:dumps
+    args: {n: "{n}"}
+    estimate: 2
+    matrix:
+      n: [5, 6]
+"""
+
+
+def test_the_tasks_of_a_spec_are_a_sequence_made_on_demand(tmp_path: Path) -> None:
+    spec = load(tmp_path, SWEEP)
+    ids = ["prep", "sim-1-true", "sim-1-false", "sim-2-true", "sim-3-true", "sim-3-false", "sim-9-true",
+           "calc-5", "calc-6"]
+    assert len(spec.tasks) == 9
+    assert [t.id for t in spec.tasks] == ids == [spec.tasks[i].id for i in range(9)] == list(spec.tasks.ids)
+    assert spec.tasks[-1].id == "calc-6" and [t.id for t in spec.tasks[1:3]] == ids[1:3]
+    with pytest.raises(IndexError):
+        spec.tasks[9]
+    assert [spec.position(i) for i in ids] == list(range(9))
+    with pytest.raises(KeyError):
+        spec.task("sim-2-false")  # excluded
+    t = spec.task("sim-3-false")
+    assert t == spec.tasks[5] and t is not spec.tasks[5]  # made again, equal
+    assert (t.run, t.depends_on, t.outputs, dict(t.matrix), t.origin) == (
+        "echo 3", ("prep",), ("out.txt",), {"n": 3, "fast": False}, "$.tasks[1] (n=3, fast=false)")
+    assert spec.task("sim-9-true").matrix == {"n": 9, "fast": True}
+    assert spec.task("calc-6").args == {"n": 6} and spec.task("calc-6").estimate == 2
+    assert spec.task("prep").matrix == {} and spec.task("prep").depends_on == ()
+
+
+def test_an_entry_says_what_varies_between_its_tasks(tmp_path: Path) -> None:
+    spec = load(tmp_path, SWEEP)
+    prep, sims, calcs = spec.tasks.entries
+    assert [len(e) for e in (prep, sims, calcs)] == [1, 6, 2]
+    assert [e.start for e in (prep, sims, calcs)] == [0, 1, 7]
+    assert [name for name in ("id", "run", "outputs", "matrix", "kind") if sims.varies(name)] == ["id", "run", "matrix"]
+    assert [name for name in ("id", "args", "call", "matrix") if calcs.varies(name)] == ["id", "args", "matrix"]
+    assert not prep.varies("id") and not prep.varies("matrix")
+    assert sims.template is not None and sims.template.outputs == ("out.txt",) and sims.template.kind == "shell"
+    assert [t.id for t in spec.tasks.of_kind("python")] == ["calc-5", "calc-6"]
+    assert [spec.tasks.field(i, name) for i, name in ((2, "outputs"), (2, "run"), (8, "args"), (0, "matrix"))] == [
+        ("out.txt",), "echo 1", {"n": 6}, {}]
+
+
+def test_a_grid_holds_the_combinations_by_index() -> None:
+    grid, problems = Grid.of({"n": [1, 2, 3], "s": ["a", True], "exclude": [{"n": 2}], "include": [{"n": 7, "s": "z"}]})
+    assert problems == [] and grid is not None
+    assert len(grid) == 5 and grid.product_size == 4
+    assert [grid.values(k) for k in range(5)] == [
+        {"n": 1, "s": "a"}, {"n": 1, "s": True}, {"n": 3, "s": "a"}, {"n": 3, "s": True}, {"n": 7, "s": "z"}]
+    assert list(grid.all_values()) == [grid.values(k) for k in range(5)]
+    assert list(grid.rows(texts=True)) == [("1", "a"), ("1", "true"), ("3", "a"), ("3", "true")]
+    assert grid.texts("x{n}-{s}-${n}-{{n}}-{o}") == ["x1-a-${n}-{n}-{o}", "x1-true-${n}-{n}-{o}", "x3-a-${n}-{n}-{o}",
+                                                    "x3-true-${n}-{n}-{o}", "x7-z-${n}-{n}-{o}"]
+    three, _ = Grid.of({"a": [1, 2], "b": [3], "c": [4, 5]})
+    assert three is not None and [three.values(k) for k in range(4)] == combinations({"a": [1, 2], "b": [3], "c": [4, 5]})[0]

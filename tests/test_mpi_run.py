@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers.cli import COMMAND, cli, wait_until
 from tests.helpers.mpi_run import MIXED, MPIEXEC, manifest, mpirun, run_env, usage, write
+from tests.helpers.runs import published, work_dir
 from tests.helpers.scripted_llm import Reply, ScriptedLLM
 
 pytest.importorskip("mpi4py", reason="the MPI backend needs the 'mpi' extra (mpi4py, mpich)")
@@ -41,15 +42,15 @@ def test_a_mixed_dag_runs_on_the_worker_ranks_with_one_ledger(tmp_path: Path) ->
     assert set(t["state"] for t in tasks.values()) == {"succeeded"}
     assert {t["rank"] for t in tasks.values()} == {1, 2}
     for tid, t in tasks.items():
-        assert t["work_dir"] == str(run_dir / "ranks" / f"rank-{t['rank']:04d}" / "tasks" / tid)
+        assert t["work_dir"] == str(work_dir(run_dir, tid, t["rank"]))
         assert t["host"]
     # outputs from both ranks, in one outputs/ tree; the dependent found them
-    parts = [(run_dir / "outputs" / f"gen-{i}" / "part.txt").read_text().split() for i in range(1, 7)]
+    parts = [(published(run_dir, f"gen-{i}") / "part.txt").read_text().split() for i in range(1, 7)]
     assert {p[0] for p in parts} == {"1", "2"}
     assert all(p[0] == p[1] for p in parts)  # a task sees its own rank's environment, not rank 0's
-    merged = (run_dir / "outputs" / "merge" / "merged.txt").read_text().split()
+    merged = (published(run_dir, "merge") / "merged.txt").read_text().split()
     assert {"gen-1", "square-4", "think-2"} <= set(merged)
-    result_json = json.loads((run_dir / "outputs" / "square-3" / "return.json").read_text())
+    result_json = json.loads((published(run_dir, "square-3") / "return.json").read_text())
     assert result_json["square"] == 9 and result_json["rank"] in (1, 2)
     # every rank journaled what it ran; one ledger, entries from both ranks, intact
     assert {p.name for p in (run_dir / "journal").iterdir()} >= {"rank-0000.jsonl"}
@@ -86,7 +87,7 @@ def test_a_failure_on_a_worker_rank_says_where_and_the_job_goes_on(tmp_path: Pat
     assert failed and all(t["rank"] == 2 for t in failed.values())
     assert all(t["state"] == "succeeded" for tid, t in tasks.items() if t["rank"] == 1)
     for tid, t in failed.items():
-        assert t["work_dir"].endswith(f"ranks/rank-0002/tasks/{tid}") and t["host"]
+        assert t["work_dir"] == str(work_dir(run_dir, tid, 2)) and t["host"]
     status = cli(tmp_path, "status", str(run_dir), "--format", "json", timeout=60)
     rows = {r["id"]: r for r in json.loads(status.stdout)["tasks"]}
     journal = [json.loads(line) for line in (run_dir / "journal" / "rank-0000.jsonl").read_text().splitlines()]

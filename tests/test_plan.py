@@ -890,3 +890,50 @@ def test_a_matrix_of_100000_tasks_plans(home: Path) -> None:
     assert {e["to"] for e in data["edges"]} == {"combine"}
     assert data["edges"][0] == {"from": "sim-0-0", "to": "combine", "type": "file", "source": "files",
                                 "reason": "'combine' reads 'out_0_0.txt', which 'sim-0-0' writes"}
+
+
+def test_the_tasks_of_a_matrix_entry_share_what_their_inputs_match(tmp_path: Path) -> None:
+    from cmbagent_batch.plan.analysis.deps import explicit_edges
+    from cmbagent_batch.plan.analysis.files import file_edges, input_sources
+    from cmbagent_batch.spec import load_spec
+
+    (tmp_path / "job.yaml").write_text(
+        "version: 1\njob: {name: share}\ntasks:\n"
+        "  - {id: make, kind: shell, run: echo, outputs: [grid.txt, 'logs/*.log']}\n"
+        "  - id: use-{n}\n    kind: shell\n    run: echo\n    inputs: [grid.txt, params.ini]\n    matrix: {n: [1, 2, 3]}\n"
+        "  - id: loop-{n}\n    kind: shell\n    run: echo\n    inputs: ['logs/*.log']\n    outputs: ['logs/{n}.log']\n"
+        "    depends_on: [make]\n    matrix: {n: [1, 2]}\n")
+    spec = load_spec(str(tmp_path / "job.yaml"))
+    sources = input_sources(spec.tasks)
+    assert sources["use-1"] == [("grid.txt", [("make", "grid.txt")]), ("params.ini", [])]
+    assert sources["use-1"] is sources["use-3"]  # one list for the entry's tasks
+    assert sources["loop-1"] == [("logs/*.log", [("loop-2", "logs/2.log"), ("make", "logs/*.log")])]
+    assert sources["loop-2"] == [("logs/*.log", [("loop-1", "logs/1.log"), ("make", "logs/*.log")])]
+    assert [(e.src, e.dst) for e in file_edges(spec.tasks)] == [
+        ("loop-1", "loop-2"), ("loop-2", "loop-1"), ("make", "loop-1"), ("make", "loop-2"), ("make", "use-1"),
+        ("make", "use-2"), ("make", "use-3")]
+    assert [(e.src, e.dst, e.reason) for e in explicit_edges(spec.tasks)] == [
+        ("make", "loop-1", "'loop-1' lists 'make' in depends_on"), ("make", "loop-2", "'loop-2' lists 'make' in depends_on")]
+    assert file_edges(list(spec.tasks)) == file_edges(spec.tasks) and input_sources(list(spec.tasks)) == sources
+
+
+def test_a_cached_plan_keeps_its_tasks_as_columns_and_prints_the_same(home: Path) -> None:
+    spec = write(home / "job.yaml", {
+        "version": 1, "job": {"name": "cols"},
+        "tasks": [{"id": "prep", "kind": "shell", "run": "echo", "estimate": 3},
+                  {"id": "sim-{n}", "kind": "python", "call": "json:dumps", "depends_on": ["prep"],
+                   "matrix": {"n": [2, 1]}}]})
+    cold = plan_json(home, spec)
+    (record,) = records(home / ".cmbagent-batch" / "cache", "plan")
+    payload = json.loads(record.read_bytes().split(b'"payload":', 1)[1][:-1])
+    assert "tasks" not in payload
+    assert payload["task_columns"] == {"id": ["prep", "sim-1", "sim-2"], "kind": ["shell", "python", "python"],
+                                       "level": [0, 1, 1], "weight": [3.0, 1.0, 1.0]}
+    cached = plan_json(home, spec)
+    assert cold["tasks"] == cached["tasks"] == [
+        {"id": "prep", "kind": "shell", "level": 0, "weight": 3.0},
+        {"id": "sim-1", "kind": "python", "level": 1, "weight": 1.0},
+        {"id": "sim-2", "kind": "python", "level": 1, "weight": 1.0}]
+    assert {**cold, "from_cache": True} == cached
+    text = plan(home, spec)
+    assert text.stdout.splitlines()[0] == "Job cols: 3 tasks, 2 edges, 2 levels"

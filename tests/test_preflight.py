@@ -12,6 +12,7 @@ import pytest
 
 from tests.helpers.cli import clean_env, cli, q, write_spec
 from tests.helpers.mpi_run import MPIEXEC, mpirun
+from tests.helpers.runs import published, work_dir
 
 COMMANDS = (("validate",), ("plan",), ("submit", "--dry-run"), ("run",))
 
@@ -71,7 +72,7 @@ def test_an_escaped_placeholder_is_a_literal_and_the_shells_braces_are_left_alon
     """)
     r = cli(tmp_path, "run", "job.yaml")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "runs/ph/outputs/sim_67/out.txt").read_text() == '67 {H0} unset {print $1} a b {"h": 67}\n'
+    assert (published(tmp_path / "runs/ph", "sim_67") / "out.txt").read_text() == '67 {H0} unset {print $1} a b {"h": 67}\n'
 
 
 def test_an_input_no_task_writes_must_exist_beside_the_spec(tmp_path: Path) -> None:
@@ -121,7 +122,7 @@ def test_late_inputs_may_appear_once_the_job_runs(tmp_path: Path) -> None:
     (tmp_path / "maps").mkdir()
     (tmp_path / "maps/a.fits").write_text("map\n")
     assert cli(tmp_path, "run", "job.yaml").returncode == 0
-    assert (tmp_path / "runs/late/ranks/rank-0000/tasks/use/logs/stdout.log").read_text().endswith("map\n")
+    assert (work_dir(tmp_path / "runs/late", "use") / "logs/stdout.log").read_text().endswith("map\n")
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0] + ("-dry-run" if len(c) > 1 else ""))
@@ -296,7 +297,7 @@ def test_braces_far_from_any_parameter_are_a_warning_and_latex_is_left_alone(tmp
         r = cli(tmp_path, *command, "job.yaml", env=fake_sbatch(tmp_path))
         assert r.returncode == 0, (command, r.stderr)
         assert r.stderr.count("warning: {print} is not a matrix parameter (lmax)") == 1, (command, r.stderr)
-    assert (tmp_path / "runs/braces/outputs/cl_500/500.txt").read_text() == "1\n2\n3\n"
+    assert (published(tmp_path / "runs/braces", "cl_500") / "500.txt").read_text() == "1\n2\n3\n"
 
 
 def test_a_sites_mpi_hidden_by_the_interpreters_directory_is_warned_about(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from cmbagent_batch.spec.model import JobSpec
 from cmbagent_batch.spec.preflight import calls_needed, check_calls, check_keys, keys_needed, unknown_variables
 from cmbagent_batch.spec.variables import DEVELOPMENT_VARIABLES, MATRIX_PREFIX, PREFIX, is_known, known
 from tests.helpers.cli import clean_env, cli
+from tests.helpers.runs import published
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD = "version: 1\njob:\n  name: demo\n"
@@ -206,8 +207,7 @@ def test_a_run_imports_the_module_the_preflight_says(tmp_path: Path) -> None:
                    '  - {id: t1, kind: python, call: "json:dumps", args: [[1]]}\n')
     run = cli(tmp_path, "run", "--quiet", "job/job.yaml")
     assert (run.returncode, run.stderr) == (0, "")
-    outputs = job / "runs" / "demo" / "outputs"
-    assert [(outputs / t / "return.json").read_text() for t in ("t0", "t1")] == ['"beside the spec"\n', '"[1]"\n']
+    assert [(published(job / "runs" / "demo", t) / "return.json").read_text() for t in ("t0", "t1")] == ['"beside the spec"\n', '"[1]"\n']
     spec_file(job, python_tasks("json:myfunc"))
     refused = cli(tmp_path, "validate", "job/job.yaml")
     assert (refused.returncode, refused.stderr.splitlines()) == (2, [

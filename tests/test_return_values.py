@@ -1,5 +1,5 @@
 """A python task's return value: converted to JSON by the documented rules, published as
-``RUN_DIR/outputs/TASK/return.json``, and never a reason for a task to fail after its work is done."""
+``RUN_DIR/outputs/S/TASK/return.json``, and never a reason for a task to fail after its work is done."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from cmbagent_batch.tasks.returns import ARRAYS_DIR, MAX_LIST_ELEMENTS, encode
+from tests.helpers import runs
 from tests.helpers.cli import cli, write_spec
 
 
@@ -72,11 +73,11 @@ def run_job(tmp_path: Path, tasks: str, isolation: str = "isolation: process") -
 
 
 def published(run_dir: Path, task: str) -> Any:
-    return json.loads((run_dir / "outputs" / task / "return.json").read_text())
+    return json.loads((runs.published(run_dir, task) / "return.json").read_text())
 
 
 def log_lines(run_dir: Path, task: str) -> list[str]:
-    return (run_dir / "ranks" / "rank-0000" / "tasks" / task / "logs" / "stderr.log").read_text().splitlines()
+    return (runs.work_dir(run_dir, task) / "logs" / "stderr.log").read_text().splitlines()
 
 
 @pytest.mark.slow
@@ -89,7 +90,7 @@ def test_numpy_values_are_published_as_json_at_the_top_of_the_task_outputs(tmp_p
           call: science:spectra
     """, isolation)
     assert published(run_dir, "spectra") == {"n": 3, "a": [0, 1, 2]}
-    assert sorted(p.name for p in (run_dir / "outputs" / "spectra").iterdir()) == ["return.json"]
+    assert sorted(p.name for p in runs.published(run_dir, "spectra").iterdir()) == ["return.json"]
 
 
 @pytest.mark.slow
@@ -103,7 +104,7 @@ def test_an_array_over_the_limit_is_saved_as_npy_beside_return_json(tmp_path: Pa
     assert published(run_dir, "big") == {
         "n": 0.5, "cl": {"tt": {"$npy": rel, "dtype": "float64", "shape": [MAX_LIST_ELEMENTS + 1]}},
     }
-    saved = np.load(run_dir / "outputs" / "big" / rel)
+    saved = np.load(runs.published(run_dir, "big") / rel)
     assert saved.shape == (MAX_LIST_ELEMENTS + 1,) and saved[-1] == MAX_LIST_ELEMENTS
     assert log_lines(run_dir, "big")[-1] == (
         f"cmbagent-batch: attempt 1: return value: cl.tt: an array of {MAX_LIST_ELEMENTS + 1} elements "

@@ -22,6 +22,7 @@ import pytest
 
 from tests.helpers.cli import Runner, cli, journal, q, wait_until, write_spec
 from tests.helpers.processes import live_in_group
+from tests.helpers.runs import published, read_run, superseded_sets, work_dir
 
 pytestmark = pytest.mark.slow  # runs, each a CLI in a subprocess
 
@@ -98,13 +99,13 @@ def test_quickstart_runs_and_publishes_its_outputs(quickstart: tuple[Path, Any])
     assert res.returncode == 0, res.stderr
     run_dir = tmp / "runs" / "quickstart"
     assert res.stderr.splitlines()[-1] == f"cmbagent-batch: 5 succeeded; run directory {run_dir}"
-    summary = (run_dir / "outputs" / "summary" / "summary.txt").read_text()
+    summary = (published(run_dir, "summary") / "summary.txt").read_text()
     assert [line.split() for line in summary.splitlines()] == [
         ["999", "cl_tt_1000.txt"], ["1999", "cl_tt_2000.txt"], ["499", "cl_tt_500.txt"], ["3497", "total"],
     ]
-    params = json.loads((run_dir / "outputs" / "params" / "params.json").read_text())
+    params = json.loads((published(run_dir, "params") / "params.json").read_text())
     assert params["H0"] == 67.4
-    cl = (run_dir / "outputs" / "spectrum-lmax500" / "cl_tt_500.txt").read_text().splitlines()
+    cl = (published(run_dir, "spectrum-lmax500") / "cl_tt_500.txt").read_text().splitlines()
     assert len(cl) == 499 and cl[0].split()[0] == "2" and cl[-1].split()[0] == "500"
 
 
@@ -112,19 +113,22 @@ def test_quickstart_return_values_are_published(quickstart: tuple[Path, Any]) ->
     tmp, _ = quickstart
     run_dir = tmp / "runs" / "quickstart"
     for lmax, task in zip((500, 1000, 2000), SPECTRA):
-        work = run_dir / "ranks" / "rank-0000" / "tasks" / task / "return.json"
+        work = work_dir(run_dir, task) / "return.json"
         assert json.loads(work.read_text()) == {"lmax": lmax, "n_multipoles": lmax - 1}
-        published = run_dir / "outputs" / task / "return.json"
-        assert json.loads(published.read_text()) == {"lmax": lmax, "n_multipoles": lmax - 1}
+        public = published(run_dir, task) / "return.json"
+        assert json.loads(public.read_text()) == {"lmax": lmax, "n_multipoles": lmax - 1}
 
 
 def test_quickstart_run_json(quickstart: tuple[Path, Any]) -> None:
     tmp, _ = quickstart
     run_dir = tmp / "runs" / "quickstart"
-    manifest = json.loads((run_dir / "run.json").read_text())
-    jsonschema.validate(manifest, json.loads((ROOT / "schemas" / "run.schema.json").read_text()))
+    jsonschema.validate(json.loads((run_dir / "run.json").read_text()),
+                        json.loads((ROOT / "schemas" / "run.schema.json").read_text()))
+    manifest = read_run(run_dir)
     spec = tmp / "quickstart.yaml"
-    assert manifest["format"] == 1
+    assert manifest["format"] == 2
+    assert "tasks" not in json.loads((run_dir / "run.json").read_text())  # a summary: the journals hold each task
+    assert manifest["tasks_total"] == len(QUICKSTART_TASKS)
     assert manifest["job"] == "quickstart"
     assert manifest["spec"] == {"path": str(spec), "sha256": hashlib.sha256(spec.read_bytes()).hexdigest()}
     assert (manifest["backend"], manifest["ranks"], manifest["workers"]) == ("local", 1, 2)
@@ -136,7 +140,7 @@ def test_quickstart_run_json(quickstart: tuple[Path, Any]) -> None:
     for tid, t in manifest["tasks"].items():
         assert (t["state"], t["attempts"], t["rank"], t["reason"]) == ("succeeded", 1, 0, None)
         assert t["host"] == socket.gethostname()
-        assert t["work_dir"] == str(run_dir / "ranks" / "rank-0000" / "tasks" / tid)
+        assert t["work_dir"] == str(work_dir(run_dir, tid))
         assert re.fullmatch(r"[0-9a-f]{64}", t["fingerprint"])
         assert t["wall_s"] >= 0 and t["cpu_s"] >= 0
     records = journal(run_dir)
@@ -148,31 +152,35 @@ def test_quickstart_run_json(quickstart: tuple[Path, Any]) -> None:
 def test_quickstart_run_json_has_the_sizes_of_work_dirs_and_outputs(quickstart: tuple[Path, Any]) -> None:
     tmp, _ = quickstart
     run_dir = tmp / "runs" / "quickstart"
-    tasks = json.loads((run_dir / "run.json").read_text())["tasks"]
-    published = (run_dir / "outputs" / "spectrum-lmax2000" / "cl_tt_2000.txt").stat().st_size
-    assert tasks["spectrum-lmax2000"]["output_bytes"] >= published
-    assert tasks["spectrum-lmax2000"]["work_bytes"] >= published
+    tasks = read_run(run_dir)["tasks"]
+    size = (published(run_dir, "spectrum-lmax2000") / "cl_tt_2000.txt").stat().st_size
+    assert tasks["spectrum-lmax2000"]["output_bytes"] >= size
+    assert tasks["spectrum-lmax2000"]["work_bytes"] >= size
 
 
 def test_quickstart_work_dirs_layout_and_linked_inputs(quickstart: tuple[Path, Any]) -> None:
     tmp, _ = quickstart
     run_dir = tmp / "runs" / "quickstart"
     tasks_dir = run_dir / "ranks" / "rank-0000" / "tasks"
-    assert sorted(p.name for p in tasks_dir.iterdir()) == QUICKSTART_TASKS
+    places = sorted(str(work_dir(run_dir, tid).relative_to(tasks_dir)) for tid in QUICKSTART_TASKS)
+    assert sorted(str(p.relative_to(tasks_dir)) for p in tasks_dir.glob("*/*")) == places
     # README: subdirectories are made when used; shell tasks start with logs/ only
     for tid in QUICKSTART_TASKS:
-        made = subdirectories(tasks_dir / tid)
+        made = subdirectories(work_dir(run_dir, tid))
         assert "temp" not in made and set(made) <= set(WORK_SUBDIRS_KEPT), tid
-    assert subdirectories(tasks_dir / "params") == ["logs"]
-    assert (tasks_dir / "spectrum-lmax500" / "return.json").is_file()
+    # its logs held only the attempt's header: removed after its success (README: a task that writes nothing)
+    assert subdirectories(work_dir(run_dir, "params")) == []
+    assert (work_dir(run_dir, "spectrum-lmax500") / "return.json").is_file()
     # inputs appear at the same relative path, linked from the producer's published outputs
-    link = tasks_dir / "spectrum-lmax1000" / "params.json"
-    assert link.is_symlink() and os.readlink(link) == str(run_dir / "outputs" / "params" / "params.json")
+    link = work_dir(run_dir, "spectrum-lmax1000") / "params.json"
+    assert link.is_symlink() and os.readlink(link) == str(published(run_dir, "params") / "params.json")
     for name in ("cl_tt_500.txt", "cl_tt_1000.txt", "cl_tt_2000.txt"):
         producer = "spectrum-lmax" + name[len("cl_tt_"):-len(".txt")]
-        assert os.readlink(tasks_dir / "summary" / name) == str(run_dir / "outputs" / producer / name)
-    assert (tasks_dir / "params" / "logs" / "stdout.log").read_text() == "# attempt 1\n"
-    assert sorted(p.name for p in (run_dir / "outputs").iterdir()) == QUICKSTART_TASKS  # no staging leftovers
+        assert os.readlink(work_dir(run_dir, "summary") / name) == str(published(run_dir, producer) / name)
+    assert not (work_dir(run_dir, "params") / "logs").exists()
+    outputs = run_dir / "outputs"  # no staging leftovers
+    assert sorted(str(p.relative_to(outputs)) for p in outputs.glob("*/*")) == sorted(
+        str(published(run_dir, tid).relative_to(outputs)) for tid in QUICKSTART_TASKS)
 
 
 # --- what a task sees ------------------------------------------------------------------------------
@@ -206,25 +214,25 @@ def test_environment_cwd_and_process_group_of_tasks(tmp_path: Path) -> None:
     res = cli(tmp_path, "run", "job.yaml", "--quiet")
     assert res.returncode == 0, res.stderr
     run_dir = tmp_path / "runs" / "envjob"
-    work = run_dir / "ranks" / "rank-0000" / "tasks"
-    out = run_dir / "outputs"
-    assert (out / "sh-7" / "env.txt").read_text().splitlines() == sorted([
+    out = published(run_dir, "sh-7")
+    assert (out / "env.txt").read_text().splitlines() == sorted([
         "CMBAGENT_ATTEMPT=1",
         f"CMBAGENT_HOST={socket.gethostname()}",
         "CMBAGENT_MATRIX_Z=7",
         "CMBAGENT_RANK=0",
         f"CMBAGENT_RUN_DIR={run_dir}",
-        f"CMBAGENT_TASK_DIR={work / 'sh-7'}",
+        f"CMBAGENT_TASK_DIR={work_dir(run_dir, 'sh-7')}",
         "CMBAGENT_TASK_ID=sh-7",
     ])
-    assert (out / "sh-7" / "cwd.txt").read_text().strip() == str((work / "sh-7").resolve())
-    pid, pgid = (out / "sh-7" / "group.txt").read_text().split()
+    assert (out / "cwd.txt").read_text().strip() == str(work_dir(run_dir, "sh-7").resolve())
+    pid, pgid = (out / "group.txt").read_text().split()
     assert pid == pgid  # bash leads its own process group
-    got = json.loads((work / "py" / "return.json").read_text())
-    assert got["cwd"] == str(work / "py")
-    assert got["ctx"] == ["py", str(work / "py"), str(run_dir), 0, 1]
+    work = work_dir(run_dir, "py")
+    got = json.loads((work / "return.json").read_text())
+    assert got["cwd"] == str(work)
+    assert got["ctx"] == ["py", str(work), str(run_dir), 0, 1]
     assert got["env"] == {"CMBAGENT_ATTEMPT": "1", "CMBAGENT_HOST": socket.gethostname(), "CMBAGENT_RANK": "0",
-                          "CMBAGENT_RUN_DIR": str(run_dir), "CMBAGENT_TASK_DIR": str(work / "py"),
+                          "CMBAGENT_RUN_DIR": str(run_dir), "CMBAGENT_TASK_DIR": str(work),
                           "CMBAGENT_TASK_ID": "py"}
 
 
@@ -247,10 +255,10 @@ def test_inputs_are_linked_from_producers_and_from_the_spec_directory(tmp_path: 
     res = cli(tmp_path, "run", "job.yaml", "--quiet")
     assert res.returncode == 0, res.stderr
     run_dir = tmp_path / "runs" / "links"
-    work = run_dir / "ranks" / "rank-0000" / "tasks" / "cons"
-    assert os.readlink(work / "maps" / "x.txt") == str(run_dir / "outputs" / "prod" / "maps" / "x.txt")
+    work = work_dir(run_dir, "cons")
+    assert os.readlink(work / "maps" / "x.txt") == str(published(run_dir, "prod") / "maps" / "x.txt")
     assert os.readlink(work / "ext.txt") == str(tmp_path / "ext.txt")
-    assert (run_dir / "outputs" / "cons" / "both.txt").read_text() == "produced\nexternal\n"
+    assert (published(run_dir, "cons") / "both.txt").read_text() == "produced\nexternal\n"
 
 
 def retention_spec(tmp_path: Path, script: str) -> None:
@@ -271,11 +279,11 @@ def retention_spec(tmp_path: Path, script: str) -> None:
 def test_temp_is_removed_after_success_and_kept_after_a_failure(tmp_path: Path) -> None:
     retention_spec(tmp_path, "mkdir -p temp data codebase && echo s > temp/scratch && echo d > data/d.txt")
     assert cli(tmp_path, "run", "job.yaml", "--quiet").returncode == 1
-    tasks = tmp_path / "runs" / "keep" / "ranks" / "rank-0000" / "tasks"
-    assert subdirectories(tasks / "ok") == ["codebase", "data", "logs"]
-    assert (tasks / "ok" / "data" / "d.txt").read_text() == "d\n"
-    assert subdirectories(tasks / "bad") == ["codebase", "data", "logs", "temp"]
-    assert (tasks / "bad" / "temp" / "scratch").read_text() == "s\n"  # left whole, to see what went wrong
+    run_dir = tmp_path / "runs" / "keep"
+    assert subdirectories(work_dir(run_dir, "ok")) == ["codebase", "data"]  # its logs held only their headers
+    assert (work_dir(run_dir, "ok") / "data" / "d.txt").read_text() == "d\n"
+    assert subdirectories(work_dir(run_dir, "bad")) == ["codebase", "data", "logs", "temp"]
+    assert (work_dir(run_dir, "bad") / "temp" / "scratch").read_text() == "s\n"  # left whole, to see what went wrong
 
 
 def test_shell_tasks_start_with_logs_and_make_the_rest_when_they_need_them(tmp_path: Path) -> None:
@@ -304,8 +312,8 @@ def test_a_declared_output_not_written_fails_the_task(tmp_path: Path) -> None:
     ]
     row = status_rows(tmp_path, tmp_path / "runs" / "missing")["t"]
     assert (row["state"], row["reason"]) == ("failed", "declared output 'missing.txt' was not written")
-    assert not (tmp_path / "runs" / "missing" / "outputs" / "t").exists()
-    work = tmp_path / "runs" / "missing" / "ranks" / "rank-0000" / "tasks" / "t"
+    assert not published(tmp_path / "runs" / "missing", "t").exists()
+    work = work_dir(tmp_path / "runs" / "missing", "t")
     assert (work / "temp" / "scratch").exists() and (work / "other.txt").exists()  # left whole
 
 
@@ -337,9 +345,9 @@ def test_a_task_retried_twice_succeeds_on_its_third_attempt_and_every_attempt_is
     assert 0.025 <= retrying[0]["retry_in_s"] <= 0.05 and 0.05 <= retrying[1]["retry_in_s"] <= 0.1
     row = status_rows(tmp_path, run_dir)["flaky"]
     assert (row["state"], row["attempts"]) == ("succeeded", 3)
-    logs = run_dir / "ranks" / "rank-0000" / "tasks" / "flaky" / "logs"
+    logs = work_dir(run_dir, "flaky") / "logs"
     assert logs.joinpath("stderr.log").read_text() == "# attempt 1\ntry 1\n# attempt 2\ntry 2\n# attempt 3\ntry 3\n"
-    assert json.loads((run_dir / "run.json").read_text())["tasks"]["flaky"]["attempts"] == 3
+    assert read_run(run_dir)["tasks"]["flaky"]["attempts"] == 3
 
 
 def test_a_timeout_kills_the_task_and_its_grandchildren(tmp_path: Path) -> None:
@@ -410,7 +418,7 @@ def test_upstream_failed_and_keep_going_or_fail_fast(tmp_path: Path, flag: str) 
         assert not done.exists()
     records = journal(tmp_path / "runs" / "fails")
     assert [r["root"] for r in records if r["state"] == "upstream_failed"] == ["bad", "bad"]
-    manifest = json.loads((tmp_path / "runs" / "fails" / "run.json").read_text())
+    manifest = read_run(tmp_path / "runs" / "fails")
     assert (manifest["status"], manifest["exit_code"]) == ("finished", 1)
 
 
@@ -474,9 +482,8 @@ def test_a_killed_python_worker_is_survived(tmp_path: Path) -> None:
     records = journal(run_dir)
     assert [(r["state"], r["attempt"], r.get("reason")) for r in records if r["task"] == "once"] == [
         ("running", 1, None), ("retrying", 1, DIED), ("running", 2, None), ("succeeded", 2, None)]
-    work = run_dir / "ranks" / "rank-0000" / "tasks"
-    assert json.loads((work / "once" / "return.json").read_text())["attempt"] == 2
-    assert json.loads((work / "after-once" / "return.json").read_text()) == "fine"
+    assert json.loads((work_dir(run_dir, "once") / "return.json").read_text())["attempt"] == 2
+    assert json.loads((work_dir(run_dir, "after-once") / "return.json").read_text()) == "fine"
 
 
 def test_a_task_running_beside_a_killed_worker_still_succeeds(tmp_path: Path) -> None:
@@ -530,7 +537,7 @@ def test_a_signal_stops_the_run_and_a_rerun_completes_it_without_running_a_succe
     assert first.wait() == code, first.stderr()
     started = [int(p) for p in pids.read_text().split()]
     assert [(p, live_in_group(p)) for p in started if live_in_group(p)] == []  # no process of the job left
-    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest = read_run(run_dir)
     assert (manifest["status"], manifest["stop_reason"], manifest["exit_code"]) == ("interrupted", sig.name, code)
     records = journal(run_dir)
     ran_first = {r["task"] for r in records if r["state"] == "running"}
@@ -549,7 +556,7 @@ def test_a_signal_stops_the_run_and_a_rerun_completes_it_without_running_a_succe
     assert expected == {"q1": 1, "q2": 1, "w1": 2, "w2": 2, "final": 1}
     states = {tid: row["state"] for tid, row in status_rows(tmp_path, run_dir).items()}
     assert states == dict.fromkeys(expected, "succeeded")
-    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest = read_run(run_dir)
     assert {tid: t["state"] for tid, t in manifest["tasks"].items()} == {
         "q1": "skipped", "q2": "skipped", "w1": "succeeded", "w2": "succeeded", "final": "succeeded"}
     assert manifest["tasks"]["q1"]["reason"] == "succeeded in an earlier run; unchanged"
@@ -594,8 +601,8 @@ def test_editing_a_task_reruns_it_and_its_dependents_only(tmp_path: Path) -> Non
 
     assert cli(tmp_path, "run", "job.yaml", "--quiet").returncode == 0
     assert side_counts(side) == {"a": 1, "b": 2, "c": 2, "d": 1}
-    assert (run_dir / "outputs" / "c" / "c.txt").read_text() == "v2\n"
-    superseded = list((run_dir / "superseded").iterdir())
+    assert (published(run_dir, "c") / "c.txt").read_text() == "v2\n"
+    superseded = superseded_sets(run_dir, ("a", "b", "c", "d"))
     assert sorted(p.name.split("-")[0] for p in superseded) == ["b", "c"]
     old_b = next(p for p in superseded if p.name.startswith("b-"))
     assert (old_b / "out.txt").read_text() == "v1\n"
@@ -730,17 +737,19 @@ def test_fresh_keeps_the_old_run_dir_aside(tmp_path: Path) -> None:
     chain_spec(tmp_path, side)
     run_dir = tmp_path / "runs" / "chain"
     assert cli(tmp_path, "run", "job.yaml", "--quiet").returncode == 0
-    old_manifest = json.loads((run_dir / "run.json").read_text())
+    old_manifest = read_run(run_dir)
     res = cli(tmp_path, "run", "job.yaml", "--fresh", "--quiet")
     assert res.returncode == 0, res.stderr
     match = re.fullmatch(r"cmbagent-batch: the previous run directory is kept at (.*)\n", res.stderr)
     assert match, res.stderr
     old = Path(match.group(1))
     assert re.fullmatch(re.escape(str(run_dir)) + r"\.old-\d{8}-\d{6}", str(old))
-    assert json.loads((old / "run.json").read_text()) == old_manifest
+    moved = {tid: {**t, "work_dir": t["work_dir"].replace(str(run_dir), str(old), 1)}  # where it now is
+             for tid, t in old_manifest["tasks"].items()}
+    assert read_run(old) == {**old_manifest, "tasks": moved}
     assert side_counts(side) == {"a": 2, "b": 2, "c": 2, "d": 2}
-    assert {r["run"] for r in journal(run_dir)} == {json.loads((run_dir / "run.json").read_text())["run_id"]}
-    assert (old / "outputs" / "c" / "c.txt").read_text() == "v1\n"
+    assert {r["run"] for r in journal(run_dir)} == {read_run(run_dir)["run_id"]}
+    assert (published(old, "c") / "c.txt").read_text() == "v1\n"
 
 
 def test_dry_run_runs_nothing(tmp_path: Path) -> None:
@@ -763,7 +772,7 @@ def test_only_runs_the_named_tasks_and_the_dependencies_they_still_need(tmp_path
     res = cli(tmp_path, "run", "job.yaml", "--only", "b", "--quiet")
     assert res.returncode == 0, res.stderr
     assert side_counts(side) == {"a": 1, "b": 1}
-    tasks = json.loads((run_dir / "run.json").read_text())["tasks"]
+    tasks = read_run(run_dir)["tasks"]
     assert {tid: (t["state"], t["reason"]) for tid, t in tasks.items()} == {
         "a": ("succeeded", None), "b": ("succeeded", None),
         "c": ("skipped", "not selected by --only"), "d": ("skipped", "not selected by --only")}
@@ -813,7 +822,7 @@ def test_one_task_at_a_time(tmp_path: Path, flags: list[str], mixed: bool) -> No
     assert len(kinds) == 8
     for i in range(0, 8, 2):  # every start is followed by the end of the same task
         assert kinds[i][0] == "start" and kinds[i + 1] == ("end", kinds[i][1]), kinds
-    assert json.loads((tmp_path / "runs" / "seq" / "run.json").read_text())["workers"] == 1
+    assert read_run(tmp_path / "runs" / "seq")["workers"] == 1
 
 
 def test_run_dir_flag_and_usage_errors(tmp_path: Path) -> None:

@@ -271,9 +271,11 @@ def test_a_crashed_publish_leaves_old_outputs_and_its_staging_dir_is_removed_nex
 
 def test_cleanup_removes_what_is_not_kept(tmp_path: Path) -> None:
     ctx = make_ctx(tmp_path)
-    write(ctx.work_dir, {"temp/big/x": "x", "outputs/o": "o"})
+    write(ctx.work_dir, {"temp/big/x": "x", "outputs/o": "o", "logs/stderr.log": "# attempt 1\nwarning\n",
+                         "logs/stdout.log": "# attempt 1\n"})
     cleanup(ctx, {"outputs", "logs"})
     assert sorted(os.listdir(ctx.work_dir)) == ["logs", "outputs"]
+    assert os.listdir(Path(ctx.work_dir, "logs")) == ["stderr.log"]  # the log holding only its header went
     cleanup(ctx, {"outputs", "logs"})
     with pytest.raises(ValueError, match=r"^cannot keep 'output': not a work subdirectory"):
         cleanup(ctx, {"output"})

@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers.cli import cli as run_cli
 from tests.helpers.mpi_run import MIXED, manifest, run_env, usage, write
+from tests.helpers.runs import published
 from tests.helpers.scripted_llm import Reply, ScriptedLLM
 from tests.helpers.slurm_cluster import env_for, job_logs, wait_job_end
 
@@ -66,7 +67,7 @@ def test_a_submitted_job_runs_the_dag_on_three_ranks(tmp_path: Path, slurm_conf:
     assert m["counts"] == {"succeeded": 13}
     assert m["slurm"]["job_id"] == job_id and m["slurm"]["this_run"]["job_id"] == job_id
     assert {t["rank"] for t in m["tasks"].values()} == {1, 2}
-    assert (run_dir / "outputs" / "think-1" / "thought.md").exists()
+    assert (published(run_dir, "think-1") / "thought.md").exists()
     summary = ledger(tmp_path, slurm_conf, run_dir)
     assert summary["total"]["calls"] == 2
     status = cli(tmp_path, slurm_conf, "status", str(run_dir))

@@ -752,7 +752,7 @@ def test_top_level_x_blocks_hold_anchors_for_merge_keys(tmp_path: Path) -> None:
 
 
 def test_tasks_may_write_the_same_relative_path_when_nobody_reads_it_ambiguously(tmp_path: Path) -> None:
-    # Each task publishes under outputs/TASK/, so a sweep whose tasks all write out.txt is fine.
+    # Each task publishes under outputs/S/TASK/, so a sweep whose tasks all write out.txt is fine.
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         "version: 1\njob: {name: demo}\ntasks:\n"

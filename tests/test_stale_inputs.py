@@ -17,6 +17,7 @@ from cmbagent_batch.attempt import TaskContext
 from cmbagent_batch.tasks import workdir
 from tests.helpers.cli import cli, q, write_spec
 from tests.helpers.mpi_run import MPIEXEC, manifest, mpirun
+from tests.helpers.runs import kept_work_dir, published, work_dir
 
 # The consumers glob their work directory, as the summary of a cosmology pipeline does.
 SUMMARY = """
@@ -61,8 +62,8 @@ def pipeline(tmp_path: Path, h0: list[int], backend: str = "local") -> None:
 
 def seen(run_dir: Path) -> tuple[list[str], list[str], list[int]]:
     """What the consumers found: the shell's listing, the python's files and their values."""
-    listing = (run_dir / "outputs" / "summary" / "seen.txt").read_text().split()
-    summary = json.loads((run_dir / "outputs" / "summary-py" / "summary.json").read_text())
+    listing = (published(run_dir, "summary") / "seen.txt").read_text().split()
+    summary = json.loads((published(run_dir, "summary-py") / "summary.json").read_text())
     return listing, summary["files"], summary["H0"]
 
 
@@ -80,10 +81,9 @@ def test_a_rerun_after_a_matrix_change_sees_exactly_the_new_inputs(tmp_path: Pat
     pipeline(tmp_path, [64, 67, 70, 74])  # one value replaced
     cli(tmp_path, "run", "job.yaml", "--quiet", check=True)
     assert seen(run_dir) == (names([64, 67, 70, 74]), names([64, 67, 70, 74]), [64, 67, 70, 74])
-    work = run_dir / "ranks" / "rank-0000"
-    assert sorted(p.name for p in (work / "tasks" / "summary").glob("ana_*")) == names([64, 67, 70, 74])
+    assert sorted(p.name for p in work_dir(run_dir, "summary").glob("ana_*")) == names([64, 67, 70, 74])
     # the earlier run's directory, its links included, is kept as it was
-    old = work / "superseded" / "summary"
+    old = kept_work_dir(run_dir, "summary")
     assert sorted(p.name for p in old.glob("ana_*")) == names([64, 67, 70, 73])
     assert (old / "seen.txt").read_text().split() == names([64, 67, 70, 73])
 
@@ -113,8 +113,8 @@ def test_what_earlier_attempts_left_is_moved_aside_and_one_is_kept(tmp_path: Pat
         """)
 
     run_dir = tmp_path / "runs" / "leftovers"
-    work = run_dir / "ranks" / "rank-0000" / "tasks" / "t"
-    kept = run_dir / "ranks" / "rank-0000" / "superseded" / "t"
+    work = work_dir(run_dir, "t")
+    kept = kept_work_dir(run_dir, "t")
     spec(1)
     cli(tmp_path, "run", "job.yaml", "--quiet", check=True)
     # attempt 2 found nothing of attempt 1 (only its own logs/ and the listing being written)
@@ -149,7 +149,7 @@ def test_on_mpi_ranks_a_rerun_sees_exactly_the_new_inputs(tmp_path: Path) -> Non
     for task in ("summary", "summary-py"):
         ran = Path(manifest(run_dir)["tasks"][task]["work_dir"])
         for rank in range(3):
-            other = run_dir / "ranks" / f"rank-{rank:04d}" / "tasks" / task
+            other = work_dir(run_dir, task, rank)
             if not other.exists():
                 shutil.copytree(ran, other, symlinks=True)
 
@@ -157,8 +157,9 @@ def test_on_mpi_ranks_a_rerun_sees_exactly_the_new_inputs(tmp_path: Path) -> Non
     result = mpirun(tmp_path, 3, "run", "job.yaml", "--quiet")
     assert result.returncode == 0, result.stderr
     assert seen(run_dir) == (names([64, 67, 70, 74]), names([64, 67, 70, 74]), [64, 67, 70, 74])
-    ran = Path(manifest(run_dir)["tasks"]["summary"]["work_dir"])
-    assert sorted(p.name for p in (ran.parent.parent / "superseded" / "summary").glob("ana_*")) == names(
+    ran = manifest(run_dir)["tasks"]["summary"]
+    assert ran["work_dir"] == str(work_dir(run_dir, "summary", ran["rank"]))
+    assert sorted(p.name for p in kept_work_dir(run_dir, "summary", ran["rank"]).glob("ana_*")) == names(
         [64, 67, 70, 73])
 
 

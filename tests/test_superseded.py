@@ -11,6 +11,7 @@ import pytest
 
 from cmbagent_batch.rundir.layout import prune_superseded, superseded_to_prune
 from tests.helpers.cli import clean_env, cli, write_spec
+from tests.helpers.runs import published, superseded_sets
 
 JOB = """\
 version: 1
@@ -40,8 +41,7 @@ def run_with(tmp_path: Path, size: int, *flags: str, keep: str = "", env: dict[s
 
 
 def superseded(tmp_path: Path) -> list[str]:
-    directory = tmp_path / "runs" / "sup" / "superseded"
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    return [p.name for p in superseded_sets(tmp_path / "runs" / "sup", ("make", "other"))]
 
 
 def test_the_newest_three_of_each_task_are_kept_by_default(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_the_newest_three_of_each_task_are_kept_by_default(tmp_path: Path) -> No
     after = superseded(tmp_path)
     assert set(before) - set(after) == set(oldest)
     assert len(after) == 8  # three kept of each, plus the one this run set aside
-    assert (tmp_path / "runs" / "sup" / "outputs" / "make" / "out.bin").stat().st_size == 1005
+    assert (published(tmp_path / "runs" / "sup", "make") / "out.bin").stat().st_size == 1005
 
 
 def test_the_setting_and_its_variable_say_how_many(tmp_path: Path) -> None:
@@ -84,7 +84,7 @@ def test_prune_superseded_removes_them_all_first(tmp_path: Path) -> None:
     assert err == (f"cmbagent-batch: removed 4 earlier output sets (2,013 bytes) from {tmp_path}/runs/sup/superseded, "
                    f"oldest first (--prune-superseded): {', '.join(names)}\n")
     assert len(superseded(tmp_path)) == 2  # what this run set aside
-    assert (tmp_path / "runs" / "sup" / "outputs" / "other" / "other.txt").read_text() == "other\n"
+    assert (published(tmp_path / "runs" / "sup", "other") / "other.txt").read_text() == "other\n"
 
 
 def test_nothing_is_removed_by_a_dry_run_or_when_there_is_nothing(tmp_path: Path) -> None:
@@ -163,4 +163,4 @@ def test_a_superseded_path_that_is_not_a_directory_is_said_and_the_run_goes_on(t
     err = run_with(tmp_path, 10)
     assert err == (f"cmbagent-batch: warning: cannot read {tmp_path}/runs/sup/superseded (Not a directory); no earlier "
                    "output set was removed\n")
-    assert (tmp_path / "runs" / "sup" / "outputs" / "make" / "out.bin").stat().st_size == 10
+    assert (published(tmp_path / "runs" / "sup", "make") / "out.bin").stat().st_size == 10

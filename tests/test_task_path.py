@@ -23,6 +23,7 @@ from cmbagent_batch.spec.model import TaskPath
 from cmbagent_batch.tasks.shell import interpreter_first, use_task_path
 from tests.helpers.cli import clean_env, cli
 from tests.helpers.mpi_run import MPIEXEC
+from tests.helpers.runs import published
 from tests.helpers.slurm_cluster import env_for, job_logs, wait_job_end
 
 BIN = os.path.dirname(sys.executable)  # the runner's interpreter directory, as the CLI below is started
@@ -79,11 +80,11 @@ def prefix_of(python: str) -> str:
 
 
 def shell_saw(run_dir: Path, task: str = "shell-1") -> list[str]:
-    return (run_dir / "outputs" / task / "where.txt").read_text().splitlines()
+    return (published(run_dir, task) / "where.txt").read_text().splitlines()
 
 
 def python_saw(run_dir: Path) -> dict[str, Any]:
-    found: dict[str, Any] = json.loads((run_dir / "outputs" / "py" / "return.json").read_text())
+    found: dict[str, Any] = json.loads((published(run_dir, "py") / "return.json").read_text())
     return found
 
 
@@ -141,8 +142,8 @@ def test_a_task_env_path_wins_and_a_command_can_prepend(tmp_path: Path) -> None:
     outputs: [path.txt]
 """
     run(tmp_path, spec(tmp_path, extra=extra))
-    assert (tmp_path / "runs" / "outputs" / "own" / "path.txt").read_text() == "/bin\n"
-    assert (tmp_path / "runs" / "outputs" / "prepend" / "path.txt").read_text() == f"/opt/tools/bin:{BIN}:{SYSTEM_PATH}\n"
+    assert (published(tmp_path / "runs", "own") / "path.txt").read_text() == "/bin\n"
+    assert (published(tmp_path / "runs", "prepend") / "path.txt").read_text() == f"/opt/tools/bin:{BIN}:{SYSTEM_PATH}\n"
 
 
 def test_the_interpreter_directory_already_first_is_not_added_again(tmp_path: Path) -> None:

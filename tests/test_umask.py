@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers.cli import clean_env, cli, write_spec
 from tests.helpers.ledger_entries import entry, write_chain
+from tests.helpers.runs import published
 
 JOB = """\
 version: 1
@@ -57,8 +58,8 @@ def test_a_run_and_its_reports_follow_the_umask(tmp_path: Path, mask: int, file:
     run = cli(tmp_path, "run", "job.yaml", "--quiet", launcher=umasked(mask))
     assert run.returncode == 0, run.stderr
     run_dir = tmp_path / "runs" / "modes"
-    assert json.loads((run_dir / "outputs" / "py" / "return.json").read_text()) == "[1, 2]"
-    for name in ("run.json", ".lock", "journal/rank-0000.jsonl", "outputs/sh/maps/m.txt"):
+    assert json.loads((published(run_dir, "py") / "return.json").read_text()) == "[1, 2]"
+    for name in ("run.json", "layout.json", ".lock", "journal/rank-0000.jsonl", published(run_dir, "sh") / "maps/m.txt"):
         assert oct(stat.S_IMODE((run_dir / name).stat().st_mode)) == file, name
     assert modes(run_dir) == {"files": {file}, "dirs": {directory}}
 

@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers.cli import cli, write_spec
 from tests.helpers.ledger_entries import entry, write_chain
+from tests.helpers.runs import published
 
 SPEC = """
     version: 1
@@ -129,4 +130,4 @@ def test_a_writable_run_leaves_no_probe_behind(job: Path) -> None:
     cli(job, "run", "job.yaml", "--quiet", check=True)
     left = [p for p in job.rglob(".probe-*")]
     assert left == []
-    assert (job / "runs" / "demo" / "outputs" / "a" / "a.txt").read_text() == "a\n"
+    assert (published(job / "runs" / "demo", "a") / "a.txt").read_text() == "a\n"

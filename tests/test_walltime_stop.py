@@ -34,6 +34,7 @@ from cmbagent_batch.states import StopReason, TaskState
 from tests.helpers.cli import Runner, clean_env, cli, journal, q, wait_until, write_spec
 from tests.helpers.fake_scheduler import FakeClock, FakePools, Job, fail
 from tests.helpers.processes import live_in_group
+from tests.helpers.runs import read_run
 
 HERE = Path(__file__).resolve().parent
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
@@ -286,7 +287,7 @@ def waiting_task(starts: Path, side: Path, release: Path, pids: Path | None = No
 
 
 def manifest(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "run.json").read_text())
+    return read_run(run_dir)
 
 
 def stderr_lines(text: str) -> list[str]:

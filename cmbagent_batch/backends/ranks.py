@@ -40,7 +40,7 @@ from cmbagent_batch.backends.mpi.worker import start_reporter
 from cmbagent_batch.backends.processes import WorkerProcesses
 from cmbagent_batch.backends.slots import SlotGate, Slots, StartNotice
 from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS, JsonlWriter
-from cmbagent_batch.rundir.layout import hold_tasks_lock, journal_path, work_dir
+from cmbagent_batch.rundir.layout import Layout, hold_tasks_lock, journal_path
 from cmbagent_batch.states import OutcomeReason, TaskState
 from cmbagent_batch.tasks.runner import make_work_dirs, run_attempt
 from cmbagent_batch.tasks.shell import terminate_all
@@ -224,8 +224,8 @@ class RankWorker:
         if self._dog is None:
             self._watch(attempt.ctx.run_dir, attempt.kill_grace)
         ctx = attempt.ctx
-        ctx = TaskContext(ctx.task_id, ctx.run_dir, work_dir(ctx.run_dir, self.rank, ctx.task_id), self.rank,
-                          ctx.attempt, self.host, ctx.matrix)
+        ctx = TaskContext(ctx.task_id, ctx.run_dir, Layout(ctx.run_dir, ctx.sharding).work_dir(self.rank, ctx.task_id),
+                          self.rank, ctx.attempt, self.host, ctx.matrix, ctx.sharding)
         env = self.env if attempt.payload.kind != "python" else attempt.env
         return Attempt(attempt.payload, ctx, attempt.links, env, attempt.chdir, attempt.keep, attempt.kill_grace,
                        attempt.missing, attempt.priority, attempt.journal)

@@ -58,6 +58,7 @@ class StatusOptions:
     run_dir: str
     format: TextOrJson
     explain: bool
+    all: bool = False  # list every task, however many
 
 
 @dataclass(frozen=True, slots=True)

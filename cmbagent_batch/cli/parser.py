@@ -274,14 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(options=_run_options)
 
     p = sub.add_parser("status", help="show the state of every task of a run",
-                       description="Show each task's state, attempts, duration and, for failures, the last "
-                                   "lines of its stderr.")
+                       description="Show the counts of tasks by state and each task's state, attempts, "
+                                   "duration and, for failures, the last lines of its stderr (of a run of more "
+                                   "than 1,000 tasks, only the running and troubled ones: --all lists every one).")
     p.add_argument("run_dir", metavar="RUN_DIR|SPEC",
                    help="the run directory, or a job spec (its run directory, found as run finds it)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     p.add_argument("--explain", action="store_true",
                    help="say whether each task will run next time, and why (compares with the spec file now)")
-    p.set_defaults(options=lambda a: o.StatusOptions(a.run_dir, a.format, a.explain))
+    p.add_argument("--all", action="store_true",
+                   help="list every task, however many (text format; json always lists every task)")
+    p.set_defaults(options=lambda a: o.StatusOptions(a.run_dir, a.format, a.explain, a.all))
 
     _add_ledger(sub)
     _add_slurm(sub)

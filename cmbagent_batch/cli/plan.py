@@ -15,6 +15,7 @@ from cmbagent_batch.errors import ExitCode
 
 def plan(opts: PlanOptions) -> int:
     from cmbagent_batch.plan import render
+    from cmbagent_batch.plan.build import schema_form
     from cmbagent_batch.plan.cached import cached_plan
     from cmbagent_batch.plan.preflight import Checks
 
@@ -22,12 +23,10 @@ def plan(opts: PlanOptions) -> int:
         return _estimate(opts)
     made = cached_plan(opts.spec, opts.flags, opts.cache_dir, warn, refresh=opts.refresh_analysis,
                        checks=Checks(os.environ, problem))
-    out = {
-        "json": _json,
-        "text": render.text,
-        "dot": render.dot,
-        "mermaid": render.mermaid,
-    }[opts.format](made)
+    if opts.format == "text":
+        out = render.text(made)  # counts and the first ids of each level: no object per task needed
+    else:
+        out = {"json": _json, "dot": render.dot, "mermaid": render.mermaid}[opts.format](schema_form(made))
     sys.stdout.write(out)
     return ExitCode.OK
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -24,6 +25,9 @@ from cmbagent_batch.tasks.shell import use_task_path
 if TYPE_CHECKING:
     from cmbagent_batch.backends.mpi.executor import RankExecutor
     from cmbagent_batch.execute.prepare import Prepared
+
+
+_GLOB = re.compile(r"[*?\[]")
 
 
 def mpi_ranks() -> int:
@@ -52,20 +56,26 @@ def resolve_backend(backend: str) -> str:
 
 
 def _select(prepared: Prepared, only: Sequence[str]) -> set[str]:
-    """--only: the named tasks (globs allowed) and the dependencies they need that are not done."""
+    """--only: the named tasks (globs allowed) and the dependencies they need that are not done (one walk
+    up the DAG from all of them at once: each task is looked at once, however many are named)."""
     from cmbagent_batch.execute.prepare import why_rerun
 
     ids = prepared.dag.nodes
     chosen: set[str] = set()
     for pattern in only:
-        matched = fnmatch.filter(ids, pattern)
+        matched = [pattern] if not _GLOB.search(pattern) and pattern in prepared.dag else fnmatch.filter(ids, pattern)
         if not matched:
             raise UsageError(f"--only {pattern!r} matches no task")
         chosen.update(matched)
-    for tid in sorted(chosen):
-        for anc in prepared.dag.ancestors(tid):
-            if why_rerun(prepared, anc) is not None:
-                chosen.add(anc)
+    seen = set(chosen)
+    stack = list(chosen)
+    while stack:
+        for dep in prepared.dag.dependencies(stack.pop()):
+            if dep not in seen:
+                seen.add(dep)
+                stack.append(dep)
+                if why_rerun(prepared, dep) is not None:
+                    chosen.add(dep)
     return chosen
 
 

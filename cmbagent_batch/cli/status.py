@@ -13,14 +13,15 @@ from cmbagent_batch.cli.console import warn
 from cmbagent_batch.cli.options import StatusOptions
 from cmbagent_batch.cli.slurm_status import slurm_lines, slurm_status
 from cmbagent_batch.errors import ExitCode, SpecError, UsageError
-from cmbagent_batch.rundir.journal import current_state, replay
-from cmbagent_batch.rundir.layout import journal_paths, read_json, runner_gone, tail_lines
+from cmbagent_batch.rundir.layout import Layout, journal_paths, read_json, runner_gone, tail_lines
+from cmbagent_batch.rundir.runview import TROUBLED, current_states, run_history, task_row
 from cmbagent_batch.states import Tally, TaskState
 
 # The states whose row says why and shows the end of the task's stderr.
 _TROUBLED = frozenset({TaskState.FAILED, TaskState.INTERRUPTED, TaskState.CANCELLED, TaskState.UPSTREAM_FAILED,
                        TaskState.BUDGET_EXCEEDED})
 TAIL = 5  # lines of a troubled task's stderr shown
+LISTED = 1000  # of a run with more tasks, only the running and troubled ones are listed (--all: every one)
 _ATTEMPT_HEADER = re.compile(r"# attempt (\d+)")  # what each attempt writes first in the task's logs
 _FORMS = "status takes RUN_DIR, a run directory (with run.json), or SPEC, a job spec (its run directory, as run finds it)"
 
@@ -43,32 +44,36 @@ def status(opts: StatusOptions) -> int:
         return ExitCode.OK
     manifest = read_json(manifest_path)
     journals = journal_paths(run_dir)
-    history = replay(journals, warn)
     gone_since = None
     if manifest["status"] == "running" and runner_gone(run_dir):
         manifest = read_json(manifest_path)  # it may have ended, and said so, since the first read
         if manifest["status"] == "running":  # no: the runner died without a word (SIGKILL...)
             gone_since = max([os.path.getmtime(p) for p in journals if os.path.exists(p)] or
                              [os.path.getmtime(manifest_path)])
+    history = run_history(run_dir, manifest, warn)
     job_status = manifest["status"] if gone_since is None else \
         f"interrupted (runner gone since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(gone_since))})"
-    rows = []
     explain: dict[str, str | None] = {}
     if opts.explain:
         explain = _explanations(manifest, os.path.abspath(run_dir))
-    for tid, t in sorted(manifest["tasks"].items()):
-        h = history.get(tid)
-        state = current_state(t["state"], h, gone_since is not None).value
-        row = {"id": tid, "state": state, "attempts": h.attempts if h else t["attempts"], "rank": t.get("rank"),
-               "wall_s": (h.record.get("wall_s") if h else None) or t.get("wall_s"), "work_dir": t["work_dir"]}
+    layout = Layout.of(os.path.abspath(run_dir))
+    states = list(current_states(history, gone_since is not None))
+    tally = Tally.of(state for _, state in states)
+    listed = states if opts.all or opts.format == "json" or opts.explain or len(states) <= LISTED else \
+        [(i, state) for i, state in states if state in TROUBLED or state is TaskState.RUNNING][:LISTED]
+    rows = []
+    for i, state in sorted(listed, key=lambda item: history.ids[item[0]]):
+        row = task_row(history, i, state, layout)
         if state in _TROUBLED:
-            row["reason"] = (h.record.get("reason") or h.record.get("error")) if h else t.get("reason")
-            row["stderr_tail"] = stderr_tail(os.path.join(t["work_dir"], "logs", "stderr.log"), row["attempts"])
+            row["stderr_tail"] = stderr_tail(os.path.join(row["work_dir"], "logs", "stderr.log"), row["attempts"])
+        else:
+            del row["reason"]
         if opts.explain:
-            row["next_run"] = "skip (up to date)" if explain.get(tid) is None else f"run ({explain[tid]})"
+            why = explain.get(row["id"])
+            row["next_run"] = "skip (up to date)" if why is None else f"run ({why})"
         rows.append(row)
+    history.close()
     ledger, budget = manifest.get("ledger"), manifest.get("budget_usd")
-    tally = Tally.of(TaskState(r["state"]) for r in rows)
     if opts.format == "json":
         print(json.dumps({"run_dir": run_dir, "job": manifest["job"],
                           "status": "interrupted" if gone_since is not None else job_status,
@@ -100,6 +105,9 @@ def status(opts: StatusOptions) -> int:
             print(f"      {r['reason']}")
         for tail in r.get("stderr_tail") or []:
             print(f"      | {tail}")
+    if len(rows) < len(states):
+        print(f"  ({len(states) - len(rows):,} more tasks not listed: {'only the running and troubled ones are' if rows else 'none is running or troubled'}; "
+              "`status --all` lists every task)")
     return ExitCode.OK
 
 

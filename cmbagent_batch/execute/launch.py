@@ -13,7 +13,6 @@ from cmbagent_batch.attempt import Attempt, Payload, TaskContext
 from cmbagent_batch.execute.prepare import Prepared, input_links
 from cmbagent_batch.execute.runs import TaskRun
 from cmbagent_batch.llm.local_model import LocalModel
-from cmbagent_batch.rundir.layout import work_dir
 from cmbagent_batch.spec.model import Isolation, JobSpec, TaskSpec, thaw
 
 
@@ -27,28 +26,28 @@ class Launcher:
         self._spec = p.spec
         self._ex = p.spec.execution
         self._on_ranks = on_ranks
-        self._tasks = {t.id: t for t in p.spec.tasks}
         self._base = os.path.dirname(os.path.abspath(p.spec.path))
-        self._tasks_dir = work_dir(p.run_dir, 0, "")
+        self._layout = p.layout
+        p.layout.record()  # before the first task: the run directory keeps its layout from now on
         self._host = socket.gethostname()
         # python workers inherit the environment; under MPI a worker rank uses its own (its rank, node)
         self._env = dict(os.environ)
         self._no_env: dict[str, str] = {}
-        self._payloads: dict[str, Payload] = {}
 
     def __call__(self, r: TaskRun) -> Attempt:
-        p, ex, t = self._p, self._ex, self._tasks[r.id]
+        p, ex, t = self._p, self._ex, self._p.spec.task(r.id)  # made when needed: none is kept per task
         local = not self._on_ranks
         # Under MPI the worker that gets the attempt sets its place (rank -1: not known on rank 0).
+        sharding = self._layout.sharding
         if local:
-            ctx = TaskContext(task_id=r.id, run_dir=p.run_dir, work_dir=self._tasks_dir + r.id, rank=0,
-                              attempt=r.attempts, host=self._host, matrix=thaw(t.matrix) if t.matrix else {})
+            ctx = TaskContext(task_id=r.id, run_dir=p.run_dir, work_dir=self._layout.work_dir(0, r.id), rank=0,
+                              attempt=r.attempts, host=self._host, matrix=thaw(t.matrix) if t.matrix else {},
+                              sharding=sharding)
         else:
             ctx = TaskContext(task_id=r.id, run_dir=p.run_dir, work_dir="", rank=-1, attempt=r.attempts, host="",
-                              matrix=thaw(t.matrix) if t.matrix else {})
+                              matrix=thaw(t.matrix) if t.matrix else {}, sharding=sharding)
         links, missing = input_links(p, r.id)
-        payload = self._payloads.get(r.id) or self._payloads.setdefault(r.id, _payload(self._spec, t, self._base,
-                                                                                       p.run_id))
+        payload = _payload(self._spec, t, self._base, p.run_id)
         env = self._env if t.kind != "python" and local else self._no_env
         journal = None if local else {"run": p.run_id, **p.fps[r.id].to_dict()}
         return Attempt(payload, ctx, links, env, chdir=ex.isolation is Isolation.PROCESS and t.kind == "python",

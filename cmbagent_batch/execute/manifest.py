@@ -3,17 +3,18 @@ manifest: written as the run starts and again when it ends, with the Slurm jobs 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from cmbagent_batch import __version__
 from cmbagent_batch.execute.prepare import Prepared
 from cmbagent_batch.execute.runs import TaskRun
-from cmbagent_batch.plan.analysis.cache import digest
+from cmbagent_batch.rundir.history import INDEX
 from cmbagent_batch.rundir.journal import Journal
-from cmbagent_batch.rundir.layout import work_dir
 from cmbagent_batch.states import StopReason, Tally, TaskState
 
 
@@ -34,7 +35,8 @@ class Recorder:
             if o.rank is not None:
                 rec.update(rank=o.rank, host=o.host, work_dir=o.work_dir)
         elif o is not None and not o.ok and r.state is not TaskState.RUNNING:
-            rec.update(error=o.error, exit_code=o.exit_code, timed_out=o.timed_out, work_bytes=o.work_bytes)
+            rec.update(error=o.error, exit_code=o.exit_code, timed_out=o.timed_out, wall_s=round(o.wall_s, 6),
+                       work_bytes=o.work_bytes)
             if o.rank is not None:
                 rec.update(rank=o.rank, host=o.host, work_dir=o.work_dir)
             if o.traceback:
@@ -42,67 +44,69 @@ class Recorder:
         self._journal.append(rec)
 
 
-def manifest(p: Prepared, run_id: str, started: float, ended: float | None, runs: dict[str, TaskRun],
-              workers: int, exit_code: int | None = None, stop: StopReason | None = None,
-              ledger: dict[str, Any] | None = None, backend: tuple[str, int] = ("local", 1)) -> dict[str, Any]:
+FORMAT = 2  # 1: with a "tasks" entry per task; 2: a bounded summary (the journals hold each task)
+
+
+def dag_digest(p: Prepared) -> str:
+    """sha256 of the DAG's nodes and edges, streamed (one line per node, then per edge)."""
+    h = hashlib.sha256()
+    for tid in p.dag.nodes:
+        h.update(tid.encode() + b"\n")
+    for e in p.dag.edges:
+        h.update(f"{e.src}\0{e.dst}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What run.json says of a run, besides the job's and the prepared run's facts."""
+
+    run_id: str
+    dag_sha256: str
+    started: float
+    workers: int
+    backend: tuple[str, int] = ("local", 1)  # name, processes
+    ended: float | None = None
+    exit_code: int | None = None
+    stop: StopReason | None = None
+    ledger: dict[str, Any] | None = None
+    runner_cpu_s: float | None = None  # user + system CPU seconds of this process, at the end
+    tasks_run: int = 0  # tasks the run handed to the scheduler (the others were skipped)
+
+
+def manifest(p: Prepared, run: RunSummary, counts: Tally) -> dict[str, Any]:
+    """run.json: a summary of bounded size, whatever the number of tasks (``status`` and readers of a
+    task's detail read the journals, through ``rundir/history.py``)."""
     def iso(t: float | None) -> str | None:
         return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
-    host = socket.gethostname()
-    tasks_dir = work_dir(p.run_dir, 0, "")
-    # A task with nothing measured yet: in the manifest written as the run starts (10^4 tasks, on the
-    # way to the first launch), only what the schema requires; at the end, every field.
-    blank: dict[str, Any] = {"rank": 0} if ended is None else {
-        "rank": 0, "host": host, "wall_s": None, "cpu_s": None, "peak_rss_mb": None, "work_bytes": None,
-        "output_bytes": None, "reason": None}
-    tasks: dict[str, dict[str, Any]] = {}
-    for tid, r in sorted(runs.items()):
-        h = p.history.get(tid)
-        last: dict[str, Any] = h.record if (h and r.state is TaskState.SKIPPED) else {}
-        o = r.outcome
-        if o is None and not last:
-            entry = blank.copy()
-            entry.update(state=r.state.value, attempts=r.attempts, work_dir=tasks_dir + tid)
-            if r.reason or ended is not None:
-                entry.update(reason=r.reason or None, fingerprint=p.fps[tid].value)
-            tasks[tid] = entry
-            continue
-        tasks[tid] = {
-            "state": r.state.value,
-            "attempts": r.attempts,
-            "rank": o.rank if o and o.rank is not None else last.get("rank", 0),
-            "host": o.host if o and o.host else last.get("host", host),
-            "wall_s": round(o.wall_s, 6) if o else last.get("wall_s"),
-            "cpu_s": round(o.cpu_s, 6) if o else last.get("cpu_s"),
-            "peak_rss_mb": round(o.peak_rss_mb, 3) if o else last.get("peak_rss_mb"),
-            "work_dir": o.work_dir if o and o.work_dir else last.get("work_dir", tasks_dir + tid),
-            # measured by the worker when the attempt ended (after retention)
-            "work_bytes": o.work_bytes if o else last.get("work_bytes"),
-            "output_bytes": o.output_bytes if o else last.get("output_bytes"),
-            "reason": r.reason or None,
-            "fingerprint": p.fps[tid].value,
-        }
     return {
-        "format": 1,
-        "run_id": run_id,
+        "format": FORMAT,
+        "run_id": run.run_id,
         "cmbagent_batch": __version__,
         "job": p.spec.job.name,
         "spec": {"path": os.path.abspath(p.spec.path), "sha256": p.spec.sha256},
-        "dag_sha256": digest([[e.src, e.dst] for e in p.dag.edges] + [list(p.dag.nodes)]),
-        "backend": backend[0],
-        "ranks": backend[1],
-        "workers": workers,
-        "started": iso(started),
-        "ended": iso(ended),
-        "status": "running" if ended is None else ("interrupted" if stop is not None and stop.interrupts else "finished"),
-        "stop_reason": None if stop is None else stop.value,
-        "exit_code": exit_code,
-        "counts": Tally.of(r.state for r in runs.values()).to_json(),
+        "dag_sha256": run.dag_sha256,
+        "backend": run.backend[0],
+        "ranks": run.backend[1],
+        "workers": run.workers,
+        "host": socket.gethostname(),
+        "started": iso(run.started),
+        "ended": iso(run.ended),
+        "status": "running" if run.ended is None else (
+            "interrupted" if run.stop is not None and run.stop.interrupts else "finished"),
+        "stop_reason": None if run.stop is None else run.stop.value,
+        "exit_code": run.exit_code,
+        "tasks_total": counts.total,
+        "counts": counts.to_json(),
+        "journal": {"dir": "journal", "index": f"journal/{INDEX}"},
+        "runner": None if run.runner_cpu_s is None else {
+            "cpu_s": round(run.runner_cpu_s, 3), "tasks_run": run.tasks_run,
+            "us_per_task": round(1e6 * run.runner_cpu_s / run.tasks_run, 1) if run.tasks_run else None},
         "analysis": p.analysis,
         "budget_usd": p.spec.job.budget_usd,
-        "ledger": ledger,
+        "ledger": run.ledger,
         "slurm": _slurm(p.run_dir),
-        "tasks": tasks,
     }
 
 

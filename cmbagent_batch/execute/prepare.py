@@ -9,7 +9,7 @@ import glob
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +21,8 @@ from cmbagent_batch.plan.analysis.files import Sources, input_sources
 from cmbagent_batch.plan.build import build_dag
 from cmbagent_batch.plan.dag import Dag
 from cmbagent_batch.plan.fingerprint import Fingerprints, fingerprints
-from cmbagent_batch.rundir.journal import TaskHistory, replay
-from cmbagent_batch.rundir.layout import journal_paths, resolve_run_dir, server_logs
+from cmbagent_batch.rundir.history import History, load_history
+from cmbagent_batch.rundir.layout import Layout, journal_path, journal_paths, resolve_run_dir, server_logs
 from cmbagent_batch.spec import gcpause
 from cmbagent_batch.spec.config import Config
 from cmbagent_batch.spec.model import JobSpec
@@ -37,10 +37,11 @@ class Prepared:
     dag: Dag
     run_dir: str
     fps: Fingerprints
-    history: dict[str, TaskHistory]
+    history: History  # what the journals say of every task
     sources: Sources
     analysis: dict[str, Any]
     run_id: str  # of the run about to start; analysis calls made while preparing it are ledgered under it
+    layout: Layout  # where each task's work directory and published outputs are
 
 
 def prepare(config: Config, cache: Cache, warn: Callable[[str], None], *, refresh: bool = False,
@@ -58,13 +59,12 @@ def _prepare(config: Config, cache: Cache, warn: Callable[[str], None], refresh:
     analysis = analyse(spec, cache, refresh=refresh, warn=warn, offline=offline, record_calls=record,
                        budget_spent=job_budget_spent(run_dir, spec), server_logs=server_logs(run_dir))
     dag = build_dag(spec, analysis)
-    tasks = {t.id: t for t in spec.tasks}
     sources = input_sources(spec.tasks)
     external = {tid: [p for p, matches in entries if not matches] for tid, entries in sources.items()}
     base = os.path.dirname(os.path.abspath(spec.path))
-    fps = fingerprints(tasks, {t: dag.dependencies(t) for t in dag.nodes}, external, base)
-    history = replay(journal_paths(run_dir), warn)
-    return Prepared(spec, dag, run_dir, fps, history, sources, analysis.info, run_id)
+    fps = fingerprints(spec.tasks, dag, external, base)  # no task is made for it
+    history = load_history(os.path.dirname(journal_path(run_dir, 0)), journal_paths(run_dir), warn)
+    return Prepared(spec, dag, run_dir, fps, history, sources, analysis.info, run_id, Layout.of(run_dir))
 
 
 def why_rerun(p: Prepared, tid: str) -> str | None:
@@ -73,15 +73,21 @@ def why_rerun(p: Prepared, tid: str) -> str | None:
     ``execution.rerun_on`` names the parts whose change reruns a finished task (spec, inputs, code); an
     upstream change always does. A record journaled before code was fingerprinted (no ``code_fp``) counts
     the code as changed only when one of its files was modified after the task succeeded."""
+    return _why(p, tid, explain=True)
+
+
+def _why(p: Prepared, tid: str, explain: bool) -> str | None:
+    """``why_rerun``; without ``explain``, the upstream tasks that changed are not named (so a chain of
+    changed tasks is not walked again for each of them)."""
     h = p.history.get(tid)
     if h is None:
         return "never ran"
     if h.state not in DONE_STATES:
         return f"last run ended {h.record['state']}" + (f": {h.record['reason']}" if h.record.get("reason") else "")
     fp = p.fps[tid]
-    old = h.record
     triggers = p.spec.execution.rerun_on
-    if old.get("fp") != fp.value:
+    if h.fp != fp.value:
+        old = h.record
         if "spec" in triggers and old.get("spec_fp") != fp.spec:
             return "its spec changed"
         if "code" in triggers:
@@ -89,11 +95,13 @@ def why_rerun(p: Prepared, tid: str) -> str | None:
             if code is not None:
                 return code
         if old.get("deps_fp") != fp.deps:
-            changed = [d for d in p.dag.dependencies(tid) if why_rerun(p, d) is not None]
+            if not explain:
+                return "its dependencies changed"
+            changed = [d for d in p.dag.dependencies(tid) if _why(p, d, explain=False) is not None]
             return "upstream changed: " + ", ".join(changed) if changed else "its dependencies changed"
         if "inputs" in triggers and old.get("inputs_fp") != fp.inputs:
             return "its input files changed"
-    if not os.path.isdir(os.path.join(p.run_dir, "outputs", tid)) and p.spec.task(tid).outputs:
+    if p.spec.task(tid).outputs and not os.path.isdir(p.layout.published(tid)):
         return "its published outputs are missing"
     return None
 
@@ -146,7 +154,7 @@ def input_links(p: Prepared, tid: str) -> tuple[list[tuple[str, str]], list[str]
                 missing.append(f"input {pattern!r} not found: no task writes it and {base} has no such file")
             continue
         for producer, _ in matches:
-            root = os.path.join(p.run_dir, "outputs", producer)
+            root = p.layout.published(producer)
             for dirpath, _dirs, files in os.walk(root):
                 for name in files:
                     rel = os.path.relpath(os.path.join(dirpath, name), root)
@@ -159,24 +167,50 @@ def input_links(p: Prepared, tid: str) -> tuple[list[tuple[str, str]], list[str]
     return sorted(links), missing
 
 
-def task_runs(p: Prepared, selected: set[str] | None = None) -> dict[str, TaskRun]:
-    """The scheduler's view of every task: what is up to date (or not ``selected``) is skipped."""
+UP_TO_DATE = "succeeded in an earlier run; unchanged"
+NOT_SELECTED = "not selected by --only"
+
+
+@dataclass
+class RunTable:
+    """What a run is about: the scheduler's view of each task it runs (their dependencies and dependents
+    among them alone: one skipped counts as done), and how many it skips."""
+
+    runs: dict[str, TaskRun]
+    skipped: int
+
+
+def task_runs(p: Prepared, selected: set[str] | None = None) -> RunTable:
+    """The tasks to run (not up to date, and ``selected`` when given), each as the scheduler sees it; the
+    others are skipped, and said so in the run table of ``p.history`` (no object is made for them)."""
     ex = p.spec.execution
     runs: dict[str, TaskRun] = {}
-    weights = p.dag.bottom_levels()
-    tasks = {t.id: t for t in p.spec.tasks}
-    for tid in p.dag.nodes:
-        t = tasks[tid]
+
+    def planned() -> Iterator[tuple[str, TaskState, str]]:
+        for tid in p.dag.nodes:
+            if _why(p, tid, explain=False) is None:
+                yield tid, TaskState.SKIPPED, UP_TO_DATE
+            elif selected is not None and tid not in selected:
+                yield tid, TaskState.SKIPPED, NOT_SELECTED
+            else:
+                yield tid, TaskState.PENDING, ""
+                runs[tid] = None  # type: ignore[assignment]  # made below, once the set is known
+
+    p.history.plan_run(p.run_id, planned())
+    weights = p.dag.bottom_levels() if runs else {}
+    for tid in runs:
+        t = p.spec.task(tid)
         h = p.history.get(tid)
         before = h.attempts if h else 0
-        r = TaskRun(id=tid, kind=t.kind, priority=weights[tid], retries=ex.retries if t.retries is None else t.retries,
-                    cpus=t.resources.cpus, memory_mb=float(t.resources.memory_mb or 0), deps=p.dag.dependencies(tid),
-                    dependents=p.dag.dependents(tid), attempts=before, attempts_before=before)
-        if why_rerun(p, tid) is None:
-            r.state = TaskState.SKIPPED
-            r.reason = "succeeded in an earlier run; unchanged"
-        elif selected is not None and tid not in selected:
-            r.state = TaskState.SKIPPED
-            r.reason = "not selected by --only"
-        runs[tid] = r
-    return runs
+        runs[tid] = TaskRun(id=tid, kind=t.kind, priority=weights[tid],
+                            retries=ex.retries if t.retries is None else t.retries, cpus=t.resources.cpus,
+                            memory_mb=float(t.resources.memory_mb or 0),
+                            deps=_among(p.dag.dependencies(tid), runs), dependents=_among(p.dag.dependents(tid), runs),
+                            attempts=before, attempts_before=before)
+    return RunTable(runs, len(p.dag.nodes) - len(runs))
+
+
+def _among(ids: tuple[str, ...], runs: dict[str, TaskRun]) -> tuple[str, ...]:
+    if not ids or all(d in runs for d in ids):
+        return ids
+    return tuple(d for d in ids if d in runs)

@@ -8,7 +8,10 @@ the walltime file, fail-fast) are ``stop``'s business.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import resource
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -16,17 +19,19 @@ from typing import TYPE_CHECKING
 from cmbagent_batch.backends import make_backend
 from cmbagent_batch.errors import DiskFullError, ExitCode
 from cmbagent_batch.execute.launch import Launcher
-from cmbagent_batch.execute.manifest import Recorder, manifest
+from cmbagent_batch.execute.manifest import Recorder, RunSummary, dag_digest, manifest
 from cmbagent_batch.execute.prepare import Prepared, task_runs
 from cmbagent_batch.execute.runs import Limits, Options
 from cmbagent_batch.execute.scheduler import Scheduler
 from cmbagent_batch.execute.stop import exit_code, say_drain, stop_sources, stop_that_counts
 from cmbagent_batch.ledger.costs import merge_ledger
 from cmbagent_batch.rundir.atomic import write_json_atomic
+from cmbagent_batch.rundir.history import INDEX, StaleIndex
 from cmbagent_batch.rundir.journal import Journal
 from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS
-from cmbagent_batch.rundir.layout import journal_path
+from cmbagent_batch.rundir.layout import journal_dir, journal_path, journal_paths
 from cmbagent_batch.spec import gcpause
+from cmbagent_batch.states import Tally, TaskState
 
 if TYPE_CHECKING:
     from cmbagent_batch.backends.mpi.executor import RankExecutor
@@ -42,7 +47,8 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     ex = p.spec.execution
     backend = make_backend(ex, ranks)
     pools, workers = backend.pools, backend.workers
-    runs = task_runs(p, selected)
+    table = task_runs(p, selected)
+    runs = table.runs
     journal = Journal(journal_path(p.run_dir, 0))
     import psutil
 
@@ -55,12 +61,15 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
                       kill_grace=ex.kill_grace)
     sched = Scheduler(runs, pools, limits, options, Launcher(p, on_ranks=ranks is not None), Recorder(p, journal),
                       tick=progress, commit=journal.flush, on_drain=say_drain)
+    sched.counts[TaskState.SKIPPED] = table.skipped  # the scheduler counts the tasks it runs
     journal.on_full = lambda exc: sched.stop_on_full_disk(_what(exc))
-    started = time.time()
-    where = (backend.name, backend.processes)
+    summary = RunSummary(p.run_id, dag_digest(p), time.time(), workers, (backend.name, backend.processes),
+                         tasks_run=len(runs))
     run_json = os.path.join(p.run_dir, "run.json")
     try:
-        write_json_atomic(run_json, manifest(p, p.run_id, started, None, runs, workers, backend=where))
+        p.history.write_index(journal_dir(p.run_dir))  # the run's table: what status reads if this run is killed
+        write_json_atomic(run_json, manifest(p, summary, Tally.of(r.state for r in runs.values()).plus(
+            TaskState.SKIPPED, table.skipped)))
     except OSError as exc:
         if exc.errno not in DISK_FULL_ERRNOS:
             raise
@@ -72,6 +81,7 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
             sched.run()
     finally:
         pools.shutdown(wait=sched.abandoned == 0)
+        p.layout.remove_empty_shards()  # what tasks that wrote nothing left: no inode stays per task
         try:
             journal.close()
         except OSError as exc:
@@ -83,16 +93,32 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     if sched.disk_full is not None and not code:  # records lost: the tasks they record run again
         code = ExitCode.FAILED
     ledger = merge_ledger(p.run_dir, warn)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    summary = dataclasses.replace(summary, ended=time.time(), exit_code=code, ledger=ledger,
+                                  stop=stop_that_counts(sched.stop_reason, sched.counts),
+                                  runner_cpu_s=usage.ru_utime + usage.ru_stime)
     try:
-        write_json_atomic(run_json, manifest(p, p.run_id, started, time.time(), runs, workers, exit_code=code,
-                                             stop=stop_that_counts(sched.stop_reason, sched.counts), ledger=ledger,
-                                             backend=where))
+        keep_index(p, warn)
+        write_json_atomic(run_json, manifest(p, summary, Tally.from_counts(sched.counts)))
     except OSError as exc:
         if exc.errno not in DISK_FULL_ERRNOS:
             raise
         sched.disk_full = sched.disk_full or _what(exc, run_json)  # the journal holds the states; status reads it
         code = code or ExitCode.FAILED
     return code, sched
+
+
+def keep_index(p: Prepared, warn: Callable[[str], None]) -> None:
+    """Fold what the run journaled into its history and keep it as the journals' index, so the next
+    reader (status, a rerun) parses none of it again."""
+    try:
+        p.history.read_tails(journal_paths(p.run_dir), warn)
+    except StaleIndex as exc:  # a journal shorter than when the run started: the next reader reads them all
+        warn(f"the journals changed under the run ({exc}); their index is not kept")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(journal_dir(p.run_dir), INDEX))
+        return
+    p.history.write_index(journal_dir(p.run_dir))
 
 
 def _what(exc: OSError, path: str | None = None) -> str:

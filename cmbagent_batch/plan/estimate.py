@@ -17,6 +17,7 @@ from cmbagent_batch.ledger.intents import CHARS_PER_TOKEN, estimate_tokens  # on
 from cmbagent_batch.ledger.money import usd
 from cmbagent_batch.spec.model import JobSpec, TaskSpec
 from cmbagent_batch.spec.pricing import call_cost
+from cmbagent_batch.spec.tasks import of_kind
 
 SYSTEM_TOKENS = 150  # the agent's system prompt around the instructions
 REPLY_TOKENS = 400  # completion tokens of one turn
@@ -97,7 +98,7 @@ def analysis_line(spec: JobSpec, prompt_chars: int) -> Line:
 
 def estimate(spec: JobSpec, analysis: Analysis, analysis_prompt_chars: int = 0) -> dict[str, Any]:
     """The estimate as plain data; ``analysis_prompt_chars`` is the prompt's length for ``Analysis.ONE_CALL``."""
-    lines = [agent_line(spec, t) for t in spec.tasks if t.kind == "agent"]
+    lines = [agent_line(spec, t) for t in of_kind(spec.tasks, "agent")]
     if analysis is Analysis.ONE_CALL:
         lines.insert(0, analysis_line(spec, analysis_prompt_chars))
     low = sum(x.low_usd for x in lines)

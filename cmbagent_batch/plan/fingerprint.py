@@ -16,16 +16,16 @@ import glob
 import hashlib
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
 
 from cmbagent_batch.plan.analysis.cache import digest
-from cmbagent_batch.spec.model import TaskSpec, thaw
-
-# Fields that do not change what a task produces (timeouts, retries, resources, estimates) are left out,
-# so tuning them does not rerun finished work.
-_FIELDS = ("kind", "run", "call", "args", "env", "inputs", "outputs", "agent", "instructions", "model",
-           "max_turns", "code_execution", "matrix")
+from cmbagent_batch.plan.dag import Dag
+from cmbagent_batch.plan.specdigest import SpecDigests
+from cmbagent_batch.spec.model import TaskSpec
+from cmbagent_batch.spec.tasks import Tasks, task_ids
 
 # A shell task's input is a script (code, not data) when the command names it and it is executable,
 # starts with "#!" or has one of these suffixes.
@@ -42,6 +42,12 @@ class CodeFile:
     mtime: float
 
 
+def _digest_hex(*parts: str) -> str:
+    """``digest(list(parts))`` for parts that are hex digests or empty: their canonical JSON is written
+    directly (no character of theirs needs escaping)."""
+    return hashlib.sha256(('["' + '","'.join(parts) + '"]').encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     spec: str
@@ -54,12 +60,12 @@ class Fingerprint:
 
     @functools.cached_property
     def value(self) -> str:
-        return digest([self.spec, self.deps, self.inputs, self.code])
+        return _digest_hex(self.spec, self.deps, self.inputs, self.code)
 
     @functools.cached_property
     def base(self) -> str:
         """What a dependent's ``deps`` part hashes (the fingerprint without code, as journals have it)."""
-        return digest([self.spec, self.deps, self.inputs])
+        return _digest_hex(self.spec, self.deps, self.inputs)
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"fp": self.value, "spec_fp": self.spec, "deps_fp": self.deps,
@@ -67,13 +73,6 @@ class Fingerprint:
         if self.hashes:
             out["code_files"] = self.hashes
         return out
-
-
-def spec_digest(task: TaskSpec) -> str:
-    fields = {name: thaw(getattr(task, name)) for name in _FIELDS}
-    if task.kind == "agent":
-        fields["description"] = task.description
-    return digest(fields)
 
 
 def external_inputs_digest(patterns: Iterable[str], base_dir: str) -> str:
@@ -252,91 +251,180 @@ def _is_script(path: str) -> bool:
 
 
 class Fingerprints(Mapping[str, Fingerprint]):
-    """Every task's fingerprint, each computed when first asked for (with those of its dependencies).
+    """Every task's fingerprint, computed when asked for (with those of its dependencies).
 
-    A fresh run asks for most of them once, when the task succeeds: 20,000 of them cost 0.2 s, which
-    then overlaps the run instead of delaying its first launch. The external inputs and the code files
-    are looked at up front, so a fingerprint describes the files as they were when the run started.
+    A fresh run asks for most of them once, when the task succeeds, which then overlaps the run instead of
+    delaying its first launch. The external inputs and the code files are looked at up front, so a
+    fingerprint describes the files as they were when the run started. What a dependent needs of a task
+    (its ``base``, ``code`` and ``code_mtime``) is kept for the tasks that have dependents only: the
+    others' fingerprints are made again when asked for again, so a 10^6-task sweep keeps no object per task.
     """
 
-    def __init__(self, tasks: dict[str, TaskSpec], deps: dict[str, tuple[str, ...]], inputs: dict[str, str],
-                 code: Mapping[str, tuple[CodeFile, ...]] | None = None) -> None:
-        self._tasks = tasks
-        self._deps = deps
+    def __init__(self, tasks: Mapping[str, TaskSpec] | Sequence[TaskSpec], deps: Mapping[str, tuple[str, ...]] | Dag,
+                 inputs: dict[str, str], code: Callable[[str], tuple[CodeFile, ...]] | Mapping[str, tuple[CodeFile, ...]]
+                 | None = None) -> None:
+        if isinstance(tasks, Mapping):
+            self._ids: Sequence[str] | Mapping[str, TaskSpec] = tasks
+            listed = list(tasks.values())
+            index = {tid: i for i, tid in enumerate(tasks)}
+            self._position: Callable[[str], int] = index.__getitem__
+            self._spec = SpecDigests(listed)
+        else:
+            self._ids = _Ids(tasks)
+            self._position = _position(tasks)
+            self._spec = SpecDigests(tasks)
+        self._count = len(tasks)
+        self._deps: Callable[[str], tuple[str, ...]] = deps.dependencies if isinstance(deps, Dag) else (
+            lambda tid: deps.get(tid, ()))
+        self._has_dependents = _has_dependents(deps)
         self._inputs = inputs
-        self._code = code or {}
+        self._code = code if callable(code) else (code or {}).get
         self._own: dict[int, tuple[str, float, dict[str, str]]] = {}  # by id of a files tuple (tasks share them)
-        self._done: dict[str, Fingerprint] = {}
+        self._kept: dict[str, _Up] = {}  # of the tasks with dependents
 
     def __getitem__(self, tid: str) -> Fingerprint:
-        done = self._done.get(tid)
-        if done is not None:
-            return done
-        if tid not in self._tasks:
-            raise KeyError(tid)
-        stack = [(tid, False)]  # iterative post-order: a chain of 10^5 tasks is no recursion
+        try:
+            position = self._position(tid)
+        except KeyError:
+            raise KeyError(tid) from None
+        deps = self._deps(tid)
+        if deps:
+            self._keep(deps)
+        return self._make(tid, position, deps)
+
+    def _keep(self, roots: tuple[str, ...]) -> None:
+        """Keep what dependents need of ``roots`` and of everything upstream of them not kept yet."""
+        kept = self._kept
+        stack = [(t, False) for t in roots if t not in kept]  # iterative post-order: a long chain is no recursion
         while stack:
             t, ready = stack.pop()
-            if t in self._done:
+            if t in kept:
                 continue
-            deps = self._deps.get(t, ())
+            deps = self._deps(t)
             if not ready:
                 stack.append((t, True))
-                stack.extend((d, False) for d in deps if d not in self._done)
+                stack.extend((d, False) for d in deps if d not in kept)
                 continue
-            self._done[t] = self._make(t, deps)
-        return self._done[tid]
+            self._make(t, self._position(t), deps)  # kept: it has a dependent
 
-    def _make(self, t: str, deps: tuple[str, ...]) -> Fingerprint:
-        files = self._code.get(t, ())
+    def _make(self, t: str, position: int, deps: tuple[str, ...]) -> Fingerprint:
+        files = self._code(t) or ()
         own = self._own.get(id(files))
         if own is None:
             own = self._own[id(files)] = (digest([[f.name, f.sha] for f in files]),
                                           max([0.0, *(f.mtime for f in files)]), {f.name: f.sha[:16] for f in files})
         code, mtime, hashes = own
-        ups = [self._done[d] for d in deps]
+        ups = [self._kept[d] for d in deps]
         if ups:
             code = digest([code, [[d, f.code] for d, f in zip(deps, ups)]])
             mtime = max(mtime, *(f.code_mtime for f in ups))
-        return Fingerprint(
-            spec=spec_digest(self._tasks[t]),
+        made = Fingerprint(
+            spec=self._spec(position),
             deps=digest([[d, f.base] for d, f in zip(deps, ups)]) if deps else _NO_DEPS,
             inputs=self._inputs.get(t, ""),
             code=code, files=files, code_mtime=mtime, hashes=hashes,
         )
+        if self._has_dependents(t):
+            self._kept[t] = _Up.of(made)
+        return made
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._tasks)
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return self._count
+
+
+@dataclass(frozen=True, slots=True)
+class _Up:
+    """What a dependent's fingerprint needs of a task's."""
+
+    base: str
+    code: str
+    code_mtime: float
+
+    @classmethod
+    def of(cls, fp: Fingerprint) -> _Up:
+        return cls(fp.base, fp.code, fp.code_mtime)
+
+
+class _Ids(Sequence[str]):
+    """The ids of a sequence of tasks, without making the tasks."""
+
+    def __init__(self, tasks: Sequence[TaskSpec]) -> None:
+        self._tasks = tasks
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._tasks[i].id
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(task_ids(self._tasks))
+
+
+def _position(tasks: Sequence[TaskSpec]) -> Callable[[str], int]:
+    if isinstance(tasks, Tasks):
+        return tasks.position
+    index = {t.id: i for i, t in enumerate(tasks)}
+    return index.__getitem__
+
+
+def _has_dependents(deps: Mapping[str, tuple[str, ...]] | Dag) -> Callable[[str], bool]:
+    if isinstance(deps, Dag):
+        return lambda tid: bool(deps.dependents(tid))
+    return set(chain.from_iterable(deps.values())).__contains__
 
 
 _NO_DEPS = digest([])
 
 
-@dataclass
-class _Scan:
-    inputs: dict[str, str] = field(default_factory=dict)
-    code: dict[str, tuple[CodeFile, ...]] = field(default_factory=dict)
-
-
-def fingerprints(tasks: dict[str, TaskSpec], deps: dict[str, tuple[str, ...]], external: dict[str, list[str]],
-                 base_dir: str, code: CodeFiles | None = None) -> Fingerprints:
+def fingerprints(tasks: Mapping[str, TaskSpec] | Sequence[TaskSpec], deps: Mapping[str, tuple[str, ...]] | Dag,
+                 external: dict[str, list[str]], base_dir: str, code: CodeFiles | None = None) -> Fingerprints:
     """Fingerprints of all tasks (``external``: the input patterns of each task that no task writes).
 
-    ``code`` finds each task's source files (default: a ``CodeFiles`` over ``base_dir``); python tasks
-    sharing a module share one reading of it."""
+    ``tasks``: by id, or the job's ``spec.tasks`` (then no task is made to fingerprint a matrix entry's);
+    ``deps``: each task's dependencies, by id, or the job's ``Dag``. ``code`` finds each task's source files
+    (default: a ``CodeFiles`` over ``base_dir``); python tasks sharing a module share one reading of it,
+    and tasks with the same external inputs one look at them."""
     code = code or CodeFiles(base_dir)
-    scan = _Scan()
+    lookup = tasks.get if isinstance(tasks, Mapping) else _lookup(tasks)
+    inputs: dict[str, str] = {}
+    scripts: dict[str, tuple[CodeFile, ...]] = {}
+    seen: dict[tuple[str, ...], tuple[list[str], str]] = {}
     for tid, patterns in external.items():
         if patterns:
-            paths = _matches(patterns, base_dir)
-            scan.inputs[tid] = _stat_digest(paths, base_dir)
-            task = tasks.get(tid)
+            key = tuple(patterns)
+            if key not in seen:
+                paths = _matches(patterns, base_dir)
+                seen[key] = (paths, _stat_digest(paths, base_dir))
+            paths, inputs[tid] = seen[key]
+            task = lookup(tid)
             if task is not None and task.kind == "shell" and task.run:
-                scan.code[tid] = code.scripts(paths, task.run)
-    for tid, task in tasks.items():
-        if task.kind == "python":
-            scan.code[tid] = code.python(task.call)
-    return Fingerprints(tasks, deps, scan.inputs, scan.code)
+                scripts[tid] = code.scripts(paths, task.run)
+    python = _python_code(tasks, code)
+    return Fingerprints(tasks, deps, inputs, lambda tid: scripts.get(tid) or python(tid))
+
+
+def _lookup(tasks: Sequence[TaskSpec]) -> Callable[[str], TaskSpec | None]:
+    position = _position(tasks)
+
+    def find(tid: str) -> TaskSpec | None:
+        try:
+            return tasks[position(tid)]
+        except KeyError:
+            return None
+
+    return find
+
+
+def _python_code(tasks: Mapping[str, TaskSpec] | Sequence[TaskSpec], code: CodeFiles) -> Callable[[str], tuple[CodeFile, ...]]:
+    """Each python task's files: looked up per entry for the tasks of a ``Tasks`` (its ``call`` is the same)."""
+    if isinstance(tasks, Tasks):
+        files = {e.start: code.python(e.template.call) for e in tasks.entries
+                 if e.template is not None and e.template.kind == "python"}
+        return lambda tid: files.get(tasks.entry_at(tasks.position(tid)).start, ())
+    found = {tid: code.python(t.call) for tid, t in (tasks.items() if isinstance(tasks, Mapping)
+                                                      else ((t.id, t) for t in tasks)) if t.kind == "python"}
+    return lambda tid: found.get(tid, ())

@@ -36,6 +36,7 @@ from cmbagent_batch.spec import preflight as spec_checks
 from cmbagent_batch.spec.checks import Finding
 from cmbagent_batch.spec.model import JobSpec, TaskPath
 from cmbagent_batch.spec.preflight import CallNeed, KeyNeed
+from cmbagent_batch.spec.tasks import Tasks, entries_of
 from cmbagent_batch.states import DONE_STATES
 
 Warn = Callable[[str], None]
@@ -196,11 +197,14 @@ def external_inputs(spec: JobSpec, sources: Sources | None = None,
     """The inputs no task writes, which come from the spec file's directory, but ``late_inputs``; of the tasks
     ``only`` (None: all). ``sources``: ``input_sources`` of the spec's tasks, if known."""
     found: dict[tuple[int, int], list[tuple[str, str]]] = {}
-    tasks = {t.id: t for t in spec.tasks}
+    shared = {e.index: e.template for e in entries_of(spec.tasks) or () if not e.varies("inputs")}
     for tid, entries in (input_sources(spec.tasks) if sources is None else sources).items():
         if only is not None and tid not in only:
             continue
-        task = tasks[tid]
+        if not any(not matches for _, matches in entries):
+            continue
+        task = shared.get(spec.tasks.entry_at(spec.position(tid)).index) if isinstance(spec.tasks, Tasks) else None
+        task = task or spec.task(tid)
         for index, (pattern, matches) in enumerate(entries):
             if not matches and pattern not in task.late_inputs:
                 found.setdefault((task.entry, index), []).append((pattern, tid))

@@ -1,4 +1,5 @@
-"""Plans as text for people, and as Graphviz dot and Mermaid for pictures: pure functions of the plan dict."""
+"""Plans as text for people, and as Graphviz dot and Mermaid for pictures: pure functions of the plan dict
+(``text`` takes either form; ``dot`` and ``mermaid`` the schema's, ``build.schema_form``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from typing import Any
 
 from cmbagent_batch.ledger.money import usd
+from cmbagent_batch.plan.build import task_count
 
 SHOW_IDS = 12  # ids listed per level in text; the rest are counted
 SHOW_EDGES = 40
@@ -22,7 +24,7 @@ def text(plan: dict[str, Any]) -> str:
     a = plan["analysis"]
     cp = plan["critical_path"]
     lines = [
-        f"Job {plan['job']}: {len(plan['tasks']):,} tasks, {len(plan['edges']):,} edges, "
+        f"Job {plan['job']}: {task_count(plan):,} tasks, {len(plan['edges']):,} edges, "
         f"{len(plan['levels']):,} levels",
         f"Critical path: {_num(cp['length'])} ({' -> '.join(cp['tasks'][:8])}"
         + (f" -> ... {len(cp['tasks']) - 8} more" if len(cp["tasks"]) > 8 else "")

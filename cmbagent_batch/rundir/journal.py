@@ -10,10 +10,11 @@ once per ``interval``, 1 s). ``close`` writes and syncs everything (at exit, bef
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
+from cmbagent_batch.rundir.history import History, TaskHistory
 from cmbagent_batch.rundir.jsonl import JsonlWriter
 from cmbagent_batch.states import TaskState
 
@@ -50,37 +51,13 @@ def _records(lines: Iterable[bytes], path: str, warn: Callable[[str], None] | No
         yield record
 
 
-@dataclass
-class TaskHistory:
-    """What the journals say about one task: its last state and every attempt."""
-
-    state: TaskState
-    attempts: int
-    record: dict[str, Any]  # the last record
-
-
-_STATES = {s.value: s for s in TaskState}  # the journals' state texts
-_ENDS = frozenset({TaskState.SUCCEEDED, TaskState.FAILED})
-
-
-def replay(paths: list[str], warn: Callable[[str], None] | None = None) -> dict[str, TaskHistory]:
-    """Last known state of every task across journals (records ordered by their time stamp). A record
-    with a state this version does not know (a newer one wrote it) counts as the task not done."""
-    records = [r for p in paths for r in read_records(p, warn) if "task" in r]
-    records.sort(key=lambda r: r.get("t", 0.0))
-    out: dict[str, TaskHistory] = {}
-    for r in records:
-        tid = r["task"]
-        prev = out.get(tid)
-        state = _STATES.get(r["state"], TaskState.INTERRUPTED)
-        if state is TaskState.RUNNING and prev is not None and prev.state in _ENDS and \
-                (prev.record.get("run"), prev.record.get("attempt")) == (r.get("run"), r.get("attempt")):
-            # an attempt's end journaled by the worker rank that ran it, on a clock a little behind
-            # rank 0's: the end stands
-            continue
-        attempts = max(prev.attempts if prev else 0, int(r.get("attempt", 0)))
-        out[tid] = TaskHistory(state=state, attempts=attempts, record=r)
-    return out
+def replay(paths: list[str], warn: Callable[[str], None] | None = None) -> History:
+    """Every task's history from the journals ``paths``, read in full (``history.load_history`` reads
+    only what the index does not cover)."""
+    history = History()
+    history.journal_dir = os.path.dirname(paths[0]) if paths else ""
+    history.read_tails(paths, warn)
+    return history
 
 
 def current_state(recorded: str, history: TaskHistory | None, runner_gone: bool) -> TaskState:

@@ -1,19 +1,25 @@
 """The run directory: its layout and its lock (files in it are written by ``atomic.py`` and ``jsonl.py``).
 
     RUN_DIR/
+      layout.json                    the layout of the run directory (``Layout``), written before its first task
       run.json                       manifest (schemas/run.schema.json), rewritten atomically
       journal/rank-NNNN.jsonl        state journal per rank (append-only)
-      ranks/rank-NNNN/tasks/TASK/    work directories: data codebase logs outputs temp chats cost
-      outputs/TASK/...               published outputs
-      superseded/TASK-<time>-<id>/   outputs of an earlier run of a task that ran again (the newest
+      ranks/rank-NNNN/tasks/S/TASK/  work directories: data codebase logs outputs temp chats cost
+      ranks/rank-NNNN/superseded/S/TASK/  what the task's previous attempt left in its work directory
+      outputs/S/TASK/...             published outputs
+      superseded/S/TASK-<time>-<id>/ outputs of an earlier run of a task that ran again (the newest
                                      job.keep_superseded of each task are kept: ``prune_superseded``)
       local-model/MODEL-rank-NNNN.log  output of the server of a local model (provider: local), per rank
       .lock                          held by the run using the directory
-"""
 
+S = ``shard(TASK)``: at most 4,096 shards, a few hundred tasks each at 2*10^6 tasks. A run directory made
+before shards (no layout.json; a run.json, journal/, ranks/ or outputs/) keeps its flat paths, without S/.
+"""
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -26,7 +32,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from cmbagent_batch.attempt import Sharding
 from cmbagent_batch.errors import UsageError
+from cmbagent_batch.rundir.atomic import write_json_atomic
 from cmbagent_batch.spec.model import JobSpec
 
 
@@ -42,6 +50,102 @@ def rank_dir(run_dir: str, rank: int) -> str:
 
 def work_dir(run_dir: str, rank: int, task_id: str) -> str:
     return os.path.join(rank_dir(run_dir, rank), "tasks", task_id)
+
+
+LAYOUT_FILE = "layout.json"
+SUPERSEDED = "superseded"
+SHARD_DIGITS = 3  # 4,096 shards
+_SHARD = re.compile(f"[0-9a-f]{{{SHARD_DIGITS}}}")
+# What a run directory holds once a run used it: one of these and no layout.json is of the flat layout.
+_USED = ("run.json", "journal", "ranks", "outputs")
+
+
+def shard(task_id: str) -> str:
+    """The task's shard: the first 3 hex digits of the SHA-256 of its id
+    (``printf %s TASK | sha256sum | cut -c1-3``)."""
+    return hashlib.sha256(task_id.encode()).hexdigest()[:SHARD_DIGITS]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where a run directory keeps each task's work directory and published outputs, by task id."""
+
+    run_dir: str
+    sharding: Sharding
+
+    @classmethod
+    def of(cls, run_dir: str) -> Layout:
+        """The layout of ``run_dir``: the one its layout.json records; without one, the flat layout for a
+        run directory that a run already used (made before shards), else (a new one) the sharded layout."""
+        path = os.path.join(run_dir, LAYOUT_FILE)
+        try:
+            recorded = read_json(path)
+        except FileNotFoundError:
+            used = any(os.path.lexists(os.path.join(run_dir, name)) for name in _USED)
+            return cls(run_dir, Sharding.FLAT if used else Sharding.SHARDED)
+        except (OSError, ValueError) as exc:
+            why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            raise UsageError(f"{path}: cannot read the run directory's layout ({why})") from None
+        names = [s.value for s in Sharding]
+        name = recorded.get("layout") if isinstance(recorded, dict) else None
+        if name not in names:
+            raise UsageError(f"{path}: unknown layout {name!r} (this version knows {', '.join(names)}); "
+                             "was the run directory made by a newer cmbagent-batch?")
+        return cls(run_dir, Sharding(name))
+
+    def record(self) -> None:
+        """Write layout.json, unless it is there: from the first task on, the run directory keeps its layout."""
+        path = os.path.join(self.run_dir, LAYOUT_FILE)
+        if not os.path.exists(path):
+            shard_rule = {"shard": f"the first {SHARD_DIGITS} hex digits of the SHA-256 of the task id"}
+            write_json_atomic(path, {"layout": self.sharding.value, **(shard_rule if self.sharded else {})})
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding is Sharding.SHARDED
+
+    def place(self, task_id: str) -> str:
+        """The task's place under ``tasks/``, ``outputs/`` and ``superseded/``: S/TASK (flat: TASK)."""
+        return os.path.join(shard(task_id), task_id) if self.sharded else task_id
+
+    def work_dir(self, rank: int, task_id: str) -> str:
+        """RUN_DIR/ranks/rank-NNNN/tasks/S/TASK: the task's work directory on ``rank``."""
+        return os.path.join(rank_dir(self.run_dir, rank), "tasks", self.place(task_id))
+
+    def kept_work_dir(self, rank: int, task_id: str) -> str:
+        """RUN_DIR/ranks/rank-NNNN/superseded/S/TASK: what the task's previous attempt left on ``rank``."""
+        return os.path.join(rank_dir(self.run_dir, rank), SUPERSEDED, self.place(task_id))
+
+    def published(self, task_id: str) -> str:
+        """RUN_DIR/outputs/S/TASK: the task's published outputs."""
+        return os.path.join(self.run_dir, "outputs", self.place(task_id))
+
+    def superseded(self, task_id: str) -> str:
+        """RUN_DIR/superseded/S (flat: RUN_DIR/superseded): where the task's earlier output sets go."""
+        return os.path.dirname(os.path.join(self.run_dir, SUPERSEDED, self.place(task_id)))
+
+    def remove_empty_shards(self) -> None:
+        """At the end of a run, on every rank: remove the empty shards of work directories and the spare
+        work directories (``.spare-PID-N``). One ``rmdir`` per shard made (at most 4,096 a rank)."""
+        ranks = os.path.join(self.run_dir, "ranks")
+        for rank in os.listdir(ranks) if self.sharded and os.path.isdir(ranks) else []:
+            tasks = os.path.join(ranks, rank, "tasks")
+            try:
+                names = os.listdir(tasks)
+            except OSError:
+                continue
+            for name in names:
+                if _SHARD.fullmatch(name) or name.startswith(".spare-"):
+                    with contextlib.suppress(OSError):  # not empty: a task in it kept something
+                        os.rmdir(os.path.join(tasks, name))
+
+    def __reduce__(self) -> tuple[type[Layout], tuple[str, Sharding]]:
+        return Layout, (self.run_dir, self.sharding)
+
+
+def journal_dir(run_dir: str) -> str:
+    """RUN_DIR/journal: the state journals and their index."""
+    return os.path.join(run_dir, "journal")
 
 
 def journal_path(run_dir: str, rank: int) -> str:
@@ -239,7 +343,6 @@ def set_aside(run_dir: str) -> str | None:
     return target
 
 
-SUPERSEDED = "superseded"
 # An output set moved aside by a publish: TASK-<UTC time to the microsecond>-<8 random hex digits>
 _SET_ASIDE = re.compile(r"(?P<task>.+)-(?P<stamp>\d{8}T\d{12}Z)-[0-9a-f]{8}")
 _LISTED = 5  # names said in the message; the rest are counted
@@ -271,19 +374,21 @@ class Pruned:
 
 
 def superseded_to_prune(names: Iterable[str], keep: int) -> list[str]:
-    """The entries of RUN_DIR/superseded/ beyond the newest ``keep`` of each task, oldest first. A name a
-    publish did not make (TASK-<time>-<id>) is never chosen."""
+    """The output sets of RUN_DIR/superseded/ beyond the newest ``keep`` of each task, oldest first.
+    ``names``: the sets' paths relative to it, S/NAME (or NAME, in the flat layout). A name a publish did
+    not make (TASK-<time>-<id>) is never chosen."""
     by_task: dict[str, list[tuple[str, str]]] = {}
-    for name in names:
-        if m := _SET_ASIDE.fullmatch(name):
-            by_task.setdefault(m["task"], []).append((m["stamp"], name))
+    for path in names:
+        if m := _SET_ASIDE.fullmatch(os.path.basename(path)):
+            by_task.setdefault(m["task"], []).append((m["stamp"], path))
     old = [entry for sets in by_task.values() for entry in sorted(sets)[:max(0, len(sets) - keep)]]
-    return [name for _, name in sorted(old)]
+    return [path for _, path in sorted(old)]
 
 
 def prune_superseded(run_dir: str, keep: int) -> Pruned:
     """Remove the output sets of RUN_DIR/superseded/ beyond the newest ``keep`` of each task, oldest first.
-    Call it with the run directory's lock held: a run publishing meanwhile would add to what is judged."""
+    Call it with the run directory's lock held: a run publishing meanwhile would add to what is judged.
+    Sets are found in either layout (a set's name is never a shard's), in one listing of each shard."""
     directory = os.path.join(run_dir, SUPERSEDED)
     removed: list[str] = []
     failed: list[str] = []
@@ -293,13 +398,27 @@ def prune_superseded(run_dir: str, keep: int) -> Pruned:
         names = []
     except OSError as exc:  # a file named superseded, no permission: said, and the run goes on
         return Pruned(directory, (), 0, (), unreadable=exc.strerror or str(exc))
+    paths = []
+    for name in names:
+        if _SHARD.fullmatch(name):
+            try:
+                paths += [os.path.join(name, n) for n in os.listdir(os.path.join(directory, name))]
+            except NotADirectoryError:
+                pass
+        else:
+            paths.append(name)
     size = 0
-    for name in superseded_to_prune(names, keep):
+    emptied: set[str] = set()
+    for path in superseded_to_prune(paths, keep):
         try:
-            size += _remove_tree(os.path.join(directory, name))
-            removed.append(name)
+            size += _remove_tree(os.path.join(directory, path))
+            removed.append(os.path.basename(path))
+            emptied.add(os.path.dirname(path))
         except OSError as exc:
-            failed.append(f"{name}: {exc.strerror or exc}")
+            failed.append(f"{os.path.basename(path)}: {exc.strerror or exc}")
+    for shard_dir in sorted(emptied - {""}):  # a shard left empty goes too
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(directory, shard_dir))
     return Pruned(directory, tuple(removed), size, tuple(failed))
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cmbagent_batch.errors import SlurmError
-from cmbagent_batch.rundir.journal import current_state, replay
-from cmbagent_batch.rundir.layout import journal_paths, read_json
+from cmbagent_batch.rundir.layout import read_json
+from cmbagent_batch.rundir.runview import current_states, run_history
 from cmbagent_batch.slurm import client, jobs
 from cmbagent_batch.slurm.script import WALLTIME_EXIT
 from cmbagent_batch.states import StopReason, Tally
@@ -56,8 +56,9 @@ def after_step(run_dir: str, job_id: str, step_exit: int, requeue_max: int) -> i
     manifest_path = os.path.join(run_dir, "run.json")
     manifest = read_json(manifest_path) if os.path.exists(manifest_path) else None
     if manifest is not None and manifest.get("status") == "running":  # its runner died without a word
-        history = replay(journal_paths(run_dir))
-        counts = Tally.of(current_state(t["state"], history.get(tid), True) for tid, t in manifest["tasks"].items())
+        history = run_history(run_dir, manifest)
+        counts = Tally.of(state for _, state in current_states(history, True))
+        history.close()
         manifest = {**manifest, "counts": counts.to_json()}
     d = decide(step_exit, manifest, jobs.requeues(record), requeue_max)
     say(f"job {job_id}: {d.why}")

@@ -1,25 +1,23 @@
 """The semantic pass: what a schema cannot say about a job spec.
 
 Works on raw (possibly partly invalid) data after matrix expansion, so that one run reports every
-problem. Each check returns ``Finding``s whose path points into the file as written; the loader
-locates them. ``check_python_timeouts`` alone works on the effective configuration (the spec with the
+problem (the checks across all tasks: ``taskchecks.py``). Each check returns ``Finding``s whose path
+points into the file as written; the loader locates them. ``check_python_timeouts`` alone works on the effective configuration (the spec with the
 CMBAGENT_* variables and flags applied), at the places the loader kept.
 """
 
 from __future__ import annotations
 
 import difflib
-import fnmatch
-import posixpath
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cmbagent_batch.errors import Problem
-from cmbagent_batch.spec.matrix import Values, describe_values
 from cmbagent_batch.spec.model import Isolation, JobSpec, TaskSpec
 from cmbagent_batch.spec.pricing import builtin_table, closest, lookup
+from cmbagent_batch.spec.tasks import Entry, by_entry
 
 TASK_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -44,24 +42,6 @@ class Finding:
     message: str
     key: bool = False  # locate at the key rather than the value
     warning: bool = False  # the spec is still valid: the problem is said, and the command goes on
-
-
-@dataclass(slots=True)
-class Expanded:
-    """One task after matrix expansion, still raw, with where it came from."""
-
-    index: int  # position in $.tasks
-    data: dict[str, Any]
-    values: Values  # matrix values, {} for a plain entry
-
-    @property
-    def origin(self) -> str:
-        where = f"$.tasks[{self.index}]"
-        return f"{where} ({describe_values(self.values)})" if self.values else where
-
-    def note(self) -> str:
-        """Suffix naming the matrix values, for messages about one expansion of an entry."""
-        return f" (with {describe_values(self.values)})" if self.values else ""
 
 
 def parse_slurm_time(value: str | int) -> int | None:
@@ -101,119 +81,6 @@ def path_problem(path: str, note: str = "") -> str | None:
 def hint(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def check_tasks(tasks: list[Expanded]) -> tuple[list[Finding], dict[int, tuple[str, ...]]]:
-    """Ids, kinds, dependencies, paths and cycles of the expanded tasks.
-
-    Returns the findings and, per position in ``tasks``, its resolved ``depends_on`` (globs expanded).
-    """
-    findings: list[Finding] = []
-    by_id: dict[str, int] = {}
-    for pos, t in enumerate(tasks):
-        findings.extend(_check_one(t))
-        tid = t.data.get("id")
-        if not isinstance(tid, str) or not TASK_ID.fullmatch(tid):
-            continue
-        if tid in by_id:
-            first = tasks[by_id[tid]]
-            findings.append(
-                Finding((("tasks", t.index, "id")), f"duplicate task id {tid!r}{t.note()}: also made by {first.origin}")
-            )
-            continue
-        by_id[tid] = pos
-    ids_sorted = sorted(by_id)
-    deps: dict[int, tuple[str, ...]] = {}
-    for pos, t in enumerate(tasks):
-        tid = t.data.get("id")
-        if by_id.get(tid) != pos:  # type: ignore[arg-type]
-            continue
-        resolved: set[str] = set()
-        for j, dep in enumerate(t.data.get("depends_on") or []):
-            if not isinstance(dep, str):
-                continue
-            where = ("tasks", t.index, "depends_on", j)
-            if GLOB_CHARS.search(dep):
-                matched = [i for i in fnmatch.filter(ids_sorted, dep) if i != tid]
-                if not matched:
-                    itself = f" other than {tid!r} itself" if fnmatch.fnmatchcase(str(tid), dep) else ""
-                    findings.append(Finding(where, f"{dep!r}{t.note()} matches no task{itself}"))
-                resolved.update(matched)
-            elif dep == tid:
-                findings.append(Finding(where, f"task {tid!r} depends on itself"))
-            elif dep not in by_id:
-                findings.append(Finding(where, f"unknown task {dep!r}{t.note()}{hint(dep, by_id)}"))
-            else:
-                resolved.add(dep)
-        deps[pos] = tuple(sorted(resolved))
-    findings.extend(_check_outputs(tasks, by_id))
-    findings.extend(_check_cycle(tasks, by_id, deps))
-    return findings, deps
-
-
-def _check_one(t: Expanded) -> list[Finding]:
-    out: list[Finding] = []
-    data = t.data
-    tid = data.get("id")
-    # The schema checks plain ids; placeholders are checked once they are filled in.
-    if isinstance(tid, str) and (t.values or "{" in tid) and not TASK_ID.fullmatch(tid):
-        if "{" in tid:
-            out.append(Finding(("tasks", t.index, "id"), f"id {tid!r} has a placeholder that is not a matrix parameter"))
-        else:
-            out.append(Finding(("tasks", t.index, "id"), f"task id {tid!r}{t.note()} may only use letters, digits, '_', '.', '-'"))
-    kind = data.get("kind")
-    if kind in KIND_REQUIRES and KIND_REQUIRES[kind] not in data:
-        article = "an" if kind == "agent" else "a"
-        out.append(Finding(("tasks", t.index), f"{article} {kind} task needs {KIND_REQUIRES[kind]!r}"))
-    if kind in KIND_FIELDS:
-        for other, fields in KIND_FIELDS.items():
-            if other == kind:
-                continue
-            for name in fields:
-                if name in data:
-                    out.append(Finding(("tasks", t.index, name), f"{name!r} is for {other} tasks; this is a {kind} task", key=True))
-    for field in ("inputs", "late_inputs", "outputs"):
-        for j, p in enumerate(data.get(field) or []):
-            if isinstance(p, str):
-                why = path_problem(p, t.note())
-                if why:
-                    out.append(Finding(("tasks", t.index, field, j), why))
-    return out
-
-
-def _check_outputs(tasks: list[Expanded], by_id: dict[str, int]) -> list[Finding]:
-    """An input that two tasks write is ambiguous (which one should it be linked from?).
-
-    Tasks writing the same relative path is fine otherwise: each task publishes its outputs under
-    ``outputs/TASK/``, so a sweep whose tasks all write ``out.txt`` collides nowhere.
-    """
-    owners: dict[str, list[str]] = {}
-    for tid, pos in sorted(by_id.items(), key=lambda kv: kv[1]):
-        for p in tasks[pos].data.get("outputs") or []:
-            if isinstance(p, str) and not path_problem(p) and not GLOB_CHARS.search(p):
-                ids = owners.setdefault(posixpath.normpath(p), [])
-                if tid not in ids:
-                    ids.append(tid)
-    shared = {path: ids for path, ids in owners.items() if len(ids) > 1}
-    if not shared:
-        return []
-    shared_paths = sorted(shared)
-    out: list[Finding] = []
-    for tid, pos in sorted(by_id.items(), key=lambda kv: kv[1]):
-        t = tasks[pos]
-        for j, p in enumerate(t.data.get("inputs") or []):
-            if not isinstance(p, str) or path_problem(p):
-                continue
-            norm = posixpath.normpath(p)
-            hits = fnmatch.filter(shared_paths, norm) if GLOB_CHARS.search(norm) else [norm] if norm in shared else []
-            for path in hits:
-                writers = [w for w in shared[path] if w != tid]
-                if len(writers) > 1:
-                    names = ", ".join(repr(w) for w in writers[:5]) + (f" and {len(writers) - 5} more" if len(writers) > 5 else "")
-                    out.append(Finding(("tasks", t.index, "inputs", j),
-                                       f"input {p!r}{t.note()} is ambiguous: {path!r} is written by {names}"))
-                    break
-    return out
 
 
 def find_cycle(deps: dict[str, tuple[str, ...]]) -> list[str] | None:
@@ -260,21 +127,7 @@ def closed_loop(loop: list[Node]) -> list[Node]:
     return loop[first:] + loop[:first + 1]
 
 
-def _check_cycle(tasks: list[Expanded], by_id: dict[str, int], deps: dict[int, tuple[str, ...]]) -> list[Finding]:
-    cycle = find_cycle({tid: deps.get(pos, ()) for tid, pos in by_id.items()})
-    if cycle is None:
-        return []
-    t = tasks[by_id[cycle[0]]]
-    j = next(
-        (j for j, d in enumerate(t.data.get("depends_on") or [])
-         if isinstance(d, str) and (d == cycle[1] or fnmatch.fnmatchcase(cycle[1], d))),
-        None,
-    )
-    where: tuple[Any, ...] = ("tasks", t.index, "depends_on", j) if j is not None else ("tasks", t.index)
-    return [Finding(where, f"dependency cycle: {' -> '.join(cycle)} ('->' reads 'depends on')")]
-
-
-def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
+def check_models(data: dict[str, Any], entries: Sequence[Entry]) -> list[Finding]:
     """Every model used is defined and priced (in the spec or the shipped table; a local model in the spec),
     has only its provider's keys; agent tasks and LLM analysis have a model."""
     out: list[Finding] = []
@@ -304,19 +157,28 @@ def check_models(data: dict[str, Any], tasks: list[Expanded]) -> list[Finding]:
     if isinstance(sources, list) and "llm" in sources and amodel is None and not isinstance(default, str):
         out.append(Finding(("analysis", "sources"), "'llm' analysis needs a model: set analysis.model or llm.default_model"))
     reported: set[tuple[int, str]] = set()  # one finding per entry, not per matrix expansion
-    for t in tasks:
-        model = t.data.get("model")
-        if t.data.get("kind") != "agent" or (t.index, str(model)) in reported:
+    for e in entries:
+        if e.body.get("kind") != "agent":
             continue
-        reported.add((t.index, str(model)))
-        if model is None and not isinstance(default, str):
-            out.append(Finding(("tasks", t.index), "an agent task needs a model: set model here or llm.default_model"))
-        elif isinstance(model, str) and model not in models:
-            out.append(Finding(("tasks", t.index, "model"), f"model {model!r} is not defined in llm.models{hint(model, models)}"))
-        outputs = t.data.get("outputs")
-        if not t.data.get("code_execution") and isinstance(outputs, list) and (
-                len(outputs) > 1 or any(isinstance(o, str) and any(c in o for c in "*?[") for o in outputs)):
-            out.append(Finding(("tasks", t.index, "outputs"),
+        for k in range(len(e) if "model" in e.fills else 1):
+            out.extend(_check_agent(e, k, models, default, reported))
+    return out
+
+
+def _check_agent(e: Entry, k: int, models: dict[str, Any], default: Any, reported: set[tuple[int, str]]) -> list[Finding]:
+    out: list[Finding] = []
+    model = e.field("model", k)
+    if (e.index, str(model)) in reported:
+        return out
+    reported.add((e.index, str(model)))
+    if model is None and not isinstance(default, str):
+        out.append(Finding(("tasks", e.index), "an agent task needs a model: set model here or llm.default_model"))
+    elif isinstance(model, str) and model not in models:
+        out.append(Finding(("tasks", e.index, "model"), f"model {model!r} is not defined in llm.models{hint(model, models)}"))
+    outputs = e.field("outputs", k)
+    if not e.field("code_execution", k) and isinstance(outputs, list) and (
+            len(outputs) > 1 or any(isinstance(o, str) and any(c in o for c in "*?[") for o in outputs)):
+        out.append(Finding(("tasks", e.index, "outputs"),
                                "an agent task without code_execution writes one file, its final answer: declare "
                                "one output, or set code_execution: true so that its code can write more"))
     return out
@@ -400,29 +262,29 @@ def check_python_timeouts(spec: JobSpec, sources: Mapping[str, str]) -> list[Pro
     ex = spec.execution
     if ex.isolation is not Isolation.THREAD:
         return []
-    own: dict[int, list[TaskSpec]] = {}
-    default: list[TaskSpec] = []
-    for t in spec.tasks:
+    own: dict[int, _Named] = {}
+    default = _Named()
+    for t, ids in by_entry(spec.tasks):
         if t.kind == "python" and t.timeout is not None:
-            own.setdefault(t.entry, []).append(t)
+            own.setdefault(t.entry, _Named()).add(t, ids)
         elif t.kind == "python" and ex.task_timeout is not None:
-            default.append(t)
+            default.add(t, ids)
     thread, process = _thread_setting(spec, sources["execution.isolation"])
 
-    def refuse(path: str, what: str, tasks: list[TaskSpec], remove: str) -> Problem:
-        return _problem(spec, path, f"{what} cannot be enforced on {_named(tasks)}: python tasks run in threads "
+    def refuse(path: str, what: str, tasks: _Named, remove: str) -> Problem:
+        return _problem(spec, path, f"{what} cannot be enforced on {tasks}: python tasks run in threads "
                                     f"({thread}) and a thread cannot be stopped. Fix: {process}, or {remove}")
 
-    out = [refuse(f"$.tasks[{entry}].timeout", f"timeout: {_yaml(tasks[0].timeout)}", tasks, "remove the timeout")
+    out = [refuse(f"$.tasks[{entry}].timeout", f"timeout: {_yaml(tasks.timeout)}", tasks, "remove the timeout")
            for entry, tasks in own.items()]
-    if default:
+    if default.count:
         what, source = f"execution.task_timeout: {_yaml(ex.task_timeout)}", sources["execution.task_timeout"]
         kind, name = source.split(" ", 1)
         if kind == "spec":
             out.append(refuse("$.execution.task_timeout", what, default, "remove execution.task_timeout"))
         else:  # from a variable or a flag: pointed at the first python task it would apply to
             remove = f"unset {name}" if kind == "env" else f"drop {name}"
-            out.append(refuse(f"$.tasks[{default[0].entry}]", f"{what} ({source})", default, remove))
+            out.append(refuse(f"$.tasks[{default.entry}]", f"{what} ({source})", default, remove))
     return out
 
 
@@ -438,9 +300,23 @@ def _thread_setting(spec: JobSpec, source: str) -> tuple[str, str]:
     return f"execution.isolation: thread, {source}", f"drop {name}"
 
 
-def _named(tasks: list[TaskSpec]) -> str:
-    more = f" (and {len(tasks) - 1:,} more)" if len(tasks) > 1 else ""
-    return f"python task {tasks[0].id!r}{more}"
+@dataclass(slots=True)
+class _Named:
+    """Python tasks a setting cannot be enforced on: the first, by file order, and how many."""
+
+    first: str = ""
+    entry: int = 0
+    timeout: float | None = None
+    count: int = 0
+
+    def add(self, t: TaskSpec, ids: Sequence[str]) -> None:
+        if not self.count:
+            self.first, self.entry, self.timeout = ids[0], t.entry, t.timeout
+        self.count += len(ids)
+
+    def __str__(self) -> str:
+        more = f" (and {self.count - 1:,} more)" if self.count > 1 else ""
+        return f"python task {self.first!r}{more}"
 
 
 def _problem(spec: JobSpec, path: str, message: str) -> Problem:

@@ -9,9 +9,8 @@ from types import MappingProxyType
 from typing import Any
 
 from cmbagent_batch.errors import Problem, Severity, SpecError
-from cmbagent_batch.spec import checks, gcpause, matrix, schema
+from cmbagent_batch.spec import checks, gcpause, matrix, schema, taskchecks
 from cmbagent_batch.spec.model import (
-    EMPTY,
     AnalysisSpec,
     ExecutionSpec,
     Isolation,
@@ -19,20 +18,17 @@ from cmbagent_batch.spec.model import (
     JobSpec,
     LlmSpec,
     ModelSpec,
-    Resources,
     SlurmSpec,
     TaskPath,
-    TaskSpec,
-    freeze,
 )
 from cmbagent_batch.spec.pricing import SPEC_TABLE, Price, builtin_table, lookup
+from cmbagent_batch.spec.tasks import Entry, Tasks, fills
 from cmbagent_batch.spec.yamldata import json_path, name_tasks
 from cmbagent_batch.spec.yamlio import Document, parse_yaml, read_bytes
 
 # A matrix entry broken the same way in every expansion is reported this many times, then summed up.
 MAX_REPEATS = 3
 CONFIG_SECTIONS = ("job", "execution", "analysis", "slurm", "llm")
-DEFAULT_RESOURCES = Resources()
 LOCAL_ALIAS = "smollm2-135m-instruct"  # the model name of provider 'local' with the shipped model file
 
 
@@ -54,39 +50,47 @@ def _load(raw: bytes, path: str) -> JobSpec:
             [Problem(path, 1, 1, "$", f"a job spec is a mapping (version, job, tasks, ...), got {schema.describe(data)}")]
         )
     problems = [] if schema.is_valid(data) else schema.problems(doc)
-    expanded, findings = _expand_tasks(data)
-    task_findings, deps = checks.check_tasks(expanded)
-    findings += (task_findings + checks.check_models(data, expanded) + checks.check_slurm(data)
+    entries, findings = _expand_tasks(data)
+    task_findings, index, deps = taskchecks.check_tasks(entries)
+    findings += (task_findings + checks.check_models(data, entries) + checks.check_slurm(data)
                  + checks.check_execution(data))
     problems += _locate(doc, findings)
     if errors := [p for p in problems if p.severity is Severity.ERROR]:
         raise SpecError(name_tasks(_dedupe(errors), data))
-    spec = _build(doc, hashlib.sha256(raw).hexdigest(), expanded, deps)
+    spec = _build(doc, hashlib.sha256(raw).hexdigest(), entries, index, deps)
     if problems:  # warnings only: the spec carries them to the preflight, which says them
         spec = dataclasses.replace(spec, warnings=tuple(name_tasks(_dedupe(problems), data)))
     return spec
 
 
-def _expand_tasks(data: dict[str, Any]) -> tuple[list[checks.Expanded], list[checks.Finding]]:
+def _expand_tasks(data: dict[str, Any]) -> tuple[list[Entry], list[checks.Finding]]:
     tasks = data.get("tasks")
-    expanded: list[checks.Expanded] = []
+    entries: list[Entry] = []
     findings: list[checks.Finding] = []
     if not isinstance(tasks, list):
-        return expanded, findings
+        return entries, findings
     total = 0
     for i, entry in enumerate(tasks):
         if not isinstance(entry, dict) or ("matrix" in entry and not _matrix_ok(entry["matrix"])):
             continue  # the schema problems already say what is wrong with it
-        items, problems = matrix.expand(entry)
-        findings.extend(checks.Finding(("tasks", i, "matrix") + p.path, p.message) for p in problems)
         findings.extend(checks.Finding(("tasks", i) + p.path, p.message, warning=p.warning)
                         for p in matrix.unknown_placeholders(entry))
-        total += len(items)
+        if "matrix" in entry:
+            grid, problems = matrix.Grid.of(entry["matrix"])
+            findings.extend(checks.Finding(("tasks", i, "matrix") + p.path, p.message) for p in problems)
+            if grid is None:
+                continue
+            body = {k: v for k, v in entry.items() if k != "matrix"}
+            names = sorted({*grid.names, *(n for e in grid.extra for n in e)}, key=lambda n: (-len(n), n))
+            made = Entry(i, body, grid, fills(body, names), total)
+        else:
+            made = Entry(i, entry, None, {}, total)
+        total += len(made)
         if total > matrix.MAX_TASKS:
             findings.append(checks.Finding(("tasks", i), f"the job expands to over {matrix.MAX_TASKS:,} tasks"))
             break
-        expanded.extend(checks.Expanded(i, body, values) for body, values in items)
-    return expanded, findings
+        entries.append(made)
+    return entries, findings
 
 
 def _matrix_ok(m: Any) -> bool:
@@ -133,7 +137,8 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
     return out
 
 
-def _build(doc: Document, sha256: str, expanded: list[checks.Expanded], deps: dict[int, tuple[str, ...]]) -> JobSpec:
+def _build(doc: Document, sha256: str, entries: list[Entry], index: dict[str, int],
+           deps: dict[int, tuple[str, ...]]) -> JobSpec:
     data: dict[str, Any] = doc.data
     job = data["job"]
     llm = data.get("llm", {})
@@ -147,7 +152,9 @@ def _build(doc: Document, sha256: str, expanded: list[checks.Expanded], deps: di
         slurm["time"] = str(slurm["time"])
     execution = _execution(data.get("execution", {}))
     lines = doc.item_lines("tasks")
-    tasks = tuple(_task(t, deps[pos], default_model, lines[t.index]) for pos, t in enumerate(expanded))
+    for e in entries:
+        e.finish(lines[e.index], default_model)
+    tasks = Tasks(entries, index, deps, default_model)
     return JobSpec(
         path=doc.file,
         sha256=sha256,
@@ -222,40 +229,3 @@ def _model(doc: Document, name: str, entry: dict[str, Any]) -> ModelSpec:
     found = lookup(table, entry["model"])
     assert found is not None  # checks.check_models refuses unpriced models
     return ModelSpec(name=name, price=found[1], price_table=table.id, **fields)
-
-
-def _env_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _task(t: checks.Expanded, depends_on: tuple[str, ...], default_model: str | None, line: int) -> TaskSpec:
-    d = t.data
-    kind = d["kind"]
-    return TaskSpec(
-        id=d["id"],
-        kind=kind,
-        description=d.get("description", ""),
-        depends_on=depends_on,
-        inputs=tuple(d.get("inputs", ())) + tuple(d.get("late_inputs", ())),
-        late_inputs=tuple(d.get("late_inputs", ())),
-        outputs=tuple(d.get("outputs", ())),
-        env=MappingProxyType({k: _env_value(v) for k, v in d["env"].items()}) if "env" in d else EMPTY,
-        timeout=d.get("timeout"),
-        retries=d.get("retries"),
-        resources=Resources(**d["resources"]) if "resources" in d else DEFAULT_RESOURCES,
-        budget_usd=d.get("budget_usd"),
-        estimate=d.get("estimate"),
-        run=d.get("run"),
-        call=d.get("call"),
-        args=freeze(d["args"]) if "args" in d else None,
-        agent=d.get("agent", "assistant") if kind == "agent" else None,
-        instructions=d.get("instructions"),
-        model=d.get("model", default_model) if kind == "agent" else None,
-        max_turns=d.get("max_turns", 10),
-        code_execution=d.get("code_execution", False),
-        matrix=MappingProxyType(t.values) if t.values else EMPTY,
-        entry=t.index,
-        line=line,
-    )

@@ -14,7 +14,8 @@ import difflib
 import itertools
 import math
 import re
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,37 +57,125 @@ def describe_values(values: Values) -> str:
 
 def combinations(matrix: dict[str, Any]) -> tuple[list[Values], list[MatrixProblem]]:
     """The value combinations a (schema-valid) matrix stands for, in a deterministic order."""
-    params = {k: v for k, v in matrix.items() if k not in ("include", "exclude")}
-    names = list(params)
+    grid, problems = Grid.of(matrix)
+    if grid is None:
+        return [], problems
+    return [grid.values(k) for k in range(len(grid))], []
+
+
+def _entry_problems(matrix: dict[str, Any]) -> list[MatrixProblem]:
+    """``exclude`` and ``include`` entries naming parameters the matrix does not have, or lacking some."""
+    params = [k for k in matrix if k not in ("include", "exclude")]
     problems: list[MatrixProblem] = []
     for key in ("exclude", "include"):
         for i, entry in enumerate(matrix.get(key) or []):
             for name in entry:
                 if name not in params and params:
                     problems.append(MatrixProblem((key, i, name), f"{name!r} is not a matrix parameter"))
-            missing = [n for n in names if n not in entry]
+            missing = [n for n in params if n not in entry]
             if key == "include" and missing:
-                problems.append(
-                    MatrixProblem((key, i), f"include entry lacks parameter {missing[0]!r}")
-                )
-    if problems:
-        return [], problems
-    size = math.prod(len(v) for v in params.values()) if params else 0
-    if size > MAX_TASKS:
-        return [], [MatrixProblem((), f"matrix expands to {size:,} tasks, over the limit of {MAX_TASKS:,}")]
-    excludes = [list(e.items()) for e in matrix.get("exclude") or []]
-    out: list[Values] = []
-    if params:
-        for combo in itertools.product(*params.values()):
-            values = dict(zip(names, combo))
-            if any(all(_same(values.get(k), v) for k, v in ex) for ex in excludes):
-                continue
-            out.append(values)
-    for entry in matrix.get("include") or []:
-        out.append(dict(entry))
-    if not out:
-        problems.append(MatrixProblem((), "matrix expands to no tasks (every combination is excluded)"))
-    return out, problems
+                problems.append(MatrixProblem((key, i), f"include entry lacks parameter {missing[0]!r}"))
+    return problems
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Grid:
+    """The combinations of one matrix, held compactly: the cross product by index (the last parameter
+    varying fastest), without the excluded ones, then the ``include`` entries. Nothing is kept per
+    combination but, when some are excluded, the index of each one kept."""
+
+    names: tuple[str, ...]  # the parameters of the cross product, in the order written
+    axes: tuple[tuple[Any, ...], ...]  # their values
+    kept: array[int] | None  # product indices kept when some are excluded; None: all of them
+    extra: tuple[Values, ...]  # the include entries, after the product
+
+    @classmethod
+    def of(cls, matrix: dict[str, Any]) -> tuple[Grid | None, list[MatrixProblem]]:
+        """The grid of a (schema-valid) matrix, or the problems that make it expand to no task."""
+        problems = _entry_problems(matrix)
+        if problems:
+            return None, problems
+        params = {k: tuple(v) for k, v in matrix.items() if k not in ("include", "exclude")}
+        size = math.prod(len(v) for v in params.values()) if params else 0
+        if size > MAX_TASKS:
+            return None, [MatrixProblem((), f"matrix expands to {size:,} tasks, over the limit of {MAX_TASKS:,}")]
+        names = tuple(params)
+        kept = None
+        excludes = [[(names.index(k), v) for k, v in e.items()] for e in matrix.get("exclude") or []]
+        if excludes and params:
+            kept = array("q", (i for i, combo in enumerate(itertools.product(*params.values()))
+                               if not any(all(_same(combo[j], v) for j, v in ex) for ex in excludes)))
+        grid = cls(names, tuple(params.values()), kept, tuple(dict(e) for e in matrix.get("include") or []))
+        if not len(grid):
+            return None, [MatrixProblem((), "matrix expands to no tasks (every combination is excluded)")]
+        return grid, []
+
+    @property
+    def product_size(self) -> int:
+        """How many combinations of the cross product are kept."""
+        if self.kept is not None:
+            return len(self.kept)
+        return math.prod(map(len, self.axes)) if self.axes else 0
+
+    def __len__(self) -> int:
+        return self.product_size + len(self.extra)
+
+    def values(self, k: int) -> Values:
+        """The values of combination ``k``."""
+        n = self.product_size
+        if k >= n:
+            return dict(self.extra[k - n])
+        index = self.kept[k] if self.kept is not None else k
+        if len(self.axes) == 2:  # the common sweep: no loop
+            a, b = self.axes
+            i, j = divmod(index, len(b))
+            return {self.names[0]: a[i], self.names[1]: b[j]}
+        digits = []
+        for axis in reversed(self.axes):
+            index, d = divmod(index, len(axis))
+            digits.append(axis[d])
+        return dict(zip(self.names, reversed(digits)))
+
+    def all_values(self) -> Iterator[Values]:
+        """The values of every combination, in order."""
+        names = self.names
+        yield from (dict(zip(names, row)) for row in self.rows())
+        yield from (dict(e) for e in self.extra)
+
+    def rows(self, texts: bool = False) -> Iterator[tuple[Any, ...]]:
+        """The cross product's kept combinations as tuples of values (``texts``: formatted), in order."""
+        axes = [tuple(map(format_value, a)) for a in self.axes] if texts else self.axes
+        rows = itertools.product(*axes) if axes else iter(())
+        if self.kept is None:
+            return rows
+        mask = bytearray(math.prod(map(len, axes)))
+        for i in self.kept:
+            mask[i] = 1
+        return itertools.compress(rows, mask)
+
+    def texts(self, text: str) -> list[str]:
+        """``text`` filled in for every combination, in order (the ids of a matrix entry)."""
+        out: list[str] = []
+        if self.axes:
+            form = _format_string(text, self.names)
+            out = list(itertools.starmap(form.format, self.rows(texts=True)))
+        for values in self.extra:
+            fill = template(text, list(values))
+            out.append(fill(_texts(values), values) if fill else text)
+        return out
+
+
+def _format_string(text: str, names: tuple[str, ...]) -> str:
+    """``text`` as a ``str.format`` string taking the parameters' texts by position."""
+    pattern = re.compile(r"(?<!\$)\{(" + "|".join(re.escape(n) for n in names) + r")\}")
+    hidden = _protect(text)
+    parts = pattern.split(hidden) if "{" in hidden else [hidden]
+    return "".join(f"{{{names.index(part)}}}" if i % 2 else _release(part).replace("{", "{{").replace("}", "}}")
+                   for i, part in enumerate(parts))
+
+
+def _texts(values: Values) -> dict[str, str]:
+    return {k: format_value(v) for k, v in values.items()}
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
@@ -214,15 +214,23 @@ class JobSpec:
     llm: LlmSpec
     analysis: AnalysisSpec
     slurm: SlurmSpec
-    tasks: tuple[TaskSpec, ...]
+    tasks: Sequence[TaskSpec]  # loaded: a ``spec.tasks.Tasks``, which makes each task when asked for
     declared: Mapping[str, int] = field(default_factory=_empty)  # "execution.max_workers" -> line, for keys written in the file
     # "$.tasks[3].timeout" -> (line, column): the places a check of the effective configuration (after the
     # CMBAGENT_* variables and flags) may point at: every python entry, its timeout, execution.task_timeout
     places: Mapping[str, tuple[int, int]] = field(default_factory=_empty)
     warnings: tuple[Problem, ...] = ()  # found as it was loaded; the preflight says them
+    # position of each task by id, made on first use when ``tasks`` cannot say it (a lookup must not scan)
+    _positions: dict[str, int] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def task(self, task_id: str) -> TaskSpec:
-        for t in self.tasks:
-            if t.id == task_id:
-                return t
-        raise KeyError(task_id)
+        return self.tasks[self.position(task_id)]
+
+    def position(self, task_id: str) -> int:
+        """Where the task ``task_id`` is in ``tasks``; KeyError if there is none."""
+        position = getattr(self.tasks, "position", None)
+        if position is not None:
+            return int(position(task_id))
+        if not self._positions and self.tasks:
+            self._positions.update((t.id, i) for i, t in enumerate(self.tasks))
+        return self._positions[task_id]

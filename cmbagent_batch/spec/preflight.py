@@ -17,6 +17,7 @@ from cmbagent_batch.errors import Problem, Severity
 from cmbagent_batch.spec.callables import Resolver
 from cmbagent_batch.spec.checks import Finding
 from cmbagent_batch.spec.model import JobSpec
+from cmbagent_batch.spec.tasks import by_entry, of_kind
 from cmbagent_batch.spec.variables import DEFAULT_KEY_ENV, PREFIX, is_known, known
 from cmbagent_batch.spec.yamldata import json_path, name_tasks
 from cmbagent_batch.spec.yamlio import parse_yaml, read_bytes
@@ -66,7 +67,7 @@ class KeyNeed:
 def calls_needed(spec: JobSpec) -> tuple[CallNeed, ...]:
     """Each python entry's ``call`` (the schema refuses placeholders in a call: a matrix entry's tasks share it)."""
     seen: dict[int, str] = {}
-    for t in spec.tasks:
+    for t, _ in by_entry(spec.tasks):
         if t.kind == "python" and t.call is not None and t.entry not in seen:
             seen[t.entry] = t.call
     return tuple(CallNeed(entry, call) for entry, call in seen.items())
@@ -89,8 +90,8 @@ def keys_needed(spec: JobSpec) -> tuple[KeyNeed, ...]:
     and the LLM dependency analysis's, with their users."""
     named: dict[str, list[str]] = {}
     count: dict[str, int] = {}
-    for t in spec.tasks:
-        if t.kind == "agent" and t.model is not None:
+    for t in of_kind(spec.tasks, "agent"):
+        if t.model is not None:
             count[t.model] = count.get(t.model, 0) + 1
             ids = named.get(t.model) or named.setdefault(t.model, [])
             if len(ids) <= NAMED:  # one more than shown: three are named, four are "'a', 'b' and 2 more"

@@ -16,6 +16,7 @@ from typing import Any
 
 from cmbagent_batch.attempt import WORK_SUBDIRS, Attempt, Gate, Outcome, Payload, Stopped, TaskContext
 from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS
+from cmbagent_batch.rundir.layout import Layout
 from cmbagent_batch.states import OutcomeReason
 from cmbagent_batch.tasks.agent import launch as agent
 from cmbagent_batch.tasks.python import run_python
@@ -25,6 +26,7 @@ from cmbagent_batch.tasks.workdir import (
     OutputError,
     cleanup,
     existing_outputs,
+    make_work_dir,
     prepare,
     publish,
     stage_inputs,
@@ -34,6 +36,14 @@ from cmbagent_batch.tasks.workdir import (
 # Subdirectories made before a task starts; the rest are made when used (python: ctx.sub(name), shell:
 # mkdir -p). On a journaled or network file system each mkdir (and the rmdir of an unused temp/ after
 # success) costs 0.02 to 0.2 ms, as much as the runner's own work for a tiny task.
+#
+# The work directory itself is made before every attempt. A python task in a worker process runs with
+# it as cwd, so it must exist before the call, and whether the call writes there cannot be known before.
+# After a success that left nothing in it (``cleanup``), the empty directory is set aside as a spare and
+# renamed into place for the next task (``workdir.remove_if_empty``), so no directory of a task that
+# wrote nothing outlives the run. The shards' directories are made by their first task and stay until
+# the run ends (``Layout.remove_empty_shards``): removing one with its last task would cost two more
+# operations per task, as a shard rarely holds two running tasks.
 SUBDIRS_UP_FRONT = {"shell": ("logs",), "python": ()}
 
 
@@ -61,7 +71,7 @@ def make_work_dirs(attempts: Sequence[Attempt]) -> set[str]:
     made: set[str] = set()
     for a in attempts:
         try:
-            os.mkdir(a.ctx.work_dir)
+            make_work_dir(a.ctx)
             made.add(a.ctx.work_dir)
         except OSError:
             pass  # exists (a rerun) or cannot be made: the attempt itself finds out and says so
@@ -161,7 +171,7 @@ def _full(path: str) -> bool:
 
 
 def _return_files(result_file: str, work_dir: str, declared: list[str]) -> list[str]:
-    """``return.json`` (``RUN_DIR/outputs/TASK/return.json`` once published) and the directory of its large
+    """``return.json`` (``RUN_DIR/outputs/S/TASK/return.json`` once published) and the directory of its large
     arrays if it has one; not again if the task declares them as outputs too."""
     files = [os.path.relpath(result_file, work_dir)]
     if os.path.isdir(os.path.join(work_dir, ARRAYS_DIR)):
@@ -171,15 +181,16 @@ def _return_files(result_file: str, work_dir: str, declared: list[str]) -> list[
 
 def _wrap_up(ctx: TaskContext, keep: Collection[str], outcome: Outcome, outputs: list[str],
              found: list[str]) -> Outcome:
-    """Publish a success's outputs and apply retention; measure what is left in either case."""
+    """Publish a success's outputs and apply retention; measure what is left in either case, and say where
+    (``Outcome.work_dir``, for run.json)."""
     if not outcome.ok:
         if outcome.reason is None and _full(ctx.work_dir):  # say, a script's write failed: not its own fault
             outcome = dataclasses.replace(outcome, reason=OutcomeReason.DISK_FULL,
                                           error=f"{outcome.error} (its file system is full)")
-        return dataclasses.replace(outcome, work_bytes=tree_size(ctx.work_dir))
-    published = os.path.join(ctx.run_dir, "outputs", ctx.task_id)
+        return dataclasses.replace(outcome, work_bytes=tree_size(ctx.work_dir), work_dir=ctx.work_dir)
+    published = Layout(ctx.run_dir, ctx.sharding).published(ctx.task_id)
     output_bytes = 0
     if outputs or os.path.lexists(published):  # an earlier run's outputs get superseded
         publish(ctx, outputs, found)
         output_bytes = tree_size(published)
-    return dataclasses.replace(outcome, work_bytes=cleanup(ctx, keep), output_bytes=output_bytes)
+    return dataclasses.replace(outcome, work_bytes=cleanup(ctx, keep), output_bytes=output_bytes, work_dir=ctx.work_dir)

@@ -1,29 +1,38 @@
 """A task's work directory: create it, link its inputs in, publish its outputs, trim it.
 
-Each attempt starts in an empty work directory: the one an earlier attempt or run left is first moved to
-``RANK_DIR/superseded/TASK`` (one kept per task), all but its ``logs/``. Publishing is crash-safe:
-outputs are collected in ``RUN_DIR/outputs/.staging-TASK-<random>`` (hard links where possible) and
-renamed into place as a whole; an earlier run's outputs are moved to ``RUN_DIR/superseded/``, never
-deleted. A symlink ``RUN_DIR/outputs/.publishing-TASK`` names the staging directory while a publish is
-in progress, so the next publish of the task finds a crash's leftovers without listing
-``RUN_DIR/outputs`` (which holds one entry per task). One publish per task at a time.
-"""
+Paths follow the run directory's ``Layout`` (``TaskContext.sharding``): ``RANK_DIR/tasks/S/TASK``,
+``RUN_DIR/outputs/S/TASK``, S the task's shard, made by its first task that needs it.
 
+Each attempt starts in an empty work directory: the one an earlier attempt or run left is first moved to
+``RANK_DIR/superseded/S/TASK`` (one kept per task), all but its ``logs/``. Publishing is crash-safe:
+outputs are collected in ``.staging-TASK`` beside ``RUN_DIR/outputs/S/TASK`` (hard links where possible)
+and renamed into place as a whole; an earlier run's outputs are moved to ``RUN_DIR/superseded/S/``, never
+deleted. The staging name is fixed, so the next publish of the task finds a crash's leftovers without
+listing the shard. One publish per task at a time.
+
+A task that succeeds and leaves nothing costs no inode once the run ends: its empty logs (the header
+``# attempt N`` alone) are removed, and its empty work directory becomes a spare for the next task; the
+spares left and the shards' directories left empty go at the end of the run.
+"""
 from __future__ import annotations
 
 import datetime
 import errno
 import functools
 import glob
+import itertools
 import os
 import re
 import secrets
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Collection, Sequence
 
-from cmbagent_batch.attempt import WORK_SUBDIRS, TaskContext
+from cmbagent_batch.attempt import WORK_SUBDIRS, Sharding, TaskContext
+from cmbagent_batch.rundir.layout import Layout
 
+LOGS = ("stdout.log", "stderr.log")  # a shell or agent task's logs, in logs/
 
 class OutputError(Exception):
     """Declared outputs were not written; ``missing`` lists them as declared, in declaration order."""
@@ -43,25 +52,21 @@ class OutputError(Exception):
 def prepare(ctx: TaskContext, subdirs: Sequence[str] = WORK_SUBDIRS, made: bool = False) -> None:
     """Create the work directory, empty, and ``subdirs`` (the others come on demand: ``TaskContext.sub``).
 
-    A fresh directory costs one ``mkdir`` per directory. A directory left by an earlier attempt or run
-    (the links staged for it, the files it wrote) is first moved aside as a whole (``set_aside``), so an
-    attempt starts from an empty directory and finds in it only the inputs staged for it; only its
-    ``logs/`` comes back, the one log of all the task's attempts. ``made``: the caller has just created the
-    (empty) work directory.
-    """
+    A directory left by an earlier attempt or run (the links staged for it, the files it wrote) is first
+    moved aside as a whole (``set_aside``), so an attempt starts from an empty directory and finds in it
+    only the inputs staged for it; only its ``logs/`` comes back, the one log of all the task's attempts.
+    ``made``: the caller has just created the (empty) work directory."""
     work = ctx.work_dir
     if not made:
         try:
-            os.mkdir(work)
+            make_work_dir(ctx)
         except FileExistsError:
-            kept = set_aside(work, _checked_id(ctx.task_id))
+            kept = set_aside(work, Layout(ctx.run_dir, ctx.sharding).kept_work_dir(ctx.rank, _checked_id(ctx.task_id)))
             os.mkdir(work)
             try:  # the task's log goes on: each attempt appends to it after a line "# attempt N"
                 os.rename(os.path.join(kept, "logs"), os.path.join(work, "logs"))
             except FileNotFoundError:
                 pass
-        except FileNotFoundError:
-            os.makedirs(work, exist_ok=True)
     for name in subdirs:
         try:
             os.mkdir(os.path.join(work, name))
@@ -69,21 +74,93 @@ def prepare(ctx: TaskContext, subdirs: Sequence[str] = WORK_SUBDIRS, made: bool 
             pass
 
 
-def set_aside(work_dir: str, task: str) -> str:
-    """Move the work directory ``RANK_DIR/tasks/TASK`` to ``RANK_DIR/superseded/TASK`` and return that path.
+def make_work_dir(ctx: TaskContext) -> None:
+    """Make the work directory (and its shard's directory, for the first task of the shard there): from a
+    spare of this process (``remove_if_empty``) by one rename, else by ``mkdir``. Raises FileExistsError
+    when it exists."""
+    work = ctx.work_dir
+    spare = _spare(ctx) if ctx.sharding is Sharding.SHARDED else None
+    if spare is not None:
+        if os.path.lexists(work):  # a rename would replace an empty directory there: it is set aside instead
+            with _spares_lock:
+                _spares.append(spare)
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), work)
+        try:
+            os.rename(spare, work)
+            return
+        except FileNotFoundError:
+            if os.path.isdir(spare):  # the shard's directory is missing
+                os.makedirs(os.path.dirname(work), exist_ok=True)
+                os.rename(spare, work)
+                return
+    try:
+        os.mkdir(work)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(work), exist_ok=True)
+        os.mkdir(work)
 
-    One rename, whatever the directory holds: nothing in it is deleted (files the task wrote hard-link
-    the published outputs, which stay as they are). What an attempt before that one left, kept there
-    until now, is removed: one earlier work directory per task is kept, so reruns do not add up on disk.
-    """
-    kept = os.path.join(os.path.dirname(os.path.dirname(work_dir)), "superseded", task)
+
+def remove_if_empty(ctx: TaskContext) -> bool:
+    """Remove the work directory if it is empty; whether it did. Sharded, it becomes a spare
+    (``RANK_DIR/tasks/.spare-PID-N``) that the next ``make_work_dir`` renames into place: two renames, as
+    many metadata operations as rmdir and mkdir, but an rmdir frees a block (slow where freed blocks are
+    discarded at once). ``Layout.remove_empty_shards`` removes the spares left when the run ends."""
+    work = ctx.work_dir
+    if ctx.sharding is not Sharding.SHARDED:
+        try:
+            os.rmdir(work)
+        except OSError:
+            return False
+        return True
+    try:
+        with os.scandir(work) as entries:
+            if next(entries, None) is not None:
+                return False
+        with _spares_lock:
+            if len(_spares) >= _SPARES:
+                os.rmdir(work)
+                return True
+            spare = os.path.join(_tasks_root(ctx), f"{SPARE}{os.getpid()}-{next(_numbers)}")
+            os.rename(work, spare)
+            _spares.append(spare)
+    except OSError:
+        return False
+    return True
+
+
+SPARE = ".spare-"  # RANK_DIR/tasks/.spare-PID-N: an empty work directory kept for the next task, at most
+_SPARES = 8  # per process (one per thread running tasks)
+_spares: list[str] = []
+_spares_lock = threading.Lock()
+_numbers = itertools.count()
+
+
+def _spare(ctx: TaskContext) -> str | None:
+    """A spare of this process under the rank's ``tasks/`` of ``ctx``, taken."""
+    root = _tasks_root(ctx)
+    with _spares_lock:
+        for i in range(len(_spares) - 1, -1, -1):
+            if os.path.dirname(_spares[i]) == root:
+                return _spares.pop(i)
+    return None
+
+
+def _tasks_root(ctx: TaskContext) -> str:
+    """RANK_DIR/tasks, from the work directory RANK_DIR/tasks/S/TASK."""
+    return os.path.dirname(os.path.dirname(ctx.work_dir))
+
+
+def set_aside(work_dir: str, kept: str) -> str:
+    """Move the work directory to ``kept`` (``RANK_DIR/superseded/S/TASK``) and return that path: one
+    rename, nothing deleted (files the task wrote hard-link the published outputs). What an attempt
+    before that one left there is removed: one earlier work directory per task is kept."""
     try:
         os.rename(work_dir, kept)
         return kept
     except FileNotFoundError:
         if not os.path.lexists(work_dir):
             raise
-        os.makedirs(os.path.dirname(kept), exist_ok=True)  # the first one set aside on this rank
+        os.makedirs(os.path.dirname(kept), exist_ok=True)  # the first one set aside on this rank (or shard)
     except OSError as exc:
         if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
             raise
@@ -124,7 +201,7 @@ def stage_inputs(ctx: TaskContext, links: Sequence[tuple[str, str]]) -> None:
 
 
 def publish(ctx: TaskContext, outputs: Sequence[str], paths: Sequence[str] | None = None) -> list[str]:
-    """Check the declared outputs exist and install them as ``RUN_DIR/outputs/TASK``; return their paths.
+    """Check the declared outputs exist and install them as ``RUN_DIR/outputs/S/TASK``; return their paths.
 
     ``outputs`` are paths or globs relative to the work directory (files or directories). Raises
     ``OutputError`` naming every declared output that is missing (a glob must match something); then
@@ -133,7 +210,9 @@ def publish(ctx: TaskContext, outputs: Sequence[str], paths: Sequence[str] | Non
     """
     task = _checked_id(ctx.task_id)
     paths = list(paths) if paths is not None else existing_outputs(ctx.work_dir, outputs)
-    root = os.path.join(ctx.run_dir, "outputs")
+    layout = Layout(ctx.run_dir, ctx.sharding)
+    final = layout.published(task)
+    root = os.path.dirname(final)
     # One publish per task at a time (the run directory's lock), so the staging name can be fixed: a
     # leftover of a publish that crashed is found by name and holds only copies of work-dir files.
     staging = os.path.join(root, f".staging-{task}")
@@ -148,7 +227,7 @@ def publish(ctx: TaskContext, outputs: Sequence[str], paths: Sequence[str] | Non
     try:
         for rel in paths:
             _copy_in(os.path.join(ctx.work_dir, rel), os.path.join(staging, rel), os.sep in rel)
-        _install(staging, os.path.join(root, task), os.path.join(ctx.run_dir, "superseded"), task)
+        _install(staging, final, layout.superseded(task), task)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -156,12 +235,14 @@ def publish(ctx: TaskContext, outputs: Sequence[str], paths: Sequence[str] | Non
 
 
 def cleanup(ctx: TaskContext, keep: Collection[str]) -> int:
-    """Remove the work subdirectories not in ``keep`` (retention, e.g. drop ``temp`` after success);
-    return the bytes left in the work directory."""
+    """After a success: remove the work subdirectories not in ``keep`` (retention, e.g. drop ``temp``) and
+    the logs that hold only this attempt's header; then the work directory itself if nothing is left in
+    it (``remove_if_empty``). Return the bytes left in the work directory."""
     unknown = sorted(set(keep) - set(WORK_SUBDIRS))
     if unknown:
         raise ValueError(f"cannot keep {unknown[0]!r}: not a work subdirectory (one of {', '.join(WORK_SUBDIRS)})")
     left = 0
+    kept = False
     with os.scandir(ctx.work_dir) as entries:  # one listing, rather than a probe per subdirectory
         for entry in entries:
             if entry.name in WORK_SUBDIRS and entry.name not in keep:
@@ -172,11 +253,35 @@ def cleanup(ctx: TaskContext, keep: Collection[str]) -> int:
                     os.rmdir(entry.path)  # most often empty: one call, where rmtree makes eight
                 except OSError:
                     shutil.rmtree(entry.path)
-            elif entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.name == "logs" and entry.is_dir(follow_symlinks=False) and _drop_empty_logs(entry.path, ctx.attempt):
+                continue
+            kept = True
+            if entry.is_dir(follow_symlinks=False):
                 left += tree_size(entry.path)
             elif entry.is_file(follow_symlinks=False):
                 left += entry.stat(follow_symlinks=False).st_size
+    if not kept:
+        remove_if_empty(ctx)
     return left
+
+
+def _drop_empty_logs(logs: str, attempt: int) -> bool:
+    """Remove the logs holding only the header of ``attempt``, then ``logs`` if empty; whether it did. A
+    log of an earlier attempt too is longer: the size tells (one ``stat``, no read)."""
+    header = len(f"# attempt {attempt}\n")
+    for name in LOGS:
+        path = os.path.join(logs, name)
+        try:
+            if os.stat(path).st_size == header:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+    try:
+        os.rmdir(logs)
+    except OSError:
+        return False
+    return True
 
 
 def tree_size(path: str) -> int:

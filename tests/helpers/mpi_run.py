@@ -3,7 +3,6 @@ mixed DAG (shell, python and agent tasks) and the task module its python tasks c
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers.cli import clean_env, cli
+from tests.helpers.runs import read_run
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 
@@ -33,7 +33,7 @@ def mpirun(tmp_path: Path, n: int, *args: str, timeout: float = 180) -> subproce
 
 
 def manifest(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "run.json").read_text())
+    return read_run(run_dir)
 
 
 def usage(prompt: int, completion: int) -> dict[str, Any]:
@@ -68,7 +68,7 @@ tasks:
   - id: merge
     kind: shell
     depends_on: ["gen-*", "square-*", "think-*"]
-    run: cat ../*/part.txt > /dev/null; ls {run_dir}/outputs > merged.txt
+    run: cat ../*/part.txt > /dev/null; for d in {run_dir}/outputs/*/*; do basename "$d"; done > merged.txt
     outputs: [merged.txt]
 """
 

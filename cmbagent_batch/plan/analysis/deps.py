@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from cmbagent_batch.plan.analysis.files import file_edges
 from cmbagent_batch.plan.dag import EDGE_SOURCES, Dag, Edge
 from cmbagent_batch.spec.model import JobSpec, ModelSpec, TaskSpec
 from cmbagent_batch.spec.pricing import call_cost
+from cmbagent_batch.spec.tasks import Tasks, task_ids
 
 if TYPE_CHECKING:  # the module itself is imported only when an analysis asks the model
     from cmbagent_batch.plan.analysis.llm import LlmCall
@@ -36,12 +37,12 @@ class Analysis:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def explicit_edges(tasks: tuple[TaskSpec, ...]) -> list[Edge]:
-    return [
-        Edge(dep, t.id, "order", "explicit", f"{t.id!r} lists {dep!r} in depends_on")
-        for t in tasks
-        for dep in t.depends_on
-    ]
+def explicit_edges(tasks: Sequence[TaskSpec]) -> list[Edge]:
+    if isinstance(tasks, Tasks):  # only the tasks that depend on some are looked at
+        pairs: Iterable[tuple[str, tuple[str, ...]]] = ((tasks.id_at(pos), ds) for pos, ds in tasks.dependencies())
+    else:
+        pairs = ((t.id, t.depends_on) for t in tasks)
+    return [Edge(dep, tid, "order", "explicit", f"{tid!r} lists {dep!r} in depends_on") for tid, ds in pairs for dep in ds]
 
 
 def cycle_error(exc: CycleError, edges: list[Edge]) -> UsageError:
@@ -81,7 +82,7 @@ def analyse(spec: JobSpec, cache: Cache | None, *, refresh: bool, warn: Callable
     if "llm" not in sources:
         return Analysis(edges, info)
     try:  # a cycle among the other sources' edges is reported before any request is paid for
-        Dag((t.id for t in spec.tasks), edges)
+        Dag(task_ids(spec.tasks), edges)
     except CycleError as exc:
         raise cycle_error(exc, edges) from None
     model_key = spec.analysis.model or spec.llm.default_model

@@ -1,0 +1,213 @@
+"""The run directory at scale: each task's directories are in a shard named by its id (``Layout``), a task
+that writes nothing leaves no inode behind, and a run directory made before shards resumes with its flat
+paths."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cmbagent_batch.rundir.layout import LAYOUT_FILE, Layout, shard
+from tests.helpers.cli import clean_env, cli, write_spec
+from tests.helpers.runs import read_run
+
+BEFORE = Path("/work/venv-before/bin/cmbagent-batch")
+
+PIPELINE = """\
+version: 1
+job:
+  name: lay
+  run_dir: run
+tasks:
+  - id: make
+    kind: shell
+    run: echo {value} > out.txt
+    outputs: [out.txt]
+  - id: use
+    kind: shell
+    inputs: [out.txt]
+    run: {use} out.txt > copy.txt
+    outputs: [copy.txt]
+  - id: quiet
+    kind: shell
+    run: "true"
+"""
+
+
+def pipeline(tmp_path: Path, value: str = "one", use: str = "cat") -> None:
+    write_spec(tmp_path, PIPELINE.format(value=value, use=use))
+
+
+def names(root: Path) -> list[str]:
+    """Every path under ``root``, relative, sorted."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_a_task_s_directories_are_in_its_shard_named_by_its_id(tmp_path: Path) -> None:
+    pipeline(tmp_path)
+    cli(tmp_path, "run", "job.yaml", "--quiet", check=True)
+    run_dir = tmp_path / "run"
+    layout = Layout.of(str(run_dir))
+    assert json.loads((run_dir / LAYOUT_FILE).read_text()) == {
+        "layout": "sharded", "shard": "the first 3 hex digits of the SHA-256 of the task id"}
+    # the rule the README gives, as a shell one-liner
+    one_liner = subprocess.run(["bash", "-c", "printf %s make | sha256sum | cut -c1-3"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    assert one_liner == shard("make")
+    assert layout.published("make") == f"{run_dir}/outputs/{shard('make')}/make"
+    assert Path(layout.published("make"), "out.txt").read_text() == "one\n"
+    assert Path(layout.published("use"), "copy.txt").read_text() == "one\n"
+    use = Path(layout.work_dir(0, "use"))
+    assert use == run_dir / "ranks" / "rank-0000" / "tasks" / shard("use") / "use"
+    # the input is staged from the producer's sharded outputs
+    assert os.readlink(use / "out.txt") == os.path.join(layout.published("make"), "out.txt")
+    # a task that wrote nothing (and logged nothing) left nothing: no work directory, no shard
+    assert not os.path.lexists(layout.work_dir(0, "quiet"))
+    assert sorted(os.listdir(run_dir / "outputs")) == sorted({shard("make"), shard("use")})
+    assert read_run(run_dir)["tasks"]["use"]["work_dir"] == str(use)
+
+
+def test_only_reruns_a_task_at_its_sharded_place_and_sets_its_outputs_aside_there(tmp_path: Path) -> None:
+    pipeline(tmp_path)
+    cli(tmp_path, "run", "job.yaml", "--quiet", check=True)
+    pipeline(tmp_path, use="tac")
+    result = cli(tmp_path, "run", "job.yaml", "--only", "use", "--dry-run")
+    assert (result.returncode, result.stdout) == (0, "use: run (its spec changed)\n")
+    cli(tmp_path, "run", "job.yaml", "--quiet", "--only", "use", check=True)
+    layout = Layout.of(str(tmp_path / "run"))
+    assert Path(layout.published("use"), "copy.txt").read_text() == "one\n"
+    aside = Path(layout.superseded("use"))
+    assert aside == tmp_path / "run" / "superseded" / shard("use")
+    [earlier] = os.listdir(aside)
+    assert earlier.startswith("use-") and (aside / earlier / "copy.txt").read_text() == "one\n"
+    kept = Path(layout.kept_work_dir(0, "use"))  # the previous attempt's work directory
+    assert (kept / "copy.txt").read_text() == "one\n"
+    result = cli(tmp_path, "run", "job.yaml", "--quiet", "--prune-superseded")
+    assert (result.returncode, result.stderr) == (0, f"cmbagent-batch: removed 1 earlier output set (4 bytes) from "
+                                                     f"{tmp_path}/run/superseded, oldest first (--prune-superseded): "
+                                                     f"{earlier}\n")
+    assert not aside.exists()  # the shard it left empty went with it
+
+
+NOOP = """\
+version: 1
+job:
+  name: noop
+  run_dir: run
+execution:
+  use_process_pool: true
+  max_workers: 2
+tasks:
+  - id: n-{{i}}
+    kind: python
+    call: noop:run
+    matrix:
+      i: {values}
+"""
+
+
+def inodes_after_noop(tmp_path: Path, n: int) -> list[str]:
+    (tmp_path / "noop.py").write_text("def run():\n    return None\n")
+    write_spec(tmp_path, NOOP.format(values=list(range(n))))
+    cli(tmp_path, "run", "job.yaml", "--quiet", check=True)
+    return names(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_tasks_that_write_nothing_leave_no_inode(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    few, many = inodes_after_noop(tmp_path / "a", 20), inodes_after_noop(tmp_path / "b", 200)
+    assert few == many == [".lock", "journal", "journal/rank-0000.jsonl", "layout.json", "ranks", "ranks/rank-0000",
+                           "ranks/rank-0000/tasks", "run.json"]
+
+
+def test_retention_and_the_logs_decide_what_stays_of_a_success(tmp_path: Path) -> None:
+    (tmp_path / "steps.py").write_text(
+        "import os\n\n"
+        "def scratch(ctx):\n    open(os.path.join(ctx.sub('temp'), 'x'), 'w').close()\n\n"
+        "def data():\n    os.mkdir('data')\n    open('data/x', 'w').close()\n")
+    write_spec(tmp_path, """\
+version: 1
+job:
+  name: keep
+  run_dir: run
+execution:
+  keep_going: true
+tasks:
+  - id: scratch
+    kind: python
+    call: steps:scratch
+  - id: data
+    kind: python
+    call: steps:data
+  - id: says
+    kind: shell
+    run: echo hello >&2
+  - id: fails
+    kind: shell
+    run: exit 3
+""")
+    result = cli(tmp_path, "run", "job.yaml", "--quiet")
+    assert result.returncode == 1, result.stderr
+    layout = Layout.of(str(tmp_path / "run"))
+    assert not os.path.lexists(layout.work_dir(0, "scratch"))  # temp/ is not kept; nothing else was written
+    assert names(Path(layout.work_dir(0, "data"))) == ["data", "data/x"]
+    assert names(Path(layout.work_dir(0, "says"))) == ["logs", "logs/stderr.log"]  # the empty stdout.log went
+    assert Path(layout.work_dir(0, "says"), "logs", "stderr.log").read_text() == "# attempt 1\nhello\n"
+    failed = Path(layout.work_dir(0, "fails"))  # a failure keeps everything
+    assert names(failed) == ["logs", "logs/stderr.log", "logs/stdout.log"]
+    assert (failed / "logs" / "stdout.log").read_text() == "# attempt 1\n"
+    status = cli(tmp_path, "status", "run", "--format", "json")
+    rows = {row["id"]: row for row in json.loads(status.stdout)["tasks"]}
+    assert (rows["fails"]["work_dir"], rows["fails"]["stderr_tail"]) == (str(failed), ["# attempt 1"])
+
+
+def test_the_shards_of_a_large_job_stay_small() -> None:
+    ids = [f"sim-{a}-{b}" for a in range(1000) for b in range(100)]  # 10^5 tasks
+    per_shard = collections.Counter(map(shard, ids))
+    assert len(per_shard) == 4096  # every shard used, and no more: the largest outputs/ or tasks/
+    assert max(per_shard.values()) < 60  # 24.4 on average: 10^6 tasks put about 250 in each
+
+
+def test_an_unknown_layout_is_refused_naming_the_file(tmp_path: Path) -> None:
+    pipeline(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LAYOUT_FILE).write_text('{"layout": "nested"}\n')
+    result = cli(tmp_path, "run", "job.yaml", "--quiet")
+    assert (result.returncode, result.stderr) == (
+        2, f"cmbagent-batch: error: {tmp_path}/run/layout.json: unknown layout 'nested' (this version knows flat, "
+           "sharded); was the run directory made by a newer cmbagent-batch?\n")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BEFORE.exists(), reason="no cmbagent-batch of the flat layout to make a run directory with")
+def test_a_run_directory_of_the_flat_layout_resumes_with_its_flat_paths(tmp_path: Path) -> None:
+    pipeline(tmp_path)
+    made = subprocess.run([str(BEFORE), "run", "job.yaml", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                          env=clean_env(tmp_path, drop=("CMBAGENT_", "PYTHONPATH")))  # its own code only
+    assert made.returncode == 0, made.stderr
+    run_dir = tmp_path / "run"
+    assert not (run_dir / LAYOUT_FILE).exists()
+    result = cli(tmp_path, "run", "job.yaml", "--dry-run")
+    assert (result.returncode, result.stdout) == (0, "make: skip (up to date)\nquiet: skip (up to date)\n"
+                                                     "use: skip (up to date)\n")
+    pipeline(tmp_path, use="tac")
+    cli(tmp_path, "run", "job.yaml", "--quiet", check=True)
+    layout = Layout.of(str(run_dir))
+    assert json.loads((run_dir / LAYOUT_FILE).read_text()) == {"layout": "flat"}
+    assert layout.published("use") == f"{run_dir}/outputs/use"
+    use = run_dir / "ranks" / "rank-0000" / "tasks" / "use"
+    assert os.readlink(use / "out.txt") == f"{run_dir}/outputs/make/out.txt"  # staged from the flat outputs
+    assert (run_dir / "outputs" / "use" / "copy.txt").read_text() == "one\n"
+    assert [n.startswith("use-") for n in os.listdir(run_dir / "superseded")] == [True]
+    assert (run_dir / "ranks" / "rank-0000" / "superseded" / "use" / "copy.txt").exists()
+    assert sorted(os.listdir(run_dir / "outputs")) == ["make", "use"]
+    result = cli(tmp_path, "run", "job.yaml", "--dry-run")
+    assert (result.returncode, result.stdout) == (0, "make: skip (up to date)\nquiet: skip (up to date)\n"
+                                                     "use: skip (up to date)\n")
