@@ -123,8 +123,8 @@ def test_tasks_that_write_nothing_leave_no_inode(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     few, many = inodes_after_noop(tmp_path / "a", 20), inodes_after_noop(tmp_path / "b", 200)
-    assert few == many == [".lock", "journal", "journal/rank-0000.jsonl", "layout.json", "ranks", "ranks/rank-0000",
-                           "ranks/rank-0000/tasks", "run.json"]
+    assert few == many == [".lock", "journal", "journal/index", "journal/rank-0000.jsonl", "layout.json", "ranks",
+                           "ranks/rank-0000", "ranks/rank-0000/tasks", "run.json"]
 
 
 def test_retention_and_the_logs_decide_what_stays_of_a_success(tmp_path: Path) -> None:
