@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # ---------------------------------------------------------------------------------------------------
 # Spec generators
@@ -143,21 +144,37 @@ def bench_env() -> dict[str, str]:
 def run_once(cmd: Sequence[str], *, cwd: str, env: dict[str, str], expect: int = 0,
              stdout_path: str | None = None) -> Run:
     """Run ``cmd`` once under the wrapper; return the wall time, CPU time and peak RSS of ``cmd`` alone."""
+    result, stderr = _wrapped([_WRAPPER], cmd, cwd, env, stdout_path)
+    return _checked(result, stderr, cmd, expect)
+
+
+def _wrapped(wrapper: Sequence[str], cmd: Sequence[str], cwd: str, env: dict[str, str],
+             stdout_path: str | None) -> tuple[dict[str, Any] | None, bytes]:
+    """Run ``cmd`` under ``wrapper`` (its code, then its own arguments; the report's path goes first); the
+    report (None when there is none) and ``cmd``'s stderr."""
     fd, report = tempfile.mkstemp(prefix="bench-", suffix=".json", dir=cwd)
     os.close(fd)
+    stderr = b""
     try:
         with open(stdout_path or os.devnull, "wb") as out:
-            proc = subprocess.run([sys.executable, "-I", "-S", "-c", _WRAPPER, report, *cmd], cwd=cwd,
+            proc = subprocess.run([sys.executable, "-I", "-S", "-c", wrapper[0], report, *wrapper[1:], *cmd], cwd=cwd,
                                   env=env, stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        stderr = proc.stderr
         with open(report, encoding="utf-8") as fh:
             result = json.load(fh) if proc.returncode == 0 else None
     except (OSError, ValueError):
         result = None
     finally:
         os.unlink(report)
-    if result is None or result["rc"] != expect:
+    return result, stderr
+
+
+def _checked(result: dict[str, Any] | None, stderr: bytes, cmd: Sequence[str], expect: int | None) -> Run:
+    """The measures of a wrapped run, or ``CommandFailed`` when it did not exit as ``expect`` says (None:
+    any exit code)."""
+    if result is None or (expect is not None and result["rc"] != expect):
         rc = "?" if result is None else result["rc"]
-        tail = proc.stderr.decode(errors="replace")[-2000:]
+        tail = stderr.decode(errors="replace")[-2000:]
         raise CommandFailed(f"{' '.join(cmd)}\n  exited {rc}, expected {expect}; stderr ends with:\n{tail}")
     return Run(result["wall"], result["cpu"], result["maxrss"] * _RSS_UNIT)
 
@@ -348,26 +365,10 @@ def run_limited(cmd: Sequence[str], *, cwd: str, env: dict[str, str], limit: flo
                 stdout_path: str | None = None) -> Run | None:
     """``run_once`` with a time limit: None when ``cmd`` ran longer than ``limit`` seconds (its process
     group then gets SIGTERM, and SIGKILL ``KILL_GRACE_S`` later). ``expect=None`` accepts any exit code."""
-    fd, report = tempfile.mkstemp(prefix="bench-", suffix=".json", dir=cwd)
-    os.close(fd)
-    try:
-        with open(stdout_path or os.devnull, "wb") as out:
-            proc = subprocess.run([sys.executable, "-I", "-S", "-c", _LIMITED_WRAPPER, report, str(limit),
-                                   str(KILL_GRACE_S), *cmd], cwd=cwd, env=env, stdout=out,
-                                  stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        with open(report, encoding="utf-8") as fh:
-            result = json.load(fh) if proc.returncode == 0 else None
-    except (OSError, ValueError):
-        result = None
-    finally:
-        os.unlink(report)
+    result, stderr = _wrapped([_LIMITED_WRAPPER, str(limit), str(KILL_GRACE_S)], cmd, cwd, env, stdout_path)
     if result is not None and result["rc"] is None:
         return None
-    if result is None or (expect is not None and result["rc"] != expect):
-        rc = "?" if result is None else result["rc"]
-        tail = proc.stderr.decode(errors="replace")[-2000:]
-        raise CommandFailed(f"{' '.join(cmd)}\n  exited {rc}, expected {expect}; stderr ends with:\n{tail}")
-    return Run(result["wall"], result["cpu"], result["maxrss"] * _RSS_UNIT)
+    return _checked(result, stderr, cmd, expect)
 
 
 @dataclass(frozen=True)

@@ -95,12 +95,6 @@ class Tally:
     def __getitem__(self, state: TaskState) -> int:
         return self.counts.get(state, 0)
 
-    def plus(self, state: TaskState, n: int) -> Tally:
-        """This tally with ``n`` more tasks in ``state``."""
-        counts = dict(self.counts)
-        counts[state] = counts.get(state, 0) + n
-        return Tally(MappingProxyType({s: k for s, k in counts.items() if k}))
-
     @property
     def total(self) -> int:
         return sum(self.counts.values())

@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 
 from cmbagent_batch.rundir.layout import LAYOUT_FILE, Layout, shard
-from tests.helpers.cli import clean_env, cli, write_spec
+from tests.helpers.cli import cli, write_spec
 from tests.helpers.runs import read_run
-
-BEFORE = Path("/work/venv-before/bin/cmbagent-batch")
 
 PIPELINE = """\
 version: 1
@@ -185,13 +183,23 @@ def test_an_unknown_layout_is_refused_naming_the_file(tmp_path: Path) -> None:
            "sharded); was the run directory made by a newer cmbagent-batch?\n")
 
 
+def earlier_version_run_dir(tmp_path: Path) -> None:
+    """A run directory as an earlier version left it: flat paths, no layout.json, no journal index, and a
+    run.json (format 1) listing every task."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LAYOUT_FILE).write_text(json.dumps({"layout": "flat"}))
+    cli(tmp_path, "run", "job.yaml", "--quiet", check=True)
+    manifest = read_run(run_dir)
+    (run_dir / "run.json").write_text(json.dumps({**manifest, "format": 1}))
+    (run_dir / LAYOUT_FILE).unlink()
+    (run_dir / "journal" / "index").unlink()
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not BEFORE.exists(), reason="no cmbagent-batch of the flat layout to make a run directory with")
 def test_a_run_directory_of_the_flat_layout_resumes_with_its_flat_paths(tmp_path: Path) -> None:
     pipeline(tmp_path)
-    made = subprocess.run([str(BEFORE), "run", "job.yaml", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
-                          env=clean_env(tmp_path, drop=("CMBAGENT_", "PYTHONPATH")))  # its own code only
-    assert made.returncode == 0, made.stderr
+    earlier_version_run_dir(tmp_path)
     run_dir = tmp_path / "run"
     assert not (run_dir / LAYOUT_FILE).exists()
     result = cli(tmp_path, "run", "job.yaml", "--dry-run")

@@ -58,8 +58,9 @@ def resolve_backend(backend: str) -> str:
 def _select(prepared: Prepared, only: Sequence[str]) -> set[str]:
     """--only: the named tasks (globs allowed) and the dependencies they need that are not done (one walk
     up the DAG from all of them at once: each task is looked at once, however many are named)."""
-    from cmbagent_batch.execute.prepare import why_rerun
+    from cmbagent_batch.execute.prepare import stale_tasks
 
+    stale = stale_tasks(prepared)
     ids = prepared.dag.nodes
     chosen: set[str] = set()
     for pattern in only:
@@ -74,7 +75,7 @@ def _select(prepared: Prepared, only: Sequence[str]) -> set[str]:
             if dep not in seen:
                 seen.add(dep)
                 stack.append(dep)
-                if why_rerun(prepared, dep) is not None:
+                if dep in stale:
                     chosen.add(dep)
     return chosen
 
@@ -120,7 +121,7 @@ def _run_mpi(args: RunOptions, config: Config) -> int:
 
 
 def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) -> int:
-    from cmbagent_batch.execute.prepare import prepare, why_rerun
+    from cmbagent_batch.execute.prepare import prepare, stale_tasks, why_rerun
     from cmbagent_batch.execute.progress import Progress
     from cmbagent_batch.execute.run import disk_full_advice, execute
     from cmbagent_batch.plan import preflight  # here: a worker rank never needs it
@@ -147,16 +148,17 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
         local_model.stop_all()
     try:
         selected = _select(prepared, opts.only) if opts.only else None
+        stale = stale_tasks(prepared)
         preflight.check_launched_inputs(config.spec, prepared.sources, [
-            tid for tid in prepared.dag.nodes if (selected is None or tid in selected) and why_rerun(prepared, tid)])
+            tid for tid in prepared.dag.nodes if (selected is None or tid in selected) and tid in stale])
     except BatchError:
         remove_empty(made)  # a refused run leaves no empty run directory behind
         raise
     if opts.dry_run:
         for tid in prepared.dag.topological_order():
-            why = why_rerun(prepared, tid)
             if selected is not None and tid not in selected:
                 continue
+            why = why_rerun(prepared, tid) if tid in stale else None
             print(f"{tid}: {'skip (up to date)' if why is None else 'run (' + why + ')'}")
         return ExitCode.OK
     os.makedirs(run_dir, exist_ok=True)

@@ -17,10 +17,8 @@ from cmbagent_batch.rundir.layout import Layout, journal_paths, read_json, runne
 from cmbagent_batch.rundir.runview import TROUBLED, current_states, run_history, task_row
 from cmbagent_batch.states import Tally, TaskState
 
-# The states whose row says why and shows the end of the task's stderr.
-_TROUBLED = frozenset({TaskState.FAILED, TaskState.INTERRUPTED, TaskState.CANCELLED, TaskState.UPSTREAM_FAILED,
-                       TaskState.BUDGET_EXCEEDED})
 TAIL = 5  # lines of a troubled task's stderr shown
+_UNDER_WAY = frozenset({TaskState.RUNNING, TaskState.RETRYING})  # listed however many tasks the run has
 LISTED = 1000  # of a run with more tasks, only the running and troubled ones are listed (--all: every one)
 _ATTEMPT_HEADER = re.compile(r"# attempt (\d+)")  # what each attempt writes first in the task's logs
 _FORMS = "status takes RUN_DIR, a run directory (with run.json), or SPEC, a job spec (its run directory, as run finds it)"
@@ -60,11 +58,11 @@ def status(opts: StatusOptions) -> int:
     states = list(current_states(history, gone_since is not None))
     tally = Tally.of(state for _, state in states)
     listed = states if opts.all or opts.format == "json" or opts.explain or len(states) <= LISTED else \
-        [(i, state) for i, state in states if state in TROUBLED or state is TaskState.RUNNING][:LISTED]
+        [(i, state) for i, state in states if state in TROUBLED or state in _UNDER_WAY][:LISTED]
     rows = []
     for i, state in sorted(listed, key=lambda item: history.ids[item[0]]):
         row = task_row(history, i, state, layout)
-        if state in _TROUBLED:
+        if state in TROUBLED:
             row["stderr_tail"] = stderr_tail(os.path.join(row["work_dir"], "logs", "stderr.log"), row["attempts"])
         else:
             del row["reason"]

@@ -42,6 +42,7 @@ class Prepared:
     analysis: dict[str, Any]
     run_id: str  # of the run about to start; analysis calls made while preparing it are ledgered under it
     layout: Layout  # where each task's work directory and published outputs are
+    stale: set[str] | None = None  # the tasks not up to date (``stale_tasks``), once asked for
 
 
 def prepare(config: Config, cache: Cache, warn: Callable[[str], None], *, refresh: bool = False,
@@ -74,6 +75,14 @@ def why_rerun(p: Prepared, tid: str) -> str | None:
     upstream change always does. A record journaled before code was fingerprinted (no ``code_fp``) counts
     the code as changed only when one of its files was modified after the task succeeded."""
     return _why(p, tid, explain=True)
+
+
+def stale_tasks(p: Prepared) -> set[str]:
+    """The tasks that are not up to date (whose ``why_rerun`` is not None), found once for the run:
+    ``--only``, the input check, ``--dry-run`` and the scheduler's view all ask."""
+    if p.stale is None:
+        p.stale = {tid for tid in p.dag.nodes if _why(p, tid, explain=False) is not None}
+    return p.stale
 
 
 def _why(p: Prepared, tid: str, explain: bool) -> str | None:
@@ -185,10 +194,11 @@ def task_runs(p: Prepared, selected: set[str] | None = None) -> RunTable:
     others are skipped, and said so in the run table of ``p.history`` (no object is made for them)."""
     ex = p.spec.execution
     runs: dict[str, TaskRun] = {}
+    stale = stale_tasks(p)
 
     def planned() -> Iterator[tuple[str, TaskState, str]]:
         for tid in p.dag.nodes:
-            if _why(p, tid, explain=False) is None:
+            if tid not in stale:
                 yield tid, TaskState.SKIPPED, UP_TO_DATE
             elif selected is not None and tid not in selected:
                 yield tid, TaskState.SKIPPED, NOT_SELECTED

@@ -60,16 +60,15 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     options = Options(keep_going=ex.keep_going, retries=ex.retries, retry_backoff=ex.retry_backoff,
                       kill_grace=ex.kill_grace)
     sched = Scheduler(runs, pools, limits, options, Launcher(p, on_ranks=ranks is not None), Recorder(p, journal),
-                      tick=progress, commit=journal.flush, on_drain=say_drain)
-    sched.counts[TaskState.SKIPPED] = table.skipped  # the scheduler counts the tasks it runs
+                      tick=progress, commit=journal.flush, on_drain=say_drain, skipped=table.skipped)
     journal.on_full = lambda exc: sched.stop_on_full_disk(_what(exc))
     summary = RunSummary(p.run_id, dag_digest(p), time.time(), workers, (backend.name, backend.processes),
                          tasks_run=len(runs))
     run_json = os.path.join(p.run_dir, "run.json")
     try:
         p.history.write_index(journal_dir(p.run_dir))  # the run's table: what status reads if this run is killed
-        write_json_atomic(run_json, manifest(p, summary, Tally.of(r.state for r in runs.values()).plus(
-            TaskState.SKIPPED, table.skipped)))
+        write_json_atomic(run_json, manifest(p, summary, Tally.from_counts(  # every task it runs starts pending
+            {TaskState.PENDING: len(runs), TaskState.SKIPPED: table.skipped})))
     except OSError as exc:
         if exc.errno not in DISK_FULL_ERRNOS:
             raise

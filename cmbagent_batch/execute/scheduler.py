@@ -57,7 +57,10 @@ class Scheduler:
                  tick: Callable[[Scheduler], None] = lambda s: None, clock: Clock = time.monotonic,
                  commit: Callable[[], None] = lambda: None,
                  on_drain: Callable[[DrainEvent], None] = lambda event: None,
+                 skipped: int = 0,
                  ) -> None:
+        """``skipped``: tasks of the job that are not in ``runs`` (up to date, or not selected): counted
+        only."""
         self.runs = runs
         self.pools = pools
         self.limits = limits
@@ -85,6 +88,7 @@ class Scheduler:
         self.disk_full: str | None = None  # what could not be written when the file system filled up
         self.host = socket.gethostname()
         self.counts = {s: 0 for s in TaskState}
+        self.counts[TaskState.SKIPPED] = skipped
         self.finished = False  # set before the last tick
 
     # --- public ------------------------------------------------------------------------------------

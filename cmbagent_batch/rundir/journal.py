@@ -16,7 +16,6 @@ from typing import Any
 
 from cmbagent_batch.rundir.history import History, TaskHistory
 from cmbagent_batch.rundir.jsonl import JsonlWriter
-from cmbagent_batch.states import TaskState
 
 __all__ = ["Journal", "TaskHistory", "read_records", "replay"]
 
@@ -58,11 +57,3 @@ def replay(paths: list[str], warn: Callable[[str], None] | None = None) -> Histo
     history.journal_dir = os.path.dirname(paths[0]) if paths else ""
     history.read_tails(paths, warn)
     return history
-
-
-def current_state(recorded: str, history: TaskHistory | None, runner_gone: bool) -> TaskState:
-    """A task's state now: its last journal record's, else the state run.json ``recorded``; a task still
-    running when its runner is gone (killed without a word) was interrupted. ``status`` and the Slurm
-    after-step count tasks with it, so both say the same after a SIGKILL."""
-    state = history.state if history is not None else TaskState(recorded)
-    return TaskState.INTERRUPTED if runner_gone and state is TaskState.RUNNING else state

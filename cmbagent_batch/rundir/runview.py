@@ -14,7 +14,7 @@ from cmbagent_batch.states import TaskState
 
 # The states whose row says why (and whose stderr's end status shows).
 TROUBLED = frozenset({TaskState.FAILED, TaskState.INTERRUPTED, TaskState.CANCELLED, TaskState.UPSTREAM_FAILED,
-                      TaskState.BUDGET_EXCEEDED, TaskState.RETRYING})
+                      TaskState.BUDGET_EXCEEDED})
 
 
 def run_history(run_dir: str, manifest: dict[str, Any], warn: Callable[[str], None] | None = None) -> History:
