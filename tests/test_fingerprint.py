@@ -193,3 +193,72 @@ def test_a_fingerprint_asked_for_again_is_the_same(tmp_path: Path) -> None:
     assert fps["sim-1-true-s"].hashes == {"noop.py": first["plain-1"].hashes["noop.py"]}
     with pytest.raises(KeyError):
         fps["nope"]
+
+
+def test_the_digests_of_a_whole_job_are_its_fingerprints_values(tmp_path: Path) -> None:
+    spec, dag, external = golden_job(tmp_path)
+    fps = fingerprints(spec.tasks, dag, external, str(tmp_path))
+    assert dict(fps.digests()) == {tid: bytes.fromhex(value) for tid, value in GOLDEN.items()}
+    assert [tid for tid, _ in fps.digests()] == [t.id for t in spec.tasks]
+
+
+SWEEPS = """\
+version: 1
+job: {name: sweeps}
+tasks:
+  - id: sim-{n}-{flag}-{x}
+    kind: python
+    call: noop:run
+    args: {text: "ünï"}
+    matrix:
+      n: [1, 30, 2.5]
+      flag: [true, false]
+      x: [0.5, "s", 7]
+      exclude: [{n: 30, flag: true}, {x: 7, n: 1}]
+      include: [{x: inc, n: 99, flag: false}]
+  - id: bare-{a}
+    kind: python
+    call: noop:run
+    matrix: {a: [true, 3, "z"]}
+  - id: alone
+    kind: shell
+    run: bash go.sh
+    inputs: [go.sh]
+  - id: sh-{b}
+    kind: shell
+    run: echo {b}
+    inputs: [data.txt]
+    matrix: {b: [1, 2]}
+  - id: env-{b}-{c}
+    kind: shell
+    run: echo $N > o_{c}.txt
+    env: {N: "{b}", M: 3, F: true}
+    inputs: ["in_{b}.txt"]
+    late_inputs: ["late_{c}.txt"]
+    outputs: ["o_{c}.txt"]
+    matrix: {c: [x, y], b: [true, 2]}
+"""
+
+
+def test_tasks_without_dependencies_are_digested_per_entry_as_they_are_one_by_one(tmp_path: Path) -> None:
+    (tmp_path / "noop.py").write_text("def run(**kw):\n    return None\n")
+    (tmp_path / "go.sh").write_text("echo go\n")
+    (tmp_path / "data.txt").write_text("data\n")
+    spec = load_spec_bytes(SWEEPS.encode(), str(tmp_path / "job.yaml"))
+    external = {tid: [p for p, matches in entries if not matches] for tid, entries in input_sources(spec.tasks).items()}
+    compact = fingerprints(spec.tasks, {}, external, str(tmp_path))
+    by_id = fingerprints({t.id: t for t in spec.tasks}, {}, external, str(tmp_path))
+    assert dict(compact.digests()) == {t.id: bytes.fromhex(by_id[t.id].value) for t in spec.tasks}
+    assert len(spec.tasks) == 24 and compact["alone"].hashes.keys() == {"go.sh"}
+    assert compact.code_sets() == {by_id[t].own: by_id[t].hashes for t in ("bare-z", "alone", "sh-1")}
+    assert compact.code_sets() == by_id.code_sets()
+
+
+def test_a_success_record_keeps_each_part_short_and_names_the_own_files_when_they_are_not_the_code(tmp_path: Path) -> None:
+    spec, dag, external = golden_job(tmp_path)
+    fps = fingerprints(spec.tasks, dag, external, str(tmp_path))
+    plain, sim = fps["plain-1"], fps["sim-1-true-s"]
+    assert plain.to_dict() == {"fp": plain.value, "parts": f"{plain.spec[:12]}.{plain.deps[:12]}..{plain.code[:12]}"}
+    assert plain.own == plain.code and sim.own == plain.own != sim.code  # its code part covers prep's
+    assert sim.to_dict() == {"fp": sim.value, "parts": f"{sim.spec[:12]}.{sim.deps[:12]}.{sim.inputs[:12]}."
+                                                       f"{sim.code[:12]}.{sim.own[:12]}"}

@@ -59,6 +59,29 @@ def test_the_index_covers_the_journals_so_a_reader_parses_nothing_again(tmp_path
     assert sorted(rerun.stdout.splitlines()) == [f"t-{i}: skip (up to date)" for i in range(5)]
 
 
+def test_the_index_keeps_the_sets_of_code_files_the_records_name(tmp_path: Path) -> None:
+    (tmp_path / "noop.py").write_text("def run():\n    return None\n")
+    write_spec(tmp_path, """\
+        version: 1
+        job: {name: many}
+        tasks:
+          - {id: p, kind: python, call: "noop:run"}
+          - {id: s, kind: shell, run: "true"}
+    """)
+    cli(tmp_path, "run", "job.yaml", "--quiet", check=True)
+    journals = tmp_path / "runs" / "many" / "journal"
+    indexed = History.from_index(str(journals))
+    assert sorted(map(list, indexed.code_sets.values())) == [[], ["noop.py"]]
+    key = next(k for k, files in indexed.code_sets.items() if files)
+    assert indexed.code_files(key[:12]) == indexed.code_files(key) == indexed.code_sets[key]
+    assert indexed.code_files("") is None and indexed.code_files("0" * 12) is None
+    journal = journals / "rank-0000.jsonl"
+    journal.write_bytes(journal.read_bytes()[:-1])  # shorter than the index covers: read in full, sets kept
+    assert load_history(str(journals), [str(journal)]).code_sets == indexed.code_sets
+    os.unlink(journals / INDEX)
+    assert load_history(str(journals), [str(journal)]).code_sets == {}
+
+
 def test_an_index_that_does_not_match_its_journals_is_said_and_the_journals_read_in_full(tmp_path: Path) -> None:
     matrix_spec(tmp_path, 3)
     cli(tmp_path, "run", "job.yaml", "--quiet", check=True)

@@ -7,6 +7,7 @@ Real runs through the command line: real worker processes, real signals, real ``
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from cmbagent_batch.attempt import Attempt, Payload, TaskContext
 from cmbagent_batch.backends.processes import WorkerProcesses
 from cmbagent_batch.states import OutcomeReason
-from tests.helpers.cli import clean_env, cli, write_spec
+from tests.helpers.cli import Runner, clean_env, cli, wait_until, write_spec
 from tests.helpers.mpi_run import MPIEXEC, manifest, mpirun
 from tests.helpers.runs import published, work_dir
 
@@ -47,6 +48,18 @@ def crash_once(marker):
 
 
 def nap(seconds):
+    time.sleep(seconds)
+
+
+def write_then_die(name):
+    with open(name, "w") as fh:
+        fh.write("half a result\\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_then_nap(name, seconds):
+    with open(name, "w") as fh:
+        fh.write("half a result\\n")
     time.sleep(seconds)
 
 
@@ -142,6 +155,43 @@ def test_a_dead_worker_is_retried_per_retries(tmp_path: Path) -> None:
     assert tasks["crash"]["reason"] == "worker died: SIGSEGV"
 
 
+def test_what_a_task_wrote_before_its_worker_died_is_in_its_work_directory(tmp_path: Path) -> None:
+    """The task ran in its worker's scratch directory: the runner moves it to the task's work directory."""
+    run_dir = job(tmp_path, """
+        - id: dies
+          kind: python
+          call: science:write_then_die
+          args: {name: partial.txt}
+    """)
+    result = cli(tmp_path, "run", "job.yaml", "--quiet")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert tasks_of(run_dir)["dies"]["reason"] == "worker died: SIGKILL (killed: out of memory, or by another process)"
+    assert (work_dir(run_dir, "dies") / "partial.txt").read_text() == "half a result\n"
+    assert not (run_dir / "ranks" / "rank-0000" / "scratch").exists()
+
+
+def test_what_a_task_wrote_when_its_runner_was_killed_is_kept_and_said(tmp_path: Path) -> None:
+    run_dir = job(tmp_path, """
+        - id: naps
+          kind: python
+          call: science:write_then_nap
+          args: {name: partial.txt, seconds: 60}
+    """)
+    runner = Runner(tmp_path, "job.yaml", "--quiet")
+    scratch = run_dir / "ranks" / "rank-0000" / "scratch"
+    wait_until("the task wrote its file", lambda: list(scratch.glob("*/partial.txt")), runner)
+    [left] = list(scratch.glob("*/partial.txt"))
+    runner.kill()  # SIGKILL: its worker process is ended by the runner's watchdog
+    worker = int(left.parent.name)
+    wait_until("the worker is gone", lambda: not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie")
+    (tmp_path / "science.py").write_text(textwrap.dedent(TASKS).replace("time.sleep(seconds)\n\n\ndef deaf", "pass\n\n\ndef deaf"))
+    result = cli(tmp_path, "run", "job.yaml", "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (f"cmbagent-batch: warning: {left.parent} holds what a python task left when an earlier run was killed "
+            "(which task is not recorded; the task runs again): it is kept as it is, to look at or remove") in result.stderr
+    assert left.read_text() == "half a result\n"
+
+
 TIMED = """
     - id: sleepy
       kind: python
@@ -194,7 +244,8 @@ def test_a_task_that_changes_directory_or_environment_touches_no_other(tmp_path:
     """, "{max_workers: 1}")  # one worker process: the second task runs where the first one ran
     cli(tmp_path, "run", "job.yaml", "--quiet", check=True)
     stayed = json.loads((published(run_dir, "stay") / "return.json").read_text())
-    assert stayed == {"cwd": str(work_dir(run_dir, "stay")), "wandered": None}
+    assert stayed["wandered"] is None
+    assert os.path.dirname(stayed["cwd"]) == str(run_dir / "ranks" / "rank-0000" / "scratch")  # its worker's
 
 
 @pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed")

@@ -8,11 +8,15 @@ import collections
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from cmbagent_batch.attempt import WORK_SUBDIRS, Attempt, Outcome, Payload, Sharding, TaskContext
 from cmbagent_batch.rundir.layout import LAYOUT_FILE, Layout, shard
+from cmbagent_batch.tasks.runner import run_attempts
 from tests.helpers.cli import cli, write_spec
 from tests.helpers.runs import read_run
 
@@ -122,7 +126,88 @@ def test_tasks_that_write_nothing_leave_no_inode(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     few, many = inodes_after_noop(tmp_path / "a", 20), inodes_after_noop(tmp_path / "b", 200)
     assert few == many == [".lock", "journal", "journal/index", "journal/rank-0000.jsonl", "layout.json", "ranks",
-                           "ranks/rank-0000", "ranks/rank-0000/tasks", "run.json"]
+                           "ranks/rank-0000", "run.json"]
+
+
+def _directory_operations(run_dir: Path, attempts: list[Attempt]) -> tuple[list[Outcome], list[tuple[str, str]]]:
+    """Run ``attempts`` one after the other in this process; the outcomes and the mkdir, rmdir and rename
+    calls made under ``run_dir``, in order (a call that failed too)."""
+    seen: list[tuple[str, str]] = []
+    counting = [True]
+
+    def hook(event: str, args: tuple[object, ...]) -> None:
+        if counting[0] and event in ("os.mkdir", "os.rmdir", "os.rename") and str(args[0]).startswith(str(run_dir)):
+            seen.append((event, os.path.relpath(str(args[0]), run_dir)))
+
+    sys.addaudithook(hook)  # audit hooks stay for the life of the process: this one stops counting
+    environ = dict(os.environ)  # a worker process leaves a task's variables for its next task to replace
+    try:
+        outcomes = run_attempts(attempts)
+    finally:
+        counting[0] = False
+        os.environ.clear()
+        os.environ.update(environ)
+    assert all(o.ok for o in outcomes), outcomes
+    return outcomes, seen
+
+
+def _attempts(run_dir: Path, ids: list[str], call: str, chdir: bool) -> list[Attempt]:
+    layout = Layout(str(run_dir), Sharding.SHARDED)
+    return [Attempt(Payload(id=tid, kind="python", call=call),
+                    TaskContext(tid, layout.run_dir, layout.work_dir(0, tid), 0, 1, "node-a", sharding=layout.sharding),
+                    links=(), env={}, chdir=chdir, keep=WORK_SUBDIRS) for tid in ids]
+
+
+def test_python_tasks_in_a_worker_process_that_write_nothing_make_no_directory(tmp_path: Path) -> None:
+    """They run in the process's scratch directory, made once; a task that leaves something there gets it
+    as its work directory (one rename), and the next task a new scratch directory."""
+    run_dir = tmp_path / "run"
+    ids = [f"t-{i}" for i in range(40)]
+    _, seen = _directory_operations(run_dir, _attempts(run_dir, ids, "tests.test_layout:_nothing", chdir=True))
+    scratch = f"ranks/rank-0000/scratch/{os.getpid()}"
+    assert seen == [("os.mkdir", scratch), ("os.mkdir", "."), ("os.mkdir", "ranks"), ("os.mkdir", "ranks/rank-0000"),
+                    ("os.mkdir", "ranks/rank-0000/scratch"), ("os.mkdir", scratch)]  # tried, then with its parents
+
+    writer = _attempts(run_dir, ["w-1", "w-2"], "tests.test_layout:_writes", chdir=True)
+    os.mkdir(run_dir / "ranks" / "rank-0000" / "tasks")
+    _, seen = _directory_operations(run_dir, writer)
+    work = [os.path.relpath(a.ctx.work_dir, run_dir) for a in writer]
+    assert seen == [("os.rename", scratch), ("os.mkdir", os.path.dirname(work[0])), ("os.rename", scratch),
+                    ("os.mkdir", scratch), ("os.rename", scratch), ("os.mkdir", os.path.dirname(work[1])),
+                    ("os.rename", scratch)]  # a rename into a shard not made yet is tried twice
+    for a in writer:
+        assert (Path(a.ctx.work_dir) / "note.txt").read_text() == f"{a.ctx.task_id} in scratch/{os.getpid()}\n"
+    Layout(str(run_dir), Sharding.SHARDED).remove_empty_shards()
+    assert os.listdir(run_dir / "ranks" / "rank-0000") == ["tasks"]
+
+
+def test_a_thread_renames_the_directory_its_last_task_emptied_into_place_for_the_next(tmp_path: Path) -> None:
+    """Python tasks in threads run in their work directories: the first makes one, each later one gets
+    the one the task before left empty (two renames a task); none is made or removed per task."""
+    run_dir = tmp_path / "run"
+    ids = [f"t-{i}" for i in range(40)]
+    attempts = _attempts(run_dir, ids, "tests.test_layout:_nothing", chdir=False)
+    os.makedirs(run_dir / "ranks" / "rank-0000" / "tasks")
+    _, seen = _directory_operations(run_dir, attempts)
+    made = [path for event, path in seen if event == "os.mkdir"]
+    shards = {shard(tid) for tid in ids}
+    first = os.path.relpath(attempts[0].ctx.work_dir, run_dir)  # tried, then made with its shard
+    assert sorted(made) == sorted([first, first, "ranks/rank-0000/spares"] + ["ranks/rank-0000/tasks/" + s for s in shards])
+    renames = [event for event, _ in seen].count("os.rename")  # a rename into a new shard is tried twice
+    assert 2 * len(ids) - 1 <= renames <= 2 * len(ids) + len(shards)
+    assert not [path for event, path in seen if event == "os.rmdir"]
+    Layout(str(run_dir), Sharding.SHARDED).remove_empty_shards()
+    assert os.listdir(run_dir / "ranks" / "rank-0000") == ["tasks"]
+    assert not os.listdir(run_dir / "ranks" / "rank-0000" / "tasks")
+
+
+def _nothing() -> None:
+    pass
+
+
+def _writes(ctx: Any) -> None:
+    with open("note.txt", "w") as fh:
+        fh.write(f"{ctx.task_id} in scratch/{os.path.basename(ctx.work_dir)}\n")
 
 
 def test_retention_and_the_logs_decide_what_stays_of_a_success(tmp_path: Path) -> None:

@@ -126,6 +126,13 @@ def test_a_loop_polls_again_at_once_after_finding_something_else_waits_its_inter
     assert [w.next() for _ in range(2)] == [0.0, 0.002]
 
 
+def test_a_loop_with_nothing_urgent_to_hear_waits_that_long_within_its_shortest_and_longest_wait() -> None:
+    w = PollWait(0.002, 0.02)
+    assert [w.next(0.01), w.next(0.01), w.next(1.0), w.next(0.0001), w.next()] == [0.0, 0.01, 0.02, 0.002, 0.002]
+    w.reset()
+    assert [w.next(0.01), w.next(0.01)] == [0.0, 0.01]
+
+
 def _raise(exc: BaseException) -> BaseException:
     try:
         raise exc
@@ -212,6 +219,18 @@ def test_pace_holds_least_until_the_window_is_full_then_what_covers_its_seconds_
     for t in (10.0, 20.0, 30.0, 40.0, 50.0):
         pace.ended(t)
     assert pace.limit() == 2  # 0.05 a second each: back to least
+
+
+def test_pace_says_the_time_between_two_ends_on_a_rank_once_enough_calls_have_ended() -> None:
+    pace = Pace(workers=2, least=2, most=9, cover=0.5, window=5)
+    pace.ended(0.0)
+    assert pace.gap() is None and pace.gap(known=2) is None
+    for t in (0.1, 0.2):
+        pace.ended(t)
+    assert pace.gap() is None and pace.gap(known=3) == pytest.approx(0.2)  # 3 ends in 0.2 s over 2 ranks
+    for t in (0.3, 0.4, 0.5):
+        pace.ended(t)
+    assert pace.gap() == pytest.approx(0.2)  # the last 5: 0.1 to 0.5
     with pytest.raises(ValueError, match="need 1 <= least <= most"):
         Pace(workers=1, least=3, most=2, cover=1.0)
 
@@ -229,6 +248,13 @@ def test_slot_table_follows_a_limit_that_changes() -> None:
     assert table.take() == 1
     with pytest.raises(ValueError, match="slots per rank must be at least 1, not 0"):
         table.per_rank = 0
+
+
+@needs_mpi
+def test_calls_submitted_while_every_worker_is_full_wait_for_room_and_go_out_the_most_urgent_first(
+        tmp_path: Path) -> None:
+    out, _ = run_scenario("full", tmp_path, n=2)
+    assert out == {"sent_early": [False] * 5, "held": ["held-0", "held-1"], "order": [3, 2, 1, 10, 11]}
 
 
 @needs_mpi

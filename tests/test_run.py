@@ -227,13 +227,17 @@ def test_environment_cwd_and_process_group_of_tasks(tmp_path: Path) -> None:
     assert (out / "cwd.txt").read_text().strip() == str(work_dir(run_dir, "sh-7").resolve())
     pid, pgid = (out / "group.txt").read_text().split()
     assert pid == pgid  # bash leads its own process group
+    # A python task in a worker process runs in the process's scratch directory, which becomes its work
+    # directory when it ends (here it returned a value, so it left return.json there).
     work = work_dir(run_dir, "py")
     got = json.loads((work / "return.json").read_text())
-    assert got["cwd"] == str(work)
-    assert got["ctx"] == ["py", str(work), str(run_dir), 0, 1]
+    scratch = got["cwd"]
+    assert re.fullmatch(re.escape(str(run_dir / "ranks" / "rank-0000" / "scratch")) + r"/\d+", scratch), scratch
+    assert got["ctx"] == ["py", scratch, str(run_dir), 0, 1]
     assert got["env"] == {"CMBAGENT_ATTEMPT": "1", "CMBAGENT_HOST": socket.gethostname(), "CMBAGENT_RANK": "0",
-                          "CMBAGENT_RUN_DIR": str(run_dir), "CMBAGENT_TASK_DIR": str(work),
+                          "CMBAGENT_RUN_DIR": str(run_dir), "CMBAGENT_TASK_DIR": scratch,
                           "CMBAGENT_TASK_ID": "py"}
+    assert not os.path.exists(scratch)
 
 
 def test_inputs_are_linked_from_producers_and_from_the_spec_directory(tmp_path: Path) -> None:

@@ -167,7 +167,7 @@ def test_a_fresh_work_directory_costs_no_more_than_its_mkdir(tmp_path: Path, mon
     def never(*_args: object) -> str:
         raise AssertionError("a fresh work directory has nothing to set aside")
 
-    monkeypatch.setattr(workdir, "set_aside", never)
+    monkeypatch.setattr(workdir, "set_aside_earlier", never)
     work = tmp_path / "run" / "ranks" / "rank-0000" / "tasks" / "t"
     work.parent.mkdir(parents=True)
     workdir.prepare(TaskContext("t", str(tmp_path / "run"), str(work), 0, 1, "h"), ("logs",))

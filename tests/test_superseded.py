@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cmbagent_batch.rundir.layout import prune_superseded, superseded_to_prune
+from cmbagent_batch.rundir.prune import prune_superseded, superseded_to_prune
 from tests.helpers.cli import clean_env, cli, write_spec
 from tests.helpers.runs import published, superseded_sets
 

@@ -56,8 +56,9 @@ class LocalPools:
             return executor.submit(run_attempt, attempts[0], gate)
         return executor.submit(run_attempts, attempts)
 
-    def batches(self, kind: str) -> bool:
-        return self._in_processes(kind)  # a round trip to a worker process costs ~0.1 ms; to a thread, little
+    def batches(self, kind: str) -> float:
+        # seconds of work a batch holds: a round trip to a worker process costs ~0.1 ms; to a thread, little
+        return 0.02 if self._in_processes(kind) else 0.0
 
     def prefetch_kinds(self) -> frozenset[str]:
         """Kinds whose attempts may be handed over ahead of a free worker (see ``Limits``)."""

@@ -23,6 +23,7 @@ variables (``PMI_*``) behind: it is not one of the job's MPI processes.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import heapq
 import itertools
 import multiprocessing
@@ -40,9 +41,11 @@ from typing import Any
 from cmbagent_batch import watchdog
 from cmbagent_batch.attempt import Attempt, Outcome, Stopped
 from cmbagent_batch.backends.slots import Slots
+from cmbagent_batch.rundir.layout import Layout
 from cmbagent_batch.states import OutcomeReason
+from cmbagent_batch.tasks.places import adopt_scratch
 from cmbagent_batch.tasks.python import watch_timeouts
-from cmbagent_batch.tasks.runner import make_work_dirs, run_attempt
+from cmbagent_batch.tasks.runner import run_attempt
 from cmbagent_batch.tasks.workdir import tree_size
 
 REPORT_EVERY = 0.01  # seconds: how long a worker may keep the outcomes of tiny attempts before reporting them
@@ -232,9 +235,13 @@ class WorkerProcesses(Executor):
         return _Worker.start(self._context, self._held)
 
     def _casualty(self, worker: _Worker, attempt: Attempt) -> Outcome:
-        """The outcome of the attempt a worker died running."""
+        """The outcome of the attempt a worker died running; what it left in the worker's scratch directory
+        becomes its work directory."""
         wall = time.monotonic() - worker.reported_at
-        work_bytes = tree_size(attempt.ctx.work_dir)
+        ctx = attempt.ctx
+        with contextlib.suppress(OSError):  # then it stays there, said at the next run's start
+            adopt_scratch(Layout(ctx.run_dir, ctx.sharding).scratch(ctx.rank, worker.process.pid), ctx)
+        work_bytes = tree_size(ctx.work_dir)
         if self._terminating:
             return Outcome.because(OutcomeReason.TERMINATED_BY_RUNNER, wall_s=wall, work_bytes=work_bytes)
         timeout = attempt.payload.timeout
@@ -424,7 +431,6 @@ def _serve_calls(conn: Connection, held: Any, shared: Any) -> None:
             return
         if attempts is None:
             return
-        made = make_work_dirs(attempts) if len(attempts) > 1 else set()
         report: list[Outcome] = []
         reported = time.monotonic()
         last = len(attempts) - 1
@@ -434,7 +440,7 @@ def _serve_calls(conn: Connection, held: Any, shared: Any) -> None:
             if held.value and i > 0:  # the first was reported started as it was handed over: it runs
                 report.append(Outcome.because(OutcomeReason.NOT_STARTED))
             else:
-                report.append(run_attempt(a, None, a.ctx.work_dir in made))
+                report.append(run_attempt(a))
             shared[_PROGRESS] = 2 * i + 2
             now = time.monotonic()
             if i == last or now - reported >= REPORT_EVERY:

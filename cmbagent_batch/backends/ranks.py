@@ -42,7 +42,7 @@ from cmbagent_batch.backends.slots import SlotGate, Slots, StartNotice
 from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS, JsonlWriter
 from cmbagent_batch.rundir.layout import Layout, hold_tasks_lock, journal_path
 from cmbagent_batch.states import OutcomeReason, TaskState
-from cmbagent_batch.tasks.runner import make_work_dirs, run_attempt
+from cmbagent_batch.tasks.runner import run_attempt
 from cmbagent_batch.tasks.shell import terminate_all
 
 if TYPE_CHECKING:
@@ -52,6 +52,10 @@ PREPARED = 12  # attempts a worker rank prepares ahead of its slots, at most
 CALLS_AHEAD = 24  # calls rank 0 sends a worker beyond its threads, at most
 COVER = 0.5  # seconds of work, at the workers' recent pace, that a worker holds beyond its slots
 PREFETCH_PER_SLOT = 12  # attempts the scheduler hands rank 0's executor per slot, beyond those running
+# A call to a worker rank costs rank 0 about 0.2 ms of CPU (its future, pickling, a message each way, the
+# start's notice and the wake-ups) and a round trip of milliseconds: tiny tasks go in batches of this much
+# work, a tenth of what a worker holds ahead (``COVER``).
+BATCH_SECONDS = 0.05
 
 
 def worker_threads(tasks_per_rank: int) -> int:
@@ -60,9 +64,10 @@ def worker_threads(tasks_per_rank: int) -> int:
 
 
 def rank_executor(comm: Any, ex: ExecutionSpec) -> RankExecutor:
-    """Rank 0's executor over the worker ranks of ``comm`` (an mpi4py communicator), sized from ``ex``."""
+    """Rank 0's executor over the worker ranks of ``comm`` (an mpi4py communicator), sized from ``ex``. A
+    worker holding twice ``tasks_per_rank`` calls has one waiting behind each it runs: it is full."""
     return RankExecutor(comm, worker_threads(ex.tasks_per_rank), ahead=CALLS_AHEAD, least=ex.tasks_per_rank + 1,
-                        cover=COVER)
+                        cover=COVER, full=2 * ex.tasks_per_rank)
 
 
 def serve_worker_rank(comm: Any, rank: int, ex: ExecutionSpec) -> None:
@@ -110,8 +115,8 @@ class RankPools:
         return self.executor.submit_call(call, args, priority=max(a.priority for a in attempts),
                                          on_started=gate.on_start if isinstance(gate, StartNotice) else None)
 
-    def batches(self, kind: str) -> bool:
-        return True  # a round trip to another rank: tiny tasks go in batches
+    def batches(self, kind: str) -> float:
+        return BATCH_SECONDS
 
     def prefetch_kinds(self) -> frozenset[str]:
         return frozenset({"shell", "python", "agent"})
@@ -155,7 +160,7 @@ class RankWorker:
         self._dog: watchdog.Watchdog | None = None  # started with the rank's first task
         self._tasks_lock: int | None = None  # its shared lock on RUN_DIR/.tasks.lock
 
-    def run(self, attempt: Attempt, made: bool = False) -> Outcome:
+    def run(self, attempt: Attempt) -> Outcome:
         """``run_attempt`` behind this rank's gate, at the attempt's place in line (its priority). Raises
         ``CancelledError`` when a stop or a hold kept it from starting (nothing is journaled: it did not
         run)."""
@@ -167,13 +172,13 @@ class RankWorker:
                 raise CancelledError("held back: the run is stopping")
             return self._finished(moved, outcome)
         gate = self._gate(moved, started)
-        outcome = self._gated(moved, gate, made)
+        outcome = self._gated(moved, gate)
         if gate.refused:
             raise CancelledError("held back at its rank's gate: the run is stopping")
         return self._finished(moved, outcome)
 
     def run_batch(self, attempts: Sequence[Attempt]) -> list[Outcome]:
-        """Several tiny attempts in one round trip, their directories made in one burst; those a stop or a
+        """Several tiny attempts in one round trip, one after the other; those a stop or a
         hold kept from starting are not journaled. Rank 0 hears when the first starts."""
         started = start_reporter()
         if attempts and attempts[0].chdir:  # python tasks in worker processes (a batch is of one kind)
@@ -181,8 +186,7 @@ class RankWorker:
             ran = self.processes.submit_attempts(sent, max(a.priority for a in sent), on_start=started).result()
             return [o if o.reason is OutcomeReason.NOT_STARTED else self._finished(a, o) for a, o in zip(sent, ran)]
         moved = [(a, self._gate(a, started)) for a in map(self._moved, attempts)]
-        made = make_work_dirs([a for a, _gate in moved])
-        outcomes = [self._gated(a, gate, a.ctx.work_dir in made) for a, gate in moved]
+        outcomes = [self._gated(a, gate) for a, gate in moved]
         return [o if gate.refused else self._finished(a, o) for (a, gate), o in zip(moved, outcomes)]
 
     def hold(self) -> None:
@@ -248,11 +252,11 @@ class RankWorker:
         return self.slots.gate(on_start, attempt.priority)
 
     @staticmethod
-    def _gated(attempt: Attempt, gate: SlotGate, made: bool) -> Outcome:
+    def _gated(attempt: Attempt, gate: SlotGate) -> Outcome:
         """``run_attempt``, then give back at once the slot a failure keeps (the local scheduler gives it
         back once it has seen the failure; here nothing waits for rank 0)."""
         try:
-            return run_attempt(attempt, gate, made)
+            return run_attempt(attempt, gate)
         finally:
             gate.settle()
 

@@ -125,7 +125,8 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
     from cmbagent_batch.execute.progress import Progress
     from cmbagent_batch.execute.run import disk_full_advice, execute
     from cmbagent_batch.plan import preflight  # here: a worker rank never needs it
-    from cmbagent_batch.rundir.layout import prune_superseded, resolve_run_dir
+    from cmbagent_batch.rundir.layout import resolve_run_dir
+    from cmbagent_batch.rundir.prune import prune_superseded
     from cmbagent_batch.states import Tally, TaskState
 
     # Inputs are checked once the tasks to launch are known: one up to date needs its inputs no more.

@@ -16,10 +16,10 @@ from cmbagent_batch.execute.runs import Limits, TaskRun
 
 Clock = Callable[[], float]
 
-# A batch holds at most BATCH_MAX attempts and, by their observed durations, about BATCH_SECONDS of work:
-# enough to make the round trip to a worker process negligible, little enough to balance the workers.
+# A batch holds at most BATCH_MAX attempts and, by their observed durations, about the seconds of work
+# that the pools say (``Pools.batches``): enough to make the round trip negligible, little enough to
+# balance the workers.
 BATCH_MAX = 64
-BATCH_SECONDS = 0.02
 
 
 @dataclass(slots=True)
@@ -39,11 +39,11 @@ class Admission:
     """The ready line and what the submissions in flight reserve. ``select`` hands the scheduler the
     next submissions that fit; ``admitted`` and ``released`` keep the reservations."""
 
-    def __init__(self, runs: dict[str, TaskRun], limits: Limits, batches: Callable[[str], bool],
+    def __init__(self, runs: dict[str, TaskRun], limits: Limits, batches: Callable[[str], float],
                  clock: Clock) -> None:
         self.runs = runs
         self.limits = limits
-        self._batches = batches  # whether a kind's tiny attempts go to a worker several at a time
+        self._batches = batches  # seconds of work a batch of a kind's tiny attempts holds (0: no batches)
         self._clock = clock
         self.ready: list[tuple[float, str]] = []  # (-priority, task id): a heap
         self.units = 0  # submissions in flight
@@ -131,10 +131,14 @@ class Admission:
 
     def _batch_size(self, r: TaskRun) -> int:
         """How many ready attempts of ``r``'s kind to hand over together: 1 until their durations are
-        known, then about BATCH_SECONDS of work, never so many that a worker would be left without."""
+        known, then about the pools' seconds of work for a batch, never so many that a worker would be left
+        without."""
         avg = self._avg_wall.get(r.kind)
-        if avg is None or not self._prefetchable(r) or not self._batches(r.kind):
+        if avg is None or not self._prefetchable(r):
             return 1
-        by_time = int(BATCH_SECONDS / max(avg, 1e-6))
+        seconds = self._batches(r.kind)
+        if not seconds:
+            return 1
+        by_time = int(seconds / max(avg, 1e-6))
         by_share = len(self.ready) // (self.limits.max_workers + self.limits.prefetch) + 1
         return max(1, min(BATCH_MAX, by_time, by_share))

@@ -1,6 +1,7 @@
 """What each attempt carries: the task as plain data (``Payload``, with an agent's request), where it runs
-and the input files it links; built on the scheduler thread for every launch, so kept cheap (a task's
-payload is built once)."""
+and the input files it links; built on the scheduler thread for every launch, so kept cheap: nothing is
+kept per task, and the tasks of a matrix entry that differ only by their id and matrix values get their
+payload from the entry's shared fields, without a ``TaskSpec`` each."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from cmbagent_batch.execute.prepare import Prepared, input_links
 from cmbagent_batch.execute.runs import TaskRun
 from cmbagent_batch.llm.local_model import LocalModel
 from cmbagent_batch.spec.model import Isolation, JobSpec, TaskSpec, thaw
+from cmbagent_batch.spec.tasks import Entry, Tasks
+
+# The TaskSpec fields a shell or python task's payload is made of (besides its id).
+_PAYLOAD_FIELDS = ("kind", "run", "call", "args", "env", "outputs", "timeout")
 
 
 class Launcher:
@@ -33,29 +38,52 @@ class Launcher:
         # python workers inherit the environment; under MPI a worker rank uses its own (its rank, node)
         self._env = dict(os.environ)
         self._no_env: dict[str, str] = {}
+        self._in_processes = self._ex.isolation is Isolation.PROCESS  # python tasks run in their work directory
+        self._tasks = p.spec.tasks if isinstance(p.spec.tasks, Tasks) else None
+        self._shared: dict[int, bool] = {}  # by a matrix entry's start: its tasks' payloads differ by id alone
 
     def __call__(self, r: TaskRun) -> Attempt:
-        p, ex, t = self._p, self._ex, self._p.spec.task(r.id)  # made when needed: none is kept per task
-        local = not self._on_ranks
-        # Under MPI the worker that gets the attempt sets its place (rank -1: not known on rank 0).
-        sharding = self._layout.sharding
-        if local:
-            ctx = TaskContext(task_id=r.id, run_dir=p.run_dir, work_dir=self._layout.work_dir(0, r.id), rank=0,
-                              attempt=r.attempts, host=self._host, matrix=thaw(t.matrix) if t.matrix else {},
-                              sharding=sharding)
+        p, ex = self._p, self._ex
+        made, matrix = self._task(r.id)
+        payload = _payload(self._spec, made, self._base, p.run_id, r.id)
+        python = made.kind == "python"
+        if self._on_ranks:  # the worker that gets it sets its place (rank -1: not known on rank 0)
+            ctx = TaskContext(r.id, p.run_dir, "", -1, r.attempts, "", matrix, self._layout.sharding)
+            env = self._no_env
+            r.fp_record = p.fps[r.id].to_dict()  # the Recorder's too, when the task's end comes
+            journal: dict[str, Any] | None = {"run": p.run_id, **r.fp_record}
         else:
-            ctx = TaskContext(task_id=r.id, run_dir=p.run_dir, work_dir="", rank=-1, attempt=r.attempts, host="",
-                              matrix=thaw(t.matrix) if t.matrix else {}, sharding=sharding)
+            ctx = TaskContext(r.id, p.run_dir, self._layout.work_dir(0, r.id), 0, r.attempts, self._host, matrix,
+                              self._layout.sharding)
+            env = self._no_env if python else self._env
+            journal = None
         links, missing = input_links(p, r.id)
-        payload = _payload(self._spec, t, self._base, p.run_id)
-        env = self._env if t.kind != "python" and local else self._no_env
-        journal = None if local else {"run": p.run_id, **p.fps[r.id].to_dict()}
-        return Attempt(payload, ctx, links, env, chdir=ex.isolation is Isolation.PROCESS and t.kind == "python",
-                       keep=ex.keep, kill_grace=ex.kill_grace, missing=missing, priority=r.priority, journal=journal)
+        return Attempt(payload, ctx, links, env, chdir=self._in_processes and python, keep=ex.keep,
+                       kill_grace=ex.kill_grace, missing=missing, priority=r.priority, journal=journal)
+
+    def _task(self, tid: str) -> tuple[TaskSpec, dict[str, Any]]:
+        """What the task's payload is made from (the task, or its matrix entry's shared fields) and its
+        matrix values."""
+        position = self._spec.position(tid)
+        tasks = self._tasks
+        if tasks is not None:
+            entry = tasks.entry_at(position)
+            if entry.grid is not None and entry.template is not None and self._shares_payload(entry):
+                return entry.template, thaw(entry.values(position - entry.start))
+        t = self._spec.tasks[position]
+        return t, thaw(t.matrix) if t.matrix else {}
+
+    def _shares_payload(self, entry: Entry) -> bool:
+        shared = self._shared.get(entry.start)
+        if shared is None:
+            assert entry.template is not None
+            shared = self._shared[entry.start] = entry.template.kind in ("shell", "python") and not any(
+                entry.varies(name) for name in _PAYLOAD_FIELDS)
+        return shared
 
 
-def _payload(spec: JobSpec, task: TaskSpec, base: str, run_id: str) -> Payload:
-    return Payload(id=task.id, kind=task.kind, run=task.run, call=task.call, args=thaw(task.args),
+def _payload(spec: JobSpec, task: TaskSpec, base: str, run_id: str, task_id: str) -> Payload:
+    return Payload(id=task_id, kind=task.kind, run=task.run, call=task.call, args=thaw(task.args),
                    env=dict(task.env), outputs=task.outputs, timeout=task.timeout or spec.execution.task_timeout,
                    python_path=(base,), agent=_agent_request(spec, task, run_id) if task.kind == "agent" else None)
 

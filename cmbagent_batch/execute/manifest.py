@@ -20,18 +20,30 @@ from cmbagent_batch.states import StopReason, Tally, TaskState
 
 class Recorder:
     """The scheduler's ``record``: each state change as a record of rank 0's state journal, with what the
-    outcome says (a success's fingerprints and measures; a failure's error)."""
+    outcome says (a success's fingerprint and measures; a failure's error).
+
+    A record leaves out what a reader finds without it (``rundir/runview.py``): a work directory where the
+    layout puts it, the runner's own host, rank 0, and a success's measures that are 0 (CPU seconds, work
+    and output bytes). The sets of code files that success records will name by key (``Fingerprint.to_dict``)
+    and that the journals' index does not keep yet are added to it (the run writes it before its first task)."""
 
     def __init__(self, p: Prepared, journal: Journal) -> None:
         self._p = p
         self._journal = journal
+        self._host = socket.gethostname()
+        for code, files in p.fps.code_sets().items():
+            p.history.code_sets.setdefault(code, files)
 
     def __call__(self, r: TaskRun, extra: dict[str, Any]) -> None:
         rec: dict[str, Any] = {"t": time.time(), "run": self._p.run_id, "task": r.id, "state": r.state.value, **extra}
         o = r.outcome
+        fp, r.fp_record = r.fp_record, (r.fp_record if r.state is TaskState.RUNNING else None)
         if r.state is TaskState.SUCCEEDED and o is not None:
-            rec.update(self._p.fps[r.id].to_dict(), wall_s=round(o.wall_s, 6), cpu_s=round(o.cpu_s, 6),
-                       peak_rss_mb=round(o.peak_rss_mb, 3), work_bytes=o.work_bytes, output_bytes=o.output_bytes)
+            rec.update(fp or self._p.fps[r.id].to_dict(), wall_s=round(o.wall_s, 6))
+            for key, value in (("cpu_s", round(o.cpu_s, 6)), ("peak_rss_mb", round(o.peak_rss_mb, 3)),
+                               ("work_bytes", o.work_bytes), ("output_bytes", o.output_bytes)):
+                if value or key == "peak_rss_mb":
+                    rec[key] = value
             if o.rank is not None:
                 rec.update(rank=o.rank, host=o.host, work_dir=o.work_dir)
         elif o is not None and not o.ok and r.state is not TaskState.RUNNING:
@@ -41,6 +53,12 @@ class Recorder:
                 rec.update(rank=o.rank, host=o.host, work_dir=o.work_dir)
             if o.traceback:
                 rec["traceback"] = o.traceback
+        if rec.get("host") == self._host:
+            del rec["host"]
+        if rec.get("rank") == 0:  # read as 0 when left out
+            del rec["rank"]
+        if "work_dir" in rec and rec["work_dir"] == self._p.layout.work_dir(max(rec.get("rank", 0), 0), r.id):
+            del rec["work_dir"]
         self._journal.append(rec)
 
 

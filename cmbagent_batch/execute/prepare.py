@@ -9,8 +9,9 @@ import glob
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import filterfalse
 from typing import Any
 
 from cmbagent_batch.execute.runs import TaskRun
@@ -26,6 +27,7 @@ from cmbagent_batch.rundir.layout import Layout, journal_path, journal_paths, re
 from cmbagent_batch.spec import gcpause
 from cmbagent_batch.spec.config import Config
 from cmbagent_batch.spec.model import JobSpec
+from cmbagent_batch.spec.tasks import Tasks, entries_of
 from cmbagent_batch.states import DONE_STATES, TaskState
 
 
@@ -43,6 +45,7 @@ class Prepared:
     run_id: str  # of the run about to start; analysis calls made while preparing it are ledgered under it
     layout: Layout  # where each task's work directory and published outputs are
     stale: set[str] | None = None  # the tasks not up to date (``stale_tasks``), once asked for
+    published: set[str] | None = None  # the tasks with a published outputs directory, once asked for
 
 
 def prepare(config: Config, cache: Cache, warn: Callable[[str], None], *, refresh: bool = False,
@@ -74,14 +77,19 @@ def why_rerun(p: Prepared, tid: str) -> str | None:
     ``execution.rerun_on`` names the parts whose change reruns a finished task (spec, inputs, code); an
     upstream change always does. A record journaled before code was fingerprinted (no ``code_fp``) counts
     the code as changed only when one of its files was modified after the task succeeded."""
-    return _why(p, tid, explain=True)
+    return None if tid not in stale_tasks(p) else _why(p, tid, explain=True)
 
 
 def stale_tasks(p: Prepared) -> set[str]:
     """The tasks that are not up to date (whose ``why_rerun`` is not None), found once for the run:
-    ``--only``, the input check, ``--dry-run`` and the scheduler's view all ask."""
+    ``--only``, the input check, ``--dry-run`` and the scheduler's view all ask. A task whose last record
+    is a success with its fingerprint costs a comparison of bytes (and the look for its published
+    outputs, if it has some); only the others are looked at part by part."""
     if p.stale is None:
-        p.stale = {tid for tid in p.dag.nodes if _why(p, tid, explain=False) is not None}
+        changed = set(p.history.not_done_with(p.fps.digests()) if len(p.history) else p.dag.nodes)
+        stale = {tid for tid in changed if _why(p, tid, explain=False) is not None}
+        to_look = _with_outputs(p.spec) - changed
+        p.stale = stale | (to_look - _published(p)) if to_look else stale
     return p.stale
 
 
@@ -96,30 +104,60 @@ def _why(p: Prepared, tid: str, explain: bool) -> str | None:
     fp = p.fps[tid]
     triggers = p.spec.execution.rerun_on
     if h.fp != fp.value:
-        old = h.record
-        if "spec" in triggers and old.get("spec_fp") != fp.spec:
+        old = Journaled.of(h.record)
+        if "spec" in triggers and not _same(old.spec, fp.spec):
             return "its spec changed"
         if "code" in triggers:
-            code = _code_change(p, tid, old)
+            code = _code_change(p, tid, old, h.t)
             if code is not None:
                 return code
-        if old.get("deps_fp") != fp.deps:
+        if not _same(old.deps, fp.deps):
             if not explain:
                 return "its dependencies changed"
             changed = [d for d in p.dag.dependencies(tid) if _why(p, d, explain=False) is not None]
             return "upstream changed: " + ", ".join(changed) if changed else "its dependencies changed"
-        if "inputs" in triggers and old.get("inputs_fp") != fp.inputs:
+        if "inputs" in triggers and not _same(old.inputs, fp.inputs):
             return "its input files changed"
-    if p.spec.task(tid).outputs and not os.path.isdir(p.layout.published(tid)):
+        if all(_same(a, b) for a, b in ((old.spec, fp.spec), (old.code, fp.code), (old.inputs, fp.inputs))):
+            return "its fingerprint changed"  # its parts agree as far as the record keeps them
+    if _has_outputs(p.spec, tid) and tid not in _published(p):
         return "its published outputs are missing"
     return None
 
 
-def _code_change(p: Prepared, tid: str, old: dict[str, Any]) -> str | None:
+@dataclass(frozen=True)
+class Journaled:
+    """The parts of a task's fingerprint that its success record kept (``Fingerprint.to_dict``): each the
+    first hex digits of the part (the whole part, in records of earlier versions; None when missing)."""
+
+    spec: str | None
+    deps: str | None
+    inputs: str | None
+    code: str | None  # None: journaled before code was fingerprinted
+    files: Mapping[str, str] | str  # the hashes of the task's own files, or their key in the code sets
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any]) -> Journaled:
+        parts = record.get("parts")
+        if isinstance(parts, str):
+            fields = parts.split(".")
+            if len(fields) not in (4, 5):  # not a record this version reads: every part counts as changed
+                return cls(None, None, None, "", "")
+            spec, deps, inputs, code = fields[:4]
+            return cls(spec, deps, inputs, code, fields[4] if len(fields) == 5 else code)
+        return cls(record.get("spec_fp"), record.get("deps_fp"), record.get("inputs_fp"), record.get("code_fp"),
+                   record.get("code_files") or {})
+
+
+def _same(journaled: str | None, now: str) -> bool:
+    """Whether a part as journaled (whole, or its first digits) is the part ``now``."""
+    return isinstance(journaled, str) and now.startswith(journaled) and (journaled == "") == (now == "")
+
+
+def _code_change(p: Prepared, tid: str, old: Journaled, since: float) -> str | None:
     fp = p.fps[tid]
     deps = p.dag.dependencies(tid)
-    if "code_fp" not in old:  # journaled before code was fingerprinted: compare modification times
-        since = float(old.get("t") or 0.0)
+    if old.code is None:  # journaled before code was fingerprinted: compare modification times
         if not since or fp.code_mtime <= since:
             return None
         newer = [f.name for f in fp.files if f.mtime > since]
@@ -127,20 +165,65 @@ def _code_change(p: Prepared, tid: str, old: dict[str, Any]) -> str | None:
             return "code changed: " + ", ".join(newer)
         ups = [d for d in deps if p.fps[d].code_mtime > since]
         return "upstream changed: " + ", ".join(ups) if ups else None
-    if old["code_fp"] == fp.code:
+    if _same(old.code, fp.code):
         return None
-    before: dict[str, str] = old.get("code_files") or {}
+    before = old.files if not isinstance(old.files, str) else p.history.code_files(old.files)
+    if before is None:
+        return "code changed (its files' hashes are not in journal/index)"
     now = fp.hashes
     files = sorted(n for n in before.keys() | now.keys() if before.get(n) != now.get(n))
     if files:
         return "code changed: " + ", ".join(files)
-    ups = [d for d in deps if _journaled_code(p, d) != p.fps[d].code]
+    ups = [d for d in deps if not _same(_journaled_code(p, d), p.fps[d].code)]
     return "upstream changed: " + ", ".join(ups or deps)
 
 
 def _journaled_code(p: Prepared, tid: str) -> str | None:
     h = p.history.get(tid)
-    return None if h is None else h.record.get("code_fp")
+    return None if h is None else Journaled.of(h.record).code
+
+
+def _with_outputs(spec: JobSpec) -> set[str]:
+    """The tasks that declare outputs: per entry when its tasks' outputs are the same."""
+    entries = entries_of(spec.tasks)
+    if entries is None:
+        return {t.id for t in spec.tasks if t.outputs}
+    found: set[str] = set()
+    for e in entries:
+        if e.template is not None and not e.varies("outputs"):
+            if e.template.outputs:
+                found.update(e.ids)
+        else:
+            found.update(tid for k, tid in enumerate(e.ids) if e.field("outputs", k))
+    return found
+
+
+def _has_outputs(spec: JobSpec, tid: str) -> bool:
+    return bool(spec.tasks.field(spec.position(tid), "outputs") if isinstance(spec.tasks, Tasks)
+                else spec.task(tid).outputs)
+
+
+def _published(p: Prepared) -> set[str]:
+    """The tasks that have a published outputs directory (``Layout.published``), found once: one listing
+    of ``outputs/`` and one of each of its shards, rather than a look per task."""
+    if p.published is None:
+        depth = p.layout.place("t").count(os.sep)  # the directories between outputs/ and a task's
+        root = p.layout.published("t")
+        for _ in range(depth + 1):
+            root = os.path.dirname(root)
+        dirs = [root]
+        for _ in range(depth):
+            dirs = [e.path for d in dirs for e in _listing(d) if e.is_dir()]
+        p.published = {e.name for d in dirs for e in _listing(d) if e.is_dir()}
+    return p.published
+
+
+def _listing(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as found:
+            return list(found)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def input_links(p: Prepared, tid: str) -> tuple[list[tuple[str, str]], list[str]]:
@@ -193,20 +276,13 @@ def task_runs(p: Prepared, selected: set[str] | None = None) -> RunTable:
     """The tasks to run (not up to date, and ``selected`` when given), each as the scheduler sees it; the
     others are skipped, and said so in the run table of ``p.history`` (no object is made for them)."""
     ex = p.spec.execution
-    runs: dict[str, TaskRun] = {}
     stale = stale_tasks(p)
-
-    def planned() -> Iterator[tuple[str, TaskState, str]]:
-        for tid in p.dag.nodes:
-            if tid not in stale:
-                yield tid, TaskState.SKIPPED, UP_TO_DATE
-            elif selected is not None and tid not in selected:
-                yield tid, TaskState.SKIPPED, NOT_SELECTED
-            else:
-                yield tid, TaskState.PENDING, ""
-                runs[tid] = None  # type: ignore[assignment]  # made below, once the set is known
-
-    p.history.plan_run(p.run_id, planned())
+    chosen = sorted(stale if selected is None else stale & selected)  # in the order of the DAG's nodes (by id)
+    p.history.plan_run(p.run_id, [
+        (filterfalse(stale.__contains__, p.dag.nodes) if stale else p.dag.nodes, TaskState.SKIPPED, UP_TO_DATE),
+        (stale - selected if selected is not None else (), TaskState.SKIPPED, NOT_SELECTED),
+        (chosen, TaskState.PENDING, "")])
+    runs: dict[str, TaskRun] = dict.fromkeys(chosen)  # type: ignore[assignment]  # made below, once the set is known
     weights = p.dag.bottom_levels() if runs else {}
     for tid in runs:
         t = p.spec.task(tid)

@@ -49,6 +49,9 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     pools, workers = backend.pools, backend.workers
     table = task_runs(p, selected)
     runs = table.runs
+    for left in p.layout.leftovers():
+        warn(f"{left} holds what a python task left when an earlier run was killed (which task is not "
+             "recorded; the task runs again): it is kept as it is, to look at or remove")
     journal = Journal(journal_path(p.run_dir, 0))
     import psutil
 
@@ -80,7 +83,8 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
             sched.run()
     finally:
         pools.shutdown(wait=sched.abandoned == 0)
-        p.layout.remove_empty_shards()  # what tasks that wrote nothing left: no inode stays per task
+        if runs:  # what tasks that wrote nothing left: no inode stays per task
+            p.layout.remove_empty_shards()
         try:
             journal.close()
         except OSError as exc:
@@ -110,6 +114,7 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
 def keep_index(p: Prepared, warn: Callable[[str], None]) -> None:
     """Fold what the run journaled into its history and keep it as the journals' index, so the next
     reader (status, a rerun) parses none of it again."""
+    covered = dict(p.history.covered)
     try:
         p.history.read_tails(journal_paths(p.run_dir), warn)
     except StaleIndex as exc:  # a journal shorter than when the run started: the next reader reads them all
@@ -117,7 +122,8 @@ def keep_index(p: Prepared, warn: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(journal_dir(p.run_dir), INDEX))
         return
-    p.history.write_index(journal_dir(p.run_dir))
+    if p.history.covered != covered:  # else the index the run wrote as it started holds it all
+        p.history.write_index(journal_dir(p.run_dir))
 
 
 def _what(exc: OSError, path: str | None = None) -> str:

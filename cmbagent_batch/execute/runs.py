@@ -28,8 +28,9 @@ class Pools(Protocol):
         """Hand one attempt or a batch of them, with the submission's gate, to ``executor``, with whatever
         runs them there; the result is the attempt's ``Outcome``, or the batch's list of them."""
 
-    def batches(self, kind: str) -> bool:
-        """Whether tiny attempts of ``kind`` are worth handing to a worker several at a time."""
+    def batches(self, kind: str) -> float:
+        """Seconds of work a batch of tiny attempts of ``kind`` holds, handed to a worker in one submission
+        (0: one attempt per submission): long enough that the round trip costs little beside the work."""
 
     def hold(self) -> None:
         """Start nothing more: what was handed over and has not started ends as not started (a gate
@@ -101,6 +102,7 @@ class TaskRun:
     started: float = 0.0
     wall_s: float = 0.0
     attempts_before: int = 0  # attempts made in earlier runs (not charged against this run's retries)
+    fp_record: dict[str, Any] | None = None  # its fingerprint as journaled, made at its launch on a rank
 
     @property
     def run_attempts(self) -> int:

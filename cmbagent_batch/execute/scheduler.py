@@ -13,14 +13,15 @@ not started, and lets the running attempts go on until the drain's deadline, whe
 
 Two things keep workers busy when tasks are tiny or many. Attempts may be handed over ahead of a free
 worker (``Limits.prefetch_kinds``), and where a round trip to a worker costs more than a task (a process
-pool, MPI ranks), ready attempts of tasks whose observed duration is short go over in batches of about
-``BATCH_SECONDS`` of work, which a worker runs one after the other. What is handed over is ``queued``
-until the pool reports that it really started (its gate gave it a slot, a worker process or rank began
-it; on a deque this thread drains whenever it wakes, before any end): it is journaled ``running`` then,
-with that time, while fewer than ``max_workers`` are (a worker may start its next attempt before this
-thread has the last one's end: that start waits for it). A batch reports its start once: its first
-attempt is the running one until the batch ends, and the others are journaled running, with their own
-start time, as their ends come in. So ``running`` never counts more attempts than the workers run.
+pool, MPI ranks), ready attempts of tasks whose observed duration is short go over in batches of about the
+seconds of work the pools say (``Pools.batches``), which a worker runs one after the other. What is handed
+over is ``queued`` until the pool reports that it really started (its gate gave it a slot, a worker
+process or rank began it; on a deque this thread drains whenever it wakes, before any end): it is
+journaled ``running`` then, with that time, while fewer than ``max_workers`` are (a worker may start its
+next attempt before this thread has the last one's end: that start waits for it). A batch reports its
+start once: its first attempt is the running one until the batch ends, and the others are journaled
+running, with their own start time, as their ends come in. So ``running`` never counts more attempts than
+the workers run.
 """
 
 from __future__ import annotations
@@ -333,6 +334,7 @@ class Scheduler:
         if outcome.ok:
             self.admission.observed(r)
             self._set(r, TaskState.SUCCEEDED, attempt=r.attempts)
+            r.outcome = None  # journaled: 10^6 successes keep no outcome each
             for child in r.dependents:
                 c = self.runs[child]
                 c.waiting -= 1

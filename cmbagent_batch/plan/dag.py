@@ -165,6 +165,10 @@ class Dag:
         """Every task that depends on ``task_id``, directly or not, sorted."""
         return self._names(_reach(self._succ, self._at(task_id)))
 
+    def linked(self) -> frozenset[str]:
+        """The tasks that have a dependency or a dependent."""
+        return frozenset(chain.from_iterable((e.src, e.dst) for e in self._edges))
+
     # --- schedule shape ----------------------------------------------------------------------------
 
     def levels(self) -> list[list[str]]:

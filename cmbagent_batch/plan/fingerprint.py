@@ -6,40 +6,31 @@ tasks it depends on, so editing one task reruns it and everything downstream), `
 modification time of declared inputs that come from outside the job) and ``code`` (the bytes of the
 source files behind the task, see ``CodeFiles``, chained through its dependencies the way ``deps`` is).
 ``code`` is kept out of ``deps`` so that a journal written before code was fingerprinted still matches.
+
+A success record keeps the full value and each part shortened to ``SHORT`` hex digits (``parts``): enough
+to say which part changed. The hashes of the task's own files are kept once per set of files
+(``code_sets``), in the journals' index, under the digest of that set (``Fingerprint.own``).
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import glob
 import hashlib
 import os
-import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
 from cmbagent_batch.plan.analysis.cache import digest
+from cmbagent_batch.plan.codefiles import CodeFile, CodeFiles
 from cmbagent_batch.plan.dag import Dag
 from cmbagent_batch.plan.specdigest import SpecDigests
 from cmbagent_batch.spec.model import TaskSpec
-from cmbagent_batch.spec.tasks import Tasks, task_ids
+from cmbagent_batch.spec.tasks import Entry, Tasks, task_ids
 
-# A shell task's input is a script (code, not data) when the command names it and it is executable,
-# starts with "#!" or has one of these suffixes.
-_SCRIPT_SUFFIXES = (".sh", ".bash", ".zsh", ".csh", ".ksh", ".py", ".pl", ".rb", ".r", ".jl", ".lua", ".awk",
-                    ".tcl", ".m")
-
-
-@dataclass(frozen=True)
-class CodeFile:
-    """One source file behind a task: ``name`` as shown to the user, ``sha`` of its bytes, ``mtime``."""
-
-    name: str
-    sha: str
-    mtime: float
+__all__ = ["CodeFile", "CodeFiles", "Fingerprint", "Fingerprints", "external_inputs_digest", "fingerprints"]
 
 
 def _digest_hex(*parts: str) -> str:
@@ -57,6 +48,7 @@ class Fingerprint:
     files: tuple[CodeFile, ...] = ()  # the task's own code files
     code_mtime: float = 0.0  # newest modification time among the files ``code`` covers
     hashes: Mapping[str, str] = field(default_factory=dict, hash=False)  # each own file's name: its sha, shortened
+    own: str = ""  # the digest of the own files (``files``): the key of ``hashes`` among the code sets
 
     @functools.cached_property
     def value(self) -> str:
@@ -67,12 +59,15 @@ class Fingerprint:
         """What a dependent's ``deps`` part hashes (the fingerprint without code, as journals have it)."""
         return _digest_hex(self.spec, self.deps, self.inputs)
 
-    def to_dict(self) -> dict[str, object]:
-        out: dict[str, object] = {"fp": self.value, "spec_fp": self.spec, "deps_fp": self.deps,
-                                  "inputs_fp": self.inputs, "code_fp": self.code}
-        if self.hashes:
-            out["code_files"] = self.hashes
-        return out
+    def to_dict(self) -> dict[str, str]:
+        """What a success record journals: the value, and ``parts``: ``SPEC.DEPS.INPUTS.CODE[.FILES]``, each
+        part's first ``SHORT`` hex digits (INPUTS is empty when the task has no input from outside the job);
+        FILES, the key of the own files in the code sets, is left out when it is CODE's (no dependency)."""
+        spec, deps, inputs, code, own = (x[:SHORT] for x in (self.spec, self.deps, self.inputs, self.code, self.own))
+        return {"fp": self.value, "parts": f"{spec}.{deps}.{inputs}.{code}" + ("" if own == code else f".{own}")}
+
+
+SHORT = 12  # hex digits a record keeps of each part: a change goes unseen once in 2^48
 
 
 def external_inputs_digest(patterns: Iterable[str], base_dir: str) -> str:
@@ -95,161 +90,6 @@ def _stat_digest(paths: list[str], base_dir: str) -> str:
     return digest(stats)
 
 
-class CodeFiles:
-    """The source files behind tasks, each read, hashed and parsed once per run (10^5 tasks calling one
-    module cost one read and then a dictionary look-up each). User code is never imported.
-
-    A python task's files: the module ``call:`` names, found as the task's worker finds it (the spec's
-    directory first, then ``sys.path``); the packages that contain it; and, transitively, every module
-    that one of these imports (``import``/``from ... import`` anywhere in the file, relative imports
-    included) when it is found under the spec's directory. Installed libraries are left out: they change
-    by upgrades, not edits, and hashing them would read thousands of files.
-    """
-
-    def __init__(self, base_dir: str, search_path: Iterable[str] | None = None) -> None:
-        self._base = os.path.abspath(base_dir)
-        others = [os.path.abspath(p) for p in (sys.path if search_path is None else search_path) if p]
-        self._roots = [self._base, *[p for p in others if p != self._base]]
-        self._files: dict[str, tuple[CodeFile, tuple[str, ...]] | None] = {}  # path -> file, its imports
-        self._python: dict[str, tuple[CodeFile, ...]] = {}  # module name -> its files
-
-    def python(self, call: str | None) -> tuple[CodeFile, ...]:
-        module = (call or "").partition(":")[0]
-        done = self._python.get(module)
-        if done is None:
-            done = self._python[module] = self._closure(module) if module else ()
-        return done
-
-    def scripts(self, paths: Iterable[str], command: str) -> tuple[CodeFile, ...]:
-        """The files among ``paths`` (a shell task's external inputs) that ``command`` runs as scripts."""
-        out = []
-        for path in paths:
-            rel = os.path.relpath(path, self._base)
-            if rel not in command and os.path.basename(path) not in command:
-                continue
-            entry = self._file(path, parse=False)
-            if entry is not None and _is_script(path):
-                out.append(entry[0])
-        return tuple(sorted(out, key=lambda f: f.name))
-
-    def _closure(self, module: str) -> tuple[CodeFile, ...]:
-        found: dict[str, CodeFile] = {}
-        first = self._find(module, self._roots)
-        if first is None:
-            return ()
-        todo = [*self._parents(module, first), (module, first)]
-        seen = {path for _, path in todo}
-        while todo:
-            name, path = todo.pop()
-            entry = self._file(path, parse=path.startswith(self._base + os.sep))
-            if entry is None:
-                continue
-            found[path] = entry[0]
-            for imported in _resolve(name, path, entry[1]):
-                where = self._find(imported, [self._base])
-                if where is not None and where not in seen:
-                    for item in [*self._parents(imported, where), (imported, where)]:
-                        if item[1] not in seen:
-                            seen.add(item[1])
-                            todo.append(item)
-        return tuple(sorted(found.values(), key=lambda f: f.name))
-
-    def _parents(self, module: str, path: str) -> list[tuple[str, str]]:
-        """The ``__init__.py`` of each package above ``module`` (run when it is imported), under its root."""
-        parts = module.split(".")
-        depth = len(parts) - 1 + (os.path.basename(path) == "__init__.py")
-        root = path
-        for _ in range(depth + 1):
-            root = os.path.dirname(root)
-        out = []
-        for i in range(1, len(parts)):
-            init = os.path.join(root, *parts[:i], "__init__.py")
-            if os.path.isfile(init):
-                out.append((".".join(parts[:i]), init))
-        return out
-
-    @staticmethod
-    def _find(module: str, roots: list[str]) -> str | None:
-        parts = module.split(".")
-        for root in roots:
-            package = os.path.join(root, *parts, "__init__.py")
-            if os.path.isfile(package):
-                return package
-            plain = os.path.join(root, *parts) + ".py"
-            if os.path.isfile(plain):
-                return plain
-        return None
-
-    def _file(self, path: str, parse: bool) -> tuple[CodeFile, tuple[str, ...]] | None:
-        if path in self._files:
-            return self._files[path]
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-            mtime = os.stat(path).st_mtime
-        except OSError:
-            self._files[path] = None
-            return None
-        imports: tuple[str, ...] = ()
-        if parse:
-            try:
-                imports = _imports(ast.parse(data, path))
-            except (SyntaxError, ValueError):  # the worker reports it; the bytes are still hashed
-                pass
-        entry = (CodeFile(self._name(path), hashlib.sha256(data).hexdigest(), mtime), imports)
-        self._files[path] = entry
-        return entry
-
-    def _name(self, path: str) -> str:
-        if path.startswith(self._base + os.sep):
-            return os.path.relpath(path, self._base)
-        for root in self._roots:
-            if path.startswith(root + os.sep):
-                return os.path.relpath(path, root)
-        return path
-
-
-def _imports(tree: ast.AST) -> tuple[str, ...]:
-    """Each import as ``level:module:names`` (resolved against the importing module by ``_resolve``)."""
-    out: list[str] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.extend(f"0:{a.name}:" for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            out.append(f"{node.level}:{node.module or ''}:{','.join(a.name for a in node.names)}")
-    return tuple(out)
-
-
-def _resolve(module: str, path: str, imports: tuple[str, ...]) -> list[str]:
-    """Absolute names of the modules ``imports`` may load (a ``from`` name may be a submodule)."""
-    package = module if os.path.basename(path) == "__init__.py" else module.rpartition(".")[0]
-    out = []
-    for item in imports:
-        level_text, name, names = item.split(":")
-        level = int(level_text)
-        if level:
-            anchor = package.split(".") if package else []
-            if level - 1 > len(anchor):
-                continue
-            anchor = anchor[:len(anchor) - (level - 1)]
-            name = ".".join([*anchor, name] if name else anchor)
-        if not name:
-            continue
-        out.append(name)
-        out.extend(f"{name}.{n}" for n in names.split(",") if n and n != "*")
-    return out
-
-
-def _is_script(path: str) -> bool:
-    if path.lower().endswith(_SCRIPT_SUFFIXES) or os.access(path, os.X_OK):
-        return True
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(2) == b"#!"
-    except OSError:
-        return False
-
-
 class Fingerprints(Mapping[str, Fingerprint]):
     """Every task's fingerprint, computed when asked for (with those of its dependencies).
 
@@ -262,7 +102,7 @@ class Fingerprints(Mapping[str, Fingerprint]):
 
     def __init__(self, tasks: Mapping[str, TaskSpec] | Sequence[TaskSpec], deps: Mapping[str, tuple[str, ...]] | Dag,
                  inputs: dict[str, str], code: Callable[[str], tuple[CodeFile, ...]] | Mapping[str, tuple[CodeFile, ...]]
-                 | None = None) -> None:
+                 | None = None, entry_code: Callable[[Entry], tuple[CodeFile, ...] | None] | None = None) -> None:
         if isinstance(tasks, Mapping):
             self._ids: Sequence[str] | Mapping[str, TaskSpec] = tasks
             listed = list(tasks.values())
@@ -273,12 +113,15 @@ class Fingerprints(Mapping[str, Fingerprint]):
             self._ids = _Ids(tasks)
             self._position = _position(tasks)
             self._spec = SpecDigests(tasks)
+        self._tasks = tasks
         self._count = len(tasks)
+        self._linked = _linked(deps)
         self._deps: Callable[[str], tuple[str, ...]] = deps.dependencies if isinstance(deps, Dag) else (
             lambda tid: deps.get(tid, ()))
         self._has_dependents = _has_dependents(deps)
         self._inputs = inputs
         self._code = code if callable(code) else (code or {}).get
+        self._entry_code = entry_code  # the files all tasks of an entry share (None: they may differ)
         self._own: dict[int, tuple[str, float, dict[str, str]]] = {}  # by id of a files tuple (tasks share them)
         self._kept: dict[str, _Up] = {}  # of the tasks with dependents
 
@@ -307,13 +150,18 @@ class Fingerprints(Mapping[str, Fingerprint]):
                 continue
             self._make(t, self._position(t), deps)  # kept: it has a dependent
 
-    def _make(self, t: str, position: int, deps: tuple[str, ...]) -> Fingerprint:
-        files = self._code(t) or ()
+    def _own_code(self, files: tuple[CodeFile, ...]) -> tuple[str, float, dict[str, str]]:
+        """The digest of a task's own files, their newest modification time and each one's short hash."""
         own = self._own.get(id(files))
         if own is None:
             own = self._own[id(files)] = (digest([[f.name, f.sha] for f in files]),
                                           max([0.0, *(f.mtime for f in files)]), {f.name: f.sha[:16] for f in files})
-        code, mtime, hashes = own
+        return own
+
+    def _make(self, t: str, position: int, deps: tuple[str, ...]) -> Fingerprint:
+        files = self._code(t) or ()
+        code, mtime, hashes = self._own_code(files)
+        own = code
         ups = [self._kept[d] for d in deps]
         if ups:
             code = digest([code, [[d, f.code] for d, f in zip(deps, ups)]])
@@ -322,7 +170,7 @@ class Fingerprints(Mapping[str, Fingerprint]):
             spec=self._spec(position),
             deps=digest([[d, f.base] for d, f in zip(deps, ups)]) if deps else _NO_DEPS,
             inputs=self._inputs.get(t, ""),
-            code=code, files=files, code_mtime=mtime, hashes=hashes,
+            code=code, files=files, code_mtime=mtime, hashes=hashes, own=own,
         )
         if self._has_dependents(t):
             self._kept[t] = _Up.of(made)
@@ -333,6 +181,60 @@ class Fingerprints(Mapping[str, Fingerprint]):
 
     def __len__(self) -> int:
         return self._count
+
+    def digests(self) -> Iterator[tuple[str, bytes]]:
+        """Every task's id and value (the bytes ``Fingerprint.value`` spells in hex), in order. A task of a
+        matrix entry that has neither a dependency nor a dependent costs two hashes and no object."""
+        entries = self._entries()
+        if entries is None:
+            yield from ((tid, bytes.fromhex(self[tid].value)) for tid in self)
+            return
+        for entry in entries:
+            yield from self._entry_digests(entry)
+
+    def _entry_digests(self, entry: Entry) -> Iterator[tuple[str, bytes]]:
+        assert self._entry_code is not None
+        shared, linked, inputs_of, sha256 = self._entry_code(entry), self._linked, self._inputs.get, hashlib.sha256
+        specs = self._spec.of_entry(entry)
+        if shared is not None and linked.isdisjoint(entry.ids) and self._inputs.keys().isdisjoint(entry.ids):
+            rest = f'","{_NO_DEPS}","","{self._own_code(shared)[0]}"]'.encode()  # the same for all its tasks
+            yield from zip(entry.ids, (sha256(b'["' + spec + rest).digest() for spec in specs))
+            return
+        last: tuple[str, int] | None = None
+        rest = b""
+        for tid, spec in zip(entry.ids, specs):
+            if tid in linked:
+                yield tid, bytes.fromhex(self[tid].value)
+                continue
+            files = shared if shared is not None else (self._code(tid) or ())
+            key = (inputs_of(tid, ""), id(files))
+            if key != last:  # the parts after ``spec``, as ``_digest_hex`` joins them
+                last = key
+                rest = f'","{_NO_DEPS}","{key[0]}","{self._own_code(files)[0]}"]'.encode()
+            yield tid, sha256(b'["' + spec + rest).digest()
+
+    def code_sets(self) -> dict[str, dict[str, str]]:
+        """Each distinct set of own files among the tasks: its digest (``Fingerprint.own``) and each file's
+        short hash (``Fingerprint.hashes``)."""
+        found = {}
+        for files in self._file_sets():
+            own, _, hashes = self._own_code(files)
+            found[own] = hashes
+        return found
+
+    def _file_sets(self) -> Iterator[tuple[CodeFile, ...]]:
+        """Each task's own files; once per entry when its tasks share them."""
+        entries = self._entries()
+        if entries is None:
+            yield from (self._code(tid) or () for tid in self)
+            return
+        for e in entries:
+            shared = self._entry_code(e) if self._entry_code is not None else None
+            yield from (shared,) if shared is not None else (self._code(tid) or () for tid in e.ids)
+
+    def _entries(self) -> tuple[Entry, ...] | None:
+        """The entries of the job's ``Tasks``, when their tasks' files are known per entry."""
+        return self._tasks.entries if isinstance(self._tasks, Tasks) and self._entry_code is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +273,13 @@ def _position(tasks: Sequence[TaskSpec]) -> Callable[[str], int]:
     return index.__getitem__
 
 
+def _linked(deps: Mapping[str, tuple[str, ...]] | Dag) -> Set[str]:
+    """The tasks that have a dependency or a dependent."""
+    if isinstance(deps, Dag):
+        return deps.linked()
+    return {tid for tid, ds in deps.items() if ds} | set(chain.from_iterable(deps.values()))
+
+
 def _has_dependents(deps: Mapping[str, tuple[str, ...]] | Dag) -> Callable[[str], bool]:
     if isinstance(deps, Dag):
         return lambda tid: bool(deps.dependents(tid))
@@ -403,8 +312,22 @@ def fingerprints(tasks: Mapping[str, TaskSpec] | Sequence[TaskSpec], deps: Mappi
             task = lookup(tid)
             if task is not None and task.kind == "shell" and task.run:
                 scripts[tid] = code.scripts(paths, task.run)
-    python = _python_code(tasks, code)
-    return Fingerprints(tasks, deps, inputs, lambda tid: scripts.get(tid) or python(tid))
+    if not isinstance(tasks, Tasks):
+        found = {tid: code.python(t.call) for tid, t in (tasks.items() if isinstance(tasks, Mapping)
+                                                          else ((t.id, t) for t in tasks)) if t.kind == "python"}
+        return Fingerprints(tasks, deps, inputs, lambda tid: scripts.get(tid) or found.get(tid, ()))
+    # A python task's files are those of its entry's ``call``: looked up per entry.
+    by_entry = {e.start: code.python(e.template.call) for e in tasks.entries
+                if e.template is not None and e.template.kind == "python"}
+    with_scripts = {tasks.entry_at(tasks.position(tid)).start for tid in scripts}
+
+    def entry_code(entry: Entry) -> tuple[CodeFile, ...] | None:
+        return None if entry.start in with_scripts else by_entry.get(entry.start, ())
+
+    def files(tid: str) -> tuple[CodeFile, ...]:
+        return scripts.get(tid) or by_entry.get(tasks.entry_at(tasks.position(tid)).start, ())
+
+    return Fingerprints(tasks, deps, inputs, files, entry_code)
 
 
 def _lookup(tasks: Sequence[TaskSpec]) -> Callable[[str], TaskSpec | None]:
@@ -417,14 +340,3 @@ def _lookup(tasks: Sequence[TaskSpec]) -> Callable[[str], TaskSpec | None]:
             return None
 
     return find
-
-
-def _python_code(tasks: Mapping[str, TaskSpec] | Sequence[TaskSpec], code: CodeFiles) -> Callable[[str], tuple[CodeFile, ...]]:
-    """Each python task's files: looked up per entry for the tasks of a ``Tasks`` (its ``call`` is the same)."""
-    if isinstance(tasks, Tasks):
-        files = {e.start: code.python(e.template.call) for e in tasks.entries
-                 if e.template is not None and e.template.kind == "python"}
-        return lambda tid: files.get(tasks.entry_at(tasks.position(tid)).start, ())
-    found = {tid: code.python(t.call) for tid, t in (tasks.items() if isinstance(tasks, Mapping)
-                                                      else ((t.id, t) for t in tasks)) if t.kind == "python"}
-    return lambda tid: found.get(tid, ())

@@ -10,6 +10,10 @@ a SIGKILL: the killed run's lines). The index also holds the run's table: the ta
 wrote it and how it planned each (pending, or skipped and why). An index that does not match the
 journals (one shorter than it covers, a format this version does not read) is said and not used: the
 journals are read in full.
+
+The success records name the set of code files behind their task by a key (see ``plan/fingerprint.py``):
+the index keeps each set, the short hash of each of its files, by its digest (``code_sets``). The run
+that first journals a set writes it into the index as it starts, before any record refers to it.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import math
 import os
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import orjson
 
 from cmbagent_batch.rundir.atomic import atomic_output
-from cmbagent_batch.states import TaskState
+from cmbagent_batch.states import DONE_STATES, TaskState
 
 __all__ = ["INDEX", "History", "TaskHistory", "load_history"]
 
@@ -36,6 +40,7 @@ NONE = 255  # no record (state), not in the run (planned)
 _RUNNING = _CODE[TaskState.RUNNING]
 _INTERRUPTED = _CODE[TaskState.INTERRUPTED]
 _ENDS = frozenset({_CODE[TaskState.SUCCEEDED], _CODE[TaskState.FAILED]})
+_DONE = frozenset(_CODE[s] for s in DONE_STATES)
 _FP = 32  # bytes of a fingerprint (a sha256 in hex in the records)
 _ZERO_FP = bytes(_FP)
 
@@ -103,6 +108,9 @@ class History:
         self.files: list[str] = []  # journal file names (in RUN_DIR/journal)
         self.notes: list[str] = [""]
         self.covered: dict[str, int] = {}  # journal file name -> bytes folded in
+        self.code_sets: dict[str, dict[str, str]] = {}  # the sets of code files records name: digest -> hashes
+        self._code_keys: dict[str, dict[str, str]] = {}  # code_sets by the prefix of their digest that records keep
+        self._code_keys_of = (0, 0)  # the length of that prefix, the number of sets
         self.run_id: str | None = None  # the run whose table this is
         self.journal_dir = ""
         self._readers: dict[int, IO[bytes]] = {}
@@ -114,8 +122,25 @@ class History:
 
     def position(self, task_id: str) -> int | None:
         if len(self._pos) != len(self.ids):
-            self._pos = {tid: i for i, tid in enumerate(self.ids)}
+            self._pos = dict(zip(self.ids, range(len(self.ids))))
         return self._pos.get(task_id)
+
+    def not_done_with(self, values: Iterable[tuple[str, bytes]]) -> Iterator[str]:
+        """The tasks of ``values`` (id, fingerprint as bytes) whose last record is not one of a done state
+        (succeeded, skipped) with that fingerprint."""
+        self.position("")  # the map of positions is up to date
+        position, state, fps, done = self._pos.get, self.state, self.fps, _DONE
+        for tid, raw in values:
+            i = position(tid)
+            if i is None or state[i] not in done or fps[i * _FP:(i + 1) * _FP] != raw:
+                yield tid
+
+    def code_files(self, key: str) -> dict[str, str] | None:
+        """The hashes of the set of code files whose digest starts with ``key``, if the index keeps it."""
+        if self._code_keys_of != (len(key), len(self.code_sets)):
+            self._code_keys = {k[:len(key)]: v for k, v in self.code_sets.items()}
+            self._code_keys_of = (len(key), len(self.code_sets))
+        return self._code_keys.get(key) if key else None
 
     def get(self, task_id: str) -> TaskHistory | None:
         """The task's journaled history, or None when no journal speaks of it."""
@@ -302,22 +327,27 @@ class History:
 
     # --- the run table ------------------------------------------------------------------------------
 
-    def plan_run(self, run_id: str, planned: Iterable[tuple[str, TaskState, str]]) -> None:
-        """Make this the table of run ``run_id``: its tasks, each with the state it starts in and why it
-        does not run (empty when it does)."""
+    def plan_run(self, run_id: str, planned: Iterable[tuple[Iterable[str], TaskState, str]]) -> None:
+        """Make this the table of run ``run_id``: its tasks, in groups, each with the state its tasks start
+        in and why they do not run (empty when they do)."""
         self.run_id = run_id
         self.planned[:] = bytes([NONE]) * len(self.ids)
         self.note[:] = bytes(len(self.ids))
-        notes = {n: k for k, n in enumerate(self.notes)}
-        for tid, state, why in planned:
-            i = self.add(tid)
-            self.planned[i] = _CODE[state]
-            if why:
-                k = notes.get(why)
-                if k is None:
-                    k = notes[why] = len(self.notes)
-                    self.notes.append(why)
-                self.note[i] = k
+        self.position("")  # the map of positions is up to date
+        table, notes = self.planned, self.note
+        for ids, state, why in planned:
+            listed = list(ids)
+            found = list(map(self._pos.get, listed))
+            positions = [self.add(tid) for tid in listed] if None in found else cast("list[int]", found)
+            if positions and why not in self.notes:
+                self.notes.append(why)
+            code, note = _CODE[state], self.notes.index(why) if positions else 0
+            if len(positions) == len(self.ids):  # every task (ids are distinct): the whole columns
+                table[:], notes[:] = bytes([code]) * len(positions), bytes([note]) * len(positions)
+                continue
+            for i in positions:
+                table[i] = code
+                notes[i] = note
 
     def run_tasks(self) -> Iterator[int]:
         """The positions of the run's tasks."""
@@ -331,7 +361,8 @@ class History:
         ids = "\n".join(self.ids).encode("utf-8")
         columns = [getattr(self, name) for name in _COLUMNS] + [self.fps]
         header = {"format": _FORMAT, "tasks": len(self.ids), "covered": self.covered, "files": self.files,
-                  "runs": self.runs, "notes": self.notes, "run_id": self.run_id, "ids_bytes": len(ids)}
+                  "runs": self.runs, "notes": self.notes, "run_id": self.run_id, "ids_bytes": len(ids),
+                  "code_sets": self.code_sets}
         with atomic_output(os.path.join(journal_dir, INDEX)) as fh:
             fh.write(orjson.dumps(header) + b"\n")
             fh.write(ids)
@@ -369,6 +400,7 @@ class History:
         h.covered = {str(k): int(v) for k, v in header["covered"].items()}
         h.files, h.runs, h.notes = list(header["files"]), list(header["runs"]), list(header["notes"])
         h.run_id = header["run_id"]
+        h.code_sets = dict(header.get("code_sets") or {})  # an index written before code sets has none
         h.journal_dir = journal_dir
         return h
 
@@ -396,7 +428,11 @@ def load_history(journal_dir: str, paths: list[str], warn: Callable[[str], None]
     history = History()
     history.journal_dir = journal_dir
     history.read_tails(paths, warn)
+    if indexed is not None:
+        history.code_sets = {**indexed.code_sets, **history.code_sets}
     if indexed is not None and indexed.run_id is not None:  # its table still says what the run was about
-        history.plan_run(indexed.run_id, ((indexed.ids[i], _STATES[indexed.planned[i]], indexed.notes[indexed.note[i]])
-                                          for i in indexed.run_tasks()))
+        groups: dict[tuple[int, int], list[str]] = {}
+        for i in indexed.run_tasks():
+            groups.setdefault((indexed.planned[i], indexed.note[i]), []).append(indexed.ids[i])
+        history.plan_run(indexed.run_id, ((ids, _STATES[state], indexed.notes[note]) for (state, note), ids in groups.items()))
     return history

@@ -6,6 +6,8 @@
       journal/rank-NNNN.jsonl        state journal per rank (append-only)
       ranks/rank-NNNN/tasks/S/TASK/  work directories: data codebase logs outputs temp chats cost
       ranks/rank-NNNN/superseded/S/TASK/  what the task's previous attempt left in its work directory
+      ranks/rank-NNNN/spares/PID-N/  empty work directories kept for a process's next tasks, during a run
+      ranks/rank-NNNN/scratch/PID/   where a worker process's python tasks run, during a run
       outputs/S/TASK/...             published outputs
       superseded/S/TASK-<time>-<id>/ outputs of an earlier run of a task that ran again (the newest
                                      job.keep_superseded of each task are kept: ``prune_superseded``)
@@ -19,16 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
 import re
-import shutil
 import socket
-import stat
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +55,10 @@ def work_dir(run_dir: str, rank: int, task_id: str) -> str:
 
 LAYOUT_FILE = "layout.json"
 SUPERSEDED = "superseded"
+SPARES = "spares"  # RANK_DIR/spares/PID-N: empty work directories a process keeps for its next tasks
+SCRATCH = "scratch"  # RANK_DIR/scratch/PID: where a worker process's python tasks run
 SHARD_DIGITS = 3  # 4,096 shards
-_SHARD = re.compile(f"[0-9a-f]{{{SHARD_DIGITS}}}")
+SHARD_PATTERN = re.compile(f"[0-9a-f]{{{SHARD_DIGITS}}}")
 # What a run directory holds once a run used it: one of these and no layout.json is of the flat layout.
 _USED = ("run.json", "journal", "ranks", "outputs")
 
@@ -116,6 +119,21 @@ class Layout:
         """RUN_DIR/ranks/rank-NNNN/superseded/S/TASK: what the task's previous attempt left on ``rank``."""
         return os.path.join(rank_dir(self.run_dir, rank), SUPERSEDED, self.place(task_id))
 
+    def scratch(self, rank: int, pid: int) -> str:
+        """RANK_DIR/scratch/PID: where the python tasks of worker process ``pid`` run, one at a time; what
+        one leaves there becomes its work directory."""
+        return os.path.join(rank_dir(self.run_dir, rank), SCRATCH, str(pid))
+
+    def leftovers(self) -> list[str]:
+        """Scratch directories that are not empty: what python tasks left when their run was killed (with
+        SIGKILL, say) before the runner could move it to their work directories."""
+        found = []
+        for scratch in sorted(glob.glob(os.path.join(self.run_dir, "ranks", "rank-*", SCRATCH, "*"))):
+            with contextlib.suppress(OSError), os.scandir(scratch) as entries:
+                if next(entries, None) is not None:
+                    found.append(scratch)
+        return found
+
     def published(self, task_id: str) -> str:
         """RUN_DIR/outputs/S/TASK: the task's published outputs."""
         return os.path.join(self.run_dir, "outputs", self.place(task_id))
@@ -125,19 +143,24 @@ class Layout:
         return os.path.dirname(os.path.join(self.run_dir, SUPERSEDED, self.place(task_id)))
 
     def remove_empty_shards(self) -> None:
-        """At the end of a run, on every rank: remove the empty shards of work directories and the spare
-        work directories (``.spare-PID-N``). One ``rmdir`` per shard made (at most 4,096 a rank)."""
+        """At the end of a run, on every rank: remove the empty shards of work directories, the spare work
+        directories (``spares/PID-N``) and the empty scratch directories (``scratch/PID``). One ``rmdir``
+        per shard made (at most 4,096 a rank)."""
         ranks = os.path.join(self.run_dir, "ranks")
         for rank in os.listdir(ranks) if self.sharded and os.path.isdir(ranks) else []:
-            tasks = os.path.join(ranks, rank, "tasks")
-            try:
-                names = os.listdir(tasks)
-            except OSError:
-                continue
-            for name in names:
-                if _SHARD.fullmatch(name) or name.startswith(".spare-"):
-                    with contextlib.suppress(OSError):  # not empty: a task in it kept something
-                        os.rmdir(os.path.join(tasks, name))
+            for sub, empty in (("tasks", SHARD_PATTERN.fullmatch), (SPARES, bool), (SCRATCH, bool)):
+                where = os.path.join(ranks, rank, sub)
+                try:
+                    names = os.listdir(where)
+                except OSError:
+                    continue
+                for name in names:
+                    if empty(name):
+                        with contextlib.suppress(OSError):  # not empty: a task in it kept something
+                            os.rmdir(os.path.join(where, name))
+            for sub in (SPARES, SCRATCH):
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(ranks, rank, sub))
 
     def __reduce__(self) -> tuple[type[Layout], tuple[str, Sharding]]:
         return Layout, (self.run_dir, self.sharding)
@@ -341,108 +364,3 @@ def set_aside(run_dir: str) -> str | None:
     except OSError as exc:  # a read-only file system, no permission: nothing has started yet
         raise UsageError(f"cannot move the run directory {run_dir} aside (--fresh): {exc.strerror or exc}") from None
     return target
-
-
-# An output set moved aside by a publish: TASK-<UTC time to the microsecond>-<8 random hex digits>
-_SET_ASIDE = re.compile(r"(?P<task>.+)-(?P<stamp>\d{8}T\d{12}Z)-[0-9a-f]{8}")
-_LISTED = 5  # names said in the message; the rest are counted
-
-
-@dataclass(frozen=True, slots=True)
-class Pruned:
-    """What ``prune_superseded`` removed from RUN_DIR/superseded/, oldest first."""
-
-    directory: str
-    removed: tuple[str, ...]
-    size: int  # bytes of the files removed
-    failed: tuple[str, ...]  # "NAME: reason", for what could not be removed
-    unreadable: str | None = None  # why the directory could not be listed (a file named superseded...)
-
-    def lines(self, why: str) -> list[str]:
-        """What to tell the user (nothing when nothing was to be removed); ``why`` names the setting or flag."""
-        out = [f"cmbagent-batch: warning: cannot remove {self.directory}/{f}" for f in self.failed]
-        if self.unreadable:
-            out.append(f"cmbagent-batch: warning: cannot read {self.directory} ({self.unreadable}); no earlier output "
-                       "set was removed")
-        if self.removed:
-            names = ", ".join(self.removed[:_LISTED])
-            more = f" and {len(self.removed) - _LISTED} more" if len(self.removed) > _LISTED else ""
-            sets = "set" if len(self.removed) == 1 else "sets"
-            out.insert(0, f"cmbagent-batch: removed {len(self.removed)} earlier output {sets} ({self.size:,} bytes) "
-                          f"from {self.directory}, oldest first ({why}): {names}{more}")
-        return out
-
-
-def superseded_to_prune(names: Iterable[str], keep: int) -> list[str]:
-    """The output sets of RUN_DIR/superseded/ beyond the newest ``keep`` of each task, oldest first.
-    ``names``: the sets' paths relative to it, S/NAME (or NAME, in the flat layout). A name a publish did
-    not make (TASK-<time>-<id>) is never chosen."""
-    by_task: dict[str, list[tuple[str, str]]] = {}
-    for path in names:
-        if m := _SET_ASIDE.fullmatch(os.path.basename(path)):
-            by_task.setdefault(m["task"], []).append((m["stamp"], path))
-    old = [entry for sets in by_task.values() for entry in sorted(sets)[:max(0, len(sets) - keep)]]
-    return [path for _, path in sorted(old)]
-
-
-def prune_superseded(run_dir: str, keep: int) -> Pruned:
-    """Remove the output sets of RUN_DIR/superseded/ beyond the newest ``keep`` of each task, oldest first.
-    Call it with the run directory's lock held: a run publishing meanwhile would add to what is judged.
-    Sets are found in either layout (a set's name is never a shard's), in one listing of each shard."""
-    directory = os.path.join(run_dir, SUPERSEDED)
-    removed: list[str] = []
-    failed: list[str] = []
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        names = []
-    except OSError as exc:  # a file named superseded, no permission: said, and the run goes on
-        return Pruned(directory, (), 0, (), unreadable=exc.strerror or str(exc))
-    paths = []
-    for name in names:
-        if _SHARD.fullmatch(name):
-            try:
-                paths += [os.path.join(name, n) for n in os.listdir(os.path.join(directory, name))]
-            except NotADirectoryError:
-                pass
-        else:
-            paths.append(name)
-    size = 0
-    emptied: set[str] = set()
-    for path in superseded_to_prune(paths, keep):
-        try:
-            size += _remove_tree(os.path.join(directory, path))
-            removed.append(os.path.basename(path))
-            emptied.add(os.path.dirname(path))
-        except OSError as exc:
-            failed.append(f"{os.path.basename(path)}: {exc.strerror or exc}")
-    for shard_dir in sorted(emptied - {""}):  # a shard left empty goes too
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(directory, shard_dir))
-    return Pruned(directory, tuple(removed), size, tuple(failed))
-
-
-def _remove_tree(path: str) -> int:
-    """Remove ``path`` and what it holds; the bytes of its files (a hard link counted once per name). A
-    directory in it that a task made read-only is made writable first, as its owner may."""
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode):
-        os.unlink(path)
-        return info.st_size if stat.S_ISREG(info.st_mode) else 0
-    size = 0
-    _owner_may_write(path)
-    for top, dirs, files in os.walk(path):
-        for name in dirs:  # before the walk lists it
-            _owner_may_write(os.path.join(top, name))
-        for name in files:
-            entry = os.lstat(os.path.join(top, name))
-            size += entry.st_size if stat.S_ISREG(entry.st_mode) else 0
-    shutil.rmtree(path)
-    return size
-
-
-def _owner_may_write(path: str) -> None:
-    """Give a directory's owner read, write and search permission on it (a symlink is left alone)."""
-    mode = os.lstat(path).st_mode
-    if stat.S_ISDIR(mode) and mode & 0o700 != 0o700:
-        os.chmod(path, stat.S_IMODE(mode) | 0o700)

@@ -17,6 +17,10 @@ TROUBLED = frozenset({TaskState.FAILED, TaskState.INTERRUPTED, TaskState.CANCELL
                       TaskState.BUDGET_EXCEEDED})
 
 
+# The measures a success record leaves out when they are 0 (``execute/manifest.py``'s ``Recorder``).
+_ZERO_LEFT_OUT = ("cpu_s", "work_bytes", "output_bytes")
+
+
 def run_history(run_dir: str, manifest: dict[str, Any], warn: Callable[[str], None] | None = None) -> History:
     """The journals' history, with the table of the run ``manifest`` (run.json) describes: the index's,
     or, for a run.json of format 1, the one its "tasks" list."""
@@ -26,14 +30,14 @@ def run_history(run_dir: str, manifest: dict[str, Any], warn: Callable[[str], No
         return history
     listed = manifest.get("tasks")
     if isinstance(listed, dict):  # written by an earlier version: every task in run.json
-        history.plan_run(str(run_id), ((tid, _state(t.get("state")), t.get("reason") or "")
+        history.plan_run(str(run_id), (((tid,), _state(t.get("state")), t.get("reason") or "")
                                        for tid, t in listed.items()))
     else:  # the index of that run is gone: the tasks the journals know
         if warn is not None and history.ids:
             warn(f"{os.path.join(journal_dir(run_dir), 'index')} is not that of run {run_id}: the tasks "
                  "the run skipped without running them are not counted")
-        history.plan_run(str(run_id), ((tid, TaskState.PENDING, "") for tid in list(history.ids)
-                                       if history.get(tid) is not None))
+        history.plan_run(str(run_id), [([tid for i, tid in enumerate(history.ids) if history.state_of(i) is not None],
+                                         TaskState.PENDING, "")])
     return history
 
 
@@ -71,8 +75,9 @@ def task_row(history: History, i: int, state: TaskState, layout: Layout, detail:
     else:  # as the run planned it: skipped (and why), or pending
         row["reason"] = history.notes[history.note[i]] or None
     if detail:
+        zeros = _ZERO_LEFT_OUT if "parts" in record else ()  # a success record that leaves its zeros out
         for key in ("host", "cpu_s", "peak_rss_mb", "work_bytes", "output_bytes", "exit_code", "timed_out"):
-            row[key] = record.get(key)
+            row[key] = record.get(key, 0 if key in zeros else None)
         row["fingerprint"] = history.fp_of(i)
     return row
 

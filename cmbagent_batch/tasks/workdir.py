@@ -11,8 +11,8 @@ deleted. The staging name is fixed, so the next publish of the task finds a cras
 listing the shard. One publish per task at a time.
 
 A task that succeeds and leaves nothing costs no inode once the run ends: its empty logs (the header
-``# attempt N`` alone) are removed, and its empty work directory becomes a spare for the next task; the
-spares left and the shards' directories left empty go at the end of the run.
+``# attempt N`` alone) are removed, and its empty work directory becomes a spare for the process's next
+task (``places``); the spares left and the shards' directories left empty go at the end of the run.
 """
 from __future__ import annotations
 
@@ -20,17 +20,21 @@ import datetime
 import errno
 import functools
 import glob
-import itertools
 import os
-import re
 import secrets
 import shutil
 import sys
-import threading
 from collections.abc import Callable, Collection, Sequence
 
-from cmbagent_batch.attempt import WORK_SUBDIRS, Sharding, TaskContext
+from cmbagent_batch.attempt import WORK_SUBDIRS, TaskContext
 from cmbagent_batch.rundir.layout import Layout
+from cmbagent_batch.tasks.places import (
+    bring_logs,
+    checked_id,
+    make_work_dir,
+    retire,
+    set_aside_earlier,
+)
 
 LOGS = ("stdout.log", "stderr.log")  # a shell or agent task's logs, in logs/
 
@@ -49,124 +53,24 @@ class OutputError(Exception):
         return (OutputError, (self.missing,))
 
 
-def prepare(ctx: TaskContext, subdirs: Sequence[str] = WORK_SUBDIRS, made: bool = False) -> None:
+def prepare(ctx: TaskContext, subdirs: Sequence[str] = WORK_SUBDIRS) -> None:
     """Create the work directory, empty, and ``subdirs`` (the others come on demand: ``TaskContext.sub``).
 
     A directory left by an earlier attempt or run (the links staged for it, the files it wrote) is first
     moved aside as a whole (``set_aside``), so an attempt starts from an empty directory and finds in it
-    only the inputs staged for it; only its ``logs/`` comes back, the one log of all the task's attempts.
-    ``made``: the caller has just created the (empty) work directory."""
+    only the inputs staged for it; only its ``logs/`` comes back, the one log of all the task's attempts."""
     work = ctx.work_dir
-    if not made:
-        try:
-            make_work_dir(ctx)
-        except FileExistsError:
-            kept = set_aside(work, Layout(ctx.run_dir, ctx.sharding).kept_work_dir(ctx.rank, _checked_id(ctx.task_id)))
-            os.mkdir(work)
-            try:  # the task's log goes on: each attempt appends to it after a line "# attempt N"
-                os.rename(os.path.join(kept, "logs"), os.path.join(work, "logs"))
-            except FileNotFoundError:
-                pass
+    try:
+        make_work_dir(ctx)
+    except FileExistsError:
+        kept = set_aside_earlier(ctx)
+        os.mkdir(work)
+        bring_logs(kept, work)
     for name in subdirs:
         try:
             os.mkdir(os.path.join(work, name))
         except FileExistsError:
             pass
-
-
-def make_work_dir(ctx: TaskContext) -> None:
-    """Make the work directory (and its shard's directory, for the first task of the shard there): from a
-    spare of this process (``remove_if_empty``) by one rename, else by ``mkdir``. Raises FileExistsError
-    when it exists."""
-    work = ctx.work_dir
-    spare = _spare(ctx) if ctx.sharding is Sharding.SHARDED else None
-    if spare is not None:
-        if os.path.lexists(work):  # a rename would replace an empty directory there: it is set aside instead
-            with _spares_lock:
-                _spares.append(spare)
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), work)
-        try:
-            os.rename(spare, work)
-            return
-        except FileNotFoundError:
-            if os.path.isdir(spare):  # the shard's directory is missing
-                os.makedirs(os.path.dirname(work), exist_ok=True)
-                os.rename(spare, work)
-                return
-    try:
-        os.mkdir(work)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(work), exist_ok=True)
-        os.mkdir(work)
-
-
-def remove_if_empty(ctx: TaskContext) -> bool:
-    """Remove the work directory if it is empty; whether it did. Sharded, it becomes a spare
-    (``RANK_DIR/tasks/.spare-PID-N``) that the next ``make_work_dir`` renames into place: two renames, as
-    many metadata operations as rmdir and mkdir, but an rmdir frees a block (slow where freed blocks are
-    discarded at once). ``Layout.remove_empty_shards`` removes the spares left when the run ends."""
-    work = ctx.work_dir
-    if ctx.sharding is not Sharding.SHARDED:
-        try:
-            os.rmdir(work)
-        except OSError:
-            return False
-        return True
-    try:
-        with os.scandir(work) as entries:
-            if next(entries, None) is not None:
-                return False
-        with _spares_lock:
-            if len(_spares) >= _SPARES:
-                os.rmdir(work)
-                return True
-            spare = os.path.join(_tasks_root(ctx), f"{SPARE}{os.getpid()}-{next(_numbers)}")
-            os.rename(work, spare)
-            _spares.append(spare)
-    except OSError:
-        return False
-    return True
-
-
-SPARE = ".spare-"  # RANK_DIR/tasks/.spare-PID-N: an empty work directory kept for the next task, at most
-_SPARES = 8  # per process (one per thread running tasks)
-_spares: list[str] = []
-_spares_lock = threading.Lock()
-_numbers = itertools.count()
-
-
-def _spare(ctx: TaskContext) -> str | None:
-    """A spare of this process under the rank's ``tasks/`` of ``ctx``, taken."""
-    root = _tasks_root(ctx)
-    with _spares_lock:
-        for i in range(len(_spares) - 1, -1, -1):
-            if os.path.dirname(_spares[i]) == root:
-                return _spares.pop(i)
-    return None
-
-
-def _tasks_root(ctx: TaskContext) -> str:
-    """RANK_DIR/tasks, from the work directory RANK_DIR/tasks/S/TASK."""
-    return os.path.dirname(os.path.dirname(ctx.work_dir))
-
-
-def set_aside(work_dir: str, kept: str) -> str:
-    """Move the work directory to ``kept`` (``RANK_DIR/superseded/S/TASK``) and return that path: one
-    rename, nothing deleted (files the task wrote hard-link the published outputs). What an attempt
-    before that one left there is removed: one earlier work directory per task is kept."""
-    try:
-        os.rename(work_dir, kept)
-        return kept
-    except FileNotFoundError:
-        if not os.path.lexists(work_dir):
-            raise
-        os.makedirs(os.path.dirname(kept), exist_ok=True)  # the first one set aside on this rank (or shard)
-    except OSError as exc:
-        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-            raise
-        _remove(kept)
-    os.rename(work_dir, kept)
-    return kept
 
 
 def stage_inputs(ctx: TaskContext, links: Sequence[tuple[str, str]]) -> None:
@@ -208,7 +112,7 @@ def publish(ctx: TaskContext, outputs: Sequence[str], paths: Sequence[str] | Non
     nothing is changed. The returned paths are the matches, relative and sorted (``paths``: what
     ``existing_outputs`` returned for them just before, so as not to look twice).
     """
-    task = _checked_id(ctx.task_id)
+    task = checked_id(ctx.task_id)
     paths = list(paths) if paths is not None else existing_outputs(ctx.work_dir, outputs)
     layout = Layout(ctx.run_dir, ctx.sharding)
     final = layout.published(task)
@@ -237,13 +141,17 @@ def publish(ctx: TaskContext, outputs: Sequence[str], paths: Sequence[str] | Non
 def cleanup(ctx: TaskContext, keep: Collection[str]) -> int:
     """After a success: remove the work subdirectories not in ``keep`` (retention, e.g. drop ``temp``) and
     the logs that hold only this attempt's header; then the work directory itself if nothing is left in
-    it (``remove_if_empty``). Return the bytes left in the work directory."""
+    it (``retire``). Return the bytes left in the work directory."""
     unknown = sorted(set(keep) - set(WORK_SUBDIRS))
     if unknown:
         raise ValueError(f"cannot keep {unknown[0]!r}: not a work subdirectory (one of {', '.join(WORK_SUBDIRS)})")
     left = 0
     kept = False
-    with os.scandir(ctx.work_dir) as entries:  # one listing, rather than a probe per subdirectory
+    try:
+        listing = os.scandir(ctx.work_dir)  # one listing, rather than a probe per subdirectory
+    except FileNotFoundError:  # a python task that left nothing in its scratch directory
+        return 0
+    with listing as entries:
         for entry in entries:
             if entry.name in WORK_SUBDIRS and entry.name not in keep:
                 if not entry.is_dir(follow_symlinks=False):
@@ -261,8 +169,8 @@ def cleanup(ctx: TaskContext, keep: Collection[str]) -> int:
                 left += tree_size(entry.path)
             elif entry.is_file(follow_symlinks=False):
                 left += entry.stat(follow_symlinks=False).st_size
-    if not kept:
-        remove_if_empty(ctx)
+    if not kept:  # what was in it is gone
+        retire(ctx)
     return left
 
 
@@ -303,15 +211,6 @@ def tree_size(path: str) -> int:
 
 
 # -- paths -----------------------------------------------------------------------------------------
-
-_TASK_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-def _checked_id(task_id: str) -> str:
-    if not _TASK_ID.fullmatch(task_id):
-        raise ValueError(f"task id {task_id!r} cannot name a directory (letters, digits, '_', '.', '-' only)")
-    return task_id
-
 
 def _relative(path: str, what: str) -> str:
     """``path`` normalised, if it stays inside the work directory; else ValueError."""
@@ -369,25 +268,6 @@ def _copy_in(src: str, dst: str, nested: bool = True) -> None:
         shutil.copytree(src, dst, copy_function=_link_or_copy)
     else:
         _link_or_copy(src, dst)
-
-
-def _remove(path: str) -> None:
-    """Remove ``path``, a directory tree (read-only directories in it included) or a file."""
-    if not os.path.isdir(path) or os.path.islink(path):
-        os.unlink(path)
-        return
-
-    def writable(func: Callable[..., object], name: str, exc: object) -> None:
-        error = exc if isinstance(exc, BaseException) else exc[1]  # type: ignore[index]  # onerror: exc_info
-        if func not in (os.unlink, os.rmdir) or not isinstance(error, PermissionError):
-            raise error
-        os.chmod(os.path.dirname(name), 0o700)  # in a read-only directory: make it writable, try again
-        func(name)
-
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=writable)
-    else:
-        shutil.rmtree(path, onerror=writable)
 
 
 def _install(staging: str, final: str, superseded: str, task: str) -> None:

@@ -94,8 +94,8 @@ class FakePools:
         outcomes = [self.attempt(a.ctx.task_id, a.ctx.attempt) for a in attempts]
         return outcomes if batch else outcomes[0]
 
-    def batches(self, kind: str) -> bool:
-        return kind in self.batch_kinds
+    def batches(self, kind: str) -> float:
+        return 0.02 if kind in self.batch_kinds else 0.0  # seconds of work a batch holds, as local processes'
 
     def terminate_running(self, grace: float) -> None:
         self.terminated.append(grace)

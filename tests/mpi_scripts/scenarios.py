@@ -291,12 +291,31 @@ def paced(ex: RankExecutor) -> Any:
     return {"long_sent": long_sent, "short_sent": short_sent}
 
 
+def full(ex: RankExecutor) -> Any:
+    """One worker, one slot and one call waiting behind it: full (``full=2``) once the pace is known, so
+    rank 0's thread polls at its relaxed interval and calls submitted meanwhile do not wake it. They
+    still go out the most urgent first once the worker has room, and every call comes back."""
+    warm = [ex.submit(time.sleep, 0.03) for _ in range(20)]  # the pace: an end every 30 ms
+    for f in warm:
+        f.result(timeout=60)
+    held = [ex.submit(hold, "go", f"held-{i}") for i in range(2)]  # one runs, one waits behind it
+    wait_for(lambda: (DIR / "started-held-0").exists() and held[1].rank is not None)
+    queued = [ex.submit_with_priority(p, stamp, p) for p in (1, 3, 2)] + [ex.submit(stamp, 10), ex.submit(stamp, 11)]
+    time.sleep(0.1)  # several of the thread's relaxed polls: none sends a queued call, there is no room
+    sent_early = [f.rank is not None for f in queued]
+    (DIR / "go").touch()
+    done = [f.result(timeout=60) for f in queued]
+    return {"sent_early": sent_early, "held": [f.result(timeout=60)[0] for f in held],
+            "order": [i for i, _, _ in sorted(done, key=lambda r: r[2])]}
+
+
 SCENARIOS: dict[str, Callable[[RankExecutor], Any]] = {
     f.__name__: f for f in (placement, many, overlap, failure, unpicklable, stop, cancel, idle_cpu, main_raises,
-                            interrupt, rank0_killed, queued_behind_one_slot, priority_order, paced)
+                            interrupt, rank0_killed, queued_behind_one_slot, priority_order, paced, full)
 }
 SLOTS = {"overlap": 3, "stop": 2}
-OPTIONS: dict[str, dict[str, Any]] = {"paced": {"ahead": 8, "least": 2, "cover": 0.5}}
+OPTIONS: dict[str, dict[str, Any]] = {"paced": {"ahead": 8, "least": 2, "cover": 0.5},
+                                      "full": {"ahead": 1, "least": 2, "cover": 0.5, "full": 2}}
 
 
 def run(name: str) -> int:

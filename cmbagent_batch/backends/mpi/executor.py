@@ -4,8 +4,10 @@ The caller's threads only pickle a call and hand it to one communication thread 
 thread alone talks MPI (so MPI_THREAD_SERIALIZED is enough, MPI_THREAD_MULTIPLE is not relied on). It
 sends each call to the least loaded worker with a free slot, the highest priority first
 (``submit_with_priority``; submission order among equals), and completes the futures as results come
-back. It sleeps on its queue between polls (see ``wire.PollWait``), so a submit
-wakes it at once; while calls are in flight it costs a few percent of a core, and nothing when none is.
+back. It sleeps on its queue between polls (see ``wire.PollWait``), so a submit wakes it at once, but
+while every worker is full (``full``: a new call is not urgent then, and waits for its next look). While
+calls are in flight it costs up to a few percent of a core (a tenth of that while the workers are full),
+and nothing when none is.
 
 ``stop_tasks`` and ``hold_tasks`` keep what has not started from starting: the calls queued here are
 cancelled, those sent ahead to a worker come back failed with ``CancelledError``; a stop also
@@ -22,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ T = TypeVar("T")
 
 
 AHEAD = 1  # calls sent to a worker beyond its slots, unless told otherwise
+GAP_KNOWN = 16  # calls ended before their pace sets how long the thread may poll for none (``full``)
 
 
 class RankFuture(Future[T]):
@@ -79,14 +83,19 @@ class RankExecutor(Executor):
     each worker beyond its slots, to wait there for a free one. With ``cover`` (seconds), a worker holds
     only ``least`` calls plus as many as it ends in ``cover`` seconds at the workers' recent pace, at most
     ``slots_per_rank + ahead`` (``slots.Pace``): short calls are sent far ahead, long ones are not kept
-    waiting behind each other on one rank while another has a free slot. Future callbacks run on
-    the communication thread: they must be quick and must not wait for other futures of this executor.
+    waiting behind each other on one rank while another has a free slot. ``full``: the calls a worker
+    holds when one waits there behind each call it runs. While every worker holds that many, an end heard
+    late leaves no slot idle as long as the next end on that worker has not come too: the thread then
+    polls every half of the time between two ends on a worker, at the workers' recent pace (from
+    ``wire.POLL_MAX`` to ``wire.POLL_RELAXED``), instead of every ``POLL_MAX`` (0: always ``POLL_MAX``),
+    and a call submitted meanwhile waits for its next poll. Future callbacks run on the communication
+    thread: they must be quick and must not wait for other futures of this executor.
     Shut it down before MPI is finalised (``run_in_world`` does; so does ``with``): its thread is a
     daemon, and the workers leave their loops only when told.
     """
 
     def __init__(self, comm: Any, slots_per_rank: int, ahead: int = AHEAD, *, least: int = 1,
-                 cover: float = 0.0) -> None:
+                 cover: float = 0.0, full: int = 0) -> None:
         mpi = load_mpi()
         if comm.Get_rank() != 0:
             raise ValueError(f"RankExecutor belongs on rank 0, not on rank {comm.Get_rank()}")
@@ -103,11 +112,16 @@ class RankExecutor(Executor):
         most = slots_per_rank + ahead
         self._pace = Pace(len(self._workers), least if cover > 0 else most, most, cover)  # no cover: most
         self._slots = SlotTable(self._workers, self._pace.limit())
+        self._full = full
         self._link = Link(mpi, comm)
         self._any_source = mpi.ANY_SOURCE
         self._ids = itertools.count(1)
         self._inbox: queue.SimpleQueue[_Call | _Shutdown | str] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # orders submit against shutdown
+        self._lock = threading.Lock()  # orders submit against shutdown, and against the thread's waking up
+        # Calls submitted while the thread waits out a relaxed poll (every worker full, see ``full``): a new
+        # call is not urgent then, and waits for the thread's next look instead of waking it.
+        self._unwoken: deque[_Call] = deque()
+        self._dozing = False  # the thread waits out a relaxed poll (set by it; cleared under ``_lock``)
         self._closed = False
         self._broken: BaseException | None = None
         # State below belongs to the communication thread.
@@ -153,9 +167,13 @@ class RankExecutor(Executor):
         except Exception as exc:  # noqa: BLE001 - e.g. a lambda, or an argument holding a lock
             future.set_exception(exc)
             return future
+        call = _Call((-priority, call_id), future, payload)
         with self._lock:
             self._check_open()
-            self._inbox.put(_Call((-priority, call_id), future, payload))
+            if self._dozing:
+                self._unwoken.append(call)
+            else:
+                self._inbox.put(call)
         return future
 
     def _check_open(self) -> None:
@@ -219,18 +237,38 @@ class RankExecutor(Executor):
                 poll_wait.reset()
             # Workers only answer: with nothing in flight nor unsent, there is nothing to poll for.
             expecting = bool(self._in_flight) or self._link.sending > 0 or len(self._hosts) < len(self._workers)
+            relaxed = self._relaxed() if expecting else None
+            timeout = poll_wait.next(relaxed) if expecting else None
+            self._dozing = relaxed is not None and bool(timeout)
             try:
-                item = self._inbox.get(timeout=poll_wait.next() if expecting else None)
+                item = self._inbox.get(timeout=timeout)
             except queue.Empty:
                 item = None
+            if self._dozing:  # from now on a submit wakes the thread; what came before is taken next
+                with self._lock:
+                    self._dozing = False
+
+    def _relaxed(self) -> float | None:
+        """How long no message is urgent: while every worker is full, half the time between two ends on a
+        worker. None (urgent now): some worker may have a slot free soon, or has not said hello, or the
+        workers are being told to leave, or their pace is not known yet."""
+        if (not self._full or self._slots.least_load() < self._full or self._closing
+                or len(self._hosts) < len(self._workers)):
+            return None
+        gap = self._pace.gap(known=GAP_KNOWN)
+        return None if gap is None else gap / 2
 
     def _take(self, item: _Call | _Shutdown | str | None) -> bool:
-        """Handle ``item`` and whatever else the caller has put in the inbox; True if there was any."""
+        """Handle ``item`` and whatever else the caller has put in the inbox (the calls that did not wake
+        the thread first); True if there was any."""
+        took = bool(self._unwoken)
+        while self._unwoken:
+            heapq.heappush(self._queued, self._unwoken.popleft())
         if item is None:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return False
+                return took
         while item is not None:
             if isinstance(item, _Call):
                 heapq.heappush(self._queued, item)
@@ -309,7 +347,8 @@ class RankExecutor(Executor):
             self._closed = True
         error = BrokenRankExecutor(f"the thread of rank 0 that talks MPI failed: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
-        futures: list[Future[Any]] = list(self._in_flight.values()) + [c.future for c in self._queued]
+        futures: list[Future[Any]] = [*self._in_flight.values(), *(c.future for c in self._queued),
+                                      *(c.future for c in self._unwoken)]
         while True:
             try:
                 item = self._inbox.get_nowait()

@@ -49,6 +49,10 @@ class SlotTable:
         """Whether some rank is below the limit."""
         return self._least()[0] < self._per_rank
 
+    def least_load(self) -> int:
+        """Calls in flight on the least loaded rank."""
+        return self._least()[0]
+
     def take(self) -> int | None:
         """Book a slot on the least loaded rank and return that rank; None when every rank is at the limit."""
         load, rank = self._least()
@@ -103,8 +107,15 @@ class Pace:
         self._ends.append(t)
 
     def limit(self) -> int:
-        ends = self._ends
-        if len(ends) < (ends.maxlen or 0) or ends[-1] <= ends[0]:
+        gap = self.gap()
+        if gap is None:
             return self._least
-        per_rank = (len(ends) - 1) / (ends[-1] - ends[0]) / self._workers
-        return min(self._most, self._least + math.floor(per_rank * self._cover))
+        return min(self._most, self._least + math.floor(self._cover / gap))
+
+    def gap(self, known: int | None = None) -> float | None:
+        """Seconds between two ends on one rank, at the pace of the last ``window`` ends; None until
+        ``known`` calls (default: ``window``) have ended."""
+        ends = self._ends
+        if len(ends) < max(2, known or ends.maxlen or 0) or ends[-1] <= ends[0]:
+            return None
+        return (ends[-1] - ends[0]) / (len(ends) - 1) * self._workers
