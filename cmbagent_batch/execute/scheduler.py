@@ -130,6 +130,7 @@ class Scheduler:
                 self._abandon_running()
                 break
             if not stop.reason:
+                self._commit()  # the ends just recorded go to the journal before the dependents they free start
                 self.admission.launch_ready(self._submit)
             self._wait_and_handle()
             self._fire_timers()
