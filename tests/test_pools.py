@@ -137,6 +137,17 @@ def test_journal_records_reach_the_file_at_flush_and_close(tmp_path: Path) -> No
     assert [r["task"] for r in read_records(str(path))] == ["a", "a", "b"]
 
 
+def test_a_flush_that_waits_returns_with_the_records_in_the_file(tmp_path: Path) -> None:
+    """What a scheduler does before it starts the tasks that ends freed: those ends are in the file."""
+    path = tmp_path / "journal" / "rank-0000.jsonl"
+    journal = Journal(str(path))
+    for i in range(50):
+        journal.append({"task": f"t{i}", "state": "succeeded"})
+        journal.flush(wait=True)
+        assert path.read_bytes().count(b"\n") == i + 1
+    journal.close()
+
+
 def test_replay_keeps_an_end_a_worker_journaled_on_a_clock_behind_rank_0s(tmp_path: Path) -> None:
     (tmp_path / "rank-0000.jsonl").write_text(json.dumps(
         {"t": 100.000, "run": "r1", "task": "a", "state": "running", "attempt": 1, "rank": -1}) + "\n")

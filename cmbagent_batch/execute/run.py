@@ -63,7 +63,8 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     options = Options(keep_going=ex.keep_going, retries=ex.retries, retry_backoff=ex.retry_backoff,
                       kill_grace=ex.kill_grace)
     sched = Scheduler(runs, pools, limits, options, Launcher(p, on_ranks=ranks is not None), Recorder(p, journal),
-                      tick=progress, commit=journal.flush, on_drain=say_drain, skipped=table.skipped)
+                      tick=progress, commit=journal.flush, on_drain=say_drain, skipped=table.skipped,
+                      write_through=lambda: journal.flush(wait=True))
     journal.on_full = lambda exc: sched.stop_on_full_disk(_what(exc))
     summary = RunSummary(p.run_id, dag_digest(p), time.time(), workers, (backend.name, backend.processes),
                          tasks_run=len(runs))

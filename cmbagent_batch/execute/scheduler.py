@@ -59,9 +59,12 @@ class Scheduler:
                  commit: Callable[[], None] = lambda: None,
                  on_drain: Callable[[DrainEvent], None] = lambda event: None,
                  skipped: int = 0,
+                 write_through: Callable[[], None] | None = None,
                  ) -> None:
         """``skipped``: tasks of the job that are not in ``runs`` (up to date, or not selected): counted
-        only."""
+        only. ``write_through``: write out the recorded changes and return once they are written (else
+        ``commit`` does): before the tasks that ends freed start, so a runner killed as one starts has
+        journaled the ends it depends on."""
         self.runs = runs
         self.pools = pools
         self.limits = limits
@@ -69,6 +72,8 @@ class Scheduler:
         self._prepare = prepare  # the attempt to hand over next for a task
         self._record = record  # journal a state change (the caller adds what it knows)
         self._commit = commit  # make the recorded changes durable-ish (written out) before waiting
+        self._write_through = write_through or commit
+        self._freed = False  # ends made tasks ready since the last launch
         self._tick = tick
         self._clock = clock
         self._on_drain = on_drain
@@ -130,7 +135,9 @@ class Scheduler:
                 self._abandon_running()
                 break
             if not stop.reason:
-                self._commit()  # the ends just recorded go to the journal before the dependents they free start
+                if self._freed:  # the ends just recorded are written before the dependents they free start
+                    self._freed = False
+                    self._write_through()
                 self.admission.launch_ready(self._submit)
             self._wait_and_handle()
             self._fire_timers()
@@ -341,6 +348,7 @@ class Scheduler:
                 c.waiting -= 1
                 if c.waiting == 0 and c.state is TaskState.PENDING:
                     self.admission.push(c)
+                    self._freed = True
             return
         if stop is not None and self.stop.ended_by_stop(outcome, not_started):
             r.reason = f"{outcome.error} ({stop.value})"

@@ -34,6 +34,7 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full file system
 RESERVE = 256 * 1024  # bytes kept allocated beyond a journal's end: the records of a stop on a full disk
 _FALLOC_FL_KEEP_SIZE = 1
 _GATHER_S = 0.005  # buffered: records reach the file at most this long after a flush, plus the write itself
+_WAIT_S = 1.0  # flush(wait=True): the longest wait for the writer thread
 
 
 def _load_fallocate() -> Any:
@@ -97,6 +98,10 @@ class JsonlWriter:
         self._handed: list[bytes] = []  # buffered: handed to the writer thread, not written yet
         self._closing = False
         self._work = threading.Event()
+        # buffered: hand-overs counted, so that ``flush(wait=True)`` knows when its own are written
+        self._handed_n = self._taking = self._written_n = 0
+        self._urgent = False  # a flush waits: no gathering
+        self._written = threading.Condition()
         self._writer: threading.Thread | None = None
         if buffered:
             self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
@@ -120,15 +125,24 @@ class JsonlWriter:
             if time.monotonic() - self._synced >= self._sync_interval:
                 self._sync()
 
-    def flush(self) -> None:
-        """Buffered mode: hand what is queued to the writer thread, which writes it at once (in one
-        ``write``). Direct mode: nothing to do, every record is written already."""
+    def flush(self, wait: bool = False) -> None:
+        """Buffered mode: hand what is queued to the writer thread, which writes it soon (in one ``write``,
+        with what else comes within ``_GATHER_S``); ``wait``: at once, and return once it is written (or
+        after ``_WAIT_S``, when the writer cannot write: a full disk, which ``on_full`` says). Direct mode:
+        nothing to do, every record is written already."""
         queued = self._queued
         if not queued:
             return
         with self._lock:  # only what was queued before: other threads may append meanwhile
             self._handed.extend([queued.popleft() for _ in range(len(queued))])
+            self._handed_n += 1
+            mine = self._handed_n
+            if wait:
+                self._urgent = True
         self._work.set()
+        if wait and self._writer is not None:
+            with self._written:
+                self._written.wait_for(lambda: self._written_n >= mine or self._closing, _WAIT_S)
 
     def close(self) -> None:
         """Write and fsync everything, stop the writer thread, close the file (a second call does nothing)."""
@@ -226,13 +240,15 @@ class JsonlWriter:
     def _take_handed(self) -> bytes:
         with self._lock:
             lines, self._handed = self._handed, []
+            self._taking = self._handed_n
+            self._urgent = False
         return b"".join(lines)
 
     def _write_loop(self) -> None:
         while True:
             timeout = None if not self._unsynced else max(0.0, self._synced + self._sync_interval - time.monotonic())
             self._work.wait(timeout)
-            if not self._closing:
+            if not self._closing and not self._urgent:
                 time.sleep(_GATHER_S)  # what else comes meanwhile goes in the same write (one wake-up)
             self._work.clear()
             try:
@@ -240,6 +256,10 @@ class JsonlWriter:
                 self._unwritten = b""
                 if data:
                     self._write_or_keep(data)
+                if not self._unwritten:
+                    with self._written:
+                        self._written_n = self._taking
+                        self._written.notify_all()
                 if self._closing or time.monotonic() - self._synced >= self._sync_interval:
                     self._sync()
             except OSError as exc:  # reported by close()

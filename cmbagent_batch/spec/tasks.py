@@ -106,7 +106,9 @@ class Tasks(Sequence[TaskSpec]):
         self._starts = [e.start for e in self.entries]
         for e in self.entries:
             if e.grid is None and e.template is not None:  # a plain entry is its one task: its raw body goes
-                e.template = dataclasses.replace(e.template, depends_on=deps.get(e.start, ()))
+                resolved = deps.get(e.start, ())
+                if resolved != e.template.depends_on:  # a replace costs more than reading the whole entry
+                    e.template = dataclasses.replace(e.template, depends_on=resolved)
                 e.body = {"kind": e.template.kind}
 
     def __len__(self) -> int:
