@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -109,11 +110,12 @@ class Layout:
 
     def place(self, task_id: str) -> str:
         """The task's place under ``tasks/``, ``outputs/`` and ``superseded/``: S/TASK (flat: TASK)."""
-        return os.path.join(shard(task_id), task_id) if self.sharded else task_id
+        return f"{shard(task_id)}{os.sep}{task_id}" if self.sharded else task_id  # an id holds no separator
 
     def work_dir(self, rank: int, task_id: str) -> str:
-        """RUN_DIR/ranks/rank-NNNN/tasks/S/TASK: the task's work directory on ``rank``."""
-        return os.path.join(rank_dir(self.run_dir, rank), "tasks", self.place(task_id))
+        """RUN_DIR/ranks/rank-NNNN/tasks/S/TASK: the task's work directory on ``rank`` (asked for each
+        record and attempt: the rank's part is made once)."""
+        return f"{_tasks_dir(self.run_dir, rank)}{os.sep}{self.place(task_id)}"
 
     def kept_work_dir(self, rank: int, task_id: str) -> str:
         """RUN_DIR/ranks/rank-NNNN/superseded/S/TASK: what the task's previous attempt left on ``rank``."""
@@ -164,6 +166,11 @@ class Layout:
 
     def __reduce__(self) -> tuple[type[Layout], tuple[str, Sharding]]:
         return Layout, (self.run_dir, self.sharding)
+
+
+@functools.lru_cache(maxsize=256)
+def _tasks_dir(run_dir: str, rank: int) -> str:
+    return os.path.join(rank_dir(run_dir, rank), "tasks")
 
 
 def journal_dir(run_dir: str) -> str:
