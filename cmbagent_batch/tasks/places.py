@@ -1,6 +1,6 @@
 """Where an attempt runs, at the least cost to the file system: a worker process's scratch directory for
 python tasks (``take_scratch``, ``adopt_scratch``), a spare directory renamed into place for the others
-(``make_work_dir``, ``remove_if_empty``), and what an earlier attempt left, set aside (``set_aside``).
+(``make_work_dir``, ``retire``), and what an earlier attempt left, set aside (``set_aside``).
 
 On ext4 here, making and removing a directory cost 840 us of wall time, two renames 120 us, and a
 listing of an empty directory 35 us: a task that writes nothing must not cost a directory of its own.
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from cmbagent_batch.attempt import Sharding, TaskContext
-from cmbagent_batch.rundir.layout import SPARES, Layout
+from cmbagent_batch.rundir.layout import SPARES, Layout, rank_dir
 
 _TASK_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -76,25 +76,31 @@ def adopt_scratch(scratch: str, ctx: TaskContext) -> bool:
         if next(entries, None) is None:
             return False
     _scratch_made.discard(scratch)
-    work = ctx.work_dir
     try:
-        os.rename(scratch, work)
-    except FileNotFoundError:
-        if not os.path.isdir(scratch):
-            raise
-        os.makedirs(os.path.dirname(work), exist_ok=True)
-        os.rename(scratch, work)
+        _move(scratch, ctx.work_dir)
     except OSError as exc:
         if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
         set_aside_earlier(ctx)
-        os.rename(scratch, work)
+        os.rename(scratch, ctx.work_dir)
     return True
+
+
+def _move(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst``, making ``dst``'s directory first if it is missing (the first task of a
+    shard, the rank's first spare)."""
+    try:
+        os.rename(src, dst)
+    except FileNotFoundError:
+        if not os.path.lexists(src):
+            raise
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.rename(src, dst)
 
 
 def make_work_dir(ctx: TaskContext) -> None:
     """Make the work directory (and its shard's directory, for the first task of the shard there): from a
-    spare of this process (``remove_if_empty``) by one rename, else by ``mkdir``. Raises FileExistsError
+    spare of this process (``retire``) by one rename, else by ``mkdir``. Raises FileExistsError
     when it exists."""
     work = ctx.work_dir
     spare = _spare(ctx) if ctx.sharding is Sharding.SHARDED else None
@@ -104,29 +110,15 @@ def make_work_dir(ctx: TaskContext) -> None:
                 _spares.append(spare)
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), work)
         try:
-            os.rename(spare, work)
+            _move(spare, work)
             return
-        except FileNotFoundError:
-            if os.path.isdir(spare):  # the shard's directory is missing
-                os.makedirs(os.path.dirname(work), exist_ok=True)
-                os.rename(spare, work)
-                return
+        except FileNotFoundError:  # the spare is gone: a directory is made
+            pass
     try:
         os.mkdir(work)
     except FileNotFoundError:
         os.makedirs(os.path.dirname(work), exist_ok=True)
         os.mkdir(work)
-
-
-def remove_if_empty(ctx: TaskContext) -> bool:
-    """Remove the work directory if it is empty; whether it did (``retire``)."""
-    try:
-        with os.scandir(ctx.work_dir) as entries:
-            if next(entries, None) is not None:
-                return False
-    except OSError:
-        return False
-    return retire(ctx)
 
 
 def retire(ctx: TaskContext) -> bool:
@@ -142,13 +134,7 @@ def retire(ctx: TaskContext) -> bool:
                 os.rmdir(work)
                 return True
             spare = os.path.join(spares_dir(ctx), f"{os.getpid()}-{next(_numbers)}")
-            try:
-                os.rename(work, spare)
-            except FileNotFoundError:  # the rank's first spare: spares/ is made
-                if not os.path.isdir(work):
-                    raise
-                os.makedirs(os.path.dirname(spare), exist_ok=True)
-                os.rename(work, spare)
+            _move(work, spare)
             _spares.append(spare)
     except OSError:
         return False
@@ -172,9 +158,8 @@ def _spare(ctx: TaskContext) -> str | None:
 
 
 def spares_dir(ctx: TaskContext) -> str:
-    """RANK_DIR/spares, from the work directory RANK_DIR/tasks/S/TASK (beside tasks/, which holds shards
-    alone)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(ctx.work_dir))), SPARES)
+    """RANK_DIR/spares, beside tasks/ (which holds shards alone)."""
+    return os.path.join(rank_dir(ctx.run_dir, ctx.rank), SPARES)
 
 
 def set_aside(work_dir: str, kept: str) -> str:
@@ -200,8 +185,6 @@ def checked_id(task_id: str) -> str:
     if not _TASK_ID.fullmatch(task_id):
         raise ValueError(f"task id {task_id!r} cannot name a directory (letters, digits, '_', '.', '-' only)")
     return task_id
-
-
 
 
 def remove_tree(path: str) -> None:

@@ -42,7 +42,7 @@ from cmbagent_batch.tasks.workdir import (
 # before, and a task that writes nothing then costs no directory operation. Any other task runs in its
 # work directory, made before every attempt; after a success that left nothing in it (``cleanup``), the
 # empty directory is set aside as a spare and renamed into place for the process's next task
-# (``places.remove_if_empty``), so no directory of a task that wrote nothing outlives the run. The
+# (``places.retire``), so no directory of a task that wrote nothing outlives the run. The
 # shards' directories are made by their first task that needs one and stay until the run ends
 # (``Layout.remove_empty_shards``): removing one with its last task would cost two more operations per
 # task, as a shard rarely holds two running tasks.
@@ -61,7 +61,7 @@ def run_attempt(attempt: Attempt, gate: Gate | None = None) -> Outcome:
 
 def run_attempts(attempts: Sequence[Attempt]) -> list[Outcome]:
     """A batch of attempts (tiny tasks, one worker), one after the other: each gets its work directory as
-    the one before ends, so the spare that one leaves (``places.remove_if_empty``) is renamed into place
+    the one before ends, so the spare that one leaves (``places.retire``) is renamed into place
     rather than a new directory made."""
     return [run_attempt(a) for a in attempts]
 
