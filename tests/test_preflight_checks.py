@@ -13,6 +13,7 @@ import yaml
 
 from cmbagent_batch.errors import Problem, Severity, SpecError
 from cmbagent_batch.spec import load_spec
+from cmbagent_batch.spec.callables import Resolver
 from cmbagent_batch.spec.model import JobSpec
 from cmbagent_batch.spec.preflight import calls_needed, check_calls, check_keys, keys_needed, unknown_variables
 from cmbagent_batch.spec.variables import DEVELOPMENT_VARIABLES, MATRIX_PREFIX, PREFIX, is_known, known
@@ -127,6 +128,24 @@ tasks:
         f"{spec.path}:7:11: $.tasks[0].call (task 'sim{{i}}'): call 'sims:run_cmab': sims.py defines no "
         "function 'run_cmab' (did you mean 'run_camb'?)",
     ]
+
+
+def test_entries_listing_the_same_call_are_each_reported_and_the_call_is_looked_at_once(
+        code: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    told: list[str] = []
+    real = Resolver._problem
+
+    def counted(self: Resolver, call: str) -> str | None:
+        told.append(call)
+        return real(self, call)
+
+    monkeypatch.setattr(Resolver, "_problem", counted)
+    spec = load_spec(str(spec_file(code, python_tasks(*["sims:run_camb", "sims:run_cmab"] * 500))))
+    found = callables(spec)
+    assert [p.path for p in found] == [f"$.tasks[{i}].call" for i in range(1, 1000, 2)]
+    assert {p.message for p in found} == {"call 'sims:run_cmab': sims.py defines no function 'run_cmab' "
+                                          "(did you mean 'run_camb'?)"}
+    assert sorted(told) == ["sims:run_camb", "sims:run_cmab"]
 
 
 def test_a_spec_run_from_another_directory_finds_its_modules_beside_it(code: Path,

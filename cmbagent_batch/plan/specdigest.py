@@ -13,13 +13,15 @@ from __future__ import annotations
 import binascii
 import hashlib
 import itertools
+import json
 import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
+from types import MappingProxyType
 from typing import Any
 
-from cmbagent_batch.plan.analysis.cache import canonical, digest
+from cmbagent_batch.plan.analysis.cache import canonical
 from cmbagent_batch.spec.matrix import format_value
 from cmbagent_batch.spec.model import TaskSpec, thaw
 from cmbagent_batch.spec.tasks import Entry, Tasks
@@ -37,8 +39,23 @@ def _fields(task: TaskSpec) -> dict[str, Any]:
     return fields
 
 
+def _as_object(value: Any) -> dict[str, Any]:
+    if isinstance(value, MappingProxyType):
+        return dict(value)
+    raise TypeError(f"a task field holds {type(value).__name__}, which is not JSON")
+
+
+# canonical() of the fields as the task holds them, frozen: a tuple is an array already and a read-only
+# mapping becomes an object when met, so the text is canonical(_fields(task)) without thawing each field
+_canonical_frozen = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                     default=_as_object).encode
+
+
 def spec_digest(task: TaskSpec) -> str:
-    return digest(_fields(task))
+    fields = {name: getattr(task, name) for name in FIELDS}
+    if task.kind == "agent":
+        fields["description"] = task.description
+    return hashlib.sha256(_canonical_frozen(fields).encode("utf-8")).hexdigest()
 
 
 # How a field that varies between the tasks of a matrix entry is made from a task's raw values (the raw

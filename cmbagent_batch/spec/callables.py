@@ -66,9 +66,15 @@ class Resolver:
         self._dir = spec_dir
         self._modules: dict[str, Found | str] = {}
         self._bound: dict[str, Bound | str] = {}
+        self._told: dict[str, str | None] = {}  # each call is told once, however many entries list it
 
     def problem(self, call: str) -> str | None:
         """Why ``call`` (``module:function``) will not resolve, or None when it will or it cannot be told."""
+        if call not in self._told:
+            self._told[call] = self._problem(call)
+        return self._told[call]
+
+    def _problem(self, call: str) -> str | None:
         module, _, function = call.partition(":")
         found = self._module(module)
         if isinstance(found, str):

@@ -151,9 +151,9 @@ def _build(doc: Document, sha256: str, entries: list[Entry], index: dict[str, in
     if isinstance(slurm.get("time"), int):
         slurm["time"] = str(slurm["time"])
     execution = _execution(data.get("execution", {}))
-    lines = doc.item_lines("tasks")
+    places = doc.item_places("tasks")
     for e in entries:
-        e.finish(lines[e.index], default_model)
+        e.finish(places[e.index][0], default_model)
     tasks = Tasks(entries, index, deps, default_model)
     return JobSpec(
         path=doc.file,
@@ -171,7 +171,7 @@ def _build(doc: Document, sha256: str, entries: list[Entry], index: dict[str, in
         slurm=SlurmSpec(**slurm),
         tasks=tasks,
         declared=MappingProxyType(_declared(doc)),
-        places=MappingProxyType(_places(doc)),
+        places=MappingProxyType(_places(doc, places)),
     )
 
 
@@ -202,16 +202,16 @@ def _declared(doc: Document) -> dict[str, int]:
     return out
 
 
-def _places(doc: Document) -> dict[str, tuple[int, int]]:
-    """Where ``checks.check_python_timeouts`` may point: every python entry, its timeout, and
-    ``execution.task_timeout``; it runs after the overlay, when the document is gone."""
+def _places(doc: Document, items: list[tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Where ``checks.check_python_timeouts`` may point: every python entry (``items``: where each entry
+    is), its timeout, and ``execution.task_timeout``; it runs after the overlay, when the document is gone."""
     data: dict[str, Any] = doc.data
     out: dict[str, tuple[int, int]] = {}
     if "task_timeout" in data.get("execution", {}):
         out["$.execution.task_timeout"] = doc.locate(("execution", "task_timeout"))
     for i, entry in enumerate(data["tasks"]):
         if entry["kind"] == "python":
-            out[f"$.tasks[{i}]"] = doc.locate(("tasks", i))
+            out[f"$.tasks[{i}]"] = items[i]
             if "timeout" in entry:
                 out[f"$.tasks[{i}].timeout"] = doc.locate(("tasks", i, "timeout"))
     return out

@@ -73,7 +73,11 @@ def _add_ids(e: Entry, by_id: dict[str, int], places: _Places) -> list[Finding]:
     if not isinstance(e.body.get("id"), str):
         return []
     ids = e.ids
-    if all(map(TASK_ID.fullmatch, ids)):
+    if e.grid is None:  # a listed task: one id
+        if ids[0] not in by_id and TASK_ID.fullmatch(ids[0]):
+            by_id[ids[0]] = e.start
+            return []
+    elif all(map(TASK_ID.fullmatch, ids)):
         new = dict(zip(ids, range(e.start, e.start + len(ids))))
         if len(new) == len(ids) and by_id.keys().isdisjoint(new):
             by_id.update(new)
@@ -89,6 +93,14 @@ def _add_ids(e: Entry, by_id: dict[str, int], places: _Places) -> list[Finding]:
             continue
         by_id[tid] = e.start + k
     return out
+
+
+_PATH_FIELDS = ("inputs", "late_inputs", "outputs")
+# The fields of the other kinds than each kind, with the kind they are for.
+_FOREIGN: dict[Any, tuple[tuple[str, str], ...]] = {
+    kind: tuple((name, other) for other, fields in KIND_FIELDS.items() if other != kind for name in fields)
+    for kind in KIND_FIELDS
+}
 
 
 def _check_entry(e: Entry) -> list[Finding]:
@@ -109,14 +121,12 @@ def _check_entry(e: Entry) -> list[Finding]:
     if kind in KIND_REQUIRES and KIND_REQUIRES[kind] not in data:
         article = "an" if kind == "agent" else "a"
         out.append(Finding(("tasks", e.index), f"{article} {kind} task needs {KIND_REQUIRES[kind]!r}"))
-    if kind in KIND_FIELDS:
-        for other, fields in KIND_FIELDS.items():
-            if other == kind:
-                continue
-            for name in fields:
-                if name in data:
-                    out.append(Finding(("tasks", e.index, name), f"{name!r} is for {other} tasks; this is a {kind} task", key=True))
-    for field in ("inputs", "late_inputs", "outputs"):
+    for name, other in _FOREIGN.get(kind, ()):
+        if name in data:
+            out.append(Finding(("tasks", e.index, name), f"{name!r} is for {other} tasks; this is a {kind} task", key=True))
+    if not e.fills and data.keys().isdisjoint(_PATH_FIELDS):
+        return out
+    for field in _PATH_FIELDS:
         if field in e.fills:
             for k in range(len(e)):
                 out.extend(_path_findings(e, field, e.field(field, k), k))

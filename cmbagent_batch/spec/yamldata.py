@@ -298,7 +298,10 @@ def _fill_mapping(
             )
             continue
         first_seen[name] = key_node
-        container[name] = build(value_node, path + [name])
+        if value_node.__class__ is ScalarNode and value_node.tag == STR:  # most values: no path to make
+            container[name] = value_node.value
+        else:
+            container[name] = build(value_node, path + [name])
     return merged
 
 
