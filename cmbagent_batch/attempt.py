@@ -63,6 +63,7 @@ class TaskContext:
     host: str
     matrix: dict[str, Any] = field(default_factory=dict)
     sharding: Sharding = Sharding.FLAT  # the run directory's: where the task's outputs are published
+    launch: dict[str, str] = field(default_factory=dict)  # where it was placed: CMBAGENT_LAUNCH, GPUs... (env)
 
     def sub(self, name: str) -> str:
         """A subdirectory of the work directory: data, codebase, logs, outputs, temp, chats, cost.

@@ -59,6 +59,8 @@ FULL_CONFIG = {
     "analysis.model": {"value": "mini", "source": "spec line 25"},
     "analysis.sources": {"value": ["explicit"], "source": "spec line 24"},
     "execution.backend": {"value": "local", "source": "spec line 7"},
+    "execution.backfill_s": {"value": 60.0, "source": "default"},
+    "execution.inventory": {"value": None, "source": "default"},
     "execution.isolation": {"value": "process", "source": "spec line 10"},  # written as use_process_pool: true
     "execution.keep": {"value": ["data", "codebase", "logs", "outputs", "chats", "cost"], "source": "default"},
     "execution.keep_going": {"value": True, "source": "spec line 13"},
@@ -96,6 +98,8 @@ SMALL_CONFIG = {
     "analysis.model": {"value": None, "source": "default"},
     "analysis.sources": {"value": ["explicit", "files"], "source": "default"},
     "execution.backend": {"value": "auto", "source": "default"},
+    "execution.backfill_s": {"value": 60.0, "source": "default"},
+    "execution.inventory": {"value": None, "source": "default"},
     "execution.isolation": {"value": "process", "source": "default"},
     "execution.keep": {"value": ["data", "codebase", "logs", "outputs", "chats", "cost"], "source": "default"},
     "execution.keep_going": {"value": False, "source": "default"},
@@ -198,6 +202,8 @@ def test_text_output(home: Path, small: Path) -> None:
         "analysis.model                    null                      default\n"
         'analysis.sources                  ["explicit", "files"]     default\n'
         "execution.backend                 auto                      default\n"
+        "execution.backfill_s              60.0                      default\n"
+        "execution.inventory               null                      default\n"
         "execution.isolation               process                   default\n"
         'execution.keep                    ["data", "codebase", "logs", "outputs", "chats", "cost"]  default\n'
         "execution.keep_going              false                     default\n"

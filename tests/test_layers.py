@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ledger", "slurm"),
     ("llm",),
     ("plan",),
+    ("place",),
     ("tasks",),
     ("backends",),
     ("execute",),

@@ -121,6 +121,7 @@ def _run_mpi(args: RunOptions, config: Config) -> int:
 
 
 def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) -> int:
+    from cmbagent_batch.execute.placing import booking_for
     from cmbagent_batch.execute.prepare import prepare, stale_tasks, why_rerun
     from cmbagent_batch.execute.progress import Progress
     from cmbagent_batch.execute.run import disk_full_advice, execute
@@ -152,9 +153,12 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
         stale = stale_tasks(prepared)
         preflight.check_launched_inputs(config.spec, prepared.sources, [
             tid for tid in prepared.dag.nodes if (selected is None or tid in selected) and tid in stale])
+        placing = booking_for(config.spec, os.environ) if ranks is None else None  # a misfit is refused here
     except BatchError:
         remove_empty(made)  # a refused run leaves no empty run directory behind
         raise
+    if placing is not None and not opts.quiet:
+        print(f"cmbagent-batch: inventory: {placing[0].describe()}", file=sys.stderr)
     if opts.dry_run:
         for tid in prepared.dag.topological_order():
             if selected is not None and tid not in selected:
@@ -179,7 +183,7 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
         total = len(prepared.dag.nodes)
         progress = (lambda sched: None) if opts.quiet else Progress(total)
         code, sched = execute(prepared, warn, progress, selected, ranks, walltime_grace=opts.walltime_grace,
-                              walltime_file=opts.walltime_file)
+                              walltime_file=opts.walltime_file, placing=placing)
     finally:
         lock.release(unlock=not dog.close())  # tasks left running: the watchdog ends them, then lets it go
         local_model.stop_all()  # here, as os._exit below skips atexit

@@ -77,11 +77,14 @@ def status(opts: StatusOptions) -> int:
                           "status": "interrupted" if gone_since is not None else job_status,
                           "runner_gone_since": gone_since,
                           "exit_code": manifest.get("exit_code"), "ledger": ledger, "budget_usd": budget,
-                          "slurm": slurm, "counts": tally.to_json(), "tasks": rows}, indent=1))
+                          "slurm": slurm, "inventory": manifest.get("inventory"), "counts": tally.to_json(),
+                          "tasks": rows}, indent=1))
         return ExitCode.OK
     print(f"Job {manifest['job']} in {run_dir}: {job_status}"
           + (f", exit code {manifest['exit_code']}" if manifest.get("exit_code") is not None else ""))
     print(f"{tally.total} task{'' if tally.total == 1 else 's'}: {tally.text()}")
+    if manifest.get("inventory"):
+        print(f"Inventory: {manifest['inventory']}")
     if slurm is not None:
         print("\n".join(slurm_lines(slurm)))
     if ledger or budget is not None:
@@ -99,6 +102,8 @@ def status(opts: StatusOptions) -> int:
         if "next_run" in r:
             line += f"  next: {r['next_run']}"
         print(line)
+        if r.get("placement"):
+            print(f"      on {_placed(r['placement'])}" + (f": {r['launch']}" if r.get("launch") else ""))
         if r.get("reason"):
             print(f"      {r['reason']}")
         for tail in r.get("stderr_tail") or []:
@@ -107,6 +112,16 @@ def status(opts: StatusOptions) -> int:
         print(f"  ({len(states) - len(rows):,} more tasks not listed: {'only the running and troubled ones are' if rows else 'none is running or troubled'}; "
               "`status --all` lists every task)")
     return ExitCode.OK
+
+
+def _placed(placement: dict[str, Any]) -> str:
+    """A placement record as people read it: ``n1 cores 0-3 GPUs 0,1; n2 cores 0-3 GPUs 0,1``."""
+    hosts, cores, gpus = placement.get("hosts") or [], placement.get("cores") or [], placement.get("gpus") or []
+    parts = [f"{h} cores {c}" + (f" GPUs {','.join(map(str, g))}" if g else "")
+             for h, c, g in zip(hosts, cores, gpus)]
+    if placement.get("memory_mb"):
+        parts.append(f"{placement['memory_mb']:,} MB per node")
+    return "; ".join(parts)
 
 
 def run_dir_of(given: str) -> tuple[str, str | None]:

@@ -13,6 +13,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from cmbagent_batch.execute.runs import Limits, TaskRun
+from cmbagent_batch.place.booking import Placement
 
 Clock = Callable[[], float]
 
@@ -33,6 +34,7 @@ class Unit:
     memory_mb: float
     batch: bool
     started: bool = False  # the pool reported that it started (its attempt, or its batch's first)
+    placement: Placement | None = None  # what it booked (a batch's members run one after the other there)
 
 
 class Admission:
@@ -52,13 +54,15 @@ class Admission:
         self._cpus_used = 0
         self._mem_used = 0.0
         self._mem_checked = (-1.0, 0.0)
+        self._passed: dict[str, float] = {}  # tasks that did not fit and were passed by others: since when
 
     def push(self, r: TaskRun) -> None:
         heapq.heappush(self.ready, (-r.priority, r.id))
 
     def cap(self) -> int:
         """Submissions in flight at most."""
-        return self.limits.max_workers + (self.limits.prefetch if self.limits.prefetch_kinds else 0)
+        lim = self.limits
+        return lim.max_workers + (lim.prefetch if lim.prefetch_kinds and lim.booking is None else 0)
 
     def launch_ready(self, submit: Callable[[list[TaskRun]], None]) -> None:
         """Submit (``submit``, which calls ``admitted``) the ready tasks that fit, the most urgent first,
@@ -66,15 +70,30 @@ class Admission:
         deferred = []
         cap = self.cap()
         ready = self.ready
+        booking = self.limits.booking
+        holding = self._holding()
+        blocked: str | None = None  # the most urgent task that did not fit this time
         while ready and self.units < cap:
             item = heapq.heappop(ready)
             r = self.runs[item[1]]
-            if not self._fits(r):
+            if not self._fits(r) or (holding and r.id not in self._passed):
                 deferred.append(item)
                 continue
             if not self._memory_ok():
                 deferred.append(item)
                 break
+            if booking is not None:
+                r.placement = booking.place(r.shape)
+                if r.placement is None:
+                    if not self.units:  # nothing holds anything: it will never fit (the preflight says so first)
+                        raise RuntimeError(f"task {r.id} fits nowhere in the inventory ({booking.total_cpus} CPUs, "
+                                           f"{booking.total_gpus} GPUs in all)")
+                    blocked = blocked or r.id
+                    deferred.append(item)
+                    continue
+                self._passed.pop(r.id, None)
+                if blocked is not None:  # it goes past a more urgent task that does not fit: backfill
+                    self._passed.setdefault(blocked, self._clock())
             members = [r]
             size = self._batch_size(r)
             while len(members) < size and ready:
@@ -82,6 +101,7 @@ class Admission:
                 if nxt.kind != r.kind or not self._prefetchable(nxt):
                     break
                 heapq.heappop(ready)
+                nxt.placement = r.placement
                 members.append(nxt)
             submit(members)
         for item in deferred:
@@ -98,6 +118,17 @@ class Admission:
         self._unit_kinds[unit.kind] -= 1
         self._cpus_used -= unit.cpus
         self._mem_used -= unit.memory_mb
+        if unit.placement is not None and self.limits.booking is not None:
+            self.limits.booking.release(unit.placement)
+
+    def _holding(self) -> bool:
+        """Whether a task that does not fit has been passed by less urgent ones for ``backfill_s``: then
+        only such passed tasks may start, so the resources that free up go to them, and none waits forever
+        for a stream of smaller ones."""
+        if not self._passed:
+            return False
+        oldest = next(iter(self._passed.values()))
+        return self._clock() - oldest >= self.limits.backfill_s
 
     def observed(self, r: TaskRun) -> None:
         """A success's wall time joins its kind's moving average (which sizes batches)."""
@@ -105,16 +136,19 @@ class Admission:
         self._avg_wall[r.kind] = r.wall_s if avg is None else 0.8 * avg + 0.2 * r.wall_s
 
     def _prefetchable(self, r: TaskRun) -> bool:
-        return r.kind in self.limits.prefetch_kinds and r.cpus == 1 and not r.memory_mb
+        return r.kind in self.limits.prefetch_kinds and r.shape.single and not r.shape.memory_mb
 
     def _fits(self, r: TaskRun) -> bool:
         lim = self.limits
         # Handing over ahead (past max_workers) only among small tasks of one prefetch kind: a mix with
         # other kinds, or tasks that reserve resources, would break max_workers and cpu limits.
         units = self.units
-        ahead = lim.prefetch if self._prefetchable(r) and self._unit_kinds[r.kind] == units else 0
+        ahead = lim.prefetch if (lim.booking is None and self._prefetchable(r)
+                                 and self._unit_kinds[r.kind] == units) else 0
         if units >= lim.max_workers + ahead:
             return False
+        if lim.booking is not None:  # booked per node when placed
+            return True
         if units and self._cpus_used + r.cpus > lim.cpus + ahead:
             return False
         return lim.memory_mb is None or not units or self._mem_used + r.memory_mb <= lim.memory_mb

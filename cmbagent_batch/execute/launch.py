@@ -14,6 +14,7 @@ from cmbagent_batch.attempt import Attempt, Payload, TaskContext
 from cmbagent_batch.execute.prepare import Prepared, input_links
 from cmbagent_batch.execute.runs import TaskRun
 from cmbagent_batch.llm.local_model import LocalModel
+from cmbagent_batch.place.launch import Where, launch_env
 from cmbagent_batch.spec.model import Isolation, JobSpec, TaskSpec, thaw
 from cmbagent_batch.spec.tasks import Entry, Tasks
 
@@ -26,8 +27,9 @@ class Launcher:
     goes to an MPI worker rank, which sets its place (rank, host, work directory and environment) and
     journals its end with what ``Attempt.journal`` says (the run and the task's fingerprints)."""
 
-    def __init__(self, p: Prepared, on_ranks: bool) -> None:
+    def __init__(self, p: Prepared, on_ranks: bool, where: Where | None = None) -> None:
         self._p = p
+        self._where = where  # where placed tasks are launched (the job books its inventory)
         self._spec = p.spec
         self._ex = p.spec.execution
         self._on_ranks = on_ranks
@@ -57,6 +59,10 @@ class Launcher:
                               self._layout.sharding)
             env = self._no_env if python else self._env
             journal = None
+            if r.placement is not None and self._where is not None:
+                launch = launch_env(r.placement, r.shape, self._where, task_id=r.id, attempt=r.attempts)
+                r.launch = launch["CMBAGENT_LAUNCH"]
+                ctx = dataclasses.replace(ctx, launch=launch)
         links, missing = input_links(p, r.id)
         return Attempt(payload, ctx, links, env, chdir=self._in_processes and python, keep=ex.keep,
                        kill_grace=ex.kill_grace, missing=missing, priority=r.priority, journal=journal)

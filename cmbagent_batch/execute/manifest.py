@@ -53,6 +53,8 @@ class Recorder:
                 rec.update(rank=o.rank, host=o.host, work_dir=o.work_dir)
             if o.traceback:
                 rec["traceback"] = o.traceback
+        if r.placement is not None and "placement" not in rec and r.state is not TaskState.RUNNING:
+            rec.update(placement=r.placement.record(), launch=r.launch)  # an end says where it ran
         if rec.get("host") == self._host:
             del rec["host"]
         if rec.get("rank") == 0:  # read as 0 when left out
@@ -90,6 +92,7 @@ class RunSummary:
     ledger: dict[str, Any] | None = None
     runner_cpu_s: float | None = None  # user + system CPU seconds of this process, at the end
     tasks_run: int = 0  # tasks the run handed to the scheduler (the others were skipped)
+    inventory: str | None = None  # what it booked, when its tasks have shapes to place
 
 
 def manifest(p: Prepared, run: RunSummary, counts: Tally) -> dict[str, Any]:
@@ -118,6 +121,7 @@ def manifest(p: Prepared, run: RunSummary, counts: Tally) -> dict[str, Any]:
         "tasks_total": counts.total,
         "counts": counts.to_json(),
         "journal": {"dir": "journal", "index": f"journal/{INDEX}"},
+        "inventory": run.inventory,
         "runner": None if run.runner_cpu_s is None else {
             "cpu_s": round(run.runner_cpu_s, 3), "tasks_run": run.tasks_run,
             "us_per_task": round(1e6 * run.runner_cpu_s / run.tasks_run, 1) if run.tasks_run else None},

@@ -289,8 +289,7 @@ def task_runs(p: Prepared, selected: set[str] | None = None) -> RunTable:
         h = p.history.get(tid)
         before = h.attempts if h else 0
         runs[tid] = TaskRun(id=tid, kind=t.kind, priority=weights[tid],
-                            retries=ex.retries if t.retries is None else t.retries, cpus=t.resources.cpus,
-                            memory_mb=float(t.resources.memory_mb or 0),
+                            retries=ex.retries if t.retries is None else t.retries, shape=t.resources,
                             deps=_among(p.dag.dependencies(tid), runs), dependents=_among(p.dag.dependents(tid), runs),
                             attempts=before, attempts_before=before)
     return RunTable(runs, len(p.dag.nodes) - len(runs))

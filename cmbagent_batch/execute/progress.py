@@ -11,6 +11,7 @@ from cmbagent_batch.states import Tally, TaskState
 
 if TYPE_CHECKING:
     from cmbagent_batch.execute.scheduler import Scheduler
+    from cmbagent_batch.place.booking import Booking
 
 
 class Progress:
@@ -25,15 +26,19 @@ class Progress:
         self._last = 0.0
         self._shown = ""
 
-    def line(self, tally: Tally, finished: bool = False) -> str:
+    def line(self, tally: Tally, finished: bool = False, booked: Booking | None = None) -> str:
         """``8/17 done: 2 running, 3 queued, 4 pending, 8 succeeded; 0:03 elapsed, ETA 0:04``: each state by
-        the name the run's last line and ``status`` give it."""
+        the name the run's last line and ``status`` give it; with a booking, ``; 3/4 CPUs busy, 1/2 GPUs``."""
         done = tally.done
         elapsed = time.monotonic() - self.start
         ahead = sum(tally[s] for s in (TaskState.RUNNING, TaskState.QUEUED, TaskState.PENDING, TaskState.RETRYING))
         ran = tally[TaskState.SUCCEEDED]
         eta = f", ETA {_clock(elapsed / ran * ahead)}" if ran and ahead and not finished else ""
         text = f"{done}/{self.total} done: {tally.text()}; {_clock(elapsed)} elapsed{eta}"
+        if booked is not None and not finished:
+            text += f"; {booked.busy_cpus}/{booked.total_cpus} CPUs busy"
+            if booked.total_gpus:
+                text += f", {booked.busy_gpus}/{booked.total_gpus} GPUs"
         if self.tty:
             width = 24
             ended = self.total - ahead
@@ -47,7 +52,7 @@ class Progress:
         if now - self._last < self.interval and not finished:
             return
         self._last = now
-        text = self.line(Tally.from_counts(sched.counts), finished)
+        text = self.line(Tally.from_counts(sched.counts), finished, sched.admission.limits.booking)
         if text == self._shown and not finished:
             return
         self._shown = text

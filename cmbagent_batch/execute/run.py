@@ -20,11 +20,15 @@ from cmbagent_batch.backends import make_backend
 from cmbagent_batch.errors import DiskFullError, ExitCode
 from cmbagent_batch.execute.launch import Launcher
 from cmbagent_batch.execute.manifest import Recorder, RunSummary, dag_digest, manifest
+from cmbagent_batch.execute.placing import needs_booking
 from cmbagent_batch.execute.prepare import Prepared, task_runs
 from cmbagent_batch.execute.runs import Limits, Options
 from cmbagent_batch.execute.scheduler import Scheduler
 from cmbagent_batch.execute.stop import exit_code, say_drain, stop_sources, stop_that_counts
 from cmbagent_batch.ledger.costs import merge_ledger
+from cmbagent_batch.place.booking import Booking
+from cmbagent_batch.place.inventory import Inventory
+from cmbagent_batch.place.launch import where_for
 from cmbagent_batch.rundir.atomic import write_json_atomic
 from cmbagent_batch.rundir.history import INDEX, StaleIndex
 from cmbagent_batch.rundir.journal import Journal
@@ -39,12 +43,18 @@ if TYPE_CHECKING:
 
 def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Scheduler], None],
             selected: set[str] | None = None, ranks: RankExecutor | None = None,
-            walltime_grace: float = 0.0, walltime_file: str | None = None) -> tuple[int, Scheduler]:
+            walltime_grace: float = 0.0, walltime_file: str | None = None,
+            placing: tuple[Inventory, Booking] | None = None) -> tuple[int, Scheduler]:
     """Run what is not up to date (of ``selected``, when given); return the exit code and the scheduler.
     ``ranks``: rank 0's executor over the MPI worker ranks (tasks run there), else local pools.
     ``walltime_grace``: after SIGUSR1, seconds the running attempts may go on before they are terminated.
-    ``walltime_file``: a file whose appearance means the same as SIGUSR1."""
+    ``walltime_file``: a file whose appearance means the same as SIGUSR1.
+    ``placing``: the inventory and its booking, for a job whose tasks have shapes (``placing.booking_for``)."""
     ex = p.spec.execution
+    inventory, booking = placing or (None, None)
+    if ranks is not None and needs_booking(p.spec):
+        warn("the MPI backend does not place task shapes yet: every task takes one slot of a worker rank, "
+             "and resources (ranks, GPUs, memory) and execution.inventory are not booked")
     backend = make_backend(ex, ranks)
     pools, workers = backend.pools, backend.workers
     table = task_runs(p, selected)
@@ -59,15 +69,16 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     limits = Limits(max_workers=workers, cpus=max(workers, os.cpu_count() or 1),
                     memory_mb=total_mb * ex.memory_safety_fraction, memory_safety_fraction=ex.memory_safety_fraction,
                     memory_in_use=backend.memory_in_use, prefetch_kinds=backend.prefetch_kinds,
-                    prefetch=pools.prefetch)
+                    prefetch=0 if booking else pools.prefetch, booking=booking, backfill_s=ex.backfill_s)
     options = Options(keep_going=ex.keep_going, retries=ex.retries, retry_backoff=ex.retry_backoff,
                       kill_grace=ex.kill_grace)
-    sched = Scheduler(runs, pools, limits, options, Launcher(p, on_ranks=ranks is not None), Recorder(p, journal),
+    launcher = Launcher(p, on_ranks=ranks is not None, where=where_for(inventory.source) if inventory else None)
+    sched = Scheduler(runs, pools, limits, options, launcher, Recorder(p, journal),
                       tick=progress, commit=journal.flush, on_drain=say_drain, skipped=table.skipped,
                       write_through=lambda: journal.flush(wait=True))
     journal.on_full = lambda exc: sched.stop_on_full_disk(_what(exc))
     summary = RunSummary(p.run_id, dag_digest(p), time.time(), workers, (backend.name, backend.processes),
-                         tasks_run=len(runs))
+                         tasks_run=len(runs), inventory=inventory.describe() if inventory else None)
     run_json = os.path.join(p.run_dir, "run.json")
     try:
         p.history.write_index(journal_dir(p.run_dir))  # the run's table: what status reads if this run is killed

@@ -11,6 +11,8 @@ from enum import Enum
 from typing import Any, Protocol
 
 from cmbagent_batch.attempt import Attempt, Gate, Outcome
+from cmbagent_batch.place.booking import Booking, Placement
+from cmbagent_batch.spec.model import Resources
 from cmbagent_batch.states import StopReason, TaskState
 
 
@@ -51,6 +53,9 @@ class Limits:
     # the pool itself bounds what executes: a gate (thread pool slots) or one attempt per worker process.
     prefetch_kinds: frozenset[str] = frozenset()
     prefetch: int = 0
+    # Cores, GPUs and memory booked per node (None: reservations are counted against cpus and memory_mb).
+    booking: Booking | None = None
+    backfill_s: float = 60.0  # how long a task that does not fit may be passed by smaller ones (backfill)
 
 
 @dataclass
@@ -90,8 +95,7 @@ class TaskRun:
     kind: str
     priority: float
     retries: int
-    cpus: int
-    memory_mb: float
+    shape: Resources
     deps: tuple[str, ...]
     dependents: tuple[str, ...]
     state: TaskState = TaskState.PENDING
@@ -103,6 +107,16 @@ class TaskRun:
     wall_s: float = 0.0
     attempts_before: int = 0  # attempts made in earlier runs (not charged against this run's retries)
     fp_record: dict[str, Any] | None = None  # its fingerprint as journaled, made at its launch on a rank
+    placement: Placement | None = None  # where its attempt in flight runs (when the job books an inventory)
+    launch: str = ""  # its CMBAGENT_LAUNCH there
+
+    @property
+    def cpus(self) -> int:
+        return self.shape.cpus
+
+    @property
+    def memory_mb(self) -> float:
+        return float(self.shape.memory_mb or 0)
 
     @property
     def run_attempts(self) -> int:

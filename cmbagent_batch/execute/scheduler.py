@@ -233,7 +233,7 @@ class Scheduler:
         future = self.pools.submit(executor, attempts, gate)
         batch = len(members) > 1
         unit = Unit([r.id for r in members], first.kind, executor, cpus=1 if batch else first.cpus,
-                    memory_mb=0.0 if batch else first.memory_mb, batch=batch)
+                    memory_mb=0.0 if batch else first.memory_mb, batch=batch, placement=first.placement)
         self._units[future] = unit
         self.admission.admitted(unit)
         for r, attempt in zip(members, attempts):
@@ -249,8 +249,12 @@ class Scheduler:
 
     def _started(self, r: TaskRun, ctx: TaskContext, t: float) -> None:
         """Journal the attempt running since ``t`` (``time.time()``, the journal's clock)."""
-        self._set(r, TaskState.RUNNING, attempt=r.attempts, work_dir=ctx.work_dir, rank=ctx.rank, host=ctx.host,
-                  t=t)
+        if r.placement is None:
+            self._set(r, TaskState.RUNNING, attempt=r.attempts, work_dir=ctx.work_dir, rank=ctx.rank, host=ctx.host,
+                      t=t)
+        else:
+            self._set(r, TaskState.RUNNING, attempt=r.attempts, work_dir=ctx.work_dir, rank=ctx.rank, host=ctx.host,
+                      t=t, placement=r.placement.record(), launch=r.launch)
 
     def _gate_passed(self, tid: str, attempt: int) -> None:
         """An attempt started (called on the thread that saw it: a slot was given, a worker began it):
@@ -343,6 +347,7 @@ class Scheduler:
             self.admission.observed(r)
             self._set(r, TaskState.SUCCEEDED, attempt=r.attempts)
             r.outcome = None  # journaled: 10^6 successes keep no outcome each
+            r.placement = None
             for child in r.dependents:
                 c = self.runs[child]
                 c.waiting -= 1

@@ -67,9 +67,12 @@ def task_row(history: History, i: int, state: TaskState, layout: Layout, detail:
     row: dict[str, Any] = {"id": tid, "state": state.value, "attempts": history.attempts[i],
                            "rank": rank if rank >= 0 else 0, "wall_s": history.wall_of(i),
                            "work_dir": layout.work_dir(max(rank, 0), tid)}
-    record = history.record(i) if detail or state in TROUBLED else {}
+    record = history.record(i) if detail or state in TROUBLED or state is TaskState.RUNNING else {}
     if isinstance(record.get("work_dir"), str):
         row["work_dir"] = record["work_dir"]
+    if isinstance(record.get("placement"), dict):  # a job that books its inventory: where it ran, and how
+        row["placement"] = record["placement"]
+        row["launch"] = record.get("launch")
     if history.in_run(i) or history.planned_of(i) is not state:  # its record says why
         row["reason"] = record.get("reason") or record.get("error") or None
     else:  # as the run planned it: skipped (and why), or pending

@@ -116,6 +116,8 @@ class Config:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Enum):
         return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # execution.inventory
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items() if v not in (None, ())}
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -13,6 +13,7 @@ from cmbagent_batch.spec import checks, gcpause, matrix, schema, taskchecks
 from cmbagent_batch.spec.model import (
     AnalysisSpec,
     ExecutionSpec,
+    InventorySpec,
     Isolation,
     JobInfo,
     JobSpec,
@@ -185,6 +186,10 @@ def _execution(values: dict[str, Any]) -> dict[str, Any]:
         out["isolation"] = Isolation.from_process_pool(values["use_process_pool"])
     if "path" in out:
         out["path"] = TaskPath(out["path"])
+    if "inventory" in values:
+        inv: dict[str, Any] = values["inventory"]
+        out["inventory"] = InventorySpec(cpus=inv["cpus"], gpus=tuple(str(g) for g in inv.get("gpus", ())),
+                                         memory_mb=inv.get("memory_mb"))
     return out
 
 

@@ -102,6 +102,15 @@ class TaskPath(str, Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class InventorySpec:
+    """``execution.inventory``: one node, declared."""
+
+    cpus: int
+    gpus: tuple[str, ...] = ()
+    memory_mb: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ExecutionSpec:
     backend: str = "auto"  # auto | local | mpi
     mode: str = "auto"  # auto | sequential | parallel
@@ -118,6 +127,8 @@ class ExecutionSpec:
     keep: tuple[str, ...] = ("data", "codebase", "logs", "outputs", "chats", "cost")  # removed after success: the rest
     rerun_on: tuple[str, ...] = ("spec", "inputs", "code")  # what, when changed, reruns a finished task
     path: TaskPath = TaskPath.INTERPRETER  # the PATH tasks start with
+    inventory: InventorySpec | None = None  # None: discovered (Slurm's allocation, else this machine)
+    backfill_s: float = 60.0  # how long a task that does not fit may be passed by smaller ones
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +167,40 @@ class SlurmSpec:
 
 @dataclass(frozen=True, slots=True)
 class Resources:
-    cpus: int = 1
-    memory_mb: int | None = None
+    """A task's shape: ``ranks`` processes spread evenly over ``nodes`` nodes, each rank with its CPUs and
+    GPUs, and the memory it needs on each node (``resources.cpus: N`` in a spec is ``cpus_per_rank: N``)."""
+
+    nodes: int = 1
+    ranks: int = 1
+    cpus_per_rank: int = 1
+    gpus_per_rank: int = 0
+    memory_mb: int | None = None  # per node
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.ranks // self.nodes
+
+    @property
+    def cpus_per_node(self) -> int:
+        return self.ranks_per_node * self.cpus_per_rank
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.ranks_per_node * self.gpus_per_rank
+
+    @property
+    def cpus(self) -> int:
+        """Every core it books, on all its nodes."""
+        return self.ranks * self.cpus_per_rank
+
+    @property
+    def gpus(self) -> int:
+        return self.ranks * self.gpus_per_rank
+
+    @property
+    def single(self) -> bool:
+        """One core of one node, no GPU: the default shape."""
+        return self.nodes == 1 and self.ranks == 1 and self.cpus_per_rank == 1 and not self.gpus_per_rank
 
 
 @dataclass(frozen=True, slots=True)

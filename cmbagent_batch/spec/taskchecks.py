@@ -124,6 +124,8 @@ def _check_entry(e: Entry) -> list[Finding]:
     for name, other in _FOREIGN.get(kind, ()):
         if name in data:
             out.append(Finding(("tasks", e.index, name), f"{name!r} is for {other} tasks; this is a {kind} task", key=True))
+    if "resources" in data:
+        out.extend(_shape_findings(e.index, data["resources"]))
     if not e.fills and data.keys().isdisjoint(_PATH_FIELDS):
         return out
     for field in _PATH_FIELDS:
@@ -134,6 +136,24 @@ def _check_entry(e: Entry) -> list[Finding]:
             for k in range(len(e)):
                 out.extend(_path_findings(e, field, data.get(field), k))
     return out
+
+
+def _shape_findings(index: int, res: Any) -> list[Finding]:
+    """A shape that contradicts itself (the schema has checked each number)."""
+    if not isinstance(res, dict):
+        return []
+    at = ("tasks", index, "resources")
+    if "cpus" in res and "cpus_per_rank" in res:
+        return [Finding((*at, "cpus"), "give 'cpus' (the CPUs of a one-rank task) or 'cpus_per_rank', not both",
+                        key=True)]
+    ranks, nodes = res.get("ranks", 1), res.get("nodes", 1)
+    if "cpus" in res and ranks != 1:
+        return [Finding((*at, "cpus"), f"'cpus' is the CPUs of a one-rank task; with {ranks} ranks give "
+                        "'cpus_per_rank'", key=True)]
+    if isinstance(ranks, int) and isinstance(nodes, int) and nodes > 0 and ranks % nodes:
+        return [Finding((*at, "ranks"), f"{ranks} ranks cannot be spread evenly over {nodes} nodes: give a "
+                        f"multiple of {nodes}")]
+    return []
 
 
 def _path_findings(e: Entry, field: str, paths: Any, k: int) -> list[Finding]:

@@ -229,7 +229,7 @@ def task_spec(d: dict[str, Any], values: Values, depends_on: tuple[str, ...], de
         env=MappingProxyType({k: _text(v) for k, v in d["env"].items()}) if "env" in d else EMPTY,
         timeout=d.get("timeout"),
         retries=d.get("retries"),
-        resources=Resources(**d["resources"]) if "resources" in d else DEFAULT_RESOURCES,
+        resources=resources(d["resources"]) if "resources" in d else DEFAULT_RESOURCES,
         budget_usd=d.get("budget_usd"),
         estimate=d.get("estimate"),
         run=d.get("run"),
@@ -244,6 +244,13 @@ def task_spec(d: dict[str, Any], values: Values, depends_on: tuple[str, ...], de
         entry=index,
         line=line,
     )
+
+
+def resources(raw: dict[str, int]) -> Resources:
+    """A valid ``resources`` mapping as a shape (``cpus`` is ``cpus_per_rank`` of one rank)."""
+    if "cpus" not in raw:
+        return Resources(**raw)
+    return Resources(**{("cpus_per_rank" if k == "cpus" else k): v for k, v in raw.items()})
 
 
 def entries_of(tasks: Sequence[TaskSpec]) -> tuple[Entry, ...] | None:
@@ -262,6 +269,16 @@ def by_entry(tasks: Sequence[TaskSpec]) -> Iterator[tuple[TaskSpec, Sequence[str
     for e in entries:
         assert e.template is not None
         yield e.template, e.ids
+
+
+def shapes(tasks: Sequence[TaskSpec]) -> dict[Resources, str]:
+    """Each distinct shape of the job's tasks (``resources``: the same for all the tasks of an entry), with
+    the id of a task that has it, in file order."""
+    found: dict[Resources, str] = {}
+    for t, ids in by_entry(tasks):
+        if t.resources not in found and ids:
+            found[t.resources] = ids[0]
+    return found
 
 
 def of_kind(tasks: Sequence[TaskSpec], kind: str) -> Iterator[TaskSpec]:

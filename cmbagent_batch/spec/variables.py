@@ -16,7 +16,8 @@ from cmbagent_batch.spec.config import ENV_VARS, SWITCHES
 PREFIX = "CMBAGENT_"
 MATRIX_PREFIX = "CMBAGENT_MATRIX_"  # + a matrix parameter's name in capitals: set for each task of a matrix entry
 TASK_VARIABLES = ("CMBAGENT_TASK_ID", "CMBAGENT_TASK_DIR", "CMBAGENT_RUN_DIR", "CMBAGENT_RANK",
-                  "CMBAGENT_ATTEMPT", "CMBAGENT_HOST")
+                  "CMBAGENT_ATTEMPT", "CMBAGENT_HOST", "CMBAGENT_LAUNCH", "CMBAGENT_NODELIST", "CMBAGENT_NTASKS",
+                  "CMBAGENT_GPUS")
 # tests/test_ledger_report.py and slurm/local-cluster.sh
 DEVELOPMENT_VARIABLES = ("CMBAGENT_BATCH_NO_BROWSER", "CMBAGENT_SLURM_DIR", "CMBAGENT_SLURM_CTLD_PORT",
                          "CMBAGENT_SLURM_SLURMD_PORT", "CMBAGENT_SLURM_START_TIMEOUT", "CMBAGENT_SLURM_CRED_EXPIRE")

@@ -88,6 +88,7 @@ def task_environment(ctx: TaskContext, payload: Payload, base: Mapping[str, str]
     for name, value in ctx.matrix.items():
         env[f"CMBAGENT_MATRIX_{name.upper()}"] = _env_text(value)
     env.update({k: str(v) for k, v in payload.env.items()})
+    env.update(ctx.launch)  # after the task's env: two tasks running at once never share a GPU
     return env
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from cmbagent_batch.attempt import Attempt, Gate, Outcome, Payload, TaskContext
 from cmbagent_batch.execute.runs import Limits, Options, TaskRun
 from cmbagent_batch.execute.scheduler import Scheduler
+from cmbagent_batch.spec.model import Resources
 from cmbagent_batch.states import OutcomeReason, TaskState
 
 OK = Outcome(ok=True)
@@ -133,7 +134,8 @@ class Job:
                 dependents[d].append(tid)
         self.runs = {
             tid: TaskRun(id=tid, kind=t.get("kind", "shell"), priority=t.get("priority", 1.0),
-                         retries=t.get("retries", 0), cpus=t.get("cpus", 1), memory_mb=t.get("memory_mb", 0.0),
+                         retries=t.get("retries", 0), shape=t.get("shape") or Resources(
+                             cpus_per_rank=t.get("cpus", 1), memory_mb=t.get("memory_mb")),
                          deps=tuple(t.get("deps", ())), dependents=tuple(sorted(dependents[tid])),
                          attempts=t.get("attempts_before", 0), attempts_before=t.get("attempts_before", 0))
             for tid, t in tasks.items()

@@ -1,0 +1,60 @@
+"""Where a run's tasks may go: the inventory (declared in the spec, else the Slurm allocation's, else this
+machine's) and rank 0's booking of it, for jobs whose tasks have shapes (``resources``) to place.
+
+A job whose tasks all take one core and no memory reservation (the default shape), with no declared
+inventory, books nothing: its tasks are counted against the workers and the machine's cores as before, at
+no cost per task. Any other job books every task's cores, GPUs and memory per node (``place.booking``), and
+a task that can never fit is refused before anything starts.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+
+from cmbagent_batch.errors import Problem, SpecError
+from cmbagent_batch.place.booking import Booking
+from cmbagent_batch.place.inventory import Inventory, declared, discover
+from cmbagent_batch.spec.model import JobSpec
+from cmbagent_batch.spec.tasks import shapes
+from cmbagent_batch.spec.yamlio import read_yaml
+
+
+def needs_booking(spec: JobSpec) -> bool:
+    """Whether the job has a shape to place or a declared inventory to keep to."""
+    return spec.execution.inventory is not None or any(
+        not s.single or s.memory_mb is not None for s in shapes(spec.tasks))
+
+
+def inventory_of(spec: JobSpec, env: Mapping[str, str]) -> Inventory:
+    """The declared inventory, else the one discovered."""
+    inv = spec.execution.inventory
+    if inv is not None:
+        return declared(inv.cpus, inv.gpus, inv.memory_mb, socket.gethostname())
+    return discover(env)
+
+
+def refuse_misfits(spec: JobSpec, inventory: Inventory) -> None:
+    """``SpecError`` (exit 2) naming each shape that can never fit ``inventory``, at a task that has it."""
+    misfits = [(tid, why) for shape, tid in shapes(spec.tasks).items() if (why := inventory.never_fits(shape))]
+    if not misfits:
+        return
+    doc = read_yaml(spec.path)  # read again to say where (a refusal is rare; the document is not kept)
+    problems = []
+    for tid, why in misfits:
+        entry = spec.task(tid).entry
+        line, column = doc.locate(("tasks", entry, "resources"))
+        problems.append(Problem(spec.path, line, column, f"$.tasks[{entry}].resources",
+                                f"{why}: it can never run here", task=tid))
+    raise SpecError(problems)
+
+
+def booking_for(spec: JobSpec, env: Mapping[str, str]) -> tuple[Inventory, Booking] | None:
+    """The inventory and rank 0's booking of it for the job, or None when it books nothing (see the module
+    docstring)."""
+    if not needs_booking(spec):
+        return None
+    inventory = inventory_of(spec, env)
+    refuse_misfits(spec, inventory)
+    return inventory, Booking(inventory)
+
