@@ -293,8 +293,10 @@ def test_the_cost_of_place_and_release_does_not_grow_with_calls_or_nodes() -> No
     assert per_call[1024, 10**4] < 1024 / 8, per_call  # far from looking at every node
 
 
+@pytest.mark.slow  # figure 2 runs two real jobs of 50 tasks
 def test_placement_benchmark_runs_quick(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(BENCH / "bench_placement.py"), "--quick", "--repeat", "1"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "figure 1: placement overhead per task" in r.stdout
+    assert "figure 2: makespan, 50 tasks of 1-8 ranks on 16 declared cores" in r.stdout

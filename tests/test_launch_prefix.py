@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from cmbagent_batch.spec.model import Resources
 from tests.helpers.slurm_cluster import env_for, wait_job_end
 
 # Each rank writes its line in one write (print makes two when PYTHONUNBUFFERED is set; ranks' lines would mix).
-MPI_PROGRAM = ('python -c "from mpi4py import MPI; import os, sys; '
+# This interpreter by its path: a task's PATH starts with it, the test's may have no `python` at all (CI).
+MPI_PROGRAM = (shlex.quote(sys.executable) + ' -c "from mpi4py import MPI; import os, sys; '
                'sys.stdout.write(f\'{MPI.COMM_WORLD.Get_size()} {sorted(os.sched_getaffinity(0))}\\n\')"')
 SRUN = "srun --jobid=4242"
 EXACT = "--exact --kill-on-bad-exit=1"

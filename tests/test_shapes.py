@@ -178,3 +178,8 @@ def test_the_progress_line_shows_the_cpus_and_gpus_busy_out_of_the_inventory() -
                                                   booked=booked)
     assert line.endswith("; 4/4 CPUs busy, 1/2 GPUs")
     assert "CPUs busy" not in Progress(5, stream=io.StringIO()).line(Tally.from_counts({TaskState.PENDING: 5}))
+
+
+def test_with_no_backfill_tasks_start_in_order_first_fit() -> None:
+    launches = blocked_big_job(backfill_s=0.0).launches()
+    assert launches[:3] == ["a", "big", "s00"]  # nothing passes big: it waits for a's cores, then the rest

@@ -90,6 +90,8 @@ class Admission:
                                            f"{booking.total_gpus} GPUs in all)")
                     blocked = blocked or r.id
                     deferred.append(item)
+                    if self.limits.backfill_s <= 0:  # no backfill: first fit, in order
+                        break
                     continue
                 self._passed.pop(r.id, None)
                 if blocked is not None:  # it goes past a more urgent task that does not fit: backfill
