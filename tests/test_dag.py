@@ -66,6 +66,8 @@ def test_diamond() -> None:
     assert d.dependents("a") == ("b", "c") and d.dependents("d") == ()
     assert d.ancestors("d") == ("a", "b", "c") and d.ancestors("b") == ("a",)
     assert d.descendants("a") == ("b", "c", "d") and d.descendants("c") == ("d",)
+    assert d.upstream(["b", "c"]) == {"a"} and d.upstream(["d", "b"]) == {"a", "c"}
+    assert d.downstream(["b", "c"]) == {"d"} and d.downstream(["a", "b"]) == {"c", "d"}
 
 
 def test_diamond_to_dict_is_json() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -12,6 +13,8 @@ import yaml
 
 from cmbagent_batch.spec import load_spec
 from cmbagent_batch.spec.pricing import Price
+from tests.helpers.cli import cli
+from tests.helpers.runs import published
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -19,7 +22,7 @@ SCHEMA = json.loads((ROOT / "schemas" / "job.schema.json").read_text())
 
 
 def test_the_examples_exist() -> None:
-    assert [p.name for p in EXAMPLES] == ["cmb-agents.yaml", "quickstart-llm.yaml", "quickstart.yaml",
+    assert [p.name for p in EXAMPLES] == ["cmb-agents.yaml", "mixed.yaml", "quickstart-llm.yaml", "quickstart.yaml",
                                           "slurm-mpi.yaml", "sweep.yaml"]
 
 
@@ -66,6 +69,18 @@ def test_llm_quickstart_uses_the_local_model_at_an_explicit_price_of_zero() -> N
     assert "llm" in spec.analysis.sources and spec.analysis.model == "smol"
     assert [t.id for t in spec.tasks if t.kind == "agent"] == ["explain"]
     assert spec.task("explain").model == "smol" and spec.task("explain").max_turns <= 2
+
+
+@pytest.mark.slow
+def test_the_mixed_example_runs_its_grid_and_4_rank_chain_and_skips_the_gpu_task_saying_why(tmp_path: Path) -> None:
+    pytest.importorskip("mpi4py", reason="the chain needs the 'mpi' extra (mpi4py, mpich)")
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    done = cli(tmp_path, "run", "configs/mixed.yaml", check=True, timeout=300)
+    assert ("cmbagent-batch: skipped (when_unplaceable: skip), with what depends on it: 'emulator': asks for 1 GPU "
+            "on one node; no node has a GPU (declared inventory)\n") in done.stderr
+    assert "cmbagent-batch: 5 succeeded, 1 skipped; run directory" in done.stderr
+    chain = json.loads((published(tmp_path / "configs" / "runs" / "mixed", "chain") / "chain.json").read_text())
+    assert chain["ranks"] == 4 and abs(chain["mean_A"] - 2.1) < 0.05, chain
 
 
 def test_slurm_example() -> None:

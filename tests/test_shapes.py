@@ -156,7 +156,7 @@ def test_a_task_bigger_than_the_machine_is_refused_before_anything_starts(tmp_pa
     cpus = len(os.sched_getaffinity(0))
     assert done.stderr == (f"job.yaml:4:53: $.tasks[0].resources (task 'huge'): asks for 4,096 CPUs on one node; "
                            f"the largest node has {cpus} CPU{'s' if cpus > 1 else ''} (this machine): it can never "
-                           "run here\n")
+                           "run here (when_unplaceable: skip would skip it)\n")
     assert not (tmp_path / "runs").exists()
 
 
@@ -167,7 +167,7 @@ def test_validate_refuses_a_task_bigger_than_the_declared_inventory(tmp_path: Pa
     assert done.returncode == 2
     assert done.stderr.splitlines()[0] == (
         "job.yaml:5:53: $.tasks[0].resources (task 'wide'): asks for 2 GPUs on one node; the largest node has 1 "
-        "GPU (declared inventory): it can never run here")
+        "GPU (declared inventory): it can never run here (when_unplaceable: skip would skip it)")
 
 
 def test_the_progress_line_shows_the_cpus_and_gpus_busy_out_of_the_inventory() -> None:
@@ -183,3 +183,36 @@ def test_the_progress_line_shows_the_cpus_and_gpus_busy_out_of_the_inventory() -
 def test_with_no_backfill_tasks_start_in_order_first_fit() -> None:
     launches = blocked_big_job(backfill_s=0.0).launches()
     assert launches[:3] == ["a", "big", "s00"]  # nothing passes big: it waits for a's cores, then the rest
+
+
+OPTIONAL = HEAD + """execution: {inventory: {cpus: 2}}
+tasks:
+  - {id: "grid{i}", kind: shell, run: "echo {i} > out.txt", outputs: [out.txt], matrix: {i: [1, 2, 3]}}
+  - {id: train, kind: shell, run: "true", resources: {gpus_per_rank: 1}, when_unplaceable: skip}
+  - {id: use, kind: shell, run: "true", depends_on: [train]}
+  - {id: after, kind: shell, run: "true", depends_on: [use]}
+"""
+
+
+def test_a_task_that_can_never_fit_is_skipped_with_what_depends_on_it_when_its_entry_says_so(tmp_path: Path) -> None:
+    (tmp_path / "job.yaml").write_text(OPTIONAL)
+    said = ("cmbagent-batch: skipped (when_unplaceable: skip), with what depends on it: 'train': asks for 1 GPU on "
+            "one node; no node has a GPU (declared inventory)\n")
+    dry = cli(tmp_path, "run", "job.yaml", "--dry-run", check=True)
+    assert said in dry.stderr
+    assert dry.stdout.splitlines()[-3:] == [
+        "train: skip (can never fit here: asks for 1 GPU on one node; no node has a GPU (declared inventory))",
+        "use: skip (depends on a task that can never fit here)",
+        "after: skip (depends on a task that can never fit here)"]
+    done = cli(tmp_path, "run", "job.yaml", "--quiet", check=True)
+    assert done.stderr == said
+    rows = {r["id"]: r for r in json.loads(cli(tmp_path, "status", "job.yaml", "--format", "json",
+                                               check=True).stdout)["tasks"]}
+    assert {tid: r["state"] for tid, r in rows.items()} == {
+        "grid1": "succeeded", "grid2": "succeeded", "grid3": "succeeded", "train": "skipped", "use": "skipped",
+        "after": "skipped"}
+    shown = cli(tmp_path, "status", "job.yaml", "--all", check=True).stdout.splitlines()
+    at = shown.index(next(line for line in shown if line.startswith("  train ")))
+    assert shown[at + 1] == ("      can never fit here: asks for 1 GPU on one node; no node has a GPU (declared "
+                             "inventory)")
+    assert "Inventory: 1 node (" in shown[2]

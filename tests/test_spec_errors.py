@@ -54,7 +54,8 @@ NO_PRICE = (
 TOP_KEYS = "analysis, execution, job, llm, slurm, tasks, version"
 TASK_KEYS = (
     "agent, args, budget_usd, call, code_execution, depends_on, description, env, estimate, id, inputs, "
-    "instructions, kind, late_inputs, matrix, max_turns, model, outputs, resources, retries, run, timeout"
+    "instructions, kind, late_inputs, matrix, max_turns, model, outputs, resources, retries, run, timeout, "
+    "when_unplaceable"
 )
 
 # "Billion laughs": nine levels, each nine aliases of the one before (9**10 leaves once expanded).

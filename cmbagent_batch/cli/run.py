@@ -6,7 +6,7 @@ import fnmatch
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from cmbagent_batch import watchdog
@@ -68,16 +68,7 @@ def _select(prepared: Prepared, only: Sequence[str]) -> set[str]:
         if not matched:
             raise UsageError(f"--only {pattern!r} matches no task")
         chosen.update(matched)
-    seen = set(chosen)
-    stack = list(chosen)
-    while stack:
-        for dep in prepared.dag.dependencies(stack.pop()):
-            if dep not in seen:
-                seen.add(dep)
-                stack.append(dep)
-                if dep in stale:
-                    chosen.add(dep)
-    return chosen
+    return chosen | (prepared.dag.upstream(chosen) & stale)
 
 
 def run(opts: RunOptions) -> int:
@@ -120,9 +111,22 @@ def _run_mpi(args: RunOptions, config: Config) -> int:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
+def _by_reason(skipped: Mapping[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for tid, why in skipped.items():
+        out.setdefault(why, []).append(tid)
+    return out
+
+
+def _some(ids: list[str]) -> str:
+    """``'a', 'b' and 3 more``."""
+    shown = ", ".join(repr(t) for t in ids[:3])
+    return shown + (f" and {len(ids) - 3:,} more" if len(ids) > 3 else "")
+
+
 def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) -> int:
     from cmbagent_batch.execute.placing import booking_for
-    from cmbagent_batch.execute.prepare import prepare, stale_tasks, why_rerun
+    from cmbagent_batch.execute.prepare import prepare, stale_tasks, unplaceable_notes, why_rerun
     from cmbagent_batch.execute.progress import Progress
     from cmbagent_batch.execute.run import disk_full_advice, execute
     from cmbagent_batch.plan import preflight  # here: a worker rank never needs it
@@ -157,14 +161,22 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
     except BatchError:
         remove_empty(made)  # a refused run leaves no empty run directory behind
         raise
-    if placing is not None and not opts.quiet:
-        print(f"cmbagent-batch: inventory: {placing[0].describe()}", file=sys.stderr)
+    if placing is not None:
+        if not opts.quiet:
+            print(f"cmbagent-batch: inventory: {placing.inventory.describe()}", file=sys.stderr)
+        for reason, ids in _by_reason(placing.skipped).items():  # said even with --quiet: work not done
+            print(f"cmbagent-batch: skipped (when_unplaceable: skip), with what depends on it: "
+                  f"{_some(ids)}: {reason}", file=sys.stderr)
     if opts.dry_run:
+        unfit = unplaceable_notes(prepared, stale, placing.skipped) if placing and placing.skipped else {}
         for tid in prepared.dag.topological_order():
             if selected is not None and tid not in selected:
                 continue
             why = why_rerun(prepared, tid) if tid in stale else None
-            print(f"{tid}: {'skip (up to date)' if why is None else 'run (' + why + ')'}")
+            if why is None:
+                print(f"{tid}: skip (up to date)")
+            else:
+                print(f"{tid}: skip ({unfit[tid]})" if tid in unfit else f"{tid}: run ({why})")
         return ExitCode.OK
     os.makedirs(run_dir, exist_ok=True)
     lock = RunLock(run_dir)

@@ -14,7 +14,7 @@ from cmbagent_batch.cli.options import StatusOptions
 from cmbagent_batch.cli.slurm_status import slurm_lines, slurm_status
 from cmbagent_batch.errors import ExitCode, SpecError, UsageError
 from cmbagent_batch.rundir.layout import Layout, journal_paths, read_json, runner_gone, tail_lines
-from cmbagent_batch.rundir.runview import TROUBLED, current_states, run_history, task_row
+from cmbagent_batch.rundir.runview import TROUBLED, UP_TO_DATE, current_states, run_history, task_row
 from cmbagent_batch.states import Tally, TaskState
 
 TAIL = 5  # lines of a troubled task's stderr shown
@@ -64,8 +64,8 @@ def status(opts: StatusOptions) -> int:
         row = task_row(history, i, state, layout)
         if state in TROUBLED:
             row["stderr_tail"] = stderr_tail(os.path.join(row["work_dir"], "logs", "stderr.log"), row["attempts"])
-        else:
-            del row["reason"]
+        elif not (state is TaskState.SKIPPED and row["reason"] and row["reason"] != UP_TO_DATE):
+            del row["reason"]  # kept for a skip that is news: not selected, can never fit here
         if opts.explain:
             why = explain.get(row["id"])
             row["next_run"] = "skip (up to date)" if why is None else f"run ({why})"

@@ -14,7 +14,7 @@ from cmbagent_batch.errors import ExitCode, Problem, Severity, SpecError
 
 
 def validate(opts: ValidateOptions) -> int:
-    from cmbagent_batch.execute.placing import inventory_of, refuse_misfits
+    from cmbagent_batch.execute.placing import inventory_of, misfits
     from cmbagent_batch.plan.cached import cache_dir
     from cmbagent_batch.plan.preflight import preflight
     from cmbagent_batch.spec import load_spec
@@ -27,7 +27,7 @@ def validate(opts: ValidateOptions) -> int:
         try:  # with the CMBAGENT_* variables applied, as ``run`` would: some checks need the final settings
             spec = effective_config(load_spec(path), os.environ).spec
             if spec.execution.inventory is not None:  # a discovered one is the run's business, where it runs
-                refuse_misfits(spec, inventory_of(spec, os.environ))
+                misfits(spec, inventory_of(spec, os.environ))
             checked = preflight(spec, os.environ, cache_dir(path, None))
         except SpecError as exc:
             found.extend(exc.problems)

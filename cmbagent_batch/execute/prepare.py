@@ -9,7 +9,7 @@ import glob
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import filterfalse
 from typing import Any
@@ -24,6 +24,7 @@ from cmbagent_batch.plan.dag import Dag
 from cmbagent_batch.plan.fingerprint import Fingerprints, fingerprints
 from cmbagent_batch.rundir.history import History, load_history
 from cmbagent_batch.rundir.layout import Layout, journal_path, journal_paths, resolve_run_dir, server_logs
+from cmbagent_batch.rundir.runview import UP_TO_DATE
 from cmbagent_batch.spec import gcpause
 from cmbagent_batch.spec.config import Config
 from cmbagent_batch.spec.model import JobSpec
@@ -259,7 +260,6 @@ def input_links(p: Prepared, tid: str) -> tuple[list[tuple[str, str]], list[str]
     return sorted(links), missing
 
 
-UP_TO_DATE = "succeeded in an earlier run; unchanged"
 NOT_SELECTED = "not selected by --only"
 
 
@@ -272,16 +272,25 @@ class RunTable:
     skipped: int
 
 
-def task_runs(p: Prepared, selected: set[str] | None = None) -> RunTable:
-    """The tasks to run (not up to date, and ``selected`` when given), each as the scheduler sees it; the
-    others are skipped, and said so in the run table of ``p.history`` (no object is made for them)."""
+def task_runs(p: Prepared, selected: set[str] | None = None, unplaceable: Mapping[str, str] | None = None) -> RunTable:
+    """The tasks to run (not up to date, ``selected`` when given, and neither ``unplaceable`` (task id: why it
+    can never fit where the run is) nor depending on one), each as the scheduler sees it; the others are
+    skipped, and said so in the run table of ``p.history`` (no object is made for them)."""
     ex = p.spec.execution
     stale = stale_tasks(p)
-    chosen = sorted(stale if selected is None else stale & selected)  # in the order of the DAG's nodes (by id)
-    p.history.plan_run(p.run_id, [
+    wanted = stale if selected is None else stale & selected
+    groups: list[tuple[Iterable[str], TaskState, str]] = [
         (filterfalse(stale.__contains__, p.dag.nodes) if stale else p.dag.nodes, TaskState.SKIPPED, UP_TO_DATE),
-        (stale - selected if selected is not None else (), TaskState.SKIPPED, NOT_SELECTED),
-        (chosen, TaskState.PENDING, "")])
+        (stale - selected if selected is not None else (), TaskState.SKIPPED, NOT_SELECTED)]
+    if unplaceable:
+        notes = unplaceable_notes(p, wanted, unplaceable)
+        wanted = wanted - notes.keys()
+        by_note: dict[str, list[str]] = {}
+        for tid in sorted(notes):
+            by_note.setdefault(notes[tid], []).append(tid)
+        groups += [(ids, TaskState.SKIPPED, note) for note, ids in by_note.items()]
+    chosen = sorted(wanted)  # in the order of the DAG's nodes (by id)
+    p.history.plan_run(p.run_id, [*groups, (chosen, TaskState.PENDING, "")])
     runs: dict[str, TaskRun] = dict.fromkeys(chosen)  # type: ignore[assignment]  # made below, once the set is known
     weights = p.dag.bottom_levels() if runs else {}
     for tid in runs:
@@ -293,6 +302,15 @@ def task_runs(p: Prepared, selected: set[str] | None = None) -> RunTable:
                             deps=_among(p.dag.dependencies(tid), runs), dependents=_among(p.dag.dependents(tid), runs),
                             attempts=before, attempts_before=before)
     return RunTable(runs, len(p.dag.nodes) - len(runs))
+
+
+def unplaceable_notes(p: Prepared, wanted: set[str], unplaceable: Mapping[str, str]) -> dict[str, str]:
+    """Why each of the ``wanted`` tasks that can never fit (``unplaceable``: task id: why), or depends on
+    one, is skipped."""
+    cut = {tid for tid in wanted if tid in unplaceable}
+    notes = {tid: f"can never fit here: {unplaceable[tid]}" for tid in cut}
+    notes.update(dict.fromkeys(p.dag.downstream(cut) & wanted, "depends on a task that can never fit here"))
+    return notes
 
 
 def _among(ids: tuple[str, ...], runs: dict[str, TaskRun]) -> tuple[str, ...]:

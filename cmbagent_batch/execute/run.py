@@ -20,14 +20,12 @@ from cmbagent_batch.backends import make_backend
 from cmbagent_batch.errors import DiskFullError, ExitCode
 from cmbagent_batch.execute.launch import Launcher
 from cmbagent_batch.execute.manifest import Recorder, RunSummary, dag_digest, manifest
-from cmbagent_batch.execute.placing import needs_booking
+from cmbagent_batch.execute.placing import Placing, needs_booking
 from cmbagent_batch.execute.prepare import Prepared, task_runs
 from cmbagent_batch.execute.runs import Limits, Options
 from cmbagent_batch.execute.scheduler import Scheduler
 from cmbagent_batch.execute.stop import exit_code, say_drain, stop_sources, stop_that_counts
 from cmbagent_batch.ledger.costs import merge_ledger
-from cmbagent_batch.place.booking import Booking
-from cmbagent_batch.place.inventory import Inventory
 from cmbagent_batch.place.launch import where_for
 from cmbagent_batch.rundir.atomic import write_json_atomic
 from cmbagent_batch.rundir.history import INDEX, StaleIndex
@@ -44,20 +42,21 @@ if TYPE_CHECKING:
 def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Scheduler], None],
             selected: set[str] | None = None, ranks: RankExecutor | None = None,
             walltime_grace: float = 0.0, walltime_file: str | None = None,
-            placing: tuple[Inventory, Booking] | None = None) -> tuple[int, Scheduler]:
+            placing: Placing | None = None) -> tuple[int, Scheduler]:
     """Run what is not up to date (of ``selected``, when given); return the exit code and the scheduler.
     ``ranks``: rank 0's executor over the MPI worker ranks (tasks run there), else local pools.
     ``walltime_grace``: after SIGUSR1, seconds the running attempts may go on before they are terminated.
     ``walltime_file``: a file whose appearance means the same as SIGUSR1.
-    ``placing``: the inventory and its booking, for a job whose tasks have shapes (``placing.booking_for``)."""
+    ``placing``: the inventory, its booking and the tasks skipped as they can never fit, for a job whose
+    tasks have shapes (``placing.booking_for``)."""
     ex = p.spec.execution
-    inventory, booking = placing or (None, None)
+    inventory, booking = (placing.inventory, placing.booking) if placing else (None, None)
     if ranks is not None and needs_booking(p.spec):
         warn("the MPI backend does not place task shapes yet: every task takes one slot of a worker rank, "
              "and resources (ranks, GPUs, memory) and execution.inventory are not booked")
     backend = make_backend(ex, ranks)
     pools, workers = backend.pools, backend.workers
-    table = task_runs(p, selected)
+    table = task_runs(p, selected, placing.skipped if placing else None)
     runs = table.runs
     for left in p.layout.leftovers():
         warn(f"{left} holds what a python task left when an earlier run was killed (which task is not "

@@ -159,11 +159,20 @@ class Dag:
 
     def ancestors(self, task_id: str) -> tuple[str, ...]:
         """Every task ``task_id`` depends on, directly or not, sorted."""
-        return self._names(_reach(self._predecessors(), self._at(task_id)))
+        return self._names(_reach(self._predecessors(), [self._at(task_id)]))
 
     def descendants(self, task_id: str) -> tuple[str, ...]:
         """Every task that depends on ``task_id``, directly or not, sorted."""
-        return self._names(_reach(self._succ, self._at(task_id)))
+        return self._names(_reach(self._succ, [self._at(task_id)]))
+
+    def upstream(self, task_ids: Iterable[str]) -> set[str]:
+        """Every task one of ``task_ids`` depends on, directly or not, ``task_ids`` themselves left out: one
+        walk, however many ids."""
+        return set(self._names(_reach(self._predecessors(), [self._at(t) for t in task_ids])))
+
+    def downstream(self, task_ids: Iterable[str]) -> set[str]:
+        """Every task that depends on one of ``task_ids``, directly or not, ``task_ids`` themselves left out."""
+        return set(self._names(_reach(self._succ, [self._at(t) for t in task_ids])))
 
     def linked(self) -> frozenset[str]:
         """The tasks that have a dependency or a dependent."""
@@ -357,12 +366,13 @@ def _cycle(succ: list[Sequence[int]], waiting: list[int]) -> list[int]:
     return closed_loop(loop[::-1])  # the walk went against the edges
 
 
-def _reach(adjacent: list[Sequence[int]], start: int) -> list[int]:
-    """Every index reachable from ``start`` (itself excluded), unsorted."""
+def _reach(adjacent: list[Sequence[int]], starts: list[int]) -> list[int]:
+    """Every index reachable from one of ``starts``, the starts themselves left out, unsorted."""
     seen = bytearray(len(adjacent))
-    seen[start] = 1
+    for start in starts:
+        seen[start] = 1
     found: list[int] = []
-    stack = [start]
+    stack = list(starts)
     while stack:
         for n in adjacent[stack.pop()]:
             if not seen[n]:

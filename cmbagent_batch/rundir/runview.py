@@ -13,6 +13,7 @@ from cmbagent_batch.rundir.layout import Layout, journal_dir, journal_paths, rea
 from cmbagent_batch.states import TaskState
 
 # The states whose row says why (and whose stderr's end status shows).
+UP_TO_DATE = "succeeded in an earlier run; unchanged"  # why a task that is up to date is skipped
 TROUBLED = frozenset({TaskState.FAILED, TaskState.INTERRUPTED, TaskState.CANCELLED, TaskState.UPSTREAM_FAILED,
                       TaskState.BUDGET_EXCEEDED})
 

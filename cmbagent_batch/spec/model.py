@@ -165,6 +165,15 @@ class SlurmSpec:
     sbatch_args: tuple[str, ...] = ()
 
 
+class Unplaceable(str, Enum):
+    """What a run does with a task whose resources can never fit where it runs."""
+
+    REFUSE = "refuse"
+    """Refuse the run before anything starts (exit 2)."""
+    SKIP = "skip"
+    """Skip the task, and the tasks that depend on it, saying why."""
+
+
 @dataclass(frozen=True, slots=True)
 class Resources:
     """A task's shape: ``ranks`` processes spread evenly over ``nodes`` nodes, each rank with its CPUs and
@@ -220,6 +229,7 @@ class TaskSpec:
     resources: Resources = field(default_factory=Resources)
     budget_usd: float | None = None
     estimate: float | None = None  # expected seconds, weights the critical path
+    when_unplaceable: Unplaceable = Unplaceable.REFUSE
     # shell
     run: str | None = None
     # python

@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any, overload
 
 from cmbagent_batch.spec.matrix import Fill, Grid, Values, describe_values, template
-from cmbagent_batch.spec.model import EMPTY, Resources, TaskSpec, freeze
+from cmbagent_batch.spec.model import EMPTY, Resources, TaskSpec, Unplaceable, freeze
 
 DEFAULT_RESOURCES = Resources()
 _FIELDS = tuple(f.name for f in dataclasses.fields(TaskSpec))
@@ -232,6 +232,7 @@ def task_spec(d: dict[str, Any], values: Values, depends_on: tuple[str, ...], de
         resources=resources(d["resources"]) if "resources" in d else DEFAULT_RESOURCES,
         budget_usd=d.get("budget_usd"),
         estimate=d.get("estimate"),
+        when_unplaceable=Unplaceable(d["when_unplaceable"]) if "when_unplaceable" in d else Unplaceable.REFUSE,
         run=d.get("run"),
         call=d.get("call"),
         args=freeze(d["args"]) if "args" in d else None,
