@@ -55,6 +55,7 @@ class Admission:
         self._mem_used = 0.0
         self._mem_checked = (-1.0, 0.0)
         self._passed: dict[str, float] = {}  # tasks that did not fit and were passed by others: since when
+        self._gone: set[str] = set()  # passed tasks launched while holding, whose ready entries are still there
 
     def push(self, r: TaskRun) -> None:
         heapq.heappush(self.ready, (-r.priority, r.id))
@@ -67,16 +68,21 @@ class Admission:
     def launch_ready(self, submit: Callable[[list[TaskRun]], None]) -> None:
         """Submit (``submit``, which calls ``admitted``) the ready tasks that fit, the most urgent first,
         tiny ones of a kind together."""
+        if self._holding():
+            self._launch_passed(submit)
+            return
         deferred = []
         cap = self.cap()
         ready = self.ready
         booking = self.limits.booking
-        holding = self._holding()
         blocked: str | None = None  # the most urgent task that did not fit this time
         while ready and self.units < cap:
             item = heapq.heappop(ready)
+            if item[1] in self._gone:  # launched from the passed ones: its entry goes now
+                self._gone.discard(item[1])
+                continue
             r = self.runs[item[1]]
-            if not self._fits(r) or (holding and r.id not in self._passed):
+            if not self._fits(r):
                 deferred.append(item)
                 continue
             if not self._memory_ok():
@@ -122,6 +128,22 @@ class Admission:
         self._mem_used -= unit.memory_mb
         if unit.placement is not None and self.limits.booking is not None:
             self.limits.booking.release(unit.placement)
+
+    def _launch_passed(self, submit: Callable[[list[TaskRun]], None]) -> None:
+        """While holding: only the tasks that were passed start, the most urgent first, each once it fits
+        (looking at them only: the ready line is not walked; their entries there are dropped later)."""
+        booking = self.limits.booking
+        assert booking is not None  # tasks are passed only when booked
+        for tid in sorted(self._passed, key=lambda t: (-self.runs[t].priority, t)):
+            r = self.runs[tid]
+            if self.units >= self.cap() or not self._fits(r) or not self._memory_ok():
+                return
+            r.placement = booking.place(r.shape)
+            if r.placement is None:
+                return  # in order: what frees up goes to the most urgent first
+            del self._passed[tid]
+            self._gone.add(tid)
+            submit([r])
 
     def _holding(self) -> bool:
         """Whether a task that does not fit has been passed by less urgent ones for ``backfill_s``: then
