@@ -63,7 +63,9 @@ class TaskContext:
     host: str
     matrix: dict[str, Any] = field(default_factory=dict)
     sharding: Sharding = Sharding.FLAT  # the run directory's: where the task's outputs are published
-    launch: dict[str, str] = field(default_factory=dict)  # where it was placed: CMBAGENT_LAUNCH, GPUs... (env)
+    # Where it was placed: (name, value) of CMBAGENT_LAUNCH, its GPUs... for its environment (a tuple: the
+    # empty default is shared, and costs an unplaced attempt nothing to make or to send to a worker).
+    launch: tuple[tuple[str, str], ...] = ()
 
     def sub(self, name: str) -> str:
         """A subdirectory of the work directory: data, codebase, logs, outputs, temp, chats, cost.

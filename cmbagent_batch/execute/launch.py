@@ -62,7 +62,7 @@ class Launcher:
             if r.placement is not None and self._where is not None:
                 launch = launch_env(r.placement, r.shape, self._where, task_id=r.id, attempt=r.attempts)
                 r.launch = launch["CMBAGENT_LAUNCH"]
-                ctx = dataclasses.replace(ctx, launch=launch)
+                ctx = dataclasses.replace(ctx, launch=tuple(launch.items()))
         links, missing = input_links(p, r.id)
         return Attempt(payload, ctx, links, env, chdir=self._in_processes and python, keep=ex.keep,
                        kill_grace=ex.kill_grace, missing=missing, priority=r.priority, journal=journal)
