@@ -160,7 +160,7 @@ class Admission:
         self._avg_wall[r.kind] = r.wall_s if avg is None else 0.8 * avg + 0.2 * r.wall_s
 
     def _prefetchable(self, r: TaskRun) -> bool:
-        return r.kind in self.limits.prefetch_kinds and r.shape.single and not r.shape.memory_mb
+        return r.small and r.kind in self.limits.prefetch_kinds
 
     def _fits(self, r: TaskRun) -> bool:
         lim = self.limits

@@ -18,14 +18,19 @@ from cmbagent_batch.errors import Problem, SpecError
 from cmbagent_batch.place.booking import Booking
 from cmbagent_batch.place.inventory import Inventory, declared, discover
 from cmbagent_batch.spec.model import JobSpec, Unplaceable
-from cmbagent_batch.spec.tasks import by_entry, shapes
+from cmbagent_batch.spec.tasks import DEFAULT_RESOURCES, by_entry
 from cmbagent_batch.spec.yamlio import read_yaml
 
 
 def needs_booking(spec: JobSpec) -> bool:
-    """Whether the job has a shape to place or a declared inventory to keep to."""
-    return spec.execution.inventory is not None or any(
-        not s.single or s.memory_mb is not None for s in shapes(spec.tasks))
+    """Whether the job has a shape to place or a declared inventory to keep to (a look at each entry)."""
+    if spec.execution.inventory is not None:
+        return True
+    for t, _ in by_entry(spec.tasks):
+        r = t.resources
+        if r is not DEFAULT_RESOURCES and (not r.single or r.memory_mb is not None):
+            return True
+    return False
 
 
 def inventory_of(spec: JobSpec, env: Mapping[str, str]) -> Inventory:

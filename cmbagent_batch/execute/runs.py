@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
@@ -109,14 +109,16 @@ class TaskRun:
     fp_record: dict[str, Any] | None = None  # its fingerprint as journaled, made at its launch on a rank
     placement: Placement | None = None  # where its attempt in flight runs (when the job books an inventory)
     launch: str = ""  # its CMBAGENT_LAUNCH there
+    # Read from the shape once, as admission reads them for every launch:
+    cpus: int = field(init=False)  # every core it books
+    memory_mb: float = field(init=False)  # on each node (0: none booked)
+    small: bool = field(init=False)  # one core, no GPU, no memory: may be handed over ahead, in batches
 
-    @property
-    def cpus(self) -> int:
-        return self.shape.cpus
-
-    @property
-    def memory_mb(self) -> float:
-        return float(self.shape.memory_mb or 0)
+    def __post_init__(self) -> None:
+        shape = self.shape
+        self.cpus = shape.cpus
+        self.memory_mb = float(shape.memory_mb or 0)
+        self.small = shape.single and shape.memory_mb is None
 
     @property
     def run_attempts(self) -> int:

@@ -272,16 +272,6 @@ def by_entry(tasks: Sequence[TaskSpec]) -> Iterator[tuple[TaskSpec, Sequence[str
         yield e.template, e.ids
 
 
-def shapes(tasks: Sequence[TaskSpec]) -> dict[Resources, str]:
-    """Each distinct shape of the job's tasks (``resources``: the same for all the tasks of an entry), with
-    the id of a task that has it, in file order."""
-    found: dict[Resources, str] = {}
-    for t, ids in by_entry(tasks):
-        if t.resources not in found and ids:
-            found[t.resources] = ids[0]
-    return found
-
-
 def of_kind(tasks: Sequence[TaskSpec], kind: str) -> Iterator[TaskSpec]:
     """The tasks of one kind; of a ``Tasks``, only the entries of that kind are made task by task."""
     if isinstance(tasks, Tasks):
