@@ -182,6 +182,8 @@ def test_fingerprints_are_the_values_earlier_versions_journaled(tmp_path: Path) 
     assert {tid: compact[tid].value for tid in reversed(dag.nodes)} == GOLDEN  # dependents first
     assert [compact[t].to_dict() for t in dag.nodes] == [by_id[t].to_dict() for t in dag.nodes]
     assert [compact[t].spec for t in dag.nodes] == [spec_digest(spec.task(t)) for t in dag.nodes]
+    # what a success record journals, made without a Fingerprint for the tasks that stand alone
+    assert [compact.record(t) for t in dag.nodes] == [by_id[t].to_dict() for t in dag.nodes]
 
 
 def test_a_fingerprint_asked_for_again_is_the_same(tmp_path: Path) -> None:

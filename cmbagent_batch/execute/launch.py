@@ -52,7 +52,7 @@ class Launcher:
         if self._on_ranks:  # the worker that gets it sets its place (rank -1: not known on rank 0)
             ctx = TaskContext(r.id, p.run_dir, "", -1, r.attempts, "", matrix, self._layout.sharding)
             env = self._no_env
-            r.fp_record = p.fps[r.id].to_dict()  # the Recorder's too, when the task's end comes
+            r.fp_record = p.fps.record(r.id)  # the Recorder's too, when the task's end comes
             journal: dict[str, Any] | None = {"run": p.run_id, **r.fp_record}
         else:
             ctx = TaskContext(r.id, p.run_dir, self._layout.work_dir(0, r.id), 0, r.attempts, self._host, matrix,

@@ -39,7 +39,7 @@ class Recorder:
         o = r.outcome
         fp, r.fp_record = r.fp_record, (r.fp_record if r.state is TaskState.RUNNING else None)
         if r.state is TaskState.SUCCEEDED and o is not None:
-            rec.update(fp or self._p.fps[r.id].to_dict(), wall_s=round(o.wall_s, 6))
+            rec.update(fp or self._p.fps.record(r.id), wall_s=round(o.wall_s, 6))
             for key, value in (("cpu_s", round(o.cpu_s, 6)), ("peak_rss_mb", round(o.peak_rss_mb, 3)),
                                ("work_bytes", o.work_bytes), ("output_bytes", o.output_bytes)):
                 if value or key == "peak_rss_mb":

@@ -135,6 +135,16 @@ class Fingerprints(Mapping[str, Fingerprint]):
             self._keep(deps)
         return self._make(tid, position, deps)
 
+    def record(self, tid: str) -> dict[str, str]:
+        """``self[tid].to_dict()``, made without a ``Fingerprint`` for a task with neither a dependency nor
+        a dependent (most of a large sweep's): what a success record journals."""
+        if tid in self._linked:
+            return self[tid].to_dict()
+        code = self._own_code(self._code(tid) or ())[0]
+        spec, inputs = self._spec(self._position(tid)), self._inputs.get(tid, "")
+        return {"fp": _digest_hex(spec, _NO_DEPS, inputs, code),
+                "parts": f"{spec[:SHORT]}.{_NO_DEPS[:SHORT]}.{inputs[:SHORT]}.{code[:SHORT]}"}
+
     def _keep(self, roots: tuple[str, ...]) -> None:
         """Keep what dependents need of ``roots`` and of everything upstream of them not kept yet."""
         kept = self._kept

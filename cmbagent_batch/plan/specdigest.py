@@ -23,7 +23,7 @@ from typing import Any
 
 from cmbagent_batch.plan.analysis.cache import canonical
 from cmbagent_batch.spec.matrix import format_value
-from cmbagent_batch.spec.model import TaskSpec, thaw
+from cmbagent_batch.spec.model import EMPTY, TaskSpec, thaw
 from cmbagent_batch.spec.tasks import Entry, Tasks
 
 # Fields that do not change what a task produces (timeouts, retries, resources, estimates) are left out,
@@ -51,8 +51,14 @@ _canonical_frozen = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensu
                                      default=_as_object).encode
 
 
+_NOTHING: dict[str, Any] = {}  # what the shared empty mapping of the fields that have none encodes as
+
+
 def spec_digest(task: TaskSpec) -> str:
     fields = {name: getattr(task, name) for name in FIELDS}
+    for name in ("env", "matrix"):  # most tasks have neither: no call of the encoder's default for them
+        if fields[name] is EMPTY:
+            fields[name] = _NOTHING
     if task.kind == "agent":
         fields["description"] = task.description
     return hashlib.sha256(_canonical_frozen(fields).encode("utf-8")).hexdigest()
