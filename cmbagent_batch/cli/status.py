@@ -115,13 +115,9 @@ def status(opts: StatusOptions) -> int:
 
 
 def _placed(placement: dict[str, Any]) -> str:
-    """A placement record as people read it: ``n1 cores 0-3 GPUs 0,1; n2 cores 0-3 GPUs 0,1``."""
-    hosts, cores, gpus = placement.get("hosts") or [], placement.get("cores") or [], placement.get("gpus") or []
-    parts = [f"{h} cores {c}" + (f" GPUs {','.join(map(str, g))}" if g else "")
-             for h, c, g in zip(hosts, cores, gpus)]
-    if placement.get("memory_mb"):
-        parts.append(f"{placement['memory_mb']:,} MB per node")
-    return "; ".join(parts)
+    from cmbagent_batch.place.booking import describe_record  # only for a run that booked its inventory
+
+    return describe_record(placement)
 
 
 def run_dir_of(given: str) -> tuple[str, str | None]:

@@ -58,17 +58,23 @@ class Placement:
 
     def describe(self) -> str:
         """One line for people: ``n1 cores 0-3 GPUs 0,1; n2 cores 0-3 GPUs 2,3; 2,048 MB per node``."""
-        parts = [f"{host} cores {core_ranges(cores)}" + (f" GPUs {','.join(gpus)}" if gpus else "")
-                 for host, cores, gpus in zip(self.hosts, self.cores, self.gpus, strict=True)]
-        if self.memory_mb is not None:
-            parts.append(f"{self.memory_mb:,} MB per node")
-        return "; ".join(parts)
+        return describe_record(self.record())
 
     def record(self) -> dict[str, Any]:
         """What a run's records keep of it (JSON-ready): hosts, cores as compact ranges, GPU ids, memory."""
         return {"hosts": list(self.hosts), "cores": [core_ranges(c) for c in self.cores],
                 "gpus": [list(g) for g in self.gpus], "memory_mb": self.memory_mb,
                 "ranks_per_node": self.ranks_per_node}
+
+
+def describe_record(record: dict[str, Any]) -> str:
+    """``Placement.describe`` of what ``Placement.record`` made (a journal's ``placement``)."""
+    hosts, cores, gpus = record.get("hosts") or [], record.get("cores") or [], record.get("gpus") or []
+    parts = [f"{host} cores {ranges}" + (f" GPUs {','.join(map(str, ids))}" if ids else "")
+             for host, ranges, ids in zip(hosts, cores, gpus)]
+    if record.get("memory_mb") is not None:
+        parts.append(f"{record['memory_mb']:,} MB per node")
+    return "; ".join(parts)
 
 
 @dataclass(slots=True, eq=False)
