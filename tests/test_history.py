@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cmbagent_batch.rundir.history import INDEX, History, load_history
+from cmbagent_batch.states import TaskState
 from tests.helpers.cli import Runner, cli, q, wait_until, write_spec
 from tests.helpers.runs import read_run
 
@@ -158,3 +159,48 @@ def test_a_run_directory_whose_run_json_lists_its_tasks_is_read_as_it_is(tmp_pat
     shown = json.loads(cli(tmp_path, "status", "runs/many", "--format", "json", check=True).stdout)
     assert {t["id"]: t["state"] for t in shown["tasks"]} == {"gone": "pending", "t-0": "succeeded",
                                                              "t-1": "succeeded"}
+
+
+def test_a_first_runs_table_is_made_a_column_at_a_time_as_task_by_task() -> None:
+    ids = [f"t-{i}" for i in range(50)]
+    planned = [(ids[:3], TaskState.SKIPPED, "not selected by --only"), (ids[3:], TaskState.PENDING, "")]
+    at_once = History()
+    at_once.plan_run("r1", planned)
+    one_by_one = History()
+    for tid in ids:
+        one_by_one.add(tid)
+    one_by_one.plan_run("r1", planned)
+    for name in ("state", "attempts", "attempt", "run", "t", "wall", "rank", "file", "offset", "planned", "note", "fps",
+                 "ids", "notes"):
+        assert repr(getattr(at_once, name)) == repr(getattr(one_by_one, name)), name  # repr: nan == nan
+    assert [at_once.position(t) for t in ids] == list(range(50))
+    at_once.plan_run("r2", [(["t-7", "new"], TaskState.PENDING, "")])  # known and new ids: one by one
+    assert (at_once.position("new"), at_once.planned_of(50), at_once.planned_of(0)) == (50, TaskState.PENDING, None)
+
+
+def test_the_journal_records_of_a_start_a_success_a_retry_and_a_failure_keep_their_keys(tmp_path: Path) -> None:
+    (tmp_path / "noop.py").write_text("def run():\n    return None\n")
+    write_spec(tmp_path, """\
+        version: 1
+        job: {name: keys}
+        execution: {retries: 1, retry_backoff: 0.01, keep_going: true, max_workers: 1}
+        tasks:
+          - {id: ok, kind: shell, run: "echo hi > out.txt", outputs: [out.txt]}
+          - {id: bad, kind: shell, run: "exit 3"}
+          - {id: after, kind: shell, run: "true", depends_on: [bad]}
+          - {id: py, kind: python, call: "noop:run"}
+    """)
+    assert cli(tmp_path, "run", "job.yaml", "--quiet").returncode == 1
+    journal = tmp_path / "runs" / "keys" / "journal" / "rank-0000.jsonl"
+    measures = {"cpu_s", "work_bytes", "output_bytes"}  # left out when 0
+    keys = [(r["task"], r["state"], [k for k in r if k not in measures])
+            for r in map(json.loads, journal.read_text().splitlines())]
+    start = ["t", "run", "task", "state", "attempt"]
+    success = [*start, "fp", "parts", "wall_s", "peak_rss_mb"]
+    failure = [*start, "reason", "error", "exit_code", "timed_out", "wall_s"]
+    assert sorted(keys) == sorted([
+        ("ok", "running", start), ("ok", "succeeded", success),
+        ("bad", "running", start), ("bad", "retrying", [*failure[:6], "retry_in_s", *failure[6:]]),
+        ("bad", "running", start), ("bad", "failed", failure),
+        ("after", "upstream_failed", ["t", "run", "task", "state", "reason", "root"]),
+        ("py", "running", start), ("py", "succeeded", success)])

@@ -29,39 +29,58 @@ class Recorder:
 
     def __init__(self, p: Prepared, journal: Journal) -> None:
         self._p = p
-        self._journal = journal
+        self._run_id = p.run_id
+        self._append = journal.append
         self._host = socket.gethostname()
+        self._work_dir = p.layout.work_dir
         for code, files in p.fps.code_sets().items():
             p.history.code_sets.setdefault(code, files)
 
     def __call__(self, r: TaskRun, extra: dict[str, Any]) -> None:
-        rec: dict[str, Any] = {"t": time.time(), "run": self._p.run_id, "task": r.id, "state": r.state.value, **extra}
+        # Run twice per task on the scheduler thread: the common records (a start, a success) are made
+        # with as few steps as give the same record. ``_value_`` is the member's value, without the
+        # descriptor behind ``.value``.
+        state = r.state
+        rec: dict[str, Any] = {"t": time.time(), "run": self._run_id, "task": r.id, "state": state._value_, **extra}
         o = r.outcome
-        fp, r.fp_record = r.fp_record, (r.fp_record if r.state is TaskState.RUNNING else None)
-        if r.state is TaskState.SUCCEEDED and o is not None:
-            rec.update(fp or self._p.fps.record(r.id), wall_s=round(o.wall_s, 6))
-            for key, value in (("cpu_s", round(o.cpu_s, 6)), ("peak_rss_mb", round(o.peak_rss_mb, 3)),
-                               ("work_bytes", o.work_bytes), ("output_bytes", o.output_bytes)):
-                if value or key == "peak_rss_mb":
-                    rec[key] = value
+        fp = r.fp_record
+        if state is not _RUNNING:
+            r.fp_record = None
+        if state is _SUCCEEDED and o is not None:
+            rec.update(fp or self._p.fps.record(r.id))
+            rec["wall_s"] = round(o.wall_s, 6)
+            if cpu := round(o.cpu_s, 6):
+                rec["cpu_s"] = cpu
+            rec["peak_rss_mb"] = round(o.peak_rss_mb, 3)
+            if o.work_bytes:
+                rec["work_bytes"] = o.work_bytes
+            if o.output_bytes:
+                rec["output_bytes"] = o.output_bytes
             if o.rank is not None:
                 rec.update(rank=o.rank, host=o.host, work_dir=o.work_dir)
-        elif o is not None and not o.ok and r.state is not TaskState.RUNNING:
+        elif o is not None and not o.ok and state is not _RUNNING:
             rec.update(error=o.error, exit_code=o.exit_code, timed_out=o.timed_out, wall_s=round(o.wall_s, 6),
                        work_bytes=o.work_bytes)
             if o.rank is not None:
                 rec.update(rank=o.rank, host=o.host, work_dir=o.work_dir)
             if o.traceback:
                 rec["traceback"] = o.traceback
-        if r.placement is not None and "placement" not in rec and r.state is not TaskState.RUNNING:
+        if r.placement is not None and "placement" not in rec and state is not _RUNNING:
             rec.update(placement=r.placement.record(), launch=r.launch)  # an end says where it ran
+            if o is not None and o.steps:  # and the Slurm job steps its $CMBAGENT_LAUNCH started
+                rec["steps"] = list(o.steps)
         if rec.get("host") == self._host:
             del rec["host"]
-        if rec.get("rank") == 0:  # read as 0 when left out
-            del rec["rank"]
-        if "work_dir" in rec and rec["work_dir"] == self._p.layout.work_dir(max(rec.get("rank", 0), 0), r.id):
+        rank = rec.get("rank", 0)
+        if rank == 0:  # read as 0 when left out
+            rec.pop("rank", None)
+        # an empty one (a start on a rank, which rank 0 does not place) is never the layout's
+        if (work_dir := rec.get("work_dir")) and work_dir == self._work_dir(max(rank, 0), r.id):
             del rec["work_dir"]
-        self._journal.append(rec)
+        self._append(rec)
+
+
+_RUNNING, _SUCCEEDED = TaskState.RUNNING, TaskState.SUCCEEDED
 
 
 FORMAT = 2  # 1: with a "tasks" entry per task; 2: a bounded summary (the journals hold each task)

@@ -46,6 +46,7 @@ _ZERO_FP = bytes(_FP)
 
 # The columns (arrays, and bytearrays of a byte a task), in the index's order; the fingerprints follow.
 _COLUMNS = ("state", "attempts", "attempt", "run", "t", "wall", "rank", "file", "offset", "planned", "note")
+_EMPTY: dict[str, Any] = {"state": NONE, "wall": math.nan, "rank": -1, "planned": NONE}  # a task added, in a column (else 0)
 
 
 class StaleIndex(Exception):
@@ -216,14 +217,23 @@ class History:
         self._pos[task_id] = i
         self.state.append(NONE)
         self.planned.append(NONE)
-        self.note.append(0)
-        for column in (self.attempts, self.attempt, self.run, self.file, self.offset):
+        for column in (self.note, self.attempts, self.attempt, self.run, self.file, self.offset, self.t):
             column.append(0)
-        self.t.append(0.0)
         self.wall.append(math.nan)
         self.rank.append(-1)
         self.fps.extend(_ZERO_FP)
         return i
+
+    def _extend(self, new: list[str]) -> list[int]:
+        """``add`` for every task of ``new`` (none of them here yet, none twice), a column at a time."""
+        start, n = len(self.ids), len(new)
+        self.ids.extend(new)
+        self._pos.update(zip(new, range(start, start + n)))
+        for name in _COLUMNS:
+            column, empty = getattr(self, name), [_EMPTY.get(name, 0)]
+            column.extend((bytes(empty) if isinstance(column, bytearray) else array(column.typecode, empty)) * n)
+        self.fps.extend(bytes(n * _FP))
+        return list(range(start, start + n))
 
     def fold(self, r: dict[str, Any], file: int, offset: int) -> None:
         """Take record ``r`` (at ``offset`` in journal ``file``) into its task's history. The last record
@@ -338,7 +348,9 @@ class History:
         for ids, state, why in planned:
             listed = list(ids)
             found = list(map(self._pos.get, listed))
-            positions = [self.add(tid) for tid in listed] if None in found else cast("list[int]", found)
+            new = found.count(None)  # all of them, distinct: a first run's tasks, added a column at a time
+            positions = (cast("list[int]", found) if not new else self._extend(listed)
+                         if new == len(found) == len(set(listed)) else [self.add(tid) for tid in listed])
             if positions and why not in self.notes:
                 self.notes.append(why)
             code, note = _CODE[state], self.notes.index(why) if positions else 0

@@ -1,7 +1,7 @@
 """The shipped JSON Schemas, and checking data against them.
 
-Two validators, two jobs: ``is_valid`` answers yes/no fast (fastjsonschema compiles the schema to
-Python once per process); ``problems`` runs jsonschema's Draft 2020-12 validator to collect every
+Two validators, two jobs: ``is_valid`` answers yes/no fast (fastjsonschema compiles the schema, without
+its annotations, to Python once per process); ``problems`` runs jsonschema's Draft 2020-12 validator to collect every
 error and words each one for a person. The slow path runs only when the fast one says no.
 """
 
@@ -37,7 +37,42 @@ def load_schema(name: str) -> dict[str, Any]:
 def _fast_validator(name: str) -> Callable[[Any], Any]:
     import fastjsonschema
 
-    return fastjsonschema.compile(load_schema(name), use_default=False)
+    # Compiled once per process, at every start, so kept small: a yes or no needs no detail in the
+    # exceptions (each would write its subschema into the generated code), nor the annotations.
+    return fastjsonschema.compile(checks_only(load_schema(name)), use_default=False, detailed_exceptions=False)
+
+
+# Keywords that say nothing about what is valid (JSON Schema's annotations, and ours, ``x-hint``)...
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "x-hint"})
+# ... and where subschemas are: as a mapping of names to subschemas, as a list of them, or alone.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_SCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
+_SCHEMA_ONE = frozenset({"items", "additionalProperties", "propertyNames", "contains", "not", "if", "then", "else",
+                         "unevaluatedItems", "unevaluatedProperties", "additionalItems"})
+
+
+def checks_only(schema: Any) -> Any:
+    """``schema`` without its annotations, at every level: what validates the same data the same way. A
+    property that is named like an annotation (a task's ``description``) stays: only keywords go. And
+    ``const: X`` becomes a subschema ``enum: [X]``, which fastjsonschema checks with the same test: its
+    ``const`` cannot be compiled without detailed exceptions (it words their message)."""
+    if not isinstance(schema, dict):
+        return schema  # a boolean schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _ANNOTATIONS:
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {k: checks_only(v) for k, v in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [checks_only(v) for v in value]
+        elif key in _SCHEMA_ONE:
+            out[key] = checks_only(value)
+        else:
+            out[key] = value
+    if "const" in out:  # as one more subschema: beside an enum of its own, both must hold
+        out["allOf"] = [*out.get("allOf", []), {"enum": [out.pop("const")]}]
+    return out
 
 
 def is_valid(data: Any, name: str = "job") -> bool:

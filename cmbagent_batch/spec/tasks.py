@@ -82,7 +82,8 @@ class Entry:
         """Whether the ``TaskSpec`` field ``name`` may differ between its tasks (``depends_on`` aside)."""
         if name in ("id", "matrix"):
             return self.grid is not None
-        return any(key in self.fills for key in _RAW_KEYS.get(name, (name,)))
+        fills = self.fills
+        return bool(fills) and any(key in fills for key in _RAW_KEYS.get(name, (name,)))  # a listed task's: none
 
     def finish(self, line: int, default_model: str | None) -> None:
         """Make its template, once its tasks are known to be valid."""
@@ -123,9 +124,10 @@ class Tasks(Sequence[TaskSpec]):
     def __getitem__(self, i: int | slice) -> TaskSpec | Sequence[TaskSpec]:
         if isinstance(i, slice):
             return tuple(self[j] for j in range(*i.indices(len(self))))
+        n = len(self._index)
         if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
+            i += n
+        if not 0 <= i < n:
             raise IndexError("task position out of range")
         entry = self.entry_at(i)
         return self._make(entry, i - entry.start)
@@ -157,7 +159,12 @@ class Tasks(Sequence[TaskSpec]):
 
     def entry_at(self, position: int) -> Entry:
         """The entry that made the task at ``position``."""
-        return self.entries[bisect.bisect_right(self._starts, position) - 1]
+        entries = self.entries
+        if position < len(entries):  # a job of listed tasks: the entry at the same place, found at once
+            entry = entries[position]
+            if entry.start == position and entry.ids:  # then the next one starts further on
+                return entry
+        return entries[bisect.bisect_right(self._starts, position) - 1]
 
     def id_at(self, position: int) -> str:
         entry = self.entry_at(position)
