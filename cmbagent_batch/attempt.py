@@ -126,6 +126,7 @@ class Outcome:
     host: str | None = None
     work_dir: str | None = None  # where the attempt ran (set by the runner)
     reason: OutcomeReason | None = None  # why it ended, where the runner decides on it (``error`` says it)
+    steps: tuple[str, ...] = ()  # the Slurm job steps its $CMBAGENT_LAUNCH started (JOB.STEP), in order
 
     @classmethod
     def because(cls, reason: OutcomeReason, **measures: Any) -> Outcome:

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# A single-node, real Slurm (Debian 12, Slurm 22.05) for tests and CI.
+# A real Slurm (Debian 12, Slurm 22.05) on this one machine, for tests and CI:
+#   partition debug (the default): one node named after this host, 4 CPUs;
+#   partition two: nodes n1 and n2, 2 CPUs each, for jobs that span nodes.
+# Each node has its own slurmd (`slurmd -N NODE`, its own port, spool dir, log and pid file).
 #
-#   slurm/local-cluster.sh up       install if needed, start munged, slurmctld, slurmd;
+#   slurm/local-cluster.sh up       install if needed, start munged, slurmctld, the slurmds;
 #                                   prints only `export SLURM_CONF=...` on stdout, so:
 #                                     eval "$(slurm/local-cluster.sh up)"
 #   slurm/local-cluster.sh down     cancel all jobs, stop the daemons
@@ -17,7 +20,7 @@ set -euo pipefail
 
 BASE=${CMBAGENT_SLURM_DIR:-/var/tmp/cmbagent-slurm}
 CTLD_PORT=${CMBAGENT_SLURM_CTLD_PORT:-6917}   # not Slurm's 6817/6818: no clash with a real one
-SLURMD_PORT=${CMBAGENT_SLURM_SLURMD_PORT:-6918}
+SLURMD_PORT=${CMBAGENT_SLURM_SLURMD_PORT:-6918}   # this host's node; n1 and n2 take the next two ports
 START_TIMEOUT=${CMBAGENT_SLURM_START_TIMEOUT:-30}
 # Step credential lifetime, which is also the delay before a requeued job may run again
 # (Slurm's default, 120 s, would make every requeue test wait two minutes). 5 is the
@@ -32,6 +35,8 @@ MUNGE_DIR=$RUN/munge
 MUNGE_SOCKET=$MUNGE_DIR/munge.socket.2
 MUNGE_KEY=$ETC/munge.key
 NODE=$(hostname -s)
+PAIR=(n1 n2)   # the nodes of partition two
+NODES=("$NODE" "${PAIR[@]}")
 
 export SLURM_CONF=$CONF
 
@@ -55,8 +60,12 @@ show_logs() {
 
 # --- process bookkeeping -------------------------------------------------------------
 
-# pid_of NAME: the pid from run/NAME.pid if that process is alive and really is NAME
-# (a stale pid file whose pid was reused by something else does not count).
+# A daemon's NAME is its command, or slurmd-NODE for the slurmd of NODE; its pid file is run/NAME.pid
+# (munged's under run/munge/), its log log/NAME.log and its captured stdio log/NAME.out.
+
+# pid_of NAME: the pid from NAME's pid file if that process is alive and really is NAME's
+# command (a stale pid file whose pid was reused by something else does not count, nor a
+# daemon that died and waits to be reaped).
 pid_of() {
     local name=$1 file pid comm
     file=$(pidfile "$name")
@@ -64,7 +73,8 @@ pid_of() {
     pid=$(tr -dc '0-9' <"$file")
     [[ -n $pid ]] || return 1
     comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-    [[ $comm == "$name" ]] || return 1
+    [[ $comm == "${name%%-*}" ]] || return 1
+    ! grep -q '^State:.*zombie' "/proc/$pid/status" 2>/dev/null || return 1
     echo "$pid"
 }
 
@@ -72,6 +82,18 @@ pidfile() {
     case $1 in
         munged) echo "$MUNGE_DIR/munged.pid" ;;
         *) echo "$RUN/$1.pid" ;;
+    esac
+}
+
+# The names of the slurmds, one per node.
+slurmds() { printf 'slurmd-%s\n' "${NODES[@]}"; }
+
+# port_of NODE: its slurmd's port.
+port_of() {
+    case $1 in
+        "${PAIR[0]}") echo $((SLURMD_PORT + 1)) ;;
+        "${PAIR[1]}") echo $((SLURMD_PORT + 2)) ;;
+        *) echo "$SLURMD_PORT" ;;
     esac
 }
 
@@ -150,11 +172,16 @@ ensure_installed() {
 # --- configuration -------------------------------------------------------------------
 
 make_dirs() {
+    local n
     mkdir -p "$ETC" "$BASE/state" "$BASE/spool" "$LOG" "$RUN" "$MUNGE_DIR"
     # munged refuses paths that group/other can write, and a key others can read. (Not
     # $BASE itself: it may be a directory the caller owns and chose.)
     chmod 0755 "$ETC" "$LOG" "$RUN" "$MUNGE_DIR"
     chmod 0700 "$BASE/state" "$BASE/spool"
+    for n in "${NODES[@]}"; do
+        mkdir -p "$BASE/spool/$n"
+        chmod 0700 "$BASE/spool/$n"
+    done
     if [[ ! -s $MUNGE_KEY ]]; then
         (umask 077 && head -c 1024 /dev/urandom >"$MUNGE_KEY")
     fi
@@ -169,7 +196,7 @@ real_memory_mb() {
 # Rewritten on every `up` of a stopped cluster, so edits to this script take effect.
 write_slurm_conf() {
     cat >"$CONF.tmp" <<EOF
-# Written by slurm/local-cluster.sh; rewritten on every 'up'. Single node: $NODE.
+# Written by slurm/local-cluster.sh; rewritten on every 'up'. Nodes $NODE (partition debug), ${PAIR[*]} (two).
 ClusterName=cmbagent
 # No mail on this machine; the default /usr/bin/mail does not exist and slurmctld says so.
 MailProg=/bin/true
@@ -186,12 +213,14 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$CRED_EXPIRE
 
+# %n: the node's name. Each slurmd needs its own spool dir: the pmi2 sockets of job steps are
+# there, named by job and step alone, and a step over n1 and n2 has one on each.
 StateSaveLocation=$BASE/state
-SlurmdSpoolDir=$BASE/spool
+SlurmdSpoolDir=$BASE/spool/%n
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 
@@ -216,8 +245,8 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$LOG/jobcomp.txt
 
-# Reject at submit what this one node can never run (-N 2, -n 5, ...) instead of leaving
-# it PENDING forever with Reason=PartitionNodeLimit/PartitionConfig.
+# Reject at submit what a partition can never run (-N 2 or -n 5 in debug, -N 3 in two, ...)
+# instead of leaving it PENDING forever with Reason=PartitionNodeLimit/PartitionConfig.
 EnforcePartLimits=ALL
 JobRequeue=1
 KillWait=5
@@ -228,10 +257,14 @@ MessageTimeout=10
 SlurmdTimeout=60
 ReturnToService=2
 
-# Four CPUs whatever the hardware: config_overrides makes slurmd trust this line.
+# CPUs whatever the hardware: config_overrides makes slurmd trust these lines. n1 and n2 are
+# this host too (NodeHostname), each with its own slurmd (slurmd -N) on its own Port.
 SlurmdParameters=config_overrides
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=4 RealMemory=$(real_memory_mb) State=UNKNOWN
+NodeName=${PAIR[0]} NodeHostname=$NODE NodeAddr=127.0.0.1 Port=$(port_of "${PAIR[0]}") CPUs=2 RealMemory=$(real_memory_mb) State=UNKNOWN
+NodeName=${PAIR[1]} NodeHostname=$NODE NodeAddr=127.0.0.1 Port=$(port_of "${PAIR[1]}") CPUs=2 RealMemory=$(real_memory_mb) State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+PartitionName=two Nodes=${PAIR[0]},${PAIR[1]} MaxTime=INFINITE State=UP
 EOF
     mv "$CONF.tmp" "$CONF"
 }
@@ -273,56 +306,95 @@ start_slurmctld() {
     wait_pidfile slurmctld
 }
 
+# start_slurmd NODE
 start_slurmd() {
-    running slurmd && return 0
-    check_port "$SLURMD_PORT" SlurmdPort CMBAGENT_SLURM_SLURMD_PORT
-    slurmd -f "$CONF" -N "$NODE" </dev/null >>"$LOG/slurmd.out" 2>&1 ||
-        { show_logs slurmd; die "slurmd failed to start"; }
-    wait_pidfile slurmd
+    local node=$1 name=slurmd-$1 port
+    running "$name" && return 0
+    port=$(port_of "$node")
+    check_port "$port" "the Port of node $node" \
+        "CMBAGENT_SLURM_SLURMD_PORT (${PAIR[0]} and ${PAIR[1]} take the two ports after it)"
+    slurmd -f "$CONF" -N "$node" </dev/null >>"$LOG/$name.out" 2>&1 ||
+        { show_logs "$name"; die "$name failed to start"; }
+    wait_pidfile "$name"
 }
 
-node_state() { sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n 1; }
+# node_states: `NODE STATE` for each node, as slurmctld sees them.
+node_states() { sinfo -h -N -o '%N %T' 2>/dev/null | sort -u; }
 
-# Wait until the node is usable: `idle`, or `mixed`/`allocated` when jobs that survived a
+# ready STATE: a node is usable: `idle`, or `mixed`/`allocated` when jobs that survived a
 # restart run again. `completing` (a job recovered from saved state still being cleaned
 # up) is not: new jobs would wait for it.
-wait_node_ready() {
-    local deadline=$((SECONDS + START_TIMEOUT)) state="" d
+ready() { [[ $1 =~ ^(idle|mixed|allocated)$ ]]; }
+
+# unready_nodes: the nodes that are not (each as NODE=STATE, `no answer` when sinfo lacks it).
+unready_nodes() {
+    local states n state
+    states=$(node_states || true)
+    for n in "${NODES[@]}"; do
+        state=$(awk -v n="$n" '$1 == n { print $2; exit }' <<<"$states")
+        ready "$state" || echo "$n=${state:-no answer}"
+    done
+}
+
+wait_nodes_ready() {
+    local deadline=$((SECONDS + START_TIMEOUT)) unready="" d n
     while ((SECONDS < deadline)); do
-        for d in slurmctld slurmd munged; do
+        for d in slurmctld $(slurmds) munged; do
             running "$d" || { show_logs "$d"; die "$d died during start-up; see $LOG"; }
         done
-        state=$(node_state || true)
-        case $state in
-            idle | mixed | allocated) return 0 ;;
-            drain* | down*)
-                # A node left DOWN/DRAINED in saved state: give it back to service.
-                scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
-        esac
+        unready=$(unready_nodes)
+        [[ -z $unready ]] && return 0
+        for n in $unready; do
+            case ${n#*=} in
+                drain* | down*)
+                    # A node left DOWN/DRAINED in saved state: give it back to service.
+                    scontrol update NodeName="${n%%=*}" State=RESUME >/dev/null 2>&1 || true ;;
+            esac
+        done
         sleep 0.2
     done
     show_logs slurmctld
-    show_logs slurmd
-    die "node $NODE not idle after ${START_TIMEOUT}s (state: '${state:-no answer}')"
+    for d in $(slurmds); do show_logs "$d"; done
+    die "nodes not idle after ${START_TIMEOUT}s: ${unready//$'\n'/ }"
+}
+
+all_running() {
+    local d
+    for d in munged slurmctld $(slurmds); do running "$d" || return 1; done
+}
+
+any_slurmd_running() {
+    local d
+    for d in $(slurmds); do running "$d" && return 0; done
+    return 1
 }
 
 cmd_up() {
-    if running munged && running slurmctld && running slurmd &&
-        [[ $(node_state || true) =~ ^(idle|mixed|allocated)$ ]]; then
+    local n
+    if all_running && [[ -z $(unready_nodes) ]]; then
         echo "export SLURM_CONF=$CONF"
         return 0
     fi
+    [[ $NODE != n[12] ]] || die "this host is named $NODE, like a node of partition two"
     ensure_installed
     make_dirs
+    # A cluster started by this script when it had one node (its slurmd's pid file is
+    # run/slurmd.pid) knows no n1 and n2: restart it with this config. Its jobs survive
+    # in slurmctld's saved state.
+    if running slurmd; then
+        log "restarting a single-node cluster with nodes $NODE, ${PAIR[0]} and ${PAIR[1]}"
+        stop_daemons slurmd slurmctld
+    fi
     # Rewrite the config only when nothing reads it yet; a half-up cluster keeps its own.
-    if ! running slurmctld && ! running slurmd; then
+    if ! running slurmctld && ! any_slurmd_running; then
         write_slurm_conf
     fi
     start_munged
     start_slurmctld
-    start_slurmd
-    wait_node_ready
-    log "up: node $NODE $(node_state), logs in $LOG"
+    for n in "${NODES[@]}"; do start_slurmd "$n"; done
+    wait_nodes_ready
+    log "up: $(node_states | awk '{ printf "%s%s %s", (NR > 1 ? ", " : ""), $1, $2 }')" \
+        "(partition debug: $NODE; two: ${PAIR[0]}, ${PAIR[1]}); logs in $LOG"
     echo "export SLURM_CONF=$CONF"
 }
 
@@ -401,7 +473,8 @@ cmd_down() {
         cancel_all_jobs
     fi
     kill_leftover_steps
-    stop_daemons slurmd slurmctld munged
+    # shellcheck disable=SC2046
+    stop_daemons $(slurmds) slurmd slurmctld munged  # slurmd: a single-node cluster's
     # A step daemon that slurmd started while we were stopping it.
     kill_leftover_steps
     log "down"
@@ -411,7 +484,7 @@ cmd_down() {
 
 cmd_status() {
     local n=0 d pid
-    for d in munged slurmctld slurmd; do
+    for d in munged slurmctld $(slurmds); do
         if pid=$(pid_of "$d"); then
             echo "$d: running (pid $pid)"
             n=$((n + 1))
@@ -422,10 +495,10 @@ cmd_status() {
     echo "base: $BASE"
     if running slurmctld; then
         echo "export SLURM_CONF=$CONF"
-        sinfo -N -o '%N %T %C' 2>&1 || true
+        sinfo -N -o '%N %P %T %C' 2>&1 || true
         squeue 2>&1 || true
     fi
-    ((n == 3)) && return 0
+    ((n == 2 + ${#NODES[@]})) && return 0
     ((n == 0)) && return 3
     return 1
 }

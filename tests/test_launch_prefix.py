@@ -28,7 +28,7 @@ from tests.helpers.slurm_cluster import env_for, wait_job_end
 MPI_PROGRAM = (shlex.quote(sys.executable) + ' -c "from mpi4py import MPI; import os, sys; '
                'sys.stdout.write(f\'{MPI.COMM_WORLD.Get_size()} {sorted(os.sched_getaffinity(0))}\\n\')"')
 SRUN = "srun --jobid=4242"
-EXACT = "--exact --kill-on-bad-exit=1"
+EXACT = f"--exact --kill-on-bad-exit=1 sh {launch.STEP_NOTE}"  # each rank notes its step, then runs the program
 
 
 def placed(host: str, cores: tuple[int, ...], r: Resources, gpus: tuple[str, ...] = ()) -> Placement:

@@ -167,7 +167,27 @@ def test_an_exception_that_does_not_pickle_still_comes_back_as_text() -> None:
     assert "_HoldsLock: holds a lock" in str(err.__cause__)
 
 
+def test_slot_table_takes_among_a_nodes_ranks_the_least_loaded_and_none_when_they_are_full() -> None:
+    table = SlotTable([1, 2, 3, 4], per_rank=2)
+    assert table.take() == 1
+    assert [table.take_among([1, 3]) for _ in range(4)] == [3, 1, 3, None]
+    assert table.take_among([2]) == 2
+    table.give(1)
+    assert table.take_among([3, 1]) == 1
+    assert [table.take() for _ in range(4)] == [4, 2, 4, None]  # the loads it booked count for take too
+
+
 # Under mpiexec.
+
+@needs_mpi
+def test_calls_bound_to_a_node_go_to_its_workers_and_wait_there_without_holding_back_other_nodes(
+        tmp_path: Path) -> None:
+    out, _ = run_scenario("routed", tmp_path)
+    assert [h[1] for h in out["hellos"].values()] == ["", ""] and sorted(out["hellos"]) == ["1", "2"]
+    assert (out["blocker"], out["behind"], out["others"]) == (1, 1, [2])
+    assert out["sent_early"] is False  # it waited on rank 0 for node a's worker, however urgent
+    assert out["error"] == "no worker rank is routed to node 'c' (routes: ['a', 'b'])"
+
 
 @needs_mpi
 @pytest.mark.parametrize("n", [3, 4])

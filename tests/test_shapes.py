@@ -19,6 +19,7 @@ from cmbagent_batch.spec.model import Resources
 from cmbagent_batch.states import Tally, TaskState
 from tests.helpers.cli import cli
 from tests.helpers.fake_scheduler import FakePools, Job
+from tests.helpers.mpi_run import MPIEXEC, mpirun
 from tests.helpers.runs import published
 
 HEAD = "version: 1\njob: {name: shapes}\n"
@@ -128,6 +129,28 @@ def test_tasks_of_ranks_and_gpus_share_a_declared_inventory_and_each_launch_sees
     (tmp_path / "job.yaml").write_text(MIXED)
     done = cli(tmp_path, "run", "job.yaml", check=True)
     assert "cmbagent-batch: inventory: 1 node (" in done.stderr
+    check_mixed(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpich)")
+def test_on_mpi_worker_ranks_tasks_are_placed_on_the_declared_inventory_as_on_local_pools(tmp_path: Path) -> None:
+    pytest.importorskip("mpi4py", reason="the MPI backend needs the 'mpi' extra (mpi4py, mpich)")
+    (tmp_path / "job.yaml").write_text(MIXED.replace("execution: {", "execution: {backend: mpi, "))
+    done = mpirun(tmp_path, 3, "run", "job.yaml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr.count("cmbagent-batch: inventory: 1 node (") == 1  # rank 0 alone says it
+    assert "does not place" not in done.stderr
+    check_mixed(tmp_path)
+    ends = [json.loads(line) for path in sorted((tmp_path / "runs" / "shapes" / "journal").glob("rank-000[12].jsonl"))
+            for line in path.read_text().splitlines()]
+    assert {rec["rank"] for rec in ends} == {1, 2}  # the declared node's tasks went to both of its workers
+    assert sorted(rec["task"] for rec in ends) == ["gpu1", "gpu2", "gpu3", "pair1", "pair2", "quad"]
+
+
+def check_mixed(tmp_path: Path) -> None:
+    """``MIXED`` ran placed: the two 2-rank tasks at once, the 4-rank one after them, each launch seeing its
+    own size, and GPU tasks running at once on disjoint devices."""
     run_dir = tmp_path / "runs" / "shapes"
     times = spans(run_dir)
     (p1, e1, _), (p2, e2, _), (q, _, quad) = times["pair1"], times["pair2"], times["quad"]
@@ -143,8 +166,13 @@ def test_tasks_of_ranks_and_gpus_share_a_declared_inventory_and_each_launch_sees
         (sa, ea, _), (sb, eb, _) = times[a], times[b]
         if sa < eb and sb < ea:  # at once: never the same device
             assert not set(gpus[a][0].split(",")) & set(gpus[b][0].split(",")), gpus
-    status = cli(tmp_path, "status", str(run_dir), "--format", "json", check=True)
-    assert json.loads(status.stdout)["status"] == "finished"
+    status = json.loads(cli(tmp_path, "status", str(run_dir), "--format", "json", check=True).stdout)
+    assert status["status"] == "finished"
+    rows = {row["id"]: row for row in status["tasks"]}
+    assert rows["quad"]["placement"]["cores"] == ["0-3"] and rows["quad"]["launch"].split()[1:3] == ["-n", "4"]
+    assert all(row["state"] == "succeeded" and row["placement"]["hosts"] for row in rows.values())  # where each ran
+    text = cli(tmp_path, "status", str(run_dir), check=True).stdout
+    assert f"      on {quad['hosts'][0]} cores 0-3: {rows['quad']['launch']}" in text.splitlines()
     assert json.loads((run_dir / "run.json").read_text())["inventory"].endswith("(declared)")
 
 
@@ -216,3 +244,34 @@ def test_a_task_that_can_never_fit_is_skipped_with_what_depends_on_it_when_its_e
     assert shown[at + 1] == ("      can never fit here: asks for 1 GPU on one node; no node has a GPU (declared "
                              "inventory)")
     assert "Inventory: 1 node (" in shown[2]
+
+
+THREADED = HEAD + """execution: {isolation: thread, inventory: {cpus: 4, gpus: [0, 1]}}
+tasks:
+  - id: pair
+    kind: python
+    call: ranks:where
+    args: {out: launch.json}
+    resources: {ranks: 2, gpus_per_rank: 1}
+    outputs: [launch.json]
+"""
+WHERE = '''import json, os
+
+
+def where(out, ctx):
+    launch = dict(ctx.launch)
+    with open(os.path.join(ctx.work_dir, out), "w") as fh:
+        json.dump({"launch": launch, "in_environ": "CMBAGENT_LAUNCH" in os.environ}, fh)
+'''
+
+
+def test_a_python_task_in_a_thread_finds_its_launch_in_its_context_not_in_the_shared_environment(
+        tmp_path: Path) -> None:
+    (tmp_path / "job.yaml").write_text(THREADED)
+    (tmp_path / "ranks.py").write_text(WHERE)
+    cli(tmp_path, "run", "job.yaml", check=True)
+    seen = json.loads((published(tmp_path / "runs" / "shapes", "pair") / "launch.json").read_text())
+    launch = seen["launch"]
+    assert launch["CMBAGENT_LAUNCH"].split()[1:3] == ["-n", "2"]
+    assert (launch["CMBAGENT_NTASKS"], launch["CMBAGENT_GPUS"], launch["CUDA_VISIBLE_DEVICES"]) == ("2", "0,1", "0,1")
+    assert seen["in_environ"] is False  # the runner's environment, which every thread shares, is left alone

@@ -61,7 +61,7 @@ def test_a_submitted_job_runs_the_dag_on_three_ranks(tmp_path: Path, slurm_conf:
     assert end["JobState"] == "COMPLETED", job_logs(run_dir)
     script = run_dir / "slurm" / "job-001.sbatch"
     text = script.read_text()
-    assert "#SBATCH --ntasks-per-node=3" in text and "srun --mpi=pmi2 " in text
+    assert "#SBATCH --ntasks-per-node=3" in text and "srun --overlap --mem=0 --cpu-bind=none --mpi=pmi2 " in text
     m = manifest(run_dir)
     assert (m["backend"], m["ranks"], m["exit_code"]) == ("mpi", 3, 0)
     assert m["counts"] == {"succeeded": 13}
@@ -78,6 +78,57 @@ def test_a_submitted_job_runs_the_dag_on_three_ranks(tmp_path: Path, slurm_conf:
     assert "13/13 done" in log.read_text()  # the progress lines (stderr) are in the one log
     status_json = json.loads(cli(tmp_path, slurm_conf, "status", str(run_dir), "--format", "json").stdout)
     assert status_json["slurm"]["state"] == "COMPLETED" and status_json["slurm"]["requeues"] == 0
+
+
+STEPS = """\
+version: 1
+job: {name: steps}
+execution: {backend: mpi}
+tasks:
+  - id: pair{i}
+    kind: shell
+    run: $CMBAGENT_LAUNCH sh -c 'echo "$SLURM_JOB_ID.$SLURM_STEP_ID $SLURM_NTASKS $SLURM_PROCID"; sleep 2' > ranks.txt
+    resources: {ranks: 2}
+    outputs: [ranks.txt]
+    matrix: {i: [1, 2]}
+  - id: quad
+    kind: shell
+    run: $CMBAGENT_LAUNCH sh -c 'echo "$SLURM_JOB_ID.$SLURM_STEP_ID $SLURM_NTASKS $SLURM_PROCID"' > ranks.txt
+    resources: {ranks: 4}
+    outputs: [ranks.txt]
+"""
+
+
+def test_a_submitted_job_places_its_tasks_and_launches_each_as_its_own_job_step(
+        tmp_path: Path, slurm_conf: str) -> None:
+    """The worker rank's node (4 CPUs in the allocation) takes the two 2-rank tasks at once, each its own
+    step beside the ranks' step; the 4-rank task waits for them, then runs as a step of 4."""
+    spec = write(tmp_path, STEPS)
+    run_dir = tmp_path / "runs" / "steps"
+    job_id = submit(tmp_path, slurm_conf, spec, "--ntasks-per-node", "2", "--cpus-per-task", "2", "--time", "5")
+    end = wait_job_end(job_id, env(tmp_path, slurm_conf), 180, run_dir)
+    assert end["JobState"] == "COMPLETED", job_logs(run_dir)
+    log = (run_dir / "slurm" / f"slurm-{job_id}.log").read_text()
+    assert "cmbagent-batch: inventory: 1 node (" in log and "4 CPUs" in log and "(slurm)" in log, log
+    lines = {tid: (published(run_dir, tid) / "ranks.txt").read_text().split("\n")[:-1] for tid in ("pair1", "pair2", "quad")}
+    steps = {tid: {line.split()[0] for line in out} for tid, out in lines.items()}
+    assert all(len(ids) == 1 for ids in steps.values()), steps  # one step per task
+    assert len({next(iter(ids)) for ids in steps.values()} | {f"{job_id}.0"}) == 4, steps  # none is the ranks' step
+    for tid, ranks in (("pair1", 2), ("pair2", 2), ("quad", 4)):
+        assert sorted(line.split()[1:] for line in lines[tid]) == [[str(ranks), str(i)] for i in range(ranks)], lines
+    spans: dict[str, list[float]] = {}
+    for line in (run_dir / "journal" / "rank-0000.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("state") in ("running", "succeeded"):
+            spans.setdefault(rec["task"], []).append(rec["t"])
+            if rec["state"] == "running":
+                assert f"srun --jobid={job_id} --job-name=cmbagent-batch:{rec['task']}:1 " in rec["launch"], rec
+    (s1, e1), (s2, e2), (q, _) = spans["pair1"], spans["pair2"], spans["quad"]
+    assert max(s1, s2) < min(e1, e2) and q >= max(e1, e2), spans  # the pairs at once; quad after both
+    status = cli(tmp_path, slurm_conf, "status", str(run_dir))
+    for tid, ids in steps.items():  # where each ran, and as which step, however it ended
+        assert any(line.startswith("      on ") and f", job step {next(iter(ids))}: " in line
+                   for line in status.stdout.splitlines()), (tid, status.stdout)
 
 
 SLEEPY = """\

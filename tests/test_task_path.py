@@ -251,7 +251,7 @@ def test_the_job_script_runs_the_submitting_python_and_leaves_path_alone(tmp_pat
     assert f"#SBATCH --output={run_dir}/slurm/slurm-%j.log" in script
     assert not [line for line in script if line.startswith("#SBATCH --error") or "PATH=" in line]
     srun = next(line for line in script if line.startswith("srun "))
-    assert srun.startswith(f"srun --mpi=pmi2 {shlex.quote(sys.executable)} -m cmbagent_batch run {path} ")
+    assert srun.startswith(f"srun --overlap --mem=0 --cpu-bind=none --mpi=pmi2 {shlex.quote(sys.executable)} -m cmbagent_batch run {path} ")
 
 
 @pytest.mark.parametrize("arg", ["--error=x.err", "--err=x.err", "-ex.err", "-e"])

@@ -31,13 +31,15 @@ class Backend:
     prefetch_kinds: frozenset[str]  # kinds whose attempts may be handed over ahead of a free worker
 
 
-def make_backend(ex: ExecutionSpec, ranks: RankExecutor | None = None) -> Backend:
-    """Local pools sized from ``ex``, or, given rank 0's ``ranks`` executor, pools over the worker ranks."""
+def make_backend(ex: ExecutionSpec, ranks: RankExecutor | None = None, booked_cpus: int | None = None) -> Backend:
+    """Local pools sized from ``ex``, or, given rank 0's ``ranks`` executor, pools over the worker ranks.
+    ``booked_cpus``: the CPUs of the inventory a job books; on worker ranks, as many tasks as that run at
+    once (each books one CPU at least), where the booking puts them."""
     sequential = ex.mode == "sequential"
     if ranks is not None:
         from cmbagent_batch.backends.ranks import RankPools
 
-        rank_pools = RankPools(ranks, ex.tasks_per_rank)
+        rank_pools = RankPools(ranks, ex.tasks_per_rank, booked_cpus)
         kinds = frozenset() if sequential else rank_pools.prefetch_kinds()
         # The memory in use on rank 0's node says nothing of the workers' nodes.
         return Backend(rank_pools, "mpi", len(ranks.workers) + 1, 1 if sequential else rank_pools.workers,

@@ -17,43 +17,44 @@ that ignores SIGALRM, never returns to Python: the parent kills its worker then.
 
 A worker process leads its own process group (what a python task starts ends with it), outside the
 terminal's: Ctrl-C reaches the runner, which decides what ends. Under MPI it leaves the launcher's
-variables (``PMI_*``) behind: it is not one of the job's MPI processes.
+variables (``PMI_*``) behind: it is not one of the job's MPI processes. The worker process itself, seen
+from its thread here and from inside, is ``backends.worker_process``.
+
+Job steps: an attempt placed inside a Slurm allocation starts its ranks as job steps
+(``$CMBAGENT_LAUNCH``). The worker ends them itself when it interrupts a call at its timeout
+(``tasks.python``). When the worker is killed instead, its steps would outlive it, so they are ended here:
+at a stop, ``scancel --signal=TERM`` as the worker gets SIGTERM, then a plain ``scancel`` to those squeue
+still lists after ``grace`` (``tasks.shell.end_steps``); when its call never returned to Python, or the
+worker died, a plain ``scancel`` (its process group was SIGKILLed). Either way the attempt's end names
+them (``Outcome.steps``, read from the notes its steps left in its work directory), and a ``squeue`` or
+``scancel`` that fails is a warning in its error and its ``logs/stderr.log``.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import heapq
 import itertools
 import multiprocessing
-import multiprocessing.util  # before the atexit hook below, which must run before its exit handler
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cmbagent_batch import watchdog
 from cmbagent_batch.attempt import Attempt, Outcome, Stopped
 from cmbagent_batch.backends.slots import Slots
+from cmbagent_batch.backends.worker_process import Worker, kill_all
 from cmbagent_batch.rundir.layout import Layout
 from cmbagent_batch.states import OutcomeReason
 from cmbagent_batch.tasks.places import adopt_scratch
-from cmbagent_batch.tasks.python import watch_timeouts
-from cmbagent_batch.tasks.runner import run_attempt
+from cmbagent_batch.tasks.shell import end_steps, log_step_problems, placed_steps, steps_ended, with_step_problems
 from cmbagent_batch.tasks.workdir import tree_size
 
-REPORT_EVERY = 0.01  # seconds: how long a worker may keep the outcomes of tiny attempts before reporting them
-WATCH_EVERY = 0.25  # seconds: how often the parent looks at a running call's deadline
-_MPI_JOB_VARIABLES = ("PMI_", "PMIX_", "PMI2_", "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "HYDI_", "OMPI_")
-# The shared memory of one worker: which attempt of its call (-1: none yet; 2i+1: attempt i runs; 2i+2:
-# attempt i has ended) and when the running call must be over (monotonic seconds; 0.0: no deadline).
-_PROGRESS, _DUE = 0, 1
+if TYPE_CHECKING:
+    from cmbagent_batch.place.launch import TaskSteps
 
 
 @dataclass(order=True)
@@ -86,8 +87,8 @@ class WorkerProcesses(Executor):
         self._queue: list[_Call] = []
         self._order = itertools.count()
         self._threads: list[threading.Thread] = []
-        self._running: dict[int, _Worker] = {}  # thread index -> the worker running a call
-        self._worker: dict[int, _Worker | None] = {}  # thread index -> its worker process (None: none yet)
+        self._running: dict[int, Worker] = {}  # thread index -> the worker running a call
+        self._worker: dict[int, Worker | None] = {}  # thread index -> its worker process (None: none yet)
         self._closed = False
         self._terminating = False
 
@@ -124,9 +125,20 @@ class WorkerProcesses(Executor):
         with self._lock:
             running = list(self._running.values())
         for w in running:
-            w.signal(signal.SIGTERM)
+            attempt = w.attempt()
+            w.steps = placed_steps(attempt.ctx, attempt.payload) if attempt is not None else None
+        stepped = [w.steps for w in running if w.steps is not None]
+
+        def term() -> None:
+            for w in running:
+                w.signal(signal.SIGTERM)
+
+        if stepped:  # signalled as their steps' locks are held: the attempts' ends wait for the steps' end
+            threading.Thread(target=end_steps, args=(stepped, grace, term), daemon=True).start()
+        else:
+            term()
         if running:
-            timer = threading.Timer(grace, _kill_all, args=(running,))
+            timer = threading.Timer(grace, kill_all, args=(running,))
             timer.daemon = True
             timer.start()
 
@@ -228,222 +240,50 @@ class WorkerProcesses(Executor):
             outcomes.append(casualty)
         return outcomes
 
-    def _start_worker(self) -> _Worker:
+    def _start_worker(self) -> Worker:
         with self._lock:
             if self._held is None:
                 self._held = self._context.RawValue("b", 1 if self._holding else 0)
-        return _Worker.start(self._context, self._held)
+        return Worker.start(self._context, self._held)
 
-    def _casualty(self, worker: _Worker, attempt: Attempt) -> Outcome:
+    def _casualty(self, worker: Worker, attempt: Attempt) -> Outcome:
         """The outcome of the attempt a worker died running; what it left in the worker's scratch directory
         becomes its work directory."""
         wall = time.monotonic() - worker.reported_at
         ctx = attempt.ctx
         with contextlib.suppress(OSError):  # then it stays there, said at the next run's start
             adopt_scratch(Layout(ctx.run_dir, ctx.sharding).scratch(ctx.rank, worker.process.pid), ctx)
+        steps = worker.steps or _ended_with_worker(attempt)
+        step_ids = steps.finish() if steps is not None else ()  # once a stop is done with them
+        if steps is not None:
+            log_step_problems(steps, ctx.logs_dir)
         work_bytes = tree_size(ctx.work_dir)
         if self._terminating:
-            return Outcome.because(OutcomeReason.TERMINATED_BY_RUNNER, wall_s=wall, work_bytes=work_bytes)
+            reason = OutcomeReason.TERMINATED_BY_RUNNER
+            return Outcome(ok=False, error=with_step_problems(reason.message, steps), reason=reason, wall_s=wall,
+                           work_bytes=work_bytes, steps=step_ids)
         timeout = attempt.payload.timeout
         if worker.killed_for_timeout and timeout is not None:
+            error = (f"timed out after {timeout:g} s (the call did not return to Python: its worker process was "
+                     f"killed {attempt.kill_grace:g} s later{steps_ended(steps, step_ids)})")
             return Outcome(ok=False, timed_out=True, wall_s=wall, work_bytes=work_bytes,
-                           error=f"timed out after {timeout:g} s (the call did not return to Python: its worker "
-                                 f"process was killed {attempt.kill_grace:g} s later)")
-        return Outcome(ok=False, error=f"worker died: {worker.death()}", wall_s=wall, work_bytes=work_bytes,
-                       exit_code=worker.exitcode(), worker_died=True, reason=OutcomeReason.WORKER_DIED)
+                           error=with_step_problems(error, steps), steps=step_ids)
+        return Outcome(ok=False, error=with_step_problems(f"worker died: {worker.death()}", steps), wall_s=wall,
+                       work_bytes=work_bytes, exit_code=worker.exitcode(), worker_died=True,
+                       reason=OutcomeReason.WORKER_DIED, steps=step_ids)
 
 
-@dataclass
-class _Ran:
-    """What came back of a call to one worker."""
+def _ended_with_worker(attempt: Attempt) -> TaskSteps | None:
+    """The job steps of an attempt whose worker was killed or died, cancelled on every node (plain
+    ``scancel``: its process group had SIGKILL); None when it starts none."""
+    steps = placed_steps(attempt.ctx, attempt.payload)
+    if steps is not None:
+        steps.end()
+    return steps
 
-    outcomes: list[Outcome]
-    gone: bool = False  # the worker died, or was killed
-    running: int | None = None  # the attempt it was running then (an index in the call)
-    started: bool = True  # it started an attempt of the call
-
-
-_live: set[_Worker] = set()  # workers not closed yet: ended at exit, before multiprocessing joins them
-# A forkserver child's exit status is read once from its sentinel, and ``Process.start`` reads those of
-# every other child (``multiprocessing.process._cleanup``): two threads reading one at once leave one of
-# them with 255 instead of, say, -9 (SIGKILL). Starts, joins and exit codes go one thread at a time.
-_reaping = threading.Lock()
-
-
-class _Worker:
-    """One worker process, seen from its thread in the parent."""
-
-    def __init__(self, process: Any, conn: Connection, shared: Any) -> None:
-        self.process = process
-        self.conn = conn
-        self.shared = shared
-        self.reported_at = 0.0  # monotonic: when it last reported
-        self.killed_for_timeout = False
-
-    @classmethod
-    def start(cls, context: Any, held: Any) -> _Worker:
-        parent, child = context.Pipe()
-        shared = context.RawArray("d", 2)
-        # Not a daemon: a python task may start processes of its own (multiprocessing.Pool, ...).
-        process = context.Process(target=_serve_calls, args=(child, held, shared), name="python-worker")
-        with _reaping:
-            process.start()
-        child.close()
-        watchdog.track(process.pid)  # it leads its own group: ended by the watchdog if this process dies
-        worker = cls(process, parent, shared)
-        _live.add(worker)
-        return worker
-
-    def alive(self) -> bool:
-        return not wait([self.process.sentinel], 0)
-
-    def run(self, attempts: Sequence[Attempt]) -> _Ran:
-        """Send the attempts and collect their outcomes as the worker reports them, until all are in or
-        it is gone (dead, or killed because a call overran its deadline)."""
-        self.shared[_PROGRESS] = -1.0
-        self.shared[_DUE] = 0.0
-        try:
-            self.conn.send(list(attempts))
-        except OSError:  # it died between calls (say, the OOM killer while idle): none started
-            return self._gone([], attempts)
-        self.reported_at = time.monotonic()
-        timed = any(a.payload.timeout is not None for a in attempts)
-        outcomes: list[Outcome] = []
-        while len(outcomes) < len(attempts):
-            ready = wait([self.conn, self.process.sentinel], WATCH_EVERY if timed else None)
-            if not ready:
-                due = self.shared[_DUE]
-                if due and time.monotonic() > due:
-                    self.killed_for_timeout = True
-                    return self._gone(outcomes, attempts)
-                continue
-            if self.conn in ready:
-                try:
-                    outcomes += self.conn.recv()
-                    self.reported_at = time.monotonic()
-                    continue
-                except (EOFError, OSError):
-                    pass
-            return self._gone(outcomes, attempts)
-        return _Ran(outcomes)
-
-    def _gone(self, outcomes: list[Outcome], attempts: Sequence[Attempt]) -> _Ran:
-        """It died or must die: end its process group (what its tasks started too), read what it reported
-        before, and find the attempt it was running."""
-        self.signal(signal.SIGKILL)  # before it is reaped: its group id cannot have been reused yet
-        self._join()
-        try:
-            while len(outcomes) < len(attempts) and self.conn.poll(0):
-                outcomes += self.conn.recv()
-        except (EOFError, OSError):
-            pass
-        progress = int(self.shared[_PROGRESS])
-        running = (progress - 1) // 2 if progress > 0 and progress % 2 == 1 else None
-        if running is not None and running < len(outcomes):
-            running = None  # it reported that one after all
-        return _Ran(outcomes, gone=True, running=running, started=progress >= 0)
-
-    def _join(self) -> None:
-        with _reaping:
-            self.process.join(5)
-
-    def signal(self, signum: int) -> None:
-        pid = self.process.pid
-        if pid is None:
-            return
-        try:
-            os.killpg(pid, signum)
-        except OSError:  # not its own group yet (it is starting): the process alone
-            try:
-                os.kill(pid, signum)
-            except OSError:
-                pass
-
-    def exitcode(self) -> int | None:
-        with _reaping:
-            code = self.process.exitcode
-        return int(code) if code is not None else None
-
-    def death(self) -> str:
-        """How it died, in a few words: ``SIGSEGV``, ``SIGKILL (...)``, ``exit status 3``."""
-        code = self.exitcode()
-        if code is None:
-            return "it closed its pipe"
-        if code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            return f"{name} (killed: out of memory, or by another process)" if code == -signal.SIGKILL else name
-        return f"exit status {code} (the process exited: os._exit, or a C library called exit)"
-
-    def close(self) -> None:
-        """Tell it to end, then end its process group (what its tasks left behind), and reap it."""
-        _live.discard(self)
-        try:
-            self.conn.send(None)
-        except (OSError, ValueError):
-            pass
-        self.conn.close()
-        wait([self.process.sentinel], 2)
-        self.signal(signal.SIGKILL)
-        self._join()
-        watchdog.untrack(self.process.pid)
 
 
 def _nothing() -> None:
     pass
 
 
-def _kill_all(workers: list[_Worker]) -> None:
-    for w in workers:
-        w.signal(signal.SIGKILL)
-
-
-@atexit.register
-def _end_live_workers() -> None:
-    """At exit, the workers still there are ended (multiprocessing would otherwise wait for them)."""
-    for w in list(_live):
-        w.close()
-
-
-# --- in the worker process ------------------------------------------------------------------------
-
-
-def _serve_calls(conn: Connection, held: Any, shared: Any) -> None:
-    """A worker process's life: run each list of attempts it is sent, until it is sent None or its pipe
-    closes. It reports their outcomes in lists, at most ``REPORT_EVERY`` seconds apart and at the end
-    of a call, and keeps ``shared`` up to date: which attempt it is running, and when a call with a
-    timeout is due to end (its ``kill_grace`` included)."""
-    os.setpgid(0, 0)
-    for name in [n for n in os.environ if n.startswith(_MPI_JOB_VARIABLES)]:
-        del os.environ[name]
-    grace = [0.0]
-
-    def due(at: float) -> None:
-        shared[_DUE] = at + grace[0] if at else 0.0
-
-    watch_timeouts(due)
-    while True:
-        try:
-            attempts = conn.recv()
-        except (EOFError, OSError):
-            return
-        if attempts is None:
-            return
-        report: list[Outcome] = []
-        reported = time.monotonic()
-        last = len(attempts) - 1
-        for i, a in enumerate(attempts):
-            shared[_PROGRESS] = 2 * i + 1
-            grace[0] = a.kill_grace
-            if held.value and i > 0:  # the first was reported started as it was handed over: it runs
-                report.append(Outcome.because(OutcomeReason.NOT_STARTED))
-            else:
-                report.append(run_attempt(a))
-            shared[_PROGRESS] = 2 * i + 2
-            now = time.monotonic()
-            if i == last or now - reported >= REPORT_EVERY:
-                conn.send(report)
-                report = []
-                reported = now

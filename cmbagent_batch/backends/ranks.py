@@ -17,12 +17,19 @@ when its attempt (a batch: the first) gets a slot on its worker, which tells ran
 (``mpi.worker.start_reporter``); until then it is queued. How many a worker holds
 beyond its slots follows the pace (``mpi.slots.Pace``): about ``COVER`` seconds of work, at least one
 call, so that short tasks are sent far ahead and a long task does not keep many waiting behind it.
+
+**A job that books its inventory** (tasks with shapes, ``execute.placing``) is placed by rank 0: each
+worker says which node it is on and what that node has (its hello, ``node_hello``), rank 0 books each
+task on a node and sends it to the least loaded worker of that node (``RankExecutor.route``). A worker
+then runs what it is sent at once: its gate admits as many attempts as its node has CPUs (a task books
+at least one), rank 0 sends no more than it booked, and nothing is sent ahead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -39,6 +46,7 @@ from cmbagent_batch.backends.mpi.executor import RankExecutor
 from cmbagent_batch.backends.mpi.worker import start_reporter
 from cmbagent_batch.backends.processes import WorkerProcesses
 from cmbagent_batch.backends.slots import SlotGate, Slots, StartNotice
+from cmbagent_batch.place.inventory import Node
 from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS, JsonlWriter
 from cmbagent_batch.rundir.layout import Layout, hold_tasks_lock, journal_path
 from cmbagent_batch.states import OutcomeReason, TaskState
@@ -63,19 +71,42 @@ def worker_threads(tasks_per_rank: int) -> int:
     return tasks_per_rank + PREPARED
 
 
-def rank_executor(comm: Any, ex: ExecutionSpec) -> RankExecutor:
+def rank_executor(comm: Any, ex: ExecutionSpec, books: bool = False) -> RankExecutor:
     """Rank 0's executor over the worker ranks of ``comm`` (an mpi4py communicator), sized from ``ex``. A
-    worker holding twice ``tasks_per_rank`` calls has one waiting behind each it runs: it is full."""
+    worker holding twice ``tasks_per_rank`` calls has one waiting behind each it runs: it is full. When
+    the job ``books`` its inventory, only the booking limits what is sent (``BOOKED_SLOTS``)."""
+    if books:
+        return RankExecutor(comm, BOOKED_SLOTS, ahead=0, least=BOOKED_SLOTS, cover=0.0, full=0)
     return RankExecutor(comm, worker_threads(ex.tasks_per_rank), ahead=CALLS_AHEAD, least=ex.tasks_per_rank + 1,
                         cover=COVER, full=2 * ex.tasks_per_rank)
 
 
-def serve_worker_rank(comm: Any, rank: int, ex: ExecutionSpec) -> None:
+# Calls rank 0 may have in flight on one worker of a job that books its inventory: more than any node's
+# CPUs, so that the booking alone says what runs where.
+BOOKED_SLOTS = 1 << 20
+
+
+def node_hello(node: Node) -> str:
+    """What a worker of a job that books says of its node after its host (``hello_node`` reads it)."""
+    return json.dumps({"name": node.name, "cpus": node.cpus, "gpus": list(node.gpus), "memory_mb": node.memory_mb})
+
+
+def hello_node(about: str) -> Node | None:
+    """The node a worker's hello names (``node_hello``); None when it names none (the job books nothing)."""
+    if not about:
+        return None
+    d = json.loads(about)
+    return Node(d["name"], d["cpus"], tuple(d["gpus"]), d["memory_mb"])
+
+
+def serve_worker_rank(comm: Any, rank: int, ex: ExecutionSpec, node: Node | None = None) -> None:
     """A worker rank's whole part in a run: run what rank 0 sends until it says the run is over, then
-    make sure everything this rank journaled is on disk."""
+    make sure everything this rank journaled is on disk. ``node``: where this rank runs, for a job that
+    books its inventory (rank 0 places tasks by it; this rank then runs up to its CPUs' worth at once)."""
     from cmbagent_batch.backends.mpi.worker import serve
 
-    this = install(rank, ex.tasks_per_rank)
+    per_rank = ex.tasks_per_rank if node is None else max(ex.tasks_per_rank, node.cpus)
+    this = install(rank, per_rank)
     stop = this.stopper(ex.kill_grace)
     # Rank 0 decides; on SIGINT and SIGTERM this rank only ends its tasks. srun passes Slurm's walltime
     # warning (SIGUSR1) to every rank: here it does nothing, as a hold or a stop comes from rank 0 (a
@@ -83,7 +114,8 @@ def serve_worker_rank(comm: Any, rank: int, ex: ExecutionSpec) -> None:
     on_signal: dict[int, Callable[[], None]] = {signal.SIGINT: stop, signal.SIGTERM: stop,
                                                 signal.SIGUSR1: _nothing}
     try:
-        serve(comm, worker_threads(ex.tasks_per_rank), on_stop=stop, on_hold=this.hold, on_signal=on_signal)
+        serve(comm, worker_threads(per_rank), on_stop=stop, on_hold=this.hold, on_signal=on_signal,
+              about="" if node is None else node_hello(node))
     finally:
         this.close()
 
@@ -94,9 +126,10 @@ def serve_worker_rank(comm: Any, rank: int, ex: ExecutionSpec) -> None:
 class RankPools:
     """The scheduler's pools when tasks run on MPI worker ranks (the ``LocalPools`` interface)."""
 
-    def __init__(self, executor: RankExecutor, tasks_per_rank: int) -> None:
+    def __init__(self, executor: RankExecutor, tasks_per_rank: int, booked_cpus: int | None = None) -> None:
         self.executor = executor
-        self.workers = tasks_per_rank * len(executor.workers)
+        # booked: as many at once as the inventory has CPUs (each task books one at least)
+        self.workers = tasks_per_rank * len(executor.workers) if booked_cpus is None else booked_cpus
         # Beyond what the workers hold, queued on rank 0, so that a worker never waits for rank 0's
         # scheduler (which shares the cores with everything else) for its next attempt.
         self.prefetch = PREFETCH_PER_SLOT * self.workers
@@ -110,10 +143,12 @@ class RankPools:
     def submit(self, executor: Executor, attempts: Sequence[Attempt], gate: Gate | None) -> Future[Any]:
         """Queue one attempt (``on_rank``) or a batch (``batch_on_rank``) on rank 0's executor, the most
         urgent first (a batch as its most urgent member). It counts as started when its worker says its
-        attempt (a batch: the first) got a slot there (the gate, a ``StartNotice``, stays here)."""
+        attempt (a batch: the first) got a slot there (the gate, a ``StartNotice``, stays here). A placed
+        attempt goes to a worker of the node it was placed on (its ``ctx.host``, set on rank 0 for that)."""
         call, args = (on_rank, (attempts[0],)) if len(attempts) == 1 else (batch_on_rank, (attempts,))
         return self.executor.submit_call(call, args, priority=max(a.priority for a in attempts),
-                                         on_started=gate.on_start if isinstance(gate, StartNotice) else None)
+                                         on_started=gate.on_start if isinstance(gate, StartNotice) else None,
+                                         node=attempts[0].ctx.host or None)
 
     def batches(self, kind: str) -> float:
         return BATCH_SECONDS
@@ -229,7 +264,7 @@ class RankWorker:
             self._watch(attempt.ctx.run_dir, attempt.kill_grace)
         ctx = attempt.ctx
         ctx = TaskContext(ctx.task_id, ctx.run_dir, Layout(ctx.run_dir, ctx.sharding).work_dir(self.rank, ctx.task_id),
-                          self.rank, ctx.attempt, self.host, ctx.matrix, ctx.sharding)
+                          self.rank, ctx.attempt, self.host, ctx.matrix, ctx.sharding, ctx.launch)
         env = self.env if attempt.payload.kind != "python" else attempt.env
         return Attempt(attempt.payload, ctx, attempt.links, env, attempt.chdir, attempt.keep, attempt.kill_grace,
                        attempt.missing, attempt.priority, attempt.journal)
@@ -275,6 +310,8 @@ class RankWorker:
         else:
             rec.update(error=outcome.error, exit_code=outcome.exit_code, timed_out=outcome.timed_out,
                        work_dir=ctx.work_dir, traceback=outcome.traceback)
+        if outcome.steps:  # the Slurm job steps its $CMBAGENT_LAUNCH started
+            rec["steps"] = list(outcome.steps)
         try:
             self._journal(ctx.run_dir).append(rec)
         except OSError as exc:

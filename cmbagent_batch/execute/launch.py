@@ -50,7 +50,9 @@ class Launcher:
         payload = _payload(self._spec, made, self._base, p.run_id, r.id)
         python = made.kind == "python"
         if self._on_ranks:  # the worker that gets it sets its place (rank -1: not known on rank 0)
-            ctx = TaskContext(r.id, p.run_dir, "", -1, r.attempts, "", matrix, self._layout.sharding)
+            # A placed attempt's host, on rank 0, is the node it was placed on: a worker there gets it.
+            ctx = TaskContext(r.id, p.run_dir, "", -1, r.attempts, r.placement.hosts[0] if r.placement else "",
+                              matrix, self._layout.sharding)
             env = self._no_env
             r.fp_record = p.fps.record(r.id)  # the Recorder's too, when the task's end comes
             journal: dict[str, Any] | None = {"run": p.run_id, **r.fp_record}
@@ -59,10 +61,10 @@ class Launcher:
                               self._layout.sharding)
             env = self._no_env if python else self._env
             journal = None
-            if r.placement is not None and self._where is not None:
-                launch = launch_env(r.placement, r.shape, self._where, task_id=r.id, attempt=r.attempts)
-                r.launch = launch["CMBAGENT_LAUNCH"]
-                ctx = dataclasses.replace(ctx, launch=tuple(launch.items()))
+        if r.placement is not None and self._where is not None:
+            launch = launch_env(r.placement, r.shape, self._where, task_id=r.id, attempt=r.attempts)
+            r.launch = launch["CMBAGENT_LAUNCH"]
+            ctx = dataclasses.replace(ctx, launch=tuple(launch.items()))
         links, missing = input_links(p, r.id)
         return Attempt(payload, ctx, links, env, chdir=self._in_processes and python, keep=ex.keep,
                        kill_grace=ex.kill_grace, missing=missing, priority=r.priority, journal=journal)

@@ -20,7 +20,7 @@ from cmbagent_batch.backends import make_backend
 from cmbagent_batch.errors import DiskFullError, ExitCode
 from cmbagent_batch.execute.launch import Launcher
 from cmbagent_batch.execute.manifest import Recorder, RunSummary, dag_digest, manifest
-from cmbagent_batch.execute.placing import Placing, needs_booking
+from cmbagent_batch.execute.placing import Placing
 from cmbagent_batch.execute.prepare import Prepared, task_runs
 from cmbagent_batch.execute.runs import Limits, Options
 from cmbagent_batch.execute.scheduler import Scheduler
@@ -51,10 +51,9 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     tasks have shapes (``placing.booking_for``)."""
     ex = p.spec.execution
     inventory, booking = (placing.inventory, placing.booking) if placing else (None, None)
-    if ranks is not None and needs_booking(p.spec):
-        warn("the MPI backend does not place task shapes yet: every task takes one slot of a worker rank, "
-             "and resources (ranks, GPUs, memory) and execution.inventory are not booked")
-    backend = make_backend(ex, ranks)
+    if ranks is not None and placing is not None:
+        ranks.route(dict(placing.routes))
+    backend = make_backend(ex, ranks, booking.total_cpus if booking else None)
     pools, workers = backend.pools, backend.workers
     table = task_runs(p, selected, placing.skipped if placing else None)
     runs = table.runs

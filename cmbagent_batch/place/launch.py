@@ -36,6 +36,17 @@ so and exits 127 when a task uses it (``missing_mpiexec``); tasks that do not us
   a node would wait for the first (``step creation temporarily disabled``).
 - ``--kill-on-bad-exit=1``: a rank that fails ends the step, rather than its peers waiting in a collective
   until the task's timeout.
+- ``sh .../step-note.sh``: each rank runs the program through this shipped script (``STEP_NOTE``; ``sh``
+  reads it, so it needs no exec bit), which on the step's rank 0 (``SLURM_PROCID=0``) appends the step's
+  id ``$SLURM_JOB_ID.$SLURM_STEP_ID`` to ``$CMBAGENT_TASK_DIR/logs/slurm-steps`` (``STEP_NOTES``), then
+  becomes the program (``exec``: the rank keeps its process, environment and PMI descriptors). The runner
+  empties that file as the task starts and reads and removes it as the task ends, so each task's end record
+  names the steps it ran (``steps``) and no file stays. Slurm itself cannot tell them afterwards where it
+  keeps no accounting (``accounting_storage/none``: ``sacct`` then reads only the job completion file, which
+  has no steps), and polling ``squeue`` would miss short steps and load the controller. The work directory
+  is on the file system the run directory is on, which a multi-node step's rank 0 sees; where it cannot
+  write there it says so on the task's stderr and the program runs all the same. Rank 0 alone writes, one
+  short line, appended: steps a task runs at once do not mix their lines.
 
 It takes no ``--overlap``: task steps must not share CPUs with one another. It is the step running
 cmbagent-batch's own ranks that must overlap (``srun --overlap`` in the sbatch script), so that it counts
@@ -59,7 +70,15 @@ ranks see exactly the devices Slurm bound to them (Slurm sets ``CUDA_VISIBLE_DEV
 ``Step`` finds the step's id by its name (``squeue --steps``; squeue's ``--name`` does not filter steps
 on 22.05) and signals it with ``scancel``. ``scancel --signal=TERM JOB.STEP`` reaches every task of the
 step, as srun's own forwarding of SIGTERM does; a plain ``scancel JOB.STEP`` kills them all (SIGKILL) and
-frees the step's resources.
+frees the step's resources. The runner supervising a task (``tasks/shell.py``, on rank 0 or on an MPI
+worker rank) learns its step from its ``CMBAGENT_LAUNCH`` (``Step.of_launch``: the ``--jobid`` and
+``--job-name`` the prefix gives), so nothing else has to reach it. At the task's timeout, or when a stop
+ends it, the runner sends SIGTERM to its process group and ``scancel --signal=TERM`` to its steps; once
+the group has ended, or ``kill_grace`` has passed, SIGKILL to what is left of the group and a plain
+``scancel`` to the steps still there. A python task's call has no process group of its own (it runs in a
+worker process or a thread): its steps, ended the same way, have ended once ``squeue`` no longer lists
+them (``tasks/shell.py`` ``end_steps``; ``tasks/python.py`` and ``backends/processes.py`` say when). A
+``squeue`` or ``scancel`` that fails is a warning on the task's stderr and in its error.
 """
 
 from __future__ import annotations
@@ -71,9 +90,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from cmbagent_batch.errors import SlurmError
 from cmbagent_batch.place.booking import Placement
 from cmbagent_batch.place.inventory import Source
 from cmbagent_batch.slurm import client
@@ -90,6 +111,8 @@ STEP_OPTION_VARIABLES = (
     "SLURM_OVERLAP", "SLURM_SPREAD_JOB", "SLURM_STEP_GRES", "SLURM_THREADS_PER_CORE", "SLURM_TRES_PER_TASK",
     "SLURM_WHOLE")
 NO_MPIEXEC, OTHER = "--no-mpiexec", "--other="  # the arguments of `python -m cmbagent_batch.place.launch` (main)
+STEP_NOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "step-note.sh")  # run by each rank of a step
+STEP_NOTES = os.path.join("logs", "slurm-steps")  # in the task's directory: where its steps' rank 0 note their ids
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
@@ -243,7 +266,7 @@ def srun_prefix(p: Placement, r: Resources, where: InSlurm, name: str) -> list[s
              f"--cpus-per-task={r.cpus_per_rank}",
              f"--gpus-per-task={r.gpus_per_rank}" if r.gpus_per_rank else "--gres=none",
              f"--mem={r.memory_mb}M" if r.memory_mb is not None else "--mem=0",
-             "--exact", "--kill-on-bad-exit=1"]
+             "--exact", "--kill-on-bad-exit=1", "sh", STEP_NOTE]
     return argv
 
 
@@ -258,6 +281,19 @@ class Step:
     @classmethod
     def of(cls, where: InSlurm, task_id: str, attempt: int) -> Step:
         return cls(where.job_id, step_name(task_id, attempt))
+
+    @classmethod
+    def of_launch(cls, prefix: str) -> Step | None:
+        """The steps a task's ``CMBAGENT_LAUNCH`` starts (its ``--jobid`` and ``--job-name``); None for a
+        prefix that starts none (``mpiexec``)."""
+        words = shlex.split(prefix)
+        if "srun" not in words:
+            return None
+        given = dict(word.removeprefix("--").split("=", 1) for word in words[words.index("srun") + 1:]
+                     if word.startswith(("--jobid=", "--job-name=")))
+        if "jobid" not in given or "job-name" not in given:
+            return None
+        return cls(given["jobid"], given["job-name"])
 
     def find_command(self) -> list[str]:
         """``squeue`` listing the job's steps with their names (its ``--name`` does not filter steps)."""
@@ -275,13 +311,75 @@ class Step:
         cancel of a step (SIGKILL to all its tasks, its resources freed)."""
         return ["scancel", *([f"--signal={sig.name.removeprefix('SIG')}"] if sig is not None else []), *step_ids]
 
+    def listed(self) -> tuple[str, ...]:
+        """The ids of the steps of this name that squeue lists now. ``SlurmError`` when it fails."""
+        return self.ids(client.run(self.find_command(), f"finding job step {self.name}"))
+
     def end(self, sig: signal.Signals | None = None) -> tuple[str, ...]:
         """Signal the step on every node (see ``cancel_command``); the step ids signalled, none when the
         step has not started or has ended. ``SlurmError`` when squeue or scancel fails."""
-        step_ids = self.ids(client.run(self.find_command(), f"finding job step {self.name}"))
+        step_ids = self.listed()
         if step_ids:
             client.run(self.cancel_command(step_ids, sig), f"ending job step {' '.join(step_ids)}")
         return step_ids
+
+
+class TaskSteps:
+    """The job steps one task's ``CMBAGENT_LAUNCH`` starts, as the runner supervising the task sees them:
+    their notes file emptied as it starts (``begin``), ended on every node with it (``end``), and, as it
+    ends, their ids and any failure to end them (``finish``). ``busy`` is held while a stop ends them, so
+    that ``finish`` waits for it."""
+
+    def __init__(self, step: Step, notes: str) -> None:
+        self.step = step
+        self.notes = notes  # the task's STEP_NOTES, where each step's rank 0 notes its id
+        self.busy = threading.Lock()
+        self.ended: set[str] = set()  # the step ids signalled
+        self.problems: list[str] = []  # why squeue, scancel or the notes failed
+
+    @classmethod
+    def of(cls, env: Mapping[str, str]) -> TaskSteps | None:
+        """The steps of the task whose environment is ``env``; None when its prefix starts none."""
+        step = Step.of_launch(env.get("CMBAGENT_LAUNCH", ""))
+        if step is None:
+            return None
+        return cls(step, os.path.join(env.get("CMBAGENT_TASK_DIR", ""), STEP_NOTES))
+
+    def begin(self) -> None:
+        """Empty the notes (an earlier attempt's logs come along with its work directory)."""
+        try:
+            with open(self.notes, "w"):
+                pass
+        except OSError as exc:
+            self.problems.append(f"cannot empty {self.notes}: {exc.strerror or exc}: the ids of the task's "
+                                 "job steps may be wrong")
+
+    def end(self, sig: signal.Signals | None = None) -> None:
+        """``Step.end``: signal the steps on every node (SIGKILL without ``sig``); a failure is kept."""
+        try:
+            self.ended.update(self.step.end(sig))
+        except SlurmError as exc:
+            if str(exc) not in self.problems:  # said once, though both the TERM and the KILL met it
+                self.problems.append(str(exc))
+
+    def finish(self) -> tuple[str, ...]:
+        """The ids of the steps the task ran (noted, or ended), in order; the notes are removed."""
+        with self.busy:
+            try:
+                with open(self.notes) as f:
+                    noted = f.read().split()
+                os.unlink(self.notes)
+            except FileNotFoundError:
+                noted = []
+            except OSError as exc:
+                noted = []
+                self.problems.append(f"cannot read {self.notes}: {exc.strerror or exc}")
+        return tuple(sorted({*noted, *self.ended}, key=_step_order))
+
+
+def _step_order(step_id: str) -> tuple[int, ...] | tuple[int, str]:
+    job, _, step = step_id.partition(".")
+    return (int(job), int(step)) if job.isdigit() and step.isdigit() else (-1, step_id)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from cmbagent_batch.ledger.money import usd
@@ -20,7 +21,8 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def text(plan: dict[str, Any]) -> str:
+def text(plan: dict[str, Any], notes: Sequence[str] = ()) -> str:
+    """``notes``: lines said after the summary (the inventory the job's tasks are placed on)."""
     a = plan["analysis"]
     cp = plan["critical_path"]
     lines = [
@@ -38,6 +40,7 @@ def text(plan: dict[str, Any]) -> str:
         lines.append(f"  cache: {a['cache_reason']}")
     if a.get("fallback_used"):
         lines.append(f"  WARNING: LLM analysis failed, fallback '{a['fallback_used']}' used: {a.get('fallback_reason', '')}")
+    lines.extend(notes)
     lines.append("")
     for i, ids in enumerate(plan["levels"]):
         shown = ", ".join(ids[:SHOW_IDS]) + (f", ... ({len(ids) - SHOW_IDS:,} more)" if len(ids) > SHOW_IDS else "")

@@ -59,21 +59,26 @@ def current_states(history: History, runner_gone: bool) -> Iterator[tuple[int, T
         yield i, TaskState.INTERRUPTED if runner_gone and state is TaskState.RUNNING else state
 
 
-def task_row(history: History, i: int, state: TaskState, layout: Layout, detail: bool = False) -> dict[str, Any]:
+def task_row(history: History, i: int, state: TaskState, layout: Layout, detail: bool = False,
+             placed: bool = False) -> dict[str, Any]:
     """What is known of task ``i``: the run's view (id, state, attempts, rank, wall_s, work_dir, reason);
     ``detail``: also what its last record says (host, cpu_s, peak_rss_mb, work_bytes, output_bytes,
-    fingerprint, error), read from its journal."""
+    fingerprint, error), read from its journal. ``placed``: the run booked its inventory, and its last
+    record says where the task ran however it ended (read for each task listed)."""
     tid = history.ids[i]
     rank = history.rank[i]
     row: dict[str, Any] = {"id": tid, "state": state.value, "attempts": history.attempts[i],
                            "rank": rank if rank >= 0 else 0, "wall_s": history.wall_of(i),
                            "work_dir": layout.work_dir(max(rank, 0), tid)}
-    record = history.record(i) if detail or state in TROUBLED or state is TaskState.RUNNING else {}
+    record = history.record(i) if (detail or placed or state in TROUBLED
+                                   or state is TaskState.RUNNING) else {}
     if isinstance(record.get("work_dir"), str):
         row["work_dir"] = record["work_dir"]
     if isinstance(record.get("placement"), dict):  # a job that books its inventory: where it ran, and how
         row["placement"] = record["placement"]
         row["launch"] = record.get("launch")
+        if record.get("steps"):  # the Slurm job steps its $CMBAGENT_LAUNCH started
+            row["steps"] = record["steps"]
     if history.in_run(i) or history.planned_of(i) is not state:  # its record says why
         row["reason"] = record.get("reason") or record.get("error") or None
     else:  # as the run planned it: skipped (and why), or pending

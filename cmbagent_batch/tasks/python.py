@@ -15,12 +15,28 @@ Two modes, chosen by the scheduler through ``chdir``:
   ``ctx`` parameter). CPU time is this thread's; peak RSS is not measurable (0.0). A thread cannot be
   stopped: ``payload.timeout`` is not enforced here.
 
+**Ranks.** A call placed inside a Slurm allocation starts its ranks as job steps (``subprocess`` and
+``$CMBAGENT_LAUNCH``, from ``os.environ`` in process mode, from ``ctx.launch`` in thread mode). Their ids,
+noted by each step's rank 0, are in the outcome (``Outcome.steps``), as for shell tasks. In process mode
+a call interrupted at its timeout has its steps ended on every node before the attempt ends:
+``scancel --signal=TERM``, then a plain ``scancel`` to those squeue still lists after ``kill_grace``
+(``tasks.shell.end_steps``); the error says so (``timed out after 3 s (python call interrupted; job step
+265.4 ended on every node)``). When its worker process is killed instead (a stop, a call that never
+returned to Python, a crash), ``backends.processes`` ends them. In thread mode the timeout is not
+enforced, so the steps run on; a stop ends them all the same (``tasks.shell.stopped_with_runner``): the
+call's ``srun`` then returns, and a call that fails after it ends "terminated by the runner". A call in a
+thread finds its launch in ``ctx.launch``, with ``CMBAGENT_TASK_DIR`` (``os.environ`` has neither), and
+passes them to its ranks (``env={**os.environ, **dict(ctx.launch)}``); without ``CMBAGENT_TASK_DIR`` its
+steps cannot note their ids, and its end names only those a stop ended. A ``squeue``
+or ``scancel`` that fails is a warning in the error and in ``logs/stderr.log``.
+
 ``run_python`` never raises: every failure, including a failed import, is an ``Outcome``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -33,13 +49,24 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from cmbagent_batch.attempt import Outcome, Payload, TaskContext
 from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS
 from cmbagent_batch.states import OutcomeReason
 from cmbagent_batch.tasks.returns import encode
-from cmbagent_batch.tasks.shell import task_environment
+from cmbagent_batch.tasks.shell import (
+    end_steps,
+    log_step_problems,
+    placed_steps,
+    steps_ended,
+    stopped_with_runner,
+    task_environment,
+    with_step_problems,
+)
+
+if TYPE_CHECKING:  # imported only by a task placed inside a Slurm allocation
+    from cmbagent_batch.place.launch import TaskSteps
 
 RETURN_FILE = "return.json"  # in the work directory; published as RUN_DIR/outputs/TASK/return.json
 _CALL = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -62,34 +89,73 @@ class _Timeout(BaseException):
     """Raised into the call by SIGALRM; a BaseException so ``except Exception`` in user code lets it through."""
 
 
-def run_python(payload: Payload, ctx: TaskContext, chdir: bool) -> Outcome:
+def run_python(payload: Payload, ctx: TaskContext, chdir: bool, kill_grace: float = 5.0) -> Outcome:
     """Call ``payload.call`` with ``payload.args`` (and ``ctx=`` if it takes ``ctx``); see the module doc.
 
     The return value goes to ``return.json`` in the work directory (``Outcome.result_file``), converted
-    to JSON as ``tasks/returns.py`` says; nothing is written for None.
+    to JSON as ``tasks/returns.py`` says; nothing is written for None. ``kill_grace``: how long the job
+    steps of a call interrupted at its timeout have between SIGTERM and their cancel.
     """
     started = time.perf_counter()
     cpu_before = _cpu(chdir)
     result_file = error = trace = reason = None
     timed_out = False
-    try:
-        result_file = _attempt(payload, ctx, chdir)
-    except _Failed as failed:
-        error, trace, timed_out, reason = failed.error, failed.trace, failed.timed_out, failed.reason
-    except BaseException as exc:  # noqa: BLE001 - a fault of this runner: still an Outcome, never an exception
-        error, trace = f"python runner failed: {_one_line(exc)}", _format(exc)
+    steps = _task_steps(payload, ctx)
+    with stopped_with_runner(steps) if steps is not None and not chdir else contextlib.nullcontext() as stop:
+        try:
+            result_file = _attempt(payload, ctx, chdir, steps, kill_grace)
+        except _Failed as failed:
+            error, trace, timed_out, reason = failed.error, failed.trace, failed.timed_out, failed.reason
+        except BaseException as exc:  # noqa: BLE001 - a fault of this runner: still an Outcome, never an exception
+            error, trace = f"python runner failed: {_one_line(exc)}", _format(exc)
+    step_ids: tuple[str, ...] = ()
+    if steps is not None:
+        step_ids = steps.finish()
+        if timed_out:
+            error = _timed_out(payload.timeout, steps_ended(steps, step_ids))
+        elif stop is not None and stop.reason == "terminated" and error is not None:
+            reason = OutcomeReason.TERMINATED_BY_RUNNER
+            error = reason.message
+        error = with_step_problems(error, steps)
+        log_step_problems(steps, ctx.logs_dir)
     return Outcome(ok=error is None, error=error, traceback=trace, timed_out=timed_out,
                    wall_s=time.perf_counter() - started, cpu_s=_cpu(chdir) - cpu_before,
-                   peak_rss_mb=_peak_rss_mb() if chdir else 0.0, result_file=result_file, reason=reason)
+                   peak_rss_mb=_peak_rss_mb() if chdir else 0.0, result_file=result_file, reason=reason,
+                   steps=step_ids)
 
 
-def _attempt(payload: Payload, ctx: TaskContext, chdir: bool) -> str | None:
+def _task_steps(payload: Payload, ctx: TaskContext) -> TaskSteps | None:
+    """The job steps the call's ``$CMBAGENT_LAUNCH`` starts (None: it starts none), their notes emptied in
+    its ``logs`` directory, made for them (``step-note.sh`` appends there)."""
+    steps = placed_steps(ctx, payload)
+    if steps is not None:
+        with contextlib.suppress(OSError):  # then begin says it cannot empty the notes
+            os.makedirs(ctx.logs_dir, exist_ok=True)
+        steps.begin()
+    return steps
+
+
+def _in_thread(ctx: TaskContext) -> TaskContext:
+    """The context a call in a thread gets: a placed one's ``launch`` also holds ``CMBAGENT_TASK_DIR``, so
+    that ``env={**os.environ, **dict(ctx.launch)}`` is all its ranks need (each step's rank 0 notes its id
+    there)."""
+    if not ctx.launch:
+        return ctx
+    return dataclasses.replace(ctx, launch=(*ctx.launch, ("CMBAGENT_TASK_DIR", ctx.work_dir)))
+
+
+def _timed_out(timeout: float | None, ended: str = "") -> str:
+    return f"timed out after {timeout or 0:g} s (python call interrupted{ended})"
+
+
+def _attempt(payload: Payload, ctx: TaskContext, chdir: bool, steps: TaskSteps | None = None,
+             kill_grace: float = 5.0) -> str | None:
     timeout = payload.timeout if chdir else None
     with _inside(ctx, payload) if chdir else contextlib.nullcontext():
         try:
             with _alarm(timeout):  # the import counts: a module may compute a lot when imported
                 function = _load(payload.call, payload.python_path)
-                args, kwargs = _arguments(function, payload.args, ctx)
+                args, kwargs = _arguments(function, payload.args, ctx if chdir else _in_thread(ctx))
                 try:
                     value = function(*args, **kwargs)
                 except _Timeout:
@@ -97,7 +163,9 @@ def _attempt(payload: Payload, ctx: TaskContext, chdir: bool) -> str | None:
                 except BaseException as exc:  # noqa: BLE001 - user code; SystemExit, KeyboardInterrupt too: the task failed, not the worker
                     raise _Failed(_one_line(exc), _format(exc)) from None
         except _Timeout as exc:
-            raise _Failed(f"timed out after {timeout:g} s (python call interrupted)", _format(exc), True) from None
+            if steps is not None:  # ended on every node before the task's environment (its PATH) is left
+                end_steps([steps], kill_grace)
+            raise _Failed(_timed_out(timeout), _format(exc), True) from None
     if value is None:  # nothing returned: no file (10^4 tiny tasks should not cost 10^4 files)
         return None
     return _write_return(value, ctx)

@@ -119,7 +119,7 @@ def _in_scratch(attempt: Attempt) -> Outcome:
         stage_inputs(inside, attempt.links)
     except (OSError, ValueError) as exc:
         return _failed(f"cannot prepare the work directory {ctx.work_dir}", exc)
-    outcome = run_python(payload, inside, True)
+    outcome = run_python(payload, inside, True, attempt.kill_grace)
     try:
         adopt_scratch(scratch, ctx)
     except OSError as exc:
@@ -164,7 +164,7 @@ def _run(payload: Payload, ctx: TaskContext, kill_grace: float, ready: ShellLaun
             if payload.kind == "agent":
                 outcome = agent.finish(outcome, ctx, payload.agent["model"] if payload.agent else {})
         else:
-            outcome = run_python(payload, ctx, False)
+            outcome = run_python(payload, ctx, False, kill_grace)
         checked = _checked(payload, ctx, outcome)  # a missing output fails it before its slot is free
         ok = checked[0].ok
         return checked

@@ -1,7 +1,8 @@
 """The local Slurm the Slurm tests submit to: the one ``SLURM_CONF`` points at when it answers (CI brings it
-up with ``slurm/local-cluster.sh up``), else one this session brings up with that script and takes down
-at its end. Without Slurm (not root, no apt), the tests are skipped saying why; under ``CI=true`` they fail
-instead, since CI must run them."""
+up with ``slurm/local-cluster.sh up``), else one this test run brings up with that script and takes down
+at its end. Its default partition has one node; partition ``two`` has nodes n1 and n2 (``slurm_two_nodes``).
+Without Slurm (not root, no apt), the tests are skipped saying why; under ``CI=true`` they fail instead,
+since CI must run them."""
 
 from __future__ import annotations
 
@@ -56,6 +57,18 @@ def slurm_conf() -> Iterator[str]:
         yield conf
     finally:
         subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(slurm_conf: str) -> str:
+    """``SLURM_CONF`` of a cluster whose partition ``two`` has nodes n1 and n2 (one that an earlier, single-node
+    ``slurm/local-cluster.sh`` started has none: its ``up`` restarts it with them)."""
+    out = subprocess.run(["sinfo", "-h", "-p", "two", "-o", "%N"], env=env_for(os.environ, slurm_conf),
+                         capture_output=True, text=True, timeout=20).stdout.strip()
+    if out != "n[1-2]":
+        _unavailable(f"the cluster at SLURM_CONF={slurm_conf} has no partition 'two' of nodes n1 and n2 "
+                     f"(sinfo -p two: {out or 'nothing'}); `slurm/local-cluster.sh up` restarts it with them")
+    return slurm_conf
 
 
 def show_job(job_id: str, env: dict[str, str]) -> dict[str, str]:

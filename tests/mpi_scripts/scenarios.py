@@ -309,12 +309,33 @@ def full(ex: RankExecutor) -> Any:
             "order": [i for i, _, _ in sorted(done, key=lambda r: r[2])]}
 
 
+def routed(ex: RankExecutor) -> Any:
+    """Node ``a`` is rank 1, node ``b`` rank 2, one slot each and nothing sent ahead: while ``a``'s worker
+    is busy, a call bound to ``a`` waits on rank 0, and those bound to ``b`` go on past it."""
+    hellos = ex.hellos(60)
+    ex.route({"a": [1], "b": [2]})
+    blocker = ex.submit_call(hold, ("go", "a0"), node="a")
+    wait_for((DIR / "started-a0").exists)
+    behind = ex.submit_call(stamp, (1,), node="a", priority=5.0)  # more urgent than those of b: still waits
+    others = [ex.submit_call(whoami, (i,), node="b") for i in range(5)]
+    other_ranks = sorted({f.result(timeout=60)[1] for f in others})
+    sent_early = behind.rank is not None
+    (DIR / "go").touch()
+    try:
+        ex.submit_call(square, (1,), node="c")
+        error = ""
+    except ValueError as exc:
+        error = str(exc)
+    return {"hellos": {str(r): list(h) for r, h in sorted(hellos.items())}, "blocker": blocker.result()[1],
+            "behind": behind.result(timeout=60)[1], "sent_early": sent_early, "others": other_ranks, "error": error}
+
+
 SCENARIOS: dict[str, Callable[[RankExecutor], Any]] = {
     f.__name__: f for f in (placement, many, overlap, failure, unpicklable, stop, cancel, idle_cpu, main_raises,
-                            interrupt, rank0_killed, queued_behind_one_slot, priority_order, paced, full)
+                            interrupt, rank0_killed, queued_behind_one_slot, priority_order, paced, full, routed)
 }
 SLOTS = {"overlap": 3, "stop": 2}
-OPTIONS: dict[str, dict[str, Any]] = {"paced": {"ahead": 8, "least": 2, "cover": 0.5},
+OPTIONS: dict[str, dict[str, Any]] = {"paced": {"ahead": 8, "least": 2, "cover": 0.5}, "routed": {"ahead": 0},
                                       "full": {"ahead": 1, "least": 2, "cover": 0.5, "full": 2}}
 
 

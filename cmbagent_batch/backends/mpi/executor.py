@@ -12,6 +12,11 @@ and nothing when none is.
 ``stop_tasks`` and ``hold_tasks`` keep what has not started from starting: the calls queued here are
 cancelled, those sent ahead to a worker come back failed with ``CancelledError``; a stop also
 terminates the running calls, a hold lets them go on.
+
+A call may be bound to a node (``submit_call(..., node=NAME)``, after ``route``): it then goes to the
+least loaded worker of those ``route`` gave for that node, and waits on rank 0 while they are all full,
+without holding back the calls for other nodes (each node's waiting calls are kept apart, most urgent
+first). That is how a task placed on a node by rank 0's booking runs there.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class _Call:
     key: tuple[float, int]  # (-priority, call id): rank 0 sends the most urgent queued call first
     future: RankFuture[Any] = field(compare=False)
     payload: bytes = field(compare=False)  # call id + pickled (fn, args, kwargs)
+    node: str | None = field(compare=False, default=None)  # the node it must run on (``route``)
 
     @property
     def id(self) -> int:
@@ -128,6 +134,10 @@ class RankExecutor(Executor):
         self._queued: list[_Call] = []  # a heap
         self._in_flight: dict[int, RankFuture[Any]] = {}
         self._hosts: dict[int, str] = {}
+        self._hellos: dict[int, str] = {}  # rank -> what its hello said after the host (``hellos``)
+        self._all_hello = threading.Event()
+        self._routes: dict[str, list[int]] = {}  # node -> the workers that run its calls (``route``)
+        self._parked: dict[str, list[_Call]] = {}  # node -> its calls waiting for one of its workers (heaps)
         self._closing = False
         self._told_to_exit = False
         self._thread = threading.Thread(target=self._serve, name="rank0-mpi", daemon=True)
@@ -154,11 +164,32 @@ class RankExecutor(Executor):
         one with the highest ``priority`` is sent first; submission order among equals."""
         return self.submit_call(fn, args, kwargs, priority=priority)
 
+    def hellos(self, timeout: float | None = None) -> dict[int, tuple[str, str]]:
+        """Every worker's host and what else its hello said (``serve``'s ``about``), by rank, once all have
+        said hello; ``TimeoutError`` after ``timeout`` seconds without."""
+        if not self._all_hello.wait(timeout):
+            missing = sorted(set(self._workers) - set(self._hosts))
+            raise TimeoutError(f"worker rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
+                               f"did not say hello within {timeout:g} s")
+        return {rank: (self._hosts[rank], self._hellos[rank]) for rank in self._workers}
+
+    def route(self, routes: dict[str, list[int]]) -> None:
+        """The workers of each node, for the calls bound to a node (``submit_call(node=...)``). Call it
+        before submitting any such call."""
+        unknown = sorted({r for ranks in routes.values() for r in ranks} - set(self._workers))
+        if unknown or any(not ranks for ranks in routes.values()):
+            raise ValueError(f"routes name no worker or unknown ranks {unknown}: {routes}")
+        self._routes = {node: sorted(ranks) for node, ranks in routes.items()}
+
     def submit_call(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *,
-                    priority: float = 0.0, on_started: Callable[[], None] | None = None) -> RankFuture[T]:
+                    priority: float = 0.0, on_started: Callable[[], None] | None = None,
+                    node: str | None = None) -> RankFuture[T]:
         """``submit_with_priority``; ``on_started`` is called on the communication thread if the worker
-        says the call started (``worker.start_reporter``): it must be quick and must not raise."""
+        says the call started (``worker.start_reporter``): it must be quick and must not raise. ``node``:
+        it runs on one of the workers ``route`` gave for that node (``ValueError`` for a node it gave none)."""
         self._check_open()
+        if node is not None and node not in self._routes:
+            raise ValueError(f"no worker rank is routed to node {node!r} (routes: {sorted(self._routes)})")
         future: RankFuture[T] = RankFuture()
         future.on_started = on_started
         call_id = next(self._ids)
@@ -167,7 +198,7 @@ class RankExecutor(Executor):
         except Exception as exc:  # noqa: BLE001 - e.g. a lambda, or an argument holding a lock
             future.set_exception(exc)
             return future
-        call = _Call((-priority, call_id), future, payload)
+        call = _Call((-priority, call_id), future, payload, node)
         with self._lock:
             self._check_open()
             if self._dozing:
@@ -226,7 +257,7 @@ class RankExecutor(Executor):
                 busy = True
                 self._dispatch()
             self._link.progress()
-            if self._closing and not self._queued and not self._told_to_exit:
+            if self._closing and not self._queued and not self._parked and not self._told_to_exit:
                 for rank in self._workers:
                     self._link.send(HEADER.pack(0), rank, Tag.SHUTDOWN)
                 self._told_to_exit = True
@@ -275,11 +306,9 @@ class RankExecutor(Executor):
             elif isinstance(item, _Shutdown):
                 self._closing = True
                 if item.cancel_futures:
-                    while self._queued:
-                        _cancel(heapq.heappop(self._queued).future)
+                    self._cancel_queued()
             else:  # _STOP or _HOLD; a worker told to exit that has no call here may have left its loop already
-                while self._queued:  # both mean: start nothing more
-                    _cancel(heapq.heappop(self._queued).future)
+                self._cancel_queued()  # both mean: start nothing more
                 for rank in self._workers:
                     if not self._told_to_exit or self._slots.load(rank):
                         self._link.send(HEADER.pack(0), rank, Tag.STOP if item == _STOP else Tag.HOLD)
@@ -289,20 +318,50 @@ class RankExecutor(Executor):
                 item = None
         return True
 
+    def _cancel_queued(self) -> None:
+        while self._queued:
+            _cancel(heapq.heappop(self._queued).future)
+        for parked in self._parked.values():
+            for call in parked:
+                _cancel(call.future)
+        self._parked.clear()
+
     def _dispatch(self) -> bool:
-        """Send queued calls, the most urgent first, while some worker has a free slot."""
-        sent = False
+        """Send queued calls, the most urgent first, while some worker has a free slot; a call bound to a
+        node whose workers are all full waits apart (``_parked``), and goes first when one of them frees."""
+        sent = self._dispatch_parked() if self._parked else False
         while self._queued and self._slots.room():
             call = heapq.heappop(self._queued)
-            if not call.future.set_running_or_notify_cancel():
-                continue  # cancelled while queued
-            rank = self._slots.take()
-            assert rank is not None
-            call.future.rank = rank
-            self._in_flight[call.id] = call.future
-            self._link.send(call.payload, rank, Tag.CALL)
+            rank = self._slots.take() if call.node is None else self._slots.take_among(self._routes[call.node])
+            if rank is None:  # its node's workers are all full
+                heapq.heappush(self._parked.setdefault(call.node or "", []), call)
+                continue
+            if not call.future.set_running_or_notify_cancel():  # cancelled while queued
+                self._slots.give(rank)
+                continue
+            self._send(call, rank)
             sent = True
         return sent
+
+    def _dispatch_parked(self) -> bool:
+        sent = False
+        for node in list(self._parked):
+            parked = self._parked[node]
+            while parked and (rank := self._slots.take_among(self._routes[node])) is not None:
+                call = heapq.heappop(parked)
+                if not call.future.set_running_or_notify_cancel():
+                    self._slots.give(rank)
+                    continue
+                self._send(call, rank)
+                sent = True
+            if not parked:
+                del self._parked[node]
+        return sent
+
+    def _send(self, call: _Call, rank: int) -> None:
+        call.future.rank = rank
+        self._in_flight[call.id] = call.future
+        self._link.send(call.payload, rank, Tag.CALL)
 
     def _receive(self) -> bool:
         got = False
@@ -310,7 +369,10 @@ class RankExecutor(Executor):
             got = True
             rank, tag, data = msg
             if tag == Tag.HELLO:
-                self._hosts[rank] = data[HEADER.size:].decode()
+                host, _, about = bytes(data[HEADER.size:]).decode().partition("\n")
+                self._hosts[rank], self._hellos[rank] = host, about
+                if len(self._hosts) == len(self._workers):
+                    self._all_hello.set()
                 continue
             (call_id,) = HEADER.unpack_from(data)
             if tag == Tag.STARTED:  # its end follows: the call stays in flight
@@ -348,7 +410,8 @@ class RankExecutor(Executor):
         error = BrokenRankExecutor(f"the thread of rank 0 that talks MPI failed: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
         futures: list[Future[Any]] = [*self._in_flight.values(), *(c.future for c in self._queued),
-                                      *(c.future for c in self._unwoken)]
+                                      *(c.future for c in self._unwoken),
+                                      *(c.future for parked in self._parked.values() for c in parked)]
         while True:
             try:
                 item = self._inbox.get_nowait()

@@ -62,6 +62,16 @@ class SlotTable:
         heapq.heapreplace(self._heap, (load + 1, rank))
         return rank
 
+    def take_among(self, ranks: Sequence[int]) -> int | None:
+        """Book a slot on the least loaded of ``ranks`` (ties to the first); None when each is at the limit.
+        It looks at each of them: meant for the few ranks of one node."""
+        load, rank = min((self._load[r], r) for r in ranks)
+        if load >= self._per_rank:
+            return None
+        self._load[rank] = load + 1
+        heapq.heappush(self._heap, (load + 1, rank))
+        return rank
+
     def give(self, rank: int) -> None:
         """Free a slot of ``rank`` (its call has ended)."""
         load = self._load[rank] - 1

@@ -32,7 +32,7 @@ _Outcome = tuple[Tag, bytes]  # RESULT, FAILURE, NOT_STARTED or STARTED, with th
 
 def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None = None,
           on_hold: Callable[[], None] | None = None,
-          on_signal: Mapping[int, Callable[[], None]] | None = None) -> None:
+          on_signal: Mapping[int, Callable[[], None]] | None = None, about: str = "") -> None:
     """Run the calls rank 0 sends over ``comm``, ``slots_per_rank`` at a time, until rank 0 says shutdown.
 
     ``on_stop`` is called on this (the MPI) thread when rank 0 asks to terminate the running calls: it
@@ -47,6 +47,9 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
     ``on_signal``: what this rank does when it gets each of these signals (say ``{SIGTERM: on_stop}``),
     called from handlers that ``serve`` installs while it runs (when it runs on the main thread).
 
+    Its first message, the hello, gives this rank's host and ``about`` (one line: anything rank 0 should
+    know of this rank, which ``RankExecutor.hellos`` returns).
+
     A call that raises ``concurrent.futures.CancelledError`` goes back as not started (say, held back by
     ``on_hold``); its future on rank 0 fails with ``CancelledError`` as if the hold had found it waiting.
     A call's other exceptions, or a result that cannot be pickled, go back to rank 0 as a failure; the loop
@@ -60,7 +63,9 @@ def serve(comm: Any, slots_per_rank: int, *, on_stop: Callable[[], None] | None 
     if slots_per_rank < 1:
         raise ValueError(f"slots per rank must be at least 1, not {slots_per_rank}")
     link = Link(mpi, comm)
-    link.send(HEADER.pack(0) + mpi.Get_processor_name().encode(), 0, Tag.HELLO)
+    if "\n" in about:
+        raise ValueError(f"a worker's hello is one line, not {about!r}")
+    link.send(HEADER.pack(0) + f"{mpi.Get_processor_name()}\n{about}".encode(), 0, Tag.HELLO)
     done: queue.SimpleQueue[_Outcome | None] = queue.SimpleQueue()  # None: only wakes the loop
     previous = _handle_signals(on_signal or {}, lambda: done.put(None))
     pool = ThreadPoolExecutor(slots_per_rank, thread_name_prefix=f"rank{rank}-call")
