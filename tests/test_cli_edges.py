@@ -179,7 +179,7 @@ TOP_USAGE = "usage: cmbagent-batch [-h] [--version] COMMAND ...\n"
 @pytest.mark.parametrize(("args", "stderr"), [
     (["valdate", "job.yaml"], TOP_USAGE + (
         "cmbagent-batch: error: unknown command 'valdate' (did you mean 'validate'?); the commands are: validate, "
-        "config, plan, run, status, ledger, submit, cancel, schema\n")),
+        "config, plan, run, status, export, report, ledger, submit, cancel, schema\n")),
     (["ledger", "sumarize", "x"], "usage: cmbagent-batch ledger [-h] SUBCOMMAND ...\n" + (
         "cmbagent-batch ledger: error: unknown command 'sumarize' (did you mean 'summarize'?); the commands are: "
         "summarize, verify, export, reprice, diff, report\n")),

@@ -141,7 +141,7 @@ def test_after_a_failure_the_progress_line_the_last_line_status_and_run_json_say
     assert res.returncode == 1, res.stderr
     progress = [line for line in res.stderr.splitlines() if re.match(r"\d+/9 done: ", line)]
     assert re.fullmatch(rf"1/9 done: {TOLD}; 0:0\d elapsed", progress[-1]), progress
-    assert res.stderr.splitlines()[-2:] == [f"cmbagent-batch: {TOLD}; run directory {run_dir}",
+    assert res.stderr.splitlines()[-2:] == [f"cmbagent-batch: {TOLD}; run directory {run_dir}; report {run_dir}/report.html",
                                             "  failed: bad (attempt 1): exit code 3"]
     manifest = read_run(run_dir)
     counts = {"cancelled": 6, "failed": 1, "succeeded": 1, "upstream_failed": 1}
@@ -340,7 +340,7 @@ def test_a_walltime_stop_is_told_as_interrupted_and_pending_never_as_failed(
     assert first.wait() == 138, first.stderr()
     err = first.stderr().splitlines()
     assert re.fullmatch(r"0/3 done: 1 pending, 2 interrupted; 0:\d\d elapsed", err[-2]), err
-    assert err[-1] == f"cmbagent-batch: 1 pending, 2 interrupted; run directory {run_dir}"
+    assert err[-1] == f"cmbagent-batch: 1 pending, 2 interrupted; run directory {run_dir}; report {run_dir}/report.html"
     assert "failed" not in first.stderr()
     # what the job script runs once the step has ended: the decision, said from run.json's counts
     res = cli(tmp_path, "_after-step", str(run_dir), "--exit-code", "138", "--requeue-max", "0", "--job-id", "41")

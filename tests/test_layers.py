@@ -20,10 +20,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("ledger", "slurm"),
     ("llm",),
     ("plan",),
+    ("provenance",),
     ("place",),
     ("tasks",),
     ("backends",),
     ("execute",),
+    ("report",),
     ("cli",),
     ("__main__",),
 ]

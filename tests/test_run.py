@@ -98,7 +98,8 @@ def test_quickstart_runs_and_publishes_its_outputs(quickstart: tuple[Path, Any])
     tmp, res = quickstart
     assert res.returncode == 0, res.stderr
     run_dir = tmp / "runs" / "quickstart"
-    assert res.stderr.splitlines()[-1] == f"cmbagent-batch: 5 succeeded; run directory {run_dir}"
+    assert res.stderr.splitlines()[-1] == (f"cmbagent-batch: 5 succeeded; run directory {run_dir}; "
+                                           f"report {run_dir}/report.html")
     summary = (published(run_dir, "summary") / "summary.txt").read_text()
     assert [line.split() for line in summary.splitlines()] == [
         ["999", "cl_tt_1000.txt"], ["1999", "cl_tt_2000.txt"], ["499", "cl_tt_500.txt"], ["3497", "total"],
@@ -311,7 +312,8 @@ def test_a_declared_output_not_written_fails_the_task(tmp_path: Path) -> None:
     res = cli(tmp_path, "run", "job.yaml")
     assert res.returncode == 1
     assert res.stderr.splitlines()[-2:] == [
-        f"cmbagent-batch: 1 failed; run directory {tmp_path / 'runs' / 'missing'}",
+        f"cmbagent-batch: 1 failed; run directory {tmp_path / 'runs' / 'missing'}; "
+        f"report {tmp_path / 'runs' / 'missing' / 'report.html'}",
         "  failed: t (attempt 1): declared output 'missing.txt' was not written",
     ]
     row = status_rows(tmp_path, tmp_path / "runs" / "missing")["t"]

@@ -42,6 +42,14 @@ def dispatch(opts: o.Options) -> int:
             from cmbagent_batch.cli.status import status
 
             return status(opts)
+        case o.ReportOptions():
+            from cmbagent_batch.cli.report import report
+
+            return report(opts)
+        case o.ExportOptions():
+            from cmbagent_batch.cli.export import export
+
+            return export(opts)
         case o.SubmitOptions():
             from cmbagent_batch.cli.submit import submit
 

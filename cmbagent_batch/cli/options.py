@@ -62,6 +62,16 @@ class StatusOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class ExportOptions:
+    run_dir: str  # a run directory, or a job spec whose run directory to export
+    format: Literal["ro-crate"]
+    output: str | None  # the crate's directory; None: RUN_DIR/ro-crate
+    copy: bool  # copy the outputs and inputs into the crate (default: referenced where they are)
+    license: str | None
+    cache_dir: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class SlurmRequest:
     """The allocation flags of ``submit`` (None: not given, the spec's slurm: section decides)."""
 
@@ -92,6 +102,12 @@ class SubmitOptions:
 @dataclass(frozen=True, slots=True)
 class CancelOptions:
     run_dir: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReportOptions:
+    run_dir: str  # a run directory, or a job spec (its run directory)
+    output: str | None  # -o FILE (default RUN_DIR/report.html)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,5 +168,5 @@ class LedgerReportOptions:
 
 LedgerOptions = (LedgerSummarizeOptions | LedgerVerifyOptions | LedgerExportOptions | LedgerRepriceOptions
                  | LedgerDiffOptions | LedgerReportOptions)
-Options = (ValidateOptions | ConfigOptions | PlanOptions | RunOptions | StatusOptions | SubmitOptions
-           | CancelOptions | AfterStepOptions | SchemaOptions | LedgerOptions)
+Options = (ValidateOptions | ConfigOptions | PlanOptions | RunOptions | StatusOptions | ExportOptions | SubmitOptions
+           | CancelOptions | AfterStepOptions | SchemaOptions | LedgerOptions | ReportOptions)

@@ -286,6 +286,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list every task, however many (text format; json always lists every task)")
     p.set_defaults(options=lambda a: o.StatusOptions(a.run_dir, a.format, a.explain, a.all))
 
+    p = sub.add_parser("export", help="write a run's provenance as a Workflow Run RO-Crate",
+                       description="Write the provenance of a finished run as a Workflow Run RO-Crate "
+                                   "(Provenance Run Crate 0.5): the spec and plan, every task's run with its "
+                                   "inputs and outputs (sha256), the models and the ledger's head hash.")
+    p.add_argument("run_dir", metavar="RUN_DIR|SPEC",
+                   help="the run directory, or a job spec (its run directory, found as run finds it)")
+    p.add_argument("--format", choices=("ro-crate",), default="ro-crate", help="what to write")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="the crate's directory, new or empty (default: RUN_DIR/ro-crate)")
+    p.add_argument("--copy", action="store_true",
+                   help="copy the outputs and inputs into the crate (default: referenced where they are)")
+    p.add_argument("--license", metavar="URL", help="the crate's license, e.g. https://spdx.org/licenses/CC-BY-4.0")
+    p.add_argument("--cache-dir", metavar="DIR", help="the analysis cache the run used (for its LLM edges)")
+    p.set_defaults(options=lambda a: o.ExportOptions(a.run_dir, a.format, a.output, a.copy, a.license, a.cache_dir))
+
+    p = sub.add_parser("report", help="write the run report: one self-contained HTML page of a run",
+                       description="Write the run's report (summary, timeline, utilisation, tasks, costs, DAG) "
+                                   "as one self-contained HTML file, RUN_DIR/report.html unless -o says where. "
+                                   "A run writes it itself as it ends, and refreshes it while it runs.")
+    p.add_argument("run_dir", metavar="RUN_DIR|SPEC",
+                   help="the run directory, or a job spec (its run directory, found as run finds it)")
+    p.add_argument("-o", "--output", metavar="FILE", help="where to write it (default RUN_DIR/report.html)")
+    p.set_defaults(options=lambda a: o.ReportOptions(a.run_dir, a.output))
+
     _add_ledger(sub)
     _add_slurm(sub)
 

@@ -25,9 +25,12 @@ from cmbagent_batch.tasks.shell import use_task_path
 if TYPE_CHECKING:
     from cmbagent_batch.backends.mpi.executor import RankExecutor
     from cmbagent_batch.execute.prepare import Prepared
+    from cmbagent_batch.place.inventory import Node
+    from cmbagent_batch.report.refresh import Refresher
 
 
 _GLOB = re.compile(r"[*?\[]")
+HELLO_TIMEOUT_S = 600.0  # for every worker rank to say what node it is on (they start with rank 0)
 
 
 def mpi_ranks() -> int:
@@ -97,18 +100,32 @@ def _run_mpi(args: RunOptions, config: Config) -> int:
         return _run(args, config)
     if args.dry_run:  # nothing runs: rank 0 says what would, the others leave
         return _run(args, config) if rank == 0 else 0
+    from cmbagent_batch.execute.placing import needs_booking, worker_node
+
     comm = world.Dup()  # the backend's own messages never meet those of MPI code in the tasks
+    books = needs_booking(config.spec)  # then each worker says its node, and rank 0 places tasks on nodes
     if rank != 0:
         try:
-            serve_worker_rank(comm, rank, ex)
+            serve_worker_rank(comm, rank, ex, worker_node(config.spec, os.environ) if books else None)
         finally:
             local_model.stop_all()
         return 0
-    executor = rank_executor(comm, ex)
+    executor = rank_executor(comm, ex, books)
     try:
         return _run(args, config, executor)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_nodes(ranks: RankExecutor | None) -> dict[int, Node] | None:
+    """The node each worker rank says it is on, for a job that books (None on local pools, or when the
+    workers name none)."""
+    if ranks is None:
+        return None
+    from cmbagent_batch.backends.ranks import hello_node
+
+    nodes = {rank: hello_node(about) for rank, (_, about) in ranks.hellos(HELLO_TIMEOUT_S).items()}
+    return {rank: node for rank, node in nodes.items() if node is not None} or None
 
 
 def _by_reason(skipped: Mapping[str, str]) -> dict[str, list[str]]:
@@ -124,12 +141,25 @@ def _some(ids: list[str]) -> str:
     return shown + (f" and {len(ids) - 3:,} more" if len(ids) > 3 else "")
 
 
+def _run_report(prepared: Prepared, selected: set[str] | None) -> Refresher:
+    """The run's report, refreshed while it runs; first, why each task it runs does (for that report)."""
+    from cmbagent_batch.report.reasons import record_reasons
+    from cmbagent_batch.report.refresh import Refresher
+
+    try:
+        record_reasons(prepared, selected)
+    except OSError as exc:
+        warn(f"the reasons the tasks run could not be kept for the run report: {exc}")
+    return Refresher(prepared.run_dir, warn)
+
+
 def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) -> int:
     from cmbagent_batch.execute.placing import booking_for
     from cmbagent_batch.execute.prepare import prepare, stale_tasks, unplaceable_notes, why_rerun
     from cmbagent_batch.execute.progress import Progress
     from cmbagent_batch.execute.run import disk_full_advice, execute
     from cmbagent_batch.plan import preflight  # here: a worker rank never needs it
+    from cmbagent_batch.report.job import JobView
     from cmbagent_batch.rundir.layout import resolve_run_dir
     from cmbagent_batch.rundir.prune import prune_superseded
     from cmbagent_batch.states import Tally, TaskState
@@ -157,13 +187,15 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
         stale = stale_tasks(prepared)
         preflight.check_launched_inputs(config.spec, prepared.sources, [
             tid for tid in prepared.dag.nodes if (selected is None or tid in selected) and tid in stale])
-        placing = booking_for(config.spec, os.environ) if ranks is None else None  # a misfit is refused here
+        placing = booking_for(config.spec, os.environ, _worker_nodes(ranks))  # a misfit is refused here
     except BatchError:
         remove_empty(made)  # a refused run leaves no empty run directory behind
         raise
     if placing is not None:
         if not opts.quiet:
             print(f"cmbagent-batch: inventory: {placing.inventory.describe()}", file=sys.stderr)
+        for note in placing.notes:
+            warn(note)
         for reason, ids in _by_reason(placing.skipped).items():  # said even with --quiet: work not done
             print(f"cmbagent-batch: skipped (when_unplaceable: skip), with what depends on it: "
                   f"{_some(ids)}: {reason}", file=sys.stderr)
@@ -194,13 +226,16 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
     try:
         total = len(prepared.dag.nodes)
         progress = (lambda sched: None) if opts.quiet else Progress(total)
-        code, sched = execute(prepared, warn, progress, selected, ranks, walltime_grace=opts.walltime_grace,
+        report = _run_report(prepared, selected)
+        code, sched = execute(prepared, warn, report.around(progress), selected, ranks, walltime_grace=opts.walltime_grace,
                               walltime_file=opts.walltime_file, placing=placing)
     finally:
         lock.release(unlock=not dog.close())  # tasks left running: the watchdog ends them, then lets it go
         local_model.stop_all()  # here, as os._exit below skips atexit
+    page = report.finish(JobView(prepared.spec, prepared.dag), len(prepared.dag.nodes))
     if not opts.quiet:
-        print(f"cmbagent-batch: {Tally.from_counts(sched.counts).text()}; run directory {run_dir}", file=sys.stderr)
+        print(f"cmbagent-batch: {Tally.from_counts(sched.counts).text()}; run directory {run_dir}"
+              + (f"; report {page}" if page else ""), file=sys.stderr)
         for r in sorted(sched.runs.values(), key=lambda r: r.id):
             if r.state is TaskState.FAILED:
                 print(f"  failed: {r.id} (attempt {r.attempts}): {r.reason}", file=sys.stderr)

@@ -11,8 +11,9 @@ from typing import Any
 
 from cmbagent_batch.cli.console import warn
 from cmbagent_batch.cli.options import StatusOptions
+from cmbagent_batch.cli.rundirs import no_run, run_dir_of
 from cmbagent_batch.cli.slurm_status import slurm_lines, slurm_status
-from cmbagent_batch.errors import ExitCode, SpecError, UsageError
+from cmbagent_batch.errors import ExitCode
 from cmbagent_batch.rundir.layout import Layout, journal_paths, read_json, runner_gone, tail_lines
 from cmbagent_batch.rundir.runview import TROUBLED, UP_TO_DATE, current_states, run_history, task_row
 from cmbagent_batch.states import Tally, TaskState
@@ -21,19 +22,15 @@ TAIL = 5  # lines of a troubled task's stderr shown
 _UNDER_WAY = frozenset({TaskState.RUNNING, TaskState.RETRYING})  # listed however many tasks the run has
 LISTED = 1000  # of a run with more tasks, only the running and troubled ones are listed (--all: every one)
 _ATTEMPT_HEADER = re.compile(r"# attempt (\d+)")  # what each attempt writes first in the task's logs
-_FORMS = "status takes RUN_DIR, a run directory (with run.json), or SPEC, a job spec (its run directory, as run finds it)"
 
 
 def status(opts: StatusOptions) -> int:
-    run_dir, spec = run_dir_of(opts.run_dir)
+    run_dir, spec = run_dir_of(opts.run_dir, "status")
     manifest_path = os.path.join(run_dir, "run.json")
     slurm = slurm_status(run_dir)
     if not os.path.isfile(manifest_path):
         if slurm is None:
-            if spec is not None:
-                raise UsageError(f"{run_dir}, the run directory of {spec}, holds no run yet (no run.json); "
-                                 f"`cmbagent-batch run {spec}` starts one")
-            raise UsageError(f"{run_dir} is not a run directory (no run.json); {_FORMS}")
+            raise no_run(run_dir, spec, "status")
         if opts.format == "json":
             print(json.dumps({"run_dir": run_dir, "status": "submitted", "slurm": slurm, "tasks": []}, indent=1))
         else:
@@ -61,7 +58,7 @@ def status(opts: StatusOptions) -> int:
         [(i, state) for i, state in states if state in TROUBLED or state in _UNDER_WAY][:LISTED]
     rows = []
     for i, state in sorted(listed, key=lambda item: history.ids[item[0]]):
-        row = task_row(history, i, state, layout)
+        row = task_row(history, i, state, layout, placed=bool(manifest.get("inventory")))
         if state in TROUBLED:
             row["stderr_tail"] = stderr_tail(os.path.join(row["work_dir"], "logs", "stderr.log"), row["attempts"])
         elif not (state is TaskState.SKIPPED and row["reason"] and row["reason"] != UP_TO_DATE):
@@ -103,7 +100,8 @@ def status(opts: StatusOptions) -> int:
             line += f"  next: {r['next_run']}"
         print(line)
         if r.get("placement"):
-            print(f"      on {_placed(r['placement'])}" + (f": {r['launch']}" if r.get("launch") else ""))
+            print(f"      on {_placed(r['placement'], r.get('steps') or [])}"
+                  + (f": {r['launch']}" if r.get("launch") else ""))
         if r.get("reason"):
             print(f"      {r['reason']}")
         for tail in r.get("stderr_tail") or []:
@@ -114,30 +112,12 @@ def status(opts: StatusOptions) -> int:
     return ExitCode.OK
 
 
-def _placed(placement: dict[str, Any]) -> str:
+def _placed(placement: dict[str, Any], steps: list[str]) -> str:
+    """Where a task ran (``vm cores 0-1``) and the Slurm job steps it ran there (``, job steps 52.1, 52.2``)."""
     from cmbagent_batch.place.booking import describe_record  # only for a run that booked its inventory
 
-    return describe_record(placement)
-
-
-def run_dir_of(given: str) -> tuple[str, str | None]:
-    """The run directory ``status`` shows, and the spec it was found from: RUN_DIR as given, or that of
-    the job spec SPEC, found as ``run`` finds it (job.run_dir, CMBAGENT_RUN_DIR)."""
-    if os.path.isdir(given):
-        return given, None
-    if not os.path.exists(given):
-        raise UsageError(f"{given}: no such file or directory; {_FORMS}")
-    from cmbagent_batch.rundir.layout import resolve_run_dir
-    from cmbagent_batch.spec.config import effective_config
-    from cmbagent_batch.spec.loader import load_spec
-
-    try:
-        spec = load_spec(given)
-    except SpecError as exc:
-        n = len(exc.problems)
-        raise UsageError(f"{given} is neither a run directory nor a valid job spec ({n} problem{'s' if n != 1 else ''}: "
-                         f"`cmbagent-batch validate {given}` lists {'them' if n != 1 else 'it'}); {_FORMS}") from None
-    return resolve_run_dir(effective_config(spec, os.environ, {}).spec), given
+    ran = f", job step{'s' if len(steps) > 1 else ''} {', '.join(steps)}" if steps else ""
+    return describe_record(placement) + ran
 
 
 def stderr_tail(path: str, attempts: int) -> list[str]:
