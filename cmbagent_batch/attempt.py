@@ -127,6 +127,8 @@ class Outcome:
     work_dir: str | None = None  # where the attempt ran (set by the runner)
     reason: OutcomeReason | None = None  # why it ended, where the runner decides on it (``error`` says it)
     steps: tuple[str, ...] = ()  # the Slurm job steps its $CMBAGENT_LAUNCH started (JOB.STEP), in order
+    tokens: int | None = 0  # agent tasks: prompt + completion tokens of its LLM calls (None: not known)
+    cost_usd: float | None = 0.0  # and their cost in USD, as the ledger prices them
 
     @classmethod
     def because(cls, reason: OutcomeReason, **measures: Any) -> Outcome:

@@ -125,8 +125,8 @@ def test_tasks_that_write_nothing_leave_no_inode(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     few, many = inodes_after_noop(tmp_path / "a", 20), inodes_after_noop(tmp_path / "b", 200)
-    assert few == many == [".lock", "journal", "journal/index", "journal/rank-0000.jsonl", "layout.json", "ranks",
-                           "ranks/rank-0000", "run.json"]
+    assert few == many == [".lock", "journal", "journal/index", "journal/rank-0000.jsonl", "journal/why.json",
+                           "layout.json", "ranks", "ranks/rank-0000", "report.html", "run.json", "trace.tsv"]
 
 
 def _directory_operations(run_dir: Path, attempts: list[Attempt]) -> tuple[list[Outcome], list[tuple[str, str]]]:

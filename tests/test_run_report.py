@@ -287,3 +287,16 @@ def test_the_last_page_of_a_big_job_is_written_by_a_report_process_of_its_own(
     assert Refresher(str(tmp_path), said.append).finish(None, tasks=4) is None
     assert said == [f"could not write the run report {tmp_path}/report.html: cmbagent-batch: error: {tmp_path} is "
                     f"not a run directory (no run.json); {FORMS}"]
+
+
+def test_a_job_too_big_for_its_run_to_write_the_page_says_how_to_get_it(tmp_path: Path) -> None:
+    said: list[str] = []
+    now = [0.0]
+    big = refresh.RUN_WRITES_MAX + 1
+    refresher = Refresher(str(tmp_path), said.append, interval=30, clock=lambda: now[0], tasks=big)
+    now[0] = 1000
+    refresher.tick()
+    assert refresher._proc is None and refresher.finish(None, tasks=big) is None and said == []
+    assert refresher.skipped(big) == (f"report not written by the run ({big:,} tasks, over "
+                                      f"{refresh.RUN_WRITES_MAX:,}): `cmbagent-batch report {tmp_path}` writes it")
+    assert Refresher(str(tmp_path), said.append, tasks=3).skipped(3) == ""

@@ -141,16 +141,17 @@ def _some(ids: list[str]) -> str:
     return shown + (f" and {len(ids) - 3:,} more" if len(ids) > 3 else "")
 
 
-def _run_report(prepared: Prepared, selected: set[str] | None) -> Refresher:
-    """The run's report, refreshed while it runs; first, why each task it runs does (for that report)."""
+def _run_report(prepared: Prepared, selected: set[str] | None, stale: set[str]) -> Refresher:
+    """The run's report, refreshed while it runs; first, why each task it runs (of ``stale``) does (for that
+    report)."""
     from cmbagent_batch.report.reasons import record_reasons
     from cmbagent_batch.report.refresh import Refresher
 
     try:
-        record_reasons(prepared, selected)
+        record_reasons(prepared, selected, stale)
     except OSError as exc:
         warn(f"the reasons the tasks run could not be kept for the run report: {exc}")
-    return Refresher(prepared.run_dir, warn)
+    return Refresher(prepared.run_dir, warn, tasks=len(prepared.dag.nodes))
 
 
 def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) -> int:
@@ -226,7 +227,7 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
     try:
         total = len(prepared.dag.nodes)
         progress = (lambda sched: None) if opts.quiet else Progress(total)
-        report = _run_report(prepared, selected)
+        report = _run_report(prepared, selected, stale)
         code, sched = execute(prepared, warn, report.around(progress), selected, ranks, walltime_grace=opts.walltime_grace,
                               walltime_file=opts.walltime_file, placing=placing)
     finally:
@@ -236,6 +237,8 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
     if not opts.quiet:
         print(f"cmbagent-batch: {Tally.from_counts(sched.counts).text()}; run directory {run_dir}"
               + (f"; report {page}" if page else ""), file=sys.stderr)
+        if report.off:
+            print(f"cmbagent-batch: {report.skipped(len(prepared.dag.nodes))}", file=sys.stderr)
         for r in sorted(sched.runs.values(), key=lambda r: r.id):
             if r.state is TaskState.FAILED:
                 print(f"  failed: {r.id} (attempt {r.attempts}): {r.reason}", file=sys.stderr)

@@ -25,6 +25,7 @@ from cmbagent_batch.execute.prepare import Prepared, task_runs
 from cmbagent_batch.execute.runs import Limits, Options
 from cmbagent_batch.execute.scheduler import Scheduler
 from cmbagent_batch.execute.stop import exit_code, say_drain, stop_sources, stop_that_counts
+from cmbagent_batch.execute.tracing import Traced, open_trace
 from cmbagent_batch.ledger.costs import merge_ledger
 from cmbagent_batch.place.launch import where_for
 from cmbagent_batch.rundir.atomic import write_json_atomic
@@ -71,8 +72,9 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
     options = Options(keep_going=ex.keep_going, retries=ex.retries, retry_backoff=ex.retry_backoff,
                       kill_grace=ex.kill_grace)
     launcher = Launcher(p, on_ranks=ranks is not None, where=where_for(inventory.source) if inventory else None)
-    sched = Scheduler(runs, pools, limits, options, launcher, Recorder(p, journal),
-                      tick=progress, commit=journal.flush, on_drain=say_drain, skipped=table.skipped,
+    traced = Traced(Recorder(p, journal), journal.flush, open_trace(p.run_dir, warn), p.run_id)
+    sched = Scheduler(runs, pools, limits, options, launcher, traced,
+                      tick=progress, commit=traced.commit, on_drain=say_drain, skipped=table.skipped,
                       write_through=lambda: journal.flush(wait=True))
     journal.on_full = lambda exc: sched.stop_on_full_disk(_what(exc))
     summary = RunSummary(p.run_id, dag_digest(p), time.time(), workers, (backend.name, backend.processes),
@@ -86,6 +88,7 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
         if exc.errno not in DISK_FULL_ERRNOS:
             raise
         journal.close()
+        traced.close(warn)
         raise DiskFullError(f"{disk_full_advice(p.run_dir, _what(exc, run_json))}") from None
     gcpause.freeze_survivors()
     try:
@@ -102,6 +105,7 @@ def execute(p: Prepared, warn: Callable[[str], None], progress: Callable[[Schedu
                 raise
             sched.disk_full = sched.disk_full or _what(exc)
             warn(f"the last state changes could not be journaled ({_what(exc)}): the tasks they record run again")
+        traced.close(warn)
     code = exit_code(sched.stop_reason, sched.counts)
     if sched.disk_full is not None and not code:  # records lost: the tasks they record run again
         code = ExitCode.FAILED

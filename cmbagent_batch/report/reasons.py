@@ -19,10 +19,11 @@ NEVER_RAN = "never ran"  # prepare.why_rerun's reason for a task that has no rec
 FILE = "why.json"
 
 
-def record_reasons(p: Prepared, selected: Iterable[str] | None) -> dict[str, str]:
-    """Why each task the run is about to run (the stale ones, of ``selected`` when given) runs, kept in
-    ``journal/why.json`` under the run's id; returns the reasons of the tasks that have a record."""
-    stale = stale_tasks(p)
+def record_reasons(p: Prepared, selected: Iterable[str] | None, stale: set[str] | None = None) -> dict[str, str]:
+    """Why each task the run is about to run (``stale``, default ``stale_tasks``; of ``selected`` when
+    given) runs, kept in ``journal/why.json`` under the run's id; returns the reasons of the tasks that
+    have a record."""
+    stale = stale_tasks(p) if stale is None else stale
     wanted = stale if selected is None else stale & set(selected)
     known = [tid for tid in wanted if p.history.get(tid) is not None] if len(p.history) else []
     reasons = {tid: why_rerun(p, tid) or "" for tid in sorted(known)}

@@ -6,8 +6,10 @@ scheduler's thread only reads the clock on each tick and never waits for it, nor
 lock with it. The last page is written once the scheduler is done: in the runner, with the run's own spec
 and DAG, for a job of up to ``IN_PROCESS_MAX`` tasks; above, by a ``report`` process the runner waits for,
 so that the page's reading of every record never adds to the runner's own memory, which holds the job
-(a 10^5-task page takes about 150 MB and 1.5 s of its own). A report that cannot be written is a warning,
-never the run's failure.
+(a 10^5-task page takes about 150 MB and 1.5 s of its own). A job of more than ``RUN_WRITES_MAX`` tasks
+gets no page from its run, which says so: reading its every record, and its spec again, would take more
+memory than the run itself (about 1.2 GB at 10^6 tasks) and a core for a while; ``cmbagent-batch report``
+writes it on demand. A report that cannot be written is a warning, never the run's failure.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from cmbagent_batch.report.page import REPORT, write_report
 
 INTERVAL = 30.0
 IN_PROCESS_MAX = 10_000  # tasks of a job whose last page the runner writes itself
+RUN_WRITES_MAX = 200_000  # tasks of a job whose run writes its page at all
 
 
 class Refresher:
     """Keeps ``RUN_DIR/report.html`` of the run in ``run_dir`` up to date (see the module's docstring)."""
 
     def __init__(self, run_dir: str, warn: Callable[[str], None], interval: float = INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, tasks: int = 0) -> None:
         self.path = os.path.join(run_dir, REPORT)
+        self.off = tasks > RUN_WRITES_MAX  # too big for the run to write: ``skipped`` says so
         self._run_dir = run_dir
         self._warn = warn
         self._interval = interval
@@ -47,7 +51,7 @@ class Refresher:
     def tick(self, sched: Any = None) -> None:
         """On the scheduler's thread, every turn of its loop: a clock read, and rarely a process started."""
         now = self._clock()
-        if now < self._next:
+        if now < self._next or self.off:
             return
         if self._proc is not None:
             if self._proc.poll() is None:  # the last refresh is still writing
@@ -75,7 +79,9 @@ class Refresher:
 
     def finish(self, job: JobView | None, tasks: int = 0) -> str | None:
         """The run of ``tasks`` tasks has ended: stop a refresh under way and write the last page; its path,
-        or None (said)."""
+        or None (said, or ``skipped`` says why)."""
+        if self.off:
+            return None
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
@@ -88,6 +94,13 @@ class Refresher:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
             self._warn(f"could not write the run report {self.path}: {why}")
             return None
+
+    def skipped(self, tasks: int) -> str:
+        """Why the run wrote no page, and how to get one ("" when it wrote one)."""
+        if not self.off:
+            return ""
+        return (f"report not written by the run ({tasks:,} tasks, over {RUN_WRITES_MAX:,}): "
+                f"`cmbagent-batch report {os.path.dirname(self.path)}` writes it")
 
     def _in_a_process(self) -> str | None:
         """The last page, written by a ``report`` process of its own; its path, or None (said)."""

@@ -94,8 +94,7 @@ def _runs(g: Gathered) -> str:
     for run in g.runs:
         line = g.lines[run]
         this = run == g.run_id
-        first = g.started if this and g.started else line.first
-        last = (g.ended or g.now) if this else line.last
+        first, last = g.window() if this else (line.first, line.last)  # its records' times (run.json's: whole seconds)
         ended = ", ".join(f"{n:,} {s}" for s, n in sorted(line.ended.items())) or "-"
         rows.append(f'<tr id="run-{esc(run)}"{" class=this" if this else ""}><td class="hash">{esc(run)}'
                     f'{" (this run)" if this else ""}</td><td class="nowrap">{esc(_clock(first))}</td>'

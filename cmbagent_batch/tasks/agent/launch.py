@@ -131,6 +131,7 @@ def finish(outcome: Outcome, ctx: TaskContext, model: Mapping[str, Any]) -> Outc
             result = json.load(fh)
     except (OSError, ValueError):
         result = None
+    outcome = dataclasses.replace(outcome, **_usage(result))
     if outcome.ok:
         if result is None or result.get("status") != "ok":
             return dataclasses.replace(outcome, ok=False, error="the agent process ended without a result")
@@ -142,6 +143,15 @@ def finish(outcome: Outcome, ctx: TaskContext, model: Mapping[str, Any]) -> Outc
     message = str(result.get("message") or outcome.error)
     return dataclasses.replace(outcome, error=message, traceback=result.get("traceback"),
                                budget_exceeded=outcome.exit_code == EXIT_BUDGET)
+
+
+def _usage(result: Any) -> dict[str, Any]:
+    """The attempt's LLM usage (tokens, USD) from the agent process's result; unknown without one."""
+    if not isinstance(result, dict):
+        return {"tokens": None, "cost_usd": None}
+    tokens, cost = result.get("tokens"), result.get("cost_usd")
+    return {"tokens": tokens if isinstance(tokens, int) else None,
+            "cost_usd": float(cost) if isinstance(cost, (int, float)) else None}
 
 
 def _slow_local_model(model: Mapping[str, Any]) -> str:

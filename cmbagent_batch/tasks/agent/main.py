@@ -65,9 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         recorder.close()
         if holder:
             _write_transcript(request, holder[0].conversation, redact)
-    result = {"status": status, "message": message, "traceback": trace, "calls": recorder.calls,
-              "cost_usd": recorder.cost_usd}
-    write_json_atomic(os.path.join(request["work_dir"], "logs", RESULT), result)
+    write_json_atomic(os.path.join(request["work_dir"], "logs", RESULT),
+                      {"status": status, "message": message, "traceback": trace, **_usage(recorder)})
     if message:
         print(message, file=sys.stderr)
     return code
@@ -79,7 +78,16 @@ def _terminated(signum: int, request: dict[str, Any], holder: list[Calls], redac
         holder[0].interrupted()
         holder[0].recorder.close()
         _write_transcript(request, holder[0].conversation, redact)
+        write_json_atomic(os.path.join(request["work_dir"], "logs", RESULT),
+                          {"status": "terminated", "message": None, "traceback": None, **_usage(holder[0].recorder)})
     os._exit(128 + signum)
+
+
+def _usage(recorder: CallRecorder) -> dict[str, Any]:
+    """What the attempt's model calls used, as its ledger entries say: calls, tokens (prompt + completion)
+    and USD."""
+    tokens = sum(e["prompt_tokens"] + e["completion_tokens"] for e in recorder.entries)
+    return {"calls": recorder.calls, "tokens": tokens, "cost_usd": recorder.cost_usd}
 
 
 def _die_with_runner() -> None:
