@@ -300,3 +300,20 @@ def test_a_job_too_big_for_its_run_to_write_the_page_says_how_to_get_it(tmp_path
     assert refresher.skipped(big) == (f"report not written by the run ({big:,} tasks, over "
                                       f"{refresh.RUN_WRITES_MAX:,}): `cmbagent-batch report {tmp_path}` writes it")
     assert Refresher(str(tmp_path), said.append, tasks=3).skipped(3) == ""
+
+
+def test_a_batchs_attempts_journaled_together_are_drawn_end_to_end_each_its_own_length() -> None:
+    from cmbagent_batch.report.gather import Attempts, _end_to_end, _lanes
+
+    a = Attempts()
+    spans = [(1, 9.0, 10.0), (1, 9.5, 10.0002), (1, 9.8, 10.0004),  # one batch: its ends journaled together
+             (1, 7.0, 8.0),  # before it, on the same rank
+             (2, 9.6, 10.0001)]  # another rank, ending at the same moment: left alone
+    for i, (rank, start, end) in enumerate(spans):
+        k = a.add(i, 0, 1, start)
+        a.rank[k], a.end[k] = rank, end
+    _end_to_end(a)
+    got = [(round(a.start[k], 4), round(a.end[k], 4)) for k in range(len(a))]
+    assert got == [(8.2998, 9.2998), (9.2998, 9.8), (9.8, 10.0004), (7.0, 8.0), (9.6, 10.0001)]
+    _lanes(a)
+    assert [a.lane[k] for k in range(len(a))] == [0, 0, 0, 0, 0]

@@ -182,6 +182,7 @@ def gather(run_dir: str, warn: Callable[[str], None] | None = None) -> Gathered:
     seen: dict[tuple[int, int, int], int] = {}  # (task, run, attempt) -> its row
     for path in journal_paths(run_dir):
         _read_journal(g, path, seen)
+    _end_to_end(g.attempts)
     _lanes(g.attempts)
     a = g.attempts
     for k in range(len(a)):
@@ -288,6 +289,31 @@ def _count(ranges: Any) -> int:
         if lo.strip().isdigit():
             n += int(hi) - int(lo) + 1 if hi.strip().isdigit() else 1
     return n
+
+
+TOGETHER_S = 0.001  # ends of one rank journaled this close together: a batch's, journaled as it ended
+
+
+def _end_to_end(a: Attempts) -> None:
+    """A worker journals the ends of a batch's attempts together, after the last of them, though it ran
+    them one after the other: each attempt's bar (its end less its wall time) would then stack on the
+    others at the batch's end. Ends of one rank journaled within ``TOGETHER_S`` of each other whose bars
+    overlap are laid end to end, the last ending at its record's time, each keeping its length."""
+    order = sorted((k for k in range(len(a)) if not math.isnan(a.end[k])), key=lambda k: (a.rank[k], a.end[k]))
+    group: list[int] = []
+    for k in [*order, -1]:
+        last = group[-1] if group else -1
+        if k >= 0 and last >= 0 and a.rank[k] == a.rank[last] and a.end[k] - a.end[last] <= TOGETHER_S \
+                and a.start[k] < a.end[last]:
+            group.append(k)
+            continue
+        if len(group) > 1:
+            end = a.end[group[-1]]
+            for m in reversed(group):
+                length = a.end[m] - a.start[m]
+                a.start[m], a.end[m] = end - length, end
+                end -= length
+        group = [k]
 
 
 def _lanes(a: Attempts) -> None:
