@@ -294,6 +294,24 @@ def test_attempts_that_outlive_the_stop_are_abandoned() -> None:
     assert job.pools.terminated == [1.0]
 
 
+def test_an_abandoned_attempt_keeps_no_outcome_of_the_attempt_before_it() -> None:
+    """The recorder journals an ending attempt's measures from the task's outcome: an attempt abandoned
+    at a stop has none, and must not be journaled with its failed predecessor's error and exit code."""
+
+    def tick(job: Job, sched: Scheduler) -> None:
+        if job.pools.held and job.runs["stuck"].attempts == 1:
+            job.pools.release("stuck", Outcome(ok=False, error="exit code 3", exit_code=3))
+        elif job.pools.held and sched.stop_reason is None:
+            sched.request_stop(StopReason.SIGINT)
+
+    job = Job({"stuck": {"retries": 1}}, pools=FakePools(hold={"stuck"}), retry_backoff=0.0, kill_grace=1.0,
+              clock=FakeClock(step=3.0), tick=tick).run()
+    r = job.runs["stuck"]
+    assert (r.state, r.attempts) == (TaskState.INTERRUPTED, 2)
+    assert r.reason == "still running when the job stopped (SIGINT); abandoned"
+    assert r.outcome is None
+
+
 # --- dead worker processes -------------------------------------------------------------------------
 
 SEGV = Outcome(ok=False, error="worker died: SIGSEGV", exit_code=-11, worker_died=True,

@@ -176,6 +176,7 @@ class Scheduler:
                 self._held_back(r)
                 continue
             r.reason = f"still running when the job stopped ({reason}); abandoned"
+            r.outcome = None  # this attempt has none: an earlier attempt's must not be journaled as its
             self._set(r, self.stop.final_state, attempt=r.attempts, reason=r.reason)
             self.abandoned += 1
         self._running.clear()
