@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from cmbagent_batch.execute.prepare import Prepared
     from cmbagent_batch.place.inventory import Node
     from cmbagent_batch.report.refresh import Refresher
+    from cmbagent_batch.spec.model import JobSpec
 
 
 _GLOB = re.compile(r"[*?\[]")
@@ -117,10 +118,12 @@ def _run_mpi(args: RunOptions, config: Config) -> int:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _worker_nodes(ranks: RankExecutor | None) -> dict[int, Node] | None:
-    """The node each worker rank says it is on, for a job that books (None on local pools, or when the
-    workers name none)."""
-    if ranks is None:
+def _worker_nodes(ranks: RankExecutor | None, spec: JobSpec) -> dict[int, Node] | None:
+    """The node each worker rank says it is on, for a job that books (None on local pools, for a job that
+    books nothing, or when the workers name none): only then does rank 0 wait for every hello."""
+    from cmbagent_batch.execute.placing import needs_booking
+
+    if ranks is None or not needs_booking(spec):
         return None
     from cmbagent_batch.backends.ranks import hello_node
 
@@ -188,7 +191,7 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
         stale = stale_tasks(prepared)
         preflight.check_launched_inputs(config.spec, prepared.sources, [
             tid for tid in prepared.dag.nodes if (selected is None or tid in selected) and tid in stale])
-        placing = booking_for(config.spec, os.environ, _worker_nodes(ranks))  # a misfit is refused here
+        placing = booking_for(config.spec, os.environ, _worker_nodes(ranks, config.spec))  # a misfit is refused here
     except BatchError:
         remove_empty(made)  # a refused run leaves no empty run directory behind
         raise

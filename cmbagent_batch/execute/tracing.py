@@ -82,13 +82,10 @@ class Traced:
         else:
             shape = r.shape
             nodes, cores, gpus = str(shape.nodes), str(shape.cpus), str(shape.gpus)
-        if o is None:
-            return TraceRow(self._run, r.id, r.kind, state._value_, attempt, rank, host, nodes, cores, gpus,
-                            r.started + self._epoch, start, end, None if start is None else end - start, None,
-                            None, None, None, None)
+        measures = ((None if start is None else end - start, None, None, None, None, None) if o is None else
+                    (o.wall_s, o.cpu_s, o.peak_rss_mb, o.exit_code, o.tokens, o.cost_usd))
         return TraceRow(self._run, r.id, r.kind, state._value_, attempt, rank, host, nodes, cores, gpus,
-                        r.started + self._epoch, start, end, o.wall_s, o.cpu_s, o.peak_rss_mb, o.exit_code,
-                        o.tokens, o.cost_usd)
+                        r.started + self._epoch, start, end, *measures)
 
     def commit(self) -> None:
         self._commit()

@@ -19,11 +19,12 @@ MAX_LEVELS = 200
 def render_graph(dag: Dag | None, states: Mapping[str, TaskState], path: Sequence[str], note: str) -> str:
     if dag is None:
         return section("dag", "DAG", f'<p class="none">{esc(note)}</p>')
+    levels = dag.levels()
     counts = (f'{figure("dag-nodes", len(dag.nodes), f"{len(dag.nodes):,}")} tasks, '
               f'{figure("dag-edges", len(dag.edges), f"{len(dag.edges):,}")} edges, '
-              f'{figure("dag-levels", len(dag.levels()), f"{len(dag.levels()):,}")} levels')
+              f'{figure("dag-levels", len(levels), f"{len(levels):,}")} levels')
     small = len(dag.nodes) <= MAX_NODES and len(dag.edges) <= MAX_EDGES
-    body = _drawn(dag, states, set(path)) if small else _by_level(dag, states)
+    body = _drawn(dag, levels, states, set(path)) if small else _by_level(levels, states)
     how = ("Each task is a box, by its state now; levels left to right; the critical path outlined." if small else
            f"More than {MAX_NODES} tasks or {MAX_EDGES} edges: drawn by level, each level a bar of its tasks by "
            f"state (at most {MAX_LEVELS} levels; the others summed on the last line).")
@@ -35,8 +36,7 @@ def _colour(states: Mapping[str, TaskState], tid: str) -> str:
     return STATE_COLOURS.get(state.value if state else "pending", "#999")
 
 
-def _drawn(dag: Dag, states: Mapping[str, TaskState], crit: set[str]) -> str:
-    levels = dag.levels()
+def _drawn(dag: Dag, levels: Sequence[Sequence[str]], states: Mapping[str, TaskState], crit: set[str]) -> str:
     bw, bh, gx, gy = 150, 22, 60, 10
     tallest = max((len(level) for level in levels), default=1)
     w, h = len(levels) * (bw + gx) + 20, tallest * (bh + gy) + 20
@@ -58,8 +58,7 @@ def _drawn(dag: Dag, states: Mapping[str, TaskState], crit: set[str]) -> str:
     return "".join(parts) + "</svg>"
 
 
-def _by_level(dag: Dag, states: Mapping[str, TaskState]) -> str:
-    levels = dag.levels()
+def _by_level(levels: Sequence[Sequence[str]], states: Mapping[str, TaskState]) -> str:
     widest = max(len(level) for level in levels)
     rows = []
     for i, level in enumerate(levels[:MAX_LEVELS]):

@@ -333,14 +333,11 @@ class RankExecutor(Executor):
         while self._queued and self._slots.room():
             call = heapq.heappop(self._queued)
             rank = self._slots.take() if call.node is None else self._slots.take_among(self._routes[call.node])
-            if rank is None:  # its node's workers are all full
-                heapq.heappush(self._parked.setdefault(call.node or "", []), call)
+            if rank is None:  # its node's workers are all full (only a call bound to a node waits so)
+                assert call.node is not None
+                heapq.heappush(self._parked.setdefault(call.node, []), call)
                 continue
-            if not call.future.set_running_or_notify_cancel():  # cancelled while queued
-                self._slots.give(rank)
-                continue
-            self._send(call, rank)
-            sent = True
+            sent |= self._send(call, rank)
         return sent
 
     def _dispatch_parked(self) -> bool:
@@ -348,20 +345,21 @@ class RankExecutor(Executor):
         for node in list(self._parked):
             parked = self._parked[node]
             while parked and (rank := self._slots.take_among(self._routes[node])) is not None:
-                call = heapq.heappop(parked)
-                if not call.future.set_running_or_notify_cancel():
-                    self._slots.give(rank)
-                    continue
-                self._send(call, rank)
-                sent = True
+                sent |= self._send(heapq.heappop(parked), rank)
             if not parked:
                 del self._parked[node]
         return sent
 
-    def _send(self, call: _Call, rank: int) -> None:
+    def _send(self, call: _Call, rank: int) -> bool:
+        """Send ``call`` to ``rank``, whose slot it took; False (the slot given back) if it was cancelled
+        while queued."""
+        if not call.future.set_running_or_notify_cancel():
+            self._slots.give(rank)
+            return False
         call.future.rank = rank
         self._in_flight[call.id] = call.future
         self._link.send(call.payload, rank, Tag.CALL)
+        return True
 
     def _receive(self) -> bool:
         got = False
