@@ -103,6 +103,9 @@ class Payload:
     timeout: float | None = None
     python_path: tuple[str, ...] = ()  # prepended to sys.path for python tasks (the spec's directory)
     agent: dict[str, Any] | None = None  # agent tasks: what the agent process needs (tasks/agent.py), no secret
+    # tasks that call models (``models``, and agent tasks): their grant but for the attempt's place (``Grant``
+    # without task, attempt, rank, host, run_dir), a local model's server to start in "local"; no secret
+    models: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,13 +124,13 @@ class Outcome:
     worker_died: bool = False  # the worker process running it died (``backends.processes``)
     work_bytes: int | None = None  # bytes left in the work directory when the attempt ended
     output_bytes: int | None = None  # bytes published under RUN_DIR/outputs/S/TASK
-    budget_exceeded: bool = False  # agent tasks: stopped, or not started, because an LLM budget was spent
+    budget_exceeded: bool = False  # a task that calls models: stopped, or not started, because an LLM budget was spent
     rank: int | None = None  # MPI backend: the rank that ran the attempt and its host
     host: str | None = None
     work_dir: str | None = None  # where the attempt ran (set by the runner)
     reason: OutcomeReason | None = None  # why it ended, where the runner decides on it (``error`` says it)
     steps: tuple[str, ...] = ()  # the Slurm job steps its $CMBAGENT_LAUNCH started (JOB.STEP), in order
-    tokens: int | None = 0  # agent tasks: prompt + completion tokens of its LLM calls (None: not known)
+    tokens: int | None = 0  # prompt + completion tokens of its LLM calls through the gateway (None: not known)
     cost_usd: float | None = 0.0  # and their cost in USD, as the ledger prices them
 
     @classmethod

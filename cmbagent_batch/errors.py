@@ -148,6 +148,12 @@ class LocalModelError(BatchError):
     exit_code = ExitCode.FAILED
 
 
+class GatewayError(BatchError):
+    """A rank's metering gateway could not be started, or stopped answering."""
+
+    exit_code = ExitCode.FAILED
+
+
 class LedgerError(BatchError):
     """A ledger file is missing, unreadable or not a ledger (exit 2)."""
 

@@ -22,8 +22,8 @@ SCHEMA = json.loads((ROOT / "schemas" / "job.schema.json").read_text())
 
 
 def test_the_examples_exist() -> None:
-    assert [p.name for p in EXAMPLES] == ["cmb-agents.yaml", "mixed.yaml", "quickstart-llm.yaml", "quickstart.yaml",
-                                          "slurm-mpi.yaml", "sweep.yaml"]
+    assert [p.name for p in EXAMPLES] == ["cmb-agents.yaml", "cmbagent-oneshot.yaml", "llm-shell.yaml", "mixed.yaml",
+                                          "quickstart-llm.yaml", "quickstart.yaml", "slurm-mpi.yaml", "sweep.yaml"]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

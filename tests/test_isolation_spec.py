@@ -253,3 +253,14 @@ def test_threads_without_a_timeout_and_shell_timeouts_are_fine(tmp_path: Path) -
     # execution.task_timeout then applies to the shell task alone
     path = spec(tmp_path, "  isolation: thread\n  task_timeout: 60\n", SHELL)
     assert cli(tmp_path, "validate", path.name).returncode == 0
+
+
+def test_a_python_task_that_calls_models_in_a_thread_is_refused(tmp_path: Path) -> None:
+    calling = PYTHON + "    models: [mini]\n"  # line 10 when the execution mapping has one line
+    models = "llm:\n  models:\n    mini: {model: gpt-4o-mini, base_url: 'http://127.0.0.1:9/v1'}\n"
+    path = spec(tmp_path, "  isolation: thread\n", calling)
+    path.write_text(path.read_text().replace("tasks:\n", models + "tasks:\n"))
+    refused(cli(tmp_path, "validate", path.name),
+            "F:13:13: $.tasks[0].models: models cannot be given to python task 'calc': python tasks run in threads "
+            "(execution.isolation: thread, spec line 5), which share the runner's environment, so a call cannot get "
+            f"a gateway token of its own. {FIX} call the model from a shell task")

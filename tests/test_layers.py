@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rundir",),
     ("ledger", "slurm"),
     ("llm",),
+    ("gateway",),
     ("plan",),
     ("provenance",),
     ("place",),

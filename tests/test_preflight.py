@@ -184,7 +184,7 @@ def test_an_unset_api_key_is_refused_before_the_queue(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, AGENT_JOB.format(marker=q(tmp_path / "side-effect")))
     env = fake_sbatch(tmp_path)
     here = ("job.yaml:6:62: $.llm.models.gpt.api_key_env: model 'gpt': its API key variable MY_LLM_KEY is not set here "
-            "(agent task 'review' uses it)")
+            "(task 'review' uses it)")
     for command in (("validate",), ("plan",), ("run",)):
         r = cli(tmp_path, *command, spec.name, env=env)
         assert (r.returncode, r.stderr.splitlines()[0]) == (2, here), r.stderr
@@ -193,7 +193,7 @@ def test_an_unset_api_key_is_refused_before_the_queue(tmp_path: Path) -> None:
         assert r.returncode == 2
         assert r.stderr.splitlines()[0] == (
             "job.yaml:6:62: $.llm.models.gpt.api_key_env: model 'gpt': its API key variable MY_LLM_KEY is not set in this shell "
-            "(agent task 'review' uses it): the job gets the environment submit runs in, so export it before submit")
+            "(task 'review' uses it): the job gets the environment submit runs in, so export it before submit")
     assert not (tmp_path / "side-effect").exists()
     assert not (tmp_path / "sbatch-calls").exists()
     r = cli(tmp_path, "plan", "--estimate", spec.name, env=env)  # pricing a job needs no key

@@ -267,9 +267,9 @@ def test_unset_and_empty_keys_name_the_model_its_variable_and_its_users(tmp_path
     found = check_keys(spec.path, keys_needed(spec), {"CUSTOM_KEY": " "}, submitting=False, analysis_call=True)
     assert [str(p) for p in found] == [
         f"{f}:11:20: $.llm.models.custom.api_key_env: model 'custom': its API key variable CUSTOM_KEY is empty "
-        "here (agent task 'review' and the LLM dependency analysis use it)",
+        "here (task 'review' and the LLM dependency analysis use it)",
         f"{f}:7:5: $.llm.models.gpt: model 'gpt': its API key variable OPENAI_API_KEY is not set here "
-        "(agent tasks 'ask1', 'ask2' and 3 more use it)",
+        "(tasks 'ask1', 'ask2' and 3 more use it)",
     ]
     assert {p.severity for p in found} == {Severity.ERROR}
 
@@ -278,7 +278,7 @@ def test_submit_says_the_key_must_be_exported_in_the_submitting_shell(tmp_path: 
     spec = load_spec(str(spec_file(tmp_path, MODELS)))
     assert [str(p) for p in check_keys(spec.path, keys_needed(spec), {"OPENAI_API_KEY": "sk-1"}, submitting=True, analysis_call=False)] == [
         f"{spec.path}:11:20: $.llm.models.custom.api_key_env: model 'custom': its API key variable CUSTOM_KEY is "
-        "not set in this shell (agent task 'review' uses it): the job gets the environment submit runs in, so "
+        "not set in this shell (task 'review' uses it): the job gets the environment submit runs in, so "
         "export it before submit",
     ]
 
@@ -297,7 +297,7 @@ def test_keys_set_a_local_model_and_a_cached_analysis_need_nothing(tmp_path: Pat
 def test_three_users_are_all_named(tmp_path: Path) -> None:
     spec = load_spec(str(spec_file(tmp_path, MODELS.replace("[1, 2, 3, 4, 5]", "[1, 2, 3]"))))
     assert [p.message for p in check_keys(spec.path, keys_needed(spec), {"CUSTOM_KEY": "k"}, submitting=False, analysis_call=False)] == [
-        "model 'gpt': its API key variable OPENAI_API_KEY is not set here (agent tasks 'ask1', 'ask2' and 'ask3' "
+        "model 'gpt': its API key variable OPENAI_API_KEY is not set here (tasks 'ask1', 'ask2' and 'ask3' "
         "use it)",
     ]
 

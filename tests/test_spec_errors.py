@@ -54,7 +54,7 @@ NO_PRICE = (
 TOP_KEYS = "analysis, execution, job, llm, slurm, tasks, version"
 TASK_KEYS = (
     "agent, args, budget_usd, call, code_execution, depends_on, description, env, estimate, id, inputs, "
-    "instructions, kind, late_inputs, matrix, max_turns, model, outputs, resources, retries, run, timeout, "
+    "instructions, kind, late_inputs, matrix, max_turns, model, models, outputs, resources, retries, run, timeout, "
     "when_unplaceable"
 )
 
@@ -356,6 +356,17 @@ CASES = [
         "matrix-agent-model-undefined-once",
         BASE + "  - id: s{n}\n    kind: agent\n    instructions: go\n    model: mini\n    matrix:\n      n: [1, 2, 3]\n",
         "F:11:12: $.tasks[1].model (task 's{n}'): model 'mini' is not defined in llm.models",
+    ),
+    case(
+        "task-models-undefined-hint",
+        BASE + "    models: [mini, mnii]\n" + MODELS,
+        "F:8:20: $.tasks[0].models[1] (task 'a'): model 'mnii' is not defined in llm.models (did you mean 'mini'?)",
+    ),
+    case(
+        "agent-task-with-models",
+        BASE.replace("kind: shell\n    run: echo a", "kind: agent\n    instructions: go\n    model: mini")
+        + "    models: [mini]\n" + MODELS,
+        "F:9:13: $.tasks[0].models (task 'a'): an agent task calls its model: give it model, not models",
     ),
     case(
         "analysis-model-undefined-hint",

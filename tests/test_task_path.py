@@ -20,7 +20,7 @@ from cmbagent_batch.cli.slurm_status import slurm_lines
 from cmbagent_batch.errors import UsageError
 from cmbagent_batch.slurm import script
 from cmbagent_batch.spec.model import TaskPath
-from cmbagent_batch.tasks.shell import interpreter_first, use_task_path
+from cmbagent_batch.tasks.path import interpreter_first, use_task_path
 from tests.helpers.cli import clean_env, cli
 from tests.helpers.mpi_run import MPIEXEC
 from tests.helpers.runs import published

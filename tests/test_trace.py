@@ -187,9 +187,10 @@ def test_an_agent_attempt_ended_by_its_timeout_has_the_calls_it_made_until_then(
     assert done.returncode == 1, done.stderr
     run_dir = tmp_path / "runs" / "late"
     (row,) = rows(run_dir)
-    (entry,) = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
-    assert entry["attempt"] == 1 and entry["status"] == "error"  # the call it waited for, recorded as it ended
-    assert (row["state"], row["tokens"], float(row["cost_usd"])) == ("failed", "0", entry["cost_usd"])
+    assert not (run_dir / "ledger.jsonl").read_text()  # the call it waited for never answered: possibly billed
+    (intent,) = [json.loads(line) for line in (run_dir / "ledger.intents.jsonl").read_text().splitlines()]
+    assert (intent["attempt"], intent["paired"]) == (1, False)
+    assert (row["state"], row["tokens"], float(row["cost_usd"])) == ("failed", "0", 0.0)
 
 
 @pytest.mark.slow

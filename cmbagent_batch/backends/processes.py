@@ -33,6 +33,7 @@ them (``Outcome.steps``, read from the notes its steps left in its work director
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import multiprocessing
@@ -49,6 +50,7 @@ from cmbagent_batch.backends.slots import Slots
 from cmbagent_batch.backends.worker_process import Worker, kill_all
 from cmbagent_batch.rundir.layout import Layout
 from cmbagent_batch.states import OutcomeReason
+from cmbagent_batch.tasks.metered import run_metered
 from cmbagent_batch.tasks.places import adopt_scratch
 from cmbagent_batch.tasks.shell import end_steps, log_step_problems, placed_steps, steps_ended, with_step_problems
 from cmbagent_batch.tasks.workdir import tree_size
@@ -178,7 +180,7 @@ class WorkerProcesses(Executor):
                     if gate is not None:
                         gate.enter()
                     try:
-                        outcomes = self._run(index, call.attempts, call.on_start)
+                        outcomes = self._metered(index, call.attempts, call.on_start)
                     finally:
                         if gate is not None:
                             gate.leave(True)
@@ -192,6 +194,17 @@ class WorkerProcesses(Executor):
             worker = self._worker.pop(index, None)
             if worker is not None:
                 worker.close()
+
+    def _metered(self, index: int, attempts: Sequence[Attempt], on_start: Callable[[], None] | None) -> list[Outcome]:
+        """``_run``; attempts that call models one at a time, each with its gateway grant open just while it
+        runs (a batch's grants would outlive the attempts that end first)."""
+        if not any(a.payload.models for a in attempts):
+            return self._run(index, attempts, on_start)
+        outcomes: list[Outcome] = []
+        for attempt in attempts:
+            outcomes += run_metered([attempt], functools.partial(self._run, index, on_start=on_start))
+            on_start = None
+        return outcomes
 
     def _run(self, index: int, attempts: Sequence[Attempt], on_start: Callable[[], None] | None = None,
              ) -> list[Outcome]:

@@ -13,6 +13,8 @@ from cmbagent_batch import watchdog
 from cmbagent_batch.cli.console import problem, warn
 from cmbagent_batch.cli.options import RunOptions
 from cmbagent_batch.errors import BatchError, ExitCode, UsageError
+from cmbagent_batch.gateway import client as gateway_client
+from cmbagent_batch.gateway.keys import hold_keys, key_names
 from cmbagent_batch.llm import local_model
 from cmbagent_batch.plan.analysis.cache import Cache
 from cmbagent_batch.plan.cached import cache_dir, writable_cache_dir
@@ -20,7 +22,7 @@ from cmbagent_batch.rundir.atomic import missing_dirs, remove_empty, writable_di
 from cmbagent_batch.rundir.layout import RunLock, set_aside, wait_for_earlier_tasks
 from cmbagent_batch.spec.config import Config, effective_config
 from cmbagent_batch.spec.loader import load_spec
-from cmbagent_batch.tasks.shell import use_task_path
+from cmbagent_batch.tasks.path import use_task_path
 
 if TYPE_CHECKING:
     from cmbagent_batch.backends.mpi.executor import RankExecutor
@@ -106,9 +108,11 @@ def _run_mpi(args: RunOptions, config: Config) -> int:
     comm = world.Dup()  # the backend's own messages never meet those of MPI code in the tasks
     books = needs_booking(config.spec)  # then each worker says its node, and rank 0 places tasks on nodes
     if rank != 0:
+        hold_keys(key_names(config.spec))  # before anything its tasks inherit is made
         try:
             serve_worker_rank(comm, rank, ex, worker_node(config.spec, os.environ) if books else None)
         finally:
+            gateway_client.stop()
             local_model.stop_all()
         return 0
     executor = rank_executor(comm, ex, books)
@@ -184,6 +188,7 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
     if not opts.dry_run:
         writable_dir(run_dir, "run directory")
     prepared = prepare(config, cache, warn, run_dir=run_dir)
+    hold_keys(key_names(config.spec))  # the analysis has called its model: from now on the gateway alone has them
     if ranks is not None:  # rank 0 runs no task: a local model's server started for the analysis is done
         local_model.stop_all()
     try:
@@ -235,7 +240,8 @@ def _run(opts: RunOptions, config: Config, ranks: RankExecutor | None = None) ->
                               walltime_file=opts.walltime_file, placing=placing)
     finally:
         lock.release(unlock=not dog.close())  # tasks left running: the watchdog ends them, then lets it go
-        local_model.stop_all()  # here, as os._exit below skips atexit
+        gateway_client.stop()  # here, as os._exit below skips atexit
+        local_model.stop_all()
     page = report.finish(JobView(prepared.spec, prepared.dag), len(prepared.dag.nodes))
     if not opts.quiet:
         print(f"cmbagent-batch: {Tally.from_counts(sched.counts).text()}; run directory {run_dir}"

@@ -13,13 +13,14 @@ from typing import Any
 from cmbagent_batch.attempt import Attempt, Payload, TaskContext
 from cmbagent_batch.execute.prepare import Prepared, input_links
 from cmbagent_batch.execute.runs import TaskRun
+from cmbagent_batch.llm.endpoint import DEFAULT_KEY_ENV, DEFAULT_URL
 from cmbagent_batch.llm.local_model import LocalModel
 from cmbagent_batch.place.launch import Where, launch_env
 from cmbagent_batch.spec.model import Isolation, JobSpec, TaskSpec, thaw
 from cmbagent_batch.spec.tasks import Entry, Tasks
 
 # The TaskSpec fields a shell or python task's payload is made of (besides its id).
-_PAYLOAD_FIELDS = ("kind", "run", "call", "args", "env", "outputs", "timeout")
+_PAYLOAD_FIELDS = ("kind", "run", "call", "args", "env", "outputs", "timeout", "models", "budget_usd")
 
 
 class Launcher:
@@ -91,9 +92,34 @@ class Launcher:
 
 
 def _payload(spec: JobSpec, task: TaskSpec, base: str, run_id: str, task_id: str) -> Payload:
+    agent = task.kind == "agent"
+    calls = (task.model,) if agent and task.model else task.models
     return Payload(id=task_id, kind=task.kind, run=task.run, call=task.call, args=thaw(task.args),
                    env=dict(task.env), outputs=task.outputs, timeout=task.timeout or spec.execution.task_timeout,
-                   python_path=(base,), agent=_agent_request(spec, task, run_id) if task.kind == "agent" else None)
+                   python_path=(base,), agent=_agent_request(spec, task, run_id) if agent else None,
+                   models=_grant(spec, task, run_id, calls) if calls else None)
+
+
+def _grant(spec: JobSpec, task: TaskSpec, run_id: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """What a grant of the rank's gateway needs besides the attempt's place (``tasks/metered.py``)."""
+    return {"job": spec.job.name, "run_id": run_id, "source": "agent" if task.kind == "agent" else "task",
+            "agent": task.agent, "routes": [route(spec, key) for key in keys], "job_usd": spec.job.budget_usd,
+            "task_usd": task.budget_usd}
+
+
+def route(spec: JobSpec, key: str) -> dict[str, Any]:
+    """A model of llm.models as a gateway route (``gateway.grants.Route``); a local one with what its
+    server needs, in "local"."""
+    m = spec.llm.models[key]
+    assert m.price is not None  # the loader prices every model
+    local = m.provider == "local"
+    out: dict[str, Any] = {"key": m.name, "model": m.model, "base_url": m.base_url or DEFAULT_URL,
+                           "api_key_env": None if local else m.api_key_env or DEFAULT_KEY_ENV,
+                           "price": dataclasses.asdict(m.price), "price_table": m.price_table, "timeout": m.timeout,
+                           "provider": m.provider}
+    if local:
+        out["local"] = dataclasses.asdict(LocalModel.from_spec(m, spec.path))
+    return out
 
 
 def _agent_request(spec: JobSpec, task: TaskSpec, run_id: str) -> dict[str, Any]:

@@ -31,15 +31,31 @@ class Priced:
     price: Price
     price_table: str
 
-    @classmethod
-    def from_request(cls, model: dict[str, Any]) -> Priced:
-        return cls(model["name"], model["model"], Price(**model["price"]), model["price_table"])
-
     @property
     def price_table_date(self) -> str | None:
         """The date of the price table: the shipped table's; None for a price set in the spec."""
         table = builtin_table()
         return (table.date or None) if self.price_table == table.id else None
+
+
+@dataclass(frozen=True)
+class Journals:
+    """A rank's two ledger journals, open for appends: its entries and its intents."""
+
+    entries: JournalWriter
+    intents: IntentWriter
+
+    @classmethod
+    def open(cls, run_dir: str, rank: int, sync_interval: float = 0.0) -> Journals:
+        return cls(JournalWriter(run_dir, rank, sync_interval=sync_interval), IntentWriter(run_dir, rank, sync_interval))
+
+    def sync(self) -> None:
+        self.intents.sync()
+        self.entries.sync()
+
+    def close(self) -> None:
+        self.intents.close()
+        self.entries.close()
 
 
 @dataclass
@@ -51,25 +67,32 @@ class CallRecorder:
     run_id: str
     rank: int
     host: str
-    source: str  # "agent" | "analysis"
+    source: str  # "agent" | "analysis" | "task"
     task: str | None
     attempt: int | None
-    agent: str
+    agent: str | None
     model: Priced
     calls: int = 0
     cost_usd: float = 0.0
     entries: list[dict[str, Any]] = field(default_factory=list)
+    journals: Journals | None = None  # writers shared with other recorders (the gateway's), left open by close
     _writer: Any = None
     _intents: Any = None
 
-    def intend(self, *, started: str, url: str | None, prompt_chars: int) -> dict[str, Any]:
+    def __post_init__(self) -> None:
+        if self.journals is not None:
+            self._writer, self._intents = self.journals.entries, self.journals.intents
+
+    def intend(self, *, started: str, url: str | None, prompt_chars: int, model: Priced | None = None) -> dict[str, Any]:
         """Append the intent of the next call (durably), before it is sent, and return it: the call's
-        ``record`` gets it back, so that its entry has the intent's id and timestamp."""
+        ``record`` gets it back, so that its entry has the intent's id and timestamp. ``model``: the
+        call's, when it is not the recorder's."""
+        m = model or self.model
         self.calls += 1
         intent = make_intent(
             id=next_call_id(self.run_id, self.rank), job=self.job, run_id=self.run_id, source=self.source,
             task=self.task, attempt=self.attempt, call=self.calls, rank=self.rank, host=self.host, pid=os.getpid(),
-            agent=self.agent, model=self.model.key, requested_model=self.model.model, endpoint=endpoint_host(url),
+            agent=self.agent, model=m.key, requested_model=m.model, endpoint=endpoint_host(url),
             prompt_chars=prompt_chars, prompt_tokens_estimate=estimate_tokens(prompt_chars), timestamp=started,
         )
         if self._intents is None:
@@ -80,7 +103,7 @@ class CallRecorder:
     def record(self, *, started: str, latency_s: float, status: str, error: str | None = None,
                reported_model: str | None = None, prompt_tokens: int = 0, cached_prompt_tokens: int = 0,
                completion_tokens: int = 0, reasoning_tokens: int = 0,
-               intent: dict[str, Any] | None = None) -> dict[str, Any]:
+               intent: dict[str, Any] | None = None, model: Priced | None = None) -> dict[str, Any]:
         """Append one call to the ledger journal (durably) and return its entry: the result of ``intent``
         (its id, number and timestamp), or of a call that had none. Counts an endpoint reports
         inconsistently (cached above prompt, reasoning above completion) are capped, with a warning."""
@@ -95,26 +118,30 @@ class CallRecorder:
             call_id, number = next_call_id(self.run_id, self.rank), self.calls
         else:
             call_id, number, started = intent["id"], intent["call"], intent["timestamp"]
-        price = self.model.price
+        m = model or self.model
+        price = m.price
         cost = call_cost(price, prompt_tokens, cached_prompt_tokens, completion_tokens)
         entry = make_entry(
             id=call_id, job=self.job,
             run_id=self.run_id, source=self.source, task=self.task, attempt=self.attempt, call=number,
-            rank=self.rank, host=self.host, pid=os.getpid(), agent=self.agent, model=self.model.key,
-            requested_model=self.model.model, reported_model=reported_model, prompt_tokens=prompt_tokens,
+            rank=self.rank, host=self.host, pid=os.getpid(), agent=self.agent, model=m.key,
+            requested_model=m.model, reported_model=reported_model, prompt_tokens=prompt_tokens,
             cached_prompt_tokens=cached_prompt_tokens, completion_tokens=completion_tokens,
-            reasoning_tokens=reasoning_tokens, cost_usd=cost, price_table=self.model.price_table, price=price,
-            price_table_date=self.model.price_table_date, status=status, error=error, latency_s=round(latency_s, 6),
+            reasoning_tokens=reasoning_tokens, cost_usd=cost, price_table=m.price_table, price=price,
+            price_table_date=m.price_table_date, status=status, error=error, latency_s=round(latency_s, 6),
             timestamp=started,
         )
         if self._writer is None:
             self._writer = JournalWriter(self.run_dir, self.rank)
         self._writer.append(entry)
         self.cost_usd += cost
-        self.entries.append(entry)
+        if self.journals is None:  # a recorder of one attempt or analysis; the gateway's live long
+            self.entries.append(entry)
         return entry
 
     def close(self) -> None:
+        if self.journals is not None:
+            return
         for name in ("_intents", "_writer"):
             writer = getattr(self, name)
             if writer is not None:

@@ -24,7 +24,7 @@ FIELDS: tuple[str, ...] = (
 )
 OPTIONAL_FIELDS: tuple[str, ...] = ("price_table_date",)
 PRICE_FIELDS: tuple[str, ...] = ("prompt_per_1m", "cached_prompt_per_1m", "completion_per_1m")
-SOURCES = ("agent", "analysis")
+SOURCES = ("agent", "analysis", "task")
 STATUSES = ("ok", "error")
 ANALYSIS_AGENT = "dependency-analysis"  # the agent name of dependency-analysis calls
 
@@ -148,8 +148,8 @@ def _enum_problem(entry: dict[str, Any]) -> str | None:
 def _shape_problem(entry: dict[str, Any]) -> str | None:
     if entry["source"] == "analysis" and (entry["task"] is not None or entry["attempt"] is not None):
         return "an analysis call has task and attempt null"
-    if entry["source"] == "agent" and (entry["task"] is None or entry["attempt"] is None):
-        return "an agent call names its task and attempt"
+    if entry["source"] in ("agent", "task") and (entry["task"] is None or entry["attempt"] is None):
+        return f"{'an agent' if entry['source'] == 'agent' else 'a task'}'s call names its task and attempt"
     if entry["cached_prompt_tokens"] > entry["prompt_tokens"]:
         return "cached_prompt_tokens: more than prompt_tokens (which include them)"
     if entry["reasoning_tokens"] > entry["completion_tokens"]:

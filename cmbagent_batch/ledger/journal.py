@@ -53,8 +53,9 @@ def encode_entry(entry: Mapping[str, Any]) -> bytes:
 class JournalWriter(JsonlWriter):
     """Appends entries to ``RUN_DIR/ledger/rank-NNNN.jsonl``; safe across threads and processes.
 
-    ``append(entry)`` (an entry from ``make_entry``) writes it durably, fsynced before it returns;
-    OSError when the disk refuses it.
+    ``append(entry)`` (an entry from ``make_entry``) writes it durably, fsynced before it returns (with a
+    ``sync_interval``, at most that often: the gateway's own thread fsyncs the rest, ``sync``); OSError when
+    the disk refuses it.
     """
 
     record_name = "ledger entry"
@@ -63,8 +64,8 @@ class JournalWriter(JsonlWriter):
     # the run through the state journal's reserve; a ledger append that fails then fails its call loudly.
     reserves = False
 
-    def __init__(self, run_dir: str, rank: int, path: str | None = None) -> None:
-        super().__init__(path or journal_path(run_dir, rank), sync_interval=0.0)
+    def __init__(self, run_dir: str, rank: int, path: str | None = None, sync_interval: float = 0.0) -> None:
+        super().__init__(path or journal_path(run_dir, rank), sync_interval=sync_interval)
 
     def encode_line(self, record: Mapping[str, Any]) -> bytes:
         return encode_entry(record)
@@ -96,8 +97,8 @@ class IntentWriter(JournalWriter):
 
     record_name = "ledger intent"
 
-    def __init__(self, run_dir: str, rank: int) -> None:
-        super().__init__(run_dir, rank, intents_journal_path(run_dir, rank))
+    def __init__(self, run_dir: str, rank: int, sync_interval: float = 0.0) -> None:
+        super().__init__(run_dir, rank, intents_journal_path(run_dir, rank), sync_interval)
 
     def encode_line(self, record: Mapping[str, Any]) -> bytes:
         return orjson.dumps({k: record[k] for k in INTENT_FIELDS}, option=orjson.OPT_APPEND_NEWLINE)

@@ -9,6 +9,7 @@ was replaced (a journal merged and started again) is read from its start.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 from cmbagent_batch.ledger.files import journal_paths, ledger_path
@@ -86,3 +87,30 @@ class SpendMeter:
         self.total_usd += cost
         if task is not None:
             self._tasks[task] = self._tasks.get(task, 0.0) + cost
+
+
+_meters: dict[str, SpendMeter] = {}
+_meters_lock = threading.Lock()
+
+
+def spent(run_dir: str, task_id: str) -> tuple[float, float]:
+    """USD spent so far by the whole job and by one task (all runs), from the ledger files of ``run_dir``:
+    one meter per run directory in this process, which reads only what was added since it last looked."""
+    with _meters_lock:
+        meter = _meters.get(run_dir)
+        if meter is None:
+            meter = _meters[run_dir] = SpendMeter(run_dir)
+        meter.refresh()
+        return meter.total_usd, meter.task_usd(task_id)
+
+
+def budget_problem(job_usd: float | None, task_usd: float | None, job_spent: float, task_spent: float) -> str | None:
+    """Why no more LLM calls may start for a task, or None: its job's cap (``job.budget_usd``) or its own
+    (``budget_usd``) is reached. Pure: the spending is measured elsewhere."""
+    from cmbagent_batch.ledger.costs import budget_spent_message
+
+    if job_usd is not None and job_spent >= job_usd:
+        return budget_spent_message("job", job_spent, job_usd)
+    if task_usd is not None and task_spent >= task_usd:
+        return budget_spent_message("task", task_spent, task_usd)
+    return None

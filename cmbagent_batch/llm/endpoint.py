@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import email.utils
 import math
+import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from cmbagent_batch.spec.variables import DEFAULT_KEY_ENV as DEFAULT_KEY_ENV
 
+DEFAULT_URL = "https://api.openai.com/v1"  # a model without base_url
+# Variables whose names say they hold a secret: kept from code an agent runs and from a local model's server
+SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 LOCAL_KEY = "no-key-local-model"  # sent to a provider 'local' server, which checks none
 BACKOFF_BASE = 1.0  # seconds before the first retry; doubles each time
 BACKOFF_CAP = 30.0

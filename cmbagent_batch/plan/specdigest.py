@@ -36,6 +36,8 @@ def _fields(task: TaskSpec) -> dict[str, Any]:
     fields = {name: thaw(getattr(task, name)) for name in FIELDS}
     if task.kind == "agent":
         fields["description"] = task.description
+    if task.models:  # only when given: the fingerprints of tasks that call no model stay as they were
+        fields["models"] = list(task.models)
     return fields
 
 

@@ -144,6 +144,21 @@ class JsonlWriter:
             with self._written:
                 self._written.wait_for(lambda: self._written_n >= mine or self._closing, _WAIT_S)
 
+    def sync(self) -> None:
+        """Direct mode: fsync what was written since the last fsync, if anything (a writer whose
+        ``sync_interval`` is long leaves this to a thread of its owner's, which groups the fsyncs). The fsync
+        is made on a copy of the descriptor, without the lock: appends go on meanwhile."""
+        with self._lock:
+            if not self._unsynced or self._fd is None:
+                return
+            fd = os.dup(self._fd)
+            self._unsynced = False
+            self._synced = time.monotonic()
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
         """Write and fsync everything, stop the writer thread, close the file (a second call does nothing)."""
         self.flush()

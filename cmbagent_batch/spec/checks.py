@@ -158,10 +158,28 @@ def check_models(data: dict[str, Any], entries: Sequence[Entry]) -> list[Finding
         out.append(Finding(("analysis", "sources"), "'llm' analysis needs a model: set analysis.model or llm.default_model"))
     reported: set[tuple[int, str]] = set()  # one finding per entry, not per matrix expansion
     for e in entries:
+        out.extend(_check_declared(e, models, reported))
         if e.body.get("kind") != "agent":
             continue
         for k in range(len(e) if "model" in e.fills else 1):
             out.extend(_check_agent(e, k, models, default, reported))
+    return out
+
+
+def _check_declared(e: Entry, models: dict[str, Any], reported: set[tuple[int, str]]) -> list[Finding]:
+    """A task's ``models``: each defined in llm.models; not on an agent task, whose ``model`` says it."""
+    if "models" not in e.body:
+        return []
+    if e.body.get("kind") == "agent":
+        return [Finding(("tasks", e.index, "models"), "an agent task calls its model: give it model, not models")]
+    out = []
+    for k in range(len(e) if "models" in e.fills else 1):
+        declared = e.field("models", k)
+        for n, name in enumerate(declared if isinstance(declared, list) else ()):
+            if isinstance(name, str) and name not in models and (e.index, name) not in reported:
+                reported.add((e.index, name))
+                out.append(Finding(("tasks", e.index, "models", n),
+                                   f"model {name!r} is not defined in llm.models{hint(name, models)}"))
     return out
 
 
@@ -264,7 +282,10 @@ def check_python_timeouts(spec: JobSpec, sources: Mapping[str, str]) -> list[Pro
         return []
     own: dict[int, _Named] = {}
     default = _Named()
+    calling: dict[int, _Named] = {}
     for t, ids in by_entry(spec.tasks):
+        if t.kind == "python" and t.models:
+            calling.setdefault(t.entry, _Named()).add(t, ids)
         if t.kind == "python" and t.timeout is not None:
             own.setdefault(t.entry, _Named()).add(t, ids)
         elif t.kind == "python" and ex.task_timeout is not None:
@@ -277,6 +298,10 @@ def check_python_timeouts(spec: JobSpec, sources: Mapping[str, str]) -> list[Pro
 
     out = [refuse(f"$.tasks[{entry}].timeout", f"timeout: {_yaml(tasks.timeout)}", tasks, "remove the timeout")
            for entry, tasks in own.items()]
+    out += [_problem(spec, f"$.tasks[{entry}].models", f"models cannot be given to {tasks}: python tasks run in "
+                     f"threads ({thread}), which share the runner's environment, so a call cannot get a gateway "
+                     f"token of its own. Fix: {process}, or call the model from a shell task")
+            for entry, tasks in calling.items()]
     if default.count:
         what, source = f"execution.task_timeout: {_yaml(ex.task_timeout)}", sources["execution.task_timeout"]
         kind, name = source.split(" ", 1)

@@ -209,7 +209,7 @@ def _declared(doc: Document) -> dict[str, int]:
 
 def _places(doc: Document, items: list[tuple[int, int]]) -> dict[str, tuple[int, int]]:
     """Where ``checks.check_python_timeouts`` may point: every python entry (``items``: where each entry
-    is), its timeout, and ``execution.task_timeout``; it runs after the overlay, when the document is gone."""
+    is), its timeout and models, and ``execution.task_timeout``; it runs after the overlay, when the document is gone."""
     data: dict[str, Any] = doc.data
     out: dict[str, tuple[int, int]] = {}
     if "task_timeout" in data.get("execution", {}):
@@ -217,8 +217,9 @@ def _places(doc: Document, items: list[tuple[int, int]]) -> dict[str, tuple[int,
     for i, entry in enumerate(data["tasks"]):
         if entry["kind"] == "python":
             out[f"$.tasks[{i}]"] = items[i]
-            if "timeout" in entry:
-                out[f"$.tasks[{i}].timeout"] = doc.locate(("tasks", i, "timeout"))
+            for key in ("timeout", "models"):
+                if key in entry:
+                    out[f"$.tasks[{i}].{key}"] = doc.locate(("tasks", i, key))
     return out
 
 

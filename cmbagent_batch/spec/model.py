@@ -228,6 +228,7 @@ class TaskSpec:
     retries: int | None = None  # None: execution.retries
     resources: Resources = field(default_factory=Resources)
     budget_usd: float | None = None
+    models: tuple[str, ...] = ()  # keys of llm.models its own code calls, through the rank's gateway
     estimate: float | None = None  # expected seconds, weights the critical path
     when_unplaceable: Unplaceable = Unplaceable.REFUSE
     # shell

@@ -9,6 +9,7 @@ call and each model is checked once.
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from cmbagent_batch.errors import Problem, Severity
 from cmbagent_batch.spec.callables import Resolver
 from cmbagent_batch.spec.checks import Finding
 from cmbagent_batch.spec.model import JobSpec
-from cmbagent_batch.spec.tasks import by_entry, of_kind
+from cmbagent_batch.spec.tasks import by_entry, calling_models, of_kind
 from cmbagent_batch.spec.variables import DEFAULT_KEY_ENV, PREFIX, is_known, known
 from cmbagent_batch.spec.yamldata import json_path, name_tasks
 from cmbagent_batch.spec.yamlio import parse_yaml, read_bytes
@@ -44,7 +45,7 @@ class KeyNeed:
     variable: str  # the variable holding its key
     place: tuple[str, ...]  # where a problem points: its api_key_env, else its name
     at_key: bool  # the problem points at the model's key (it has no api_key_env)
-    tasks: int  # agent tasks using it
+    tasks: int  # tasks using it (agent tasks, and tasks that declare it in models)
     named: tuple[str, ...]  # the first of them, by id
     analysis: bool  # it is the LLM dependency analysis's model
     fallback: bool = False  # ... and that analysis falls back when it fails (analysis.fallback is not error)
@@ -58,7 +59,7 @@ class KeyNeed:
                 listed = f"{', '.join(quoted[:NAMED])} and {self.tasks - NAMED:,} more"
             else:
                 listed = " and ".join(filter(None, (", ".join(quoted[:-1]), quoted[-1])))
-            parts.append(f"agent task{'s' if self.tasks > 1 else ''} {listed}")
+            parts.append(f"task{'s' if self.tasks > 1 else ''} {listed}")
         if analysis:
             parts.append("the LLM dependency analysis")
         return f"{' and '.join(parts)} {'use' if self.tasks > 1 or len(parts) > 1 else 'uses'} it"
@@ -86,14 +87,14 @@ def check_calls(spec_path: str, calls: Sequence[CallNeed]) -> list[Problem]:
 
 
 def keys_needed(spec: JobSpec) -> tuple[KeyNeed, ...]:
-    """Every model the job may call whose provider needs a key (all but ``local``): the agent tasks' models
-    and the LLM dependency analysis's, with their users."""
+    """Every model the job may call whose provider needs a key (all but ``local``): the agent tasks' models,
+    those other tasks declare (``models``) and the LLM dependency analysis's, with their users."""
     named: dict[str, list[str]] = {}
     count: dict[str, int] = {}
-    for t in of_kind(spec.tasks, "agent"):
-        if t.model is not None:
-            count[t.model] = count.get(t.model, 0) + 1
-            ids = named.get(t.model) or named.setdefault(t.model, [])
+    for t in itertools.chain(of_kind(spec.tasks, "agent"), calling_models(spec.tasks)):
+        for key in t.models or ((t.model,) if t.model is not None else ()):
+            count[key] = count.get(key, 0) + 1
+            ids = named.get(key) or named.setdefault(key, [])
             if len(ids) <= NAMED:  # one more than shown: three are named, four are "'a', 'b' and 2 more"
                 ids.append(t.id)
     analysis_model = (spec.analysis.model or spec.llm.default_model) if "llm" in spec.analysis.sources else None

@@ -238,6 +238,7 @@ def task_spec(d: dict[str, Any], values: Values, depends_on: tuple[str, ...], de
         retries=d.get("retries"),
         resources=resources(d["resources"]) if "resources" in d else DEFAULT_RESOURCES,
         budget_usd=d.get("budget_usd"),
+        models=tuple(d.get("models", ())),
         estimate=d.get("estimate"),
         when_unplaceable=Unplaceable(d["when_unplaceable"]) if "when_unplaceable" in d else Unplaceable.REFUSE,
         run=d.get("run"),
@@ -284,6 +285,16 @@ def of_kind(tasks: Sequence[TaskSpec], kind: str) -> Iterator[TaskSpec]:
     if isinstance(tasks, Tasks):
         return tasks.of_kind(kind)
     return (t for t in tasks if t.kind == kind)
+
+
+def calling_models(tasks: Sequence[TaskSpec]) -> Iterator[TaskSpec]:
+    """The tasks that declare ``models``; of a ``Tasks``, only the entries that do are made task by task."""
+    if not isinstance(tasks, Tasks):
+        yield from (t for t in tasks if t.models)
+        return
+    for entry in tasks.entries:
+        if "models" in entry.body:
+            yield from tasks.of(entry)
 
 
 def task_ids(tasks: Sequence[TaskSpec]) -> Iterable[str]:

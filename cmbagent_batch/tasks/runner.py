@@ -19,6 +19,7 @@ from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS
 from cmbagent_batch.rundir.layout import Layout
 from cmbagent_batch.states import OutcomeReason
 from cmbagent_batch.tasks.agent import launch as agent
+from cmbagent_batch.tasks.metered import run_metered
 from cmbagent_batch.tasks.places import adopt_scratch, carry_logs, take_scratch
 from cmbagent_batch.tasks.python import run_python
 from cmbagent_batch.tasks.returns import ARRAYS_DIR
@@ -53,6 +54,8 @@ def run_attempt(attempt: Attempt, gate: Gate | None = None) -> Outcome:
     """Run ``attempt`` to its end; ``gate``: where it waits for a slot (this process's, not part of the
     attempt)."""
     try:
+        if attempt.payload.models and not attempt.chdir:  # else its worker process's pool opened its grant
+            return run_metered([attempt], lambda ready: [_attempt(ready[0], gate)])[0]
         return _attempt(attempt, gate)
     finally:
         if gate is not None:

@@ -27,17 +27,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cmbagent_batch import watchdog
 from cmbagent_batch.attempt import Outcome, Payload, TaskContext
+from cmbagent_batch.gateway.keys import held_names
 from cmbagent_batch.rundir.jsonl import DISK_FULL_ERRNOS
 from cmbagent_batch.states import OutcomeReason
 
 if TYPE_CHECKING:  # not imported at run time: agent and worker processes load this module, not the spec
     from cmbagent_batch.place.launch import TaskSteps
-    from cmbagent_batch.spec.model import TaskPath
 
 _POLL_S = 0.05
 _STEP_POLL_MAX_S = 1.0  # the longest pause between two squeue asking whether a python task's steps have ended
@@ -47,42 +47,19 @@ class _Group:
     """One running process group; its id is the pid of its leader, bash (``start_new_session``). Without
     one (``pgid`` None), a python call's job steps alone, whose end squeue tells."""
 
-    __slots__ = ("closed", "pgid", "reason", "steps")
+    __slots__ = ("closed", "pgid", "reason", "steps", "stopped")
 
     def __init__(self, pgid: int | None, steps: TaskSteps | None = None) -> None:
         self.pgid = pgid
         self.steps = steps  # the Slurm job steps the task started, ended with the group
         self.reason: str | None = None  # "timeout" or "terminated" once someone decided to stop it
         self.closed = False  # leader reaped and group empty: the id may be reused, never signal it
+        self.stopped: threading.Event | None = None  # set once a stop took it; set when that stop is done
 
 
 _lock = threading.Lock()
 _running: set[_Group] = set()
 _terminations = 0  # bumped by terminate_all; a task registered just after a snapshot it missed stops itself
-
-
-def interpreter_first(path: str | None, directory: str) -> str:
-    """The value ``PATH`` (None: unset, the system default) with ``directory`` first; unchanged when it
-    already is (other places of ``directory`` in it stay, so nothing given is lost). Pure."""
-    current = os.defpath if path is None else path
-    first = current.split(os.pathsep, 1)[0]
-    if first and os.path.normpath(first) == os.path.normpath(directory):
-        return current
-    return directory + os.pathsep + current if current else directory
-
-
-def use_task_path(rule: TaskPath, environ: MutableMapping[str, str] = os.environ,
-                  executable: str = sys.executable) -> None:
-    """Give this runner's ``PATH`` the form ``rule`` (``execution.path``) asks of the tasks, once, before
-    anything starts: shell and agent tasks, python tasks' worker processes and what they start all
-    inherit it, on every rank. ``interpreter`` puts the directory of ``executable`` first, as the runner
-    was started (a virtual environment's ``bin/python`` is a symlink to the system python: not resolved,
-    or the task's ``python`` would be the system one); ``inherit`` leaves ``PATH`` as it is, and so does
-    an interpreter whose path Python does not know (``sys.executable`` empty)."""
-    from cmbagent_batch.spec.model import TaskPath
-
-    if rule is TaskPath.INTERPRETER and executable:
-        environ["PATH"] = interpreter_first(environ.get("PATH"), os.path.dirname(os.path.abspath(executable)))
 
 
 def task_environment(ctx: TaskContext, payload: Payload, base: Mapping[str, str]) -> dict[str, str]:
@@ -99,6 +76,8 @@ def task_environment(ctx: TaskContext, payload: Payload, base: Mapping[str, str]
     )
     for name, value in ctx.matrix.items():
         env[f"CMBAGENT_MATRIX_{name.upper()}"] = _env_text(value)
+    for name in held_names():  # the models' API keys: the gateway's alone
+        env.pop(name, None)
     env.update({k: str(v) for k, v in payload.env.items()})
     env.update(ctx.launch)  # after the task's env: two tasks running at once never share a GPU
     return env
@@ -359,7 +338,23 @@ def stopped_with_runner(steps: TaskSteps) -> Iterator[_Group]:
 def _stop(groups: list[_Group], grace: float, first: Callable[[], None] | None = None) -> None:
     """TERM the groups (and their Slurm job steps, on every node), wait up to ``grace`` s for them to
     empty, KILL whatever is still alive (and cancel the steps still there). A group without processes
-    (``pgid`` None) has ended once squeue no longer lists the steps signalled."""
+    (``pgid`` None) has ended once squeue no longer lists the steps signalled. A group another stop has
+    taken (a timeout and a runner's stop at once) is left to it, and waited for: its steps end once."""
+    with _lock:
+        others = [g.stopped for g in groups if g.stopped is not None]
+        groups = [g for g in groups if g.stopped is None]
+        for g in groups:
+            g.stopped = threading.Event()
+    try:
+        _stop_taken(groups, grace, first)
+    finally:
+        for g in groups:
+            g.stopped.set()  # type: ignore[union-attr]
+    for event in others:
+        event.wait()
+
+
+def _stop_taken(groups: list[_Group], grace: float, first: Callable[[], None] | None) -> None:
     stepped = sorted((g.steps for g in groups if g.steps is not None), key=id)
     with contextlib.ExitStack() as held:
         for steps in stepped:  # their ids are read once this stop is done with them

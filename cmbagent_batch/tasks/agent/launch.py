@@ -4,10 +4,9 @@ AG2 and the code an agent runs change process-wide state (event loops, the worki
 modules), so each attempt is a fresh ``python -m cmbagent_batch.tasks.agent.main`` process in its own
 process group: a timeout or a stop kills it with everything it started. This side imports neither ag2 nor
 openai. It writes what the agent process needs to ``logs/agent-request.json`` (never an API key: the
-process inherits the environment variable that holds it), refuses to start when an LLM budget is already
-spent, and turns what the process wrote to ``logs/agent-result.json`` into the attempt's outcome. A local
-model (``provider: local``) is served by this process: its server starts here on first use, and the
-request gets its URL.
+process gets its attempt's token for the rank's metering gateway, which enforces the budgets; the
+runner opened that grant, and started a local model's server for it: ``tasks.metered``), and turns what
+the process wrote to ``logs/agent-result.json`` into the attempt's outcome.
 """
 
 from __future__ import annotations
@@ -20,15 +19,11 @@ import json
 import os
 import shutil
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cmbagent_batch.attempt import Outcome, Payload, TaskContext
-from cmbagent_batch.errors import LocalModelError
-from cmbagent_batch.ledger.costs import budget_spent_message
-from cmbagent_batch.llm.local_model import LocalModel, bypass_proxy, endpoint, speed
-from cmbagent_batch.rundir.layout import server_logs
+from cmbagent_batch.llm.local_model import LocalModel, speed
 from cmbagent_batch.states import OutcomeReason
 from cmbagent_batch.tasks.shell import ShellLaunch
 
@@ -36,50 +31,13 @@ REQUEST = "agent-request.json"
 RESULT = "agent-result.json"
 EXIT_BUDGET = 3  # the agent process stopped because a budget was spent
 
-_meters: dict[str, Any] = {}
-_meters_lock = threading.Lock()
-
-
-def budget_problem(request: Mapping[str, Any], job_spent: float, task_spent: float) -> str | None:
-    """Why no more LLM calls may start for this task, or None. Pure: the spending is measured elsewhere."""
-    budget = request["budget"]
-    job_cap, task_cap = budget.get("job_usd"), budget.get("task_usd")
-    if job_cap is not None and job_spent >= job_cap:
-        return budget_spent_message("job", job_spent, job_cap)
-    if task_cap is not None and task_spent >= task_cap:
-        return budget_spent_message("task", task_spent, task_cap)
-    return None
-
-
-def spent(run_dir: str, task_id: str) -> tuple[float, float]:
-    """USD spent so far by the whole job and by this task (all runs), from the ledger files of ``run_dir``."""
-    from cmbagent_batch.ledger.meter import SpendMeter
-
-    with _meters_lock:
-        meter = _meters.get(run_dir)
-        if meter is None:
-            meter = _meters[run_dir] = SpendMeter(run_dir)
-        meter.refresh()
-        return meter.total_usd, meter.task_usd(task_id)
-
-
 def prepare(payload: Payload, ctx: TaskContext, base_env: Mapping[str, str], seen: int) -> ShellLaunch | Outcome:
-    """Write the request, check the budgets, and get the agent process ready to start."""
+    """Write the request and get the agent process ready to start."""
     assert payload.agent is not None
     request = dict(payload.agent, task=ctx.task_id, attempt=ctx.attempt, rank=ctx.rank, host=ctx.host,
                    run_dir=ctx.run_dir, work_dir=ctx.work_dir, outputs=list(payload.outputs))
     if (missing := _cannot_run(request)) is not None:
         return Outcome(ok=False, error=missing)
-    job_spent, task_spent = spent(ctx.run_dir, ctx.task_id)
-    if (why := budget_problem(request, job_spent, task_spent)) is not None:
-        return Outcome(ok=False, error=f"not started: {why}", budget_exceeded=True)
-    if "local" in request["model"]:
-        try:
-            url = endpoint(LocalModel(**request["model"]["local"]), server_logs(ctx.run_dir), ctx.rank)
-        except LocalModelError as exc:
-            return Outcome(ok=False, error=f"not started: {exc}")
-        request["model"] = dict(request["model"], base_url=url)
-        base_env = {**base_env, **bypass_proxy(base_env)}
     _clear_outputs(ctx.work_dir, payload.outputs)
     path = os.path.join(ctx.logs_dir, REQUEST)
     try:
@@ -131,7 +89,6 @@ def finish(outcome: Outcome, ctx: TaskContext, model: Mapping[str, Any]) -> Outc
             result = json.load(fh)
     except (OSError, ValueError):
         result = None
-    outcome = dataclasses.replace(outcome, **_usage(result))
     if outcome.ok:
         if result is None or result.get("status") != "ok":
             return dataclasses.replace(outcome, ok=False, error="the agent process ended without a result")
@@ -143,15 +100,6 @@ def finish(outcome: Outcome, ctx: TaskContext, model: Mapping[str, Any]) -> Outc
     message = str(result.get("message") or outcome.error)
     return dataclasses.replace(outcome, error=message, traceback=result.get("traceback"),
                                budget_exceeded=outcome.exit_code == EXIT_BUDGET)
-
-
-def _usage(result: Any) -> dict[str, Any]:
-    """The attempt's LLM usage (tokens, USD) from the agent process's result; unknown without one."""
-    if not isinstance(result, dict):
-        return {"tokens": None, "cost_usd": None}
-    tokens, cost = result.get("tokens"), result.get("cost_usd")
-    return {"tokens": tokens if isinstance(tokens, int) else None,
-            "cost_usd": float(cost) if isinstance(cost, (int, float)) else None}
 
 
 def _slow_local_model(model: Mapping[str, Any]) -> str:

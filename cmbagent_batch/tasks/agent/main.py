@@ -23,12 +23,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cmbagent_batch.errors import AgentFailure, BudgetSpent
-from cmbagent_batch.ledger.costs import CallRecorder, Priced
-from cmbagent_batch.llm.endpoint import DEFAULT_KEY_ENV, LOCAL_KEY, redactor
+from cmbagent_batch.llm.endpoint import DEFAULT_KEY_ENV, redactor
 from cmbagent_batch.rundir.atomic import write_json_atomic
-from cmbagent_batch.tasks.agent.calls import Calls, ledger_middleware
+from cmbagent_batch.tasks.agent.calls import Calls, calls_middleware
 from cmbagent_batch.tasks.agent.launch import EXIT_BUDGET, RESULT
 
+GATEWAY_KEY_ENV = "OPENAI_API_KEY"  # the attempt's gateway token (never a real key)
 INPUT_LIMIT = 20_000  # characters of one input file put in the prompt of an agent without code execution
 INPUTS_LIMIT = 100_000  # characters of all of them
 
@@ -41,17 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(args[0], encoding="utf-8") as fh:
         request = json.load(fh)
     _die_with_runner()
-    key_env = request["model"].get("api_key_env") or DEFAULT_KEY_ENV
-    redact = redactor(os.environ.get(key_env, ""))
-    recorder = CallRecorder(run_dir=request["run_dir"], job=request["job"], run_id=request["run_id"],
-                            rank=request["rank"], host=request["host"], source="agent", task=request["task"],
-                            attempt=request["attempt"], agent=request["agent"],
-                            model=Priced.from_request(request["model"]))
+    redact = redactor(os.environ.get(GATEWAY_KEY_ENV, ""))
     holder: list[Calls] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: _terminated(signum, request, holder, redact))
     status, code, message, trace = "ok", 0, None, None
     try:
-        answer = asyncio.run(_converse(request, recorder, key_env, redact, holder))
+        answer = asyncio.run(_converse(request, redact, holder))
         _write_outputs(request, answer)
     except BudgetSpent as exc:
         status, code, message = "budget_exceeded", EXIT_BUDGET, str(exc)
@@ -62,32 +57,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         trace = redact(traceback.format_exc())
         print(trace, file=sys.stderr)
     finally:
-        recorder.close()
         if holder:
             _write_transcript(request, holder[0].conversation, redact)
     write_json_atomic(os.path.join(request["work_dir"], "logs", RESULT),
-                      {"status": status, "message": message, "traceback": trace, **_usage(recorder)})
+                      {"status": status, "message": message, "traceback": trace})
     if message:
         print(message, file=sys.stderr)
     return code
 
 
 def _terminated(signum: int, request: dict[str, Any], holder: list[Calls], redact: Callable[[str], str]) -> None:
-    """SIGTERM (a timeout or a stop): record the call waiting for its answer, keep the transcript, end."""
+    """SIGTERM (a timeout or a stop): keep the transcript, end. A call waiting for its answer is the
+    gateway's to ledger (possibly billed)."""
     if holder:
-        holder[0].interrupted()
-        holder[0].recorder.close()
         _write_transcript(request, holder[0].conversation, redact)
         write_json_atomic(os.path.join(request["work_dir"], "logs", RESULT),
-                          {"status": "terminated", "message": None, "traceback": None, **_usage(holder[0].recorder)})
+                          {"status": "terminated", "message": None, "traceback": None})
     os._exit(128 + signum)
-
-
-def _usage(recorder: CallRecorder) -> dict[str, Any]:
-    """What the attempt's model calls used, as its ledger entries say: calls, tokens (prompt + completion)
-    and USD."""
-    tokens = sum(e["prompt_tokens"] + e["completion_tokens"] for e in recorder.entries)
-    return {"calls": recorder.calls, "tokens": tokens, "cost_usd": recorder.cost_usd}
 
 
 def _die_with_runner() -> None:
@@ -145,8 +131,7 @@ def _inputs_text(work: str, inputs: list[str]) -> list[str]:
     return out
 
 
-async def _converse(request: dict[str, Any], recorder: CallRecorder, key_env: str, redact: Callable[[str], str],
-                    holder: list[Calls]) -> str:
+async def _converse(request: dict[str, Any], redact: Callable[[str], str], holder: list[Calls]) -> str:
     try:
         import openai
         from ag2 import Agent
@@ -155,21 +140,24 @@ async def _converse(request: dict[str, Any], recorder: CallRecorder, key_env: st
         raise AgentFailure(f"agent tasks need AG2 and openai ({exc.name} is not installed): "
                            "pip install 'cmbagent-batch[agents]'") from None
     model = request["model"]
-    key = LOCAL_KEY if "local" in model else os.environ.get(key_env, "")
-    if not key:
-        raise AgentFailure(f"agent task with model '{model['name']}' needs an API key in ${key_env}, which is not set")
-    config = OpenAIConfig(model=model["model"], api_key=key, base_url=model.get("base_url"),
-                          timeout=model["timeout"], max_retries=0)
-    calls = Calls(request, recorder, openai, key, key_env, redact)
+    token, gateway = os.environ.get(GATEWAY_KEY_ENV, ""), os.environ.get("OPENAI_BASE_URL", "")
+    if not token or not gateway:
+        raise AgentFailure("the agent process was started without its gateway (OPENAI_BASE_URL and "
+                           f"{GATEWAY_KEY_ENV} unset): agent tasks run under cmbagent-batch run")
+    # The gateway gives the endpoint the model's timeout, and says so: this side waits a little longer.
+    config = OpenAIConfig(model=model["model"], api_key=token, base_url=gateway, timeout=model["timeout"] + 5,
+                          max_retries=0)
+    key_env = model.get("api_key_env") or DEFAULT_KEY_ENV
+    calls = Calls(request, openai, key_env, redact)
     holder.append(calls)
     unconfined: list[str] = []
     tools: list[Any] = []
     if request["code_execution"]:
         from cmbagent_batch.tasks.agent.tools import code_tools
 
-        tools = code_tools(request["work_dir"], key_env, unconfined.append)
+        tools = code_tools(request["work_dir"], GATEWAY_KEY_ENV, unconfined.append)
     agent = Agent(request["agent"], prompt=prompt(request), config=config, tools=tools,
-                  middleware=[ledger_middleware(calls)])
+                  middleware=[calls_middleware(calls)])
     try:
         reply = await agent.ask(request["instructions"])
     except json.JSONDecodeError as exc:

@@ -11,22 +11,22 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from cmbagent_batch.llm.endpoint import SECRET_NAME
+
 CODE_TIMEOUT = 600.0  # seconds one code execution may take
 OUTPUT_LIMIT = 8000  # characters of a code execution's output shown to the model
-_SECRET = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 
 
 def tool_environment(environ: Mapping[str, str], codebase: str, key_env: str) -> dict[str, str]:
     """What code the agent runs may see: the runner's environment minus the API key and anything that
     looks like a secret, with ``TMPDIR`` and ``HOME`` inside ``codebase/``. Pure."""
-    env = {k: v for k, v in environ.items() if k != key_env and not _SECRET.search(k)}
+    env = {k: v for k, v in environ.items() if k != key_env and not SECRET_NAME.search(k)}
     env.update(TMPDIR=os.path.join(codebase, ".tmp"), HOME=codebase, PYTHONDONTWRITEBYTECODE="1")
     return env
 
