@@ -54,7 +54,7 @@ def test_cmbagent_one_shot_on_the_local_model_ends_cleanly_with_its_calls_in_the
     first = spec.index("        - topic: sachs-wolfe")  # one question of the three: a toy model is slow
     (tmp_path / "oneshot.yaml").write_text(spec[:first])
     (tmp_path / "cmbagent_oneshot.py").write_text((ROOT / "configs/cmbagent_oneshot.py").read_text())
-    env = clean_env(tmp_path, ONESHOT_PYTHON=python, ONESHOT_MAX_ROUNDS="8")
+    env = clean_env(tmp_path, ONESHOT_PYTHON=python, ONESHOT_MAX_ROUNDS="3")
     result = cli(tmp_path, "run", "oneshot.yaml", env=env, timeout=900)
     run_dir = tmp_path / "runs/cmbagent-oneshot"
     task = read_run(run_dir)["tasks"]["oneshot-tcmb"]

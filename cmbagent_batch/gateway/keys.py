@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from cmbagent_batch.spec.model import JobSpec
 
 _held: dict[str, str] = {}
-_held_names: set[str] = set()
+_held_names: frozenset[str] = frozenset()  # read for every task's environment: replaced, never copied
 
 
 def key_names(spec: JobSpec) -> set[str]:
@@ -35,9 +35,10 @@ def key_names(spec: JobSpec) -> set[str]:
 def hold_keys(names: Iterable[str], environ: MutableMapping[str, str] = os.environ) -> None:
     """Take the variables ``names`` (the models' ``api_key_env``) out of ``environ`` into this process's
     keeping, for its gateway alone."""
+    global _held_names
     taken = []
     for name in names:
-        _held_names.add(name)
+        _held_names |= {name}
         value = environ.pop(name, None)
         if value is not None:
             _held[name] = value
@@ -72,7 +73,7 @@ def _scrub_initial_environment(names: list[str]) -> None:
 
 def held_names() -> frozenset[str]:
     """The variables held away from tasks: never set in a task's environment."""
-    return frozenset(_held_names)
+    return _held_names
 
 
 def held() -> dict[str, str]:

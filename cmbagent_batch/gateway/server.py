@@ -3,16 +3,17 @@ to its model's real endpoint, with the real key, and meters it (``metering``).
 
 A request is refused, with an OpenAI-style error and nothing forwarded, when its token is not that of an
 open grant (401: unknown, or of an attempt that has ended), when it names a model its task did not
-declare (403, ``model_not_declared``), or when a budget is spent (402, ``budget_exceeded``, naming the
-budget). Otherwise its intent is journaled, then it is forwarded as it came (a streamed chat or text
-completion is asked for its usage, and the chunk that carries it is dropped unless the client asked
-too); the answer goes back as the endpoint sent it, status and errors included, and its result is
-journaled once it has come whole (in the event loop: a line's ``write`` takes microseconds, and the
-fsyncs are grouped on a thread of their own, ``metering.Books``). A request for a local model asking for a ``json_schema`` reply is
-asked for a ``json_object`` with that schema, the form llama.cpp's server takes. Served with aiohttp: one event loop serves every call of the rank's
-attempts at once.
+declare (403, ``model_not_declared``), when a budget is spent (402, ``budget_exceeded``, naming the
+budget), or when its intent cannot be journaled (503, ``ledger_unwritable``). Otherwise its intent is
+journaled, then it is forwarded as it came (a streamed chat or text completion is asked for its usage,
+and the chunk that carries it is dropped unless the client asked too); the answer goes back as the
+endpoint sent it, status and errors included (the real keys taken out of an error's text), and its
+result is journaled once it has come whole. The journal writes happen in the event loop: a line's
+``write`` takes microseconds, and the fsyncs are grouped on a thread of their own (``metering.Books``).
+A request for a local model asking for a ``json_schema`` reply is asked for a ``json_object`` with that
+schema, the form llama.cpp's server takes. Served with aiohttp: one event loop serves every call of the
+rank's attempts at once.
 """
-
 from __future__ import annotations
 
 import asyncio
