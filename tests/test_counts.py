@@ -314,7 +314,10 @@ def test_on_mpi_ranks_only_what_started_on_a_worker_is_running(tmp_path: Path) -
     for record in journal(tmp_path / "runs" / "tiny"):  # in the order rank 0 counted them
         at_once += steps[record["state"]]
         most = max(most, at_once)
-    assert most <= 2
+    # A worker says its next call started the moment a slot frees, while the end of the call before (its
+    # outputs published and journaled on the worker, then sent) may still be on its way: rank 0 may count
+    # that one running too, one a worker at most. A call sent ahead but not started never counts.
+    assert most <= 2 + 2, most
 
 
 # --- a walltime stop: the log says what happened -------------------------------------------------------------
