@@ -259,7 +259,7 @@ def test_faults_a_stale_token_an_undeclared_model_an_endpoint_error_and_a_kill_m
             print(chunk.choices[0].delta.content if chunk.choices else "", flush=True)
     """)
     replies = [HttpError(500, f"the model had a bad day with key {KEY}"),
-               Stream("one two three four five six seven eight nine ten " * 4, pause_s=0.2)]
+               Stream("one two three four five six seven eight nine ten " * 12, pause_s=0.2)]
     with ScriptedLLM(replies) as srv:
         write_spec(tmp_path, srv.base_url, f"""\
             - id: first
@@ -278,7 +278,7 @@ def test_faults_a_stale_token_an_undeclared_model_an_endpoint_error_and_a_kill_m
               kind: shell
               models: [mini]
               depends_on: [second]
-              timeout: 2
+              timeout: 6  # python and openai start within it on a loaded machine; the stream lasts 24 s
               run: {sys.executable} {tmp_path / 'slow.py'}
             """, extra="  kill_grace: 0.5\n")
         result = run(tmp_path)

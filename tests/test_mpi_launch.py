@@ -87,7 +87,7 @@ def test_each_attempt_carries_the_payload_and_matrix_values_its_task_makes(
     base = str(tmp_path)
     for tid, attempt in attempts.items():
         task = p.spec.task(tid)
-        assert attempt.payload == launch._payload(p.spec, task, base, p.run_id, tid), tid
+        assert attempt.payload == launch._payload(p.spec, task, base, p.run_id, tid, {}), tid
         assert attempt.ctx.task_id == tid and attempt.ctx.matrix == thaw(task.matrix)
         assert attempt.ctx.attempt == runs[tid].attempts and attempt.priority == runs[tid].priority
         assert attempt.chdir is (task.kind == "python")  # isolation: process, the default

@@ -44,11 +44,12 @@ class Launcher:
         self._in_processes = self._ex.isolation is Isolation.PROCESS  # python tasks run in their work directory
         self._tasks = p.spec.tasks if isinstance(p.spec.tasks, Tasks) else None
         self._shared: dict[int, bool] = {}  # by a matrix entry's start: its tasks' payloads differ by id alone
+        self._routes: dict[str, dict[str, Any]] = {}  # by llm.models key: made once, not for every launch
 
     def __call__(self, r: TaskRun) -> Attempt:
         p, ex = self._p, self._ex
         made, matrix = self._task(r.id)
-        payload = _payload(self._spec, made, self._base, p.run_id, r.id)
+        payload = _payload(self._spec, made, self._base, p.run_id, r.id, self._routes)
         python = made.kind == "python"
         if self._on_ranks:  # the worker that gets it sets its place (rank -1: not known on rank 0)
             # A placed attempt's host, on rank 0, is the node it was placed on: a worker there gets it.
@@ -91,19 +92,21 @@ class Launcher:
         return shared
 
 
-def _payload(spec: JobSpec, task: TaskSpec, base: str, run_id: str, task_id: str) -> Payload:
+def _payload(spec: JobSpec, task: TaskSpec, base: str, run_id: str, task_id: str,
+             routes: dict[str, dict[str, Any]]) -> Payload:
     agent = task.kind == "agent"
     calls = (task.model,) if agent and task.model else task.models
     return Payload(id=task_id, kind=task.kind, run=task.run, call=task.call, args=thaw(task.args),
                    env=dict(task.env), outputs=task.outputs, timeout=task.timeout or spec.execution.task_timeout,
                    python_path=(base,), agent=_agent_request(spec, task, run_id) if agent else None,
-                   models=_grant(spec, task, run_id, calls) if calls else None)
+                   models=_grant(spec, task, run_id, calls, routes) if calls else None)
 
 
-def _grant(spec: JobSpec, task: TaskSpec, run_id: str, keys: tuple[str, ...]) -> dict[str, Any]:
+def _grant(spec: JobSpec, task: TaskSpec, run_id: str, keys: tuple[str, ...],
+           routes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What a grant of the rank's gateway needs besides the attempt's place (``tasks/metered.py``)."""
     return {"job": spec.job.name, "run_id": run_id, "source": "agent" if task.kind == "agent" else "task",
-            "agent": task.agent, "routes": [route(spec, key) for key in keys], "job_usd": spec.job.budget_usd,
+            "agent": task.agent, "routes": [routes.get(key) or routes.setdefault(key, route(spec, key)) for key in keys], "job_usd": spec.job.budget_usd,
             "task_usd": task.budget_usd}
 
 
